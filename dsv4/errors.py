@@ -21,5 +21,9 @@ class CacheWriteError(DsvError):
     """Writing a KV page / cache entry failed (full disk, permissions); the session continues in memory."""
 
 
+class ChatError(DsvError, ValueError):
+    """A conversation that cannot be rendered: unknown role, malformed tool call or arguments."""
+
+
 class RecipeError(DsvError):
     """A quantization recipe that is malformed or cannot be applied to a tensor."""

@@ -112,6 +112,43 @@ class Ops(Protocol):
         """Routed experts for all K at once. u [T, D]; gate/up [E, F, D]; down [E, D, F]; sel, weights [T, K].
         out[t] = sum_i down[sel[t,i]] @ (swiglu(gate[e] @ u[t], up[e] @ u[t], clamp) * weights[t, i])."""
 
-    # ---- attention and its state (arrays owned by the session state, updated in place) -----------
-    # Further ops (compressor, indexer, sink attention, state writes) are declared below by model.py's
-    # needs; see the module docstring of reference.py for their exact math.
+    # ---- attention and its state ------------------------------------------------------------------
+    def zeros(self, shape: Sequence[int], fill: float = 0.0, integer: bool = False) -> A:
+        """New array of `shape` filled with `fill` (compute dtype, or int64 when integer). State buffers."""
+
+    def cat(self, xs: Sequence[A], axis: int = 0) -> A:
+        """Concatenate along `axis`."""
+
+    def take(self, x: A, idx: A) -> A:
+        """Rows of x along dim 0: x[idx] (idx int [N])."""
+
+    def put(self, buf: A, idx: A, rows: A) -> None:
+        """In place: buf[idx[i]] = rows[i] (state writes: raw ring slots, compressed rows)."""
+
+    def compress(self, kv: A, score: A, ape: QTensor, front_kv: A, front_score: A, p0: int,
+                 ratio: int) -> A:
+        """Compressor pooling with streaming frontier state (model.md §4.3.7), for T consecutive tokens
+        at positions p0..p0+T-1. kv, score [T, Wc] (projections; ape[p mod ratio] is added to score here).
+        Frontier (updated in place): ratio 128: front_* [128, Wc], token of phase f in row f;
+        ratio 4: front_* [8, Wc] (Wc = 2*Dc), rows 0..3 = previous complete window, rows 4+f = current.
+        Returns the pooled rows [M, Dc] of every window completed in the call (M = #{p: (p+1) % ratio == 0}),
+        row j per channel: sum softmax(score) * value over the window's tokens (ratio 128: 128 tokens, Dc=Wc);
+        ratio 4: 8 candidates = previous window's first halves [:Dc] + current window's second halves [Dc:].
+        Empty frontier rows hold value 0 / score NEG_SENTINEL (weight 0); rows outside a live window are
+        reset to that after the call."""
+
+    def indexer_topk(self, q: A, w: A, keys: A, n_vis: A, top_k: int, scale: float) -> A:
+        """Indexer selection (model.md §4.3.8). q [T, I, Di] (RoPE'd, Hadamard+FP4'd), w [T, I] (= W_proj n),
+        keys [C, Di] indexer rows, n_vis [T] int visible rows per query (row c visible iff c < n_vis[t]).
+        s[t, c] = scale * sum_i w[t, i] * relu(q[t, i] . keys[c]). Returns allowed [T, C] bool: every visible
+        row when n_vis[t] <= top_k, else the top_k visible rows by s (ties -> lower index)."""
+
+    def sink_attention(self, q: A, kv: A, allowed: A, sinks: QTensor, scale: float) -> A:
+        """One-KV-head attention with per-head sinks (model.md §4.3.9). q [T, H, Dh], kv [N, Dh] (K = V),
+        allowed [T, N] bool. z = scale * q . kv; mu = max(sink_h, max z); den = e^(sink_h - mu) + sum e^(z - mu);
+        o[t, h] = sum e^(z - mu) kv / den (sink only in the denominator). Returns [T, H, Dh]."""
+
+
+# Arrays of every backend also support `.shape`, `.reshape(...)`, basic slicing `x[a:b]`, `x[:, i]` and
+# elementwise `+` / `*` between equal shapes or with a Python float: the model uses nothing else.
+OP_NAMES = tuple(n for n in Ops.__dict__ if not n.startswith("_") and callable(getattr(Ops, n)))

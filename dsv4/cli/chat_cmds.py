@@ -1,0 +1,341 @@
+"""`dsv4 chat` and `dsv4 run`: flags, model resolution, engine loading and the one-shot path.
+
+Holds policy only (runtime §4): which model, which think mode, which sampling knobs, where output goes.
+Everything heavy (engine, tokenizer, rich, prompt_toolkit) is imported inside the command functions so that
+`dsv4 --help` stays instant. Tensors are never touched: logits go from the session to the sampler.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..chat import DEFAULT_CLI_SYSTEM, THINK_MAX_MIN_CTX
+from .app import app
+
+DEFAULT_CTX = 32768  # ds4's CLI default (runtime §0)
+DEMO_MAX_TOKENS = 128  # the random-weight demo never emits EOS: cap its replies unless -n is given
+DEFAULT_LOGPROBS_TOP_K = 20
+MAX_LOGPROBS_TOP_K = 128
+LOGPROBS_SOURCE = "dsv4"
+EXIT_INTERRUPTED = 130
+
+
+class ChatPieces:
+    """Token pieces of the CLI transcript (runtime §2.2-2.3), built from the tokenizer's special ids:
+    header = BOS [Max prefix] [system]; a user turn = <User> text <Assistant> (<think> | </think>)."""
+
+    def __init__(self, tok):
+        from .. import chat
+
+        self.chat = chat
+        self.tok = tok
+        self.eos_id = tok.eos
+        self.think_end_id = tok.think_close
+
+    def think_mode(self, name: str):
+        return self.chat.ThinkMode[name]
+
+    def is_max(self, mode) -> bool:
+        return mode is self.chat.ThinkMode.MAX
+
+    def is_thinking(self, mode) -> bool:
+        return mode is not self.chat.ThinkMode.NONE
+
+    def mode_name(self, mode) -> str:
+        return {"NONE": "nothink", "HIGH": "think", "MAX": "think-max"}[mode.name]
+
+    def effective_think(self, mode, ctx: int, err=None):
+        """chat.effective_think, with its warning shown as one console line instead of a Python warning."""
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            eff = self.chat.effective_think(mode, ctx)
+        if eff is not mode and err is not None:
+            err.print(f"[yellow]thinking mode: think (ctx {ctx} is below the {THINK_MAX_MIN_CTX} think-max needs)[/]")
+        return eff
+
+    def header(self, system: str, mode) -> list[int]:
+        ids = [self.tok.bos]
+        if self.is_max(mode):
+            ids += self.tok.encode(self.chat.THINK_MAX_PREFIX)
+        if system:
+            ids += self.tok.encode(system)
+        return ids
+
+    def user_turn(self, text: str, mode) -> list[int]:
+        opener = self.tok.think_open if self.is_thinking(mode) else self.tok.think_close
+        return [self.tok.user, *self.tok.encode(text), self.tok.assistant, opener]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared option handling
+
+
+def _think_from_flags(think: bool, nothink: bool, think_max: bool) -> str:
+    from ..errors import DsvError
+
+    if think + nothink + think_max > 1:
+        raise DsvError("choose one of --think, --nothink, --think-max")
+    return "NONE" if nothink else "MAX" if think_max else "HIGH"
+
+
+def _consoles():
+    from rich.console import Console
+
+    out = Console(emoji=False, highlight=False)
+    err = Console(stderr=True, emoji=False, highlight=False)
+    return out, err
+
+
+def _resolve(model: Optional[str], err):
+    from ..resolve import DEMO_BANNER, resolve_model
+
+    resolved = resolve_model(
+        model, on_create=lambda: err.print("[dim]first run: writing the demo model to the cache (a few seconds)...[/]")
+    )
+    if resolved.is_demo:
+        err.print(f"[bold yellow]{DEMO_BANNER}[/]", highlight=False)
+        if resolved.created:
+            err.print(f"[dim]demo model written to {resolved.path}[/]", highlight=False)
+    return resolved
+
+
+def _load_engine(path: Path, backend: Optional[str], err):
+    import dsv4
+
+    from .. import settings
+
+    backend = backend or settings.get("DSV4_BACKEND")
+    with err.status(f"loading {path.name} ({backend})..."):
+        return dsv4.load(str(path), backend=backend)
+
+
+def _max_tokens(n: Optional[int], is_demo: bool) -> Optional[int]:
+    if n is not None:
+        return n
+    return DEMO_MAX_TOKENS if is_demo else None
+
+
+# Option declarations shared by both commands (typer reads the defaults' metadata).
+_MODEL = typer.Option(None, "-m", "--model", help="GGUF model file (else DSV4_MODEL, ./ds4flash.gguf, or the demo).")
+_BACKEND = typer.Option(None, "--backend", help="auto, torch, triton or mlx (default: DSV4_BACKEND or auto).")
+_CTX = typer.Option(DEFAULT_CTX, "-c", "--ctx", min=64, help="Context size in tokens.")
+_N = typer.Option(None, "-n", "--tokens", min=1, help="Max generated tokens per reply (default: until EOS or ctx full).")
+_TEMP = typer.Option(None, "--temp", min=0.0, max=100.0, help="Temperature (default 1; 0 = greedy).")
+_TOP_K = typer.Option(None, "--top-k", min=0, help="Keep the K most likely tokens (0 = off).")
+_TOP_P = typer.Option(1.0, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+_MIN_P = typer.Option(0.05, "--min-p", min=0.0, max=1.0, help="Drop tokens below min_p x p(top token).")
+_SEED = typer.Option(None, "--seed", min=0, help="RNG seed (same seed, same tokens; reseeded every turn).")
+_SYSTEM = typer.Option(DEFAULT_CLI_SYSTEM, "--system", "-sys", help='System prompt ("" for none).')
+_THINK = typer.Option(False, "--think", help="Reason before answering (the default).")
+_NOTHINK = typer.Option(False, "--nothink", help="Answer directly, without reasoning.")
+_THINK_MAX = typer.Option(False, "--think-max", help="Maximum reasoning effort (needs --ctx >= 393216).")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = _MODEL,
+    backend: Optional[str] = _BACKEND,
+    ctx: int = _CTX,
+    tokens: Optional[int] = _N,
+    temp: Optional[float] = _TEMP,
+    top_k: Optional[int] = _TOP_K,
+    top_p: float = _TOP_P,
+    min_p: float = _MIN_P,
+    seed: Optional[int] = _SEED,
+    system: str = _SYSTEM,
+    think: bool = _THINK,
+    nothink: bool = _NOTHINK,
+    think_max: bool = _THINK_MAX,
+):
+    """Talk to the model in an interactive terminal session."""
+    from .repl import ChatController, ChatOptions, Repl
+
+    out, err = _consoles()
+    mode = _think_from_flags(think, nothink, think_max)
+    resolved = _resolve(model, err)
+    engine = _load_engine(resolved.path, backend, err)
+    from ..chat import ThinkMode
+
+    opts = ChatOptions(
+        ctx=ctx,
+        max_tokens=_max_tokens(tokens, resolved.is_demo),
+        temperature=1.0 if temp is None else temp,
+        top_k=top_k or 0,
+        top_p=top_p,
+        min_p=min_p,
+        seed=seed,
+        system=system,
+        think=ThinkMode[mode],
+    )
+    ctl = ChatController(engine, opts, out, err)
+    cap = f", replies capped at {opts.max_tokens} tokens (-n)" if opts.max_tokens else ""
+    out.print(
+        f"[bold]dsv4 chat[/] · {resolved.path.name} · backend {engine.backend}"
+        f" · ctx {ctx} · {ctl.mode_name()}{cap}",
+        highlight=False,
+    )
+    Repl(ctl, out, err).run()
+
+
+# --------------------------------------------------------------------------------------------------
+# run
+
+
+def _read_prompt(prompt: Optional[str], prompt_file: Optional[Path]) -> str:
+    from ..errors import DsvError
+
+    if (prompt is None) == (prompt_file is None):
+        raise DsvError("give exactly one of -p TEXT or --prompt-file FILE")
+    if prompt is not None:
+        return prompt
+    try:
+        return sys.stdin.read() if str(prompt_file) == "-" else prompt_file.read_text(encoding="utf-8")
+    except OSError as e:
+        raise DsvError(f"cannot read --prompt-file {prompt_file}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise DsvError(f"--prompt-file {prompt_file} is not UTF-8 text") from None
+
+
+def _prompt_ids(tok, text: str, system: str, mode, ctx: int, err, raw: bool) -> list[int]:
+    """--raw: the text as written (added-token strings become control ids); otherwise the ds4 CLI
+    template, where a text starting with the BOS string counts as already rendered."""
+    from ..chat import prompt_ids
+
+    if raw:
+        return tok.encode_rendered(text)
+    return prompt_ids(tok, text, ChatPieces(tok).effective_think(mode, ctx, err), system)
+
+
+def _token_json(tok, tid: int) -> dict:
+    b = tok.token_bytes(tid)
+    try:
+        text = b.decode("utf-8")
+    except UnicodeDecodeError:
+        text = b.decode("latin-1")  # json writes bytes >= 0x80 as \u00XX; `bytes` is authoritative
+    return {"id": tid, "text": text, "bytes": list(b)}
+
+
+@app.command()
+def run(
+    prompt: Optional[str] = typer.Option(None, "-p", "--prompt", help="Prompt text."),
+    prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="Read the prompt from FILE ('-' = stdin)."),
+    model: Optional[str] = _MODEL,
+    backend: Optional[str] = _BACKEND,
+    ctx: int = _CTX,
+    tokens: Optional[int] = _N,
+    temp: Optional[float] = _TEMP,
+    top_k: Optional[int] = _TOP_K,
+    top_p: float = _TOP_P,
+    min_p: float = _MIN_P,
+    seed: Optional[int] = _SEED,
+    system: str = _SYSTEM,
+    think: bool = _THINK,
+    nothink: bool = _NOTHINK,
+    think_max: bool = _THINK_MAX,
+    dump_tokens: bool = typer.Option(False, "--dump-tokens", help="Print the prompt's token ids as JSON and exit."),
+    raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as written, without the chat template."),
+    dump_logprobs: Optional[Path] = typer.Option(
+        None, "--dump-logprobs", help="Write each step's top-K alternatives as JSON (greedy unless --temp is given)."
+    ),
+    logprobs_top_k: Optional[int] = typer.Option(
+        None, "--logprobs-top-k", min=1, max=MAX_LOGPROBS_TOP_K, help="Alternatives per step (default: --top-k or 20)."
+    ),
+):
+    """Generate one reply: the answer to stdout, stats to stderr (scriptable)."""
+    from ..errors import DsvError
+    from ..tokenizer import Tokenizer
+
+    out, err = _consoles()
+    mode_name = _think_from_flags(think, nothink, think_max)
+    text = _read_prompt(prompt, prompt_file)
+    resolved = _resolve(model, err)
+    from ..chat import ThinkMode
+
+    mode = ThinkMode[mode_name]
+    if dump_tokens:
+        tok = Tokenizer.from_gguf(resolved.path)
+        ids = _prompt_ids(tok, text, system, mode, ctx, None, raw)
+        print(json.dumps(ids))
+        for i in ids:
+            err.print(f"{i:6d}  {tok.token_text(i)}", markup=False, highlight=False)
+        return
+    engine = _load_engine(resolved.path, backend, err)
+    tok = engine.tokenizer
+    ids = _prompt_ids(tok, text, system, mode, ctx, err, raw)
+    if len(ids) >= ctx:
+        raise DsvError(f"prompt is {len(ids)} tokens but the context is {ctx}: raise --ctx or shorten the prompt")
+    k_alt = logprobs_top_k or top_k or DEFAULT_LOGPROBS_TOP_K
+    if dump_logprobs is not None and k_alt > MAX_LOGPROBS_TOP_K:
+        raise DsvError(f"--dump-logprobs keeps at most {MAX_LOGPROBS_TOP_K} alternatives per step (got {k_alt})")
+    # ds4 dumps logprobs greedily; an explicit --temp samples instead.
+    temperature = (0.0 if dump_logprobs is not None else 1.0) if temp is None else temp
+    _one_shot(engine, ids, ctx, temperature, top_k or 0, top_p, min_p, seed, _max_tokens(tokens, resolved.is_demo),
+              mode, dump_logprobs, k_alt, out, err)
+
+
+def _one_shot(engine, ids, ctx, temperature, top_k, top_p, min_p, seed, max_tokens, mode, dump_path, k_alt, out, err):
+    import time
+
+    from ..sampling import Sampler, SamplingParams, top_logprobs
+    from .repl import Finish, PrefillProgress, StopFlag, StreamView, TurnStats, generate, interruptible, prefill
+
+    tok = engine.tokenizer
+    pieces = ChatPieces(tok)
+    session = engine.new_session(ctx=ctx)
+    sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
+    room = ctx - len(ids) - 1
+    limit = room if max_tokens is None else min(max_tokens, room)
+    view = StreamView(out, tok.stream(), tok.think_close, tok.eos, thinking=ids[-1] == tok.think_open,
+                      rule=out.is_terminal)
+    stats = TurnStats(ctx=ctx, mode=pieces.mode_name(mode))
+    steps: list[dict] = []
+    last_logits = [None]
+
+    def on_token(t):
+        if dump_path is not None:
+            alts = top_logprobs(last_logits[0], k_alt)
+            steps.append({
+                "step": len(steps),
+                "selected": _token_json(tok, t),
+                "top_logprobs": [{"token": _token_json(tok, i), "logit": lg, "logprob": lp} for i, lg, lp in alts],
+            })
+        view.token(t)
+
+    class _Tap:
+        """Session wrapper that remembers the logits each sampled token was drawn from (for the dump)."""
+
+        def decode(self, t):
+            last_logits[0] = session.decode(t)
+            return last_logits[0]
+
+    stop = StopFlag()
+    progress = PrefillProgress(err, len(ids))
+    with interruptible(stop):
+        t0 = time.perf_counter()
+        logits = prefill(session, ids, stop, progress)
+        progress.clear()
+        stats.prefill_s = time.perf_counter() - t0
+        stats.prompt_tokens = len(ids)
+        gen: list[int] = []
+        finish = Finish.INTERRUPT
+        if logits is not None:
+            last_logits[0] = logits
+            t1 = time.perf_counter()
+            gen, finish = generate(_Tap(), logits, sampler, limit, tok.eos, stop, on_token)
+            stats.gen_s = time.perf_counter() - t1
+    view.finish()
+    stats.gen_tokens = len(gen)
+    stats.ctx_used = len(ids) + len(gen)
+    stats.finish = (Finish.CTX if finish is Finish.LENGTH and limit == room else finish).value
+    if dump_path is not None:
+        doc = {"source": LOGPROBS_SOURCE, "prompt_tokens": len(ids), "ctx": ctx, "top_k": k_alt, "steps": steps}
+        dump_path.write_text(json.dumps(doc) + "\n")
+    err.print(stats.line(), markup=False, highlight=False)
+    if finish is Finish.INTERRUPT:
+        sys.exit(EXIT_INTERRUPTED)  # SystemExit passes through click to main() with its code

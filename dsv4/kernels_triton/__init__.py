@@ -1,0 +1,18 @@
+"""Triton backend (CUDA and ROCm): `TritonOps` plus the kernel families it runs.
+
+qmatmul.py (dequant GEMV/GEMM), moe.py (fused routed MoE), blocks.py (in-kernel block decoders and
+device layouts), configs.py (tile tables), registry.py (named variants, `use(...)` overrides).
+ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
+"""
+from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
+from .registry import KernelOp, register, use, variants
+
+__all__ = ["TritonOps", "KernelOp", "register", "use", "variants"]
+
+
+def __getattr__(name):
+    if name == "TritonOps":
+        from .ops import TritonOps
+
+        return TritonOps
+    raise AttributeError(name)

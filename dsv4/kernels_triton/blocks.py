@@ -1,0 +1,253 @@
+"""GGUF block decoding inside Triton kernels, and the one-time device layout each format is read from.
+
+`dequant_tile(...)` returns fp32 weights for broadcastable (row, k) index tensors; every kernel of
+this package (GEMV, GEMM, MoE) reads weights only through it, so the formulas of quant.md §1 live
+in one place. Device layouts (`DeviceWeight`, built once by `to_device`):
+  * Q2_K (84 B blocks, 4-aligned), Q4_K (144 B, 16-aligned): the raw GGUF bytes, read as int32 words;
+  * IQ2_XXS (66 B, 2-aligned): the raw bytes read as int16 half-words, plus the 2 KiB grid table;
+  * F16 / BF16 / F32: the raw bytes viewed as 16/32-bit elements;
+  * Q8_0 (34 B, 2-aligned): repacked once per row into [32*nb int8 codes | nb fp16 scales] (same bytes,
+    same row size, same math) so codes are 16-byte aligned for vector loads.
+No dequantized copy of a weight is ever kept. Knows block layouts only, not the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import triton
+import triton.language as tl
+
+from ..quant.formats import QK_K, QTensor, QuantFormat
+from ..quant.tables import IQ2XXS_GRID
+
+# Format ids as kernel constexprs (the GGML type ids).
+FMT_F32: tl.constexpr = tl.constexpr(int(QuantFormat.F32))
+FMT_F16: tl.constexpr = tl.constexpr(int(QuantFormat.F16))
+FMT_BF16: tl.constexpr = tl.constexpr(int(QuantFormat.BF16))
+FMT_Q8_0: tl.constexpr = tl.constexpr(int(QuantFormat.Q8_0))
+FMT_Q2_K: tl.constexpr = tl.constexpr(int(QuantFormat.Q2_K))
+FMT_Q4_K: tl.constexpr = tl.constexpr(int(QuantFormat.Q4_K))
+FMT_IQ2_XXS: tl.constexpr = tl.constexpr(int(QuantFormat.IQ2_XXS))
+
+SUPPORTED = (QuantFormat.F32, QuantFormat.F16, QuantFormat.BF16, QuantFormat.Q8_0, QuantFormat.Q2_K,
+             QuantFormat.Q4_K, QuantFormat.IQ2_XXS)
+
+# Words per block in the view each format is read through.
+Q2K_WORDS = 21  # 84 B / 4
+Q4K_WORDS = 36  # 144 B / 4
+IQ2_HALFWORDS = 33  # 66 B / 2
+Q8_0_BLOCK = 32
+
+
+@dataclass
+class DeviceWeight:
+    """A weight on the device in its kernel layout. `w`/`s` are views of one buffer; `g` the IQ2 grid.
+    stride_w / stride_s: elements per row in the w / s views; off_s: offset of the scales inside a row."""
+
+    fmt: QuantFormat
+    shape: tuple[int, ...]
+    buf: Any  # uint8 [..., row_bytes], the only storage
+    w: Any
+    s: Any
+    g: Any
+    stride_w: int
+    stride_s: int
+    off_s: int
+
+    @property
+    def n_rows(self) -> int:
+        return int(np.prod(self.shape[:-1], dtype=np.int64))
+
+    @property
+    def k(self) -> int:
+        return self.shape[-1]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.buf.numel())
+
+
+_GRIDS: dict[str, Any] = {}
+
+
+def iq2_grid(device):
+    """The IQ2_XXS grid as uint8 [256*8] on `device` (one copy per device)."""
+    import torch
+
+    key = str(device)
+    if key not in _GRIDS:
+        _GRIDS[key] = torch.from_numpy(np.array(IQ2XXS_GRID, dtype=np.uint8).reshape(-1)).to(device)
+    return _GRIDS[key]
+
+
+def repack_q8_0(raw):
+    """uint8 [..., nb*34] GGUF Q8_0 rows -> uint8 [..., nb*34] rows laid out [codes (32*nb) | scales (2*nb)]."""
+    import torch
+
+    lead, rb = tuple(raw.shape[:-1]), raw.shape[-1]
+    nb = rb // QuantFormat.Q8_0.type_size
+    blocks = raw.reshape(-1, nb, QuantFormat.Q8_0.type_size)
+    return torch.cat([blocks[:, :, 2:].reshape(-1, nb * Q8_0_BLOCK), blocks[:, :, :2].reshape(-1, nb * 2)], dim=1
+                     ).reshape(*lead, rb).contiguous()
+
+
+def to_device(raw, fmt: QuantFormat, shape: tuple[int, ...], device, repacked: bool = False) -> DeviceWeight:
+    """Build the kernel layout from raw GGUF bytes (numpy or torch uint8 [..., row_bytes]).
+    `repacked` says the bytes already are in this layout (Q8_0 only)."""
+    import torch
+
+    fmt = QuantFormat(fmt)
+    if fmt not in SUPPORTED:
+        raise ValueError(f"no Triton kernel layout for {fmt.name}")
+    if isinstance(raw, np.ndarray):
+        raw = torch.from_numpy(np.array(raw, dtype=np.uint8))  # copy: memmaps are read-only
+    buf = raw.to(device).contiguous()
+    k = shape[-1]
+    rb = fmt.row_bytes(k)
+    flat = buf.reshape(-1, rb)
+    g = iq2_grid(buf.device) if fmt == QuantFormat.IQ2_XXS else buf
+    if fmt == QuantFormat.Q8_0:
+        if not repacked:
+            buf = repack_q8_0(buf)
+            flat = buf.reshape(-1, rb)
+        w = flat.view(torch.int8)
+        s = flat.view(torch.float16)
+        return DeviceWeight(fmt, tuple(shape), buf, w, s, g, rb, rb // 2, k // 2)
+    view = {
+        QuantFormat.F32: torch.float32, QuantFormat.F16: torch.float16, QuantFormat.BF16: torch.int16,
+        QuantFormat.Q2_K: torch.int32, QuantFormat.Q4_K: torch.int32, QuantFormat.IQ2_XXS: torch.int16,
+    }[fmt]
+    w = flat.view(view)
+    return DeviceWeight(fmt, tuple(shape), buf, w, w, g, w.shape[1], 0, 0)
+
+
+def from_qtensor(qt: QTensor, device) -> DeviceWeight:
+    """The DeviceWeight of a QTensor, built once and kept in qt.cache."""
+    dw = qt.cache.get("triton")
+    if dw is None:
+        dw = to_device(qt.data, qt.fmt, qt.shape, device)
+        qt.cache["triton"] = dw
+    return dw
+
+
+# ---- in-kernel decoders ----------------------------------------------------------------------------
+
+@triton.jit
+def _f16_from_bits(b):
+    """Low 16 bits of an int32 tensor as an fp16 value, widened to fp32."""
+    return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def dequant_tile(w_ptr, s_ptr, g_ptr, row, k, mask, stride_w, stride_s, off_s, FMT: tl.constexpr):
+    """fp32 weight[row, k] for broadcastable int tensors row/k (masked-off elements give 0).
+
+    Formulas (quant.md §1), evaluated in the oracle's order (dsv4.quant.dequant):
+      Q8_0    d*q;  Q2_K (d*sc)*q - dmin*m (16-weight sub-blocks);  Q4_K (d*sc)*q - dmin*m (32-weight,
+      6-bit packed scales);  IQ2_XXS (d*(0.5+ls)*0.25)*grid[g][j]*sign, sign bit from ksigns parity rule.
+    """
+    r = row.to(tl.int64)
+    if FMT == FMT_Q8_0:
+        q = tl.load(w_ptr + r * stride_w + k, mask=mask, other=0).to(tl.float32)
+        d = tl.load(s_ptr + r * stride_s + off_s + (k >> 5), mask=mask, other=0).to(tl.float32)
+        return q * d
+    elif FMT == FMT_F16:
+        return tl.load(w_ptr + r * stride_w + k, mask=mask, other=0).to(tl.float32)
+    elif FMT == FMT_F32:
+        return tl.load(w_ptr + r * stride_w + k, mask=mask, other=0).to(tl.float32)
+    elif FMT == FMT_BF16:
+        bits = tl.load(w_ptr + r * stride_w + k, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        return (bits << 16).to(tl.float32, bitcast=True)
+    elif FMT == FMT_Q2_K:
+        i = k & 255
+        base = r * stride_w + (k >> 8) * 21
+        h = i >> 7
+        s = (i >> 5) & 3
+        l = i & 31
+        qw = tl.load(w_ptr + base + 4 + 8 * h + (l >> 2), mask=mask, other=0)
+        q = (qw >> (8 * (l & 3) + 2 * s)) & 3
+        j = i >> 4
+        sw = tl.load(w_ptr + base + (j >> 2), mask=mask, other=0)
+        sc = (sw >> (8 * (j & 3))) & 255
+        dw = tl.load(w_ptr + base + 20, mask=mask, other=0)
+        d = _f16_from_bits(dw)
+        dmin = _f16_from_bits(dw >> 16)
+        return (d * (sc & 15).to(tl.float32)) * q.to(tl.float32) - dmin * (sc >> 4).to(tl.float32)
+    elif FMT == FMT_Q4_K:
+        i = k & 255
+        base = r * stride_w + (k >> 8) * 36
+        j = i >> 5
+        l = i & 31
+        dw = tl.load(w_ptr + base, mask=mask, other=0)
+        d = _f16_from_bits(dw)
+        dmin = _f16_from_bits(dw >> 16)
+        jm = j & 3
+        # scale bytes x = jm, jm+4, jm+8 of the 12 (word 1 + x/4, byte x%4)
+        lo = (tl.load(w_ptr + base + 1, mask=mask, other=0) >> (8 * jm)) & 255
+        mid = (tl.load(w_ptr + base + 2, mask=mask, other=0) >> (8 * jm)) & 255
+        hi = (tl.load(w_ptr + base + 3, mask=mask, other=0) >> (8 * jm)) & 255
+        low_half = j < 4
+        sc = tl.where(low_half, lo & 63, (hi & 15) | ((lo >> 6) << 4))
+        m = tl.where(low_half, mid & 63, (hi >> 4) | ((mid >> 6) << 4))
+        qw = tl.load(w_ptr + base + 4 + 8 * (j >> 1) + (l >> 2), mask=mask, other=0)
+        q = (qw >> (8 * (l & 3) + 4 * (j & 1))) & 15
+        return (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * m.to(tl.float32)
+    else:  # IQ2_XXS, int16 half-word view
+        i = k & 255
+        base = r * stride_w + (k >> 8) * 33
+        ib = i >> 5
+        kk = (i >> 3) & 3
+        jj = i & 7
+        d = tl.load(w_ptr + base, mask=mask, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+        grp = base + 1 + 4 * ib
+        gw = tl.load(w_ptr + grp + (kk >> 1), mask=mask, other=0).to(tl.int32) & 0xFFFF
+        gidx = (gw >> (8 * (kk & 1))) & 255
+        a1lo = tl.load(w_ptr + grp + 2, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        a1hi = tl.load(w_ptr + grp + 3, mask=mask, other=0).to(tl.int32) & 0xFFFF
+        aux1 = a1lo | (a1hi << 16)
+        sidx = (aux1 >> (7 * kk)) & 127
+        ls = (a1hi >> 12) & 15
+        p = sidx ^ (sidx >> 4)
+        p = p ^ (p >> 2)
+        p = p ^ (p >> 1)
+        signs = sidx | ((p & 1) << 7)  # ksigns: 8th sign makes the count of minus signs even
+        neg = ((signs >> jj) & 1) != 0
+        gv = tl.load(g_ptr + gidx * 8 + jj, mask=mask, other=0).to(tl.float32)
+        db = d * (0.5 + ls.to(tl.float32)) * 0.25
+        val = db * gv
+        return tl.where(neg, -val, val)
+
+
+# Byte offsets of the fp16 scale fields inside a block, per format (quant.md §1.1).
+_F16_FIELDS = {
+    QuantFormat.Q8_0: (0,),
+    QuantFormat.Q2_K: (80, 82),
+    QuantFormat.Q4_K: (0, 2),
+    QuantFormat.IQ2_XXS: (0,),
+}
+SYNTH_SCALE = (2.0**-10, 2.0**-6)  # range of synthetic block scales: finite, model-like magnitudes
+
+
+def synthetic_raw(fmt: QuantFormat, shape: tuple[int, ...], device="cpu", seed: int = 0):
+    """Random but valid GGUF bytes for a weight of logical `shape` (torch uint8 [..., row_bytes]):
+    random codes, finite positive fp16 scales. For tests and benchmarks (values don't change speed)."""
+    import torch
+
+    fmt = QuantFormat(fmt)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    lead, k = tuple(shape[:-1]), shape[-1]
+    n = int(np.prod(lead, dtype=np.int64))
+    if fmt in (QuantFormat.F16, QuantFormat.BF16, QuantFormat.F32):
+        dt = {QuantFormat.F16: torch.float16, QuantFormat.BF16: torch.bfloat16, QuantFormat.F32: torch.float32}[fmt]
+        v = (torch.randn((n, k), generator=gen, device=device) * 0.05).to(dt)
+        return v.view(torch.uint8).reshape(*lead, fmt.row_bytes(k))
+    rb = fmt.row_bytes(k)
+    raw = torch.randint(0, 256, (n * rb,), generator=gen, device=device, dtype=torch.uint8)
+    blocks = raw.reshape(-1, fmt.type_size)
+    lo, hi = SYNTH_SCALE
+    for off in _F16_FIELDS[fmt]:
+        d = (torch.rand((blocks.shape[0],), generator=gen, device=device) * (hi - lo) + lo).to(torch.float16)
+        blocks[:, off:off + 2] = d.view(torch.uint8).reshape(-1, 2)
+    return raw.reshape(*lead, rb)

@@ -1,0 +1,166 @@
+"""Tile/warp configurations of the Triton kernels and the device description they are chosen for.
+
+`DeviceInfo` says what the kernels run on (vendor, arch, SM/CU count, wave width); `select_gemv`,
+`select_gemm` and `select_moe` return the config for a (format, shape) on that device. CUDA tables
+live here; on ROCm (`torch.version.hip` set) the choice is delegated to `dsv4.kernels_hip.configs`.
+Knows kernel knobs only: no kernels, no model structure.
+"""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, replace
+
+from ..quant.formats import QuantFormat
+
+
+class Vendor(enum.Enum):
+    NVIDIA = "nvidia"
+    AMD = "amd"
+    CPU = "cpu"  # the Triton interpreter
+
+
+class DotDtype(enum.Enum):
+    """Element type fed to tl.dot in the prefill GEMM (accumulation is always fp32)."""
+
+    FP16 = "fp16"
+    BF16 = "bf16"
+    FP8_E4M3 = "fp8e4nv"  # OCP e4m3 (H100+, MI350, RDNA4)
+    FP8_E4M3_FNUZ = "fp8e4b8"  # AMD CDNA3 flavour (MI300)
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    vendor: Vendor
+    arch: str = ""  # "sm_90", "gfx942", "gfx1151", ...
+    n_sm: int = 132  # SMs (NVIDIA) or CUs (AMD)
+    wave: int = 32  # threads per warp / wavefront
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    """Decode GEMV: one program per BLOCK_N output rows (x SPLIT_K slices of the input dim)."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    split_k: int = 1
+    num_stages: int = 1
+
+
+@dataclass(frozen=True)
+class GemmConfig:
+    """Prefill GEMM: BLOCK_M tokens x BLOCK_N rows tiles, tl.dot on dequantized tiles."""
+
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int = 2
+    dot: DotDtype = DotDtype.FP16
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Fused routed MoE: GEMV tiles for decode, GEMM tiles for the grouped prefill."""
+
+    decode_gate_up: GemvConfig
+    decode_down: GemvConfig
+    prefill: GemmConfig
+
+
+# ---- CUDA (Hopper-class) tables --------------------------------------------------------------------
+# Larger BLOCK_K for the byte-dense formats (Q8_0, F16) keeps 16-byte loads per thread; the 2-bit
+# formats decode more weights per byte, so fewer K per step keeps register pressure sane.
+_CUDA_GEMV = {
+    QuantFormat.Q8_0: GemvConfig(block_n=8, block_k=512, num_warps=4),
+    QuantFormat.F16: GemvConfig(block_n=8, block_k=512, num_warps=4),
+    QuantFormat.BF16: GemvConfig(block_n=8, block_k=512, num_warps=4),
+    QuantFormat.F32: GemvConfig(block_n=8, block_k=256, num_warps=4),
+    QuantFormat.Q4_K: GemvConfig(block_n=8, block_k=256, num_warps=4),
+    QuantFormat.Q2_K: GemvConfig(block_n=8, block_k=256, num_warps=4),
+    QuantFormat.IQ2_XXS: GemvConfig(block_n=8, block_k=256, num_warps=4),
+}
+_CUDA_GEMM = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_CUDA_GEMM_SMALL_M = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=3)
+_CUDA_MOE_PREFILL = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=2)
+
+# Aim for this many programs per SM before splitting K (decode GEMVs with few output rows).
+PROGRAMS_PER_SM = 4
+MAX_SPLIT_K = 8
+CPU_BLOCK_N = 64  # interpreter tile width (no register limits; wide tiles mean fewer Python-level programs)
+
+
+def detect_device(device) -> DeviceInfo:
+    """DeviceInfo of a torch device (CPU -> interpreter)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        return DeviceInfo(Vendor.CPU, "interpreter", n_sm=4, wave=32)
+    p = torch.cuda.get_device_properties(dev)
+    if getattr(torch.version, "hip", None):
+        arch = getattr(p, "gcnArchName", "").split(":")[0]
+        from ..kernels_hip.configs import wave_size
+
+        return DeviceInfo(Vendor.AMD, arch, p.multi_processor_count, wave_size(arch))
+    return DeviceInfo(Vendor.NVIDIA, f"sm_{p.major}{p.minor}", p.multi_processor_count, 32)
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap that divides n (n > 0)."""
+    b = 1
+    while b * 2 <= cap and n % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _split_k(n_rows: int, k: int, cfg: GemvConfig, dev: DeviceInfo, tokens: int = 1) -> int:
+    """Split the input dim when there are too few row blocks to fill the machine."""
+    programs = -(-n_rows // cfg.block_n) * tokens
+    want = dev.n_sm * PROGRAMS_PER_SM
+    split = 1
+    while programs * split * 2 <= want and split * 2 <= MAX_SPLIT_K and k % (split * 2 * cfg.block_k) == 0:
+        split *= 2
+    return split
+
+
+def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_split: bool = True) -> GemvConfig:
+    if dev.vendor == Vendor.AMD:
+        from ..kernels_hip.configs import hip_gemv
+
+        cfg = hip_gemv(fmt, dev.arch)
+    else:
+        cfg = _CUDA_GEMV.get(QuantFormat(fmt), _CUDA_GEMV[QuantFormat.Q8_0])
+    if dev.vendor == Vendor.CPU:  # interpreter: cost is per program, so fewer, wider programs
+        cfg = replace(cfg, block_n=CPU_BLOCK_N)
+    cfg = replace(cfg, block_k=pow2_divisor(k, cfg.block_k))
+    if allow_split:
+        cfg = replace(cfg, split_k=_split_k(n_rows, k, cfg, dev))
+    return cfg
+
+
+def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceInfo) -> GemmConfig:
+    if dev.vendor == Vendor.AMD:
+        from ..kernels_hip.configs import hip_gemm
+
+        cfg = hip_gemm(fmt, dev.arch, tokens)
+    else:
+        cfg = _CUDA_GEMM_SMALL_M if tokens <= 64 else _CUDA_GEMM
+    if dev.vendor == Vendor.CPU:  # interpreter: tl.dot needs >= 16 per dim; small tiles stay cheap
+        cfg = replace(cfg, block_m=16, block_n=CPU_BLOCK_N, num_stages=1)
+    return replace(cfg, block_k=max(16, pow2_divisor(k, cfg.block_k)))
+
+
+def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, dev: DeviceInfo) -> MoeConfig:
+    gu = select_gemv(fmt_gate_up, f, d, dev, allow_split=False)
+    dn = select_gemv(fmt_down, d, f, dev, allow_split=False)
+    if dev.vendor == Vendor.AMD:
+        from ..kernels_hip.configs import hip_gemm
+
+        pf = hip_gemm(fmt_gate_up, dev.arch, 32)
+    else:
+        pf = _CUDA_MOE_PREFILL
+    if dev.vendor == Vendor.CPU:
+        pf = replace(pf, block_m=16, block_n=CPU_BLOCK_N, num_stages=1)
+    pf = replace(pf, block_k=max(16, min(pow2_divisor(d, pf.block_k), pow2_divisor(f, pf.block_k))))
+    return MoeConfig(gu, dn, pf)

@@ -1,0 +1,263 @@
+"""Routed MoE kernels: out[t] = sum_i down[e] @ (silu(min(gate[e] u, c)) * clip(up[e] u, -c, c) * w[t,i]), e = sel[t,i].
+
+Decode (`fused_decode`, few tokens): kernel 1 runs over (token-slot, block of F rows): gate and up
+rows of the slot's expert in one pass over u, then clamp, SwiGLU and the route weight, into an fp32
+scratch h [T*K, F]; kernel 2 runs over (token, block of D rows) and sums the K experts' down rows
+in slot order. No atomics: the result is bitwise reproducible.
+Prefill (`grouped`): (token, slot) pairs are sorted by expert on the device (stable argsort, bincount,
+cumsum: no host sync), cut into BLOCK_M tiles that never straddle experts, and one grouped-GEMM
+launch computes gate+up+SwiGLU for every tile, a second one the down projection; each pair's row
+is written to its own slot and the K slots are summed in order.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .blocks import DeviceWeight, dequant_tile
+from .configs import DeviceInfo, MoeConfig, select_moe
+from .qmatmul import tl_dot_dtype
+
+
+@triton.jit
+def _swiglu_route(g, u, wt, clamp):
+    """silu(min(g, clamp)) * clip(u, -clamp, clamp) * wt, fp32."""
+    g = tl.minimum(g, clamp)
+    u = tl.minimum(tl.maximum(u, -clamp), clamp)
+    z = tl.exp(-tl.abs(g))  # sigmoid without overflow for very negative g
+    sig = tl.where(g >= 0, 1.0 / (1.0 + z), z / (1.0 + z))
+    return g * sig * u * wt
+
+
+@triton.jit
+def _moe_gate_up_gemv_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr,
+                             gw_ptr, gs_ptr, uw_ptr, us_ptr, g_ptr,
+                             F, D, KSEL, clamp,
+                             stride_ut, stride_ht,
+                             stride_gw, stride_gs, off_gs, stride_uw, stride_us, off_us,
+                             FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot], slot = t*KSEL + i, e = sel[slot]."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = slot // KSEL
+    e = tl.load(sel_ptr + slot).to(tl.int64)
+    wt = tl.load(wts_ptr + slot).to(tl.float32)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < F
+    rows = e * F + rn
+    acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(u_ptr + t * stride_ut + rk).to(tl.float32)
+        wg = dequant_tile(gw_ptr, gs_ptr, g_ptr, rows[:, None], rk[None, :], n_ok[:, None],
+                          stride_gw, stride_gs, off_gs, FMT)
+        acc_g += tl.sum(wg * x[None, :], axis=1)
+        wu = dequant_tile(uw_ptr, us_ptr, g_ptr, rows[:, None], rk[None, :], n_ok[:, None],
+                          stride_uw, stride_us, off_us, FMT)
+        acc_u += tl.sum(wu * x[None, :], axis=1)
+    h = _swiglu_route(acc_g, acc_u, wt, clamp)
+    tl.store(h_ptr + slot * stride_ht + rn, h, mask=n_ok)
+
+
+@triton.jit
+def _moe_down_gemv_kernel(h_ptr, sel_ptr, out_ptr,
+                          dw_ptr, ds_ptr, g_ptr,
+                          F, D, KSEL,
+                          stride_ht, stride_ot, stride_dw, stride_ds, off_ds,
+                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, d] = sum_{i < KSEL, in order} down[sel[t, i]][d, :] @ h[t*KSEL + i, :]."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < D
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, KSEL):
+        slot = t * KSEL + i
+        e = tl.load(sel_ptr + slot).to(tl.int64)
+        rows = e * D + rn
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(h_ptr + slot * stride_ht + rk)
+            w = dequant_tile(dw_ptr, ds_ptr, g_ptr, rows[:, None], rk[None, :], n_ok[:, None],
+                             stride_dw, stride_ds, off_ds, FMT)
+            acc += tl.sum(w * x[None, :], axis=1)
+        total += acc
+    tl.store(out_ptr + t * stride_ot + rn, total, mask=n_ok)
+
+
+@triton.jit
+def _moe_gate_up_grouped_kernel(u_ptr, order_ptr, wts_ptr, h_ptr,
+                                tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
+                                gw_ptr, gs_ptr, uw_ptr, us_ptr, g_ptr,
+                                F, D, KSEL, clamp,
+                                stride_ut, stride_ht,
+                                stride_gw, stride_gs, off_gs, stride_uw, stride_us, off_us,
+                                FMT: tl.constexpr, DOT: tl.constexpr,
+                                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """For sorted rows r in a tile of expert e (pair p = order[r], token p // KSEL):
+    h[r, f] = swiglu(u[t] @ gate[e].T, u[t] @ up[e].T)[f] * wts[p]. Unused tiles run zero K steps."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + tile)
+    hi = tl.load(tile_hi_ptr + tile)
+    rm = lo + tl.arange(0, BLOCK_M)
+    m_ok = rm < hi
+    pair = tl.load(order_ptr + rm, mask=m_ok, other=0)
+    tok = (pair // KSEL).to(tl.int64)
+    wt = tl.load(wts_ptr + pair, mask=m_ok, other=0.0).to(tl.float32)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < F
+    rows = e * F + rn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_steps = tl.where(hi > lo, D // BLOCK_K, 0)
+    for step in range(0, n_steps):
+        rk = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(u_ptr + tok[:, None] * stride_ut + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)
+        wg = dequant_tile(gw_ptr, gs_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
+                          stride_gw, stride_gs, off_gs, FMT).to(DOT)
+        acc_g += tl.dot(x, wg)
+        wu = dequant_tile(uw_ptr, us_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
+                          stride_uw, stride_us, off_us, FMT).to(DOT)
+        acc_u += tl.dot(x, wu)
+    h = _swiglu_route(acc_g, acc_u, wt[:, None], clamp)
+    tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _moe_down_grouped_kernel(h_ptr, order_ptr, y_ptr,
+                             tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
+                             dw_ptr, ds_ptr, g_ptr,
+                             F, D,
+                             stride_ht, stride_yp, stride_dw, stride_ds, off_ds,
+                             FMT: tl.constexpr, DOT: tl.constexpr,
+                             BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[order[r], d] = h[r, :] @ down[e][d, :] for the sorted rows r of each tile (one writer per row)."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + tile)
+    hi = tl.load(tile_hi_ptr + tile)
+    rm = lo + tl.arange(0, BLOCK_M)
+    m_ok = rm < hi
+    pair = tl.load(order_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < D
+    rows = e * D + rn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_steps = tl.where(hi > lo, F // BLOCK_K, 0)
+    for step in range(0, n_steps):
+        rk = step * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)
+        w = dequant_tile(dw_ptr, ds_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
+                         stride_dw, stride_ds, off_ds, FMT).to(DOT)
+        acc += tl.dot(x, w)
+    tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights):
+    E, F, D = gate.shape
+    assert up.shape == gate.shape and up.fmt == gate.fmt, "gate and up must share shape and format"
+    assert down.shape == (E, D, F), f"down {down.shape} does not match gate {gate.shape}"
+    assert u.shape[-1] == D and sel.shape == weights.shape and sel.shape[0] == u.shape[0]
+    u = u if u.stride(-1) == 1 else u.contiguous()
+    return u, sel.contiguous(), weights.contiguous().float(), E, F, D
+
+
+def fused_decode(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
+                 dev: DeviceInfo, cfg: MoeConfig | None = None):
+    """Routed MoE for few tokens: u [T, D], sel/weights [T, K] -> [T, D] fp32 (two launches)."""
+    import torch
+
+    u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
+    T, K = sel.shape
+    cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
+    h = torch.empty((T * K, F), device=u.device, dtype=torch.float32)
+    gu = cfg.decode_gate_up
+    _moe_gate_up_gemv_kernel[(T * K, triton.cdiv(F, gu.block_n))](
+        u, sel, weights, h, gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
+        u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
+        FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
+    out = torch.empty((T, D), device=u.device, dtype=torch.float32)
+    dn = cfg.decode_down
+    _moe_down_gemv_kernel[(T, triton.cdiv(D, dn.block_n))](
+        h, sel, out, down.w, down.s, down.g, F, D, K,
+        h.stride(0), out.stride(0), down.stride_w, down.stride_s, down.off_s,
+        FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
+    return out
+
+
+def expert_tiles(sel, n_expert: int, block_m: int):
+    """Device-side grouping of (token, slot) pairs by expert, with no host sync.
+
+    Returns (order [T*K] pair ids sorted by expert (stable), tile_e, tile_lo, tile_hi [n_tiles] int32):
+    tile j covers sorted rows [tile_lo, tile_hi) of expert tile_e; n_tiles = ceil(T*K/block_m) + E is
+    an upper bound known on the host, and unused tiles are empty (lo == hi)."""
+    import torch
+
+    flat = sel.reshape(-1).to(torch.int64)
+    n_pairs = flat.numel()
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_expert)
+    starts = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    n_tiles = triton.cdiv(n_pairs, block_m) + n_expert
+    ids = torch.arange(n_tiles, device=sel.device)
+    te = torch.searchsorted(tile_end, ids, right=True).clamp_(max=n_expert - 1)
+    first_tile = tile_end[te] - tiles[te]
+    lo = starts[te] + (ids - first_tile) * block_m
+    hi = torch.minimum(lo + block_m, starts[te] + counts[te])
+    used = ids < tile_end[-1]
+    lo = torch.where(used, lo, torch.zeros_like(lo))
+    hi = torch.where(used, hi, torch.zeros_like(hi))
+    return order, te.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32)
+
+
+def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
+            dev: DeviceInfo, cfg: MoeConfig | None = None):
+    """Routed MoE for many tokens: sort by expert, one grouped GEMM launch per projection stage."""
+    import torch
+
+    u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
+    T, K = sel.shape
+    cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
+    pf = cfg.prefill
+    order, te, lo, hi = expert_tiles(sel, E, pf.block_m)
+    n_tiles = te.numel()
+    dot = tl_dot_dtype(pf.dot)
+    h = torch.empty((T * K, F), device=u.device, dtype=torch.float32)
+    _moe_gate_up_grouped_kernel[(n_tiles, triton.cdiv(F, pf.block_n))](
+        u, order, weights.reshape(-1), h, te, lo, hi,
+        gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
+        u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
+        FMT=int(gate.fmt), DOT=dot, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
+        num_warps=pf.num_warps, num_stages=pf.num_stages)
+    y = torch.empty((T * K, D), device=u.device, dtype=torch.float32)
+    _moe_down_grouped_kernel[(n_tiles, triton.cdiv(D, pf.block_n))](
+        h, order, y, te, lo, hi, down.w, down.s, down.g, F, D,
+        h.stride(0), y.stride(0), down.stride_w, down.stride_s, down.off_s,
+        FMT=int(down.fmt), DOT=dot, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
+        num_warps=pf.num_warps, num_stages=pf.num_stages)
+    out = y.view(T, K, D)[:, 0].clone()
+    for i in range(1, K):  # fixed slot order: deterministic
+        out += y.view(T, K, D)[:, i]
+    return out
+
+
+def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
+    if u.shape[0] <= decode_max_t:
+        return fused_decode(u, gate, up, down, sel, weights, clamp, dev)
+    return grouped(u, gate, up, down, sel, weights, clamp, dev)
+
+
+# ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
+from .registry import AUTO, KernelOp, register  # noqa: E402
+
+register(KernelOp.MOE, AUTO, moe_auto, doc="fused_decode for T <= 8, grouped above")
+register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
+         doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
+register(KernelOp.MOE, "grouped", grouped, doc="device sort by expert, grouped tl.dot GEMMs, ordered K sum")

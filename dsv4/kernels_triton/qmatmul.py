@@ -1,0 +1,178 @@
+"""Dequant-matmul kernels: out[T, N] = x[T, K] @ dequant(w[N, K]).T for Q8_0, Q2_K, Q4_K, IQ2_XXS, F16/BF16/F32.
+
+Decode (T = 1..8), `gemv`: one program per BLOCK_N output rows (times SPLIT_K slices of K when the
+matrix has too few rows to fill the SMs); each step loads a [BLOCK_N, BLOCK_K] weight tile, decodes
+it in registers (blocks.dequant_tile) and FMAs it against all T activation rows in fp32. Split-K
+partials go to a [SPLIT_K, T, N] scratch summed in fixed order (deterministic).
+Prefill (larger T), `gemm`: [BLOCK_M, BLOCK_N] output tiles; per K step the weight tile is decoded to
+the dot dtype (fp16 by default) and fed to tl.dot with fp32 accumulation.
+Both take an optional group axis (x [T, G, K], rows [g*R, (g+1)*R) use x[:, g]) for attn_output_a.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .blocks import DeviceWeight, dequant_tile
+from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, pow2_divisor, select_gemm, select_gemv
+
+DECODE_MAX_T = 8  # at or below this many tokens the GEMV path is used by the "auto" variant
+
+_TL_DOT = {DotDtype.FP16: tl.float16, DotDtype.BF16: tl.bfloat16}
+
+
+def tl_dot_dtype(d: DotDtype):
+    if d in _TL_DOT:
+        return _TL_DOT[d]
+    return getattr(tl, d.value)  # fp8 flavours (tl.float8e4nv / tl.float8e4b8)
+
+
+@triton.jit
+def _qgemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
+                  T, N, R, k_per_split,
+                  stride_xt, stride_xg, stride_os, stride_ot,
+                  stride_w, stride_s, off_s,
+                  FMT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[split, t, n] = sum_{k in split} x[t, g(n), k] * dequant(w)[n, k], g(n) = n // R.
+
+    Matches x @ dequantize_np(w).T (float64 reference) to fp32-accumulation error."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_T)
+    g = (pid_n * BLOCK_N) // R
+    n_ok = rn < N
+    t_ok = rt < T
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    x_row = x_ptr + rt[:, None].to(tl.int64) * stride_xt + g * stride_xg
+    for k0 in range(0, k_per_split, BLOCK_K):
+        rk = k_start + k0 + tl.arange(0, BLOCK_K)
+        w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[:, None], rk[None, :], n_ok[:, None],
+                         stride_w, stride_s, off_s, FMT)  # [BLOCK_N, BLOCK_K]
+        x = tl.load(x_row + rk[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
+        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+    out = out_ptr + pid_s * stride_os + rt[:, None] * stride_ot + rn[None, :]
+    tl.store(out, acc, mask=t_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
+                  T, N, R, K,
+                  stride_xt, stride_xg, stride_ot,
+                  stride_w, stride_s, off_s,
+                  FMT: tl.constexpr, DOT: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[t, n] = sum_k x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in DOT dtype
+    through tl.dot, fp32 accumulation. Token tiles vary fastest so a weight tile is reused from L2."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(T, BLOCK_M)
+    pid_m = pid % num_m
+    pid_n = pid // num_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    g = (pid_n * BLOCK_N) // R
+    m_ok = rm < T
+    n_ok = rn < N
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xt + g * stride_xg
+    for k0 in range(0, K, BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_row + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
+        w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :],
+                         stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
+        acc += tl.dot(x, w)
+    out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
+    tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _check(x, dw: DeviceWeight, groups: int):
+    import torch
+
+    T = x.shape[0]
+    K = dw.k
+    assert dw.n_rows % groups == 0, f"{dw.n_rows} rows not divisible into {groups} groups"
+    assert x.shape[-1] == K, f"x has {x.shape[-1]} inputs, weight {dw.shape} wants {K}"
+    if groups > 1:
+        assert x.dim() == 3 and x.shape[1] == groups, f"grouped x must be [T, {groups}, {K}], got {tuple(x.shape)}"
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    stride_xg = x.stride(1) if groups > 1 else 0
+    return x, T, dw.n_rows, dw.n_rows // groups, stride_xg, torch
+
+
+def gemv(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None,
+         allow_split: bool = True):
+    """Decode-shaped qmatmul: x [T, K] (or [T, G, K]) float -> [T, N] fp32. T must be <= 16."""
+    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
+    cfg = cfg or select_gemv(dw.fmt, N, dw.k, dev, allow_split)
+    block_n = cfg.block_n if groups == 1 else pow2_divisor(R, cfg.block_n)
+    block_t = max(1, triton.next_power_of_2(T))
+    split = cfg.split_k
+    k_per_split = dw.k // split
+    assert k_per_split % cfg.block_k == 0, (dw.k, split, cfg.block_k)
+    out = torch.empty((split, T, N), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(N, block_n), split)
+    _qgemv_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, k_per_split,
+                        x.stride(0), stride_xg, out.stride(0), out.stride(1),
+                        dw.stride_w, dw.stride_s, dw.off_s,
+                        FMT=int(dw.fmt), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out[0] if split == 1 else out.sum(0)
+
+
+def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None):
+    """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles."""
+    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
+    cfg = cfg or select_gemm(dw.fmt, T, N, dw.k, dev)
+    block_n = cfg.block_n if groups == 1 else max(16, pow2_divisor(R, cfg.block_n))
+    assert groups == 1 or R % block_n == 0, f"group rows {R} must be a multiple of {block_n}"
+    out = torch.empty((T, N), device=x.device, dtype=torch.float32)
+    grid = (triton.cdiv(T, cfg.block_m) * triton.cdiv(N, block_n),)
+    _qgemm_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, dw.k,
+                        x.stride(0), stride_xg, out.stride(0),
+                        dw.stride_w, dw.stride_s, dw.off_s,
+                        FMT=int(dw.fmt), DOT=tl_dot_dtype(cfg.dot),
+                        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
+                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """GEMV for decode-sized T, GEMM above."""
+    if x.shape[0] <= DECODE_MAX_T:
+        return gemv(x, dw, dev, groups)
+    return gemm(x, dw, dev, groups)
+
+
+def qmatmul_dequant_torch(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """Baseline variant: dequantize to the activation dtype per call (torch), then torch.matmul.
+    Not a kept copy; used to measure what the fused kernels buy."""
+    from ..quant.dequant import dequantize_torch
+    import torch
+
+    if dw.fmt.name == "Q8_0":  # our layout is repacked; rebuild GGUF rows for the torch decoder
+        rb = dw.stride_w
+        nb = rb // 34
+        flat = dw.buf.reshape(-1, rb)
+        raw = torch.cat([flat[:, 32 * nb:].reshape(-1, nb, 2), flat[:, :32 * nb].reshape(-1, nb, 32)], dim=2)
+        raw = raw.reshape(-1, rb)
+    else:
+        raw = dw.buf.reshape(-1, dw.buf.shape[-1])
+    w = dequantize_torch(raw, dw.fmt, dw.k, dtype=x.dtype)  # [N, K]
+    if groups == 1:
+        return (x.reshape(x.shape[0], -1) @ w.T).float()
+    r = w.shape[0] // groups
+    return torch.einsum("tgk,grk->tgr", x, w.reshape(groups, r, -1)).reshape(x.shape[0], -1).float()
+
+
+# ---- registered variants (op "qmatmul"; signature fn(x, dw, dev, groups)) ------------------------
+from .registry import AUTO, KernelOp, register  # noqa: E402
+
+register(KernelOp.QMATMUL, AUTO, qmatmul_auto, doc=f"gemv for T <= {DECODE_MAX_T}, gemm above")
+register(KernelOp.QMATMUL, "gemv", gemv, max_t=DECODE_MAX_T,
+         doc="row-parallel GEMV, fp32 FMA, split-K when rows are few")
+register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, dw, dev, groups, allow_split=False),
+         max_t=DECODE_MAX_T, doc="row-parallel GEMV without split-K (for comparison)")
+register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
+register(KernelOp.QMATMUL, "dequant_torch", qmatmul_dequant_torch,
+         doc="baseline: per-call torch dequantize + torch.matmul (no fused kernel)")
