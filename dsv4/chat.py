@@ -228,7 +228,9 @@ def _arguments_dict(call: ToolCall) -> dict | str:
     try:
         parsed = json.loads(args) if args.strip() else {}
     except json.JSONDecodeError as e:
-        raise ChatError(f"tool call {call.name!r} has invalid JSON arguments ({e.msg} at char {e.pos}): {args!r:.80}") from None
+        raise ChatError(
+            f"tool call {call.name!r} has invalid JSON arguments ({e.msg} at char {e.pos}): {args[:80]!r}"
+        ) from None
     return parsed if isinstance(parsed, dict) else args
 
 
@@ -506,7 +508,9 @@ def parse_completion(text: str, think: ThinkMode | bool = ThinkMode.HIGH) -> Par
         head, tail = "", rest
     found = _find_block(tail)
     if found is None:
-        return Parsed(reasoning, rest, [])
+        # DSML markup without a complete block opener: a truncated or garbled tool call.
+        stray = any(f"<{p}" in tail for p in DSML_PREFIXES[:2])
+        return Parsed(reasoning, rest, [], malformed=stray)
     start, pos = found
     calls = []
     try:
@@ -543,7 +547,9 @@ class DsmlState(enum.Enum):
 
 
 _GREEDY_STATES = (DsmlState.STRUCTURAL, DsmlState.JSON_STRUCTURAL)
-_BLOCK_OPENERS = tuple(f"<{p}{TAG_TOOL_CALLS}>" for p in DSML_PREFIXES) + ("<" + DSML_TEXT, "<DSML｜")
+_PLAIN_OPENER = f"<{TAG_TOOL_CALLS}>"
+_DSML_TAG_STARTS = ("<" + DSML_TEXT, "<DSML｜")  # a DSML tag has begun: structural until proven otherwise
+_OPENER_MAX_CHARS = 32  # a DSML tag that has not closed by then is not a tool_calls opener
 _PARAM_CLOSES = tuple(f"</{p}{TAG_PARAMETER}>" for p in DSML_PREFIXES)
 _CALLS_CLOSES = tuple(f"</{p}{TAG_TOOL_CALLS}>" for p in DSML_PREFIXES)
 _TAIL_KEEP = 32
@@ -560,6 +566,7 @@ class DsmlTracker:
         self.completed = False
         self._tail = ""
         self._tag: str | None = None  # text of a tag being read inside the block
+        self._opening = False  # reading a DSML tag that may open a block
         self._escape = False
 
     @property
@@ -585,13 +592,22 @@ class DsmlTracker:
     def _step(self, ch: str) -> None:
         st = self.state
         if st is DsmlState.OUTSIDE:
-            if self._tail.endswith(_BLOCK_OPENERS):
-                self.state = DsmlState.STRUCTURAL
-                self._tag = None
-                self.completed = False
+            if self._tail.endswith(_PLAIN_OPENER):
+                self.state, self._tag, self.completed = DsmlState.STRUCTURAL, None, False
+            elif self._tail.endswith(_DSML_TAG_STARTS):
+                self.state, self._tag, self._opening = DsmlState.STRUCTURAL, "<", True
             return
         if st is DsmlState.STRUCTURAL:
-            if self._tag is None:
+            if self._opening:
+                self._tag += ch
+                if ch == ">" or len(self._tag) > _OPENER_MAX_CHARS:
+                    is_opener = ch == ">" and self._tag.endswith(f"{TAG_TOOL_CALLS}>")
+                    self._opening, self._tag = False, None
+                    if is_opener:
+                        self.completed = False
+                    else:
+                        self.state = DsmlState.OUTSIDE  # DSML text that is not a block opener
+            elif self._tag is None:
                 if ch == "<":
                     self._tag = "<"
             else:

@@ -173,7 +173,7 @@ def render(rep: dict, console=None) -> None:
     for cls, g in rep["tensor_groups"].items():
         t = Table(title=f"{cls}" + (f": {g['layers']} layer(s)" if cls != GLOBAL_CLASS and cls != "unknown" else ""))
         for col in ("tensor", "shape", "format", "count", "bytes"):
-            t.add_column(col, justify="right" if col in ("count", "bytes") else "left")
+            t.add_column(col, justify="right" if col in ("count", "bytes") else "left", overflow="fold")
         for name, v in g["tensors"].items():
             fm = ", ".join(f"{f}" if n == v["count"] else f"{f}x{n}" for f, n in v["formats"].items())
             t.add_row(name, "x".join(map(str, v["shape"])), fm, str(v["count"]), f"{v['bytes']:,}")
@@ -184,7 +184,8 @@ def render(rep: dict, console=None) -> None:
     for f, n in rep["bytes_by_format"].items():
         ft.add_row(f, f"{n:,}")
     con.print(ft)
-    con.print(f"recipe: [bold]{rep['recipe']}[/]   tensors: {rep['n_tensors']}   file: {rep['file_bytes']:,} B")
+    size = f"{rep['file_bytes']:,} B" if rep["file_bytes"] else "none (figures from the preset's tensor list)"
+    con.print(f"recipe: [bold]{rep['recipe']}[/]   tensors: {rep['n_tensors']}   file: {size}")
     con.print(f"weight bytes read per decoded token: {_gb(rep['bytes_per_token'])}")
     con.print(f"  at context <= {rep['short_context_tokens']} tokens (no indexer q_b/proj): "
               f"{_gb(rep['bytes_per_token_short_context'])}")

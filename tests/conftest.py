@@ -16,6 +16,24 @@ import numpy as np
 import pytest
 
 SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+RUN_BIG = "--run-big"
+
+
+def pytest_addoption(parser):
+    parser.addoption(RUN_BIG, action="store_true", help="also run tests marked `big` (they write multi-GB files)")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "big: writes a multi-GB Flash-shaped file; runs only with --run-big")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption(RUN_BIG):
+        return
+    skip = pytest.mark.skip(reason=f"writes a multi-GB file; run with {RUN_BIG}")
+    for item in items:
+        if "big" in item.keywords:
+            item.add_marker(skip)
 FIXTURE_DIR = SHARED_DIR / "fixtures" / "ds4-reference"
 FIXTURE_SEED = 7
 
@@ -60,6 +78,21 @@ def tiny_q2_path(tiny_q2_written) -> Path:
 @pytest.fixture(scope="session")
 def tiny_q4_path(tiny_q4_written) -> Path:
     return tiny_q4_written.path
+
+
+@pytest.fixture(scope="session")
+def tiny_q2_weights(tiny_q2_path):
+    """The tiny q2 file loaded once per session (read-only: do not mutate)."""
+    from dsv4.weights import load_weights
+
+    return load_weights(tiny_q2_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_q4_weights(tiny_q4_path):
+    from dsv4.weights import load_weights
+
+    return load_weights(tiny_q4_path)
 
 
 @pytest.fixture(scope="session")

@@ -45,7 +45,8 @@ def _block_exponents(blocks: np.ndarray, qmax: float) -> np.ndarray:
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Per-row bitwise equality of float32 arrays [N, ...] (distinguishes -0.0 and +0.0)."""
-    return (a.view(np.uint32) == b.view(np.uint32)).reshape(a.shape[0], -1).all(axis=1)
+    eq = a.view(np.uint32) == b.view(np.uint32)
+    return eq.reshape(a.shape[0], int(np.prod(a.shape[1:]))).all(axis=1)
 
 
 def _check(rows: np.ndarray, back: np.ndarray, what: str) -> None:
@@ -91,7 +92,7 @@ class AttnRowCodec:
         out[:, : self.nope_dim] = q.astype(ml_dtypes.float8_e4m3fn).view(np.uint8).reshape(n, self.nope_dim)
         out[:, self.nope_dim : self.nope_dim + self.n_blocks] = (e + UE8M0_BIAS).astype(np.uint8)
         rope = rows[:, self.nope_dim :].astype(np.float16)
-        out[:, self.nope_dim + self.n_blocks :] = rope.astype("<f2").view(np.uint8).reshape(n, -1)
+        out[:, self.nope_dim + self.n_blocks :] = rope.astype("<f2").view(np.uint8).reshape(n, self.rope_dim * F16_BYTES)
         if verify:
             _check(rows, self.decode(out), "attention")
         return out

@@ -31,6 +31,7 @@ IO_ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to t
 PAGE_MAGIC = b"DSV4PAGE"
 PAGE_HEADER = struct.Struct("<8sIIIII")  # magic, stream id, page index, n_rows, payload bytes, crc32
 DEFAULT_ROWS_PER_PAGE = 64
+DEFAULT_IO_DEPTH = 8  # concurrent page reads in flight
 
 IoFault = Callable[[str, int], None]  # (op "write"/"read", nbytes): raise OSError to inject a failure
 
@@ -108,30 +109,47 @@ class PageFile:
         fcntl.fcntl(self.fd, fcntl.F_SETFL, fl & ~os.O_DIRECT)
         self.direct = False
 
-    def read(self, slots: list[int]) -> list[bytes]:
-        """Batched read: contiguous slots are fetched with one preadv each; returns raw slot bytes."""
-        out: dict[int, bytes] = {}
+    def read(self, slots: list[int], pool: Optional[ThreadPoolExecutor] = None) -> list[bytes]:
+        """Batched read: each run of contiguous slots is one preadv into one aligned buffer; runs are issued
+        concurrently on `pool` (random page reads are latency-bound, queue depth is what gives bandwidth)."""
         order = sorted(set(slots))
-        i = 0
+        runs, i = [], 0
         while i < len(order):
             j = i
             while j + 1 < len(order) and order[j + 1] == order[j] + 1:
                 j += 1
-            bufs = [mmap.mmap(-1, self.slot_bytes) for _ in range(j - i + 1)]
+            runs.append((order[i], j - i + 1))
+            i = j + 1
+        big = mmap.mmap(-1, max(1, len(order)) * self.slot_bytes)  # page-aligned; slices at slot multiples stay so
+        view = memoryview(big)
+        starts, pos = [], 0
+        for _, n in runs:
+            starts.append(pos)
+            pos += n * self.slot_bytes
+
+        def one(k: int) -> int:
+            first, n = runs[k]
+            bufs = [view[starts[k] + m * self.slot_bytes: starts[k] + (m + 1) * self.slot_bytes] for m in range(n)]
             if self.fault:
-                self.fault("read", self.slot_bytes * len(bufs))
+                self.fault("read", n * self.slot_bytes)
             try:
-                got = os.preadv(self.fd, bufs, order[i] * self.slot_bytes)
+                return os.preadv(self.fd, bufs, first * self.slot_bytes)
             except OSError as e:
                 if not (self.direct and e.errno == errno.EINVAL):
                     raise
                 self._drop_direct()
-                got = os.preadv(self.fd, bufs, order[i] * self.slot_bytes)
-            for k, b in enumerate(bufs):
-                full = got >= (k + 1) * self.slot_bytes
-                out[order[i + k]] = bytes(b) if full else bytes(b[: max(0, got - k * self.slot_bytes)])
-                b.close()
-            i = j + 1
+                return os.preadv(self.fd, bufs, first * self.slot_bytes)
+
+        got = list(pool.map(one, range(len(runs)))) if pool is not None and len(runs) > 1 else \
+            [one(k) for k in range(len(runs))]
+        out: dict[int, bytes] = {}
+        for k, (first, n) in enumerate(runs):
+            for m in range(n):
+                lo = starts[k] + m * self.slot_bytes
+                have = max(0, min(self.slot_bytes, got[k] - m * self.slot_bytes))  # short read: truncated file
+                out[first + m] = bytes(view[lo: lo + have])
+        view.release()
+        big.close()
         return [out[s] for s in slots]
 
     def close(self, unlink: bool = True) -> None:
@@ -198,7 +216,7 @@ class PagePool:
     """Resident pages of many streams under one byte budget (None = unlimited), LRU spill to a page file."""
 
     def __init__(self, budget_bytes: Optional[int] = None, kv_dir: Optional[Path] = None, direct: bool = True,
-                 fault: Optional[IoFault] = None, prefetch_threads: int = 1):
+                 fault: Optional[IoFault] = None, prefetch_threads: int = 1, io_depth: int = DEFAULT_IO_DEPTH):
         self.budget = budget_bytes
         self.kv_dir = Path(kv_dir) if kv_dir is not None else None
         self.direct = direct
@@ -212,6 +230,7 @@ class PagePool:
         self._lock = threading.RLock()
         self._inflight: dict[tuple[int, int], Future] = {}
         self._exec = ThreadPoolExecutor(prefetch_threads) if prefetch_threads else None
+        self._io = ThreadPoolExecutor(io_depth) if io_depth > 1 else None
         self._resident = 0  # bytes of resident pages of unpinned streams
         self._pinned = 0
 
@@ -297,7 +316,7 @@ class PagePool:
 
         f = self.files[s.page_bytes]
         t0 = time.perf_counter()
-        raws = f.read([s.pages[p].slot for p in pages])
+        raws = f.read([s.pages[p].slot for p in pages], self._io)
         self.stats.read_seconds += time.perf_counter() - t0
         return raws
 
@@ -389,7 +408,7 @@ class PagePool:
                 return
             slots = [s.pages[p].slot for p in pages]
             f = self.files[s.page_bytes]
-            fut = self._exec.submit(f.read, slots)
+            fut = self._exec.submit(f.read, slots, self._io)
             for k, p in enumerate(pages):
                 sub: Future = Future()
                 self._inflight[(s.sid, p)] = sub
@@ -413,9 +432,10 @@ class PagePool:
                 self._lru.pop((s.sid, len(s.pages) - 1), None)
 
     def close(self) -> None:
-        if self._exec is not None:
-            self._exec.shutdown(wait=True)
-            self._exec = None
+        for ex in (self._exec, self._io):
+            if ex is not None:
+                ex.shutdown(wait=True)
+        self._exec = self._io = None
         for f in self.files.values():
             f.close(unlink=True)
         self.files.clear()

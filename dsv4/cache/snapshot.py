@@ -188,7 +188,7 @@ def read_snapshot(path, fingerprint: Optional[str] = None, codecs: tuple = ()) -
                 raise SnapshotError(f"{path}: array {name!r} is corrupt (checksum mismatch)")
             a = np.frombuffer(buf, dtype=np.dtype(dt)).reshape(shape)
             if codec != Codec.RAW and codecs:
-                a = (codecs[0] if codec == Codec.ATTN else codecs[1]).decode(a).reshape(shape[0], -1)
+                a = (codecs[0] if codec == Codec.ATTN else codecs[1]).decode(a)
             arrays[name] = a
     return Snapshot(m["fingerprint"], int(m["n_tokens"]), m.get("meta") or {}, arrays, size)
 

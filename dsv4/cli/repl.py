@@ -268,14 +268,14 @@ class ChatOptions:
 
 
 class ChatController:
-    def __init__(self, engine, opts: ChatOptions, console: Console, err: Console):
+    def __init__(self, engine, tok, opts: ChatOptions, console: Console, err: Console):
         from .chat_cmds import ChatPieces
 
         self.engine = engine
         self.opts = opts
         self.c = console
         self.err = err
-        self.tok = engine.tokenizer
+        self.tok = tok
         self.pieces = ChatPieces(self.tok)
         self.think = self.pieces.effective_think(opts.think, opts.ctx, err)
         self.transcript = Transcript(self.tok, self.pieces, opts.system, self.think)
@@ -488,6 +488,7 @@ Type a message and press Enter. Esc then Enter (or a paste) inserts a newline.
   /nothink         answer directly, no reasoning
   /think-max       maximum reasoning effort (needs /ctx >= 393216, else acts as /think)
   /ctx N           set the context size (the conversation is kept and re-read)
+  /tokens N        cap each reply at N tokens ("/tokens" alone: no cap)
   /read FILE       send the contents of FILE as your next message
   /system [TEXT]   show or set the system prompt ("/system \\"\\"" clears it)
   /clear           start a new conversation
@@ -510,6 +511,7 @@ class Repl:
             "/nothink": self.cmd_nothink,
             "/think-max": self.cmd_think_max,
             "/ctx": self.cmd_ctx,
+            "/tokens": self.cmd_tokens,
             "/read": self.cmd_read,
             "/system": self.cmd_system,
             "/clear": self.cmd_clear,
@@ -614,6 +616,16 @@ class Repl:
             raise DsvError(f"usage: /ctx N with N a whole number >= {MIN_CTX}, e.g. /ctx 65536 or /ctx 64k (got {arg!r})")
         self.ctl.set_ctx(n)
         self.c.print(f"context: {n} tokens (the conversation is re-read on the next turn)", markup=False)
+
+    def cmd_tokens(self, arg):
+        if not arg:
+            self.ctl.opts.max_tokens = None
+            self.c.print("replies are no longer capped (they end at EOS or a full context)", markup=False)
+            return
+        if not arg.isdigit() or int(arg) < 1:
+            raise DsvError(f"usage: /tokens N with N a whole number >= 1 (got {arg!r})")
+        self.ctl.opts.max_tokens = int(arg)
+        self.c.print(f"replies capped at {int(arg)} tokens", markup=False)
 
     def cmd_read(self, arg):
         if not arg:

@@ -72,6 +72,13 @@ class DeviceWeight:
 _GRIDS: dict[str, Any] = {}
 
 
+def empty(shape, device):
+    """fp32 output/scratch buffer of every launcher (tests replace this to NaN-poison outputs)."""
+    import torch
+
+    return torch.empty(tuple(shape), device=device, dtype=torch.float32)
+
+
 def iq2_grid(device):
     """The IQ2_XXS grid as uint8 [256*8] on `device` (one copy per device)."""
     import torch

@@ -87,7 +87,7 @@ _CUDA_MOE_PREFILL = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4,
 # Aim for this many programs per SM before splitting K (decode GEMVs with few output rows).
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 8
-CPU_BLOCK_N = 64  # interpreter tile width (no register limits; wide tiles mean fewer Python-level programs)
+CPU_BLOCK_N = 2048  # interpreter tile width (no register limits; wide tiles mean fewer Python-level programs)
 
 
 def detect_device(device) -> DeviceInfo:
@@ -104,6 +104,10 @@ def detect_device(device) -> DeviceInfo:
 
         return DeviceInfo(Vendor.AMD, arch, p.multi_processor_count, wave_size(arch))
     return DeviceInfo(Vendor.NVIDIA, f"sm_{p.major}{p.minor}", p.multi_processor_count, 32)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
 
 
 def pow2_divisor(n: int, cap: int) -> int:
@@ -133,7 +137,7 @@ def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_sp
         cfg = _CUDA_GEMV.get(QuantFormat(fmt), _CUDA_GEMV[QuantFormat.Q8_0])
     if dev.vendor == Vendor.CPU:  # interpreter: cost is per program, so fewer, wider programs
         cfg = replace(cfg, block_n=CPU_BLOCK_N)
-    cfg = replace(cfg, block_k=pow2_divisor(k, cfg.block_k))
+    cfg = replace(cfg, block_n=min(cfg.block_n, _next_pow2(n_rows)), block_k=pow2_divisor(k, cfg.block_k))
     if allow_split:
         cfg = replace(cfg, split_k=_split_k(n_rows, k, cfg, dev))
     return cfg
@@ -147,8 +151,9 @@ def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceI
     else:
         cfg = _CUDA_GEMM_SMALL_M if tokens <= 64 else _CUDA_GEMM
     if dev.vendor == Vendor.CPU:  # interpreter: tl.dot needs >= 16 per dim; small tiles stay cheap
-        cfg = replace(cfg, block_m=16, block_n=CPU_BLOCK_N, num_stages=1)
-    return replace(cfg, block_k=max(16, pow2_divisor(k, cfg.block_k)))
+        cfg = replace(cfg, block_m=32, block_n=CPU_BLOCK_N // 2, num_stages=1)
+    return replace(cfg, block_n=max(16, min(cfg.block_n, _next_pow2(n_rows))),
+                   block_k=max(16, pow2_divisor(k, cfg.block_k)))
 
 
 def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, dev: DeviceInfo) -> MoeConfig:
@@ -161,6 +166,6 @@ def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, 
     else:
         pf = _CUDA_MOE_PREFILL
     if dev.vendor == Vendor.CPU:
-        pf = replace(pf, block_m=16, block_n=CPU_BLOCK_N, num_stages=1)
-    pf = replace(pf, block_k=max(16, min(pow2_divisor(d, pf.block_k), pow2_divisor(f, pf.block_k))))
+        pf = replace(pf, block_m=32, block_n=CPU_BLOCK_N // 2, num_stages=1)
+    pf = replace(pf, block_n=max(16, min(pf.block_n, _next_pow2(min(f, d)))), block_k=max(16, min(pow2_divisor(d, pf.block_k), pow2_divisor(f, pf.block_k))))
     return MoeConfig(gu, dn, pf)

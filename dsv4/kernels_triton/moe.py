@@ -14,6 +14,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import blocks
 from .blocks import DeviceWeight, dequant_tile
 from .configs import DeviceInfo, MoeConfig, select_moe
 from .qmatmul import tl_dot_dtype
@@ -175,13 +176,13 @@ def fused_decode(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, se
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
     cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
-    h = torch.empty((T * K, F), device=u.device, dtype=torch.float32)
+    h = blocks.empty((T * K, F), u.device)
     gu = cfg.decode_gate_up
     _moe_gate_up_gemv_kernel[(T * K, triton.cdiv(F, gu.block_n))](
         u, sel, weights, h, gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
         u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
         FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
-    out = torch.empty((T, D), device=u.device, dtype=torch.float32)
+    out = blocks.empty((T, D), u.device)
     dn = cfg.decode_down
     _moe_down_gemv_kernel[(T, triton.cdiv(D, dn.block_n))](
         h, sel, out, down.w, down.s, down.g, F, D, K,
@@ -229,14 +230,14 @@ def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, we
     order, te, lo, hi = expert_tiles(sel, E, pf.block_m)
     n_tiles = te.numel()
     dot = tl_dot_dtype(pf.dot)
-    h = torch.empty((T * K, F), device=u.device, dtype=torch.float32)
+    h = blocks.empty((T * K, F), u.device)
     _moe_gate_up_grouped_kernel[(n_tiles, triton.cdiv(F, pf.block_n))](
         u, order, weights.reshape(-1), h, te, lo, hi,
         gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
         u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
         FMT=int(gate.fmt), DOT=dot, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
         num_warps=pf.num_warps, num_stages=pf.num_stages)
-    y = torch.empty((T * K, D), device=u.device, dtype=torch.float32)
+    y = blocks.empty((T * K, D), u.device)
     _moe_down_grouped_kernel[(n_tiles, triton.cdiv(D, pf.block_n))](
         h, order, y, te, lo, hi, down.w, down.s, down.g, F, D,
         h.stride(0), y.stride(0), down.stride_w, down.stride_s, down.off_s,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import blocks
 from .blocks import DeviceWeight, dequant_tile
 from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, pow2_divisor, select_gemm, select_gemv
 
@@ -78,8 +79,9 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
     x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xt + g * stride_xg
     for k0 in range(0, K, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_row + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
-        w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :],
+        k_ok = rk < K  # K need not be a multiple of BLOCK_K (tl.dot wants BLOCK_K >= 16)
+        x = tl.load(x_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
+        w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :] & k_ok[:, None],
                          stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
         acc += tl.dot(x, w)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
@@ -110,7 +112,7 @@ def gemv(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig 
     split = cfg.split_k
     k_per_split = dw.k // split
     assert k_per_split % cfg.block_k == 0, (dw.k, split, cfg.block_k)
-    out = torch.empty((split, T, N), device=x.device, dtype=torch.float32)
+    out = blocks.empty((split, T, N), x.device)
     grid = (triton.cdiv(N, block_n), split)
     _qgemv_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, k_per_split,
                         x.stride(0), stride_xg, out.stride(0), out.stride(1),
@@ -126,7 +128,7 @@ def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig 
     cfg = cfg or select_gemm(dw.fmt, T, N, dw.k, dev)
     block_n = cfg.block_n if groups == 1 else max(16, pow2_divisor(R, cfg.block_n))
     assert groups == 1 or R % block_n == 0, f"group rows {R} must be a multiple of {block_n}"
-    out = torch.empty((T, N), device=x.device, dtype=torch.float32)
+    out = blocks.empty((T, N), x.device)
     grid = (triton.cdiv(T, cfg.block_m) * triton.cdiv(N, block_n),)
     _qgemm_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, dw.k,
                         x.stride(0), stride_xg, out.stride(0),

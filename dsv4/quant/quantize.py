@@ -19,15 +19,17 @@ Q8_0_MAX = 127
 Q2K_SUB, Q4K_SUB = 16, 32  # weights per sub-block
 Q2K_NMAX, Q4K_NMAX = 3, 15  # largest code
 Q2K_SCALE_MAX, Q4K_SCALE_MAX = 15, 63  # largest scale/min code (4 and 6 bits)
+K_REFINE_ROUNDS = 2  # least-squares / code-move rounds after ggml's Q2_K/Q4_K search
 IQ2_SCALE_MAX = 15  # 4-bit group scale
 IQ2_GROUP = 32  # weights per IQ2_XXS scale group (4 grid octets)
 IQ2_QP_NMAX = 4  # ggml's initial symmetric fit uses levels 0..4 (kMaxQ + 1)
-IQ2_SCALE_STEPS = tuple(range(-6, 7))  # ggml's 13 trial inverse scales (5 + 0.1*is) / eff_max
+IQ2_SCALE_STEPS = (-6, 0, 6)  # ggml's 13 trial inverse scales (5 + 0.1*is) / eff_max
+IQ2_CODE_TRIES = (0, -1, 1)  # 4-bit group-scale codes tried around the rounded one
 IQ2_REFINE = 2  # extra snap/refit rounds after the trial scales
 IQ2_GRID_MAG = IQ2XXS_GRID.astype(np.float32) / 8  # decoded magnitudes in units of the group scale
 
 # Chunk sizes bound temporaries: IQ2_XXS builds [octets, 256] score matrices.
-_CHUNK_SUPERBLOCKS = {QuantFormat.IQ2_XXS: 1024, QuantFormat.Q2_K: 8192, QuantFormat.Q4_K: 8192}
+_CHUNK_SUPERBLOCKS = {QuantFormat.IQ2_XXS: 128, QuantFormat.Q2_K: 8192, QuantFormat.Q4_K: 8192}
 
 
 def _np_roundf(v: np.ndarray) -> np.ndarray:
@@ -297,6 +299,61 @@ def _weights_k(x, qw, sigma_mult: float):
     return qw * torch.sqrt(sigma2 + x * x)
 
 
+def _sse(x, w, d_sub, m_sub, q):
+    """Weighted squared error per super-block of the decode d_sub*q - m_sub: x, w, q [B, S, n]."""
+    diff = d_sub[..., None] * q - m_sub[..., None] - x
+    return (w * diff * diff).sum((1, 2))
+
+
+def _refine_k(x, w, d, dmin, sc, mc, L, nmax: int, code_max: int):
+    """Polish a K-quant super-block beyond ggml's search (format-legal, never worse in weighted error):
+    alternately refit (d, dmin) by weighted least squares for the current codes, and move each
+    sub-block's scale/min code by -1/0/+1 where that lowers the error.
+    x, w, L [B, S, n]; d, dmin [B]; sc, mc [B, S] float codes. Returns (d16, m16, sc, mc, q)."""
+    import torch
+
+    _, d16 = _f16_bytes(d)
+    _, m16 = _f16_bytes(dmin)
+    q = _requantize(x, d16[:, None] * sc, m16[:, None] * mc, L, nmax)
+    best = _sse(x, w, d16[:, None] * sc, m16[:, None] * mc, q)
+    for _ in range(K_REFINE_ROUNDS):
+        # (1) least squares for (d, dmin): x ~ d*(sc*q) - dmin*m
+        a = sc[..., None] * q
+        b = -mc[..., None].expand_as(q)
+        saa, sab, sbb = (w * a * a).sum((1, 2)), (w * a * b).sum((1, 2)), (w * b * b).sum((1, 2))
+        sax, sbx = (w * a * x).sum((1, 2)), (w * b * x).sum((1, 2))
+        det = saa * sbb - sab * sab
+        ok = det > 0
+        dets = torch.where(ok, det, torch.ones_like(det))
+        nd = torch.where(ok, (sbb * sax - sab * sbx) / dets, d16)
+        nm = torch.where(ok, (saa * sbx - sab * sax) / dets, m16)
+        _, nd16 = _f16_bytes(nd)
+        _, nm16 = _f16_bytes(nm)
+        nq = _requantize(x, nd16[:, None] * sc, nm16[:, None] * mc, L, nmax)
+        err = _sse(x, w, nd16[:, None] * sc, nm16[:, None] * mc, nq)
+        better = torch.isfinite(err) & (err < best)
+        d16, m16 = torch.where(better, nd16, d16), torch.where(better, nm16, m16)
+        q = torch.where(better[:, None, None], nq, q)
+        best = torch.where(better, err, best)
+        # (2) per sub-block code moves
+        ebest = (w * (d16[:, None, None] * sc[..., None] * q - m16[:, None, None] * mc[..., None] - x) ** 2).sum(2)
+        for da in (-1, 0, 1):
+            for db in (-1, 0, 1):
+                if da == 0 and db == 0:
+                    continue
+                tsc = torch.clamp(sc + da, 0, code_max)
+                tmc = torch.clamp(mc + db, 0, code_max)
+                ds, ms = d16[:, None] * tsc, m16[:, None] * tmc
+                tq = _requantize(x, ds, ms, L, nmax)
+                e = (w * (ds[..., None] * tq - ms[..., None] - x) ** 2).sum(2)
+                bt = e < ebest
+                ebest = torch.where(bt, e, ebest)
+                sc, mc = torch.where(bt, tsc, sc), torch.where(bt, tmc, mc)
+                q = torch.where(bt[..., None], tq, q)
+        best = ebest.sum(1)
+    return d16, m16, sc, mc, q
+
+
 # ---------------------------------------------------------------------------------------------- Q2_K
 
 
@@ -317,9 +374,11 @@ def _q2_k_t(x, qw):
         sw = w.sum(1).reshape(B, 16)
         d, sc = make_qp(scale.reshape(B, 16), sw, Q2K_SCALE_MAX)
         dmin, mc = make_qp(mins.reshape(B, 16), sw, Q2K_SCALE_MAX)
-    d_b, d16 = _f16_bytes(d)
-    m_b, m16 = _f16_bytes(dmin)
-    q = _requantize(x.reshape(B, 16, Q2K_SUB), d16[:, None] * sc, m16[:, None] * mc, L.reshape(B, 16, Q2K_SUB), Q2K_NMAX)
+    x3 = x.reshape(B, 16, Q2K_SUB)
+    w3 = torch.ones_like(x3) if qw is None else w.reshape(B, 16, Q2K_SUB)
+    d16, m16, sc, mc, q = _refine_k(x3, w3, d, dmin, sc, mc, L.reshape(B, 16, Q2K_SUB), Q2K_NMAX, Q2K_SCALE_MAX)
+    d_b, _ = _f16_bytes(d16)
+    m_b, _ = _f16_bytes(m16)
     # weight 128h + 32s + l -> bit pair s of byte qs[32h + l]
     q = q.to(torch.uint8).reshape(B, 2, 4, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
@@ -347,9 +406,11 @@ def _q4_k_t(x, qw):
         sw = w.sum(1).reshape(B, 8)
         d, sc = make_qp(scale.reshape(B, 8), sw, Q4K_SCALE_MAX)
         dmin, mc = make_qp(mins.reshape(B, 8), sw, Q4K_SCALE_MAX)
-    d_b, d16 = _f16_bytes(d)
-    m_b, m16 = _f16_bytes(dmin)
-    q = _requantize(x.reshape(B, 8, Q4K_SUB), d16[:, None] * sc, m16[:, None] * mc, L.reshape(B, 8, Q4K_SUB), Q4K_NMAX)
+    x3 = x.reshape(B, 8, Q4K_SUB)
+    w3 = torch.ones_like(x3) if qw is None else w.reshape(B, 8, Q4K_SUB)
+    d16, m16, sc, mc, q = _refine_k(x3, w3, d, dmin, sc, mc, L.reshape(B, 8, Q4K_SUB), Q4K_NMAX, Q4K_SCALE_MAX)
+    d_b, _ = _f16_bytes(d16)
+    m_b, _ = _f16_bytes(m16)
     q = q.to(torch.uint8).reshape(B, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(B, 128)
     sc, mc = sc.to(torch.uint8), mc.to(torch.uint8)
@@ -375,16 +436,16 @@ def _iq2_tables(device):
     return _IQ2_TABLES[key]
 
 
-def _iq2_snap(A, B, s):
-    """Best grid entry per octet at unit scale s: argmin_g s^2*A_g - 2s*B_g.
-    A, B [G, 4, 256]; s [G] -> (index [G, 4], sumA [G], sumB [G]) over the group's 4 octets."""
+def _iq2_snap(A, B2, s):
+    """Best candidate per octet at unit scale s: argmin_c s^2*A_c - s*B2_c (B2 = 2*B).
+    A, B2 [G, 4, C]; s [G] -> (candidate [G, 4], sumA [G], sumB [G]) over the group's 4 octets."""
     import torch
 
-    score = torch.addcmul(-2.0 * B, A, s[:, None, None])  # (s*A - 2B) has the same argmin for s > 0
+    score = torch.addcmul(-B2, A, s[:, None, None])  # s*A - 2B: same argmin as the error for s > 0
     idx = score.argmin(dim=2, keepdim=True)
     a = torch.gather(A, 2, idx).squeeze(2)
-    b = torch.gather(B, 2, idx).squeeze(2)
-    return idx.squeeze(2), a.sum(1), b.sum(1)
+    b = torch.gather(B2, 2, idx).squeeze(2)
+    return idx.squeeze(2), a.sum(1), 0.5 * b.sum(1)
 
 
 def _iq2_xxs_t(x, qw):
@@ -409,7 +470,7 @@ def _iq2_xxs_t(x, qw):
 
     # Weighted least squares per octet and grid entry: err(s) = s^2*A - 2s*B + const.
     A = torch.matmul(w, grid2.T)  # [G, 4, 256]
-    B = torch.matmul(w * xval, grid.T)
+    B2 = torch.matmul(2.0 * w * xval, grid.T)
     mx = xval.reshape(G, 32).amax(1)
     live = mx >= GROUP_MAX_EPS
     # ggml's trial scales: make_qp_quants(32, 4) gives a level-unit scale, eff_max = 3 * it, then
@@ -420,14 +481,14 @@ def _iq2_xxs_t(x, qw):
     best_s = torch.zeros_like(mx)
     for i in IQ2_SCALE_STEPS:
         s = eff_max / (5.0 + 0.1 * i)
-        _, sa, sb = _iq2_snap(A, B, s)
+        _, sa, sb = _iq2_snap(A, B2, s)
         ok = (sa > 0) & (sb > 0)
         gain = torch.where(ok, sb * sb / torch.where(ok, sa, torch.ones_like(sa)), torch.zeros_like(sa))
         better = gain > best_gain
         best_gain = torch.where(better, gain, best_gain)
         best_s = torch.where(better, sb / torch.where(ok, sa, torch.ones_like(sa)), best_s)
     for _ in range(IQ2_REFINE):
-        _, sa, sb = _iq2_snap(A, B, torch.where(best_s > 0, best_s, torch.ones_like(best_s)))
+        _, sa, sb = _iq2_snap(A, B2, torch.where(best_s > 0, best_s, torch.ones_like(best_s)))
         ok = (sa > 0) & (sb > 0) & (best_s > 0)
         best_s = torch.where(ok, sb / torch.where(ok, sa, torch.ones_like(sa)), best_s)
     best_s = torch.where(live, best_s, torch.zeros_like(best_s)).reshape(nsb, 8)
@@ -437,9 +498,22 @@ def _iq2_xxs_t(x, qw):
     d_b, d16 = _f16_bytes(d)
     dz = d16 <= 0
     dsafe = torch.where(dz, torch.ones_like(d16), d16)
-    ls = torch.clamp(torch.round(0.5 * (best_s / dsafe[:, None] - 1.0)), 0, IQ2_SCALE_MAX)
-    s_dec = (d16[:, None] * (2 * ls + 1)).reshape(G)
-    idx, _, _ = _iq2_snap(A, B, torch.where(s_dec > 0, s_dec, torch.ones_like(s_dec)))
+    ls0 = torch.clamp(torch.round(0.5 * (best_s / dsafe[:, None] - 1.0)), 0, IQ2_SCALE_MAX).reshape(G)
+    # The rounded code is not always the best once the octets re-snap: try its neighbours too.
+    best_err = torch.full_like(ls0, float("inf"))
+    ls = ls0.clone()
+    idx = torch.zeros((G, 4), dtype=torch.int64, device=x.device)
+    d16g = d16[:, None].expand(nsb, 8).reshape(G)
+    for delta in IQ2_CODE_TRIES:
+        lt = torch.clamp(ls0 + delta, 0, IQ2_SCALE_MAX)
+        st = d16g * (2 * lt + 1)
+        it, sa, sb = _iq2_snap(A, B2, torch.where(st > 0, st, torch.ones_like(st)))
+        err = st * st * sa - 2 * st * sb
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        ls = torch.where(better, lt, ls)
+        idx = torch.where(better[:, None], it, idx)
+    ls = ls.reshape(nsb, 8)
     zero_sb = dz[:, None].expand(nsb, 8).reshape(G)
     idx = torch.where(zero_sb[:, None], torch.zeros_like(idx), idx)
     sign7 = torch.where(zero_sb[:, None], torch.zeros_like(sign7), sign7)

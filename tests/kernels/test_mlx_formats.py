@@ -169,3 +169,144 @@ def test_dispatcher_uses_twins_off_apple():
     assert KernelSet().use_metal == metal_supported()
     if not metal_supported():
         assert KernelSet().use_metal is False
+
+
+# ------------------------------------------------------- Metal sources, emulated on the CPU (C++)
+# No Metal here: each kernel body is compiled as C++ with a small shim (address-space qualifiers
+# dropped, threadgroup arrays static, simd_sum as a running sum over lanes run last-to-first so lane 0
+# sees the total) and run over its whole grid, twice, so threadgroup tables are filled before use.
+# This checks the kernels' indexing and arithmetic against the twins; not Metal compilation or timing.
+
+_SHIM = r"""
+#include <cstdint>
+#include <cmath>
+#include <algorithm>
+#define device
+#define threadgroup static
+typedef unsigned int uint; typedef unsigned short ushort; typedef unsigned long ulong;
+typedef _Float16 half;
+struct uint3 { uint x, y, z; };
+template <typename T, typename U> T as_type(U u) { T t; __builtin_memcpy(&t, &u, sizeof(T)); return t; }
+static float g_simd_acc = 0.0f;
+inline float simd_sum(float v) { g_simd_acc += v; return g_simd_acc; }
+enum class mem_flags { mem_threadgroup };
+inline void threadgroup_barrier(mem_flags) {}
+namespace metal { namespace precise { inline float exp(float x) { return std::exp(x); } } }
+using std::min; using std::max;
+inline float clamp(float x, float a, float b) { return std::min(std::max(x, a), b); }
+"""
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t"}
+
+
+def _emulate(tmp_path, source, inputs, outputs, template, grid, tg):
+    import ctypes
+    import shutil
+    import subprocess
+
+    from dsv4.kernels_mlx import metal as M
+
+    if shutil.which("g++") is None:
+        pytest.skip("no g++ to emulate the Metal sources")
+    params = ", ".join([f"const {_CTYPE[a.dtype]}* {n}" for n, a in inputs] + [f"float* {n}" for n, _ in outputs])
+    tmpl = ", ".join(f"{'bool' if isinstance(v, bool) else 'int'} {k} = {str(v).lower()}" for k, v in template.items())
+    attrs = ("uint3 thread_position_in_grid, uint3 threads_per_threadgroup, uint thread_index_in_simdgroup, "
+             "uint thread_index_in_threadgroup")
+    names = ", ".join([n for n, _ in inputs] + [n for n, _ in outputs])
+    code = f"""{_SHIM}
+{M._HEADER}
+template <{tmpl}> void body({params}, {attrs}) {{
+{source}
+}}
+extern "C" void run({params}) {{
+  const uint G[3] = {{{grid[0]}, {grid[1]}, {grid[2]}}}, B[3] = {{{tg[0]}, {tg[1]}, {tg[2]}}};
+  for (int pass = 0; pass < 2; ++pass)
+    for (uint z = 0; z < G[2]; ++z) for (uint y = 0; y < G[1]; ++y) for (uint xi = 0; xi < G[0]; ++xi) {{
+      const uint x = G[0] - 1 - xi;  // lanes last-to-first: lane 0 reads the full simd_sum
+      const uint lin = (x % B[0]) + (y % B[1]) * B[0] + (z % B[2]) * B[0] * B[1];
+      if (lin % 32 == 31 || x == G[0] - 1) g_simd_acc = 0.0f;
+      body<>({names}, uint3{{x, y, z}}, uint3{{B[0], B[1], B[2]}}, lin % 32, lin);
+    }}
+}}
+"""
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    src, lib = tmp_path / "k.cpp", tmp_path / "k.so"
+    src.write_text(code)
+    r = subprocess.run(["g++", "-std=c++17", "-O1", "-shared", "-fPIC", "-o", str(lib), str(src)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, f"Metal source does not compile as C++ under the shim:\n{r.stderr[:3000]}"
+    outs = [np.full(shape, np.nan, np.float32) for _, shape in outputs]  # poisoned
+    ins = [np.ascontiguousarray(a) for _, a in inputs]
+    ctypes.CDLL(str(lib)).run(*[a.ctypes.data_as(ctypes.c_void_p) for a in ins + outs])
+    return outs
+
+
+def _iq2_tables_np():
+    from dsv4.quant.tables import IQ2XXS_GRID, KSIGNS_IQ2XS
+
+    return np.ascontiguousarray(IQ2XXS_GRID).reshape(-1), np.ascontiguousarray(KSIGNS_IQ2XS)
+
+
+@pytest.mark.parametrize("fmt", [F.Q2_K, F.IQ2_XXS])
+@pytest.mark.parametrize("gather", ["dense", "shared_x", "pair_x"])
+def test_metal_gemv_source_emulated(tmp_path, fmt, gather):
+    from dsv4.kernels_mlx import metal as M
+
+    rng = np.random.default_rng(40)
+    e, out, n, t, k = (1, 13, 512, 3, 1) if gather == "dense" else (5, 6, 512, 2, 3)
+    raw = random_blocks(rng, fmt, (e, out), n)
+    sel = rng.integers(0, e, (t, k)).astype(np.int32)
+    per_pair = gather == "pair_x"
+    x = rng.standard_normal((t, k, n) if per_pair else (t, n)).astype(np.float32)
+    n_p = t if gather == "dense" else t * k
+    inputs = [("x", x), ("w", raw.reshape(-1)), ("sel", sel.reshape(-1))]
+    src = M.Q2_K_GEMV_SOURCE
+    if fmt == F.IQ2_XXS:
+        grid_t, signs_t = _iq2_tables_np()
+        inputs += [("grid", grid_t), ("ksigns", signs_t)]
+        src = M.IQ2_XXS_GEMV_SOURCE
+    tmpl = dict(IN=n, OUT=out, K=k, GATHER=gather != "dense", PER_PAIR=per_pair, ROW_BYTES=fmt.row_bytes(n))
+    rows = -(-out // M.GEMV_ROWS_PER_TG) * M.GEMV_ROWS_PER_TG
+    (got,) = _emulate(tmp_path, src, inputs, [("out", (n_p, out))], tmpl, (32, rows, n_p),
+                      (32, M.GEMV_ROWS_PER_TG, 1))
+    ks = KernelSet(use_metal=False)
+    if gather == "dense":
+        want = ks.raw_matmul(mx.array(x), mx.array(raw[0]), fmt)
+    else:
+        want = ks.raw_gather_matmul(mx.array(x), mx.array(raw), fmt, mx.array(sel)).reshape(n_p, out)
+    assert_close(got, np.array(want), "mlx_metal", "twin", f"{fmt.name} {gather} Metal source (emulated)")
+
+
+def test_metal_hc_and_swiglu_sources_emulated(tmp_path):
+    from dsv4.kernels_mlx import metal as M
+
+    rng = np.random.default_rng(41)
+    t, s, d, iters, eps = 3, 4, 40, 20, 1e-6
+    m = (rng.standard_normal((t, (2 + s) * s)) * 2).astype(np.float32)
+    scale = rng.uniform(0.5, 2, 3).astype(np.float32)
+    base = rng.standard_normal((2 + s) * s).astype(np.float32)
+    ks = KernelSet(use_metal=False)
+    want = [np.array(a) for a in ks.hc_sinkhorn(mx.array(m), mx.array(scale), mx.array(base), s, iters, eps)]
+    got = _emulate(tmp_path / "sk", M.HC_SINKHORN_SOURCE,
+                   [("m", m), ("scale", scale), ("base", base), ("params", np.array([eps], np.float32))],
+                   [("pre", (t, s)), ("post", (t, s)), ("comb", (t, s, s))], dict(N_TOK=t, S=s, ITERS=iters),
+                   (32, 1, 1), (32, 1, 1))
+    for name, g, w in zip(("pre", "post", "comb"), got, want):
+        assert_close(g, w, "mlx_hc", "fp32", f"hc_sinkhorn {name} Metal source (emulated)")
+    X = rng.standard_normal((t, s, d)).astype(np.float32)
+    y = rng.standard_normal((t, d)).astype(np.float32)
+    pre, post, comb = want
+    (g,) = _emulate(tmp_path / "ws", M.HC_WSUM_SOURCE, [("X", X), ("a", pre)], [("out", (t, d))], dict(S=s, D=d),
+                    (64, t, 1), (64, 1, 1))
+    assert_close(g, np.array(ks.hc_weighted_sum(mx.array(X), mx.array(pre))), "mlx_hc", "fp32", "hc wsum (emulated)")
+    (g,) = _emulate(tmp_path / "po", M.HC_POST_SOURCE, [("X", X), ("y", y), ("post", post), ("comb", comb)],
+                    [("out", (t, s, d))], dict(S=s, D=d), (64, s, t), (64, 1, 1))
+    want_post = ks.hc_post(mx.array(X), mx.array(y), mx.array(post), mx.array(comb))
+    assert_close(g, np.array(want_post), "mlx_hc", "fp32", "hc_post (emulated)")
+    gate = (rng.standard_normal((6, 50)) * 8).astype(np.float32)
+    up = (rng.standard_normal((6, 50)) * 8).astype(np.float32)
+    wt = rng.uniform(0, 1, 6).astype(np.float32)
+    (g,) = _emulate(tmp_path / "sw", M.SWIGLU_SOURCE,
+                    [("gate", gate), ("up", up), ("wt", wt), ("params", np.array([10.0], np.float32))],
+                    [("out", (6, 50))], dict(F=50), (64, 6, 1), (64, 1, 1))
+    want_sw = ks.swiglu(mx.array(gate), mx.array(up), 10.0, mx.array(wt))
+    assert_close(g, np.array(want_sw), "mlx_hc", "fp32", "swiglu (emulated)")

@@ -112,3 +112,11 @@ def test_off_grid_rows_are_refused():
     idx = IndexerRowCodec(dim=128)
     with pytest.raises(NotRepresentableError):
         idx.encode(rng.standard_normal((8, 128)).astype(np.float32))
+
+
+def test_zero_rows_encode_and_decode():
+    """A session before its first compressed row snapshots empty row arrays."""
+    a, i = attn_codec(tiny()), indexer_codec(tiny())
+    assert a.encode(np.zeros((0, 128), np.float32)).shape == (0, a.row_bytes)
+    assert a.decode(np.zeros((0, a.row_bytes), np.uint8)).shape == (0, 128)
+    assert i.decode(i.encode(np.zeros((0, 128), np.float32))).shape == (0, 128)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -33,8 +34,8 @@ def test_written_tensors_load_back_byte_identical(which, request):
     assert gate.shape == (16, 256, 256) and down.shape == (16, 256, 256)
 
 
-def test_binding_is_zero_copy_and_typed(tiny_q2_path):
-    w = load_weights(tiny_q2_path)
+def test_binding_is_zero_copy_and_typed(tiny_q2_weights):
+    w = tiny_q2_weights
     mm = w.reader.data  # the reader's view of the memory map
     hc = lambda h: [h.fn, h.scale, h.base]  # noqa: E731
     every = [w.token_embd, w.output, w.output_norm, *hc(w.output_hc)]
@@ -75,3 +76,43 @@ def test_ds4_reference_fixture_loads(ds4_fixture_model):
     assert dataclasses.replace(w.config, name="") == dataclasses.replace(tiny(), name="")
     assert len(w.tensors) == 178
     assert w.layers[2].ffn_gate_exps.fmt is QuantFormat.IQ2_XXS and w.output.fmt is QuantFormat.Q8_0
+
+
+RSS_PROBE = """
+import sys, json, time
+def rss():
+    return int(next(l for l in open('/proc/self/status') if l.startswith('VmRSS:')).split()[1]) * 1024
+import numpy, gguf
+from dsv4.weights import load_weights
+r0, t = rss(), time.time()
+w = load_weights(sys.argv[1])
+print(json.dumps({"rss_delta": rss() - r0, "load_s": time.time() - t, "n_layer": w.config.n_layer,
+                  "experts_shared": bool(numpy.shares_memory(w.layers[0].ffn_gate_exps.data, w.reader.data))}))
+"""
+MAX_OPEN_RSS = 300 * 2**20
+
+
+@pytest.mark.slow
+@pytest.mark.big
+def test_flash_layer_file_opens_memory_mapped(tmp_path):
+    """A 2+ GB `--preset flash --layers 1` file opens raising RSS by < 300 MB (nothing copied/dequantized)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    if not Path("/proc/self/status").exists():
+        pytest.skip("RSS is read from /proc (Linux)")
+    out = tmp_path / "flash1.gguf"
+    t = time.time()
+    subprocess.run([sys.executable, "-c", "import sys; from dsv4.cli import main; sys.exit(main())", "make-tiny",
+                    str(out), "--preset", "flash", "--layers", "1"], check=True, capture_output=True)
+    write_s = time.time() - t
+    size = out.stat().st_size
+    assert size > 2 * 10**9
+    r = subprocess.run([sys.executable, "-c", RSS_PROBE, str(out)], check=True, capture_output=True, text=True)
+    probe = json.loads(r.stdout)
+    print(f"flash --layers 1: {size:,} bytes written in {write_s:.1f} s; open: +{probe['rss_delta'] / 2**20:.0f} MB RSS "
+          f"in {probe['load_s']:.2f} s")
+    assert probe["n_layer"] == 1 and probe["experts_shared"]
+    assert probe["rss_delta"] < MAX_OPEN_RSS, f"opening raised RSS by {probe['rss_delta'] / 2**20:.0f} MB"
