@@ -127,7 +127,12 @@ def load_mtp(path, cfg: Config) -> MtpWeights:
     """Bind the optional MTP support GGUF (model.md §3.4: tensors named mtp.0.*)."""
     import gguf
 
-    from .weights import LAYER_TENSORS, HCWeights, LayerWeights, _qtensor
+    from .quant.formats import QTensor, QuantFormat
+    from .weights import LAYER_TENSORS, HCWeights, LayerWeights
+
+    def _qtensor(x) -> QTensor:  # GGUF dims are ne0-first; QTensor shapes are PyTorch order
+        shape = tuple(int(v) for v in reversed([int(d) for d in x.shape]))
+        return QTensor.from_bytes(x.data, QuantFormat(int(x.tensor_type)), shape, x.name)
 
     try:
         reader = gguf.GGUFReader(str(path), "r")
@@ -197,8 +202,15 @@ class Engine:
             self._tokenizer = Tokenizer.from_gguf(self.weights.path)
         return self._tokenizer
 
-    def new_session(self, ctx: int = 32768, prefill_chunk: Optional[int] = None) -> "Session":
-        return Session(self, ctx, prefill_chunk or int(settings.get("DSV4_PREFILL_CHUNK")))
+    def new_session(self, ctx: int = 32768, prefill_chunk: Optional[int] = None, kv_budget: Optional[int] = None,
+                    kv_dir=None) -> "Session":
+        """kv_budget (bytes): page the ratio-4 compressed rows, spilling beyond it to kv_dir (cache/paged.py)."""
+        s = Session(self, ctx, prefill_chunk or int(settings.get("DSV4_PREFILL_CHUNK")))
+        if kv_budget is not None:
+            from .cache.paged import enable_paging
+
+            enable_paging(s, kv_budget, kv_dir)
+        return s
 
     def load_session(self, path) -> "Session":
         return Session.load(self, path)

@@ -28,6 +28,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("DSV4_CACHE_DIR", str, "", "Cache root (default: $XDG_CACHE_HOME/dsv4 or ~/.cache/dsv4)."),
         Setting("DSV4_KERNEL_CHECK", bool, False, "Shadow-run the reference for every accelerated op and log errors."),
         Setting("DSV4_PREFILL_CHUNK", int, 2048, "Default prefill chunk length in tokens."),
+        Setting("DSV4_KV_DIR", str, "", "KV page files and prefix cache (default: <cache dir>/kv); --kv-dir overrides."),
+        Setting("DSV4_KV_BUDGET", str, "", "Resident bytes for paged KV rows, e.g. 2G or 512M (default: no limit)."),
+        Setting("DSV4_KV_DISK_MB", int, 4096, "Disk budget of the KV prefix cache in MiB."),
     )
 }
 

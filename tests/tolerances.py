@@ -17,6 +17,36 @@ class Tol:
 
 TOLERANCES: dict[tuple[str, str], Tol] = {
     ("dequant", "all"): Tol(0.0, 0.0, "dequantization is exact arithmetic on the same bits: bit-exact"),
+    # ---- model / reference ops (helper H4) ----
+    ("sinkhorn", "stochastic"): Tol(1e-5, 0.0, "issue #4: 20 Sinkhorn rounds with eps 1e-6 in the denominators leave "
+                                               "rows/columns within ~1e-6 of 1; 1e-5 is the acceptance bound"),
+    ("sinkhorn", "fp32_vs_fp64"): Tol(1e-6, 1e-5, "HC controls and Sinkhorn in fp32 vs float64: ~60 dependent fp32 "
+                                                  "ops on O(1) values, a few ulp each"),
+    ("fp8_sim", "bitexact"): Tol(0.0, 0.0, "E4M3 round trip with power-of-two scales equals ml_dtypes casts exactly"),
+    ("fp4_sim", "bitexact"): Tol(0.0, 0.0, "E2M1 round trip of the same Hadamard output equals ml_dtypes casts"),
+    ("hadamard", "orthonormal"): Tol(1e-12, 0.0, "Sylvester matrix / sqrt(128) in float64: H H^T = I to rounding"),
+    ("rope", "angle"): Tol(2e-4, 0.0, "fp32 angle built by repeated fp32 multiplication (model.md §4.3.4) vs float64 "
+                                      "closed form at p = 1000: ~32 roundings of 2^-24 relative on angles <= 1000"),
+    ("compressor", "pool"): Tol(1e-5, 1e-6, "per-channel softmax pooling of 4..8 O(10) values in fp32 vs float64 / "
+                                            "streamed vs batched: a few ulp"),
+    ("router", "weights"): Tol(1e-6, 1e-6, "sqrt(softplus) weights in fp32 vs float64 of <= 8 O(1) values"),
+    ("act_quant", "q8_k"): Tol(3.0 / 254, 0.0, "Q8_K round trip error is at most half a step = max|x|/254"),
+    ("model", "prefill_vs_decode"): Tol(5e-4, 5e-5, "same math, different matmul shapes (batched prefill vs one "
+                                                    "token): fp32 reduction-order rounding of ~1e-6 relative, "
+                                                    "amplified ~100x through 6 layers of HC and clamps; measured "
+                                                    "<= 1e-4 on |logits| ~ 6 when no routing decision flips"),
+    ("model", "chunked"): Tol(5e-4, 5e-5, "chunked vs unchunked prefill: the same reduction-order argument as "
+                                          "prefill_vs_decode"),
+    ("model", "fp32_vs_fp64"): Tol(0.0, 1e-4, "issue #4 acceptance: fp32 reference logits within 1e-4 relative "
+                                              "(of max |logit|) of the fp64 reference"),
+    ("model", "snapshot"): Tol(0.0, 0.0, "restored state is bit-identical, so the next logits are too"),
+    ("ds4_fixture", "guard"): Tol(3.0, 0.0, "REGRESSION GUARD, not agreement: teacher-forced logits vs the ds4 C "
+                                           "engine differ by up to 2.5 on |logit| ~ 5 (p4, fp32). The random tiny "
+                                           "model is chaotic in routing (fp32 vs Q8-activation runs already flip "
+                                           "5-10 of 22 expert choices per layer, 0.21 logit change); see H4 report"),
+    ("ds4_fixture", "rounding"): Tol(0.02, 0.0, "what rounding-level agreement would be; currently xfail"),
+    ("quant_rmse", "vs_ggml"): Tol(0.0, 0.02, "issue #9: a quantizer's relative RMSE may exceed ggml's reference "
+                                   "figure by at most 2% (used one-sided: lower error always passes)"),
     ("softmax", "float64"): Tol(1e-14, 1e-12, "sampler probabilities vs a hand softmax, both float64 on <= 1000 "
                             "values: only summation-order rounding differs"),
     ("log_softmax", "float64"): Tol(1e-13, 1e-12, "top_logprobs (float64 logsumexp) vs torch.log_softmax in "
@@ -37,6 +67,9 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                              "attention and the norms; measured <= 1e-3 on |logits| ~ 6"),
     ("mlx_metal", "twin"): Tol(1e-4, 1e-5, "Metal kernel vs its MLX twin: same decoded weights, fp32 sums in a "
                                            "different order (simd_sum over lanes)"),
+    ("mlx_metal", "moe"): Tol(3e-3, 1e-5, "fused MoE kernels vs twins: down sums K*F = 768 products of |w h| up to "
+                                          "~1e2 (h <= clamp^2 * route weight), so sum|terms| ~ 1e4 and reordered "
+                                          "fp32 sums differ by ~2^-24 * 1e4 * a few"),
     # ---- Triton backend (helper H5); kernel outputs are divided by max |reference| of the call ----
     ("triton_gemv", "fp32"): Tol(1e-5, 0.0, "exactly decoded weights, fp32 FMA accumulation of <= 8192 products vs "
                                             "float64: error ~K*2^-24 of the largest output (<= 5e-4 only if K=8192 "
@@ -48,9 +81,14 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                              "an fp32 SwiGLU between; measured ~2e-7 of the largest output"),
     ("triton_moe", "grouped"): Tol(5e-3, 0.0, "two fp16 tl.dot stages (u and h rounded to fp16, weights rounded to "
                                               "fp16) with fp32 accumulation; measured <= 1e-3 of the largest output"),
-    ("triton_model", "logits"): Tol(2e-2, 0.0, "tiny model, TritonOps vs TorchOps: fp16-dot prefill GEMMs (2^-11 "
-                                               "relative per operand) pass through 6 layers, FP8/FP4 KV roundings "
-                                               "and norms; logits divided by max |reference logit|"),
+    ("triton_model", "logits"): Tol(5e-3, 0.0, "tiny model, TritonOps (fp32 kernels: gemv, fused MoE, IEEE-dot "
+                                               "prefill) vs TorchOps: ulp-level sum-order differences flip FP8/FP4/"
+                                               "F16 roundings of cached KV rows (steps up to 1/8 relative), damped "
+                                               "by attention and norms; measured 1.2e-3 of max |logit|"),
+    # ---- KV cache (helper H7) ----
+    ("kv_cache", "bitexact"): Tol(0.0, 0.0, "compact KV rows, pages, spill and snapshots store the very bits the "
+                                            "model computed (lossless codecs, checksummed I/O): results are "
+                                            "bit-identical (tests also compare the raw bits, so -0.0 != +0.0)"),
     # ---- CLI (helper H8) ----
     ("dump_logprobs", "float64"): Tol(1e-12, 0.0, "within one --dump-logprobs step, logit - logprob gives back the "
                                               "step's float64 logsumexp; one float64 subtraction of O(10) values "

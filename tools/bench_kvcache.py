@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from dsv4.cache.compact import attn_codec, fp32_state_bytes_per_token, indexer_codec, state_bytes_per_token
-from dsv4.cache.pages import PagePool
+from dsv4.cache.pages import DEFAULT_IO_DEPTH, PagePool
 from dsv4.config import flash, tiny
 
 FLASH_TARGET = 3500.0
@@ -63,12 +63,33 @@ def disk_read_bandwidth(d: Path, nbytes: int = DISK_PROBE_BYTES) -> dict:
     for off in range(0, nbytes, DISK_PROBE_CHUNK):
         got += os.preadv(fd, [buf], off)
     dt = time.perf_counter() - t0
+    rand = _random_reads(fd, nbytes)
     os.close(fd)
     path.unlink()
-    return {"bytes": got, "seconds": dt, "GBps": got / dt / 1e9, "o_direct": direct}
+    return {"bytes": got, "seconds": dt, "GBps": got / dt / 1e9, "o_direct": direct, "random": rand}
 
 
-def page_in_bandwidth(d: Path, n_rows: int = 200_000, rows_per_page: int = 64, steps: int = 200,
+def _random_reads(fd: int, nbytes: int, size: int = 40960, n: int = 4000, depth: int = DEFAULT_IO_DEPTH) -> dict:
+    """Random reads of one page slot (Flash: 64 rows x 583 B + header, aligned) at the pool's queue depth."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    offs = np.random.default_rng(1).integers(0, nbytes // size, n) * size
+
+    def one(off):
+        b = mmap.mmap(-1, size)
+        try:
+            return os.preadv(fd, [b], int(off))
+        finally:
+            b.close()
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(depth) as ex:
+        got = sum(ex.map(one, offs))
+    dt = time.perf_counter() - t0
+    return {"request_bytes": size, "queue_depth": depth, "GBps": got / dt / 1e9, "iops": n / dt}
+
+
+def page_in_bandwidth(d: Path, n_rows: int = 200_000, rows_per_page: int = 64, steps: int = 50,
                       topk: int = 512, budget_fraction: float = 0.10) -> dict:
     """Flash-shaped attention rows (583 B); each step gathers `topk` random rows like an indexer selection."""
     rb = attn_codec(flash()).row_bytes
@@ -131,7 +152,8 @@ def main() -> None:
         d = Path(tmp)
         r = {"machine": platform.node(), "platform": platform.platform(), "date": time.strftime("%Y-%m-%d %H:%M"),
              "state": state_sizes(), "disk_read": disk_read_bandwidth(d), "page_in": page_in_bandwidth(d, a.rows)}
-        r["page_in"]["fraction_of_disk"] = r["page_in"]["read_GBps"] / r["disk_read"]["GBps"]
+        r["page_in"]["fraction_of_sequential_disk"] = r["page_in"]["read_GBps"] / r["disk_read"]["GBps"]
+        r["page_in"]["fraction_of_random_disk"] = r["page_in"]["read_GBps"] / r["disk_read"]["random"]["GBps"]
         if a.model:
             r["decode"] = decode_speed(a.model, a.tokens, a.decode, d)
     text = json.dumps(r, indent=2)

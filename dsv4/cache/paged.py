@@ -53,16 +53,21 @@ class PagedLayerState(LayerState):
             nxt.stream.prefetch(nxt.last_sel[nxt.last_sel < nxt.stream.n_rows])
         return ops.asarray(dense)
 
+    def _dense_view(self) -> LayerState:
+        """The resident part as a plain LayerState (comp excluded), for the base (de)serialization."""
+        kw = {f: getattr(self, f) for f in LayerState.__dataclass_fields__}
+        kw["comp"] = None
+        return LayerState(**kw)
+
     def to_arrays(self, ops, n_tokens: int, ratio: int, window: int) -> dict[str, np.ndarray]:
-        out = super().to_arrays(ops, n_tokens, ratio, window)
-        nc = n_compressed(n_tokens, ratio)
-        out["comp"] = self.codec.decode(self.stream.gather(np.arange(nc)))
+        out = self._dense_view().to_arrays(ops, n_tokens, ratio, window)
+        out["comp"] = self.codec.decode(self.stream.gather(np.arange(n_compressed(n_tokens, ratio))))
         return out
 
     def load_arrays(self, ops, arrays: dict[str, np.ndarray], n_tokens: int, window: int) -> None:
-        comp = arrays.get("comp")
-        super().load_arrays(ops, {k: v for k, v in arrays.items() if k != "comp"}, n_tokens, window)
+        self._dense_view().load_arrays(ops, {k: v for k, v in arrays.items() if k != "comp"}, n_tokens, window)
         self.stream.truncate(0)
+        comp = arrays.get("comp")
         if comp is not None and len(comp):
             self.stream.append(self.codec.encode(np.asarray(comp, dtype=np.float32)))
 

@@ -13,6 +13,7 @@ import collections
 import errno
 import mmap
 import os
+import re
 import struct
 import threading
 import uuid
@@ -38,6 +39,38 @@ IoFault = Callable[[str, int], None]  # (op "write"/"read", nbytes): raise OSErr
 
 class PageCorruptError(SnapshotError):
     """A spilled page failed its checksum or is truncated: its rows are unavailable, never guessed."""
+
+
+SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def parse_size(text: str) -> Optional[int]:
+    """'512M', '2G', '1000000' -> bytes; '' or 'none' -> None (no limit)."""
+    t = str(text).strip().upper().removesuffix("B").removesuffix("I")
+    if t in ("", "NONE"):
+        return None
+    unit = t[-1] if t[-1:] in SIZE_SUFFIXES and not t[-1:].isdigit() else ""
+    try:
+        n = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise ValueError(f"not a size: {text!r} (use bytes or a K/M/G/T suffix, e.g. 512M)") from None
+    if n < 0:
+        raise ValueError(f"size must not be negative: {text!r}")
+    return int(n * SIZE_SUFFIXES[unit])
+
+
+def default_kv_dir() -> Path:
+    """DSV4_KV_DIR, else <cache dir>/kv."""
+    from .. import settings
+
+    explicit = settings.get("DSV4_KV_DIR")
+    return Path(explicit) if explicit else settings.cache_dir() / "kv"
+
+
+def default_budget() -> Optional[int]:
+    from .. import settings
+
+    return parse_size(settings.get("DSV4_KV_BUDGET"))
 
 
 def _align(n: int) -> int:
@@ -162,6 +195,31 @@ class PageFile:
                     os.unlink(self.path)
                 except FileNotFoundError:
                     pass
+
+
+PAGE_FILE_RE = re.compile(r"^pages-(\d+)-[0-9a-f]{12}-\d+\.pg$")
+
+
+def sweep_dead_page_files(d: Path) -> list[Path]:
+    """Remove page files of processes that no longer exist (killed before they could clean up)."""
+    removed = []
+    for p in d.iterdir():
+        m = PAGE_FILE_RE.fullmatch(p.name)
+        if not m or int(m.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(m.group(1)), 0)
+            continue  # owner alive
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 @dataclass
@@ -350,10 +408,9 @@ class PagePool:
     def _file(self, page_bytes: int) -> PageFile:
         f = self.files.get(page_bytes)
         if f is None:
-            from .. import settings
-
-            d = self.kv_dir if self.kv_dir is not None else settings.cache_dir() / "kv"
+            d = self.kv_dir if self.kv_dir is not None else default_kv_dir()
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
+            sweep_dead_page_files(d)
             path = d / f"pages-{os.getpid()}-{uuid.uuid4().hex[:12]}-{page_bytes}.pg"
             f = self.files[page_bytes] = PageFile(path, PAGE_HEADER.size + page_bytes, self.direct, self.fault)
         return f

@@ -15,18 +15,20 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import uuid
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
 from ..errors import CacheWriteError, SnapshotError
 from . import snapshot as snap_mod
+from .pages import default_kv_dir
 
 log = logging.getLogger("dsv4")
 
@@ -67,27 +69,38 @@ class PrefixCache:
 
     def __init__(self, directory=None, fingerprint: str = "", budget_bytes: Optional[int] = DEFAULT_DISK_BUDGET,
                  min_tokens: int = DEFAULT_MIN_TOKENS, fault: Optional[snap_mod.IoFault] = None):
-        from .. import settings
-
-        self.dir = Path(directory) if directory is not None else settings.cache_dir() / "kv"
+        self.dir = Path(directory) if directory is not None else default_kv_dir()
         self.fingerprint = fingerprint
         self.budget = budget_bytes
         self.min_tokens = min_tokens
         self.fault = fault
         self.last_error: Optional[CacheWriteError] = None
+        self._tlock = threading.RLock()
+        self._depth = 0
         self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._sweep_temps()
 
     # ---- locking and housekeeping ---------------------------------------------------------------------
     @contextmanager
     def _locked(self):
-        fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+        """Directory lock across processes; re-entrant here (flock on a second fd would self-deadlock)."""
+        with self._tlock:
+            if self._depth:
+                self._depth += 1
+                try:
+                    yield
+                finally:
+                    self._depth -= 1
+                return
+            fd = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._depth = 1
+                yield
+            finally:
+                self._depth = 0
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                os.close(fd)
 
     def _sweep_temps(self) -> None:
         """Remove temp files left by dead processes (a SIGKILL mid-write loses only that entry)."""

@@ -13,6 +13,8 @@ from .app import app
 # Command modules: each registers its commands on `app` when imported.
 from . import model_cmds  # noqa: E402,F401  make-tiny, inspect
 from . import chat_cmds  # noqa: E402,F401  chat, run
+from . import quant_cmds  # noqa: E402,F401  quantize, imatrix, quality
+from . import bench_cmds  # noqa: E402,F401  bench
 
 EXIT_INTERRUPTED = 130
 

@@ -72,6 +72,57 @@ class ChatPieces:
         return [self.tok.user, *self.tok.encode(text), self.tok.assistant, opener]
 
 
+class KvPolicy:
+    """Where sessions come from: the disk prefix cache (a cold session starts from the longest cached
+    prefix of its prompt and only the rest is prefilled) and, with a budget, paged KV rows (dsv4.cache)."""
+
+    def __init__(self, engine, kv_dir: Optional[Path], kv_budget: Optional[str], use_cache: bool):
+        from .. import settings
+        from ..cache.pages import default_budget, default_kv_dir, parse_size
+        from ..errors import DsvError
+
+        self.engine = engine
+        self.dir = Path(kv_dir).expanduser() if kv_dir else default_kv_dir()
+        try:
+            self.budget = parse_size(kv_budget) if kv_budget else default_budget()
+        except ValueError as e:
+            raise DsvError(f"--kv-budget: {e}") from None
+        self.cache = None
+        if use_cache:
+            from ..cache.prefix import PrefixCache
+
+            try:
+                self.cache = PrefixCache(self.dir, engine.config.fingerprint(),
+                                         budget_bytes=int(settings.get("DSV4_KV_DISK_MB")) << 20)
+            except OSError as e:
+                raise DsvError(f"cannot use KV cache dir {self.dir}: {e.strerror} (--kv-dir DIR or --no-kv-cache)") from None
+
+    def new_session(self, ctx: int, tokens=()):
+        """(session, tokens reused from the disk cache)."""
+        if self.cache is not None and len(tokens) > 1:
+            from ..cache.prefix import session_with_prefix
+
+            session, reused = session_with_prefix(self.engine, list(tokens), self.cache, ctx=ctx)
+        else:
+            session, reused = self.engine.new_session(ctx=ctx), 0
+        if self.budget is not None:
+            from ..cache.paged import enable_paging
+
+            enable_paging(session, self.budget, self.dir)
+        return session, reused
+
+    def capture(self, session):
+        """Snapshot a cold prompt prefix in memory now; the returned callable writes it to disk later (after
+        the reply, so the write does not delay the first token). None when there is nothing to store."""
+        if self.cache is None or session.n_past < self.cache.min_tokens:
+            return None
+        from ..cache.snapshot import session_arrays
+
+        tokens = list(session.tokens)
+        stored, codecs, meta = session_arrays(session)
+        return lambda: self.cache.store_or_warn(tokens, stored, codecs, meta)
+
+
 # --------------------------------------------------------------------------------------------------
 # Shared option handling
 
@@ -99,7 +150,7 @@ def _resolve(model: Optional[str], err):
         model, on_create=lambda: err.print("[dim]first run: writing the demo model to the cache (a few seconds)...[/]")
     )
     if resolved.is_demo:
-        err.print(f"[bold yellow]{DEMO_BANNER}[/]", highlight=False)
+        err.print(f"[bold yellow]{DEMO_BANNER}[/]", highlight=False, soft_wrap=True)
         if resolved.created:
             err.print(f"[dim]demo model written to {resolved.path}[/]", highlight=False)
     return resolved
@@ -150,6 +201,9 @@ _SYSTEM = typer.Option(DEFAULT_CLI_SYSTEM, "--system", "-sys", help='System prom
 _THINK = typer.Option(False, "--think", help="Reason before answering (the default).")
 _NOTHINK = typer.Option(False, "--nothink", help="Answer directly, without reasoning.")
 _THINK_MAX = typer.Option(False, "--think-max", help="Maximum reasoning effort (needs --ctx >= 393216).")
+_KV_DIR = typer.Option(None, "--kv-dir", help="KV page files and prefix cache (default: DSV4_KV_DIR or <cache>/kv).")
+_KV_BUDGET = typer.Option(None, "--kv-budget", help="Resident bytes for paged KV rows, e.g. 2G (default: DSV4_KV_BUDGET, no paging).")
+_NO_KV_CACHE = typer.Option(False, "--no-kv-cache", help="Do not reuse or store prompt prefixes on disk.")
 
 
 @app.command()
@@ -167,6 +221,9 @@ def chat(
     think: bool = _THINK,
     nothink: bool = _NOTHINK,
     think_max: bool = _THINK_MAX,
+    kv_dir: Optional[Path] = _KV_DIR,
+    kv_budget: Optional[str] = _KV_BUDGET,
+    no_kv_cache: bool = _NO_KV_CACHE,
 ):
     """Talk to the model in an interactive terminal session."""
     from .repl import ChatController, ChatOptions, Repl
@@ -188,7 +245,7 @@ def chat(
         system=system,
         think=ThinkMode[mode],
     )
-    ctl = ChatController(engine, tok, opts, out, err)
+    ctl = ChatController(engine, tok, opts, out, err, KvPolicy(engine, kv_dir, kv_budget, not no_kv_cache))
     cap = f", replies capped at {opts.max_tokens} tokens (-n)" if opts.max_tokens else ""
     out.print(
         f"[bold]dsv4 chat[/] · {resolved.path.name} · backend {engine.backend}"
@@ -253,6 +310,9 @@ def run(
     think: bool = _THINK,
     nothink: bool = _NOTHINK,
     think_max: bool = _THINK_MAX,
+    kv_dir: Optional[Path] = _KV_DIR,
+    kv_budget: Optional[str] = _KV_BUDGET,
+    no_kv_cache: bool = _NO_KV_CACHE,
     dump_tokens: bool = typer.Option(False, "--dump-tokens", help="Print the prompt's token ids as JSON and exit."),
     raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as written, without the chat template."),
     dump_logprobs: Optional[Path] = typer.Option(
@@ -291,18 +351,19 @@ def run(
         raise DsvError(f"--dump-logprobs keeps at most {MAX_LOGPROBS_TOP_K} alternatives per step (got {k_alt})")
     # ds4 dumps logprobs greedily; an explicit --temp samples instead.
     temperature = (0.0 if dump_logprobs is not None else 1.0) if temp is None else temp
-    _one_shot(engine, tok, ids, ctx, temperature, top_k or 0, top_p, min_p, seed, _max_tokens(tokens, resolved.is_demo),
+    kv = KvPolicy(engine, kv_dir, kv_budget, not no_kv_cache)
+    _one_shot(engine, tok, kv, ids, ctx, temperature, top_k or 0, top_p, min_p, seed, _max_tokens(tokens, resolved.is_demo),
               mode, dump_logprobs, k_alt, out, err)
 
 
-def _one_shot(engine, tok, ids, ctx, temperature, top_k, top_p, min_p, seed, max_tokens, mode, dump_path, k_alt, out, err):
+def _one_shot(engine, tok, kv, ids, ctx, temperature, top_k, top_p, min_p, seed, max_tokens, mode, dump_path, k_alt, out, err):
     import time
 
     from ..sampling import Sampler, SamplingParams, top_logprobs
     from .repl import Finish, PrefillProgress, StopFlag, StreamView, TurnStats, generate, interruptible, prefill
 
     pieces = ChatPieces(tok)
-    session = engine.new_session(ctx=ctx)
+    session, reused = kv.new_session(ctx, ids)
     sampler = Sampler(SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, seed=seed))
     room = ctx - len(ids) - 1
     limit = room if max_tokens is None else min(max_tokens, room)
@@ -330,13 +391,19 @@ def _one_shot(engine, tok, ids, ctx, temperature, top_k, top_p, min_p, seed, max
             return last_logits[0]
 
     stop = StopFlag()
-    progress = PrefillProgress(err, len(ids))
+    progress = PrefillProgress(err, len(ids) - reused)
+    store = None
     with interruptible(stop):
         t0 = time.perf_counter()
-        logits = prefill(session, ids, stop, progress)
+        captured = []
+        # cold: store all but the last prompt token, so that rerunning this prompt prefills one token
+        mark = len(ids) - 1 if reused == 0 else None
+        logits = prefill(session, ids[reused:], stop, progress, mark, lambda: captured.append(kv.capture(session)))
         progress.clear()
         stats.prefill_s = time.perf_counter() - t0
-        stats.prompt_tokens = len(ids)
+        stats.prompt_tokens = len(ids) - reused
+        stats.reused = reused
+        store = captured[0] if captured else None
         gen: list[int] = []
         finish = Finish.INTERRUPT
         if logits is not None:
@@ -345,12 +412,14 @@ def _one_shot(engine, tok, ids, ctx, temperature, top_k, top_p, min_p, seed, max
             gen, finish = generate(_Tap(), logits, sampler, limit, tok.eos, stop, on_token)
             stats.gen_s = time.perf_counter() - t1
     view.finish()
+    if store is not None:
+        store()
     stats.gen_tokens = len(gen)
     stats.ctx_used = len(ids) + len(gen)
     stats.finish = (Finish.CTX if finish is Finish.LENGTH and limit == room else finish).value
     if dump_path is not None:
         doc = {"source": LOGPROBS_SOURCE, "prompt_tokens": len(ids), "ctx": ctx, "top_k": k_alt, "steps": steps}
         dump_path.write_text(json.dumps(doc) + "\n")
-    err.print(stats.line(), markup=False, highlight=False)
+    err.print(stats.line(), markup=False, highlight=False, soft_wrap=True)
     if finish is Finish.INTERRUPT:
         sys.exit(EXIT_INTERRUPTED)  # SystemExit passes through click to main() with its code

@@ -88,6 +88,7 @@ class TurnStats:
     ctx: int = 0
     finish: str = ""
     mode: str = ""
+    reused: int = 0  # prompt tokens restored from the disk prefix cache instead of prefilled
 
     @property
     def prefill_tps(self) -> float:
@@ -100,6 +101,8 @@ class TurnStats:
     def line(self) -> str:
         head = f"[{self.mode}] " if self.mode else ""
         tail = f" · {self.finish}" if self.finish in (Finish.INTERRUPT.value, Finish.CTX.value) else ""
+        if self.reused:
+            tail += f" · {self.reused} tok reused from disk"
         return (
             f"{head}prompt {self.prompt_tokens} tok, {self.prefill_tps:.1f} t/s · "
             f"gen {self.gen_tokens} tok, {self.gen_tps:.1f} t/s · ctx {self.ctx_used}/{self.ctx}{tail}"
@@ -110,16 +113,24 @@ class TurnStats:
 # The turn loop (shared with `dsv4 run`)
 
 
-def prefill(session, ids, stop: StopFlag | None = None, progress=None):
-    """Feed `ids` to the session; returns the last logits, or None if stopped between slices."""
+def prefill(session, ids, stop: StopFlag | None = None, progress=None, mark: int | None = None, on_mark=None):
+    """Feed `ids` to the session; returns the last logits, or None if stopped between slices.
+    `on_mark()` runs when the session holds exactly the first `mark` of `ids` (the prefix cache's capture)."""
     logits = None
     total = len(ids)
-    for start in range(0, total, PREFILL_UI_CHUNK):
+    cuts = set(range(0, total, PREFILL_UI_CHUNK))
+    if mark is not None and 0 < mark < total:
+        cuts.add(mark)
+    starts = sorted(cuts)
+    for i, start in enumerate(starts):
         if stop is not None and stop.set:
             return None
-        logits = session.prefill(list(ids[start : start + PREFILL_UI_CHUNK]))
+        if start == mark and on_mark is not None:
+            on_mark()
+        end = starts[i + 1] if i + 1 < len(starts) else total
+        logits = session.prefill(list(ids[start:end]))
         if progress is not None:
-            progress(min(start + PREFILL_UI_CHUNK, total), total)
+            progress(end, total)
     return logits
 
 
@@ -268,7 +279,7 @@ class ChatOptions:
 
 
 class ChatController:
-    def __init__(self, engine, tok, opts: ChatOptions, console: Console, err: Console):
+    def __init__(self, engine, tok, opts: ChatOptions, console: Console, err: Console, kv=None):
         from .chat_cmds import ChatPieces
 
         self.engine = engine
@@ -280,19 +291,32 @@ class ChatController:
         self.think = self.pieces.effective_think(opts.think, opts.ctx, err)
         self.transcript = Transcript(self.tok, self.pieces, opts.system, self.think)
         self.ctx = opts.ctx
-        self.session = engine.new_session(ctx=self.ctx)
+        self.kv = kv  # chat_cmds.KvPolicy: disk prefix reuse and paging for new sessions (None: plain)
+        self.session = None  # created at the first turn, so a cold start can reuse a cached prefix
         self.last: TurnStats | None = None
         self.total_prefilled = 0
         self.last_rendered_tail = ""
 
     # -- state helpers
+    @property
+    def live_tokens(self) -> list[int]:
+        return [] if self.session is None else list(self.session.tokens)
+
     def session_is_prefix(self) -> bool:
-        have = list(self.session.tokens)
+        have = self.live_tokens
         want = self.transcript.ids
         return len(have) <= len(want) and want[: len(have)] == have
 
     def reset_session(self):
-        self.session = self.engine.new_session(ctx=self.ctx)
+        self.session = None  # the next turn starts a fresh one and prefills the whole transcript
+
+    def _start_session(self, want: list[int]) -> int:
+        """A new session for `want`; returns how many of its tokens came from the disk prefix cache."""
+        if self.kv is None:
+            self.session = self.engine.new_session(ctx=self.ctx)
+            return 0
+        self.session, reused = self.kv.new_session(self.ctx, want)
+        return reused
 
     def mode_name(self) -> str:
         return self.pieces.mode_name(self.think)
@@ -302,7 +326,7 @@ class ChatController:
         t0 = time.perf_counter()
         turn = self.transcript.begin_turn(text)
         want = self.transcript.ids
-        if len(want) >= self.ctx:
+        if len(want) + 1 >= self.ctx:  # room for at least one generated token
             self.transcript.rollback()
             raise DsvError(
                 f"prompt too long: {len(want)} tokens with history, context is {self.ctx} "
@@ -310,9 +334,12 @@ class ChatController:
             )
         if not self.session_is_prefix():
             self.reset_session()  # /ctx, /system, /think-max or an interrupted prefill: full re-prefill
+        reused = self._start_session(want) if self.session is None else 0
+        cold = len(self.session.tokens) == 0
         suffix = want[len(self.session.tokens) :]
         self.last_rendered_tail = self.tok.decode(turn.ids)
-        stats = TurnStats(ctx=self.ctx, mode=self.mode_name())
+        stats = TurnStats(ctx=self.ctx, mode=self.mode_name(), reused=reused)
+        store = None
         from ..sampling import Sampler, SamplingParams
 
         sampler = Sampler(
@@ -336,11 +363,17 @@ class ChatController:
         try:
             with interruptible(stop):
                 tp = time.perf_counter()
-                logits = prefill(self.session, suffix, stop, progress)
+                captured = []
+                # A cold start stores all but the last prompt token on disk, so the same opening (a
+                # re-run, a long pasted document) later restores it and prefills one token only.
+                mark = len(suffix) - 1 if cold and self.kv is not None else None
+                logits = prefill(self.session, suffix, stop, progress, mark,
+                                 lambda: captured.append(self.kv.capture(self.session)))
                 progress.clear()
                 stats.prompt_tokens = len(suffix)
                 stats.prefill_s = time.perf_counter() - tp
                 self.total_prefilled += len(suffix)
+                store = captured[0] if captured else None
                 if logits is not None and not stop.set:
                     tg = time.perf_counter()
                     first = [True]
@@ -362,6 +395,8 @@ class ChatController:
             finish = Finish.INTERRUPT
             self.reset_session()
         view.finish()
+        if store is not None and self.session is not None:
+            store()
         if not gen:
             # Nothing generated (Ctrl+C during prefill): roll the turn back, as ds4 does; the session holds
             # part of the turn so it is no longer a prefix and the next turn re-syncs from scratch.
@@ -423,6 +458,8 @@ class ChatController:
         return d / f"{name}.kv", d / f"{name}.json"
 
     def save(self, name: str) -> Path:
+        if self.session is None:
+            raise DsvError("nothing to save yet: send a message first")
         kv, meta = self._paths(name)
         kv.parent.mkdir(parents=True, exist_ok=True)
         self.session.save(str(kv))
@@ -580,7 +617,7 @@ class Repl:
     def send(self, text: str):
         stats = self.ctl.turn(text)
         if stats is not None:
-            self.err.print(stats.line(), style="dim", markup=False, highlight=False)
+            self.err.print(stats.line(), style="dim", markup=False, highlight=False, soft_wrap=True)
 
     # -- commands
     def _no_arg(self, name: str, arg: str):
@@ -608,12 +645,9 @@ class Repl:
         if not arg:
             self.c.print(f"context: {len(self.ctl.transcript)}/{self.ctl.ctx} tokens used", markup=False)
             return
-        try:
-            n = int(arg.replace("_", "").lower().replace("k", "000")) if re.fullmatch(r"[0-9_]+[kK]?", arg) else None
-        except ValueError:
-            n = None
+        n = int(arg) if arg.isdigit() else None
         if n is None or n < MIN_CTX:
-            raise DsvError(f"usage: /ctx N with N a whole number >= {MIN_CTX}, e.g. /ctx 65536 or /ctx 64k (got {arg!r})")
+            raise DsvError(f"usage: /ctx N with N a whole number >= {MIN_CTX}, e.g. /ctx 65536 (got {arg!r})")
         self.ctl.set_ctx(n)
         self.c.print(f"context: {n} tokens (the conversation is re-read on the next turn)", markup=False)
 
@@ -680,7 +714,7 @@ class Repl:
         ctl = self.ctl
         rows = [
             ("mode", ctl.mode_name()),
-            ("context", f"{len(ctl.transcript)}/{ctl.ctx} tokens ({len(ctl.session.tokens)} in the live session)"),
+            ("context", f"{len(ctl.transcript)}/{ctl.ctx} tokens ({len(ctl.live_tokens)} in the live session)"),
             ("turns", str(len(ctl.transcript.turns))),
             ("prefilled in total", f"{ctl.total_prefilled} tokens"),
             ("system", repr(ctl.transcript.system)),

@@ -28,8 +28,12 @@ FP4_MAX = 6.0
 FP4_MANTISSA_BITS = 1
 FP4_MIN_EXP = 0  # E2M1: below 1.0 the step stays 0.5
 HADAMARD_N = 128
+Q8_0_BLOCK = 32
+Q8_K_BLOCK = 256
 SOFTPLUS_LINEAR = 20.0  # stable softplus: identity above, exp below the negative
 _F32_EXP_SHIFT, _F32_EXP_MASK, _F32_EXP_BIAS, _F32_MANT_MASK = 23, 0xFF, 127, 0x7FFFFF
+_U32_MAX, _F32_SIGN = 0xFFFFFFFF, 0x80000000
+_INDEX_BITS = 24  # top-k keys: up to 2**24 candidates per row (experts, or compressed rows of a 64M context)
 _RAW_KERNEL_FORMATS = frozenset({QuantFormat.Q2_K, QuantFormat.IQ2_XXS})
 _PLAIN_MX = {QuantFormat.F32: np.float32, QuantFormat.F16: np.float16, QuantFormat.I32: np.int32}
 _FORM = "mlx"  # QTensor.cache key of the prepared form
@@ -67,19 +71,20 @@ def _round_minifloat(v: mx.array, mant_bits: int, min_exp: int) -> mx.array:
 class MlxOps:
     """The MLX backend. `MlxOps(device=None, dtype=None, act_quant=False, use_metal=None)`.
 
-    device: None (MLX default), "cpu" or "gpu"; dtype: float32 only; use_metal: None = Metal kernels on
-    macOS arm64 when available, else their MLX twins (False forces twins, e.g. for checking)."""
+    device: None (MLX default), "cpu" or "gpu" (sets MLX's default device); dtype: float32 only;
+    act_quant: the reference's ds4-exact mode (activations rounded to Q8_0 before Q8_0 matmuls, to Q8_K
+    before routed-expert matmuls); use_metal: None = Metal kernels on macOS arm64 when available, else
+    their MLX twins (False forces the twins, e.g. for checking)."""
 
     name = "mlx"
 
     def __init__(self, device=None, dtype=None, act_quant: bool = False, use_metal: Optional[bool] = None):
-        if act_quant:
-            raise NotImplementedError("MlxOps has no ds4-exact activation-quantization mode; use TorchOps")
-        if dtype not in (None, mx.float32, "float32"):
+        if dtype not in (None, mx.float32, "float32", "fp32"):
             raise ValueError(f"MlxOps computes in float32, got dtype={dtype!r}")
         if device is not None:
             mx.set_default_device(mx.gpu if str(device) == "gpu" else mx.cpu)
         self.dtype = mx.float32
+        self.act_quant = bool(act_quant)
         self.kernels = KernelSet(use_metal)
         # exact cos/sin of the fp32 RoPE angles where float64 exists (the CPU); fp32 on the GPU
         self._trig_dtype = mx.float64 if mx.default_device() == mx.cpu else mx.float32
@@ -140,6 +145,29 @@ class MlxOps:
         """Float matrix of a plain-format weight in the compute dtype (F16 stays F16 in memory)."""
         return self._form(w).astype(mx.float32)
 
+    # ---- activation quantization (ds4-exact mode, as reference.TorchOps) ----------------------------
+    @staticmethod
+    def quant_q8_0(x: mx.array) -> mx.array:
+        """Q8_0 round trip of the last dim in 32-blocks: d = amax/127, q = round-half-even(x/d); ds4 keeps
+        the activation scale d in fp32."""
+        xb = x.reshape(*x.shape[:-1], -1, Q8_0_BLOCK)
+        d = mx.abs(xb).max(-1, keepdims=True) / 127.0
+        inv = mx.where(d > 0, 1.0 / mx.where(d > 0, d, 1.0), 0.0)
+        q = mx.clip(mx.round(xb * inv), -127, 127)
+        return (q * d).reshape(x.shape)
+
+    @staticmethod
+    def quant_q8_k(x: mx.array) -> mx.array:
+        """Q8_K round trip in 256-blocks: iscale = -127/max (signed max of |x|), q = min(127, rint(iscale x))."""
+        xb = x.reshape(*x.shape[:-1], -1, Q8_K_BLOCK)
+        i = mx.argmax(mx.abs(xb), axis=-1, keepdims=True)
+        big = mx.take_along_axis(xb, i, axis=-1)
+        nz = big != 0
+        iscale = mx.where(nz, -127.0 / mx.where(nz, big, 1.0), 0.0)
+        q = mx.minimum(mx.round(iscale * xb), 127.0)
+        d = mx.where(nz, 1.0 / mx.where(nz, iscale, 1.0), 0.0)
+        return (q * d).reshape(x.shape)
+
     # ---- math -----------------------------------------------------------------------------------
     def embed(self, table: QTensor, ids: mx.array) -> mx.array:
         form = self._form(table)
@@ -153,6 +181,8 @@ class MlxOps:
     def qmatmul(self, x: mx.array, w: QTensor) -> mx.array:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1]).astype(mx.float32)
+        if self.act_quant and w.fmt == QuantFormat.Q8_0:
+            x2 = self.quant_q8_0(x2)
         form = self._form(w)
         if isinstance(form, AffineWeight):
             y = mx.quantized_matmul(x2, form.wq, form.scales, form.biases, transpose=True,
@@ -167,6 +197,8 @@ class MlxOps:
         t = x.shape[0]
         r = w.shape[0] // groups
         form = self._form(w)
+        if self.act_quant and w.fmt == QuantFormat.Q8_0:
+            x = self.quant_q8_0(x)
         if isinstance(form, AffineWeight):
             # group g = expert g of a [G, r, in] view: one gather_qmm for all groups
             gw = [a.reshape(groups, r, a.shape[-1]) for a in (form.wq, form.scales, form.biases)]
@@ -183,22 +215,21 @@ class MlxOps:
     def rms_norm(self, x: mx.array, w: Optional[QTensor], eps: float) -> mx.array:
         return mx.fast.rms_norm(x, None if w is None else self.weight(w), eps)
 
-    def _hc_controls(self, X: mx.array, fn: QTensor, rms_eps: float) -> mx.array:
-        t, s, d = X.shape
-        return self.rms_norm(X.reshape(t, s * d), None, rms_eps) @ self._plain(fn).T
+    def _float_matrix(self, w: QTensor) -> mx.array:
+        """A float weight in its own dtype (F16 stays F16); quantized ones dequantized (small tensors only)."""
+        if w.fmt in _PLAIN_MX or w.fmt == QuantFormat.BF16:
+            return self._form(w)
+        return self.weight(w)
 
     def hc_pre(self, X, fn, scale, base, iters, eps, rms_eps):
-        m = self._hc_controls(X, fn, rms_eps)  # [T, (2+S)*S]
-        pre, post, comb = self.kernels.hc_sinkhorn(m, self.weight(scale), self.weight(base), X.shape[1], iters, eps)
-        return self.kernels.hc_weighted_sum(X, pre), post, comb
+        return self.kernels.hc_pre(X, self._float_matrix(fn), self.weight(scale), self.weight(base), iters, eps,
+                                   rms_eps)
 
     def hc_post(self, X, y, post, comb):
         return self.kernels.hc_post(X, y, post, comb)
 
     def hc_head(self, X, fn, scale, base, eps, rms_eps):
-        m = self._hc_controls(X, fn, rms_eps)  # [T, S]
-        w = mx.sigmoid(m * self.weight(scale)[0] + self.weight(base)) + eps
-        return self.kernels.hc_weighted_sum(X, w)
+        return self.kernels.hc_head(X, self._float_matrix(fn), self.weight(scale), self.weight(base), eps, rms_eps)
 
     def rope_cos_sin(self, pos: mx.array, rope: RopeParams) -> tuple[mx.array, mx.array]:
         """[T] positions -> cos, sin [T, R/2] by the CPU fp32 recipe of model.md §4.3.4 (as the reference)."""
@@ -289,7 +320,15 @@ class MlxOps:
         return y.squeeze(-2)
 
     def moe(self, u, gate, up, down, sel, weights, clamp):
+        raw = all(t.fmt in _RAW_KERNEL_FORMATS for t in (gate, up, down)) and gate.fmt == up.fmt
+        if raw and not self.act_quant:  # q2 files: fused gate+up+SwiGLU and down+K-sum kernels
+            return self.kernels.moe_raw(u, self._form(gate), self._form(up), self._form(down), gate.fmt, down.fmt,
+                                        sel.astype(mx.int32), weights, clamp)
+        if self.act_quant:
+            u = self.quant_q8_k(u)
         h = self.kernels.swiglu(self._gathered(u, gate, sel), self._gathered(u, up, sel), clamp, weights)  # [T, K, F]
+        if self.act_quant:
+            h = self.quant_q8_k(h)
         return self._gathered(h, down, sel).sum(1)
 
     # ---- attention and its state ------------------------------------------------------------------
@@ -378,5 +417,11 @@ def yarn_corr_dims(rope: RopeParams) -> tuple[float, float]:
 
 def _stable_top(score: mx.array, k: int) -> mx.array:
     """Indices of the k largest scores per row, descending; equal scores -> lower index first.
-    MLX's argsort is stable, so sorting the negated scores keeps ascending index order among ties."""
-    return mx.argsort(-score, axis=-1)[:, :k]
+    Sorts one int64 key (order-preserving float bits, inverted, then the index) so the result does not
+    depend on whether the device's sort is stable."""
+    bits = mx.view(score.astype(mx.float32) + 0.0, mx.uint32).astype(mx.int64)  # + 0.0: -0 -> +0 (a tie)
+    neg = (bits >> 31) == 1
+    ordered = mx.where(neg, _U32_MAX - bits, bits | _F32_SIGN)  # ascending in the float's order
+    idx = mx.arange(score.shape[-1], dtype=mx.int64)
+    key = ((_U32_MAX - ordered) << _INDEX_BITS) | idx  # descending score, then ascending index
+    return mx.argsort(key, axis=-1)[:, :k]

@@ -31,6 +31,13 @@ def _iq2_tables() -> tuple[mx.array, mx.array]:
     return mx.array(IQ2XXS_GRID.astype(np.float32)), mx.array(SIGN_VALUES)
 
 
+@lru_cache(maxsize=None)
+def _shifts() -> tuple[mx.array, mx.array]:
+    """(Q2_K bit-pair shifts [1, 1, 4, 1] uint8, IQ2_XXS sign-index shifts [4] uint32), built once."""
+    return (mx.array(np.array([0, 2, 4, 6], np.uint8)).reshape(1, 1, 4, 1),
+            mx.array(np.array(_IQ2_SIGN_SHIFTS, np.uint32)))
+
+
 def _half(b: mx.array) -> mx.array:
     """[..., 2] uint8 little-endian half -> [...] float32."""
     return mx.view(b, mx.float16).squeeze(-1).astype(mx.float32)
@@ -51,7 +58,7 @@ def dequant_q2_k(raw: mx.array) -> mx.array:
     dmin = _half(b[:, _Q2K_DMIN:])[:, None]
     dl = (d * (sc & 15).astype(mx.float32))[:, :, None]  # [N, 16, 1]
     ml = (dmin * (sc >> 4).astype(mx.float32))[:, :, None]
-    shifts = mx.array(np.array([0, 2, 4, 6], np.uint8)).reshape(1, 1, 4, 1)
+    shifts = _shifts()[0]
     # weight 128h + 32s + l is bit pair s of byte qs[32h + l]
     q = ((b[:, _Q2K_QS:_Q2K_D].reshape(nblk, 2, 1, 32) >> shifts) & 3).reshape(nblk, 16, 16)
     return (dl * q.astype(mx.float32) - ml).reshape(*lead, n)
@@ -69,7 +76,7 @@ def dequant_iq2_xxs(raw: mx.array) -> mx.array:
     aux1 = a[:, :, 0] | (a[:, :, 1] << 8) | (a[:, :, 2] << 16) | (a[:, :, 3] << 24)
     ls = (aux1 >> _IQ2_SCALE_SHIFT).astype(mx.float32)
     db = (d[:, None] * (0.5 + ls) * 0.25)[:, :, None, None]  # [N, 8, 1, 1]
-    sidx = (aux1[:, :, None] >> mx.array(np.array(_IQ2_SIGN_SHIFTS, np.uint32))) & 127
+    sidx = (aux1[:, :, None] >> _shifts()[1]) & 127
     w = db * mx.take(grid, gidx, axis=0) * mx.take(signs, sidx, axis=0)  # [N, 8, 4, 8]
     return w.reshape(*lead, n)
 

@@ -26,6 +26,7 @@ class DotDtype(enum.Enum):
     BF16 = "bf16"
     FP8_E4M3 = "fp8e4nv"  # OCP e4m3 (H100+, MI350, RDNA4)
     FP8_E4M3_FNUZ = "fp8e4b8"  # AMD CDNA3 flavour (MI300)
+    FP32_IEEE = "fp32"  # no rounding of the operands: accurate, several times slower than fp16
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ _CUDA_GEMV = {
     QuantFormat.Q2_K: GemvConfig(block_n=8, block_k=256, num_warps=4),
     QuantFormat.IQ2_XXS: GemvConfig(block_n=8, block_k=256, num_warps=4),
 }
-_CUDA_GEMM = GemmConfig(block_m=64, block_n=128, block_k=64, num_warps=8, num_stages=3)
+_CUDA_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 _CUDA_GEMM_SMALL_M = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=3)
 _CUDA_MOE_PREFILL = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=2)
 

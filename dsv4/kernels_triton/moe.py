@@ -11,13 +11,15 @@ is written to its own slot and the K slots are summed in order.
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import triton
 import triton.language as tl
 
 from . import blocks
 from .blocks import DeviceWeight, dequant_tile
-from .configs import DeviceInfo, MoeConfig, select_moe
-from .qmatmul import tl_dot_dtype
+from .configs import DeviceInfo, DotDtype, MoeConfig, select_moe
+from .qmatmul import dot, tl_dot_dtype
 
 
 @triton.jit
@@ -95,7 +97,7 @@ def _moe_gate_up_grouped_kernel(u_ptr, order_ptr, wts_ptr, h_ptr,
                                 F, D, KSEL, clamp,
                                 stride_ut, stride_ht,
                                 stride_gw, stride_gs, off_gs, stride_uw, stride_us, off_us,
-                                FMT: tl.constexpr, DOT: tl.constexpr,
+                                FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """For sorted rows r in a tile of expert e (pair p = order[r], token p // KSEL):
     h[r, f] = swiglu(u[t] @ gate[e].T, u[t] @ up[e].T)[f] * wts[p]. Unused tiles run zero K steps."""
@@ -120,10 +122,10 @@ def _moe_gate_up_grouped_kernel(u_ptr, order_ptr, wts_ptr, h_ptr,
         x = tl.load(u_ptr + tok[:, None] * stride_ut + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)
         wg = dequant_tile(gw_ptr, gs_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
                           stride_gw, stride_gs, off_gs, FMT).to(DOT)
-        acc_g += tl.dot(x, wg)
+        acc_g += dot(x, wg, IEEE)
         wu = dequant_tile(uw_ptr, us_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
                           stride_uw, stride_us, off_us, FMT).to(DOT)
-        acc_u += tl.dot(x, wu)
+        acc_u += dot(x, wu, IEEE)
     h = _swiglu_route(acc_g, acc_u, wt[:, None], clamp)
     tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -134,7 +136,7 @@ def _moe_down_grouped_kernel(h_ptr, order_ptr, y_ptr,
                              dw_ptr, ds_ptr, g_ptr,
                              F, D,
                              stride_ht, stride_yp, stride_dw, stride_ds, off_ds,
-                             FMT: tl.constexpr, DOT: tl.constexpr,
+                             FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """y[order[r], d] = h[r, :] @ down[e][d, :] for the sorted rows r of each tile (one writer per row)."""
     tile = tl.program_id(0)
@@ -155,7 +157,7 @@ def _moe_down_grouped_kernel(h_ptr, order_ptr, y_ptr,
         x = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rk[None, :], mask=m_ok[:, None], other=0.0).to(DOT)
         w = dequant_tile(dw_ptr, ds_ptr, g_ptr, rows[None, :], rk[:, None], n_ok[None, :],
                          stride_dw, stride_ds, off_ds, FMT).to(DOT)
-        acc += tl.dot(x, w)
+        acc += dot(x, w, IEEE)
     tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -229,19 +231,20 @@ def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, we
     pf = cfg.prefill
     order, te, lo, hi = expert_tiles(sel, E, pf.block_m)
     n_tiles = te.numel()
-    dot = tl_dot_dtype(pf.dot)
+    dot_t = tl_dot_dtype(pf.dot)
+    ieee = pf.dot == DotDtype.FP32_IEEE
     h = blocks.empty((T * K, F), u.device)
     _moe_gate_up_grouped_kernel[(n_tiles, triton.cdiv(F, pf.block_n))](
         u, order, weights.reshape(-1), h, te, lo, hi,
         gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
         u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
-        FMT=int(gate.fmt), DOT=dot, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
+        FMT=int(gate.fmt), DOT=dot_t, IEEE=ieee, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
         num_warps=pf.num_warps, num_stages=pf.num_stages)
     y = blocks.empty((T * K, D), u.device)
     _moe_down_grouped_kernel[(n_tiles, triton.cdiv(D, pf.block_n))](
         h, order, y, te, lo, hi, down.w, down.s, down.g, F, D,
         h.stride(0), y.stride(0), down.stride_w, down.stride_s, down.off_s,
-        FMT=int(down.fmt), DOT=dot, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
+        FMT=int(down.fmt), DOT=dot_t, IEEE=ieee, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
         num_warps=pf.num_warps, num_stages=pf.num_stages)
     out = y.view(T, K, D)[:, 0].clone()
     for i in range(1, K):  # fixed slot order: deterministic
@@ -255,6 +258,19 @@ def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8)
     return grouped(u, gate, up, down, sel, weights, clamp, dev)
 
 
+def grouped_ieee(u, gate, up, down, sel, weights, clamp, dev):
+    """grouped with fp32 operands and IEEE products (no rounding of u, h or the weights)."""
+    cfg = select_moe(gate.fmt, down.fmt, gate.shape[1], gate.shape[2], dev)
+    cfg = replace(cfg, prefill=replace(cfg.prefill, dot=DotDtype.FP32_IEEE))
+    return grouped(u, gate, up, down, sel, weights, clamp, dev, cfg)
+
+
+def moe_auto_ieee(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
+    if u.shape[0] <= decode_max_t:
+        return fused_decode(u, gate, up, down, sel, weights, clamp, dev)
+    return grouped_ieee(u, gate, up, down, sel, weights, clamp, dev)
+
+
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
@@ -262,3 +278,5 @@ register(KernelOp.MOE, AUTO, moe_auto, doc="fused_decode for T <= 8, grouped abo
 register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
          doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
 register(KernelOp.MOE, "grouped", grouped, doc="device sort by expert, grouped tl.dot GEMMs, ordered K sum")
+register(KernelOp.MOE, "grouped_ieee", grouped_ieee, doc="grouped with fp32 IEEE tl.dot (accurate, slower)")
+register(KernelOp.MOE, "auto_ieee", moe_auto_ieee, doc="fused_decode for T <= 8, grouped_ieee above")

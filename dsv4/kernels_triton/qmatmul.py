@@ -10,6 +10,8 @@ Both take an optional group axis (x [T, G, K], rows [g*R, (g+1)*R) use x[:, g]) 
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 import triton
 import triton.language as tl
 
@@ -18,14 +20,24 @@ from .blocks import DeviceWeight, dequant_tile
 from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, pow2_divisor, select_gemm, select_gemv
 
 DECODE_MAX_T = 8  # at or below this many tokens the GEMV path is used by the "auto" variant
+GEMV_MIN_BLOCK_K = 64  # smallest K step the GEMV shrinks to for T > 1
 
-_TL_DOT = {DotDtype.FP16: tl.float16, DotDtype.BF16: tl.bfloat16}
+_TL_DOT = {DotDtype.FP16: tl.float16, DotDtype.BF16: tl.bfloat16, DotDtype.FP32_IEEE: tl.float32}
 
 
 def tl_dot_dtype(d: DotDtype):
     if d in _TL_DOT:
         return _TL_DOT[d]
     return getattr(tl, d.value)  # fp8 flavours (tl.float8e4nv / tl.float8e4b8)
+
+
+@triton.jit
+def dot(a, b, IEEE: tl.constexpr):
+    """tl.dot; IEEE selects full fp32 products (no tf32) for fp32 operands."""
+    if IEEE:
+        return tl.dot(a, b, input_precision="ieee")
+    else:
+        return tl.dot(a, b)
 
 
 @triton.jit
@@ -52,7 +64,10 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
         w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[:, None], rk[None, :], n_ok[:, None],
                          stride_w, stride_s, off_s, FMT)  # [BLOCK_N, BLOCK_K]
         x = tl.load(x_row + rk[None, :], mask=t_ok[:, None], other=0.0).to(tl.float32)  # [BLOCK_T, BLOCK_K]
-        acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
+        if BLOCK_T == 1:  # plain 2-D reduction: no 3-D broadcast for the common decode case
+            acc += tl.sum(w * x, axis=1)[None, :]
+        else:
+            acc += tl.sum(w[None, :, :] * x[:, None, :], axis=2)
     out = out_ptr + pid_s * stride_os + rt[:, None] * stride_ot + rn[None, :]
     tl.store(out, acc, mask=t_ok[:, None] & n_ok[None, :])
 
@@ -62,10 +77,11 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                   T, N, R, K,
                   stride_xt, stride_xg, stride_ot,
                   stride_w, stride_s, off_s,
-                  FMT: tl.constexpr, DOT: tl.constexpr,
+                  FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[t, n] = sum_k x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in DOT dtype
-    through tl.dot, fp32 accumulation. Token tiles vary fastest so a weight tile is reused from L2."""
+    through tl.dot, fp32 accumulation (IEEE: fp32 operands without tf32 rounding). Token tiles vary
+    fastest so a weight tile is reused from L2."""
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
     pid_m = pid % num_m
@@ -83,7 +99,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
         x = tl.load(x_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
         w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :] & k_ok[:, None],
                          stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
-        acc += tl.dot(x, w)
+        acc += dot(x, w, IEEE)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -109,15 +125,17 @@ def gemv(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig 
     cfg = cfg or select_gemv(dw.fmt, N, dw.k, dev, allow_split)
     block_n = cfg.block_n if groups == 1 else pow2_divisor(R, cfg.block_n)
     block_t = max(1, triton.next_power_of_2(T))
+    # keep the [BLOCK_T, BLOCK_N, BLOCK_K] product within the registers: shrink K per step as T grows
+    block_k = max(min(cfg.block_k, GEMV_MIN_BLOCK_K), cfg.block_k // block_t)
     split = cfg.split_k
     k_per_split = dw.k // split
-    assert k_per_split % cfg.block_k == 0, (dw.k, split, cfg.block_k)
+    assert k_per_split % block_k == 0, (dw.k, split, block_k)
     out = blocks.empty((split, T, N), x.device)
     grid = (triton.cdiv(N, block_n), split)
     _qgemv_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, k_per_split,
                         x.stride(0), stride_xg, out.stride(0), out.stride(1),
                         dw.stride_w, dw.stride_s, dw.off_s,
-                        FMT=int(dw.fmt), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
+                        FMT=int(dw.fmt), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out[0] if split == 1 else out.sum(0)
 
@@ -133,7 +151,7 @@ def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig 
     _qgemm_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, dw.k,
                         x.stride(0), stride_xg, out.stride(0),
                         dw.stride_w, dw.stride_s, dw.off_s,
-                        FMT=int(dw.fmt), DOT=tl_dot_dtype(cfg.dot),
+                        FMT=int(dw.fmt), DOT=tl_dot_dtype(cfg.dot), IEEE=cfg.dot == DotDtype.FP32_IEEE,
                         BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
                         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
@@ -144,6 +162,19 @@ def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     if x.shape[0] <= DECODE_MAX_T:
         return gemv(x, dw, dev, groups)
     return gemm(x, dw, dev, groups)
+
+
+def gemm_ieee(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """GEMM with fp32 operands and IEEE products: no fp16/tf32 rounding of x or the weights."""
+    cfg = select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev)
+    return gemm(x, dw, dev, groups, replace(cfg, dot=DotDtype.FP32_IEEE))
+
+
+def qmatmul_auto_ieee(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """Like auto, with the accurate fp32 GEMM for prefill."""
+    if x.shape[0] <= DECODE_MAX_T:
+        return gemv(x, dw, dev, groups)
+    return gemm_ieee(x, dw, dev, groups)
 
 
 def qmatmul_dequant_torch(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
@@ -176,5 +207,7 @@ register(KernelOp.QMATMUL, "gemv", gemv, max_t=DECODE_MAX_T,
 register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, dw, dev, groups, allow_split=False),
          max_t=DECODE_MAX_T, doc="row-parallel GEMV without split-K (for comparison)")
 register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
+register(KernelOp.QMATMUL, "gemm_ieee", gemm_ieee, doc="tl.dot on fp32 tiles with IEEE products (accurate, slower)")
+register(KernelOp.QMATMUL, "auto_ieee", qmatmul_auto_ieee, doc=f"gemv for T <= {DECODE_MAX_T}, gemm_ieee above")
 register(KernelOp.QMATMUL, "dequant_torch", qmatmul_dequant_torch,
          doc="baseline: per-call torch dequantize + torch.matmul (no fused kernel)")

@@ -3,17 +3,20 @@
 One vectorized torch implementation serves CPU and GPU (`quantize_torch`); `quantize_np` is its numpy
 front end (Q8_0 and the plain formats are computed in numpy, byte-identical to `gguf.quants.quantize`).
 Q2_K/Q4_K follow ggml's searches (quant.md §3.2-3.4: make_qkx2 without importance, make_qkx3 +
-make_qp_quants with it), vectorized across sub-blocks. IQ2_XXS (§3.5) keeps ggml's sign/parity rule and
-weighting but searches the whole 256-entry grid exactly, with the decoder's true magnitudes 8/25/43 (ggml
-fits 1/3/5), then re-snaps after the 4-bit scale is fixed. Knows block layouts only: no model, no backends.
+make_qp_quants with it), vectorized across sub-blocks, then polished by least-squares (d, dmin) refits and
++-1 moves of the sub-block codes. IQ2_XXS (§3.5) keeps ggml's sign/parity rule and weighting but snaps each
+octet exactly over all 256 grid entries, with the decoder's true magnitudes 8/25/43 (ggml fits 1/3/5 and
+searches neighbour lists), then re-snaps once the 4-bit scales are fixed. Only Q8_0 and the plain formats
+are byte-exact with ggml; the rest is quality-tested. Knows block layouts only: no model, no backends.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .formats import QK_K, QuantFormat
-from .tables import IQ2XXS_GRID, IQ2XXS_GROUP, IQ2XXS_GRID_SIZE
+from .tables import IQ2XXS_GRID, IQ2XXS_GROUP
 
+IMPORTANCE_FLOOR = 1e-6  # added to every importance value, relative to their mean
 GROUP_MAX_EPS = 1e-15  # ggml: a group whose max is below this is stored as zeros
 Q8_0_MAX = 127
 Q2K_SUB, Q4K_SUB = 16, 32  # weights per sub-block
@@ -21,15 +24,18 @@ Q2K_NMAX, Q4K_NMAX = 3, 15  # largest code
 Q2K_SCALE_MAX, Q4K_SCALE_MAX = 15, 63  # largest scale/min code (4 and 6 bits)
 K_REFINE_ROUNDS = 2  # least-squares / code-move rounds after ggml's Q2_K/Q4_K search
 IQ2_SCALE_MAX = 15  # 4-bit group scale
-IQ2_GROUP = 32  # weights per IQ2_XXS scale group (4 grid octets)
-IQ2_QP_NMAX = 4  # ggml's initial symmetric fit uses levels 0..4 (kMaxQ + 1)
-IQ2_SCALE_STEPS = (-6, 0, 6)  # ggml's 13 trial inverse scales (5 + 0.1*is) / eff_max
+IQ2_GROUP = 32  # weights per IQ2_XXS scale group
+IQ2_GROUPS = QK_K // IQ2_GROUP  # groups per super-block
+IQ2_OCTETS = IQ2_GROUP // IQ2XXS_GROUP  # grid entries per group
+IQ2_TRIAL_DIVISORS = (4.0, 5.0, 6.5)  # trial unit scales = group max / divisor
 IQ2_CODE_TRIES = (0, -1, 1)  # 4-bit group-scale codes tried around the rounded one
 IQ2_REFINE = 2  # extra snap/refit rounds after the trial scales
 IQ2_GRID_MAG = IQ2XXS_GRID.astype(np.float32) / 8  # decoded magnitudes in units of the group scale
 
-# Chunk sizes bound temporaries: IQ2_XXS builds [octets, 256] score matrices.
-_CHUNK_SUPERBLOCKS = {QuantFormat.IQ2_XXS: 128, QuantFormat.Q2_K: 8192, QuantFormat.Q4_K: 8192}
+# Super-blocks per step: bounds temporaries (IQ2_XXS builds [octets, 256] score matrices) while keeping
+# a GPU busy; small CPU chunks stay in cache.
+_CHUNK_SUPERBLOCKS_CPU = {QuantFormat.IQ2_XXS: 128, QuantFormat.Q2_K: 8192, QuantFormat.Q4_K: 8192}
+_CHUNK_SUPERBLOCKS_GPU = {QuantFormat.IQ2_XXS: 32768, QuantFormat.Q2_K: 131072, QuantFormat.Q4_K: 131072}
 
 
 def _np_roundf(v: np.ndarray) -> np.ndarray:
@@ -87,6 +93,8 @@ def quantize_np(x: np.ndarray, fmt: QuantFormat, importance: np.ndarray | None =
     if fmt == QuantFormat.BF16:
         return _bf16_np(x).reshape(rows, -1)
     if fmt == QuantFormat.Q8_0:
+        if not np.isfinite(x).all():
+            raise ValueError(f"cannot quantize to {fmt.name}: the input holds NaN or infinite values")
         return _q8_0_np(x).reshape(rows, fmt.row_bytes(n))
     import torch
 
@@ -102,6 +110,8 @@ def quantize_torch(x, fmt: QuantFormat, importance=None):
     n = _check_input(tuple(x.shape), fmt, importance)
     x = x.to(torch.float32).contiguous()
     rows = x.shape[0]
+    if fmt.is_quantized and not bool(torch.isfinite(x).all()):
+        raise ValueError(f"cannot quantize to {fmt.name}: the input holds NaN or infinite values")
     if fmt == QuantFormat.F32:
         return x.view(torch.uint8).reshape(rows, -1).clone()
     if fmt == QuantFormat.F16:
@@ -113,14 +123,22 @@ def quantize_torch(x, fmt: QuantFormat, importance=None):
     imp = None
     if importance is not None:
         imp = torch.as_tensor(importance, dtype=torch.float32, device=x.device)
+        if not bool((torch.isfinite(imp) & (imp >= 0)).all()):
+            raise ValueError("importance values must be finite and >= 0")
     elif fmt == QuantFormat.IQ2_XXS:
         imp = (x * x).sum(0)
+    if imp is not None:
+        # A small floor keeps groups whose columns all have zero importance (dead inputs, all-zero
+        # columns) fitted as with flat weights instead of collapsing to zero.
+        mean = imp.mean()
+        imp = imp + IMPORTANCE_FLOOR * mean if bool(mean > 0) else torch.ones_like(imp)
     nb = n // QK_K
     sb = x.reshape(rows * nb, QK_K)  # super-blocks; block i of a row covers columns 256*(i % nb) ...
     qw = None if imp is None else imp.reshape(nb, QK_K)
     encode = {QuantFormat.Q2_K: _q2_k_t, QuantFormat.Q4_K: _q4_k_t, QuantFormat.IQ2_XXS: _iq2_xxs_t}[fmt]
     out = torch.empty((rows * nb, fmt.type_size), dtype=torch.uint8, device=x.device)
-    step = max(nb, _CHUNK_SUPERBLOCKS[fmt] // nb * nb)  # whole rows per chunk keep importance aligned
+    chunk = (_CHUNK_SUPERBLOCKS_CPU if x.device.type == "cpu" else _CHUNK_SUPERBLOCKS_GPU)[fmt]
+    step = max(nb, chunk // nb * nb)  # whole rows per chunk keep importance aligned
     for s in range(0, rows * nb, step):
         blk = sb[s : s + step]
         w = None if qw is None else qw.repeat(blk.shape[0] // nb, 1)
@@ -190,24 +208,33 @@ def make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: b
     span = mx - mn
     flat = span <= 0
     span = torch.where(flat, torch.ones_like(span), span)
-    sum_w = w.sum(1)
-    sum_x = (w * x).sum(1)
+    wx = w * x
+    sum_w, sum_x, sum_x2 = w.sum(1), wx.sum(1), (wx * x).sum(1)
     xs = x - mn[:, None]
 
-    def err(scale, mins, L):
-        diff = scale[:, None] * L + mins[:, None] - x
-        return (w * (diff.abs() if use_mad else diff * diff)).sum(1)
+    def codes(iscale):
+        return torch.clamp(torch.round(iscale[:, None] * xs), 0, nmax)
 
-    iscale = nmax / span
-    L = torch.clamp(torch.round(iscale[:, None] * xs), 0, nmax)
-    scale = 1.0 / iscale
+    def err(scale, mins, L, sl, sl2, sxl):
+        if use_mad:
+            return (w * (scale[:, None] * L + mins[:, None] - x).abs()).sum(1)
+        # sum w*(scale*L + min - x)^2 expanded, from sums already at hand (saves a pass per step)
+        return (scale * scale * sl2 + 2 * scale * mins * sl - 2 * scale * sxl
+                + mins * mins * sum_w - 2 * mins * sum_x + sum_x2)
+
+    def sums(L):
+        wl = w * L
+        return wl.sum(1), (wl * L).sum(1), (wl * x).sum(1)
+
+    best_is = nmax / span
+    scale = 1.0 / best_is
     mins = mn.clone()
-    best = err(scale, mins, L)
+    L = codes(best_is)
+    best = err(scale, mins, L, *sums(L))
     for i in range(nstep + 1):
         iscale = (rmin + rdelta * i + nmax) / span
-        La = torch.clamp(torch.round(iscale[:, None] * xs), 0, nmax)
-        wl = w * La
-        sl, sl2, sxl = wl.sum(1), (wl * La).sum(1), (wl * x).sum(1)
+        La = codes(iscale)
+        sl, sl2, sxl = sums(La)
         D = sum_w * sl2 - sl * sl
         ok = D > 0
         Ds = torch.where(ok, D, torch.ones_like(D))
@@ -216,12 +243,13 @@ def make_qkx(x, w, nmax: int, rmin: float, rdelta: float, nstep: int, use_mad: b
         pos = tm > 0
         tm = torch.where(pos, torch.zeros_like(tm), tm)
         ts = torch.where(pos, sxl / torch.where(sl2 > 0, sl2, torch.ones_like(sl2)), ts)
-        cur = err(ts, tm, La)
+        cur = err(ts, tm, La, sl, sl2, sxl)
         better = ok & (cur < best)
         best = torch.where(better, cur, best)
         scale = torch.where(better, ts, scale)
         mins = torch.where(better, tm, mins)
-        L = torch.where(better[:, None], La, L)
+        best_is = torch.where(better, iscale, best_is)
+    L = codes(best_is)  # the winning step's codes, recomputed rather than carried through every step
     scale = torch.where(flat, torch.zeros_like(scale), scale)
     L = torch.where(flat[:, None], torch.zeros_like(L), L)
     return scale, -mins, L
@@ -453,10 +481,10 @@ def _iq2_xxs_t(x, qw):
     import torch
 
     nsb = x.shape[0]
-    G = nsb * 8  # 32-weight groups
+    G = nsb * IQ2_GROUPS  # 32-weight groups
     grid, grid2 = _iq2_tables(x.device)
-    w = _weights_k(x, qw, 1.0).reshape(G, 4, IQ2XXS_GROUP)
-    xo = x.reshape(G, 4, IQ2XXS_GROUP)
+    w = _weights_k(x, qw, 1.0).reshape(G, IQ2_OCTETS, IQ2XXS_GROUP)
+    xo = x.reshape(G, IQ2_OCTETS, IQ2XXS_GROUP)
     # Signs per octet; an odd count of negatives is made even by giving the least important element
     # (smallest w*x^2) the wrong sign: it is then fitted as -|x|.
     neg = xo < 0
@@ -471,16 +499,16 @@ def _iq2_xxs_t(x, qw):
     # Weighted least squares per octet and grid entry: err(s) = s^2*A - 2s*B + const.
     A = torch.matmul(w, grid2.T)  # [G, 4, 256]
     B2 = torch.matmul(2.0 * w * xval, grid.T)
-    mx = xval.reshape(G, 32).amax(1)
+    mx = xval.reshape(G, IQ2_GROUP).amax(1)
     live = mx >= GROUP_MAX_EPS
-    # ggml's trial scales: make_qp_quants(32, 4) gives a level-unit scale, eff_max = 3 * it, then
-    # inverse scales (5 + 0.1*is)/eff_max; here each trial snaps exactly and is scored by its LSQ fit.
-    s0, _ = make_qp(xval.reshape(G, 32).clamp(min=0), w.reshape(G, 32), IQ2_QP_NMAX)
-    eff_max = torch.where(s0 > 0, 3.0 * s0, torch.where(live, mx, torch.ones_like(mx)))
+    # Trial unit scales put the group max at a few levels around the top magnitude 43/8; each trial
+    # snaps exactly and is scored by its least-squares fit (ggml derives its 13 trials from a
+    # make_qp_quants fit instead: slower, and no better once the snap is exact).
+    mxs = torch.where(live, mx, torch.ones_like(mx))
     best_gain = torch.zeros_like(mx)
     best_s = torch.zeros_like(mx)
-    for i in IQ2_SCALE_STEPS:
-        s = eff_max / (5.0 + 0.1 * i)
+    for t in IQ2_TRIAL_DIVISORS:
+        s = mxs / t
         _, sa, sb = _iq2_snap(A, B2, s)
         ok = (sa > 0) & (sb > 0)
         gain = torch.where(ok, sb * sb / torch.where(ok, sa, torch.ones_like(sa)), torch.zeros_like(sa))
@@ -491,7 +519,7 @@ def _iq2_xxs_t(x, qw):
         _, sa, sb = _iq2_snap(A, B2, torch.where(best_s > 0, best_s, torch.ones_like(best_s)))
         ok = (sa > 0) & (sb > 0) & (best_s > 0)
         best_s = torch.where(ok, sb / torch.where(ok, sa, torch.ones_like(sa)), best_s)
-    best_s = torch.where(live, best_s, torch.zeros_like(best_s)).reshape(nsb, 8)
+    best_s = torch.where(live, best_s, torch.zeros_like(best_s)).reshape(nsb, IQ2_GROUPS)
 
     # Super-block scale d = max/31 (fp16), 4-bit group codes; then re-snap at the stored scales.
     d = best_s.amax(1) / (2 * IQ2_SCALE_MAX + 1)
@@ -502,8 +530,8 @@ def _iq2_xxs_t(x, qw):
     # The rounded code is not always the best once the octets re-snap: try its neighbours too.
     best_err = torch.full_like(ls0, float("inf"))
     ls = ls0.clone()
-    idx = torch.zeros((G, 4), dtype=torch.int64, device=x.device)
-    d16g = d16[:, None].expand(nsb, 8).reshape(G)
+    idx = torch.zeros((G, IQ2_OCTETS), dtype=torch.int64, device=x.device)
+    d16g = d16[:, None].expand(nsb, IQ2_GROUPS).reshape(G)
     for delta in IQ2_CODE_TRIES:
         lt = torch.clamp(ls0 + delta, 0, IQ2_SCALE_MAX)
         st = d16g * (2 * lt + 1)
@@ -513,8 +541,8 @@ def _iq2_xxs_t(x, qw):
         best_err = torch.where(better, err, best_err)
         ls = torch.where(better, lt, ls)
         idx = torch.where(better[:, None], it, idx)
-    ls = ls.reshape(nsb, 8)
-    zero_sb = dz[:, None].expand(nsb, 8).reshape(G)
+    ls = ls.reshape(nsb, IQ2_GROUPS)
+    zero_sb = dz[:, None].expand(nsb, IQ2_GROUPS).reshape(G)
     idx = torch.where(zero_sb[:, None], torch.zeros_like(idx), idx)
     sign7 = torch.where(zero_sb[:, None], torch.zeros_like(sign7), sign7)
     ls = torch.where(dz[:, None], torch.zeros_like(ls), ls).reshape(G).to(torch.int64)
@@ -522,5 +550,5 @@ def _iq2_xxs_t(x, qw):
     aux1 = (sign7 << torch.tensor([0, 7, 14, 21], device=x.device)).sum(1) | (ls << 28)  # [G]
     aux0_bytes = idx.to(torch.uint8)  # [G, 4]: byte k of aux0 = grid index of octet k
     aux1_bytes = torch.stack([((aux1 >> (8 * k)) & 0xFF) for k in range(4)], 1).to(torch.uint8)
-    qs = torch.cat([aux0_bytes, aux1_bytes], 1).reshape(nsb, 64)
+    qs = torch.cat([aux0_bytes, aux1_bytes], 1).reshape(nsb, QuantFormat.IQ2_XXS.type_size - 2)
     return torch.cat([d_b, qs], 1)

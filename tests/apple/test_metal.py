@@ -53,6 +53,20 @@ def test_gathered_vs_twin(pair, fmt, per_pair):
           f"{fmt.name} gathered MoE")
 
 
+def test_fused_moe_vs_twin(pair):
+    rng = np.random.default_rng(10)
+    e, d, f, t, k = 16, 512, 256, 3, 6
+    gate, up = (mx.array(random_blocks(rng, F.IQ2_XXS, (e, f), d, False)) for _ in range(2))
+    down = mx.array(random_blocks(rng, F.Q2_K, (e, d), f, False))
+    u = mx.array(rng.standard_normal((t, d)).astype(np.float32))
+    sel = mx.array(rng.integers(0, e, (t, k)).astype(np.int32))
+    wt = mx.array(rng.uniform(0.1, 1, (t, k)).astype(np.float32))
+    args = (u, gate, up, down, F.IQ2_XXS, F.Q2_K, sel, wt, 10.0)
+    m, tw = np.array(pair[0].moe_raw(*args)), np.array(pair[1].moe_raw(*args))
+    assert not np.isnan(m).any(), "fused MoE: Metal left unwritten (NaN) elements"
+    assert_close(m, tw, "mlx_metal", "moe", "fused MoE (q2 recipe formats)")
+
+
 def test_hc_and_swiglu_vs_twin(pair):
     rng = np.random.default_rng(8)
     t, s, d = 5, 4, 300
@@ -71,6 +85,24 @@ def test_hc_and_swiglu_vs_twin(pair):
     u = mx.array((rng.standard_normal((3, 6, 257)) * 8).astype(np.float32))
     wt = mx.array(rng.uniform(0, 1, (3, 6)).astype(np.float32))
     _same(pair[0].swiglu(g, u, 10.0, wt), pair[1].swiglu(g, u, 10.0, wt), "swiglu x route weight")
+
+
+def test_fused_hc_pre_and_head_vs_twin(pair):
+    rng = np.random.default_rng(9)
+    t, s, d = 3, 4, 512
+    X = mx.array(rng.standard_normal((t, s, d)).astype(np.float32))
+    for nc, head in (((2 + s) * s, False), (s, True)):
+        fn = mx.array((rng.standard_normal((nc, s * d)) * 0.05).astype(np.float16))
+        scale = mx.array(rng.uniform(0.5, 2, 1 if head else 3).astype(np.float32))
+        base = mx.array(rng.standard_normal(nc).astype(np.float32))
+        if head:
+            _same(pair[0].hc_head(X, fn, scale, base, 1e-6, 1e-6), pair[1].hc_head(X, fn, scale, base, 1e-6, 1e-6),
+                  "fused hc_head")
+        else:
+            got = pair[0].hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6)
+            want = pair[1].hc_pre(X, fn, scale, base, 20, 1e-6, 1e-6)
+            for name, g, w in zip(("x", "post", "comb"), got, want):
+                _same(g, w, f"fused hc_pre {name}")
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])

@@ -149,26 +149,31 @@ def test_chat_session(screen, tok, tmp_path):
     s.send("/stats")
     s.wait(r"last prompt: <｜User｜>Please summarise this note\.<｜Assistant｜></think>\s")
 
-    # /save, another turn in think mode, then /load: the conversation comes back without a re-prefill
+    # /save, /clear, /load: the conversation comes back and the next turn prefills only its own tokens
     saved_total, saved_live = s.context()
     s.send("/save s1")
     s.wait(rf"saved s1: {saved_live} tokens")
-    s.send("/think")
-    s.wait(r"thinking mode: think")
-    m = s.turn("and another")
-    assert m.group(1) == "think"
+    s.send("/clear")
+    s.wait(r"conversation cleared")
+    assert s.context()[1] == 0
     s.send("/load s1")
     s.wait(rf"loaded s1: {saved_live} tokens, 2 turns, mode nothink")
+    s.wait(r"you> Please summarise this note\.")
     assert s.context() == (saved_total, saved_live)
+    s.send("/think")
+    s.wait(r"thinking mode: think")
     m = s.turn("after load")
+    assert m.group(1) == "think"
     assert int(m.group(2)) == (saved_total - saved_live) + new_turn_tokens(tok, "after load"), \
         "after /load the history must not be prefilled again"
+    s.send("/stats")
+    s.wait(r"last prompt: <｜User｜>after load<｜Assistant｜><think>\s")
 
     # Ctrl+C in mid-generation: text already streamed, the reply stops, the prompt is usable
     s.send("/tokens 400")
     s.wait(r"replies capped at 400 tokens")
     s.send("tell me a long story")
-    s.wait(r"tell me a long story\n+\S")  # the first streamed text of the reply
+    s.wait(r"tell me a long story\n\s*\S")  # the first streamed text of the reply
     s.child.sendintr()
     m = s.wait(STATS.pattern)
     assert m.group(6) == " · interrupted" and 0 < int(m.group(3)) < 400
@@ -176,6 +181,12 @@ def test_chat_session(screen, tok, tmp_path):
     s.wait(r"replies capped at 1 tokens")
     m = s.turn("still there?")
     assert int(m.group(3)) == 1
+
+    # Esc then Enter inserts a newline instead of sending (checked on /system: no reply is generated)
+    s.child.send("/system be brief")
+    s.child.send("\x1b\r")
+    s.child.send("and kind\r")
+    s.wait(r"system prompt set to 'be brief\\nand kind'")
 
     # /quit exits cleanly
     s.send("/quit")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -18,7 +19,12 @@ import pytest
 
 from tests.tolerances import assert_close
 
-PROMPT = "hi"
+# Long enough (>= the prefix cache's 64-token minimum with the template) that the first run stores its
+# prompt on disk and later runs start from it.
+PROMPT = ("Write a short poem about the sea at night: the moon on the water, the sound of the waves on the "
+          "rocks, a lighthouse far away, a small boat coming home, and the smell of salt in the cold wind. "
+          "Keep it to four lines, and make the last line rhyme with the first one.")
+REUSED = re.compile(r"· (\d+) tok reused from disk")
 N_TOKENS = 3
 DSV4 = [sys.executable, "-c", "import sys; from dsv4.cli import main; sys.exit(main())"]
 RUN_TIMEOUT = 300
@@ -89,25 +95,37 @@ def test_first_run_writes_demo_model_and_says_so(first_run):
     assert f"gen {N_TOKENS} tok" in err, f"stats line missing or wrong on stderr:\n{err}"
 
 
-def test_second_run_reuses_demo_and_greedy_is_deterministic(first_run):
+LOGPROBS_K = 5
+
+
+@pytest.fixture(scope="session")
+def second_run(first_run, tmp_path_factory) -> dict:
+    """The same greedy run again (demo model and cached prompt reused), also dumping its logprobs."""
     model = demo_files(first_run)[0]
-    before = model.stat().st_mtime_ns
-    r = dsv4(["run", "-p", PROMPT, "-n", str(N_TOKENS), "--temp", "0", "--nothink"],
-             isolated_env(Path(first_run["root"])), first_run["cwd"])
+    mtime = model.stat().st_mtime_ns
+    dump = tmp_path_factory.mktemp("dump") / "lp.json"
+    r = dsv4(["run", "-p", PROMPT, "-n", str(N_TOKENS), "--temp", "0", "--nothink", "--dump-logprobs", str(dump),
+              "--top-k", str(LOGPROBS_K)], isolated_env(Path(first_run["root"])), first_run["cwd"])
     assert r.returncode == 0, r.stderr[-2000:]
+    return {"run": r, "model": model, "mtime_before": mtime, "dump": dump}
+
+
+def test_second_run_reuses_demo_and_greedy_is_deterministic(first_run, second_run):
+    r = second_run["run"]
     assert WRITTEN not in r.stderr, "second run wrote the demo model again"
-    assert model.stat().st_mtime_ns == before, "the demo model file was rewritten"
+    assert second_run["model"].stat().st_mtime_ns == second_run["mtime_before"], "the demo model was rewritten"
     assert "DEMO model" in r.stderr, "the demo banner must show on every run that uses the demo"
     assert r.stdout == first_run["stdout"], "--temp 0 gave different text on two runs"
+    # the first run stored its prompt in the disk prefix cache: this run prefilled one token only
+    assert not REUSED.search(first_run["stderr"]), "the first run cannot have reused anything"
+    m = REUSED.search(r.stderr)
+    assert m, f"second run did not reuse the cached prompt prefix:\n{r.stderr}"
+    assert "prompt 1 tok," in r.stderr
 
 
-def test_dump_logprobs_shape_and_greedy_top1(first_run, demo_tokenizer, tmp_path):
-    out = tmp_path / "lp.json"
-    k = 5
-    r = dsv4(["run", "-p", PROMPT, "-n", str(N_TOKENS), "--nothink", "--dump-logprobs", str(out),
-              "--top-k", str(k)], isolated_env(Path(first_run["root"])), first_run["cwd"])
-    assert r.returncode == 0, r.stderr[-2000:]
-    doc = json.loads(out.read_text())
+def test_dump_logprobs_shape_and_greedy_top1(first_run, second_run, demo_tokenizer):
+    doc = json.loads(second_run["dump"].read_text())
+    k = LOGPROBS_K
     ids = _template_ids(demo_tokenizer, PROMPT, think=False)
     assert doc["prompt_tokens"] == len(ids)
     assert doc["top_k"] == k and doc["ctx"] == 32768
@@ -116,20 +134,20 @@ def test_dump_logprobs_shape_and_greedy_top1(first_run, demo_tokenizer, tmp_path
     for s in doc["steps"]:
         sel, alts = s["selected"], s["top_logprobs"]
         assert len(alts) == k
-        # greedy (no --temp): the selected token is the top-1 alternative, with the highest logprob
+        # greedy: the selected token is the top-1 alternative, with the highest logprob
         assert alts[0]["token"]["id"] == sel["id"], f"step {s['step']}: selected is not top-1"
         lps = [a["logprob"] for a in alts]
         assert lps == sorted(lps, reverse=True) and lps[0] <= 0.0
-        assert bytes(sel["bytes"]) == demo_tokenizer.token_bytes(sel["id"])
         raw = bytes(sel["bytes"])
+        assert raw == demo_tokenizer.token_bytes(sel["id"])
         try:
             assert sel["text"] == raw.decode("utf-8")
         except UnicodeDecodeError:  # a partial UTF-8 piece: bytes >= 0x80 are written as \u00XX
             assert sel["text"] == raw.decode("latin-1")
         lse = [a["logit"] - a["logprob"] for a in alts]
         assert_close(lse, [lse[0]] * k, "dump_logprobs", "float64", f"step {s['step']} logsumexp")
-        text += bytes(sel["bytes"])
-    # the dump's greedy steps are the same tokens `run --temp 0` printed
+        text += raw
+    # the dump's greedy steps are the tokens `run --temp 0` printed
     assert text.decode("utf-8", errors="replace") + "\n" == first_run["stdout"]
 
 

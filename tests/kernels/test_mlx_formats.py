@@ -22,13 +22,16 @@ HALF_FIELDS = {F.Q8_0: (0,), F.Q4_K: (0, 2), F.Q2_K: (80, 82), F.IQ2_XXS: (0,)}
 SPECIAL_SCALES = np.array([0.0, -0.0137, 6.0e-8, 3.1e-5, 1024.0, -2.5], np.float16)  # zero, neg, subnormal, big
 
 
-def random_blocks(rng, fmt: F, lead: tuple[int, ...], n: int) -> np.ndarray:
-    """Random raw rows [*lead, row_bytes(n)] whose fp16 fields are finite (some special)."""
+def random_blocks(rng, fmt: F, lead: tuple[int, ...], n: int, special: bool = True) -> np.ndarray:
+    """Random raw rows [*lead, row_bytes(n)] whose fp16 fields are finite (the first ones special: zero,
+    negative, subnormal, large; off for chained products, where a 1024 scale makes fp32 sums of ~1e5
+    terms whose order-dependent rounding says nothing about the kernel)."""
     raw = rng.integers(0, 256, (*lead, fmt.row_bytes(n)), dtype=np.uint8)
     b = raw.reshape(-1, fmt.type_size)
     for off in HALF_FIELDS[fmt]:
         h = (rng.standard_normal(b.shape[0]) * 0.02).astype(np.float16)
-        h[: len(SPECIAL_SCALES)] = SPECIAL_SCALES[: min(len(h), len(SPECIAL_SCALES))]
+        if special:
+            h[: len(SPECIAL_SCALES)] = SPECIAL_SCALES[: min(len(h), len(SPECIAL_SCALES))]
         b[:, off : off + 2] = h.view(np.uint8).reshape(-1, 2)
     return raw
 
@@ -64,7 +67,7 @@ def test_repack_quantized_matmul(fmt):
 
 def test_repack_gather_qmm_selects_experts():
     rng = np.random.default_rng(4)
-    e, out, n, t, k = 5, 16, 256, 3, 2
+    e, out, n, t = 5, 16, 256, 3
     raw = random_blocks(rng, F.Q4_K, (e, out), n)
     ref_w = dequantize_np(raw, F.Q4_K, n).astype(np.float64)
     aw = repack_affine(raw, F.Q4_K, n)
@@ -173,8 +176,9 @@ def test_dispatcher_uses_twins_off_apple():
 
 # ------------------------------------------------------- Metal sources, emulated on the CPU (C++)
 # No Metal here: each kernel body is compiled as C++ with a small shim (address-space qualifiers
-# dropped, threadgroup arrays static, simd_sum as a running sum over lanes run last-to-first so lane 0
-# sees the total) and run over its whole grid, twice, so threadgroup tables are filled before use.
+# dropped, threadgroup arrays static, simd_sum as a running sum per call site over a simdgroup's lanes
+# run last-to-first, so lane 0 sees the total) and run threadgroup by threadgroup, each twice, so what
+# one thread writes to threadgroup memory before a barrier is there for every thread in the second pass.
 # This checks the kernels' indexing and arithmetic against the twins; not Metal compilation or timing.
 
 _SHIM = r"""
@@ -182,20 +186,25 @@ _SHIM = r"""
 #include <cmath>
 #include <algorithm>
 #define device
-#define threadgroup static
+#define threadgroup
+#define thread
 typedef unsigned int uint; typedef unsigned short ushort; typedef unsigned long ulong;
 typedef _Float16 half;
 struct uint3 { uint x, y, z; };
 template <typename T, typename U> T as_type(U u) { T t; __builtin_memcpy(&t, &u, sizeof(T)); return t; }
-static float g_simd_acc = 0.0f;
-inline float simd_sum(float v) { g_simd_acc += v; return g_simd_acc; }
+static float g_simd_acc[64];
+static int g_simd_call = 0;
+inline void simd_reset() { for (float& a : g_simd_acc) a = 0.0f; }
+inline float simd_sum(float v) { g_simd_acc[g_simd_call] += v; return g_simd_acc[g_simd_call++]; }
+using std::sqrt;
 enum class mem_flags { mem_threadgroup };
 inline void threadgroup_barrier(mem_flags) {}
 namespace metal { namespace precise { inline float exp(float x) { return std::exp(x); } } }
 using std::min; using std::max;
 inline float clamp(float x, float a, float b) { return std::min(std::max(x, a), b); }
 """
-_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.uint8): "uint8_t", np.dtype(np.int32): "int32_t"}
+_CTYPE = {np.dtype(np.float32): "float", np.dtype(np.float16): "half", np.dtype(np.uint8): "uint8_t",
+          np.dtype(np.int32): "int32_t"}
 
 
 def _emulate(tmp_path, source, inputs, outputs, template, grid, tg):
@@ -212,20 +221,31 @@ def _emulate(tmp_path, source, inputs, outputs, template, grid, tg):
     attrs = ("uint3 thread_position_in_grid, uint3 threads_per_threadgroup, uint thread_index_in_simdgroup, "
              "uint thread_index_in_threadgroup")
     names = ", ".join([n for n, _ in inputs] + [n for n, _ in outputs])
+    import re
+
+    # a threadgroup array declaration is shared by the threadgroup's threads: static storage here
+    source = re.sub(r"(?m)^(\s*)threadgroup (\w+ \w+\[)", r"\1static \2", source)
     code = f"""{_SHIM}
 {M._HEADER}
+{M._DOT_HEADER}
 template <{tmpl}> void body({params}, {attrs}) {{
 {source}
 }}
 extern "C" void run({params}) {{
-  const uint G[3] = {{{grid[0]}, {grid[1]}, {grid[2]}}}, B[3] = {{{tg[0]}, {tg[1]}, {tg[2]}}};
-  for (int pass = 0; pass < 2; ++pass)
-    for (uint z = 0; z < G[2]; ++z) for (uint y = 0; y < G[1]; ++y) for (uint xi = 0; xi < G[0]; ++xi) {{
-      const uint x = G[0] - 1 - xi;  // lanes last-to-first: lane 0 reads the full simd_sum
-      const uint lin = (x % B[0]) + (y % B[1]) * B[0] + (z % B[2]) * B[0] * B[1];
-      if (lin % 32 == 31 || x == G[0] - 1) g_simd_acc = 0.0f;
-      body<>({names}, uint3{{x, y, z}}, uint3{{B[0], B[1], B[2]}}, lin % 32, lin);
-    }}
+  const uint G_[3] = {{{grid[0]}, {grid[1]}, {grid[2]}}}, B_[3] = {{{tg[0]}, {tg[1]}, {tg[2]}}};
+  const uint n_ = B_[0] * B_[1] * B_[2];
+  for (uint bz_ = 0; bz_ < G_[2] / B_[2]; ++bz_)
+    for (uint by_ = 0; by_ < G_[1] / B_[1]; ++by_)
+      for (uint bx_ = 0; bx_ < G_[0] / B_[0]; ++bx_)
+        for (int pass_ = 0; pass_ < 2; ++pass_)
+          for (uint j_ = 0; j_ < n_; ++j_) {{
+            const uint lin_ = n_ - 1 - j_;  // last-to-first: lane 0 of a simdgroup runs after its other lanes
+            if (lin_ % 32 == 31 || j_ == 0) simd_reset();
+            g_simd_call = 0;
+            const uint lx_ = lin_ % B_[0], ly_ = (lin_ / B_[0]) % B_[1], lz_ = lin_ / (B_[0] * B_[1]);
+            body<>({names}, uint3{{bx_ * B_[0] + lx_, by_ * B_[1] + ly_, bz_ * B_[2] + lz_}},
+                   uint3{{B_[0], B_[1], B_[2]}}, lin_ % 32, lin_);
+          }}
 }}
 """
     tmp_path.mkdir(parents=True, exist_ok=True)
@@ -310,3 +330,66 @@ def test_metal_hc_and_swiglu_sources_emulated(tmp_path):
                     [("out", (6, 50))], dict(F=50), (64, 6, 1), (64, 1, 1))
     want_sw = ks.swiglu(mx.array(gate), mx.array(up), 10.0, mx.array(wt))
     assert_close(g, np.array(want_sw), "mlx_hc", "fp32", "swiglu (emulated)")
+
+
+@pytest.mark.parametrize("head", [False, True], ids=["hc_pre", "hc_head"])
+def test_metal_fused_hc_source_emulated(tmp_path, head):
+    from dsv4.kernels_mlx import metal as M
+
+    rng = np.random.default_rng(42)
+    t, s, d, iters, eps, rms_eps = 2, 4, 96, 20, 1e-6, 1e-6
+    nc = s if head else (2 + s) * s
+    X = rng.standard_normal((t, s, d)).astype(np.float32)
+    fn = (rng.standard_normal((nc, s * d)) * 0.05).astype(np.float16)
+    scale = rng.uniform(0.5, 2, 1 if head else 3).astype(np.float32)
+    base = rng.standard_normal(nc).astype(np.float32)
+    ks = KernelSet(use_metal=False)
+    args = (mx.array(X), mx.array(fn), mx.array(scale), mx.array(base))
+    inputs = [("X", X), ("fn", fn), ("scale", scale), ("base", base),
+              ("params", np.array([eps, rms_eps], np.float32))]
+    tg = 64  # 2 simdgroups: exercises the cross-simdgroup reduction
+    if head:
+        want = [np.array(ks.hc_head(*args, eps, rms_eps))]
+        got = _emulate(tmp_path, M.HC_HEAD_FUSED_SOURCE, inputs, [("out", (t, d))], dict(S=s, D=d, NC=nc, TG=tg),
+                       (tg, 1, t), (tg, 1, 1))
+    else:
+        want = [np.array(a) for a in ks.hc_pre(*args, iters, eps, rms_eps)]
+        outs = [("out", (t, d)), ("post", (t, s)), ("comb", (t, s, s))]
+        got = _emulate(tmp_path, M.HC_PRE_FUSED_SOURCE, inputs, outs, dict(S=s, D=d, NC=nc, ITERS=iters, TG=tg),
+                       (tg, 1, t), (tg, 1, 1))
+    for name, g, w in zip(("x", "post", "comb"), got, want):
+        assert_close(g, w, "mlx_metal", "twin", f"fused {'hc_head' if head else 'hc_pre'} {name} (emulated)")
+
+
+@pytest.mark.parametrize("fmts", [(F.IQ2_XXS, F.Q2_K), (F.Q2_K, F.IQ2_XXS)], ids=["q2_recipe", "swapped"])
+def test_metal_fused_moe_sources_emulated(tmp_path, fmts):
+    from dsv4.kernels_mlx import metal as M
+
+    fgu, fd = fmts
+    rng = np.random.default_rng(43)
+    e, d, f, t, k, clamp = 5, 256, 256, 2, 3, 10.0
+    gate, up = random_blocks(rng, fgu, (e, f), d, False), random_blocks(rng, fgu, (e, f), d, False)
+    down = random_blocks(rng, fd, (e, d), f, False)
+    u = rng.standard_normal((t, d)).astype(np.float32)
+    sel = np.array([[4, 0, 4], [1, 3, 2]], np.int32)  # a repeated expert in one token
+    wt = rng.uniform(0.1, 1, (t, k)).astype(np.float32)
+    ks = KernelSet(use_metal=False)
+    args = [mx.array(a) for a in (u, gate, up, down)]
+    want = np.array(ks.moe_raw(*args, fgu, fd, mx.array(sel), mx.array(wt), clamp))
+    grid_t, signs_t = _iq2_tables_np()
+    tables = lambda fmt: [("grid", grid_t), ("ksigns", signs_t)] if fmt == F.IQ2_XXS else []  # noqa: E731
+    key = {F.Q2_K: "q2_k", F.IQ2_XXS: "iq2_xxs"}
+    rows = M.GEMV_ROWS_PER_TG
+    (h,) = _emulate(tmp_path / "pair", M.MOE_PAIR_SOURCES[key[fgu]],
+                    [("x", u), ("gate", gate.reshape(-1)), ("up", up.reshape(-1)), ("sel", sel.reshape(-1)),
+                     ("wt", wt.reshape(-1)), ("params", np.array([clamp], np.float32))] + tables(fgu),
+                    [("out", (t * k, f))], dict(IN=d, OUT=f, K=k, ROW_BYTES=fgu.row_bytes(d)),
+                    (32, -(-f // rows) * rows, t * k), (32, rows, 1))
+    h_want = ks.swiglu(ks.raw_gather_matmul(mx.array(u), mx.array(gate), fgu, mx.array(sel)),
+                       ks.raw_gather_matmul(mx.array(u), mx.array(up), fgu, mx.array(sel)), clamp, mx.array(wt))
+    assert_close(h, np.array(h_want).reshape(t * k, f), "mlx_metal", "twin", "fused gate+up+swiglu (emulated)")
+    (y,) = _emulate(tmp_path / "down", M.MOE_DOWN_SUM_SOURCES[key[fd]],
+                    [("x", h), ("w", down.reshape(-1)), ("sel", sel.reshape(-1))] + tables(fd),
+                    [("out", (t, d))], dict(IN=f, OUT=d, K=k, ROW_BYTES=fd.row_bytes(f)),
+                    (32, -(-d // rows) * rows, t), (32, rows, 1))
+    assert_close(y, want, "mlx_metal", "moe", "fused down + K-sum (emulated)")

@@ -130,13 +130,16 @@ def test_registered_moe_variants(poison):
 # ---- tiny model end to end ---------------------------------------------------------------------------
 
 PROMPT = [0, 1201, 7, 64, 93, 18, 2200, 5, 311, 46]  # 10 tokens: the prefill takes the GEMM/grouped paths
-DECODE = [77, 9]
+DECODE = [77]
 
 
-def _run(path, backend):
+ACCURATE = {"qmatmul": "auto_ieee", "moe": "auto_ieee"}  # fp32 prefill GEMMs: isolates wiring from fp16 rounding
+
+
+def _run(path, backend, **kw):
     import dsv4
 
-    eng = dsv4.load(path, backend=backend, device=DEVICE)
+    eng = dsv4.load(path, backend=backend, device=DEVICE, **kw)
     s = eng.new_session(ctx=256)
     out = [s.prefill(PROMPT)]
     for tok in DECODE:
@@ -147,7 +150,7 @@ def _run(path, backend):
 @pytest.mark.slow
 def test_tiny_model_tritonops_matches_reference(tiny_q2_path, poison):
     ref = _run(tiny_q2_path, "torch")
-    got = _run(tiny_q2_path, "triton")
+    got = _run(tiny_q2_path, "triton", kernels=ACCURATE)
     for step, (g, r) in enumerate(zip(got, ref)):
         scale = float(np.abs(r).max())
         assert np.isfinite(g).all(), f"step {step}: non-finite logits"

@@ -17,6 +17,24 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+
+def _require_interpreter() -> None:
+    """triton.jit (tl.zeros included) picks interpreter vs compiler when triton is first imported; if
+    something imported triton before TRITON_INTERPRET was set, CPU kernel runs cannot work."""
+    import sys
+
+    if torch.cuda.is_available() or "triton.language" not in sys.modules:
+        return
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(tl.zeros, InterpretedFunction):
+        pytest.fail("triton was imported before TRITON_INTERPRET=1 was set: set it in tests/conftest.py "
+                    "(when no GPU is present) so CPU kernel tests run in the interpreter", pytrace=False)
+
+
+_require_interpreter()
+
 from dsv4.kernels_triton import blocks, qmatmul, registry  # noqa: E402
 from dsv4.kernels_triton.configs import GemmConfig, GemvConfig, detect_device  # noqa: E402
 from dsv4.quant.dequant import dequantize_np  # noqa: E402

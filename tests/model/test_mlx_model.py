@@ -148,6 +148,21 @@ def test_router_and_moe_match_reference(recipe, tiny_weights, ops_pair):
         assert_close(got, ref, "mlx_ops", "fp32", f"{recipe} moe decode (T=1) layer {layer}")
 
 
+def test_ds4_exact_activation_quantization_matches_reference(q2):
+    rng = np.random.default_rng(5)
+    pair = (TorchOps(act_quant=True), MlxOps(act_quant=True))
+    lw, cfg = q2.layers[3], q2.config
+    x = rng.standard_normal((4, cfg.n_embd)).astype(np.float32)
+    x[1, :32] = 0.0  # an all-zero Q8_0 block and a zero-max Q8_K half: the d = 0 branches
+    ref, got = _both(pair, lambda o, x: o.qmatmul(x, lw.attn_q_a), x)
+    assert_close(got, ref, "mlx_ops", "fp32", "Q8_0 qmatmul with Q8_0 activations")
+    sel = np.array([[0, 3, 5, 7, 9, 15]] * 4, np.int64)
+    wts = rng.uniform(0.1, 0.5, (4, 6)).astype(np.float32)
+    ref, got = _both(pair, lambda o, u, s, w: o.moe(u, lw.ffn_gate_exps, lw.ffn_up_exps, lw.ffn_down_exps, s, w,
+                                                    10.0), x, sel, wts)
+    assert_close(got, ref, "mlx_ops", "fp32", "moe with Q8_K activations")
+
+
 def test_router_ties_pick_lower_expert(q2):
     ops = MlxOps()
     score = np.zeros((2, 16), np.float32)

@@ -18,6 +18,7 @@ from dsv4.cache.compact import attn_codec
 from dsv4.cache.paged import enable_paging
 from dsv4.cache.pages import PageCorruptError
 from dsv4.cache.prefix import PrefixCache, session_with_prefix, store_session_prefix
+from tests.tolerances import assert_close
 
 BUDGET_FRACTION = 0.10
 SYSTEM_PROMPT = "You are a careful assistant who answers in short, exact sentences. " * 5
@@ -52,6 +53,7 @@ def _pageable_bytes(cfg, n_tokens):
 
 
 def _assert_bit_identical(a, b, what):
+    assert_close(a, b, "kv_cache", "bitexact", what)
     diff = a.view(np.uint32) != b.view(np.uint32)
     assert not diff.any(), (f"{what}: {int(diff.sum())}/{diff.size} logits differ; first at "
                             f"{np.unravel_index(int(np.argmax(diff)), diff.shape)}, max abs {np.abs(a - b).max():.3e}")
@@ -73,8 +75,19 @@ def test_paged_budget_10pct_bit_identical_short(engine, tmp_path):
     # 160 prompt tokens: 40 compressed rows per ratio-4 layer, the indexer (top-k 32) selects from p = 131 on
     st, budget, pager = _paged_matches_resident(engine, tmp_path, n_total=162, n_prefill=160, chunk=64,
                                                 rows_per_page=4)
-    assert pager.pool.stats.prefetched >= 0 and budget < pager.pageable_bytes()
+    assert st.prefetched > 0 and budget < pager.pageable_bytes()  # the next layer's selection was prefetched
     pager.close()
+
+
+def test_engine_new_session_kv_budget_pages_ratio4_layers(engine, tmp_path):
+    from dsv4.cache.paged import PagedLayerState
+
+    s = engine.new_session(ctx=64, kv_budget=1 << 20, kv_dir=tmp_path)
+    kinds = [isinstance(st, PagedLayerState) for st in s.state.layers]
+    assert kinds == [engine.config.ratio(l) == 4 for l in range(engine.config.n_layer)]
+    assert s.pager.pool.budget == 1 << 20
+    assert not isinstance(engine.new_session(ctx=64).state.layers[2], PagedLayerState)
+    s.pager.close()
 
 
 @pytest.mark.slow
@@ -116,12 +129,17 @@ def test_compact_snapshot_restores_exactly(engine, tmp_path):
     stored = {e["name"]: e for e in m["arrays"] if e["name"] in rows}
     assert set(stored) == set(rows) and all(e["codec"] in ("attn", "indexer") for e in stored.values()), stored
     assert sum(e["nbytes"] for e in stored.values()) * 2 < sum(v.nbytes for v in rows.values())  # compact, not f32
-    b = snapshot.load_session(engine, path)
-    assert b.tokens == a.tokens
+    b = snapshot.load_session(engine, path, kv_budget=0, kv_dir=tmp_path)  # restored straight into pages
+    assert b.tokens == a.tokens and b.pager.pageable_bytes() > 0
     _assert_bit_identical(b.last_logits, a.last_logits, "restored last logits")
     ra = np.stack([a.decode(t) for t in ids[130:]])
     rb = np.stack([b.decode(t) for t in ids[130:]])
-    _assert_bit_identical(rb, ra, "decode after restore vs uninterrupted")
+    _assert_bit_identical(rb, ra, "decode after restore (paged) vs uninterrupted")
+    resaved = snapshot.snapshot_path(tmp_path, "chat1-again")
+    snapshot.save_session(b, resaved)  # a paged session saves the same format
+    c = snapshot.load_session(engine, resaved)
+    _assert_bit_identical(c.last_logits, b.last_logits, "paged session snapshot")
+    b.pager.close()
 
 
 _RESTARTED = textwrap.dedent("""

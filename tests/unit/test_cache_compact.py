@@ -12,6 +12,7 @@ import pytest
 from dsv4.cache.compact import (AttnRowCodec, IndexerRowCodec, NotRepresentableError, attn_codec, indexer_codec,
                                 state_bytes_per_token)
 from dsv4.config import FP4_AMAX_FLOOR, FP8_AMAX_FLOOR, flash, tiny
+from tests.tolerances import assert_close
 
 FLASH_TARGET_BYTES_PER_TOKEN = 3500.0
 
@@ -65,6 +66,7 @@ def test_attention_rows_round_trip_bit_exact(cfg_name, f16):
         rows = f16_round(rows)
     out = np.full_like(rows, np.nan)
     out[:] = codec.decode(codec.encode(rows))
+    assert_close(out, rows, "kv_cache", "bitexact", "attention rows after encode/decode")
     assert np.array_equal(out.view(np.uint32), rows.view(np.uint32)), \
         f"{int((out.view(np.uint32) != rows.view(np.uint32)).sum())} elements differ bitwise"
 
@@ -78,6 +80,7 @@ def test_indexer_rows_round_trip_bit_exact(f16):
         rows = f16_round(rows)
     out = np.full_like(rows, np.nan)
     out[:] = codec.decode(codec.encode(rows))
+    assert_close(out, rows, "kv_cache", "bitexact", "indexer rows after encode/decode")
     assert np.array_equal(out.view(np.uint32), rows.view(np.uint32))
 
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import errno
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from dsv4.cache.pages import PageCorruptError, PagePool
+from dsv4.cache.pages import PageCorruptError, PagePool, default_kv_dir, parse_size
 from dsv4.errors import CacheWriteError
 
 ROW_BYTES = 193  # a tiny-shape compact attention row
@@ -151,3 +150,38 @@ def test_o_direct_einval_falls_back_to_buffered_io(tmp_path):
         pytest.skip("no O_DIRECT on this platform")
     assert not f.direct and pool.spill_enabled and pool.stats.page_outs > 0
     assert np.array_equal(s.all_rows(), ref)
+
+
+@pytest.mark.parametrize("text,expected", [("", None), ("none", None), ("1000", 1000), ("512M", 512 << 20),
+                                           ("2G", 2 << 30), ("1.5k", 1536), ("3GiB", 3 << 30), ("64MB", 64 << 20)])
+def test_parse_size(text, expected):
+    assert parse_size(text) == expected
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ValueError, match="not a size"):
+        parse_size("lots")
+
+
+def test_default_kv_dir_follows_settings(monkeypatch, tmp_path):
+    monkeypatch.setenv("DSV4_CACHE_DIR", str(tmp_path / "c"))
+    monkeypatch.delenv("DSV4_KV_DIR", raising=False)
+    assert default_kv_dir() == tmp_path / "c" / "kv"
+    monkeypatch.setenv("DSV4_KV_DIR", str(tmp_path / "k"))
+    assert default_kv_dir() == tmp_path / "k"
+
+
+def test_page_files_of_dead_processes_are_swept(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    stale = tmp_path / f"pages-{int(dead.stdout)}-0123456789ab-3088.pg"
+    stale.write_bytes(b"x" * 100)
+    alive = tmp_path / f"pages-{os.getppid()}-0123456789ab-3088.pg"  # our parent is alive: kept
+    alive.write_bytes(b"y")
+    pool = PagePool(budget_bytes=0, kv_dir=tmp_path)
+    _fill(pool, 40)
+    assert not stale.exists() and alive.exists() and len(pool.files) == 1
+    pool.close()

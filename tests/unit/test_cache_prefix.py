@@ -6,7 +6,6 @@ import errno
 import json
 import os
 import signal
-import struct
 import subprocess
 import sys
 import textwrap
@@ -148,6 +147,28 @@ def test_damaged_or_foreign_entries_are_removed_with_a_warning(tmp_path, damage)
             assert c.load(e, toks) is None
     assert not path.exists() and unrelated.exists()
     assert c.lookup(toks) is None
+
+
+def test_damaged_entry_found_during_eviction_does_not_deadlock(tmp_path):
+    """Regression: eviction (holding the dir lock) meeting a damaged file took the flock again and hung."""
+    import threading
+
+    c = PrefixCache(tmp_path, FP, budget_bytes=1, min_tokens=1)
+    a, b = _tokens(70, 5), _tokens(70, 6)
+    pa = c.store(a, _arrays(a))  # over budget but protected as the newest
+    os.truncate(pa, 100)
+    done = threading.Event()
+
+    def store_b():
+        with pytest.warns(RuntimeWarning, match="removing"):
+            c.store(b, _arrays(b))
+        done.set()
+
+    t = threading.Thread(target=store_b, daemon=True)
+    t.start()
+    t.join(20)
+    assert done.is_set(), "store() hung while evicting a damaged entry"
+    assert not pa.exists() and c.lookup(b) is not None
 
 
 def test_renamed_entry_is_not_loaded_under_the_wrong_key(tmp_path):

@@ -1,0 +1,135 @@
+"""Triton kernels natively on a GPU at DeepSeek V4 Flash shapes (run by tools/gpu_check.sh).
+
+Same checks as tests/kernels (which also run natively when a GPU is present) but at full size:
+every Q8_0/F16 projection shape of model.md §3 for decode and prefill token counts, the routed MoE
+with 256 experts (q2 and q4 recipes), and bitwise reproducibility of the MoE paths. The oracle is
+dsv4.quant.dequant.dequantize_torch (bit-exact twin of dequantize_np) in float64 on the GPU, only for
+the rows/experts a case touches. Outputs are NaN-poisoned. Skipped without a CUDA/ROCm device.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
+
+D, F_EXP, N_EXPERT, K_USED = 4096, 2048, 256, 6
+CLAMP = 10.0
+
+DENSE = [  # name, format, out, in, groups
+    ("attn_q_a", "Q8_0", 1024, 4096, 1), ("attn_q_b", "Q8_0", 32768, 1024, 1), ("attn_kv", "Q8_0", 512, 4096, 1),
+    ("attn_output_a", "Q8_0", 8192, 4096, 8), ("attn_output_b", "Q8_0", 4096, 8192, 1),
+    ("ffn_down_shexp", "Q8_0", 4096, 2048, 1), ("output", "Q8_0", 129280, 4096, 1),
+    ("attn_compressor_kv", "F16", 1024, 4096, 1), ("indexer.attn_q_b", "F16", 8192, 1024, 1),
+    ("indexer.proj", "F16", 64, 4096, 1), ("hc_attn_fn", "F16", 24, 16384, 1),
+]
+
+
+@pytest.fixture
+def poison(monkeypatch):
+    from dsv4.kernels_triton import blocks
+
+    monkeypatch.setattr(blocks, "empty", lambda shape, device: torch.full(tuple(shape), float("nan"), device=device))
+
+
+def _weight(fmt_name, shape, seed):
+    from dsv4.kernels_triton import blocks
+    from dsv4.quant.formats import QuantFormat
+
+    fmt = QuantFormat[fmt_name]
+    raw = blocks.synthetic_raw(fmt, shape, device="cuda", seed=seed)
+    return raw, blocks.to_device(raw, fmt, shape, "cuda"), fmt
+
+
+def _dequant64(raw, fmt, k):
+    from dsv4.quant.dequant import dequantize_torch
+
+    return dequantize_torch(raw, fmt, k, dtype=torch.float64)
+
+
+def _assert(y, ref, op, kind, what):
+    from tests.tolerances import assert_close
+
+    scale = float(ref.abs().max())
+    assert_close((y.double() / scale).cpu().numpy(), (ref / scale).cpu().numpy(), op, kind, what)
+
+
+@pytest.mark.parametrize("name,fmt,n,k,groups", DENSE, ids=[d[0] for d in DENSE])
+@pytest.mark.parametrize("t", [1, 4, 2048])
+def test_qmatmul_flash_shapes(name, fmt, n, k, groups, t, poison):
+    from dsv4.kernels_triton import qmatmul
+    from dsv4.kernels_triton.configs import detect_device
+
+    if t == 2048 and name == "output":
+        t = 256  # keeps the float64 reference small; the GEMM path is the same
+    raw, dw, qf = _weight(fmt, (n, k), seed=n + k)
+    dev = detect_device("cuda")
+    x = torch.randn((t, groups, k) if groups > 1 else (t, k), device="cuda",
+                    generator=torch.Generator(device="cuda").manual_seed(t))
+    w64 = _dequant64(raw, qf, k)
+    if groups > 1:
+        ref = torch.einsum("tgk,grk->tgr", x.double(), w64.reshape(groups, n // groups, k)).reshape(t, n)
+    else:
+        ref = x.double() @ w64.T
+    del w64
+    y = qmatmul.qmatmul_auto(x, dw, dev, groups)
+    path = "gemv" if t <= qmatmul.DECODE_MAX_T else "gemm"
+    _assert(y, ref, f"triton_{path}", "fp32" if path == "gemv" else "fp16dot", f"{name} T={t}")
+
+
+def _moe_problem(recipe, t, seed=0):
+    from dsv4.quant.formats import QuantFormat
+
+    fg, fd = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K")}[recipe]
+    rg, gate, qg = _weight(fg, (N_EXPERT, F_EXP, D), seed + 1)
+    ru, up, _ = _weight(fg, (N_EXPERT, F_EXP, D), seed + 2)
+    rd, down, qd = _weight(fd, (N_EXPERT, D, F_EXP), seed + 3)
+    gen = torch.Generator().manual_seed(seed)
+    sel = torch.stack([torch.randperm(N_EXPERT - 1, generator=gen)[:K_USED] for _ in range(t)])  # expert 255 idle
+    sel[0, 1] = sel[0, 0]
+    wts = torch.rand((t, K_USED), generator=gen)
+    u = torch.randn((t, D), generator=gen) * 3
+    assert QuantFormat(qg) and QuantFormat(qd)
+    return (rg, ru, rd, qg, qd), (gate, up, down), u.cuda(), sel.cuda(), wts.cuda()
+
+
+def _moe_reference(raws, u, sel, wts):
+    rg, ru, rd, qg, qd = raws
+    out = torch.zeros((u.shape[0], D), dtype=torch.float64, device="cuda")
+    cache = {}
+    for e in torch.unique(sel).tolist():
+        cache[e] = (_dequant64(rg[e], qg, D), _dequant64(ru[e], qg, D), _dequant64(rd[e], qd, F_EXP))
+    u64 = u.double()
+    for t in range(u.shape[0]):
+        for i in range(K_USED):
+            wg, wu, wd = cache[int(sel[t, i])]
+            g = torch.clamp(wg @ u64[t], max=CLAMP)
+            up = torch.clamp(wu @ u64[t], -CLAMP, CLAMP)
+            out[t] += wd @ (torch.nn.functional.silu(g) * up * float(wts[t, i]))
+    return out
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (96, "grouped")])
+def test_moe_flash_shapes(recipe, t, path, poison):
+    from dsv4.kernels_triton import moe
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
+    fn = moe.fused_decode if path == "decode" else moe.grouped
+    y = fn(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"))
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", path, f"moe {recipe} {path} T={t}")
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped"])
+def test_moe_bitwise_reproducible(path):
+    from dsv4.kernels_triton import moe
+    from dsv4.kernels_triton.configs import detect_device
+
+    _, (gate, up, down), u, sel, wts = _moe_problem("q2", 3 if path == "decode" else 300, seed=4)
+    fn = moe.fused_decode if path == "decode" else moe.grouped
+    dev = detect_device("cuda")
+    a = fn(u, gate, up, down, sel, wts, CLAMP, dev)
+    b = fn(u, gate, up, down, sel, wts, CLAMP, dev)
+    assert torch.equal(a, b), "MoE output differs between two identical runs"

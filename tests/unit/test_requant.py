@@ -1,0 +1,159 @@
+"""`dsv4 quantize` end to end: HF checkpoint -> q2 GGUF that loads and runs with the recipe's formats and
+the source's values in the right places; q4 GGUF -> q2 experts; and bad input (unknown pattern, a format
+the row cannot hold, a checkpoint missing tensors, an interrupted run): a clear error and no file under
+the output name."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import dsv4
+from dsv4.cli import main
+from dsv4.errors import ModelFileError, RecipeError
+from dsv4.quant import requant
+from dsv4.quant.convert import HfCheckpoint
+from dsv4.quant.dequant import dequantize
+from dsv4.quant.formats import QuantFormat
+from dsv4.quant.recipes import Recipe
+from dsv4.weights import load_weights
+from test_convert import HF_CFG, artifacts
+
+N_PROBE_TOKENS = 5
+# Relative RMSE bounds of re-encoding the (already FP8/FP4-valued) source: Q8_0 ~0.5 %, F16 ~0.03 %;
+# IQ2_XXS ~35-45 % (quant.md §3.8); a wrong expert or a transposed matrix gives ~140 % (two unrelated
+# Gaussians), so these bounds separate "right tensor" from "wrong tensor" by a wide margin.
+REL_Q8, REL_F16, REL_IQ2 = 0.01, 0.001, 0.6
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(np.asarray(b, np.float64)))
+
+
+def _run_ok(path) -> np.ndarray:
+    eng = dsv4.load(path, backend="torch")
+    logits = eng.new_session(ctx=16).prefill(list(range(100, 100 + N_PROBE_TOKENS)))
+    assert logits.shape == (eng.config.n_vocab,) and np.isfinite(logits).all()
+    assert logits.std() > 0.1, "degenerate logits: weights were lost on the way"
+    return logits
+
+
+def _assert_formats_follow(path, recipe: str):
+    rec = Recipe.load(recipe)
+    w = load_weights(path)
+    wrong = {n: (t.fmt.name, rec.format_for(n, t.shape).name) for n, t in w.tensors.items()
+             if t.fmt != rec.format_for(n, t.shape)}
+    assert not wrong, f"tensor formats differ from recipe {recipe}: {dict(list(wrong.items())[:5])}"
+    return w
+
+
+def test_hf_checkpoint_to_q2_loads_runs_and_keeps_values():
+    out = artifacts("hf_q2")
+    w = _assert_formats_follow(out, "q2")
+    assert w.config.fingerprint() == HF_CFG.fingerprint()
+    assert {w.tensors[f"blk.{l}.ffn_gate_exps.weight"].fmt for l in range(3)} == {QuantFormat.IQ2_XXS}
+    assert w.tensors["blk.2.ffn_down_exps.weight"].fmt == QuantFormat.Q2_K
+    ck = HfCheckpoint(artifacts("hf"))
+    assert _rel(dequantize(w.tensors["blk.2.attn_q_b.weight"]), ck.tensor("blk.2.attn_q_b.weight")) < REL_Q8
+    assert _rel(dequantize(w.tensors["output.weight"]), ck.tensor("output.weight")) < REL_Q8
+    assert _rel(dequantize(w.tensors["blk.2.indexer.proj.weight"]), ck.tensor("blk.2.indexer.proj.weight")) < REL_F16
+    assert np.array_equal(dequantize(w.tensors["blk.1.ffn_gate_tid2eid.weight"]),
+                          ck.tensor("blk.1.ffn_gate_tid2eid.weight"))
+    gate = w.tensors["blk.2.ffn_gate_exps.weight"]
+    for e in (0, 3):  # expert e of the file came from experts.e of the checkpoint (and not from another)
+        got = dequantize(gate.expert(e))
+        assert _rel(got, ck.expert(gate.name, e)) < REL_IQ2
+        assert _rel(got, ck.expert(gate.name, (e + 1) % HF_CFG.n_expert)) > 1.0
+    _run_ok(out)
+
+
+def test_requantize_q4_gguf_to_q2_experts():
+    src, out = artifacts("q4"), artifacts("q4_q2")
+    w_src, w = load_weights(src), _assert_formats_follow(out, "q2")
+    # everything but the routed experts is byte-identical (same format -> copied)
+    for name, t in w.tensors.items():
+        if "_exps." not in name:
+            assert np.array_equal(np.asarray(t.data), np.asarray(w_src.tensors[name].data)), name
+    down = "blk.0.ffn_down_exps.weight"
+    assert _rel(dequantize(w.tensors[down].expert(3)), dequantize(w_src.tensors[down].expert(3))) < REL_IQ2
+    _run_ok(out)
+
+
+def _recipe_file(tmp_path, rules) -> str:
+    q2 = Recipe.load("q2").to_dict()
+    q2["rules"] = rules + q2["rules"]
+    p = tmp_path / "r.json"
+    p.write_text(json.dumps(q2))
+    return str(p)
+
+
+def _assert_clean_failure(capsys, rc, out, needle):
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: ") and needle in err, err
+    assert not out.exists() and not out.with_name(out.name + requant.TMP_SUFFIX).exists()
+
+
+def test_unknown_recipe_pattern_is_refused(tmp_path, capsys):
+    bad = _recipe_file(tmp_path, [{"pattern": "blk.*.ffn_gaet_exps.weight", "format": "Q4_K"}])
+    out = tmp_path / "o.gguf"
+    rc = main(["quantize", str(artifacts("hf")), str(out), "--recipe", bad])
+    _assert_clean_failure(capsys, rc, out, "matches no DSV4 tensor name")
+
+
+def test_format_the_row_cannot_hold_is_refused(tmp_path, capsys):
+    # attn_output_b rows are G * r_o = 128 wide in the tiny shapes: Q4_K blocks need 256
+    bad = _recipe_file(tmp_path, [{"pattern": "*.attn_output_b.weight", "format": "Q4_K"}])
+    out = tmp_path / "o.gguf"
+    rc = main(["quantize", str(artifacts("hf")), str(out), "--recipe", bad])
+    _assert_clean_failure(capsys, rc, out, "needs a multiple of 256")
+    with pytest.raises(RecipeError, match="engine reads only F32"):
+        requant.plan_quantization(requant.open_source(artifacts("hf")),
+                                  Recipe.from_rules("x", [("*norm.weight", "Q8_0"), ("*", "F16")]))
+
+
+def test_checkpoint_missing_tensors_is_refused(tmp_path, capsys):
+    src = artifacts("hf")
+    part = tmp_path / "partial"
+    part.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name == "config.json":
+            os.symlink(f, part / f.name)
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    del index["weight_map"]["layers.2.ffn.experts.3.w3.scale"]
+    (part / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "o.gguf"
+    rc = main(["quantize", str(part), str(out), "--recipe", "q2"])
+    _assert_clean_failure(capsys, rc, out, "missing tensor layers.2.ffn.experts.3.w3.scale")
+
+
+def test_interrupted_run_leaves_no_output_and_keeps_an_old_file(tmp_path, monkeypatch):
+    out = tmp_path / "o.gguf"
+    out.write_bytes(b"previous model")
+    calls = {"n": 0}
+    real = requant.quantize_rows
+
+    def dying(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 40:  # well into the tensor data
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(requant, "quantize_rows", dying)
+    q8 = Recipe.load("q2").with_overrides([("*_exps.weight", "Q8_0")], name="q8x")  # fast: no IQ2 search
+    with pytest.raises(KeyboardInterrupt):
+        requant.quantize_model(artifacts("hf"), out, q8)
+    assert calls["n"] == 40
+    assert out.read_bytes() == b"previous model"
+    assert not out.with_name(out.name + requant.TMP_SUFFIX).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["o.gguf"]
+
+
+def test_missing_source_and_output_dir_errors(tmp_path):
+    with pytest.raises(ModelFileError, match="no such file or folder"):
+        requant.quantize_model(tmp_path / "nope", tmp_path / "o.gguf", "q2")
+    with pytest.raises(ModelFileError, match="no such directory"):
+        requant.quantize_model(artifacts("hf"), tmp_path / "no" / "o.gguf", "q2")
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,250 @@
+"""Kernel benchmark: every registered Triton variant at DeepSeek V4 Flash shapes, T = 1, 4, 2048.
+
+Weights are random GGUF blocks generated on the GPU (values do not change speed). For every case:
+median time (triton.testing.do_bench, L2 flushed between runs), achieved GB/s (weight + activation
+bytes read once), % of the streaming-read bandwidth measured in this run, and for T >= 256 the
+achieved TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run. Writes markdown
+and CSV (machine, date, commit in the header / columns); rows are flushed as they complete so a
+time limit or a failing case never loses the rest. Usage:
+    python tools/bench_kernels.py --out-md results.md --out-csv results.csv [--time-limit 300] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dsv4.kernels_triton import blocks, registry  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+from dsv4.quant.formats import QuantFormat  # noqa: E402
+
+Q = QuantFormat
+D, F_EXP, N_EXPERT, K_USED = 4096, 2048, 256, 6
+TOKENS = (1, 4, 2048)
+PREFILL_MIN_T = 256  # cases at or above this report TFLOP/s vs bf16 matmul
+STREAM_BYTES = 4 << 30  # the bandwidth probe reads this much
+CLAMP = 10.0
+
+
+@dataclass(frozen=True)
+class Dense:
+    name: str
+    fmt: QuantFormat
+    n: int
+    k: int
+    groups: int = 1
+
+
+DENSE = [
+    Dense("attn_q_a", Q.Q8_0, 1024, 4096),
+    Dense("attn_q_b", Q.Q8_0, 32768, 1024),
+    Dense("attn_kv", Q.Q8_0, 512, 4096),
+    Dense("attn_output_a", Q.Q8_0, 8192, 4096, groups=8),
+    Dense("attn_output_b", Q.Q8_0, 4096, 8192),
+    Dense("ffn_gate_shexp", Q.Q8_0, 2048, 4096),
+    Dense("ffn_down_shexp", Q.Q8_0, 4096, 2048),
+    Dense("output", Q.Q8_0, 129280, 4096),
+    Dense("attn_compressor_kv(r4)", Q.F16, 1024, 4096),
+    Dense("attn_compressor_kv(r128)", Q.F16, 512, 4096),
+    Dense("indexer.attn_q_b", Q.F16, 8192, 1024),
+    Dense("indexer.proj", Q.F16, 64, 4096),
+    Dense("indexer_compressor_kv", Q.F16, 256, 4096),
+    Dense("ffn_gate_inp(router)", Q.F16, 256, 4096),
+    Dense("hc_attn_fn", Q.F16, 24, 16384),
+]
+QUICK = {"attn_q_b", "attn_kv", "attn_output_a", "output", "indexer.attn_q_b"}
+MOE = {"q2": (Q.IQ2_XXS, Q.Q2_K), "q4": (Q.Q4_K, Q.Q4_K)}
+
+FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "median_us", "gbytes", "gb_s",
+          "pct_bw", "tflops", "pct_bf16", "bf16_tflops", "status"]
+
+
+def median_time_ms(fn) -> float:
+    from triton.testing import do_bench
+
+    try:
+        return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
+    except TypeError:  # older signature
+        return float(do_bench(fn, warmup=10, rep=50, quantiles=[0.5])[0])
+
+
+def read_bandwidth(device) -> float:
+    """GB/s of one large streaming read (a sum over 4 GiB of fp16)."""
+    x = torch.ones(STREAM_BYTES // 2, dtype=torch.float16, device=device)
+    ms = median_time_ms(lambda: x.sum(dtype=torch.float32))
+    del x
+    torch.cuda.empty_cache()
+    return STREAM_BYTES / (ms * 1e-3) / 1e9
+
+
+def bf16_tflops(t: int, n: int, k: int, device, groups: int = 1) -> float:
+    if groups > 1:
+        a = torch.randn(groups, t, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(groups, k, n // groups, device=device, dtype=torch.bfloat16)
+        ms = median_time_ms(lambda: torch.bmm(a, b))
+    else:
+        a = torch.randn(t, k, device=device, dtype=torch.bfloat16)
+        b = torch.randn(k, n, device=device, dtype=torch.bfloat16)
+        ms = median_time_ms(lambda: a @ b)
+    return 2.0 * t * n * k / (ms * 1e-3) / 1e12
+
+
+class Report:
+    def __init__(self, md: Path, csv_path: Path, header: dict):
+        self.md, self.csv_path, self.header = md, csv_path, header
+        self.rows: list[dict] = []
+        with open(csv_path, "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    def add(self, row: dict) -> None:
+        row = {**{k: self.header[k] for k in ("machine", "date", "commit")}, **row}
+        self.rows.append(row)
+        with open(self.csv_path, "a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerow({k: row.get(k, "") for k in FIELDS})
+        self.write_md()
+        print(" | ".join(str(row.get(k, "")) for k in FIELDS[3:]), flush=True)
+
+    def write_md(self) -> None:
+        h = self.header
+        lines = [f"# Triton kernel benchmark ({h['machine']})", "",
+                 f"date {h['date']} · commit {h['commit']} · torch {h['torch']} · triton {h['triton']} · "
+                 f"read bandwidth {h['bw']:.0f} GB/s (sum over 4 GiB fp16, same run)", "",
+                 "| op | shape | fmt | T | variant | median µs | GB/s | % bw | TFLOP/s | % bf16 | status |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in self.rows:
+            lines.append("| " + " | ".join(str(r.get(k, "")) for k in
+                                           ("op", "shape", "fmt", "T", "variant", "median_us", "gb_s", "pct_bw",
+                                            "tflops", "pct_bf16", "status")) + " |")
+        self.md.write_text("\n".join(lines) + "\n")
+
+
+def _fmt(v, nd=1):
+    return f"{v:.{nd}f}" if isinstance(v, float) else v
+
+
+def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, bf16: float | None):
+    try:
+        fn()  # compile + first run outside the timing
+        torch.cuda.synchronize()
+        ms = median_time_ms(fn)
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        row = {**base, "median_us": _fmt(ms * 1e3), "gbytes": _fmt(nbytes / 1e9, 4), "gb_s": _fmt(gbs, 0),
+               "pct_bw": _fmt(100 * gbs / bw), "status": "ok"}
+        if bf16:
+            tf = flops / (ms * 1e-3) / 1e12
+            row.update(tflops=_fmt(tf, 2), pct_bf16=_fmt(100 * tf / bf16), bf16_tflops=_fmt(bf16, 1))
+    except Exception as e:  # noqa: BLE001 - record and continue: a first GPU run surfaces compile errors
+        msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        traceback.print_exc()
+        row = {**base, "status": "FAIL " + msg.replace("|", "/")}
+    rep.add(row)
+
+
+def bench_dense(rep: Report, bw: float, device, dev, deadline: float, quick: bool):
+    for case in DENSE:
+        if quick and case.name not in QUICK:
+            continue
+        raw = blocks.synthetic_raw(case.fmt, (case.n, case.k), device=device, seed=1)
+        dw = blocks.to_device(raw, case.fmt, (case.n, case.k), device)
+        del raw
+        for t in TOKENS:
+            shape = (t, case.groups, case.k // 1) if case.groups > 1 else (t, case.k)
+            x = torch.randn(shape, device=device, dtype=torch.float32)
+            bf16 = bf16_tflops(t, case.n, case.k, device, case.groups) if t >= PREFILL_MIN_T else None
+            for v in registry.variants(registry.KernelOp.QMATMUL):
+                if time.time() > deadline:
+                    return False
+                if (v.max_t is not None and t > v.max_t) or not v.supports(case.fmt):
+                    continue
+                base = {"op": case.name, "shape": f"{case.n}x{case.k}" + (f" G{case.groups}" if case.groups > 1 else ""),
+                        "fmt": case.fmt.name, "T": t, "variant": v.name}
+                nbytes = dw.nbytes + x.numel() * 4 + t * case.n * 4
+                run_case(rep, bw, base, lambda v=v, x=x: v.fn(x, dw, dev, case.groups), nbytes,
+                         2.0 * t * case.n * case.k, bf16)
+        del dw
+        torch.cuda.empty_cache()
+    return True
+
+
+def bench_moe(rep: Report, bw: float, device, dev, deadline: float):
+    for recipe, (fgu, fdn) in MOE.items():
+        gate = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 1), fgu, (N_EXPERT, F_EXP, D), device)
+        up = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 2), fgu, (N_EXPERT, F_EXP, D), device)
+        down = blocks.to_device(blocks.synthetic_raw(fdn, (N_EXPERT, D, F_EXP), device, 3), fdn, (N_EXPERT, D, F_EXP), device)
+        per_expert = (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
+        for t in TOKENS:
+            gen = torch.Generator(device="cpu").manual_seed(t)
+            sel = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+            wts = torch.rand((t, K_USED), device=device)
+            u = torch.randn((t, D), device=device)
+            n_unique = int(torch.unique(sel).numel())
+            nbytes = n_unique * per_expert + u.numel() * 4 + t * D * 4
+            flops = 2.0 * t * K_USED * 3 * F_EXP * D
+            bf16 = bf16_tflops(t * K_USED, F_EXP, D, device) if t >= PREFILL_MIN_T else None
+            for v in registry.variants(registry.KernelOp.MOE):
+                if time.time() > deadline:
+                    return False
+                if v.max_t is not None and t > v.max_t:
+                    continue
+                base = {"op": f"moe_{recipe}", "shape": f"E{N_EXPERT} F{F_EXP} D{D} K{K_USED}",
+                        "fmt": f"{fgu.name}/{fdn.name}", "T": t, "variant": v.name}
+                run_case(rep, bw, base, lambda v=v, u=u, sel=sel, wts=wts: v.fn(u, gate, up, down, sel, wts, CLAMP, dev),
+                         nbytes, flops, bf16)
+        del gate, up, down
+        torch.cuda.empty_cache()
+    return True
+
+
+def commit_id() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).resolve().parents[1], timeout=5).stdout.strip() or "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out-md", default="bench_kernels.md")
+    ap.add_argument("--out-csv", default="bench_kernels.csv")
+    ap.add_argument("--time-limit", type=float, default=300.0, help="seconds; stops starting new cases after it")
+    ap.add_argument("--quick", action="store_true", help="only the large dense shapes and MoE")
+    ap.add_argument("--commit", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("bench_kernels: no CUDA/ROCm device", file=sys.stderr)
+        return 2
+    import triton
+
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    deadline = time.time() + args.time_limit
+    bw = read_bandwidth(device)
+    header = {"machine": f"{torch.cuda.get_device_name(device)} ({dev.arch}, {dev.n_sm} SMs)",
+              "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "commit": args.commit or commit_id(), "torch": torch.__version__, "triton": triton.__version__,
+              "bw": bw, "host": platform.node()}
+    print(f"read bandwidth {bw:.0f} GB/s on {header['machine']}", flush=True)
+    rep = Report(Path(args.out_md), Path(args.out_csv), header)
+    rep.add({"op": "stream_read", "shape": "4 GiB fp16 sum", "fmt": "F16", "T": "", "variant": "torch.sum",
+             "gb_s": _fmt(bw, 0), "pct_bw": "100.0", "status": "ok"})
+    ok = bench_moe(rep, bw, device, dev, deadline)
+    ok = bench_dense(rep, bw, device, dev, deadline, args.quick) and ok
+    if not ok:
+        rep.add({"op": "(time limit reached: remaining cases skipped)", "status": "TIMEOUT"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

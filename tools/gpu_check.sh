@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# The one script for the GPU box: GPU tests, kernel benchmark, end-to-end decode figure.
+#
+# Run from the repository root with $OUT set (results land there, flat, at most 8 files):
+#   env.txt            versions, GPU, wheel install log          gpu_tests.log   pytest tests/gpu tests/kernels
+#   bench_kernels.md   kernel benchmark (markdown)               bench_kernels.csv   same, CSV
+#   bench_kernels.log  benchmark console output / tracebacks     e2e.md          decode tok/s, triton vs torch
+#   e2e.log            make-tiny + bench_e2e output              summary.txt     one line per step: status, seconds
+# Every step has a timeout and its failure is recorded without stopping the next; the whole script
+# stays within ~9 minutes. Wheels for missing packages (gguf, tokenizers, ...) go in .whl/ (no index).
+set -u
+OUT="${OUT:-/tmp/gpu_check_out}"
+mkdir -p "$OUT"
+START=$(date +%s)
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+TINY=/tmp/dsv4_flash4_q2.gguf
+
+note() { echo "$*" | tee -a "$SUMMARY"; }
+
+# step NAME TIMEOUT_S LOGFILE CMD...: run with a timeout, append output to LOGFILE, record the status.
+step() {
+  local name=$1 limit=$2 log=$3; shift 3
+  local t0=$(date +%s)
+  echo "=== $name ($(date -u +%H:%M:%S), limit ${limit}s): $*" >> "$log"
+  timeout --kill-after=10 "$limit" "$@" >> "$log" 2>&1
+  local rc=$?
+  local status=ok
+  [ $rc -eq 124 ] || [ $rc -eq 137 ] && status=TIMEOUT
+  [ $rc -ne 0 ] && [ "$status" = ok ] && status="FAIL(rc=$rc)"
+  note "$(printf '%-14s %-12s %4ss  (elapsed %ss)' "$name" "$status" "$(( $(date +%s) - t0 ))" "$(( $(date +%s) - START ))")"
+  return 0
+}
+
+# ---- environment -----------------------------------------------------------------------------------
+{
+  echo "date: $(date -u)"; echo "host: $(hostname)"; echo "pwd: $PWD"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || rocm-smi 2>&1 | head -20
+  python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'hip', getattr(torch.version, 'hip', None), 'triton', triton.__version__)" 2>&1
+} > "$OUT/env.txt" 2>&1
+
+if ls .whl/*.whl >/dev/null 2>&1; then
+  step wheels 120 "$OUT/env.txt" python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
+else
+  note "wheels         skipped      (no .whl/ folder)"
+fi
+export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+export PYTHONDONTWRITEBYTECODE=1
+python3 -c "import dsv4, dsv4.kernels_triton as k; print('dsv4 import ok; variants:', [v.op.value + ':' + v.name for v in k.variants()])" >> "$OUT/env.txt" 2>&1
+
+# The 4-layer Flash-width q2 file is written on the CPU in the background while the GPU tests run.
+COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)
+( timeout --kill-after=10 240 python3 -c "import sys; from dsv4.cli import main; sys.exit(main(sys.argv[1:]))" make-tiny "$TINY" --preset flash --layers 4 --recipe q2 \
+    > "$OUT/e2e.log" 2>&1; echo "make-tiny rc=$?" >> "$OUT/e2e.log" ) &
+MAKE_PID=$!
+
+# ---- GPU tests (native, no interpreter) ------------------------------------------------------------
+step gpu_tests 170 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernels -m "cuda or not cuda" \
+  -q -rfE --durations=15 -p no:cacheprovider
+
+# ---- kernel benchmark ---------------------------------------------------------------------------------
+step bench_kernels 200 "$OUT/bench_kernels.log" python3 tools/bench_kernels.py \
+  --out-md "$OUT/bench_kernels.md" --out-csv "$OUT/bench_kernels.csv" --time-limit 165 --commit "$COMMIT"
+
+# ---- end-to-end decode: Flash-width 4-layer q2, triton (eager) vs torch reference ----------------------
+wait "$MAKE_PID" 2>/dev/null
+if [ -s "$TINY" ]; then
+  REMAIN=$(( 540 - ($(date +%s) - START) ))
+  [ $REMAIN -lt 60 ] && REMAIN=60
+  step e2e "$REMAIN" "$OUT/e2e.log" python3 tools/bench_e2e.py "$TINY" --backends triton,torch --steps 32 \
+    --time-limit $(( (REMAIN - 50) / 3 )) --out "$OUT/e2e.md"
+else
+  note "e2e            FAIL         (make-tiny produced no file; see e2e.log)"
+fi
+rm -f "$TINY"
+note "total $(( $(date +%s) - START ))s"
+exit 0
