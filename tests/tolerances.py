@@ -31,11 +31,12 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                             "streamed vs batched: a few ulp"),
     ("router", "weights"): Tol(1e-6, 1e-6, "sqrt(softplus) weights in fp32 vs float64 of <= 8 O(1) values"),
     ("act_quant", "q8_k"): Tol(3.0 / 254, 0.0, "Q8_K round trip error is at most half a step = max|x|/254"),
-    ("model", "prefill_vs_decode"): Tol(5e-4, 5e-5, "same math, different matmul shapes (batched prefill vs one "
-                                                    "token): fp32 reduction-order rounding of ~1e-6 relative, "
-                                                    "amplified ~100x through 6 layers of HC and clamps; measured "
-                                                    "<= 1e-4 on |logits| ~ 6 when no routing decision flips"),
-    ("model", "chunked"): Tol(5e-4, 5e-5, "chunked vs unchunked prefill: the same reduction-order argument as "
+    ("model", "prefill_vs_decode"): Tol(1.5e-2, 0.0, "same math, different matmul shapes (batched prefill vs one "
+                                                   "token): ulp-level reduction-order differences flip FP8/F16 "
+                                                   "roundings of cached KV rows (steps up to 1/16 relative) and "
+                                                   "near-tied routing; measured 8e-5 at N=5, 1e-3..5.6e-3 at "
+                                                   "N=127..700 on |logits| ~ 5 (tiny q2/q4, fp32)"),
+    ("model", "chunked"): Tol(1.5e-2, 0.0, "chunked vs unchunked / extended prefill: the same flip argument as "
                                           "prefill_vs_decode"),
     ("model", "fp32_vs_fp64"): Tol(0.0, 1e-4, "issue #4 acceptance: fp32 reference logits within 1e-4 relative "
                                               "(of max |logit|) of the fp64 reference"),

@@ -73,6 +73,40 @@ def _qgemv_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
 
 
 @triton.jit
+def _q8_0_gemv_blocked_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
+                              T, N, R, k_per_split,
+                              stride_xt, stride_xg, stride_os, stride_ot,
+                              stride_w, stride_s, off_s,
+                              BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Q8_0-only GEMV in the block-dot form: per 32-weight block s_b = sum_i q[i] * x[i], then
+    out += d_b * s_b (one scale load and multiply per block instead of per weight)."""
+    NB: tl.constexpr = BLOCK_K // 32
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rt = tl.arange(0, BLOCK_T)
+    g = (pid_n * BLOCK_N) // R
+    n_ok = rn < N
+    rn64 = rn.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    k_start = pid_s * k_per_split
+    for k0 in range(0, k_per_split, BLOCK_K):
+        kb = k_start + k0
+        rk = kb + tl.arange(0, BLOCK_K)
+        q = tl.load(w_ptr + rn64[:, None] * stride_w + rk[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        q3 = tl.reshape(q, (BLOCK_N, NB, 32))
+        rb = (kb >> 5) + tl.arange(0, NB)
+        d = tl.load(s_ptr + rn64[:, None] * stride_s + off_s + rb[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        for t in tl.static_range(BLOCK_T):
+            xt = tl.load(x_ptr + t * stride_xt + g * stride_xg + rk, mask=(rk >= 0) & (t < T), other=0.0).to(tl.float32)
+            part = tl.sum(q3 * tl.reshape(xt, (1, NB, 32)), axis=2)  # [BLOCK_N, NB] per-block dots
+            contrib = tl.sum(part * d, axis=1)  # [BLOCK_N]
+            acc = tl.where(rt[:, None] == t, acc + contrib[None, :], acc)
+    out = out_ptr + pid_s * stride_os + rt[:, None] * stride_ot + rn[None, :]
+    tl.store(out, acc, mask=(rt[:, None] < T) & n_ok[None, :])
+
+
+@triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                   T, N, R, K,
                   stride_xt, stride_xg, stride_ot,
@@ -140,6 +174,29 @@ def gemv(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig 
     return out[0] if split == 1 else out.sum(0)
 
 
+def gemv_q8_0_blocked(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None):
+    """Q8_0 decode GEMV in block-dot form (see _q8_0_gemv_blocked_kernel); other formats -> gemv."""
+    if dw.fmt.name != "Q8_0":
+        return gemv(x, dw, dev, groups, cfg)
+    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
+    cfg = cfg or select_gemv(dw.fmt, N, dw.k, dev)
+    block_n = cfg.block_n if groups == 1 else pow2_divisor(R, cfg.block_n)
+    block_t = max(1, triton.next_power_of_2(T))
+    block_k = max(32, cfg.block_k)
+    split = cfg.split_k
+    while split > 1 and (dw.k // split) % block_k:
+        split //= 2
+    k_per_split = dw.k // split
+    if k_per_split % block_k:
+        return gemv(x, dw, dev, groups, cfg)
+    out = blocks.empty((split, T, N), x.device)
+    _q8_0_gemv_blocked_kernel[(triton.cdiv(N, block_n), split)](
+        x, dw.w, dw.s, out, T, N, R, k_per_split, x.stride(0), stride_xg, out.stride(0), out.stride(1),
+        dw.stride_w, dw.stride_s, dw.off_s, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out[0] if split == 1 else out.sum(0)
+
+
 def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None):
     """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles."""
     x, T, N, R, stride_xg, torch = _check(x, dw, groups)
@@ -199,6 +256,7 @@ def qmatmul_dequant_torch(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1)
 
 
 # ---- registered variants (op "qmatmul"; signature fn(x, dw, dev, groups)) ------------------------
+from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
 register(KernelOp.QMATMUL, AUTO, qmatmul_auto, doc=f"gemv for T <= {DECODE_MAX_T}, gemm above")
@@ -206,6 +264,8 @@ register(KernelOp.QMATMUL, "gemv", gemv, max_t=DECODE_MAX_T,
          doc="row-parallel GEMV, fp32 FMA, split-K when rows are few")
 register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, dw, dev, groups, allow_split=False),
          max_t=DECODE_MAX_T, doc="row-parallel GEMV without split-K (for comparison)")
+register(KernelOp.QMATMUL, "gemv_q8blk", gemv_q8_0_blocked, formats=(QuantFormat.Q8_0,), max_t=DECODE_MAX_T,
+         doc="Q8_0 GEMV as per-block dots scaled once per 32 weights")
 register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
 register(KernelOp.QMATMUL, "gemm_ieee", gemm_ieee, doc="tl.dot on fp32 tiles with IEEE products (accurate, slower)")
 register(KernelOp.QMATMUL, "auto_ieee", qmatmul_auto_ieee, doc=f"gemv for T <= {DECODE_MAX_T}, gemm_ieee above")

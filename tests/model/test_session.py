@@ -44,7 +44,7 @@ def _decode_trace(engine, ids, at):
     return out
 
 
-@pytest.mark.parametrize("which,n_max", [("q2", 700), ("q4", 300), ("q2_seed1", 131)])
+@pytest.mark.parametrize("which,n_max", [("q2", 700), ("q4", 131), ("q2_seed1", 129)])
 def test_prefill_equals_decode(request, which, n_max):
     engine = request.getfixturevalue(which)
     ns = [n for n in N_LIST if n <= n_max]
@@ -81,8 +81,8 @@ def test_fp32_vs_fp64_reference(tiny_q2_path):
     e64 = dsv4.load(tiny_q2_path, backend="torch", dtype="fp64")
     s64 = e64.new_session(ctx=256)
     s64.prefill(ids[:-1])
-    b = e64.model.logits(e64.model.forward(np.asarray(ids[-1:]), 139, s64.state))  # keep fp64 logits
-    b = e64.ops.numpy(b)[0] if False else b.detach().numpy()[0]
+    X = e64.model.forward(np.asarray(ids[-1:]), 139, s64.state)
+    b = e64.model.logits(X).detach().numpy()[0]  # fp64 logits (Session would hand back float32)
     scale = float(np.abs(b).max())
     assert_close(a / scale, b / scale, "model", "fp32_vs_fp64", "logits / max|logit|")
 
