@@ -90,6 +90,9 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("kv_cache", "bitexact"): Tol(0.0, 0.0, "compact KV rows, pages, spill and snapshots store the very bits the "
                                             "model computed (lossless codecs, checksummed I/O): results are "
                                             "bit-identical (tests also compare the raw bits, so -0.0 != +0.0)"),
+    # ---- quant tools (helper H9) ----
+    ("quality", "float64"): Tol(1e-13, 1e-12, "KL / NLL / relative RMSE in float64 vs the same formula written out "
+                                              "by hand: sums of <= 1e5 terms in a different order, ~n*2^-53"),
     # ---- CLI (helper H8) ----
     ("dump_logprobs", "float64"): Tol(1e-12, 0.0, "within one --dump-logprobs step, logit - logprob gives back the "
                                               "step's float64 logsumexp; one float64 subtraction of O(10) values "

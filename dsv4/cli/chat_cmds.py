@@ -138,8 +138,9 @@ def _think_from_flags(think: bool, nothink: bool, think_max: bool) -> str:
 def _consoles():
     from rich.console import Console
 
-    out = Console(emoji=False, highlight=False)
-    err = Console(stderr=True, emoji=False, highlight=False)
+    # soft_wrap: the terminal wraps long lines; rich must not break streamed text or stats lines itself
+    out = Console(emoji=False, highlight=False, soft_wrap=True)
+    err = Console(stderr=True, emoji=False, highlight=False, soft_wrap=True)
     return out, err
 
 

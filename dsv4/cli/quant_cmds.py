@@ -69,6 +69,8 @@ def quality_cmd(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="Per-tensor error of this recipe on A instead."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Score at most this many tokens of the text."),
     max_experts: Optional[int] = typer.Option(None, "--max-experts", help="With --recipe: measure the first N experts."),
+    tensors: Optional[list[str]] = typer.Option(None, "--tensors", help="With --recipe: only tensors matching "
+                                                                         "this glob (repeatable)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ):
     """Compare two GGUFs on a text (KL, top-1, NLL), or report a recipe's per-tensor error on a model."""
@@ -80,7 +82,7 @@ def quality_cmd(
     if recipe is not None:
         if b is not None or text is not None:
             raise DsvError("--recipe scores one model's tensors: give only MODEL (no second file, no --text)")
-        rows = quality.tensor_errors(a, recipe, max_experts=max_experts)
+        rows = quality.tensor_errors(a, recipe, patterns=tuple(tensors or ("*",)), max_experts=max_experts)
         if as_json:
             print(json.dumps([r.as_row() for r in rows]))
             return

@@ -580,11 +580,12 @@ class Repl:
         return PromptSession(history=history, key_bindings=kb, multiline=False, enable_open_in_editor=False)
 
     def run(self):
-        ps = self._session()
+        # prompt_toolkit needs a terminal; piped input (`echo hi | dsv4 chat`) is read line by line.
+        read = self._session().prompt if sys.stdin.isatty() and sys.stdout.isatty() else input
         self.c.print("[dim]Type /help for commands, Ctrl+D to quit.[/]")
         while True:
             try:
-                line = ps.prompt(PROMPT)
+                line = read(PROMPT)
             except KeyboardInterrupt:
                 continue  # Ctrl+C at the prompt clears the line, like a shell
             except EOFError:

@@ -72,8 +72,6 @@ class TritonOps(TorchOps):
     def moe(self, u, gate: QTensor, up: QTensor, down: QTensor, sel, weights, clamp):
         if self.act_quant or not all(t.fmt in SUPPORTED for t in (gate, up, down)):
             return super().moe(u, gate, up, down, sel, weights, clamp)
-        v = resolve(KernelOp.MOE, gate.fmt, self.kernels)
-        if not v.supports(down.fmt):
-            v = resolve(KernelOp.MOE, down.fmt, {})
+        v = resolve(KernelOp.MOE, gate.fmt, self.kernels)  # variants specialise on the gate/up format
         y = v.fn(u, self._dw(gate), self._dw(up), self._dw(down), sel, weights, clamp, self.device_info)
         return y.to(self.dtype)

@@ -98,7 +98,8 @@ def _q8_0_gemv_blocked_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
         rb = (kb >> 5) + tl.arange(0, NB)
         d = tl.load(s_ptr + rn64[:, None] * stride_s + off_s + rb[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
         for t in tl.static_range(BLOCK_T):
-            xt = tl.load(x_ptr + t * stride_xt + g * stride_xg + rk, mask=(rk >= 0) & (t < T), other=0.0).to(tl.float32)
+            t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; their results are not stored
+            xt = tl.load(x_ptr + t_row.to(tl.int64) * stride_xt + g * stride_xg + rk).to(tl.float32)
             part = tl.sum(q3 * tl.reshape(xt, (1, NB, 32)), axis=2)  # [BLOCK_N, NB] per-block dots
             contrib = tl.sum(part * d, axis=1)  # [BLOCK_N]
             acc = tl.where(rt[:, None] == t, acc + contrib[None, :], acc)

@@ -156,3 +156,11 @@ def test_tiny_model_tritonops_matches_reference(tiny_q2_path, poison):
         assert np.isfinite(g).all(), f"step {step}: non-finite logits"
         assert_close(g / scale, r / scale, "triton_model", "logits", f"tiny q2 logits step {step}")
         assert int(np.argmax(g)) == int(np.argmax(r)) or np.sort(r)[-1] - np.sort(r)[-2] < 1e-2 * scale
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_fused_decode_g8_q2(t, poison):
+    """The per-8-weight-group IQ2_XXS gate/up variant on the q2 recipe."""
+    (gate, up, down, u, sel, wts), (wg, wu, wd) = make_problem("q2", 5, 256, 256, t, 6, seed=9 + t)
+    y = moe.fused_decode_g8(u, gate, up, down, sel, wts, CLAMP, detect_device(DEVICE))
+    assert_matches(y, moe_reference(u, wg, wu, wd, sel, wts, CLAMP), "triton_moe", "decode", f"g8 T={t}")

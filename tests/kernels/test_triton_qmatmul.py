@@ -155,3 +155,14 @@ def test_scoped_override_and_unknown_name():
     with pytest.raises(ValueError, match="no qmatmul kernel named 'nope'"):
         with registry.use(qmatmul="nope"):
             pass
+
+
+@pytest.mark.parametrize("t,groups", [(1, 1), (3, 1), (2, 2)])
+def test_q8_0_blocked_gemv(t, groups, poison):
+    """The block-dot Q8_0 GEMV variant: several row blocks, two K slices, grouped rows."""
+    dev = detect_device(DEVICE)
+    n = 64 if groups > 1 else 37
+    dw, w_ref = make_weight(Q.Q8_0, (n, 256), 21 + t)
+    x = torch.randn((t, groups, 256) if groups > 1 else (t, 256), generator=torch.Generator().manual_seed(t)).to(DEVICE)
+    y = qmatmul.gemv_q8_0_blocked(x, dw, dev, groups, cfg=GemvConfig(block_n=16, block_k=64, num_warps=4, split_k=2))
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"q8blk T={t} G={groups}")
