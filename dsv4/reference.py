@@ -26,6 +26,7 @@ HADAMARD_N = 128
 Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
 DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of dequantized weights kept per TorchOps
+ROPE_TABLE_MIN = 4096  # positions tabulated up front per RoPE class
 EXPERT_CACHE_MAX = 256 << 20  # a 3-D expert tensor is cached only below this (tiny models)
 
 _PLAIN = {QuantFormat.F32: np.float32, QuantFormat.F16: np.float16, QuantFormat.I32: np.int32}
@@ -74,6 +75,7 @@ class TorchOps:
         self.cache_budget = cache_budget
         self._cached_bytes = 0
         self._hadamard = hadamard(HADAMARD_N, dtype).to(self.device)
+        self._rope_tables: dict = {}
 
     # ---- plumbing -------------------------------------------------------------------------------
     def prepare(self, w: QTensor) -> QTensor:
@@ -170,8 +172,8 @@ class TorchOps:
             x = self.quant_q8_0(x)
         W = self.dequant(w)
         r = W.shape[0] // groups
-        y = torch.einsum("tgi,goi->tgo", x, W.reshape(groups, r, W.shape[1]))
-        return y.reshape(x.shape[0], groups * r)
+        y = x.transpose(0, 1) @ W.reshape(groups, r, W.shape[1]).transpose(1, 2)  # [G, T, r]
+        return y.transpose(0, 1).reshape(x.shape[0], groups * r)
 
     def rms_norm(self, x: torch.Tensor, w: Optional[QTensor], eps: float) -> torch.Tensor:
         # sum of squares in double, as the CPU engine (model.md §4 notation)
@@ -199,7 +201,7 @@ class TorchOps:
         return x, b, comb
 
     def hc_post(self, X, y, post, comb):
-        return post[:, :, None] * y[:, None, :] + torch.einsum("trc,trd->tcd", comb, X)
+        return post[:, :, None] * y[:, None, :] + comb.transpose(1, 2) @ X
 
     def hc_head(self, X, fn, scale, base, eps, rms_eps):
         T, S, D = X.shape
@@ -208,7 +210,18 @@ class TorchOps:
         return (w[:, :, None] * X).sum(1)
 
     def rope_cos_sin(self, pos: torch.Tensor, rope: RopeParams) -> tuple[torch.Tensor, torch.Tensor]:
-        """[T] positions -> cos, sin [T, R/2] by the CPU fp32 recipe of model.md §4.3.4."""
+        """[T] positions -> cos, sin [T, R/2] by the CPU fp32 recipe of model.md §4.3.4 (tabulated per
+        RopeParams; the table grows by doubling. Reading pos.max() is a host sync: fine for the CPU reference,
+        a graph-captured backend overrides this op)."""
+        need = int(pos.max()) + 1 if pos.numel() else 0
+        hit = self._rope_tables.get(rope)
+        if hit is None or hit[0].shape[0] < need:
+            n = max(need, ROPE_TABLE_MIN, 2 * (hit[0].shape[0] if hit else 0))
+            hit = self._rope_compute(torch.arange(n, device=self.device), rope)
+            self._rope_tables[rope] = hit
+        return hit[0].index_select(0, pos), hit[1].index_select(0, pos)
+
+    def _rope_compute(self, pos: torch.Tensor, rope: RopeParams) -> tuple[torch.Tensor, torch.Tensor]:
         half = rope.n_dims // 2
         f32 = np.float32
         theta_scale = f32(float(rope.base) ** (float(f32(-2.0) / f32(rope.n_dims))))
@@ -307,12 +320,13 @@ class TorchOps:
         elif T * K <= gate.shape[0]:
             # few tokens: gather the selected experts' matrices (no host sync)
             s = sel.reshape(-1)
-            g = torch.einsum("nfd,nd->nf", Wg[s], ua.repeat_interleave(K, 0))
-            up_ = torch.einsum("nfd,nd->nf", Wu[s], ua.repeat_interleave(K, 0))
+            uk = ua.repeat_interleave(K, 0)[:, :, None]  # [T*K, D, 1]
+            g = (Wg[s] @ uk)[:, :, 0]
+            up_ = (Wu[s] @ uk)[:, :, 0]
             h = self.swiglu(g, up_, clamp) * weights.reshape(-1, 1)
             if self.act_quant:
                 h = self.quant_q8_k(h)
-            y = torch.einsum("ndf,nf->nd", Wd[s], h)
+            y = (Wd[s] @ h[:, :, None])[:, :, 0]
             return y.reshape(T, K, -1).sum(1)
         else:
             experts = range(gate.shape[0])
@@ -379,8 +393,8 @@ class TorchOps:
 
     def indexer_topk(self, q, w, keys, n_vis, top_k, scale):
         T, C = q.shape[0], keys.shape[0]
-        dots = torch.relu(torch.einsum("tid,cd->tic", q, keys))
-        s = torch.einsum("ti,tic->tc", w * scale, dots)
+        dots = torch.relu(q @ keys.T)  # [T, I, C]
+        s = ((w * scale)[:, None, :] @ dots)[:, 0]  # [T, C]
         c = torch.arange(C, device=self.device)
         visible = c[None, :] < n_vis[:, None]
         s = torch.where(visible, s, torch.full_like(s, -math.inf))
@@ -392,13 +406,13 @@ class TorchOps:
         return torch.where((n_vis > top_k)[:, None], chosen, visible)
 
     def sink_attention(self, q, kv, allowed, sinks, scale):
-        z = torch.einsum("thd,nd->thn", q, kv) * scale
+        z = (q @ kv.T) * scale  # [T, H, N]
         z = z.masked_fill(~allowed[:, None, :], -math.inf)
         sk = self.weight(sinks)[None, :, None]  # [1, H, 1]
         mu = torch.maximum(z.amax(-1, keepdim=True), sk)
         e = torch.exp(z - mu)
         den = torch.exp(sk - mu) + e.sum(-1, keepdim=True)
-        return torch.einsum("thn,nd->thd", e / den, kv)
+        return (e / den) @ kv
 
 
 def yarn_corr_dims(rope: RopeParams) -> tuple[float, float]:

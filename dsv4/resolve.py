@@ -56,7 +56,8 @@ def demo_model_path() -> Path:
 
 def check_model_file(path: Path, source: ModelSource) -> Path:
     """Fail early, with the way out named, on a path that cannot be a GGUF model."""
-    hint = "pass -m PATH or set DSV4_MODEL" if source is not ModelSource.FLAG else "check the -m path"
+    hint = {ModelSource.FLAG: "check the -m path", ModelSource.SETTING: "fix DSV4_MODEL or pass -m PATH"}.get(
+        source, "pass -m PATH or set DSV4_MODEL")
     if not path.exists():
         raise ModelFileError(f"model file not found: {path} (from {source.value}; {hint})")
     if path.is_dir():
@@ -71,11 +72,12 @@ def check_model_file(path: Path, source: ModelSource) -> Path:
     return path
 
 
-def ensure_demo_model(on_create=None) -> tuple[Path, bool]:
+def ensure_demo_model(on_create=None, progress=None) -> tuple[Path, bool]:
     """Path of the demo model, generating it on first use. Returns (path, created).
 
     The file is written to a temporary name and renamed, so an interrupted or concurrent first run never
-    leaves a half-written model behind. `on_create()` is called just before generating (for a spinner)."""
+    leaves a half-written model behind. `on_create()` is called just before generating; `progress(done, total,
+    name)` per tensor written (both for the CLI's display)."""
     path = demo_model_path()
     if path.is_file() and path.stat().st_size > 0:
         return path, False
@@ -86,7 +88,7 @@ def ensure_demo_model(on_create=None) -> tuple[Path, bool]:
 
     tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
     try:
-        write_model(tmp, preset=DEMO_PRESET, recipe=DEMO_RECIPE, seed=DEMO_SEED)
+        write_model(tmp, preset=DEMO_PRESET, recipe=DEMO_RECIPE, seed=DEMO_SEED, progress=progress)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -94,7 +96,7 @@ def ensure_demo_model(on_create=None) -> tuple[Path, bool]:
     return path, True
 
 
-def resolve_model(explicit: str | os.PathLike | None = None, on_create=None) -> ResolvedModel:
+def resolve_model(explicit: str | os.PathLike | None = None, on_create=None, progress=None) -> ResolvedModel:
     """Apply the resolution order; a path given explicitly (flag or setting) must exist and be a GGUF."""
     if explicit:
         p = Path(explicit).expanduser()
@@ -106,5 +108,5 @@ def resolve_model(explicit: str | os.PathLike | None = None, on_create=None) -> 
     cwd = Path.cwd() / DS4_DEFAULT_NAME
     if cwd.is_file():
         return ResolvedModel(check_model_file(cwd, ModelSource.CWD), ModelSource.CWD)
-    path, created = ensure_demo_model(on_create)
+    path, created = ensure_demo_model(on_create, progress)
     return ResolvedModel(path, ModelSource.DEMO, created)

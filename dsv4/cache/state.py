@@ -96,6 +96,14 @@ class LayerState:
             if len(a):
                 ops.put(v, ops.asarray(np.arange(len(a), dtype=np.int64)), ops.asarray(a))
 
+    @staticmethod
+    def from_arrays(ops, cfg: Config, layer: int, ctx: int, arrays: dict[str, np.ndarray],
+                    n_tokens: int) -> "LayerState":
+        """A freshly allocated layer state filled from `to_arrays()` output."""
+        st = LayerState.allocate(ops, cfg, layer, ctx)
+        st.load_arrays(ops, arrays, n_tokens, cfg.window)
+        return st
+
 
 @dataclass
 class SessionState:
@@ -114,6 +122,12 @@ class SessionState:
             for k, v in st.to_arrays(ops, n_tokens, cfg.ratio(l), cfg.window).items():
                 out[f"layer{l}.{k}"] = v
         return out
+
+    @staticmethod
+    def from_arrays(ops, cfg: Config, ctx: int, arrays: dict[str, np.ndarray], n_tokens: int) -> "SessionState":
+        st = SessionState.allocate(ops, cfg, ctx)
+        st.load_arrays(ops, cfg, arrays, n_tokens)
+        return st
 
     def load_arrays(self, ops, cfg: Config, arrays: dict[str, np.ndarray], n_tokens: int) -> None:
         for l, st in enumerate(self.layers):

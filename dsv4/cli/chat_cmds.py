@@ -13,7 +13,7 @@ from typing import Optional
 
 import typer
 
-from ..chat import DEFAULT_CLI_SYSTEM, THINK_MAX_MIN_CTX
+from ..chat import DEFAULT_CLI_SYSTEM, THINK_MAX_MIN_CTX, THINK_MAX_PREFIX, ThinkMode, effective_think
 from .app import app
 
 DEFAULT_CTX = 32768  # ds4's CLI default (runtime §0)
@@ -29,21 +29,21 @@ class ChatPieces:
     header = BOS [Max prefix] [system]; a user turn = <User> text <Assistant> (<think> | </think>)."""
 
     def __init__(self, tok):
-        from .. import chat
-
-        self.chat = chat
         self.tok = tok
         self.eos_id = tok.eos
         self.think_end_id = tok.think_close
 
-    def think_mode(self, name: str):
-        return self.chat.ThinkMode[name]
+    @staticmethod
+    def think_mode(name: str) -> ThinkMode:
+        return ThinkMode[name]
 
-    def is_max(self, mode) -> bool:
-        return mode is self.chat.ThinkMode.MAX
+    @staticmethod
+    def is_max(mode: ThinkMode) -> bool:
+        return mode is ThinkMode.MAX
 
-    def is_thinking(self, mode) -> bool:
-        return mode is not self.chat.ThinkMode.NONE
+    @staticmethod
+    def is_thinking(mode: ThinkMode) -> bool:
+        return mode.thinking
 
     def mode_name(self, mode) -> str:
         return {"NONE": "nothink", "HIGH": "think", "MAX": "think-max"}[mode.name]
@@ -54,7 +54,7 @@ class ChatPieces:
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            eff = self.chat.effective_think(mode, ctx)
+            eff = effective_think(mode, ctx)
         if eff is not mode and err is not None:
             err.print(f"[yellow]thinking mode: think (ctx {ctx} is below the {THINK_MAX_MIN_CTX} think-max needs)[/]")
         return eff
@@ -62,7 +62,7 @@ class ChatPieces:
     def header(self, system: str, mode) -> list[int]:
         ids = [self.tok.bos]
         if self.is_max(mode):
-            ids += self.tok.encode(self.chat.THINK_MAX_PREFIX)
+            ids += self.tok.encode(THINK_MAX_PREFIX)
         if system:
             ids += self.tok.encode(system)
         return ids
@@ -76,17 +76,25 @@ class KvPolicy:
     """Where sessions come from: the disk prefix cache (a cold session starts from the longest cached
     prefix of its prompt and only the rest is prefilled) and, with a budget, paged KV rows (dsv4.cache)."""
 
-    def __init__(self, engine, kv_dir: Optional[Path], kv_budget: Optional[str], use_cache: bool):
+    @staticmethod
+    def parse_budget(kv_budget: Optional[str]) -> Optional[int]:
+        """Bytes from --kv-budget (else DSV4_KV_BUDGET); None = no paging. Checked before the model loads."""
+        from ..cache.pages import default_budget, parse_size
+        from ..errors import DsvError
+
+        try:
+            return parse_size(kv_budget) if kv_budget else default_budget()
+        except ValueError as e:
+            raise DsvError(f"--kv-budget: {e}") from None
+
+    def __init__(self, engine, kv_dir: Optional[Path], budget: Optional[int], use_cache: bool):
         from .. import settings
-        from ..cache.pages import default_budget, default_kv_dir, parse_size
+        from ..cache.pages import default_kv_dir
         from ..errors import DsvError
 
         self.engine = engine
         self.dir = Path(kv_dir).expanduser() if kv_dir else default_kv_dir()
-        try:
-            self.budget = parse_size(kv_budget) if kv_budget else default_budget()
-        except ValueError as e:
-            raise DsvError(f"--kv-budget: {e}") from None
+        self.budget = budget
         self.cache = None
         if use_cache:
             from ..cache.prefix import PrefixCache
@@ -147,9 +155,20 @@ def _consoles():
 def _resolve(model: Optional[str], err):
     from ..resolve import DEMO_BANNER, resolve_model
 
-    resolved = resolve_model(
-        model, on_create=lambda: err.print("[dim]first run: writing the demo model to the cache (a few seconds)...[/]")
-    )
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("writing the demo model", total=None, visible=False)
+
+        def on_create():
+            err.print("[dim]first run: writing the demo model to the cache (a few seconds)...[/]")
+            bar.update(task, visible=True)
+
+        def progress(done, total, name):
+            bar.update(task, completed=done, total=total)
+
+        resolved = resolve_model(model, on_create=on_create, progress=progress)
     if resolved.is_demo:
         err.print(f"[bold yellow]{DEMO_BANNER}[/]", highlight=False, soft_wrap=True)
         if resolved.created:
@@ -231,10 +250,9 @@ def chat(
 
     out, err = _consoles()
     mode = _think_from_flags(think, nothink, think_max)
+    budget = KvPolicy.parse_budget(kv_budget)
     resolved = _resolve(model, err)
     engine, tok = _load_engine(resolved.path, backend, err)
-    from ..chat import ThinkMode
-
     opts = ChatOptions(
         ctx=ctx,
         max_tokens=_max_tokens(tokens, resolved.is_demo),
@@ -246,7 +264,7 @@ def chat(
         system=system,
         think=ThinkMode[mode],
     )
-    ctl = ChatController(engine, tok, opts, out, err, KvPolicy(engine, kv_dir, kv_budget, not no_kv_cache))
+    ctl = ChatController(engine, tok, opts, out, err, KvPolicy(engine, kv_dir, budget, not no_kv_cache))
     cap = f", replies capped at {opts.max_tokens} tokens (-n)" if opts.max_tokens else ""
     out.print(
         f"[bold]dsv4 chat[/] · {resolved.path.name} · backend {engine.backend}"
@@ -330,9 +348,8 @@ def run(
     out, err = _consoles()
     mode_name = _think_from_flags(think, nothink, think_max)
     text = _read_prompt(prompt, prompt_file)
+    budget = KvPolicy.parse_budget(kv_budget)
     resolved = _resolve(model, err)
-    from ..chat import ThinkMode
-
     mode = ThinkMode[mode_name]
     if dump_tokens:
         from ..weights import open_gguf
@@ -352,7 +369,7 @@ def run(
         raise DsvError(f"--dump-logprobs keeps at most {MAX_LOGPROBS_TOP_K} alternatives per step (got {k_alt})")
     # ds4 dumps logprobs greedily; an explicit --temp samples instead.
     temperature = (0.0 if dump_logprobs is not None else 1.0) if temp is None else temp
-    kv = KvPolicy(engine, kv_dir, kv_budget, not no_kv_cache)
+    kv = KvPolicy(engine, kv_dir, budget, not no_kv_cache)
     _one_shot(engine, tok, kv, ids, ctx, temperature, top_k or 0, top_p, min_p, seed, _max_tokens(tokens, resolved.is_demo),
               mode, dump_logprobs, k_alt, out, err)
 

@@ -418,6 +418,15 @@ class ChatController:
         self.last = stats
         return stats
 
+    def repair(self):
+        """After a Ctrl+C that landed outside the turn loop's handler: drop a turn that has no reply yet and
+        a session that no longer matches the transcript, so the next turn starts consistent."""
+        turns = self.transcript.turns
+        if turns and turns[-1].ids[-1] != self.pieces.eos_id:
+            self.transcript.rollback()
+        if not self.session_is_prefix():
+            self.reset_session()
+
     # -- commands that change state
     def set_think(self, mode) -> str:
         before_max = self.pieces.is_max(self.think)
@@ -458,9 +467,9 @@ class ChatController:
         return d / f"{name}.kv", d / f"{name}.json"
 
     def save(self, name: str) -> Path:
+        kv, meta = self._paths(name)
         if self.session is None:
             raise DsvError("nothing to save yet: send a message first")
-        kv, meta = self._paths(name)
         kv.parent.mkdir(parents=True, exist_ok=True)
         self.session.save(str(kv))
         data = {
@@ -605,6 +614,9 @@ class Repl:
                     self.send(body)
             except DsvError as e:
                 self.err.print(f"[red]error:[/] {escape(str(e))}")
+            except KeyboardInterrupt:
+                self.ctl.repair()
+                self.err.print("[yellow]interrupted[/]")
 
     def dispatch(self, text: str):
         name, _, arg = text.partition(" ")

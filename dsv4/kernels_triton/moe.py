@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import blocks
-from .blocks import DeviceWeight, dequant_tile
+from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits, dequant_tile
 from .configs import DeviceInfo, DotDtype, MoeConfig, select_moe
 from .qmatmul import dot, tl_dot_dtype
 
@@ -100,11 +100,59 @@ def _iq2_xxs_dot_g8(w_ptr, g32_ptr, rows, n_ok, kg, x3, stride_w):
 
 
 @triton.jit
-def _moe_gate_up_iq2_g8_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
-                               F, D, KSEL, clamp, stride_ut, stride_ht, stride_w,
-                               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """As _moe_gate_up_gemv_kernel for IQ2_XXS gate/up, decoding per 8-weight group."""
-    G8: tl.constexpr = BLOCK_K // 8
+def _q4_k_dot_g32(w_ptr, rows, n_ok, j32, x8, xs, stride_w):
+    """sum_k dequant(w)[row, k] * x[k] over the 32-weight sub-blocks j32 (global indices), Q4_K.
+
+    Sub-block j (of 8 per block): 6-bit sc_j/m_j from the 12 packed bytes, codes at shift 4*(j&1) of
+    bytes qs[32*(j//2) + l] (8 int32 words); sum w x = d*sc * sum q x - dmin*m * sum x."""
+    r = rows.to(tl.int64)[:, None]
+    jb = j32[None, :]
+    j = jb & 7
+    base = r * stride_w + (jb >> 3) * 36
+    m = n_ok[:, None]
+    dw = tl.load(w_ptr + base, mask=m, other=0)
+    jm = j & 3
+    lo = (tl.load(w_ptr + base + 1, mask=m, other=0) >> (8 * jm)) & 255
+    mid = (tl.load(w_ptr + base + 2, mask=m, other=0) >> (8 * jm)) & 255
+    hi = (tl.load(w_ptr + base + 3, mask=m, other=0) >> (8 * jm)) & 255
+    low_half = j < 4
+    sc = tl.where(low_half, lo & 63, (hi & 15) | ((lo >> 6) << 4))
+    mn = tl.where(low_half, mid & 63, (hi >> 4) | ((mid >> 6) << 4))
+    dsc = _f16_from_bits(dw) * sc.to(tl.float32)
+    dmm = _f16_from_bits(dw >> 16) * mn.to(tl.float32)
+    wbase = base + 4 + 8 * (j >> 1)
+    ww = tl.load(w_ptr + wbase[:, :, None] + tl.arange(0, 8)[None, None, :], mask=m[:, :, None], other=0)
+    shift = 8 * tl.arange(0, 4)[None, None, None, :] + (4 * (j & 1))[:, :, None, None]
+    q = (ww[:, :, :, None] >> shift) & 15  # [BN, NSB, 8 words, 4 bytes]
+    s1 = tl.sum(tl.sum(q.to(tl.float32) * x8, axis=3), axis=2)
+    return tl.sum(dsc * s1 - dmm * xs, axis=1)
+
+
+@triton.jit
+def _block_dot(w_ptr, g32_ptr, rows, n_ok, k0, x, stride_w, FMT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """[BLOCK_N] partial sums of dequant(w)[rows, k0:k0+BLOCK_K] @ x with per-group decoding:
+    IQ2_XXS per 8 weights, Q2_K per 16, Q4_K per 32 (scales applied once per group)."""
+    if FMT == FMT_IQ2_XXS:
+        G8: tl.constexpr = BLOCK_K // 8
+        return _iq2_xxs_dot_g8(w_ptr, g32_ptr, rows, n_ok, (k0 >> 3) + tl.arange(0, G8),
+                               tl.reshape(x, (1, G8, 8)), stride_w)
+    elif FMT == FMT_Q2_K:
+        G16: tl.constexpr = BLOCK_K // 16
+        xs = tl.sum(tl.reshape(x, (G16, 16)), axis=1)[None, :]
+        return _q2_k_dot_g16(w_ptr, rows, n_ok, (k0 >> 4) + tl.arange(0, G16),
+                             tl.reshape(x, (1, G16, 4, 4)), xs, stride_w)
+    else:
+        G32: tl.constexpr = BLOCK_K // 32
+        xs = tl.sum(tl.reshape(x, (G32, 32)), axis=1)[None, :]
+        return _q4_k_dot_g32(w_ptr, rows, n_ok, (k0 >> 5) + tl.arange(0, G32),
+                             tl.reshape(x, (1, G32, 8, 4)), xs, stride_w)
+
+
+@triton.jit
+def _moe_gate_up_blockdot_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
+                                 F, D, KSEL, clamp, stride_ut, stride_ht, stride_w,
+                                 FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _moe_gate_up_gemv_kernel, decoding per group (_block_dot): IQ2_XXS or Q4_K gate/up."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = slot // KSEL
@@ -117,12 +165,55 @@ def _moe_gate_up_iq2_g8_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
         x = tl.load(u_ptr + t * stride_ut + k0 + tl.arange(0, BLOCK_K)).to(tl.float32)
-        x3 = tl.reshape(x, (1, G8, 8))
-        kg = (k0 >> 3) + tl.arange(0, G8)
-        acc_g += _iq2_xxs_dot_g8(gw_ptr, g32_ptr, rows, n_ok, kg, x3, stride_w)
-        acc_u += _iq2_xxs_dot_g8(uw_ptr, g32_ptr, rows, n_ok, kg, x3, stride_w)
+        acc_g += _block_dot(gw_ptr, g32_ptr, rows, n_ok, k0, x, stride_w, FMT, BLOCK_K)
+        acc_u += _block_dot(uw_ptr, g32_ptr, rows, n_ok, k0, x, stride_w, FMT, BLOCK_K)
     h = _swiglu_route(acc_g, acc_u, wt, clamp)
     tl.store(h_ptr + slot * stride_ht + rn, h, mask=n_ok)
+
+
+@triton.jit
+def _moe_down_blockdot_kernel(h_ptr, sel_ptr, out_ptr, dw_ptr, g32_ptr, F, D, KSEL, stride_ht, stride_ot, stride_dw,
+                              FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _moe_down_gemv_kernel, decoding per group (_block_dot): Q2_K or Q4_K down."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < D
+    total = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for i in range(0, KSEL):
+        slot = t * KSEL + i
+        e = tl.load(sel_ptr + slot).to(tl.int64)
+        rows = e * D + rn
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, F, BLOCK_K):
+            x = tl.load(h_ptr + slot * stride_ht + k0 + tl.arange(0, BLOCK_K))
+            acc += _block_dot(dw_ptr, g32_ptr, rows, n_ok, k0, x, stride_dw, FMT, BLOCK_K)
+        total += acc
+    tl.store(out_ptr + t * stride_ot + rn, total, mask=n_ok)
+
+
+@triton.jit
+def _q2_k_dot_g16(w_ptr, rows, n_ok, j16, x4, xs, stride_w):
+    """sum_k dequant(w)[row, k] * x[k] over the 16-weight sub-blocks j16 (global indices), Q2_K.
+
+    Sub-block j (of 16 per block) = 8h + 2s + half holds weights 128h + 32s + 16half + p, p = 0..15,
+    the 2-bit fields at shift 2s of bytes qs[32h + 16half + p] (4 int32 words). Dot identity of
+    quant.md §1.4: sum w x = d*sc * sum q x - dmin*m * sum x, so per weight only shift/and/convert/FMA."""
+    r = rows.to(tl.int64)[:, None]
+    jb = j16[None, :]
+    jl = jb & 15
+    base = r * stride_w + (jb >> 4) * 21
+    m = n_ok[:, None]
+    sc = (tl.load(w_ptr + base + (jl >> 2), mask=m, other=0) >> (8 * (jl & 3))) & 255
+    dw = tl.load(w_ptr + base + 20, mask=m, other=0)
+    dsc = _f16_from_bits(dw) * (sc & 15).to(tl.float32)
+    dmm = _f16_from_bits(dw >> 16) * (sc >> 4).to(tl.float32)
+    wbase = base + 4 + 8 * (jl >> 3) + 4 * (jl & 1)
+    ww = tl.load(w_ptr + wbase[:, :, None] + tl.arange(0, 4)[None, None, :], mask=m[:, :, None], other=0)  # [BN, NSB, 4]
+    shift = 8 * tl.arange(0, 4)[None, None, None, :] + (2 * ((jl >> 1) & 3))[:, :, None, None]
+    q = (ww[:, :, :, None] >> shift) & 3  # [BN, NSB, 4 words, 4 bytes]
+    s1 = tl.sum(tl.sum(q.to(tl.float32) * x4, axis=3), axis=2)
+    return tl.sum(dsc * s1 - dmm * xs, axis=1)
 
 
 @triton.jit
@@ -255,28 +346,41 @@ def fused_decode(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, se
     return out
 
 
-def fused_decode_g8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
-                    dev: DeviceInfo, cfg: MoeConfig | None = None):
-    """fused_decode with the per-8-weight-group IQ2_XXS gate/up kernel (other formats: fused_decode)."""
+BLOCKDOT_GATE_UP = ("IQ2_XXS", "Q4_K")
+BLOCKDOT_DOWN = ("Q2_K", "Q4_K")
+
+
+def fused_blockdot(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
+                   dev: DeviceInfo, cfg: MoeConfig | None = None):
+    """fused_decode with group-wise decoding (_block_dot): IQ2_XXS per 8 weights, Q2_K per 16, Q4_K per
+    32, scales applied once per group. Stages in other formats use the per-weight kernels."""
     import torch
 
-    if gate.fmt.name != "IQ2_XXS":
-        return fused_decode(u, gate, up, down, sel, weights, clamp, dev, cfg)
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
     cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
-    gu = cfg.decode_gate_up
+    gu, dn = cfg.decode_gate_up, cfg.decode_down
     h = blocks.empty((T * K, F), u.device)
-    g32 = gate.g.view(torch.int32)
-    _moe_gate_up_iq2_g8_kernel[(T * K, triton.cdiv(F, gu.block_n))](
-        u, sel, weights, h, gate.w, up.w, g32, F, D, K, float(clamp), u.stride(0), h.stride(0), gate.stride_w,
-        BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
+    if gate.fmt.name in BLOCKDOT_GATE_UP and gu.block_k % 32 == 0:
+        g32 = gate.g.view(torch.int32) if gate.fmt.name == "IQ2_XXS" else gate.w  # grid only read for IQ2
+        _moe_gate_up_blockdot_kernel[(T * K, triton.cdiv(F, gu.block_n))](
+            u, sel, weights, h, gate.w, up.w, g32, F, D, K, float(clamp), u.stride(0), h.stride(0), gate.stride_w,
+            FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
+    else:
+        _moe_gate_up_gemv_kernel[(T * K, triton.cdiv(F, gu.block_n))](
+            u, sel, weights, h, gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
+            u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
+            FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
     out = blocks.empty((T, D), u.device)
-    dn = cfg.decode_down
-    _moe_down_gemv_kernel[(T, triton.cdiv(D, dn.block_n))](
-        h, sel, out, down.w, down.s, down.g, F, D, K,
-        h.stride(0), out.stride(0), down.stride_w, down.stride_s, down.off_s,
-        FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
+    if down.fmt.name in BLOCKDOT_DOWN and dn.block_k % 32 == 0:
+        _moe_down_blockdot_kernel[(T, triton.cdiv(D, dn.block_n))](
+            h, sel, out, down.w, down.w, F, D, K, h.stride(0), out.stride(0), down.stride_w,
+            FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
+    else:
+        _moe_down_gemv_kernel[(T, triton.cdiv(D, dn.block_n))](
+            h, sel, out, down.w, down.s, down.g, F, D, K,
+            h.stride(0), out.stride(0), down.stride_w, down.stride_s, down.off_s,
+            FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
     return out
 
 
@@ -365,8 +469,8 @@ from .registry import AUTO, KernelOp, register  # noqa: E402
 register(KernelOp.MOE, AUTO, moe_auto, doc="fused_decode for T <= 8, grouped above")
 register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
          doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
-register(KernelOp.MOE, "fused_decode_g8", fused_decode_g8, formats=(QuantFormat.IQ2_XXS,), max_t=64,
-         doc="fused_decode with IQ2_XXS gate/up decoded per 8-weight group (less per-weight work)")
+register(KernelOp.MOE, "fused_blockdot", fused_blockdot, formats=(QuantFormat.IQ2_XXS, QuantFormat.Q4_K), max_t=64,
+         doc="fused decode decoding per group (IQ2_XXS 8, Q2_K 16, Q4_K 32 weights), scales once per group")
 register(KernelOp.MOE, "grouped", grouped, doc="device sort by expert, grouped tl.dot GEMMs, ordered K sum")
 register(KernelOp.MOE, "grouped_ieee", grouped_ieee, doc="grouped with fp32 IEEE tl.dot (accurate, slower)")
 register(KernelOp.MOE, "auto_ieee", moe_auto_ieee, doc="fused_decode for T <= 8, grouped_ieee above")

@@ -74,17 +74,18 @@ class Imatrix:
 
     @staticmethod
     def load(path: str | Path) -> "Imatrix":
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file
+        from safetensors import SafetensorError, safe_open
 
         path = Path(path)
         if not path.is_file():
             raise ImatrixError(f"imatrix file not found: {path}")
         try:
-            data = load_file(str(path))
+            with safe_open(str(path), framework="np") as f:
+                meta = f.metadata() or {}
+                data = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError, ValueError) as e:
             raise ImatrixError(f"{path}: not a dsv4 imatrix (safetensors) file: {e}") from None
-        im = Imatrix(source=str(path))
+        im = Imatrix(source=str(path), n_tokens=int(meta.get("n_tokens", 0)))
         for k, v in data.items():
             if k.endswith(SUM_SUFFIX):
                 name = k[: -len(SUM_SUFFIX)]
@@ -157,9 +158,11 @@ def collect_imatrix(model_path: str | Path, token_ids: Sequence[int], chunk: int
     im = ops.imatrix
     im.source = str(model_path)
     for s in range(0, len(ids), chunk):
-        part = ids[s: s + chunk]
+        part = np.asarray(ids[s: s + chunk], dtype=np.int64)
         sess = eng.new_session(ctx=len(part))
-        sess.prefill(part)
+        # the head runs on every position (a session's prefill computes only the last one's logits), so
+        # output.weight gets the statistics of all tokens like every other projection
+        eng.model.logits(eng.model.forward(part, 0, sess.state))
         im.n_tokens += len(part)
         if progress is not None:
             progress(im.n_tokens, len(ids))

@@ -111,15 +111,16 @@ def _moe_reference(raws, u, sel, wts):
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
-@pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (96, "grouped")])
+@pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (1, "blockdot"), (4, "blockdot"), (96, "grouped")])
 def test_moe_flash_shapes(recipe, t, path, poison):
     from dsv4.kernels_triton import moe
     from dsv4.kernels_triton.configs import detect_device
 
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
-    fn = moe.fused_decode if path == "decode" else moe.grouped
+    fn = {"decode": moe.fused_decode, "blockdot": moe.fused_blockdot, "grouped": moe.grouped}[path]
     y = fn(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"))
-    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", path, f"moe {recipe} {path} T={t}")
+    kind = "grouped" if path == "grouped" else "decode"
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", kind, f"moe {recipe} {path} T={t}")
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped"])

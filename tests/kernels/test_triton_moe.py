@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsv4.kernels_triton import moe, registry  # noqa: E402
-from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+from dsv4.kernels_triton.configs import GemmConfig, GemvConfig, MoeConfig, detect_device  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
 from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, make_weight, poison  # noqa: E402,F401
 from tests.tolerances import assert_close  # noqa: E402
@@ -158,9 +158,14 @@ def test_tiny_model_tritonops_matches_reference(tiny_q2_path, poison):
         assert int(np.argmax(g)) == int(np.argmax(r)) or np.sort(r)[-1] - np.sort(r)[-2] < 1e-2 * scale
 
 
-@pytest.mark.parametrize("t", [1, 3])
-def test_fused_decode_g8_q2(t, poison):
-    """The per-8-weight-group IQ2_XXS gate/up variant on the q2 recipe."""
-    (gate, up, down, u, sel, wts), (wg, wu, wd) = make_problem("q2", 5, 256, 256, t, 6, seed=9 + t)
-    y = moe.fused_decode_g8(u, gate, up, down, sel, wts, CLAMP, detect_device(DEVICE))
-    assert_matches(y, moe_reference(u, wg, wu, wd, sel, wts, CLAMP), "triton_moe", "decode", f"g8 T={t}")
+@pytest.mark.parametrize("recipe,t,small", [("q2", 1, False), ("q2", 2, True), ("q4", 1, False), ("q4", 2, True)])
+def test_fused_blockdot(recipe, t, small, poison):
+    """Group-wise decode variant (IQ2_XXS per 8 weights, Q2_K per 16, Q4_K per 32); small tiles: several
+    row blocks and K steps per program."""
+    (gate, up, down, u, sel, wts), (wg, wu, wd) = make_problem(recipe, 5, 256, 256, t, 6, seed=9 + t)
+    cfg = None
+    if small:
+        tile = GemvConfig(block_n=64, block_k=128, num_warps=4)
+        cfg = MoeConfig(tile, tile, GemmConfig(16, 32, 16, 4, 1))
+    y = moe.fused_blockdot(u, gate, up, down, sel, wts, CLAMP, detect_device(DEVICE), cfg)
+    assert_matches(y, moe_reference(u, wg, wu, wd, sel, wts, CLAMP), "triton_moe", "decode", f"blockdot {recipe} T={t}")

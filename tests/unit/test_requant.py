@@ -157,3 +157,59 @@ def test_missing_source_and_output_dir_errors(tmp_path):
     with pytest.raises(ModelFileError, match="no such directory"):
         requant.quantize_model(artifacts("hf"), tmp_path / "no" / "o.gguf", "q2")
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch, capsys):
+    from dsv4.quant.imatrix import Imatrix, ImatrixError
+
+    src = artifacts("q4")  # one top-k layer, 4 experts, 2 used
+    text = tmp_path / "calib.txt"
+    text.write_text("Importance matrices weight the quantization error by how large each input column is.")
+    im_path = tmp_path / "im.safetensors"
+    capsys.readouterr()
+    assert main(["imatrix", str(src), str(text), "-o", str(im_path), "--chunk", "8"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    im = Imatrix.load(im_path)
+    T, K = im.n_tokens, 2
+    assert T >= 10
+    gate, down = "blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"
+    # every token routes to K experts; each dense projection sees every token once; sums are of squares
+    assert im.counts[gate].sum() == T * K and im.counts[down].sum() == T * K
+    assert np.array_equal(im.counts[gate], im.counts["blk.0.ffn_up_exps.weight"])
+    assert im.counts["blk.0.attn_q_a.weight"].tolist() == [T] and im.counts["output.weight"].tolist() == [T]
+    assert im.sums[gate].shape == (4, 256) and (im.sums[gate] >= 0).all() and im.sums[gate].sum() > 0
+    used = int(np.argmax(im.counts[gate]))
+    assert np.array_equal(im.importance(gate, used, 256),
+                          (im.sums[gate][used] / im.counts[gate][used]).astype(np.float32))
+    im.counts[gate][1] = 0
+    assert np.array_equal(im.importance(gate, 1, 256), np.ones(256, np.float32))  # unseen expert: 1.0 (ds4)
+    with pytest.raises(ImatrixError, match="columns"):
+        im.importance(gate, 0, 512)
+    with pytest.raises(ImatrixError, match="not a dsv4 imatrix"):
+        Imatrix.load(text)
+
+    passed, asked = [], []
+    real_rows, real_imp = requant.quantize_rows, Imatrix.importance
+
+    def spy_rows(x, fmt, importance, device):
+        passed.append(importance)
+        return real_rows(x, fmt, importance, device)
+
+    def spy_imp(self, name, expert=None, ncols=None):
+        v = real_imp(self, name, expert, ncols)
+        asked.append((name, expert, v))
+        return v
+
+    monkeypatch.setattr(requant, "quantize_rows", spy_rows)
+    monkeypatch.setattr(Imatrix, "importance", spy_imp)
+    fast = Recipe.load("q4").with_overrides([("*_exps.weight", "Q8_0")], name="q8x")  # no slow searches
+    requant.quantize_model(src, tmp_path / "o.gguf", fast, imatrix=im_path)
+    experts = [(n, e) for n, e, _ in asked if e is not None]
+    assert experts == [(n, e) for n in (gate, "blk.0.ffn_up_exps.weight", down) for e in range(4)]
+    # what the imatrix answered is exactly what reached the quantizer, call by call
+    answered = [v for _, _, v in asked if v is not None]
+    assert len(answered) == len([p for p in passed if p is not None]) > 12
+    assert all(a is b for a, b in zip(answered, [p for p in passed if p is not None]))
+    loaded = Imatrix.load(im_path)
+    v = dict(((n, e), v) for n, e, v in asked)[(down, used)]
+    assert np.array_equal(v, (loaded.sums[down][used] / loaded.counts[down][used]).astype(np.float32))
