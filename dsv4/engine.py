@@ -7,12 +7,9 @@ BACKENDS and imported lazily. Knows nothing of terminals or kernels.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib
-import json
 import logging
 import platform
-import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +20,7 @@ import numpy as np
 from . import settings
 from .cache.state import SessionState
 from .config import Config
-from .errors import ModelFileError, SnapshotError
+from .errors import ModelFileError
 from .model import Model, MtpWeights
 
 log = logging.getLogger("dsv4")
@@ -34,10 +31,6 @@ BACKENDS = {
     "mlx": "dsv4.kernels_mlx:MlxOps",
 }
 
-SNAPSHOT_MAGIC = b"DSV4SNAP"
-SNAPSHOT_VERSION = 1
-_HDR = struct.Struct("<8sII")  # magic, version, header-json length
-_SHA = 32
 
 
 def _backend_class(name: str):
@@ -319,64 +312,19 @@ class Session:
         return out
 
     # ---- snapshots -------------------------------------------------------------------------------
+    # One format for /save, prefix reuse and `load_session`: dsv4/cache/snapshot.py (compact lossless
+    # rows, JSON manifest + raw arrays, crc32 per array, config fingerprint, atomic write, no pickle).
     def save(self, path) -> int:
         """Write a snapshot; returns its size in bytes."""
-        cfg, ops = self.engine.config, self.engine.ops
-        arrays = self.state.to_arrays(ops, cfg, self.n_past)
-        if self.last_logits is not None:
-            arrays["last_logits"] = np.asarray(self.last_logits, dtype=np.float32)
-        if self.last_hidden is not None:
-            arrays["last_hidden"] = ops.numpy(self.last_hidden) if ops is not None else None
-        arrays["tokens"] = np.asarray(self.tokens, dtype=np.int64)
-        meta, blobs, off = [], [], 0
-        for k, v in arrays.items():
-            v = np.ascontiguousarray(v)
-            meta.append({"name": k, "dtype": v.dtype.str, "shape": list(v.shape), "offset": off, "nbytes": v.nbytes})
-            blobs.append(v.tobytes())
-            off += v.nbytes
-        head = json.dumps({"fingerprint": cfg.fingerprint(), "ctx": self.ctx, "n_past": self.n_past,
-                           "prefill_chunk": self.prefill_chunk, "arrays": meta}).encode()
-        body = _HDR.pack(SNAPSHOT_MAGIC, SNAPSHOT_VERSION, len(head)) + head + b"".join(blobs)
-        data = body + hashlib.sha256(body).digest()
-        Path(path).write_bytes(data)
-        return len(data)
+        from .cache import snapshot
+
+        return snapshot.save_session(self, path)
 
     @staticmethod
     def load(engine: Engine, path) -> "Session":
-        try:
-            data = Path(path).read_bytes()
-        except OSError as e:
-            raise SnapshotError(f"cannot read snapshot {path}: {e.strerror}") from None
-        if len(data) < _HDR.size + _SHA or data[:8] != SNAPSHOT_MAGIC:
-            raise SnapshotError(f"{path} is not a dsv4 session snapshot (bad magic or truncated)")
-        body, digest = data[:-_SHA], data[-_SHA:]
-        if hashlib.sha256(body).digest() != digest:
-            raise SnapshotError(f"snapshot {path} is corrupt or truncated (checksum mismatch)")
-        _, version, hlen = _HDR.unpack_from(body)
-        if version != SNAPSHOT_VERSION:
-            raise SnapshotError(f"snapshot {path} has version {version}; this dsv4 reads version {SNAPSHOT_VERSION}")
-        try:
-            head = json.loads(body[_HDR.size:_HDR.size + hlen])
-        except ValueError:
-            raise SnapshotError(f"snapshot {path} has an unreadable header") from None
-        if head["fingerprint"] != engine.config.fingerprint():
-            raise SnapshotError(f"snapshot {path} was written by a different model (config fingerprint differs)")
-        base = _HDR.size + hlen
-        arrays = {}
-        for m in head["arrays"]:
-            s = base + m["offset"]
-            if s + m["nbytes"] > len(body):
-                raise SnapshotError(f"snapshot {path} is truncated")
-            arrays[m["name"]] = np.frombuffer(body[s:s + m["nbytes"]], dtype=np.dtype(m["dtype"])).reshape(m["shape"])
-        sess = Session(engine, head["ctx"], head["prefill_chunk"])
-        n = int(head["n_past"])
-        sess.state.load_arrays(engine.ops, engine.config, arrays, n)
-        sess.tokens = [int(t) for t in arrays["tokens"]]
-        if "last_logits" in arrays:
-            sess.last_logits = arrays["last_logits"].copy()
-        if "last_hidden" in arrays:
-            sess.last_hidden = engine.ops.asarray(arrays["last_hidden"])
-        return sess
+        from .cache import snapshot
+
+        return snapshot.load_session(engine, path)
 
 
 def _sampler_fn(sampler) -> Callable[[np.ndarray], int]:

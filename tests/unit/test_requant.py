@@ -208,7 +208,7 @@ def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch
     assert experts == [(n, e) for n in (gate, "blk.0.ffn_up_exps.weight", down) for e in range(4)]
     # what the imatrix answered is exactly what reached the quantizer, call by call
     answered = [v for _, _, v in asked if v is not None]
-    assert len(answered) == len([p for p in passed if p is not None]) > 12
+    assert len(answered) == len([p for p in passed if p is not None]) == 12  # dense tensors are copied
     assert all(a is b for a, b in zip(answered, [p for p in passed if p is not None]))
     loaded = Imatrix.load(im_path)
     v = dict(((n, e), v) for n, e, v in asked)[(down, used)]
