@@ -192,7 +192,8 @@ class Engine:
         if self._tokenizer is None:
             from .tokenizer import Tokenizer
 
-            self._tokenizer = Tokenizer.from_gguf(self.weights.path)
+            # reuse the weights' reader: a second stock GGUFReader re-parses 129k strings (seconds)
+            self._tokenizer = Tokenizer.from_gguf(self.weights.reader or self.weights.path)
         return self._tokenizer
 
     def new_session(self, ctx: int = 32768, prefill_chunk: Optional[int] = None, kv_budget: Optional[int] = None,

@@ -8,6 +8,16 @@ reason where `shared/` is absent (a user's checkout).
 """
 from __future__ import annotations
 
+import os
+
+# Triton picks interpreter or compiler when first imported: decide before any test module imports it.
+# Without a GPU, kernels run in the interpreter (tools/gpu_check.sh runs them natively on the box).
+if "TRITON_INTERPRET" not in os.environ:
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ["TRITON_INTERPRET"] = "1"
+
 import subprocess
 import sys
 from pathlib import Path

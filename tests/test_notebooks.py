@@ -12,6 +12,8 @@ import pytest
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 CELL_TIMEOUT_S = 300
 PARAMETERS_TAG = "parameters"
+# BOS + "The quick brown fox jumps over the lazy dog." + "The quick" in the V4 vocabulary (skips the tokenizer)
+PROBE_IDS = [0, 671, 4787, 13769, 46012, 54994, 1060, 270, 41638, 6397, 16, 671, 4787]
 
 
 def _run(name: str, params: dict, workdir: Path):
@@ -45,7 +47,7 @@ def test_format_anatomy_notebook(tiny_q2_path, tmp_path):
 
 def test_recipe_comparison_notebook(tmp_path):
     _run("02_recipe_comparison.ipynb", {"WORKDIR": str(tmp_path), "N_LAYERS": 1, "N_EXPERTS": 4,
-                                        "TEXT": "The quick brown fox jumps over the lazy dog, twice.", "SEED": 0},
+                                        "TEXT": "", "TOKEN_IDS": PROBE_IDS, "SEED": 0},
          tmp_path)
     assert (tmp_path / "02_bytes_vs_kl.png").stat().st_size > 0
     assert {p.name for p in tmp_path.glob("*.gguf")} == {"ref.gguf", "q8x.gguf", "q4.gguf", "q2.gguf"}

@@ -87,6 +87,11 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                                "prefill) vs TorchOps: ulp-level sum-order differences flip FP8/FP4/"
                                                "F16 roundings of cached KV rows (steps up to 1/8 relative), damped "
                                                "by attention and norms; measured 1.2e-3 of max |logit|"),
+    ("triton_model", "logits_fp16"): Tol(5e-2, 0.0, "tiny model with the default kernels: prefill GEMMs round "
+                                                    "activations and weights to fp16 (2^-11), which then flips "
+                                                    "FP8/FP4 KV roundings; measured 1.5e-2 of max |logit| "
+                                                    "(interpreter fp16 dot); ds4's own CUDA path rounds "
+                                                    "activations to 8 bits"),
     # ---- KV cache (helper H7) ----
     ("kv_cache", "bitexact"): Tol(0.0, 0.0, "compact KV rows, pages, spill and snapshots store the very bits the "
                                             "model computed (lossless codecs, checksummed I/O): results are "

@@ -19,6 +19,20 @@ from . import bench_cmds  # noqa: E402,F401  bench
 EXIT_INTERRUPTED = 130
 
 
+def _click_errors() -> tuple:
+    """ClickException classes to catch: typer >= 0.26 vendors its own copy of click next to the real one."""
+    import click
+
+    classes = [click.exceptions.ClickException]
+    try:
+        from typer._click import exceptions as vendored  # type: ignore[import-not-found]
+
+        classes.append(vendored.ClickException)
+    except ImportError:
+        pass
+    return tuple(classes)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI and return the exit status (the console script passes it to sys.exit)."""
     import click
@@ -36,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
-    except click.exceptions.ClickException as e:  # usage errors: click prints them with its own exit code
+    except _click_errors() as e:  # usage errors: click prints them with its own exit code
         e.show()
         return e.exit_code
     except click.exceptions.Abort:

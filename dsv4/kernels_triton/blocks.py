@@ -19,7 +19,7 @@ import numpy as np
 import triton
 import triton.language as tl
 
-from ..quant.formats import QK_K, QTensor, QuantFormat
+from ..quant.formats import QTensor, QuantFormat
 from ..quant.tables import IQ2XXS_GRID
 
 # Format ids as kernel constexprs (the GGML type ids).

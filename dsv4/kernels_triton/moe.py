@@ -326,8 +326,6 @@ def _check(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, wei
 def fused_decode(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
                  dev: DeviceInfo, cfg: MoeConfig | None = None):
     """Routed MoE for few tokens: u [T, D], sel/weights [T, K] -> [T, D] fp32 (two launches)."""
-    import torch
-
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
     cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
@@ -414,8 +412,6 @@ def expert_tiles(sel, n_expert: int, block_m: int):
 def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
             dev: DeviceInfo, cfg: MoeConfig | None = None):
     """Routed MoE for many tokens: sort by expert, one grouped GEMM launch per projection stage."""
-    import torch
-
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
     cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)

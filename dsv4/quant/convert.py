@@ -1,19 +1,9 @@
 """The official Hugging Face checkpoint layout of DeepSeek V4 Flash, read as float32 under GGUF names.
 
-Owns the HF -> GGUF name map (model.md §3.5), the config.json -> Config mapping, the decoders of the
-source encodings, and `write_hf_checkpoint` (a synthetic checkpoint in the same layout, for tests and
-notebooks). Knows nothing of GGUF block formats or recipes: requant.py turns these floats into a file.
-
-Source encodings (facts from ds4's gguf-tools/deepseek4-quantize.c, the converter ds4's files come from):
-* dense FP8: `X.weight` F8_E4M3 [out, in] with `X.scale` F8_E8M0 [ceil(out/128), ceil(in/128)]; the value
-  is e4m3(w) * 2^(s-127) per 128x128 block (ds4 requires exact multiples of 128; ceil blocks are accepted
-  here, as DeepSeek's own weight_dequant does). E4M3 NaN codes (0x7f/0xff) read as 0, as ds4 does.
-* routed experts FP4 (MXFP4): `layers.L.ffn.experts.E.wK.weight` stored as I8 [out, in/2], two E2M1
-  codes per byte, element 2j in the LOW nibble and 2j+1 in the high nibble; code bit 3 is the sign,
-  bits 0-2 index {0, .5, 1, 1.5, 2, 3, 4, 6}; `...wK.scale` F8_E8M0 [out, in/32] scales each run of 32.
-* everything else BF16/F16/F32 (norms, HC, router, ...), the hash table `ffn.gate.tid2eid` I64 (or I32).
-* E8M0 byte e means 2^(e-127); e = 0 is 2^-127 (ds4), e = 255 (NaN) is rejected.
-HF tensor shapes are PyTorch order, i.e. equal to dsv4's logical (math) shapes.
+Owns the HF -> GGUF name map (model.md §3.5), config.json -> Config, the decoders of the source encodings
+(FP8-E4M3 with 128x128 UE8M0 block scales, packed FP4-E2M1 experts with a UE8M0 scale per 32, BF16/F32,
+I64 hash tables) and `write_hf_checkpoint`, a synthetic checkpoint in the same layout for tests and
+notebooks. Knows nothing of GGUF block formats or recipes: requant.py turns these floats into a file.
 """
 from __future__ import annotations
 
@@ -31,6 +21,16 @@ from ..config import (
 )
 from ..errors import ModelFileError
 
+# The layout, as ds4's converter (gguf-tools/deepseek4-quantize.c) reads the official release:
+# * dense FP8: `X.weight` F8_E4M3 [out, in] + `X.scale` F8_E8M0 [ceil(out/128), ceil(in/128)];
+#   value = e4m3(w) * 2^(s-127) per 128x128 block. ds4 requires exact multiples of 128; ceil blocks are
+#   accepted here, as DeepSeek's weight_dequant does. E4M3 NaN codes (0x7f/0xff) read as 0, as in ds4.
+# * routed experts (MXFP4): `layers.L.ffn.experts.E.wK.weight` I8 [out, in/2], two E2M1 codes per byte,
+#   element 2j in the LOW nibble and 2j+1 in the high one; code bit 3 = sign, bits 0-2 index
+#   {0, .5, 1, 1.5, 2, 3, 4, 6}; `...wK.scale` F8_E8M0 [out, in/32] scales each run of 32 inputs.
+# * all other tensors BF16/F16/F32; the hash table `ffn.gate.tid2eid` I64 (I32 accepted).
+# * E8M0 byte e is 2^(e-127); e = 0 is 2^-127 (as ds4), e = 255 (NaN) is rejected.
+# HF shapes are PyTorch order, i.e. dsv4's logical (math) shapes; experts are stacked to [E, out, in].
 FP8_BLOCK = 128  # dense weights: one E8M0 scale per 128x128 block
 FP4_GROUP = 32  # experts: one E8M0 scale per 32 input elements
 FP8_MAX = 448.0
@@ -411,15 +411,17 @@ def _scale_name(weight_name: str) -> str:
 
 # ---- writing a synthetic checkpoint ---------------------------------------------------------------------
 
-def _hf_encoding(fmt_name: str, ndim: int) -> str:
-    """How the official release stores a tensor that the published GGUFs keep as `fmt_name`."""
-    if fmt_name == "I32":
+def _hf_encoding(fmt, ndim: int) -> str:
+    """How the official release stores a tensor that the published GGUFs keep as QuantFormat `fmt`."""
+    from .formats import QuantFormat
+
+    if fmt == QuantFormat.I32:
         return HfDtype.I64
-    if ndim == 1 or fmt_name == "F32":
+    if ndim == 1 or fmt == QuantFormat.F32:
         return HfDtype.F32
-    if fmt_name in ("Q8_0",):
+    if fmt == QuantFormat.Q8_0:
         return HfDtype.FP8
-    if fmt_name in ("IQ2_XXS", "Q2_K", "Q4_K"):
+    if fmt in (QuantFormat.IQ2_XXS, QuantFormat.Q2_K, QuantFormat.Q4_K):
         return HfDtype.FP4_PACKED
     return HfDtype.BF16
 
@@ -433,7 +435,7 @@ def iter_hf_tensors(cfg: Config, seed: int = 0) -> Iterator[tuple[str, np.ndarra
 
     for i, slot in enumerate(inventory(cfg, "q2")):
         h = hf_name(slot.name)
-        enc = _hf_encoding(slot.fmt.name, len(slot.shape))
+        enc = _hf_encoding(slot.fmt, len(slot.shape))
         rng = np.random.default_rng([seed, i])
         if slot.fmt.is_quantized:
             std = np.float32(1.0 / math.sqrt(slot.shape[-1]))

@@ -134,3 +134,18 @@ def test_moe_bitwise_reproducible(path):
     a = fn(u, gate, up, down, sel, wts, CLAMP, dev)
     b = fn(u, gate, up, down, sel, wts, CLAMP, dev)
     assert torch.equal(a, b), "MoE output differs between two identical runs"
+
+
+def test_tiny_model_default_kernels(tiny_q2_path):
+    """TritonOps with its default (fp16-dot prefill) kernels vs TorchOps on the GPU, prefill + decode.
+    (tests/kernels/test_triton_moe.py runs the fp32-kernel comparison with the tight tolerance.)"""
+    import numpy as np
+
+    from tests.kernels.test_triton_moe import _run
+    from tests.tolerances import assert_close
+
+    ref = _run(tiny_q2_path, "torch")
+    got = _run(tiny_q2_path, "triton")
+    for step, (g, r) in enumerate(zip(got, ref)):
+        scale = float(np.abs(r).max())
+        assert_close(g / scale, r / scale, "triton_model", "logits_fp16", f"tiny q2 default kernels step {step}")

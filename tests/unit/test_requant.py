@@ -159,19 +159,18 @@ def test_missing_source_and_output_dir_errors(tmp_path):
     shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch, capsys):
+def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch):
     from dsv4.quant.imatrix import Imatrix, ImatrixError
 
+    from dsv4.quant.imatrix import collect_imatrix
+
     src = artifacts("q4")  # one top-k layer, 4 experts, 2 used
-    text = tmp_path / "calib.txt"
-    text.write_text("Importance matrices weight the quantization error by how large each input column is.")
     im_path = tmp_path / "im.safetensors"
-    capsys.readouterr()
-    assert main(["imatrix", str(src), str(text), "-o", str(im_path), "--chunk", "8"]) == 0
-    assert "wrote" in capsys.readouterr().out
+    ids = [0, 19923, 2058, 14, 566, 344, 260, 1950, 294, 270, 17168, 2645, 16, 1000, 2000]
+    collect_imatrix(src, ids, chunk=8).save(im_path)  # (the CLI adds only tokenization: slow, tested elsewhere)
     im = Imatrix.load(im_path)
     T, K = im.n_tokens, 2
-    assert T >= 10
+    assert T == len(ids)
     gate, down = "blk.0.ffn_gate_exps.weight", "blk.0.ffn_down_exps.weight"
     # every token routes to K experts; each dense projection sees every token once; sums are of squares
     assert im.counts[gate].sum() == T * K and im.counts[down].sum() == T * K
@@ -185,8 +184,9 @@ def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch
     assert np.array_equal(im.importance(gate, 1, 256), np.ones(256, np.float32))  # unseen expert: 1.0 (ds4)
     with pytest.raises(ImatrixError, match="columns"):
         im.importance(gate, 0, 512)
+    (tmp_path / "x.txt").write_text("not safetensors")
     with pytest.raises(ImatrixError, match="not a dsv4 imatrix"):
-        Imatrix.load(text)
+        Imatrix.load(tmp_path / "x.txt")
 
     passed, asked = [], []
     real_rows, real_imp = requant.quantize_rows, Imatrix.importance
@@ -213,3 +213,19 @@ def test_imatrix_collect_save_load_and_feed_the_quantizers(tmp_path, monkeypatch
     loaded = Imatrix.load(im_path)
     v = dict(((n, e), v) for n, e, v in asked)[(down, used)]
     assert np.array_equal(v, (loaded.sums[down][used] / loaded.counts[down][used]).astype(np.float32))
+
+
+def test_imatrix_cli_on_a_text(tmp_path, capsys):
+    from dsv4.quant.imatrix import Imatrix
+
+    src = artifacts("q4")
+    text = tmp_path / "calib.txt"
+    text.write_text("Importance matrices weight the quantization error by how large each input column is.")
+    capsys.readouterr()
+    out = tmp_path / "im.safetensors"
+    assert main(["imatrix", str(src), str(text), "-o", str(out), "--chunk", "8"]) == 0
+    assert f"wrote {out}" in capsys.readouterr().out
+    im = Imatrix.load(out)
+    assert im.n_tokens >= 10 and im.counts["blk.0.ffn_down_exps.weight"].sum() == 2 * im.n_tokens
+    assert main(["imatrix", str(src), str(tmp_path / "missing.txt"), "-o", str(out)]) == 2
+    assert "cannot read text file" in capsys.readouterr().err
