@@ -46,7 +46,7 @@ def test_format_anatomy_notebook(tiny_q2_path, tmp_path):
 
 
 def test_recipe_comparison_notebook(tmp_path):
-    _run("02_recipe_comparison.ipynb", {"WORKDIR": str(tmp_path), "N_LAYERS": 1, "N_EXPERTS": 4,
+    _run("02_recipe_comparison.ipynb", {"WORKDIR": str(tmp_path), "N_LAYERS": 1, "N_EXPERTS": 2,
                                         "TEXT": "", "TOKEN_IDS": PROBE_IDS, "SEED": 0},
          tmp_path)
     assert (tmp_path / "02_bytes_vs_kl.png").stat().st_size > 0

@@ -5,7 +5,8 @@ the op level, the inputs of every `qmatmul` (dense weights: sum of x^2 per input
 routed `moe` call, per selected expert: gate/up get sum of u^2 of the FFN-normed rows routed to that
 expert, down gets sum of mid^2 of the route-weighted SwiGLU output (ds4's collector). `Imatrix` holds
 sums and counts and gives `importance(name, expert)` = mean (1.0 for experts never selected, as ds4).
-Saved as safetensors (`<name>.sum`, `<name>.count`); no pickle. Knows nothing of block formats.
+Saved as safetensors (`<name>.sum`, `<name>.count`); no pickle. `Imatrix.load` also reads llama.cpp's
+legacy `.dat` files (ds4's published imatrix). Knows nothing of block formats.
 """
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ SUM_SUFFIX = ".sum"
 COUNT_SUFFIX = ".count"
 UNSEEN_IMPORTANCE = 1.0  # ds4 writes 1.0 for experts no token was routed to
 DEFAULT_CHUNK = 512  # tokens per collection session (each chunk starts a fresh context)
+LEGACY_SUFFIX = ".dat"  # llama.cpp / ds4 imatrix files
+MAX_NAME_BYTES = 4096
 
 
 class ImatrixError(DsvError):
@@ -50,6 +53,9 @@ class Imatrix:
         s = self.sums.get(name)
         if s is None:
             return None
+        if expert is not None and ncols and s.shape[0] == 1 and s.shape[1] != ncols and s.shape[1] % ncols == 0:
+            self._split_experts(name, s.shape[1] // ncols)  # a legacy entry of E * ncols values
+            s = self.sums[name]
         e = 0 if expert is None else int(expert)
         if e >= s.shape[0]:
             raise ImatrixError(f"imatrix {self.source}: {name} has {s.shape[0]} expert rows, asked for expert {e}")
@@ -79,6 +85,8 @@ class Imatrix:
         path = Path(path)
         if not path.is_file():
             raise ImatrixError(f"imatrix file not found: {path}")
+        if path.suffix == LEGACY_SUFFIX:
+            return Imatrix.load_dat(path)
         try:
             with safe_open(str(path), framework="np") as f:
                 meta = f.metadata() or {}
@@ -98,6 +106,67 @@ class Imatrix:
         if not im.sums:
             raise ImatrixError(f"{path}: no imatrix entries")
         return im
+
+
+    @staticmethod
+    def load_dat(path: str | Path) -> "Imatrix":
+        """llama.cpp legacy imatrix (quant.md §3.6): int32 n; per entry int32 name_len, name, int32 ncall,
+        int32 nval, float32[nval] (sums; mean = value / ncall); an optional trailer follows. An entry of
+        E*ncols values is per expert; `name.expert.<e>` / `name.expert_<e>` entries are folded in."""
+        import re
+        import struct
+
+        path = Path(path)
+        raw = path.read_bytes()
+        im, o = Imatrix(source=str(path)), 0
+
+        def take(fmt: str):
+            nonlocal o
+            size = struct.calcsize(fmt)
+            if o + size > len(raw):
+                raise ImatrixError(f"{path}: truncated legacy imatrix at byte {o}")
+            v = struct.unpack_from(fmt, raw, o)
+            o += size
+            return v
+
+        (n,) = take("<i")
+        if n < 1:
+            raise ImatrixError(f"{path}: legacy imatrix with {n} entries")
+        per_expert: dict[str, dict[int, np.ndarray]] = {}
+        for _ in range(n):
+            (ln,) = take("<i")
+            if not 0 < ln <= MAX_NAME_BYTES:
+                raise ImatrixError(f"{path}: bad entry name length {ln}")
+            name = raw[o: o + ln].decode("utf-8", "replace")
+            o += ln
+            ncall, nval = take("<ii")
+            if nval < 1 or o + 4 * nval > len(raw):
+                raise ImatrixError(f"{path}: entry {name} has a bad value count {nval}")
+            vals = np.frombuffer(raw, "<f4", nval, o).astype(np.float64)
+            o += 4 * nval
+            if not np.isfinite(vals).all():
+                raise ImatrixError(f"{path}: entry {name} holds non-finite values")
+            mean = vals / ncall if ncall > 0 else vals
+            m = re.fullmatch(r"(.+)\.expert[._](\d+)", name)
+            if m:
+                per_expert.setdefault(m.group(1), {})[int(m.group(2))] = mean
+            else:
+                im.sums[name], im.counts[name] = mean[None, :], np.ones(1, np.int64)
+        for name, rows in per_expert.items():
+            width = {len(v) for v in rows.values()}
+            if len(width) != 1:
+                raise ImatrixError(f"{path}: experts of {name} have different widths {sorted(width)}")
+            E = max(rows) + 1
+            sums = np.full((E, width.pop()), UNSEEN_IMPORTANCE, np.float64)
+            for e, v in rows.items():
+                sums[e] = v
+            im.sums[name], im.counts[name] = sums, np.ones(E, np.int64)
+        return im
+
+    def _split_experts(self, name: str, n_expert: int) -> None:
+        """Reshape a legacy flat entry of n_expert * ncols values into per-expert rows (ds4's slicing)."""
+        self.sums[name] = self.sums[name].reshape(n_expert, -1)
+        self.counts[name] = np.ones(n_expert, np.int64)
 
 
 class RecordingOps(TorchOps):

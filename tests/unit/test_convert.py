@@ -32,8 +32,9 @@ from tests.tolerances import assert_close
 # one top-k layer: every tensor family of the layout. 4 experts (2 used) keep the expert weights few: the
 # IQ2_XXS/Q2_K/Q4_K searches run at ~0.1 Mw/s on a CI core, and each expert matrix is 65k weights.
 HF_CFG = dataclasses.replace(tiny(3), n_hash_layers=2, n_expert=4, n_expert_used=2)
-# One top-k layer: the q4 file that the q4 -> q2 requantization test starts from.
-HF1_CFG = dataclasses.replace(tiny(1), n_hash_layers=0, n_expert=4, n_expert_used=2)
+# One top-k layer with 2 experts (both used: routing is trivial, the quantizer work halves): the q4 file
+# that the q4 -> q2 requantization, quality and imatrix tests start from.
+HF1_CFG = dataclasses.replace(tiny(1), n_hash_layers=0, n_expert=2, n_expert_used=2)
 
 
 @functools.lru_cache(maxsize=None)

@@ -77,3 +77,31 @@ def test_per_tensor_errors_of_a_recipe(capsys):
     cli = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert set(cli) == {"blk.2.attn_kv.weight", "blk.2.attn_kv_a_norm.weight"}
     assert cli["blk.2.attn_kv.weight"]["rel_rmse"] == r.rel_rmse and cli["blk.2.attn_kv.weight"]["fmt"] == "Q8_0"
+
+
+def test_legacy_dat_imatrix_is_read_like_ds4(tmp_path):
+    """llama.cpp .dat: values / ncall; a flat E*ncols entry is sliced per expert; name.expert.<e> entries
+    fold into rows; experts without an entry get 1.0."""
+    import struct
+
+    from dsv4.quant.imatrix import Imatrix, ImatrixError
+
+    flat = np.arange(3 * 4, dtype=np.float32) + 1  # 3 experts x 4 columns
+    e2 = np.array([4.0, 8.0, 12.0, 16.0], np.float32)
+    entries = [("blk.0.ffn_down_exps.weight", 2, flat), ("blk.0.ffn_gate_exps.weight.expert.2", 4, e2),
+               ("blk.0.attn_kv.weight", 1, np.array([0.5, 0.25], np.float32))]
+    buf = struct.pack("<i", len(entries))
+    for name, ncall, v in entries:
+        buf += struct.pack("<i", len(name)) + name.encode() + struct.pack("<ii", ncall, v.size) + v.tobytes()
+    buf += struct.pack("<ii", 10, 4) + b"wiki"  # trailer: chunks, dataset name
+    p = tmp_path / "im.dat"
+    p.write_bytes(buf)
+    im = Imatrix.load(p)
+    assert np.array_equal(im.importance("blk.0.ffn_down_exps.weight", 1, 4), flat[4:8] / 2)
+    assert np.array_equal(im.importance("blk.0.ffn_gate_exps.weight", 2, 4), e2 / 4)
+    assert np.array_equal(im.importance("blk.0.ffn_gate_exps.weight", 0, 4), np.ones(4, np.float32))
+    assert np.array_equal(im.importance("blk.0.attn_kv.weight", None, 2), [0.5, 0.25])
+    assert im.importance("output.weight", None, 2) is None
+    p.write_bytes(buf[:30])
+    with pytest.raises(ImatrixError, match="truncated|bad value count"):
+        Imatrix.load(p)
