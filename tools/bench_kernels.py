@@ -78,8 +78,11 @@ TARGETS = [  # label, ops, T, column, goal
 ]
 SKIP_VARIANTS = {"auto_ieee"}  # = auto for decode, gemm_ieee / grouped_ieee for prefill: measured there
 
-FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "median_us", "gbytes", "gb_s",
-          "pct_bw", "tflops", "pct_bf16", "bf16_tflops", "status"]
+FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "median_us", "graph_us", "eager_us",
+          "gbytes", "gb_s", "pct_bw", "tflops", "pct_bf16", "bf16_tflops", "pct_bw_eager", "pct_bf16_eager", "status"]
+L2_BYTES = 60 << 20  # H200 L2 is 50 MiB; decode timings rotate over enough weight copies to defeat it
+ROTATE_MAX = 8
+GRAPH_REPS = 20
 
 
 def median_time_ms(fn) -> float:
@@ -89,6 +92,43 @@ def median_time_ms(fn) -> float:
         return float(do_bench(fn, warmup=10, rep=50, return_mode="median"))
     except TypeError:  # older signature
         return float(do_bench(fn, warmup=10, rep=50, quantiles=[0.5])[0])
+
+
+def graph_time_ms(calls) -> float:
+    """Kernel time without launch overhead: the calls (one per rotating input set) are captured once
+    in a CUDA graph; median over GRAPH_REPS replays timed with CUDA events, divided by len(calls).
+    Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for c in calls:
+            c()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for c in calls:
+            c()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(GRAPH_REPS):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        g.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / len(calls))
+    del g
+    times.sort()
+    return times[len(times) // 2]
+
+
+def n_copies(nbytes: int, t: int) -> int:
+    """Weight copies to rotate over so consecutive decode calls do not hit L2 (prefill: 1)."""
+    if t >= PREFILL_MIN_T:
+        return 1
+    return max(1, min(ROTATE_MAX, -(-4 * L2_BYTES // max(1, nbytes))))
 
 
 def read_bandwidth(device) -> float:
@@ -139,13 +179,16 @@ class Report:
 
     def targets(self) -> list[str]:
         """The issue's acceptance figures, from the rows so far (auto = what TritonOps runs by default)."""
-        out = ["| target | goal | auto (worst case) | best variant |", "|---|---|---|---|"]
+        out = ["| target | goal | auto, graph (worst case) | best variant, graph | auto, eager (worst case) |",
+               "|---|---|---|---|---|"]
         for label, ops, t, key, goal in TARGETS:
             v = self._value(ops, t, key)
+            ve = self._value(ops, t, key + "_eager")
             if v is None:
-                out.append(f"| {label} | {goal} | not measured | |")
+                out.append(f"| {label} | {goal} | not measured | | |")
             else:
-                out.append(f"| {label} | {goal} | {v[0]:.1f}% | {v[1]:.1f}% ({v[2]}) |")
+                eager = f"{ve[0]:.1f}%" if ve else ""
+                out.append(f"| {label} | {goal} | {v[0]:.1f}% | {v[1]:.1f}% ({v[2]}) | {eager} |")
         return out
 
     def write_md(self) -> None:
@@ -153,12 +196,16 @@ class Report:
         lines = [f"# Triton kernel benchmark ({h['machine']})", "",
                  f"date {h['date']} · commit {h['commit']} · torch {h['torch']} · triton {h['triton']} · "
                  f"read bandwidth {h['bw']:.0f} GB/s (sum over 4 GiB fp16, same run)", "",
-                 "| op | shape | fmt | T | variant | median µs | GB/s | % bw | TFLOP/s | % bf16 | status |",
-                 "|---|---|---|---|---|---|---|---|---|---|---|"]
+                 "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time",
+                 "without launch overhead; decode will be graph-captured, the kernel targets are judged on it);",
+                 "`eager µs` = triton.testing.do_bench around the Python call (includes host launch cost, an",
+                 "engine concern). GB/s, % bw, TFLOP/s, % bf16 use graph µs where the call could be captured.", "",
+                 "| op | shape | fmt | T | variant | graph µs | eager µs | GB/s | % bw | TFLOP/s | % bf16 | status |",
+                 "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         lines[4:4] = self.targets() + [""]
         for r in self.rows:
             lines.append("| " + " | ".join(str(r.get(k, "")) for k in
-                                           ("op", "shape", "fmt", "T", "variant", "median_us", "gb_s", "pct_bw",
+                                           ("op", "shape", "fmt", "T", "variant", "graph_us", "eager_us", "gb_s", "pct_bw",
                                             "tflops", "pct_bf16", "status")) + " |")
         self.md.write_text("\n".join(lines) + "\n")
 
@@ -167,17 +214,28 @@ def _fmt(v, nd=1):
     return f"{v:.{nd}f}" if isinstance(v, float) else v
 
 
-def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, bf16: float | None):
+def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, bf16: float | None, calls=None):
+    """fn: one call (eager timing); calls: the rotating calls for graph timing (default [fn])."""
     try:
         fn()  # compile + first run outside the timing
         torch.cuda.synchronize()
-        ms = median_time_ms(fn)
+        eager = median_time_ms(fn)
+        try:
+            graph = graph_time_ms(calls or [fn])
+        except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the op: eager figure only
+            print(f"graph capture failed for {base}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+            torch.cuda.synchronize()
+            graph = None
+        ms = graph if graph is not None else eager
         gbs = nbytes / (ms * 1e-3) / 1e9
-        row = {**base, "median_us": _fmt(ms * 1e3), "gbytes": _fmt(nbytes / 1e9, 4), "gb_s": _fmt(gbs, 0),
+        row = {**base, "median_us": _fmt(ms * 1e3), "graph_us": _fmt(graph * 1e3) if graph is not None else "n/a",
+               "eager_us": _fmt(eager * 1e3), "gbytes": _fmt(nbytes / 1e9, 4), "gb_s": _fmt(gbs, 0),
                "pct_bw": _fmt(100 * gbs / bw), "status": "ok"}
+        row["pct_bw_eager"] = _fmt(100 * nbytes / (eager * 1e-3) / 1e9 / bw)
         if bf16:
             tf = flops / (ms * 1e-3) / 1e12
-            row.update(tflops=_fmt(tf, 2), pct_bf16=_fmt(100 * tf / bf16), bf16_tflops=_fmt(bf16, 1))
+            row.update(tflops=_fmt(tf, 2), pct_bf16=_fmt(100 * tf / bf16), bf16_tflops=_fmt(bf16, 1),
+                       pct_bf16_eager=_fmt(100 * flops / (eager * 1e-3) / 1e12 / bf16))
     except Exception as e:  # noqa: BLE001 - record and continue: a first GPU run surfaces compile errors
         msg = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         traceback.print_exc()
@@ -185,43 +243,62 @@ def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, 
     rep.add(row)
 
 
-def bench_dense(rep: Report, bw: float, device, dev, deadline: float, quick: bool):
+def _want(args, op: str, t: int, variant: str) -> bool:
+    return ((not args.ops or op in args.ops) and (not args.T or t in args.T)
+            and (not args.variants or variant in args.variants))
+
+
+def bench_dense(rep: Report, bw: float, device, dev, deadline: float, args):
     for case in DENSE:
-        if quick and case.name not in QUICK:
+        if (args.quick and case.name not in QUICK) or (args.ops and case.name not in args.ops):
             continue
-        raw = blocks.synthetic_raw(case.fmt, (case.n, case.k), device=device, seed=1)
-        dw = blocks.to_device(raw, case.fmt, (case.n, case.k), device)
-        del raw
+        dws = []
         for t in TOKENS:
+            if args.T and t not in args.T:
+                continue
             shape = (t, case.groups, case.k // 1) if case.groups > 1 else (t, case.k)
             x = torch.randn(shape, device=device, dtype=torch.float32)
+            while len(dws) < n_copies(case.fmt.row_bytes(case.k) * case.n, t):
+                raw = blocks.synthetic_raw(case.fmt, (case.n, case.k), device=device, seed=1 + len(dws))
+                dws.append(blocks.to_device(raw, case.fmt, (case.n, case.k), device))
+                del raw
+            dw = dws[0]
+            use = dws[:n_copies(dw.nbytes, t)]
             bf16 = bf16_tflops(t, case.n, case.k, device, case.groups) if t >= PREFILL_MIN_T else None
             for v in registry.variants(registry.KernelOp.QMATMUL):
                 if time.time() > deadline:
                     return False
                 if (v.max_t is not None and t > v.max_t) or not v.supports(case.fmt) or v.name in SKIP_VARIANTS:
                     continue
-                if v.name == "gemm_ieee" and t < PREFILL_MIN_T:
+                if v.name == "gemm_ieee" and t < PREFILL_MIN_T or not _want(args, case.name, t, v.name):
+                    continue
+                if v.name.endswith("_ieee") and not args.ieee:
                     continue
                 base = {"op": case.name, "shape": f"{case.n}x{case.k}" + (f" G{case.groups}" if case.groups > 1 else ""),
                         "fmt": case.fmt.name, "T": t, "variant": v.name}
                 nbytes = dw.nbytes + x.numel() * 4 + t * case.n * 4
-                run_case(rep, bw, base, lambda v=v, x=x: v.fn(x, dw, dev, case.groups), nbytes,
-                         2.0 * t * case.n * case.k, bf16)
-        del dw
+                calls = [lambda v=v, x=x, w=w: v.fn(x, w, dev, case.groups) for w in use]
+                run_case(rep, bw, base, calls[0], nbytes, 2.0 * t * case.n * case.k, bf16, calls)
+        del dws
         torch.cuda.empty_cache()
     return True
 
 
-def bench_moe(rep: Report, bw: float, device, dev, deadline: float):
+def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
     for recipe, (fgu, fdn) in MOE.items():
+        if args.ops and f"moe_{recipe}" not in args.ops:
+            continue
         gate = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 1), fgu, (N_EXPERT, F_EXP, D), device)
         up = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 2), fgu, (N_EXPERT, F_EXP, D), device)
         down = blocks.to_device(blocks.synthetic_raw(fdn, (N_EXPERT, D, F_EXP), device, 3), fdn, (N_EXPERT, D, F_EXP), device)
         per_expert = (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
         for t in TOKENS:
+            if args.T and t not in args.T:
+                continue
             gen = torch.Generator(device="cpu").manual_seed(t)
-            sel = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+            sels = [torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+                    for _ in range(ROTATE_MAX if t < PREFILL_MIN_T else 1)]
+            sel = sels[0]
             wts = torch.rand((t, K_USED), device=device)
             u = torch.randn((t, D), device=device)
             n_unique = int(torch.unique(sel).numel())
@@ -233,10 +310,12 @@ def bench_moe(rep: Report, bw: float, device, dev, deadline: float):
                     return False
                 if (v.max_t is not None and t > v.max_t) or not v.supports(fgu) or v.name in SKIP_VARIANTS:
                     continue
+                if not _want(args, f"moe_{recipe}", t, v.name) or (v.name.endswith("_ieee") and not args.ieee):
+                    continue
                 base = {"op": f"moe_{recipe}", "shape": f"E{N_EXPERT} F{F_EXP} D{D} K{K_USED}",
                         "fmt": f"{fgu.name}/{fdn.name}", "T": t, "variant": v.name}
-                run_case(rep, bw, base, lambda v=v, u=u, sel=sel, wts=wts: v.fn(u, gate, up, down, sel, wts, CLAMP, dev),
-                         nbytes, flops, bf16)
+                calls = [lambda v=v, u=u, s=s, wts=wts: v.fn(u, gate, up, down, s, wts, CLAMP, dev) for s in sels]
+                run_case(rep, bw, base, calls[0], nbytes, flops, bf16, calls)
         del gate, up, down
         torch.cuda.empty_cache()
     return True
@@ -257,6 +336,11 @@ def main(argv=None) -> int:
     ap.add_argument("--time-limit", type=float, default=300.0, help="seconds; stops starting new cases after it")
     ap.add_argument("--quick", action="store_true", help="only the large dense shapes and MoE")
     ap.add_argument("--commit", default=None)
+    ap.add_argument("--ops", nargs="*", default=None, help="only these ops (e.g. output moe_q2)")
+    ap.add_argument("--T", nargs="*", type=int, default=None, help="only these token counts")
+    ap.add_argument("--variants", nargs="*", default=None, help="only these variants")
+    ap.add_argument("--ieee", action="store_true", help="also time the slow fp32-IEEE variants")
+    ap.add_argument("--tuned", default=None, help="JSON of tools/tune_kernels.py merged into the config tables")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA/ROCm device", file=sys.stderr)
@@ -265,6 +349,10 @@ def main(argv=None) -> int:
 
     device = torch.device("cuda")
     dev = detect_device(device)
+    if args.tuned:
+        from dsv4.kernels_triton.configs import load_tuned
+
+        load_tuned(args.tuned)
     deadline = time.time() + args.time_limit
     bw = read_bandwidth(device)
     header = {"machine": f"{torch.cuda.get_device_name(device)} ({dev.arch}, {dev.n_sm} SMs)",
@@ -275,8 +363,8 @@ def main(argv=None) -> int:
     rep = Report(Path(args.out_md), Path(args.out_csv), header)
     rep.add({"op": "stream_read", "shape": "4 GiB fp16 sum", "fmt": "F16", "T": "", "variant": "torch.sum",
              "gb_s": _fmt(bw, 0), "pct_bw": "100.0", "status": "ok"})
-    ok = bench_moe(rep, bw, device, dev, deadline)
-    ok = bench_dense(rep, bw, device, dev, deadline, args.quick) and ok
+    ok = bench_moe(rep, bw, device, dev, deadline, args)
+    ok = bench_dense(rep, bw, device, dev, deadline, args) and ok
     if not ok:
         rep.add({"op": "(time limit reached: remaining cases skipped)", "status": "TIMEOUT"})
     return 0

@@ -12,7 +12,7 @@ No dequantized copy of a weight is ever kept. Knows block layouts only, not the 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,9 @@ class DeviceWeight:
     stride_w: int
     stride_s: int
     off_s: int
+    # Launch plans cached per call signature by the launchers (config, grid, constexprs chosen once),
+    # so a decode step does no config search or device query per call.
+    plans: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def n_rows(self) -> int:

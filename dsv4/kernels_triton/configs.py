@@ -67,6 +67,7 @@ class MoeConfig:
     decode_gate_up: GemvConfig
     decode_down: GemvConfig
     prefill: GemmConfig
+    down_per_slot: bool = False  # decode down projection: one program per (slot, row block), ordered sum after
 
 
 # ---- CUDA (Hopper-class) tables --------------------------------------------------------------------
@@ -83,7 +84,18 @@ _CUDA_GEMV = {
 }
 _CUDA_GEMM = GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3)
 _CUDA_GEMM_SMALL_M = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=3)
+# Grouped MoE prefill: the K-quant/IQ2 tile decoders gather from several words per weight; pipelining
+# those loads (num_stages > 1) multiplies their shared-memory buffers (Q4_K: 352 KiB > 227 KiB on
+# H200), so these formats run unpipelined with a smaller N tile.
 _CUDA_MOE_PREFILL = GemmConfig(block_m=32, block_n=128, block_k=64, num_warps=4, num_stages=2)
+_CUDA_MOE_PREFILL_GATHER = GemmConfig(block_m=32, block_n=64, block_k=32, num_warps=4, num_stages=1)
+GATHER_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.IQ2_XXS)
+
+# Per-shape choices measured on an H200 (tools/tune_kernels.py): (fmt, out rows, in, T) -> config.
+# Looked up before the generic tables; `load_tuned` merges a tuning run's JSON over them.
+TUNED_GEMV: dict[tuple, GemvConfig] = {}
+TUNED_GEMM: dict[tuple, GemmConfig] = {}
+TUNED_MOE: dict[tuple, MoeConfig] = {}  # key (gate/up fmt, down fmt, F, D, T)
 
 # Aim for this many programs per SM before splitting K (decode GEMVs with few output rows).
 PROGRAMS_PER_SM = 4
@@ -129,7 +141,28 @@ def _split_k(n_rows: int, k: int, cfg: GemvConfig, dev: DeviceInfo, tokens: int 
     return split
 
 
-def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_split: bool = True) -> GemvConfig:
+def load_tuned(path) -> None:
+    """Merge a tools/tune_kernels.py JSON ({"gemv": [[key, cfg], ...], "gemm": ..., "moe": ...}) into the tables."""
+    import json
+
+    data = json.loads(open(path).read())
+    for key, cfg in data.get("gemv", []):
+        TUNED_GEMV[(QuantFormat[key[0]], *key[1:])] = GemvConfig(**cfg)
+    for key, cfg in data.get("gemm", []):
+        TUNED_GEMM[(QuantFormat[key[0]], *key[1:])] = GemmConfig(**{**cfg, "dot": DotDtype(cfg.get("dot", "fp16"))})
+    for key, cfg in data.get("moe", []):
+        TUNED_MOE[(QuantFormat[key[0]], QuantFormat[key[1]], *key[2:])] = MoeConfig(
+            GemvConfig(**cfg["decode_gate_up"]), GemvConfig(**cfg["decode_down"]),
+            GemmConfig(**{**cfg["prefill"], "dot": DotDtype(cfg["prefill"].get("dot", "fp16"))}),
+            cfg.get("down_per_slot", False))
+
+
+def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_split: bool = True,
+                tokens: int = 1) -> GemvConfig:
+    if dev.vendor == Vendor.NVIDIA:
+        tuned = TUNED_GEMV.get((QuantFormat(fmt), n_rows, k, tokens))
+        if tuned is not None:
+            return tuned if allow_split else replace(tuned, split_k=1)
     if dev.vendor == Vendor.AMD:
         from ..kernels_hip.configs import hip_gemv
 
@@ -145,6 +178,10 @@ def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_sp
 
 
 def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceInfo) -> GemmConfig:
+    if dev.vendor == Vendor.NVIDIA:
+        tuned = TUNED_GEMM.get((QuantFormat(fmt), n_rows, k, tokens))
+        if tuned is not None:
+            return tuned
     if dev.vendor == Vendor.AMD:
         from ..kernels_hip.configs import hip_gemm
 
@@ -157,13 +194,20 @@ def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceI
                    block_k=max(16, pow2_divisor(k, cfg.block_k)))
 
 
-def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, dev: DeviceInfo) -> MoeConfig:
+def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, dev: DeviceInfo,
+               tokens: int = 1) -> MoeConfig:
+    if dev.vendor == Vendor.NVIDIA:
+        tuned = TUNED_MOE.get((QuantFormat(fmt_gate_up), QuantFormat(fmt_down), f, d, tokens))
+        if tuned is not None:
+            return tuned
     gu = select_gemv(fmt_gate_up, f, d, dev, allow_split=False)
     dn = select_gemv(fmt_down, d, f, dev, allow_split=False)
     if dev.vendor == Vendor.AMD:
         from ..kernels_hip.configs import hip_gemm
 
         pf = hip_gemm(fmt_gate_up, dev.arch, 32)
+    elif QuantFormat(fmt_gate_up) in GATHER_FORMATS or QuantFormat(fmt_down) in GATHER_FORMATS:
+        pf = _CUDA_MOE_PREFILL_GATHER
     else:
         pf = _CUDA_MOE_PREFILL
     if dev.vendor == Vendor.CPU:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import triton
 import triton.language as tl
 
@@ -348,37 +349,55 @@ BLOCKDOT_GATE_UP = ("IQ2_XXS", "Q4_K")
 BLOCKDOT_DOWN = ("Q2_K", "Q4_K")
 
 
+def _moe_cfg(gate: DeviceWeight, down: DeviceWeight, T: int, dev: DeviceInfo, cfg: MoeConfig | None) -> MoeConfig:
+    """The config for this call, chosen once per (T, device) and cached on the gate weight."""
+    if cfg is not None:
+        return cfg
+    key = ("moe_cfg", T, dev)
+    c = gate.plans.get(key)
+    if c is None:
+        E, F, D = gate.shape
+        c = gate.plans[key] = select_moe(gate.fmt, down.fmt, F, D, dev, tokens=T)
+    return c
+
+
 def fused_blockdot(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
                    dev: DeviceInfo, cfg: MoeConfig | None = None):
     """fused_decode with group-wise decoding (_block_dot): IQ2_XXS per 8 weights, Q2_K per 16, Q4_K per
-    32, scales applied once per group. Stages in other formats use the per-weight kernels."""
-    import torch
-
+    32, scales applied once per group. Stages in other formats use the per-weight kernels.
+    With cfg.down_per_slot the down projection runs one program per (slot, row block) into [T*K, D]
+    and the K slots are summed after in fixed order (more programs in flight; still deterministic)."""
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
-    cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
+    cfg = _moe_cfg(gate, down, T, dev, cfg)
     gu, dn = cfg.decode_gate_up, cfg.decode_down
     h = blocks.empty((T * K, F), u.device)
     if gate.fmt.name in BLOCKDOT_GATE_UP and gu.block_k % 32 == 0:
         g32 = gate.g.view(torch.int32) if gate.fmt.name == "IQ2_XXS" else gate.w  # grid only read for IQ2
         _moe_gate_up_blockdot_kernel[(T * K, triton.cdiv(F, gu.block_n))](
             u, sel, weights, h, gate.w, up.w, g32, F, D, K, float(clamp), u.stride(0), h.stride(0), gate.stride_w,
-            FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
+            FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps,
+            num_stages=gu.num_stages)
     else:
         _moe_gate_up_gemv_kernel[(T * K, triton.cdiv(F, gu.block_n))](
             u, sel, weights, h, gate.w, gate.s, up.w, up.s, gate.g, F, D, K, float(clamp),
             u.stride(0), h.stride(0), gate.stride_w, gate.stride_s, gate.off_s, up.stride_w, up.stride_s, up.off_s,
             FMT=int(gate.fmt), BLOCK_N=gu.block_n, BLOCK_K=gu.block_k, num_warps=gu.num_warps)
-    out = blocks.empty((T, D), u.device)
+    # per slot: the kernels see T*K "tokens" of one expert each (KSEL = 1)
+    rows_out, ksel = (T * K, 1) if cfg.down_per_slot else (T, K)
+    out = blocks.empty((rows_out, D), u.device)
     if down.fmt.name in BLOCKDOT_DOWN and dn.block_k % 32 == 0:
-        _moe_down_blockdot_kernel[(T, triton.cdiv(D, dn.block_n))](
-            h, sel, out, down.w, down.w, F, D, K, h.stride(0), out.stride(0), down.stride_w,
-            FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
+        _moe_down_blockdot_kernel[(rows_out, triton.cdiv(D, dn.block_n))](
+            h, sel, out, down.w, down.w, F, D, ksel, h.stride(0), out.stride(0), down.stride_w,
+            FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps,
+            num_stages=dn.num_stages)
     else:
-        _moe_down_gemv_kernel[(T, triton.cdiv(D, dn.block_n))](
-            h, sel, out, down.w, down.s, down.g, F, D, K,
+        _moe_down_gemv_kernel[(rows_out, triton.cdiv(D, dn.block_n))](
+            h, sel, out, down.w, down.s, down.g, F, D, ksel,
             h.stride(0), out.stride(0), down.stride_w, down.stride_s, down.off_s,
             FMT=int(down.fmt), BLOCK_N=dn.block_n, BLOCK_K=dn.block_k, num_warps=dn.num_warps)
+    if cfg.down_per_slot:
+        out = out.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
     return out
 
 
@@ -414,7 +433,7 @@ def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, we
     """Routed MoE for many tokens: sort by expert, one grouped GEMM launch per projection stage."""
     u, sel, weights, E, F, D = _check(u, gate, up, down, sel, weights)
     T, K = sel.shape
-    cfg = cfg or select_moe(gate.fmt, down.fmt, F, D, dev)
+    cfg = _moe_cfg(gate, down, T, dev, cfg)
     pf = cfg.prefill
     order, te, lo, hi = expert_tiles(sel, E, pf.block_m)
     n_tiles = te.numel()
@@ -433,15 +452,14 @@ def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, we
         h.stride(0), y.stride(0), down.stride_w, down.stride_s, down.off_s,
         FMT=int(down.fmt), DOT=dot_t, IEEE=ieee, BLOCK_M=pf.block_m, BLOCK_N=pf.block_n, BLOCK_K=pf.block_k,
         num_warps=pf.num_warps, num_stages=pf.num_stages)
-    out = y.view(T, K, D)[:, 0].clone()
-    for i in range(1, K):  # fixed slot order: deterministic
-        out += y.view(T, K, D)[:, i]
-    return out
+    return y.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
 
 
 def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
+    """fused_blockdot for few tokens (it falls back to the per-weight kernels per stage where a format
+    has no group decoder), grouped above."""
     if u.shape[0] <= decode_max_t:
-        return fused_decode(u, gate, up, down, sel, weights, clamp, dev)
+        return fused_blockdot(u, gate, up, down, sel, weights, clamp, dev)
     return grouped(u, gate, up, down, sel, weights, clamp, dev)
 
 
@@ -462,7 +480,7 @@ def moe_auto_ieee(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int
 from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
-register(KernelOp.MOE, AUTO, moe_auto, doc="fused_decode for T <= 8, grouped above")
+register(KernelOp.MOE, AUTO, moe_auto, doc="fused_blockdot for T <= 8, grouped above")
 register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
          doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
 register(KernelOp.MOE, "fused_blockdot", fused_blockdot, formats=(QuantFormat.IQ2_XXS, QuantFormat.Q4_K), max_t=64,

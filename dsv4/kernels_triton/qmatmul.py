@@ -79,7 +79,11 @@ def _q8_0_gemv_blocked_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
                               stride_w, stride_s, off_s,
                               BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Q8_0-only GEMV in the block-dot form: per 32-weight block s_b = sum_i q[i] * x[i], then
-    out += d_b * s_b (one scale load and multiply per block instead of per weight)."""
+    out += d_b * s_b (one scale load and multiply per block instead of per weight).
+
+    Codes are read as a 3-D [BLOCK_N, NB, 32] tile straight from the repacked rows (16-byte vector
+    loads along the 32-code axis, no in-register reshape); rows past N are clamped to N-1 so the
+    loads need no mask (their results are not stored)."""
     NB: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -87,22 +91,26 @@ def _q8_0_gemv_blocked_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
     rt = tl.arange(0, BLOCK_T)
     g = (pid_n * BLOCK_N) // R
     n_ok = rn < N
-    rn64 = rn.to(tl.int64)
-    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    r3 = tl.minimum(rn, N - 1).to(tl.int64)[:, None, None]
+    b3 = tl.arange(0, NB)[None, :, None]
+    j3 = tl.arange(0, 32)[None, None, :]
     k_start = pid_s * k_per_split
+    w_base = w_ptr + r3 * stride_w + k_start + b3 * 32 + j3  # [BLOCK_N, NB, 32]
+    s_base = s_ptr + r3 * stride_s + off_s + (k_start >> 5) + b3  # [BLOCK_N, NB, 1]
+    x_base = x_ptr + g * stride_xg + k_start + b3 * 32 + j3  # [1, NB, 32]
+    acc = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     for k0 in range(0, k_per_split, BLOCK_K):
-        kb = k_start + k0
-        rk = kb + tl.arange(0, BLOCK_K)
-        q = tl.load(w_ptr + rn64[:, None] * stride_w + rk[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
-        q3 = tl.reshape(q, (BLOCK_N, NB, 32))
-        rb = (kb >> 5) + tl.arange(0, NB)
-        d = tl.load(s_ptr + rn64[:, None] * stride_s + off_s + rb[None, :], mask=n_ok[:, None], other=0).to(tl.float32)
+        q = tl.load(w_base + k0).to(tl.float32)
+        d = tl.sum(tl.load(s_base + (k0 >> 5)).to(tl.float32), axis=2)  # [BLOCK_N, NB]
         for t in tl.static_range(BLOCK_T):
             t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; their results are not stored
-            xt = tl.load(x_ptr + t_row.to(tl.int64) * stride_xt + g * stride_xg + rk).to(tl.float32)
-            part = tl.sum(q3 * tl.reshape(xt, (1, NB, 32)), axis=2)  # [BLOCK_N, NB] per-block dots
+            xt = tl.load(x_base + t_row.to(tl.int64) * stride_xt + k0).to(tl.float32)
+            part = tl.sum(q * xt, axis=2)  # [BLOCK_N, NB] per-block dots
             contrib = tl.sum(part * d, axis=1)  # [BLOCK_N]
-            acc = tl.where(rt[:, None] == t, acc + contrib[None, :], acc)
+            if BLOCK_T == 1:
+                acc += contrib[None, :]
+            else:
+                acc = tl.where(rt[:, None] == t, acc + contrib[None, :], acc)
     out = out_ptr + pid_s * stride_os + rt[:, None] * stride_ot + rn[None, :]
     tl.store(out, acc, mask=(rt[:, None] < T) & n_ok[None, :])
 
@@ -113,7 +121,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                   stride_xt, stride_xg, stride_ot,
                   stride_w, stride_s, off_s,
                   FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, Q8_FAST: tl.constexpr = False):
     """out[t, n] = sum_k x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in DOT dtype
     through tl.dot, fp32 accumulation (IEEE: fp32 operands without tf32 rounding). Token tiles vary
     fastest so a weight tile is reused from L2."""
@@ -128,13 +136,28 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
     n_ok = rn < N
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     x_row = x_ptr + rm[:, None].to(tl.int64) * stride_xt + g * stride_xg
-    for k0 in range(0, K, BLOCK_K):
-        rk = k0 + tl.arange(0, BLOCK_K)
-        k_ok = rk < K  # K need not be a multiple of BLOCK_K (tl.dot wants BLOCK_K >= 16)
-        x = tl.load(x_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
-        w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :] & k_ok[:, None],
-                         stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
-        acc += dot(x, w, IEEE)
+    if Q8_FAST:
+        # Q8_0 with K % BLOCK_K == 0: per 32-wide chunk, codes [32, BLOCK_N] and one scale per row
+        # (no per-weight scale gather); q*d is exact in fp32 and rounded once to DOT, as in dequant_tile.
+        rn_c = tl.minimum(rn, N - 1).to(tl.int64)
+        w_col = w_ptr + rn_c[None, :] * stride_w + tl.arange(0, 32)[:, None]
+        s_col = s_ptr + rn_c * stride_s + off_s
+        x_c = x_row + tl.arange(0, 32)[None, :]
+        for k0 in range(0, K, BLOCK_K):
+            for c in tl.static_range(BLOCK_K // 32):
+                kc = k0 + 32 * c
+                x = tl.load(x_c + kc, mask=m_ok[:, None], other=0.0).to(DOT)
+                q = tl.load(w_col + kc).to(tl.float32)
+                d = tl.load(s_col + (kc >> 5)).to(tl.float32)
+                acc += dot(x, (q * d[None, :]).to(DOT), IEEE)
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            rk = k0 + tl.arange(0, BLOCK_K)
+            k_ok = rk < K  # K need not be a multiple of BLOCK_K (tl.dot wants BLOCK_K >= 16)
+            x = tl.load(x_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
+            w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :] & k_ok[:, None],
+                             stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
+            acc += dot(x, w, IEEE)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -153,71 +176,123 @@ def _check(x, dw: DeviceWeight, groups: int):
     return x, T, dw.n_rows, dw.n_rows // groups, stride_xg, torch
 
 
+def _plan(name: str, x, dw: DeviceWeight, groups: int, cfg, build):
+    """The cached launcher of (variant, T, groups, x strides, cfg) for this weight: `build()` runs
+    once (shape checks, config choice, grid); later calls only allocate the output and launch."""
+    key = (name, x.shape[0], groups, x.stride(), x.dtype, cfg)
+    launch = dw.plans.get(key)
+    if launch is None:
+        launch = dw.plans[key] = build()
+    return launch
+
+
+def _reduce_split(out, split: int):
+    """Deterministic second pass of split-K: fixed-order sum over the split axis."""
+    return out[0] if split == 1 else out.sum(0)
+
+
 def gemv(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None,
          allow_split: bool = True):
     """Decode-shaped qmatmul: x [T, K] (or [T, G, K]) float -> [T, N] fp32. T must be <= 16."""
-    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
-    cfg = cfg or select_gemv(dw.fmt, N, dw.k, dev, allow_split)
-    block_n = cfg.block_n if groups == 1 else pow2_divisor(R, cfg.block_n)
-    block_t = max(1, triton.next_power_of_2(T))
-    # keep the [BLOCK_T, BLOCK_N, BLOCK_K] product within the registers: shrink K per step as T grows
-    block_k = max(min(cfg.block_k, GEMV_MIN_BLOCK_K), cfg.block_k // block_t)
-    split = cfg.split_k
-    k_per_split = dw.k // split
-    assert k_per_split % block_k == 0, (dw.k, split, block_k)
-    out = blocks.empty((split, T, N), x.device)
-    grid = (triton.cdiv(N, block_n), split)
-    _qgemv_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, k_per_split,
-                        x.stride(0), stride_xg, out.stride(0), out.stride(1),
-                        dw.stride_w, dw.stride_s, dw.off_s,
-                        FMT=int(dw.fmt), BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out[0] if split == 1 else out.sum(0)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        c = cfg or select_gemv(dw.fmt, N, dw.k, dev, allow_split, tokens=T)
+        block_n = c.block_n if groups == 1 else pow2_divisor(R, c.block_n)
+        block_t = max(1, triton.next_power_of_2(T))
+        # keep the [BLOCK_T, BLOCK_N, BLOCK_K] product within the registers: shrink K per step as T grows
+        block_k = max(min(c.block_k, GEMV_MIN_BLOCK_K), c.block_k // block_t)
+        split = c.split_k
+        k_per_split = dw.k // split
+        assert k_per_split % block_k == 0, (dw.k, split, block_k)
+        grid = (triton.cdiv(N, block_n), split)
+        kern = _qgemv_kernel[grid]
+        stride_xt, fmt = x.stride(0), int(dw.fmt)
+
+        def launch(x):
+            out = blocks.empty((split, T, N), x.device)
+            kern(x, dw.w, dw.s, dw.g, out, T, N, R, k_per_split, stride_xt, stride_xg, T * N, N,
+                 dw.stride_w, dw.stride_s, dw.off_s, FMT=fmt, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+                 num_warps=c.num_warps, num_stages=c.num_stages)
+            return _reduce_split(out, split)
+        return launch
+
+    return _plan("gemv" if allow_split else "gemv_nosplit", x, dw, groups, cfg, build)(x)
 
 
 def gemv_q8_0_blocked(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None):
     """Q8_0 decode GEMV in block-dot form (see _q8_0_gemv_blocked_kernel); other formats -> gemv."""
     if dw.fmt.name != "Q8_0":
         return gemv(x, dw, dev, groups, cfg)
-    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
-    cfg = cfg or select_gemv(dw.fmt, N, dw.k, dev)
-    block_n = cfg.block_n if groups == 1 else pow2_divisor(R, cfg.block_n)
-    block_t = max(1, triton.next_power_of_2(T))
-    block_k = max(32, cfg.block_k)
-    split = cfg.split_k
-    while split > 1 and (dw.k // split) % block_k:
-        split //= 2
-    k_per_split = dw.k // split
-    if k_per_split % block_k:
-        return gemv(x, dw, dev, groups, cfg)
-    out = blocks.empty((split, T, N), x.device)
-    _q8_0_gemv_blocked_kernel[(triton.cdiv(N, block_n), split)](
-        x, dw.w, dw.s, out, T, N, R, k_per_split, x.stride(0), stride_xg, out.stride(0), out.stride(1),
-        dw.stride_w, dw.stride_s, dw.off_s, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out[0] if split == 1 else out.sum(0)
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        c = cfg or select_gemv(dw.fmt, N, dw.k, dev, tokens=T)
+        block_n = c.block_n if groups == 1 else pow2_divisor(R, c.block_n)
+        block_t = max(1, triton.next_power_of_2(T))
+        block_k = max(32, pow2_divisor(dw.k, c.block_k))
+        split = c.split_k
+        while split > 1 and (dw.k // split) % block_k:
+            split //= 2
+        k_per_split = dw.k // split
+        if k_per_split % block_k:
+            return lambda x: gemv(x, dw, dev, groups, c)
+        kern = _q8_0_gemv_blocked_kernel[(triton.cdiv(N, block_n), split)]
+        stride_xt = x.stride(0)
+
+        def launch(x):
+            out = blocks.empty((split, T, N), x.device)
+            kern(x, dw.w, dw.s, out, T, N, R, k_per_split, stride_xt, stride_xg, T * N, N,
+                 dw.stride_w, dw.stride_s, dw.off_s, BLOCK_T=block_t, BLOCK_N=block_n, BLOCK_K=block_k,
+                 num_warps=c.num_warps, num_stages=c.num_stages)
+            return _reduce_split(out, split)
+        return launch
+
+    return _plan("gemv_q8blk", x, dw, groups, cfg, build)(x)
 
 
 def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None):
-    """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles."""
-    x, T, N, R, stride_xg, torch = _check(x, dw, groups)
-    cfg = cfg or select_gemm(dw.fmt, T, N, dw.k, dev)
-    block_n = cfg.block_n if groups == 1 else max(16, pow2_divisor(R, cfg.block_n))
-    assert groups == 1 or R % block_n == 0, f"group rows {R} must be a multiple of {block_n}"
-    out = blocks.empty((T, N), x.device)
-    grid = (triton.cdiv(T, cfg.block_m) * triton.cdiv(N, block_n),)
-    _qgemm_kernel[grid](x, dw.w, dw.s, dw.g, out, T, N, R, dw.k,
-                        x.stride(0), stride_xg, out.stride(0),
-                        dw.stride_w, dw.stride_s, dw.off_s,
-                        FMT=int(dw.fmt), DOT=tl_dot_dtype(cfg.dot), IEEE=cfg.dot == DotDtype.FP32_IEEE,
-                        BLOCK_M=cfg.block_m, BLOCK_N=block_n, BLOCK_K=cfg.block_k,
-                        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return out
+    """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles.
+    fp32 activations are rounded to the dot dtype once up front (the kernel would round them per tile)."""
+    import torch
+
+    c0 = cfg or select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev)
+    if x.dtype == torch.float32 and c0.dot in (DotDtype.FP16, DotDtype.BF16):
+        x = x.to(torch.float16 if c0.dot == DotDtype.FP16 else torch.bfloat16)
+    elif x.stride(-1) != 1:
+        x = x.contiguous()
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        c = c0
+        block_n = c.block_n if groups == 1 else max(16, pow2_divisor(R, c.block_n))
+        assert groups == 1 or R % block_n == 0, f"group rows {R} must be a multiple of {block_n}"
+        q8_fast = dw.fmt.name == "Q8_0" and c.block_k % 32 == 0 and dw.k % c.block_k == 0
+        grid = (triton.cdiv(T, c.block_m) * triton.cdiv(N, block_n),)
+        kern = _qgemm_kernel[grid]
+        stride_xt, fmt, dot_t, ieee = x.stride(0), int(dw.fmt), tl_dot_dtype(c.dot), c.dot == DotDtype.FP32_IEEE
+
+        def launch(x):
+            out = blocks.empty((T, N), x.device)
+            kern(x, dw.w, dw.s, dw.g, out, T, N, R, dw.k, stride_xt, stride_xg, N,
+                 dw.stride_w, dw.stride_s, dw.off_s, FMT=fmt, DOT=dot_t, IEEE=ieee,
+                 BLOCK_M=c.block_m, BLOCK_N=block_n, BLOCK_K=c.block_k, Q8_FAST=q8_fast,
+                 num_warps=c.num_warps, num_stages=c.num_stages)
+            return out
+        return launch
+
+    return _plan("gemm", x, dw, groups, c0, build)(x)
 
 
 def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
-    """GEMV for decode-sized T, GEMM above."""
+    """GEMV for decode-sized T (the block-dot kernel for Q8_0), GEMM above."""
     if x.shape[0] <= DECODE_MAX_T:
+        if dw.fmt.name == "Q8_0":
+            return gemv_q8_0_blocked(x, dw, dev, groups)
         return gemv(x, dw, dev, groups)
     return gemm(x, dw, dev, groups)
 
