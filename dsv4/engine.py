@@ -78,18 +78,26 @@ def make_ops(backend: str, **kw):
     return cls(**kw)
 
 
-def load(path, backend: str = "auto", mtp: Optional[str] = None, **backend_kw) -> "Engine":
-    """Open a DSV4 GGUF and bind it to a backend ('auto' picks and logs the best available)."""
+def load(path, backend="auto", mtp: Optional[str] = None, **backend_kw) -> "Engine":
+    """Open a DSV4 GGUF and bind it to a backend.
+
+    backend: 'auto' (picks and logs the best available), 'torch', 'triton', 'mlx', or an Ops instance
+    (e.g. a TorchOps subclass with a researcher's kernel variant: no registry edit needed)."""
     from .weights import load_weights
 
-    name = resolve_backend(backend or settings.get("DSV4_BACKEND"))
-    if backend == "auto":
-        log.info("dsv4: using backend %s", name)
+    if isinstance(backend, str) or backend is None:
+        name = resolve_backend(backend or settings.get("DSV4_BACKEND"))
+        if backend == "auto":
+            log.info("dsv4: using backend %s", name)
+        ops = None
+    else:
+        ops, name = backend, getattr(backend, "name", type(backend).__name__)
     p = Path(path)
     if not p.is_file():
         raise ModelFileError(f"model file not found: {path}")
     weights = load_weights(p)
-    ops = make_ops(name, **backend_kw)
+    if ops is None:
+        ops = make_ops(name, **backend_kw)
     _prepare_weights(ops, weights)
     mtp_w = load_mtp(mtp, weights.config) if mtp else None
     return Engine(weights, ops, name, mtp_w)

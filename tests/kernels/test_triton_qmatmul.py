@@ -113,6 +113,13 @@ def test_gemm_t37(fmt, poison):
     check_qmatmul(fmt, 37, min(SMALL_K[fmt], 256), 37, "gemm", seed=int(fmt), cfg=cfg)
 
 
+def test_gemm_q8_0_chunked_scales(poison):
+    """The Q8_0 GEMM path that scales 32-wide code chunks per row (BLOCK_K a multiple of 32): a partial
+    row tile (N=37), a partial token tile, two chunks per K step."""
+    cfg = GemmConfig(block_m=16, block_n=32, block_k=64, num_warps=4, num_stages=1)
+    check_qmatmul(Q.Q8_0, 37, 128, 37, "gemm", seed=21, cfg=cfg)
+
+
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_grouped(path, poison):
     """attn_output_a layout: rows [g*R, (g+1)*R) use x[:, g]; two groups of 32 rows."""
