@@ -43,11 +43,19 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                               "FP8/F16 rounding flips of cached rows give ~1.4e-4)"),
     ("model", "snapshot"): Tol(0.0, 0.0, "restored state is bit-identical, so the next logits are too"),
     ("model", "same_math"): Tol(0.0, 0.0, "same ops and inputs on one deterministic CPU thread: bit-identical"),
-    ("ds4_fixture", "guard"): Tol(3.0, 0.0, "REGRESSION GUARD, not agreement: teacher-forced logits vs the ds4 C "
-                                           "engine differ by up to 2.5 on |logit| ~ 5 (p4, fp32). The random tiny "
-                                           "model is chaotic in routing (fp32 vs Q8-activation runs already flip "
-                                           "5-10 of 22 expert choices per layer, 0.21 logit change); see H4 report"),
-    ("ds4_fixture", "rounding"): Tol(0.02, 0.0, "what rounding-level agreement would be; currently xfail"),
+    ("ds4_fixture", "guard"): Tol(3.0, 0.0, "every step, loose on purpose (H10): with ds4's Q8/Q8_K activation "
+                                           "rounding the random tiny model is chaotic - a 1e-6 relative "
+                                           "perturbation of our own activations moves single decode steps by up to "
+                                           "2.5 (routing flips); measured worst 0.97/1.55/0.82 (act_quant) and "
+                                           "0.87/1.73/0.65 (float activations) for p4/p5/p6"),
+    ("ds4_fixture", "prefill"): Tol(0.3, 0.0, "step 0 (prefill) vs ds4 with its tiny-shape prefill defect emulated "
+                                             "(RefPrefillQuirkOps, test_ds4_fixture): measured 0.10/0.10/0.11 (act_quant), "
+                                             "0.11/0.15/0.10 (float activations) on |logit| ~ 5, and 0.07-0.19 "
+                                             "under 1e-6 perturbations of our activations (without the emulation "
+                                             "p4 was 2.2-2.5 in every perturbed run)"),
+    ("ds4_fixture", "decode_median"): Tol(0.3, 0.0, "median over the 21 decode steps of the per-step max|dlogit| "
+                                                   "(act_quant): measured 0.12, and 0.12-0.21 under 1e-6 "
+                                                   "perturbations; single steps are chaotic (see guard)"),
     ("quant_rmse", "vs_ggml"): Tol(0.0, 0.02, "issue #9: a quantizer's relative RMSE may exceed ggml's reference "
                                    "figure by at most 2% (used one-sided: lower error always passes)"),
     ("softmax", "float64"): Tol(1e-14, 1e-12, "sampler probabilities vs a hand softmax, both float64 on <= 1000 "
