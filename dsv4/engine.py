@@ -20,7 +20,7 @@ import numpy as np
 from . import settings
 from .cache.state import SessionState
 from .config import Config
-from .errors import ModelFileError
+from .errors import DsvError, ModelFileError
 from .model import Model, MtpWeights
 
 log = logging.getLogger("dsv4")
@@ -66,6 +66,8 @@ def resolve_backend(name: str = "auto") -> str:
 
 def make_ops(backend: str, **kw):
     cls = _backend_class(backend)
+    if kw.get("kernels") and backend != "triton":
+        raise DsvError(f"kernel variants (--kernel) are registered for the triton backend, not {backend!r}")
     if backend in ("torch", "triton"):
         import torch
 
@@ -78,11 +80,13 @@ def make_ops(backend: str, **kw):
     return cls(**kw)
 
 
-def load(path, backend="auto", mtp: Optional[str] = None, **backend_kw) -> "Engine":
+def load(path, backend="auto", mtp: Optional[str] = None, check: Optional[bool] = None, **backend_kw) -> "Engine":
     """Open a DSV4 GGUF and bind it to a backend.
 
     backend: 'auto' (picks and logs the best available), 'torch', 'triton', 'mlx', or an Ops instance
-    (e.g. a TorchOps subclass with a researcher's kernel variant: no registry edit needed)."""
+    (e.g. a TorchOps subclass with a researcher's kernel variant: no registry edit needed).
+    check: shadow-run the reference for every overridden op and log the error (dsv4/kernel_check.py);
+    defaults to the DSV4_KERNEL_CHECK setting."""
     from .weights import load_weights
 
     if isinstance(backend, str) or backend is None:
@@ -99,6 +103,10 @@ def load(path, backend="auto", mtp: Optional[str] = None, **backend_kw) -> "Engi
     if ops is None:
         ops = make_ops(name, **backend_kw)
     _prepare_weights(ops, weights)
+    if settings.get("DSV4_KERNEL_CHECK") if check is None else check:
+        from .kernel_check import enable
+
+        enable(ops)
     mtp_w = load_mtp(mtp, weights.config) if mtp else None
     return Engine(weights, ops, name, mtp_w)
 

@@ -176,29 +176,30 @@ def _resolve(model: Optional[str], err):
     return resolved
 
 
-def _load_engine(path: Path, backend: Optional[str], err):
+def _load_engine(path: Path, backend: Optional[str], err, kernel: Optional[list[str]] = None,
+                 check_kernels: bool = False):
     import dsv4
 
     from .. import settings
 
     backend = backend or settings.get("DSV4_BACKEND")
+    kw = {"kernels": parse_kernel_choices(kernel)} if kernel else {}
     with err.status(f"loading {path.name} ({backend})..."):
-        engine = dsv4.load(str(path), backend=backend)
-        return engine, tokenizer_of(engine)
+        engine = dsv4.load(str(path), backend=backend, check=check_kernels or None, **kw)
+        return engine, engine.tokenizer
 
 
-def tokenizer_of(engine):
-    """The engine's tokenizer, built once from the GGUF reader the engine already holds.
+def parse_kernel_choices(items: list[str]) -> dict[str, str]:
+    """`--kernel moe=fused_blockdot --kernel qmatmul=gemv` -> {'moe': 'fused_blockdot', ...}."""
+    from ..errors import DsvError
 
-    `Engine.tokenizer` re-opens the file with the stock gguf reader, which parses the 129k-token
-    vocabulary ~10x slower than the reader `weights.open_gguf` returns; going through the open reader
-    cuts seconds from time-to-first-token. Drop this once `Engine.tokenizer` does the same."""
-    reader = getattr(getattr(engine, "weights", None), "reader", None)
-    if reader is None:
-        return engine.tokenizer
-    from ..tokenizer import Tokenizer
-
-    return Tokenizer.from_gguf(reader)
+    out = {}
+    for it in items:
+        op, sep, name = it.partition("=")
+        if not sep or not op or not name:
+            raise DsvError(f"--kernel expects OP=NAME (see `dsv4 kernels`), got {it!r}")
+        out[op.strip()] = name.strip()
+    return out
 
 
 def _max_tokens(n: Optional[int], is_demo: bool) -> Optional[int]:
@@ -224,6 +225,8 @@ _THINK_MAX = typer.Option(False, "--think-max", help="Maximum reasoning effort (
 _KV_DIR = typer.Option(None, "--kv-dir", help="KV page files and prefix cache (default: DSV4_KV_DIR or <cache>/kv).")
 _KV_BUDGET = typer.Option(None, "--kv-budget", help="Resident bytes for paged KV rows, e.g. 2G (default: DSV4_KV_BUDGET, no paging).")
 _NO_KV_CACHE = typer.Option(False, "--no-kv-cache", help="Do not reuse or store prompt prefixes on disk.")
+_KERNEL = typer.Option(None, "--kernel", help="Kernel variant OP=NAME for the triton backend (repeatable; list: dsv4 kernels).")
+_CHECK_KERNELS = typer.Option(False, "--check-kernels", help="Shadow-run the reference for every accelerated op and log errors (slow).")
 
 
 @app.command()
@@ -244,6 +247,8 @@ def chat(
     kv_dir: Optional[Path] = _KV_DIR,
     kv_budget: Optional[str] = _KV_BUDGET,
     no_kv_cache: bool = _NO_KV_CACHE,
+    kernel: Optional[list[str]] = _KERNEL,
+    check_kernels: bool = _CHECK_KERNELS,
 ):
     """Talk to the model in an interactive terminal session."""
     from .repl import ChatController, ChatOptions, Repl
@@ -252,7 +257,7 @@ def chat(
     mode = _think_from_flags(think, nothink, think_max)
     budget = KvPolicy.parse_budget(kv_budget)
     resolved = _resolve(model, err)
-    engine, tok = _load_engine(resolved.path, backend, err)
+    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels)
     opts = ChatOptions(
         ctx=ctx,
         max_tokens=_max_tokens(tokens, resolved.is_demo),
@@ -332,6 +337,8 @@ def run(
     kv_dir: Optional[Path] = _KV_DIR,
     kv_budget: Optional[str] = _KV_BUDGET,
     no_kv_cache: bool = _NO_KV_CACHE,
+    kernel: Optional[list[str]] = _KERNEL,
+    check_kernels: bool = _CHECK_KERNELS,
     dump_tokens: bool = typer.Option(False, "--dump-tokens", help="Print the prompt's token ids as JSON and exit."),
     raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as written, without the chat template."),
     dump_logprobs: Optional[Path] = typer.Option(
@@ -360,7 +367,7 @@ def run(
         for i in ids:
             err.print(f"{i:6d}  {tok.token_text(i)}", markup=False, highlight=False)
         return
-    engine, tok = _load_engine(resolved.path, backend, err)
+    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels)
     ids = _prompt_ids(tok, text, system, mode, ctx, err, raw)
     if len(ids) >= ctx:
         raise DsvError(f"prompt is {len(ids)} tokens but the context is {ctx}: raise --ctx or shorten the prompt")

@@ -90,3 +90,20 @@ def inspect_cmd(
         print(json.dumps(rep))
     else:
         render(rep)
+
+
+@app.command("kernels")
+def kernels_cmd():
+    """List the registered kernel variants (select with --kernel OP=NAME on the triton backend)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from ..kernels_triton import variants
+
+    t = Table(title="Triton kernel variants")
+    for col in ("op", "name", "formats", "max T", "doc"):
+        t.add_column(col)
+    for v in variants():
+        fmts = "all" if not v.formats else ", ".join(f.name for f in v.formats)
+        t.add_row(v.op.value, v.name, fmts, "" if v.max_t is None else str(v.max_t), v.doc)
+    Console().print(t)
