@@ -86,13 +86,7 @@ def ensure_demo_model(on_create=None, progress=None) -> tuple[Path, bool]:
         on_create()
     from .synth import write_model
 
-    tmp = path.with_name(f"{path.name}.tmp.{os.getpid()}")
-    try:
-        write_model(tmp, preset=DEMO_PRESET, recipe=DEMO_RECIPE, seed=DEMO_SEED, progress=progress)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_model(path, preset=DEMO_PRESET, recipe=DEMO_RECIPE, seed=DEMO_SEED, progress=progress)  # atomic
     return path, True
 
 

@@ -12,13 +12,13 @@ import enum
 import functools
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
+from .atomicfile import replacing
 from .config import (
     EXPERT_WEIGHTS_SCALE, HC_EPS, PRESETS, RMS_EPS, SINKHORN_ITERS, SWIGLU_CLAMP, YARN_BETA_FAST, YARN_BETA_SLOW,
     YARN_ORIG_CTX, Config,
@@ -319,37 +319,30 @@ def write_model(path: str | Path, preset: str = "tiny", layers: Optional[int] = 
         raise DsvError(f"{path} is a directory: give the path of the .gguf file to write")
     if not path.parent.exists():
         raise DsvError(f"{path.parent}: no such directory")
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    w = _writer_class()(str(tmp), ARCH)
     sums: dict[str, str] = {}
-    try:
-        _add_metadata(w, cfg)
-        for s in slots:
-            nbytes = int(np.prod(s.shape[:-1], dtype=np.int64)) * s.fmt.row_bytes(s.shape[-1])
-            if s.fmt.is_quantized:
-                byte_shape = (*s.shape[:-1], s.fmt.row_bytes(s.shape[-1]))
-                w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType(int(s.fmt)))
-            else:
-                dt = {QuantFormat.F32: np.float32, QuantFormat.F16: np.float16, QuantFormat.I32: np.int32}[s.fmt]
-                w.add_tensor_info(s.name, s.shape, np.dtype(dt), nbytes)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
-        for i, s in enumerate(slots):
-            arr = np.ascontiguousarray(tensor_data(s, cfg, seed, i))
-            if digests:
-                sums[s.name] = hashlib.sha256(arr.view(np.uint8).reshape(-1)).hexdigest()
-            w.write_tensor_data(arr)
-            del arr
-            if progress is not None:
-                progress(i + 1, len(slots), s.name)
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
+    with replacing(path) as tmp:
+        w = _writer_class()(str(tmp), ARCH)
         try:
+            _add_metadata(w, cfg)
+            for s in slots:
+                nbytes = int(np.prod(s.shape[:-1], dtype=np.int64)) * s.fmt.row_bytes(s.shape[-1])
+                if s.fmt.is_quantized:
+                    byte_shape = (*s.shape[:-1], s.fmt.row_bytes(s.shape[-1]))
+                    w.add_tensor_info(s.name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType(int(s.fmt)))
+                else:
+                    dt = {QuantFormat.F32: np.float32, QuantFormat.F16: np.float16, QuantFormat.I32: np.int32}[s.fmt]
+                    w.add_tensor_info(s.name, s.shape, np.dtype(dt), nbytes)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_ti_data_to_file()
+            for i, s in enumerate(slots):
+                arr = np.ascontiguousarray(tensor_data(s, cfg, seed, i))
+                if digests:
+                    sums[s.name] = hashlib.sha256(arr.view(np.uint8).reshape(-1)).hexdigest()
+                w.write_tensor_data(arr)
+                del arr
+                if progress is not None:
+                    progress(i + 1, len(slots), s.name)
+        finally:
             w.close()
-        except Exception:  # noqa: BLE001 - best effort; the temp file is removed below
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
     return WrittenModel(path, cfg, rec, len(slots), path.stat().st_size, sums)

@@ -23,6 +23,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..atomicfile import fsync_dir
 from ..errors import CacheWriteError, SnapshotError
 from .compact import AttnRowCodec, IndexerRowCodec, NotRepresentableError, attn_codec, indexer_codec
 
@@ -70,19 +71,6 @@ def _pad(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def write_snapshot(path, arrays: dict[str, np.ndarray], fingerprint: str, n_tokens: int, meta: Optional[dict] = None,
                    codecs: Optional[dict[str, Codec]] = None, fault: Optional[IoFault] = None) -> int:
     """Write atomically (temp file + fsync + rename); returns the file size. OSError -> CacheWriteError."""
@@ -120,7 +108,7 @@ def write_snapshot(path, arrays: dict[str, np.ndarray], fingerprint: str, n_toke
         finally:
             os.close(fd)
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     except OSError as e:
         try:
             os.unlink(tmp)

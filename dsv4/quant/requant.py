@@ -3,20 +3,20 @@
 `plan_quantization` checks everything before a byte is written (every tensor present, a recipe rule for
 each, formats the row width can hold and the engine accepts); `quantize_model` then converts tensor by
 tensor (routed experts one expert at a time, dense matrices in row chunks), never holding the model in
-RAM, into `OUT.tmp`, fsyncs and renames it over OUT: an interrupted or failed run leaves no file under
+RAM, into a hidden temp file beside OUT (dsv4.atomicfile), fsyncs and renames it over OUT: an interrupted or failed run leaves no file under
 the output name (an existing OUT stays untouched). Tensors whose source format already equals the
 target are copied byte for byte. Knows file layouts and recipes; no model math.
 """
 from __future__ import annotations
 
 import enum
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 import numpy as np
 
+from ..atomicfile import replacing
 from ..config import Config
 from ..errors import ModelFileError, RecipeError
 from ..weights import ARCH, Component, TensorSlot, config_from_reader, expected_tensors, open_gguf
@@ -25,7 +25,6 @@ from .formats import QTensor, QuantFormat
 from .imatrix import Imatrix
 from .recipes import Recipe
 
-TMP_SUFFIX = ".tmp"
 ROW_CHUNK_WEIGHTS = 1 << 24  # weights per dense chunk: bounds float32 temporaries to 64 MB
 KEY_RECIPE = "quantize.recipe"
 KEY_IMATRIX = "quantize.imatrix.file"
@@ -357,59 +356,36 @@ def quantize_model(src_path: str | Path, out_path: str | Path, recipe: Recipe | 
         raise ModelFileError(f"{out}: output is the source file; write to another path")
     plan = plan_quantization(src, rec)
     dev = _torch_device(device)
-    tmp = out.with_name(out.name + TMP_SUFFIX)
-    w = _writer(tmp)
     prog = _progress(progress, sum(p.n_weights for p in plan))
     try:
-        import gguf
+        with replacing(out) as tmp:
+            w = _writer(tmp)
+            try:
+                import gguf
 
-        src.write_metadata(w)
-        w.add_key_value(KEY_RECIPE, rec.name, gguf.GGUFValueType.STRING)
-        if im is not None:
-            w.add_key_value(KEY_IMATRIX, str(im.source), gguf.GGUFValueType.STRING)
-        for p in plan:
-            byte_shape = (*p.shape[:-1], p.fmt.row_bytes(p.shape[-1]))
-            w.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes,
-                              raw_dtype=gguf.GGMLQuantizationType(int(p.fmt)))
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_ti_data_to_file()
+                src.write_metadata(w)
+                w.add_key_value(KEY_RECIPE, rec.name, gguf.GGUFValueType.STRING)
+                if im is not None:
+                    w.add_key_value(KEY_IMATRIX, str(im.source), gguf.GGUFValueType.STRING)
+                for p in plan:
+                    byte_shape = (*p.shape[:-1], p.fmt.row_bytes(p.shape[-1]))
+                    w.add_tensor_info(p.name, byte_shape, np.dtype(np.uint8), p.nbytes,
+                                      raw_dtype=gguf.GGMLQuantizationType(int(p.fmt)))
+                w.write_header_to_file()
+                w.write_kv_data_to_file()
+                w.write_ti_data_to_file()
 
-        def advance(n: int) -> None:
-            if prog is not None:
-                prog.advance(prog.task_ids[0], n)
+                def advance(n: int) -> None:
+                    if prog is not None:
+                        prog.advance(prog.task_ids[0], n)
 
-        for p in plan:
-            if prog is not None:
-                prog.update(prog.task_ids[0], description=f"{p.name} -> {p.fmt.name}")
-            w.write_tensor_chunks(_tensor_chunks(src, p, im, dev, advance))
-        for f in w.fout:
-            f.flush()
-            os.fsync(f.fileno())
-        w.close()
-        os.replace(tmp, out)
-        _fsync_dir(out.parent)
-    except BaseException:
-        try:
-            w.close()
-        except Exception:  # noqa: BLE001 - best effort; the temp file is removed next
-            pass
-        tmp.unlink(missing_ok=True)
-        raise
+                for p in plan:
+                    if prog is not None:
+                        prog.update(prog.task_ids[0], description=f"{p.name} -> {p.fmt.name}")
+                    w.write_tensor_chunks(_tensor_chunks(src, p, im, dev, advance))
+            finally:
+                w.close()
     finally:
         if prog is not None:
             prog.stop()
     return QuantizeResult(out, rec.name, plan, out.stat().st_size)
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(str(d), os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)

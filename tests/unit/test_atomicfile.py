@@ -1,0 +1,27 @@
+"""dsv4.atomicfile: a failed write leaves the old target and no temp file; a good one replaces it."""
+from __future__ import annotations
+
+import pytest
+
+from dsv4.atomicfile import replacing
+
+
+def test_failed_write_keeps_target_and_leaves_nothing(tmp_path):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"old")
+    with pytest.raises(RuntimeError):
+        with replacing(out) as tmp:
+            tmp.write_bytes(b"half")
+            raise RuntimeError("interrupted")
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_good_write_replaces_target(tmp_path):
+    out = tmp_path / "model.gguf"
+    out.write_bytes(b"old")
+    with replacing(out) as tmp:
+        assert tmp.parent == out.parent and tmp.name.startswith(".model.gguf.tmp.")
+        tmp.write_bytes(b"new")
+    assert out.read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
