@@ -225,7 +225,7 @@ def tokenizer_metadata() -> tuple[list[str], list[int], list[str]]:
     return tokens, types, merges
 
 
-def _add_metadata(w, cfg: Config) -> None:
+def add_metadata(w, cfg: Config) -> None:
     import gguf
 
     V = gguf.GGUFValueType
@@ -272,7 +272,7 @@ def _add_metadata(w, cfg: Config) -> None:
 
 # ---- writing ---------------------------------------------------------------------------------------------
 
-def _writer_class():
+def writer_class():
     """GGUFWriter that packs long string arrays (129k tokens, 127k merges) in one join, not per item."""
     import struct
 
@@ -321,9 +321,9 @@ def write_model(path: str | Path, preset: str = "tiny", layers: Optional[int] = 
         raise DsvError(f"{path.parent}: no such directory")
     sums: dict[str, str] = {}
     with replacing(path) as tmp:
-        w = _writer_class()(str(tmp), ARCH)
+        w = writer_class()(str(tmp), ARCH)
         try:
-            _add_metadata(w, cfg)
+            add_metadata(w, cfg)
             for s in slots:
                 nbytes = int(np.prod(s.shape[:-1], dtype=np.int64)) * s.fmt.row_bytes(s.shape[-1])
                 if s.fmt.is_quantized:

@@ -30,24 +30,28 @@ from tools.bench_kernels import (CLAMP, D, DENSE, F_EXP, K_USED, MOE, N_EXPERT, 
 Q = QuantFormat
 _ORDER = ("attn_q_b", "attn_output_a", "attn_output_b", "output", "attn_q_a", "ffn_down_shexp", "ffn_gate_shexp", "attn_kv")
 GEMV_SHAPES = sorted([c for c in DENSE if c.fmt == Q.Q8_0], key=lambda c: _ORDER.index(c.name))
-SHARE = {"gemv": 0.35, "moe": 0.3, "gemm": 0.2, "grouped": 0.15}  # of --time-limit per section
+SHARE = {"gemv": 0.35, "gemv_dot": 0.4, "moe": 0.3, "gemm": 0.2, "grouped": 0.3}  # of --time-limit per section
+GEMV_DOT_CANDIDATES = [  # block_n, block_k, num_warps, num_stages (token tile 16)
+    (64, 128, 4, 4), (128, 128, 4, 4), (64, 256, 4, 3), (128, 64, 4, 6), (32, 256, 4, 4), (128, 256, 8, 3),
+    (64, 128, 4, 6), (256, 64, 8, 4),
+]
 GEMV_CANDIDATES = [  # block_n, block_k, num_warps, num_stages
     (8, 512, 4, 1), (4, 1024, 4, 1), (16, 256, 4, 1), (16, 512, 8, 1), (32, 256, 8, 1), (8, 1024, 8, 1),
     (16, 512, 8, 3),
 ]
 SPLITS = (1, 2, 4, 8)  # tried for matrices with few rows
 FEW_ROWS = 8192
-MOE_GU = [(8, 256, 4, 1), (16, 256, 4, 1), (4, 512, 4, 1), (32, 128, 4, 1), (16, 512, 8, 1), (8, 512, 4, 1),
-          (16, 256, 8, 1), (8, 256, 4, 3)]
-MOE_DN = [(8, 256, 4, 1), (16, 256, 4, 1), (4, 512, 4, 1), (32, 256, 8, 1), (16, 512, 8, 1), (64, 128, 8, 1)]
+MOE_GU = [(8, 512, 4, 1), (4, 512, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 1024, 4, 1), (4, 1024, 8, 1),
+          (8, 512, 8, 1), (4, 512, 2, 1)]
+MOE_DN = [(4, 512, 4, 1), (4, 1024, 4, 1), (8, 1024, 8, 1), (2, 1024, 4, 1), (8, 512, 4, 1), (4, 512, 2, 1)]
 GEMM_CANDIDATES = [  # block_m, block_n, block_k, num_warps, num_stages
     (128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
     (128, 128, 32, 4, 4), (64, 256, 64, 8, 3), (128, 64, 64, 4, 4), (128, 128, 64, 4, 3),
 ]
 GEMM_SHAPES = ("attn_q_b", "attn_output_b", "attn_q_a", "ffn_gate_shexp")
 GROUPED_CANDIDATES = {  # per recipe: block_m, block_n, block_k, num_warps, num_stages
-    "q2": [(32, 64, 32, 4, 1), (64, 64, 32, 4, 1), (64, 32, 32, 4, 1), (32, 128, 64, 4, 2), (64, 64, 64, 8, 1)],
-    "q4": [(32, 64, 32, 4, 1), (64, 64, 32, 4, 1), (64, 32, 32, 4, 1), (64, 64, 64, 8, 1)],
+    "q2": [(64, 32, 32, 4, 1), (128, 32, 32, 4, 1), (64, 32, 32, 4, 2)],
+    "q4": [(64, 32, 32, 4, 1), (128, 32, 32, 4, 1), (64, 32, 32, 4, 2)],
 }
 
 
@@ -100,6 +104,46 @@ def tune_gemv(log, dev, device, deadline, best):
                 best["gemv"].append([["Q8_0", case.n, case.k, t], asdict(c)])
         del dws
         torch.cuda.empty_cache()
+
+
+def tune_gemv_dot(log, dev, device, deadline, best):
+    """The 16-token tl.dot decode path per Q8_0 shape, against the block-dot GEMV config already in the
+    tables (from --base); the faster of all goes to the JSON."""
+    from dsv4.kernels_triton.configs import select_gemv
+
+    for case in GEMV_SHAPES:
+        if case.name == "attn_kv":
+            continue
+        dws = [blocks.to_device(blocks.synthetic_raw(case.fmt, (case.n, case.k), device, seed=s), case.fmt,
+                                (case.n, case.k), device) for s in range(n_copies(case.fmt.row_bytes(case.k) * case.n, 1))]
+        t = 1
+        shape = (t, case.groups, case.k) if case.groups > 1 else (t, case.k)
+        x = torch.randn(shape, device=device)
+        nbytes = dws[0].nbytes + x.numel() * 4 + t * case.n * 4
+        base = select_gemv(case.fmt, case.n, case.k, dev, tokens=t)
+        cands = [("gemv_q8blk", base)]
+        dots = [GemvConfig(bn, bk, w, 1, st, dot_m=qmatmul.DOT_GEMV_M) for bn, bk, w, st in GEMV_DOT_CANDIDATES]
+        if case.n <= FEW_ROWS:
+            dots = [replace(c, split_k=s) for c in dots for s in SPLITS if case.k % (s * c.block_k) == 0]
+        cands += [("gemv_dot", c) for c in dots]
+        results = []
+        for name, c in cands:
+            if time.time() > deadline:
+                break
+            fn = qmatmul.gemv_dot if c.dot_m else qmatmul.gemv_q8_0_blocked
+            try:
+                ms = timed([lambda w=w, c=c, fn=fn: fn(x, w, dev, case.groups, cfg=c) for w in dws])
+                results.append((ms, c))
+                log.add(name, case.name, t, c, ms, nbytes)
+            except Exception as e:  # noqa: BLE001
+                log.add(name, case.name, t, c, None, nbytes, note=f"FAIL {type(e).__name__}: {str(e)[:80]}")
+        if results:
+            ms, c = min(results, key=lambda r: r[0])
+            best["gemv"].append([["Q8_0", case.n, case.k, t], asdict(c)])
+        del dws
+        torch.cuda.empty_cache()
+        if time.time() > deadline:
+            return
 
 
 def _moe_weights(recipe, device):
@@ -211,9 +255,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out-md", default="tune.md")
     ap.add_argument("--time-limit", type=float, default=150.0)
     ap.add_argument("--only", nargs="*", default=["gemv", "moe", "gemm", "grouped"])
+    ap.add_argument("--base", default=None, help="earlier tuned JSON: loaded first; its entries are kept unless re-tuned")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
+    base_json = {"gemv": [], "gemm": [], "moe": []}
+    if args.base:
+        from dsv4.kernels_triton.configs import load_tuned
+
+        load_tuned(args.base)
+        base_json = json.loads(Path(args.base).read_text())
     bw = read_bandwidth(device)
     log = Log(Path(args.out_md), bw)
     best = {"gemv": [], "gemm": [], "moe": []}
@@ -222,11 +273,13 @@ def main(argv=None) -> int:
     for name in args.only:
         deadline += args.time_limit * SHARE[name] / total
         try:
-            {"gemv": tune_gemv, "moe": tune_moe, "gemm": tune_gemm, "grouped": tune_grouped}[name](
+            {"gemv": tune_gemv, "gemv_dot": tune_gemv_dot, "moe": tune_moe, "gemm": tune_gemm, "grouped": tune_grouped}[name](
                 log, dev, device, deadline, best)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
-        Path(args.out_json).write_text(json.dumps(best, indent=1))
+        merged = {k: {json.dumps(key): cfg for key, cfg in base_json.get(k, []) + best[k]} for k in best}
+        Path(args.out_json).write_text(json.dumps({k: [[json.loads(key), cfg] for key, cfg in v.items()]
+                                                   for k, v in merged.items()}, indent=1))
     return 0
 
 

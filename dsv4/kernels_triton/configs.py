@@ -46,6 +46,7 @@ class GemvConfig:
     num_warps: int
     split_k: int = 1
     num_stages: int = 1
+    dot_m: int = 0  # > 0: run through the tl.dot kernel with this token tile (qmatmul.gemv_dot)
 
 
 @dataclass(frozen=True)
@@ -141,6 +142,21 @@ def _split_k(n_rows: int, k: int, cfg: GemvConfig, dev: DeviceInfo, tokens: int 
     return split
 
 
+TUNED_ARCHS = ("sm_90",)  # the tables below were measured on an H200; other GPUs use the generic tables
+TUNED_FILE = "tuned_h200.json"  # beside this module, loaded at import (tools/tune_kernels.py writes it)
+TUNED_DECODE_MAX_T = 8  # decode entries (tuned at T=1) serve T <= this
+TUNED_PREFILL_MIN_T = 256  # prefill entries (tuned at T=2048) serve T >= this
+
+
+def _bucket(tokens: int) -> int:
+    """The token count a tuned entry was measured at that serves `tokens` (other counts: no entry)."""
+    if tokens <= TUNED_DECODE_MAX_T:
+        return 1
+    if tokens >= TUNED_PREFILL_MIN_T:
+        return 2048
+    return -1
+
+
 def load_tuned(path) -> None:
     """Merge a tools/tune_kernels.py JSON ({"gemv": [[key, cfg], ...], "gemm": ..., "moe": ...}) into the tables."""
     import json
@@ -157,10 +173,21 @@ def load_tuned(path) -> None:
             cfg.get("down_per_slot", False))
 
 
+def _load_packaged() -> None:
+    from pathlib import Path
+
+    path = Path(__file__).with_name(TUNED_FILE)
+    if path.exists():
+        load_tuned(path)
+
+
+_load_packaged()
+
+
 def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_split: bool = True,
                 tokens: int = 1) -> GemvConfig:
-    if dev.vendor == Vendor.NVIDIA:
-        tuned = TUNED_GEMV.get((QuantFormat(fmt), n_rows, k, tokens))
+    if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS:
+        tuned = TUNED_GEMV.get((QuantFormat(fmt), n_rows, k, _bucket(tokens)))
         if tuned is not None:
             return tuned if allow_split else replace(tuned, split_k=1)
     if dev.vendor == Vendor.AMD:
@@ -178,8 +205,8 @@ def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_sp
 
 
 def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceInfo) -> GemmConfig:
-    if dev.vendor == Vendor.NVIDIA:
-        tuned = TUNED_GEMM.get((QuantFormat(fmt), n_rows, k, tokens))
+    if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS:
+        tuned = TUNED_GEMM.get((QuantFormat(fmt), n_rows, k, _bucket(tokens)))
         if tuned is not None:
             return tuned
     if dev.vendor == Vendor.AMD:
@@ -196,8 +223,8 @@ def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceI
 
 def select_moe(fmt_gate_up: QuantFormat, fmt_down: QuantFormat, f: int, d: int, dev: DeviceInfo,
                tokens: int = 1) -> MoeConfig:
-    if dev.vendor == Vendor.NVIDIA:
-        tuned = TUNED_MOE.get((QuantFormat(fmt_gate_up), QuantFormat(fmt_down), f, d, tokens))
+    if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS:
+        tuned = TUNED_MOE.get((QuantFormat(fmt_gate_up), QuantFormat(fmt_down), f, d, _bucket(tokens)))
         if tuned is not None:
             return tuned
     gu = select_gemv(fmt_gate_up, f, d, dev, allow_split=False)

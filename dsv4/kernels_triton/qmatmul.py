@@ -20,6 +20,8 @@ from .blocks import DeviceWeight, dequant_tile
 from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, pow2_divisor, select_gemm, select_gemv
 
 DECODE_MAX_T = 8  # at or below this many tokens the GEMV path is used by the "auto" variant
+DOT_GEMV_M = 16  # token tile of the tl.dot decode path (tl.dot needs >= 16)
+DOT_GEMV_DEFAULT = GemvConfig(block_n=64, block_k=128, num_warps=4, num_stages=4, dot_m=DOT_GEMV_M)
 GEMV_MIN_BLOCK_K = 64  # smallest K step the GEMV shrinks to for T > 1
 
 _TL_DOT = {DotDtype.FP16: tl.float16, DotDtype.BF16: tl.bfloat16, DotDtype.FP32_IEEE: tl.float32}
@@ -121,10 +123,16 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                   stride_xt, stride_xg, stride_ot,
                   stride_w, stride_s, off_s,
                   FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, Q8_FAST: tl.constexpr = False):
-    """out[t, n] = sum_k x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in DOT dtype
-    through tl.dot, fp32 accumulation (IEEE: fp32 operands without tf32 rounding). Token tiles vary
-    fastest so a weight tile is reused from L2."""
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, Q8_FAST: tl.constexpr = False,
+                  stride_os=0):
+    """out[s, t, n] = sum_{k in slice s} x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in
+    DOT dtype through tl.dot, fp32 accumulation (IEEE: fp32 operands without tf32 rounding). K is the
+    length of one split-K slice (program axis 1). Token tiles vary fastest so a weight tile is reused
+    from L2. Also the decode path for Q8_0 (BLOCK_M = 16): its pipelined loads keep more bytes in
+    flight than the FMA GEMV."""
+    k_start = tl.program_id(1) * K
+    out_ptr += tl.program_id(1) * stride_os
+    x_ptr += k_start
     pid = tl.program_id(0)
     num_m = tl.cdiv(T, BLOCK_M)
     pid_m = pid % num_m
@@ -141,7 +149,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
         # (no per-weight scale gather); q*d is exact in fp32 and rounded once to DOT, as in dequant_tile.
         rn_c = tl.minimum(rn, N - 1).to(tl.int64)
         w_col = w_ptr + rn_c[None, :] * stride_w + tl.arange(0, 32)[:, None]
-        s_col = s_ptr + rn_c * stride_s + off_s
+        s_col = s_ptr + rn_c * stride_s + off_s + (k_start >> 5)
+        w_col += k_start
         x_c = x_row + tl.arange(0, 32)[None, :]
         for k0 in range(0, K, BLOCK_K):
             for c in tl.static_range(BLOCK_K // 32):
@@ -155,7 +164,7 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
             rk = k0 + tl.arange(0, BLOCK_K)
             k_ok = rk < K  # K need not be a multiple of BLOCK_K (tl.dot wants BLOCK_K >= 16)
             x = tl.load(x_row + rk[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(DOT)  # [BLOCK_M, BLOCK_K]
-            w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], rk[:, None], n_ok[None, :] & k_ok[:, None],
+            w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], k_start + rk[:, None], n_ok[None, :] & k_ok[:, None],
                              stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
             acc += dot(x, w, IEEE)
     out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
@@ -255,9 +264,10 @@ def gemv_q8_0_blocked(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg
     return _plan("gemv_q8blk", x, dw, groups, cfg, build)(x)
 
 
-def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None):
+def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None, split_k: int = 1):
     """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles.
-    fp32 activations are rounded to the dot dtype once up front (the kernel would round them per tile)."""
+    fp32 activations are rounded to the dot dtype once up front (the kernel would round them per tile).
+    split_k > 1 (K a multiple of split_k * BLOCK_K): K slices in parallel, summed after in fixed order."""
     import torch
 
     c0 = cfg or select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev)
@@ -271,27 +281,47 @@ def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig 
         c = c0
         block_n = c.block_n if groups == 1 else max(16, pow2_divisor(R, c.block_n))
         assert groups == 1 or R % block_n == 0, f"group rows {R} must be a multiple of {block_n}"
-        q8_fast = dw.fmt.name == "Q8_0" and c.block_k % 32 == 0 and dw.k % c.block_k == 0
-        grid = (triton.cdiv(T, c.block_m) * triton.cdiv(N, block_n),)
+        split = split_k if dw.k % (split_k * c.block_k) == 0 else 1
+        k_slice = dw.k // split
+        q8_fast = dw.fmt.name == "Q8_0" and c.block_k % 32 == 0 and k_slice % c.block_k == 0
+        grid = (triton.cdiv(T, c.block_m) * triton.cdiv(N, block_n), split)
         kern = _qgemm_kernel[grid]
         stride_xt, fmt, dot_t, ieee = x.stride(0), int(dw.fmt), tl_dot_dtype(c.dot), c.dot == DotDtype.FP32_IEEE
 
         def launch(x):
-            out = blocks.empty((T, N), x.device)
-            kern(x, dw.w, dw.s, dw.g, out, T, N, R, dw.k, stride_xt, stride_xg, N,
+            out = blocks.empty((split, T, N), x.device)
+            kern(x, dw.w, dw.s, dw.g, out, T, N, R, k_slice, stride_xt, stride_xg, N,
                  dw.stride_w, dw.stride_s, dw.off_s, FMT=fmt, DOT=dot_t, IEEE=ieee,
-                 BLOCK_M=c.block_m, BLOCK_N=block_n, BLOCK_K=c.block_k, Q8_FAST=q8_fast,
+                 BLOCK_M=c.block_m, BLOCK_N=block_n, BLOCK_K=c.block_k, Q8_FAST=q8_fast, stride_os=T * N,
                  num_warps=c.num_warps, num_stages=c.num_stages)
-            return out
+            return _reduce_split(out, split)
         return launch
 
-    return _plan("gemm", x, dw, groups, c0, build)(x)
+    return _plan("gemm", x, dw, groups, (c0, split_k), build)(x)
+
+
+def gemv_dot(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None):
+    """Decode-shaped qmatmul through the tl.dot kernel with a 16-token tile (tokens past T are masked):
+    its loads are software-pipelined (num_stages), which the FMA GEMV's are not, so more weight bytes
+    are in flight. Q8_0 with the chunked-scale path; cfg.block_n/block_k/num_warps/num_stages/split_k."""
+    if x.shape[0] > DOT_GEMV_M:
+        return gemm(x, dw, dev, groups)
+    c = cfg or select_gemv(dw.fmt, dw.n_rows, dw.k, dev, tokens=x.shape[0])
+    if not c.dot_m:
+        c = replace(c, dot_m=DOT_GEMV_M, block_n=DOT_GEMV_DEFAULT.block_n, block_k=DOT_GEMV_DEFAULT.block_k,
+                    num_warps=DOT_GEMV_DEFAULT.num_warps, num_stages=DOT_GEMV_DEFAULT.num_stages)
+    gc = GemmConfig(c.dot_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
+    return gemm(x, dw, dev, groups, gc, split_k=c.split_k)
 
 
 def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
-    """GEMV for decode-sized T (the block-dot kernel for Q8_0), GEMM above."""
+    """GEMV for decode-sized T (for Q8_0 the block-dot kernel, or the 16-token tl.dot kernel where the
+    per-shape table says so), GEMM above."""
     if x.shape[0] <= DECODE_MAX_T:
         if dw.fmt.name == "Q8_0":
+            c = select_gemv(dw.fmt, dw.n_rows, dw.k, dev, tokens=x.shape[0])
+            if c.dot_m:
+                return gemv_dot(x, dw, dev, groups, c)
             return gemv_q8_0_blocked(x, dw, dev, groups)
         return gemv(x, dw, dev, groups)
     return gemm(x, dw, dev, groups)
@@ -342,6 +372,8 @@ register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, 
          max_t=DECODE_MAX_T, doc="row-parallel GEMV without split-K (for comparison)")
 register(KernelOp.QMATMUL, "gemv_q8blk", gemv_q8_0_blocked, formats=(QuantFormat.Q8_0,), max_t=DECODE_MAX_T,
          doc="Q8_0 GEMV as per-block dots scaled once per 32 weights")
+register(KernelOp.QMATMUL, "gemv_dot", gemv_dot, formats=(QuantFormat.Q8_0,), max_t=DOT_GEMV_M,
+         doc="decode through tl.dot with a 16-token tile: pipelined weight loads")
 register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
 register(KernelOp.QMATMUL, "gemm_ieee", gemm_ieee, doc="tl.dot on fp32 tiles with IEEE products (accurate, slower)")
 register(KernelOp.QMATMUL, "auto_ieee", qmatmul_auto_ieee, doc=f"gemv for T <= {DECODE_MAX_T}, gemm_ieee above")

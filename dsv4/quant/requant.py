@@ -170,9 +170,9 @@ class HfSource:
         return self._whole(name).astype(np.int32)
 
     def write_metadata(self, w) -> None:
-        from ..synth import _add_metadata  # the one writer of the DSV4 metadata schema
+        from ..synth import add_metadata  # the one writer of the DSV4 metadata schema
 
-        _add_metadata(w, self.config)
+        add_metadata(w, self.config)
 
 
 def open_source(path: str | Path):
@@ -299,9 +299,9 @@ def _tensor_chunks(src, p: TensorPlan, imatrix: Optional[Imatrix], device: str,
 def _writer(path: Path):
     import gguf
 
-    from ..synth import _writer_class
+    from ..synth import writer_class
 
-    class StreamingWriter(_writer_class()):
+    class StreamingWriter(writer_class()):
         """GGUFWriter that takes one tensor's bytes as a stream of chunks (experts one at a time)."""
 
         def write_tensor_chunks(self, chunks: Iterator[np.ndarray]) -> int:

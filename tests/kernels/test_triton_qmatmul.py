@@ -113,6 +113,18 @@ def test_gemm_t37(fmt, poison):
     check_qmatmul(fmt, 37, min(SMALL_K[fmt], 256), 37, "gemm", seed=int(fmt), cfg=cfg)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gemv_dot_split_k(groups, poison):
+    """The tl.dot decode path with split-K (two K slices summed in order), a partial row tile, T=3."""
+    cfg = GemvConfig(block_n=16, block_k=64, num_warps=4, split_k=2, num_stages=1, dot_m=16)
+    dev = detect_device(DEVICE)
+    dw, w_ref = make_weight(Q.Q8_0, (96, 256) if groups == 2 else (37, 256), 23)
+    shape = (3, groups, 256) if groups > 1 else (3, 256)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(24)).to(DEVICE)
+    y = qmatmul.gemv_dot(x, dw, dev, groups, cfg=cfg)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemv_dot split 2 G={groups}")
+
+
 def test_gemm_q8_0_chunked_scales(poison):
     """The Q8_0 GEMM path that scales 32-wide code chunks per row (BLOCK_K a multiple of 32): a partial
     row tile (N=37), a partial token tile, two chunks per K step."""
@@ -135,7 +147,8 @@ def test_every_registered_variant(poison):
         t = 3 if v.max_t else 20
         x = torch.randn((t, 64), generator=torch.Generator().manual_seed(7)).to(DEVICE)
         y = v.fn(x, dw, dev, 1)
-        kind = "fp16dot" if t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm") else "fp32"
+        # gemv_dot feeds tl.dot with fp16 operands at every T, like the prefill GEMM
+        kind = "fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or v.name == "gemv_dot" else "fp32"
         op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
         assert_matches(y, reference(x, w_ref), op, kind, f"variant {v.name}")
 
