@@ -1,12 +1,14 @@
 """Kernel benchmark: every registered Triton variant at DeepSeek V4 Flash shapes, T = 1, 4, 2048.
 
-Weights are random GGUF blocks generated on the GPU (values do not change speed). For every case:
-median time (triton.testing.do_bench, L2 flushed between runs), achieved GB/s (weight + activation
-bytes read once), % of the streaming-read bandwidth measured in this run, and for T >= 256 the
-achieved TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run. Writes markdown
-and CSV (machine, date, commit in the header / columns); rows are flushed as they complete so a
-time limit or a failing case never loses the rest. Usage:
-    python tools/bench_kernels.py --out-md results.md --out-csv results.csv [--time-limit 300] [--quick]
+Weights are random GGUF blocks generated on the GPU (values do not change speed). Each case is timed
+twice: `graph` = CUDA-graph replay of calls over rotating weight copies / expert selections (kernel
+time without launch overhead and without L2 reuse; the kernel targets are judged on it) and `eager`
+= triton.testing.do_bench around the Python call (adds host launch cost). Reported: achieved GB/s
+(weight + activation bytes read once) and % of the streaming-read bandwidth measured in this run, and
+for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run. Markdown + CSV,
+flushed per row. Usage:
+    python tools/bench_kernels.py --out-md r.md --out-csv r.csv [--time-limit 300] [--quick]
+        [--ops output moe_q2] [--T 1 2048] [--variants auto gemv_dot] [--ieee] [--tuned tuned.json]
 """
 from __future__ import annotations
 

@@ -185,10 +185,11 @@ _load_packaged()
 
 
 def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_split: bool = True,
-                tokens: int = 1) -> GemvConfig:
+                tokens: int = 1, dot_ok: bool = True) -> GemvConfig:
+    """dot_ok=False: the caller is an FMA GEMV kernel; table entries for the tl.dot decode path are skipped."""
     if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS:
         tuned = TUNED_GEMV.get((QuantFormat(fmt), n_rows, k, _bucket(tokens)))
-        if tuned is not None:
+        if tuned is not None and (dot_ok or not tuned.dot_m):
             return tuned if allow_split else replace(tuned, split_k=1)
     if dev.vendor == Vendor.AMD:
         from ..kernels_hip.configs import hip_gemv

@@ -171,6 +171,17 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _dequant_rows_kernel(w_ptr, s_ptr, g_ptr, out_ptr, N, K, row0, stride_w, stride_s, off_s, stride_o,
+                         FMT: tl.constexpr, OUT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[n - row0, k] = dequant(w)[n, k] in OUT dtype for rows [row0, N) (one transient chunk)."""
+    rn = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mask = (rn < N)[:, None] & (rk < K)[None, :]
+    w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[:, None], rk[None, :], mask, stride_w, stride_s, off_s, FMT)
+    tl.store(out_ptr + (rn - row0)[:, None].to(tl.int64) * stride_o + rk[None, :], w.to(OUT), mask=mask)
+
+
 def _check(x, dw: DeviceWeight, groups: int):
     import torch
 
@@ -240,7 +251,7 @@ def gemv_q8_0_blocked(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg
 
     def build():
         _, T, N, R, stride_xg, _t = _check(x, dw, groups)
-        c = cfg or select_gemv(dw.fmt, N, dw.k, dev, tokens=T)
+        c = cfg or select_gemv(dw.fmt, N, dw.k, dev, tokens=T, dot_ok=False)
         block_n = c.block_n if groups == 1 else pow2_divisor(R, c.block_n)
         block_t = max(1, triton.next_power_of_2(T))
         block_k = max(32, pow2_divisor(dw.k, c.block_k))
@@ -271,7 +282,7 @@ def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig 
     import torch
 
     c0 = cfg or select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev)
-    if x.dtype == torch.float32 and c0.dot in (DotDtype.FP16, DotDtype.BF16):
+    if x.dtype == torch.float32 and c0.dot in (DotDtype.FP16, DotDtype.BF16) and x.shape[0] > DOT_GEMV_M:
         x = x.to(torch.float16 if c0.dot == DotDtype.FP16 else torch.bfloat16)
     elif x.stride(-1) != 1:
         x = x.contiguous()
@@ -312,6 +323,36 @@ def gemv_dot(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvCon
                     num_warps=DOT_GEMV_DEFAULT.num_warps, num_stages=DOT_GEMV_DEFAULT.num_stages)
     gc = GemmConfig(c.dot_m, c.block_n, c.block_k, c.num_warps, c.num_stages)
     return gemm(x, dw, dev, groups, gc, split_k=c.split_k)
+
+
+DEQUANT_CHUNK_ROWS = 16384  # transient fp16 rows per chunk of gemm_dequant (16384 x 4096 x 2 B = 128 MiB)
+DEQUANT_TILE = (32, 128)
+
+
+def gemm_dequant(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """Prefill alternative: dequantize a chunk of rows to a transient fp16 buffer (one Triton pass at
+    memory speed), then torch.matmul (cuBLAS tensor cores); repeat per chunk. Nothing is kept between
+    calls. Worth it when T is large enough that the GEMM dwarfs the extra 2 B/weight write + read."""
+    import torch
+
+    x, T, N, R, stride_xg, _t = _check(x, dw, groups)
+    x16 = x.to(torch.float16)
+    bn, bk = DEQUANT_TILE
+    step = N if groups > 1 else DEQUANT_CHUNK_ROWS
+    outs = []
+    for row0 in range(0, N, step):
+        rows = min(step, N - row0)
+        w16 = torch.empty((rows, dw.k), device=x.device, dtype=torch.float16)
+        _dequant_rows_kernel[(triton.cdiv(rows, bn), triton.cdiv(dw.k, bk))](
+            dw.w, dw.s, dw.g, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
+            FMT=int(dw.fmt), OUT=tl.float16, BLOCK_N=bn, BLOCK_K=bk)
+        if groups > 1:
+            y = torch.bmm(x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2))  # [G, T, R]
+            outs.append(y.transpose(0, 1).reshape(T, N))
+        else:
+            outs.append(x16 @ w16.T)
+    y = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+    return y.float()
 
 
 def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
@@ -375,6 +416,8 @@ register(KernelOp.QMATMUL, "gemv_q8blk", gemv_q8_0_blocked, formats=(QuantFormat
 register(KernelOp.QMATMUL, "gemv_dot", gemv_dot, formats=(QuantFormat.Q8_0,), max_t=DOT_GEMV_M,
          doc="decode through tl.dot with a 16-token tile: pipelined weight loads")
 register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
+register(KernelOp.QMATMUL, "gemm_dequant", gemm_dequant,
+         doc="per-call transient fp16 dequant of row chunks + torch.matmul (not yet measured on GPU)")
 register(KernelOp.QMATMUL, "gemm_ieee", gemm_ieee, doc="tl.dot on fp32 tiles with IEEE products (accurate, slower)")
 register(KernelOp.QMATMUL, "auto_ieee", qmatmul_auto_ieee, doc=f"gemv for T <= {DECODE_MAX_T}, gemm_ieee above")
 register(KernelOp.QMATMUL, "dequant_torch", qmatmul_dequant_torch,

@@ -125,6 +125,19 @@ def test_gemv_dot_split_k(groups, poison):
     assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemv_dot split 2 G={groups}")
 
 
+@pytest.mark.parametrize("fmt", [Q.Q8_0, Q.IQ2_XXS], ids=lambda f: f.name)
+@pytest.mark.parametrize("groups", [1, 2])
+def test_gemm_dequant_chunks(fmt, groups, monkeypatch, poison):
+    """Transient-dequant prefill path: three row chunks (last partial) or the grouped bmm layout."""
+    monkeypatch.setattr(qmatmul, "DEQUANT_CHUNK_ROWS", 16)
+    dev = detect_device(DEVICE)
+    n, k = (40, 256) if groups == 1 else (64, 256)
+    dw, w_ref = make_weight(fmt, (n, k), 31)
+    x = torch.randn((19, groups, k) if groups > 1 else (19, k), generator=torch.Generator().manual_seed(32)).to(DEVICE)
+    y = qmatmul.gemm_dequant(x, dw, dev, groups)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemm_dequant {fmt.name} G={groups}")
+
+
 def test_gemm_q8_0_chunked_scales(poison):
     """The Q8_0 GEMM path that scales 32-wide code chunks per row (BLOCK_K a multiple of 32): a partial
     row tile (N=37), a partial token tile, two chunks per K step."""
@@ -148,7 +161,8 @@ def test_every_registered_variant(poison):
         x = torch.randn((t, 64), generator=torch.Generator().manual_seed(7)).to(DEVICE)
         y = v.fn(x, dw, dev, 1)
         # gemv_dot feeds tl.dot with fp16 operands at every T, like the prefill GEMM
-        kind = "fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or v.name == "gemv_dot" else "fp32"
+        kind = ("fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or v.name in ("gemv_dot", "gemm_dequant")
+                else "fp32")
         op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
         assert_matches(y, reference(x, w_ref), op, kind, f"variant {v.name}")
 
