@@ -5,6 +5,7 @@ device layouts), configs.py (tile tables), registry.py (named variants, `use(...
 ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
 """
 from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
+from . import moe_fast  # noqa: F401,E402 - fused_dot* MoE decode variants
 from .registry import KernelOp, register, use, variants
 
 __all__ = ["TritonOps", "KernelOp", "register", "use", "variants"]
@@ -16,3 +17,4 @@ def __getattr__(name):
 
         return TritonOps
     raise AttributeError(name)
+from . import qmatmul_fast  # noqa: E402,F401 - registers gemv_persist, gemm_hybrid
