@@ -357,7 +357,7 @@ def gemm_dequant(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
 
 def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     """GEMV for decode-sized T (for Q8_0 the block-dot kernel, or the 16-token tl.dot kernel where the
-    per-shape table says so), GEMM above."""
+    per-shape table says so); above, Q8_0 goes to gemm_hybrid and the other formats to the fused GEMM."""
     if x.shape[0] <= DECODE_MAX_T:
         if dw.fmt.name == "Q8_0":
             c = select_gemv(dw.fmt, dw.n_rows, dw.k, dev, tokens=x.shape[0])
@@ -365,6 +365,12 @@ def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
                 return gemv_dot(x, dw, dev, groups, c)
             return gemv_q8_0_blocked(x, dw, dev, groups)
         return gemv(x, dw, dev, groups)
+    if dw.fmt.name == "Q8_0":
+        # H200 (2026-11-28, tools/results/h200_variants): at T=2048 the hybrid (fused gemm up to 256 tokens,
+        # transient fp16 dequant + cuBLAS above) runs at 47-73 % of bf16 matmul vs 18-37 % for the fused gemm.
+        from .qmatmul_fast import gemm_hybrid  # late: qmatmul_fast builds on this module
+
+        return gemm_hybrid(x, dw, dev, groups)
     return gemm(x, dw, dev, groups)
 
 
@@ -406,7 +412,7 @@ def qmatmul_dequant_torch(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1)
 from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
-register(KernelOp.QMATMUL, AUTO, qmatmul_auto, doc=f"gemv for T <= {DECODE_MAX_T}, gemm above")
+register(KernelOp.QMATMUL, AUTO, qmatmul_auto, doc=f"gemv for T <= {DECODE_MAX_T}; above: gemm_hybrid for Q8_0, gemm otherwise")
 register(KernelOp.QMATMUL, "gemv", gemv, max_t=DECODE_MAX_T,
          doc="row-parallel GEMV, fp32 FMA, split-K when rows are few")
 register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, dw, dev, groups, allow_split=False),
