@@ -21,6 +21,31 @@ def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}{TMP_MARK}{os.getpid()}.{uuid.uuid4().hex[:8]}")
 
 
+def owner_alive(pid: int) -> bool:
+    """Whether process `pid` (the owner named in a temp or page file) still exists. Another user's live
+    process counts as alive: its files are never ours to remove."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_if_orphaned(p: Path, pid: int) -> bool:
+    """Delete a file whose owner process is gone (killed before it could clean up); True if removed."""
+    if owner_alive(pid):
+        return False
+    try:
+        p.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def fsync_dir(d: Path) -> None:
     """Make a rename in directory d durable (a no-op where directories cannot be opened)."""
     try:

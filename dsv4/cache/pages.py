@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
+from ..atomicfile import remove_if_orphaned
 from ..errors import CacheWriteError, SnapshotError
 
 IO_ALIGN = 4096  # O_DIRECT needs offset, length and buffer address aligned to the logical block size
@@ -205,20 +206,8 @@ def sweep_dead_page_files(d: Path) -> list[Path]:
     removed = []
     for p in d.iterdir():
         m = PAGE_FILE_RE.fullmatch(p.name)
-        if not m or int(m.group(1)) == os.getpid():
-            continue
-        try:
-            os.kill(int(m.group(1)), 0)
-            continue  # owner alive
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        try:
-            p.unlink()
+        if m and remove_if_orphaned(p, int(m.group(1))):
             removed.append(p)
-        except FileNotFoundError:
-            pass
     return removed
 
 

@@ -26,6 +26,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from ..atomicfile import remove_if_orphaned
 from ..errors import CacheWriteError, SnapshotError
 from . import snapshot as snap_mod
 from .pages import default_kv_dir
@@ -108,18 +109,7 @@ class PrefixCache:
             m = TMP_RE.fullmatch(p.name)
             if not m:
                 continue
-            pid = int(m.group(1))
-            try:
-                os.kill(pid, 0)
-                continue  # its writer is alive
-            except ProcessLookupError:
-                pass
-            except PermissionError:
-                continue
-            try:
-                p.unlink()
-            except FileNotFoundError:
-                pass
+            remove_if_orphaned(p, int(m.group(1)))
 
     def _discard(self, path: Path, why: str) -> None:
         """Remove a damaged entry, unless another process replaced it meanwhile (same inode check)."""

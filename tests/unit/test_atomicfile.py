@@ -25,3 +25,19 @@ def test_good_write_replaces_target(tmp_path):
         tmp.write_bytes(b"new")
     assert out.read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.gguf"]
+
+
+def test_orphaned_files_of_dead_processes_only_are_removed(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from dsv4.atomicfile import remove_if_orphaned
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # reaped: its pid no longer names a process
+    mine, orphan = tmp_path / "mine.tmp", tmp_path / "orphan.tmp"
+    mine.write_bytes(b"x")
+    orphan.write_bytes(b"x")
+    assert not remove_if_orphaned(mine, os.getpid()) and mine.exists()
+    assert remove_if_orphaned(orphan, dead.pid) and not orphan.exists()
