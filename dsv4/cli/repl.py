@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from .. import settings
+from ..engine import GenerationStats
 from ..errors import DsvError, SnapshotError
 
 PROMPT = "dsv4> "
@@ -78,25 +79,16 @@ def interruptible(stop: StopFlag):
 
 
 @dataclass
-class TurnStats:
-    prompt_tokens: int = 0  # tokens actually prefilled this turn (the suffix the session lacked)
-    prefill_s: float = 0.0
-    gen_tokens: int = 0
-    gen_s: float = 0.0
+class TurnStats(GenerationStats):
+    """The engine's generation stats (prompt_tokens = tokens actually prefilled this turn, i.e. the suffix
+    the session lacked) plus what the REPL shows about a turn."""
+
     ttft_s: float = 0.0  # from turn start to the first generated token
     ctx_used: int = 0
     ctx: int = 0
     finish: str = ""
     mode: str = ""
     reused: int = 0  # prompt tokens restored from the disk prefix cache instead of prefilled
-
-    @property
-    def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
-
-    @property
-    def gen_tps(self) -> float:
-        return self.gen_tokens / self.gen_s if self.gen_s > 0 else 0.0
 
     def line(self) -> str:
         head = f"[{self.mode}] " if self.mode else ""
