@@ -11,6 +11,8 @@ are byte-exact with ggml; the rest is quality-tested. Knows block layouts only: 
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 
 from .formats import QK_K, QuantFormat
@@ -382,6 +384,58 @@ def _refine_k(x, w, d, dmin, sc, mc, L, nmax: int, code_max: int):
     return d16, m16, sc, mc, q
 
 
+# ---------------------------------------------------------------------------------- Q2_K and Q4_K
+
+
+@dataclass(frozen=True)
+class KSearch:
+    """What differs between the Q2_K and Q4_K scale/min searches (ggml's parameters per format)."""
+
+    n_sub: int  # sub-blocks per 256-block
+    sub: int  # weights per sub-block
+    nmax: int  # largest code
+    scale_max: int  # largest scale/min code
+    plain_avg_weight: bool  # without importance: weight |x| + rms(x) (Q4_K) or |x| (Q2_K)
+    plain_search: tuple  # make_qkx (rmin, rdelta, nstep, use_mad) without importance
+    plain_clamp: bool  # clamp of the scale codes without importance
+    imp_power: float  # exponent of the importance weighting (_weights_k)
+
+
+IMP_SEARCH = (-0.9, 0.05, 36, False)  # make_qkx parameters with importance (both formats)
+
+
+def _k_quant_search(x, qw, k: KSearch):
+    """x [B, 256] (+ importance qw) -> (d bytes [B, 2], dmin bytes [B, 2], scale codes, min codes, codes):
+    ggml's scale/min search for the format, then the joint refinement (_refine_k)."""
+    import torch
+
+    B = x.shape[0]
+    xs = x.reshape(B * k.n_sub, k.sub)
+    if qw is None:
+        w = xs.abs()
+        if k.plain_avg_weight:
+            w = torch.sqrt((xs * xs).mean(1, keepdim=True)) + w
+        scale, mins, L = make_qkx(xs, w, k.nmax, *k.plain_search)
+        sc, d = _scale_codes_ref(scale.reshape(B, k.n_sub), k.scale_max, clamp=k.plain_clamp)
+        mc, dmin = _scale_codes_ref(mins.reshape(B, k.n_sub), k.scale_max, clamp=k.plain_clamp)
+    else:
+        w = _weights_k(x, qw, k.imp_power).reshape(B * k.n_sub, k.sub)
+        scale, mins, L = make_qkx(xs, w, k.nmax, *IMP_SEARCH)
+        sw = w.sum(1).reshape(B, k.n_sub)
+        d, sc = make_qp(scale.reshape(B, k.n_sub), sw, k.scale_max)
+        dmin, mc = make_qp(mins.reshape(B, k.n_sub), sw, k.scale_max)
+    x3 = x.reshape(B, k.n_sub, k.sub)
+    w3 = torch.ones_like(x3) if qw is None else w.reshape(B, k.n_sub, k.sub)
+    d16, m16, sc, mc, q = _refine_k(x3, w3, d, dmin, sc, mc, L.reshape(B, k.n_sub, k.sub), k.nmax, k.scale_max)
+    d_b, _ = _f16_bytes(d16)
+    m_b, _ = _f16_bytes(m16)
+    return d_b, m_b, sc, mc, q
+
+
+Q2K_K_SEARCH = KSearch(16, Q2K_SUB, Q2K_NMAX, Q2K_SCALE_MAX, False, (-0.5, 0.1, 15, True), False, 1.0)
+Q4K_K_SEARCH = KSearch(8, Q4K_SUB, Q4K_NMAX, Q4K_SCALE_MAX, True, (-1.0, 0.1, 20, False), True, 2.0)
+
+
 # ---------------------------------------------------------------------------------------------- Q2_K
 
 
@@ -390,23 +444,7 @@ def _q2_k_t(x, qw):
     import torch
 
     B = x.shape[0]
-    xs = x.reshape(B * 16, Q2K_SUB)
-    if qw is None:
-        scale, mins, L = make_qkx(xs, xs.abs(), Q2K_NMAX, -0.5, 0.1, 15, True)
-        scale, mins = scale.reshape(B, 16), mins.reshape(B, 16)
-        sc, d = _scale_codes_ref(scale, Q2K_SCALE_MAX, clamp=False)
-        mc, dmin = _scale_codes_ref(mins, Q2K_SCALE_MAX, clamp=False)
-    else:
-        w = _weights_k(x, qw, 1.0).reshape(B * 16, Q2K_SUB)
-        scale, mins, L = make_qkx(xs, w, Q2K_NMAX, -0.9, 0.05, 36, False)
-        sw = w.sum(1).reshape(B, 16)
-        d, sc = make_qp(scale.reshape(B, 16), sw, Q2K_SCALE_MAX)
-        dmin, mc = make_qp(mins.reshape(B, 16), sw, Q2K_SCALE_MAX)
-    x3 = x.reshape(B, 16, Q2K_SUB)
-    w3 = torch.ones_like(x3) if qw is None else w.reshape(B, 16, Q2K_SUB)
-    d16, m16, sc, mc, q = _refine_k(x3, w3, d, dmin, sc, mc, L.reshape(B, 16, Q2K_SUB), Q2K_NMAX, Q2K_SCALE_MAX)
-    d_b, _ = _f16_bytes(d16)
-    m_b, _ = _f16_bytes(m16)
+    d_b, m_b, sc, mc, q = _k_quant_search(x, qw, Q2K_K_SEARCH)
     # weight 128h + 32s + l -> bit pair s of byte qs[32h + l]
     q = q.to(torch.uint8).reshape(B, 2, 4, 32)
     qs = q[:, :, 0] | (q[:, :, 1] << 2) | (q[:, :, 2] << 4) | (q[:, :, 3] << 6)
@@ -422,23 +460,7 @@ def _q4_k_t(x, qw):
     import torch
 
     B = x.shape[0]
-    xs = x.reshape(B * 8, Q4K_SUB)
-    if qw is None:
-        av = torch.sqrt((xs * xs).mean(1, keepdim=True))
-        scale, mins, L = make_qkx(xs, av + xs.abs(), Q4K_NMAX, -1.0, 0.1, 20, False)
-        sc, d = _scale_codes_ref(scale.reshape(B, 8), Q4K_SCALE_MAX, clamp=True)
-        mc, dmin = _scale_codes_ref(mins.reshape(B, 8), Q4K_SCALE_MAX, clamp=True)
-    else:
-        w = _weights_k(x, qw, 2.0).reshape(B * 8, Q4K_SUB)
-        scale, mins, L = make_qkx(xs, w, Q4K_NMAX, -0.9, 0.05, 36, False)
-        sw = w.sum(1).reshape(B, 8)
-        d, sc = make_qp(scale.reshape(B, 8), sw, Q4K_SCALE_MAX)
-        dmin, mc = make_qp(mins.reshape(B, 8), sw, Q4K_SCALE_MAX)
-    x3 = x.reshape(B, 8, Q4K_SUB)
-    w3 = torch.ones_like(x3) if qw is None else w.reshape(B, 8, Q4K_SUB)
-    d16, m16, sc, mc, q = _refine_k(x3, w3, d, dmin, sc, mc, L.reshape(B, 8, Q4K_SUB), Q4K_NMAX, Q4K_SCALE_MAX)
-    d_b, _ = _f16_bytes(d16)
-    m_b, _ = _f16_bytes(m16)
+    d_b, m_b, sc, mc, q = _k_quant_search(x, qw, Q4K_K_SEARCH)
     q = q.to(torch.uint8).reshape(B, 4, 2, 32)
     qs = (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(B, 128)
     sc, mc = sc.to(torch.uint8), mc.to(torch.uint8)
