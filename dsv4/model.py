@@ -67,7 +67,7 @@ class Model:
         self.mtp = mtp
 
     # ---- building blocks --------------------------------------------------------------------------
-    def _attention(self, lw: LayerWeights, layer: int, x, n, ids_pos: np.ndarray, st: LayerState,
+    def _attention(self, lw: LayerWeights, layer: int, n, ids_pos: np.ndarray, st: LayerState,
                    ratio: int, rope: RopeParams):
         ops, cfg = self.ops, self.cfg
         T = n.shape[0]
@@ -157,7 +157,7 @@ class Model:
         hc = lw.hc_attn
         x, post, comb = ops.hc_pre(X, hc.fn, hc.scale, hc.base, cfg.sinkhorn_iters, cfg.hc_eps, cfg.rms_eps)
         n = ops.rms_norm(x, lw.attn_norm, cfg.rms_eps)
-        y = self._attention(lw, layer, x, n, ids_pos, st, ratio, rope)
+        y = self._attention(lw, layer, n, ids_pos, st, ratio, rope)
         X = ops.hc_post(X, y, post, comb)
         hc = lw.hc_ffn
         x, post, comb = ops.hc_pre(X, hc.fn, hc.scale, hc.base, cfg.sinkhorn_iters, cfg.hc_eps, cfg.rms_eps)
