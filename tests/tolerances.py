@@ -85,6 +85,9 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("triton_gemv", "fp32"): Tol(1e-5, 0.0, "exactly decoded weights, fp32 FMA accumulation of <= 8192 products vs "
                                             "float64: error ~K*2^-24 of the largest output (<= 5e-4 only if K=8192 "
                                             "and all terms align; random signs measured ~1e-7)"),
+    ("triton_gemv", "fp16x"): Tol(3e-3, 0.0, "q8_gemv.gemv_mma without the x split: exact codes and fp32 scales, "
+                                             "x rounded once to fp16 (2^-11 relative) before tl.dot; random errors "
+                                             "over K terms ~sqrt(K)*2^-11 of a typical output"),
     ("triton_gemm", "fp16dot"): Tol(3e-3, 0.0, "weights and activations rounded to fp16 (2^-11 relative each) "
                                                "before tl.dot with fp32 accumulation; random rounding errors over "
                                                "K terms grow ~sqrt(K)*2^-11 of a typical output; measured <= 8e-4"),
@@ -96,6 +99,16 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
                                                 "and h rounded to fp16 (2^-11 relative each) before tl.dot; random "
                                                 "errors over D and F terms ~sqrt(K)*2^-11 of a typical output; "
                                                 "measured <= 9.3e-4 of the largest output"),
+    ("triton_moe_int8", "bitexact"): Tol(0.0, 0.0, "Q8_K quantizer: the same fp32 ops as TorchOps.quant_q8_k (first "
+                                                   "max of |x|, IEEE -127/max and 1/iscale, round half even); dp4a "
+                                                   "emulation is integer arithmetic: bit-identical"),
+    ("triton_moe_int8", "stage"): Tol(1e-5, 0.0, "moe_int8 stage vs float64 on the same Q8_K inputs: integer dots "
+                                                 "exact, then per super-block fp32 d*d_x*isum and an fp32 sum over "
+                                                 "<= 64 blocks (x K slots) in another order: ~1e-7 of the largest "
+                                                 "output measured"),
+    ("triton_moe_int8", "end_to_end"): Tol(1e-5, 0.0, "moe_int8 vs TorchOps(act_quant=True) in float64: "
+                                                 "h differs by ~1e-7 relative, which can flip a Q8_K code of h at a "
+                                                 ".5 boundary (one step = max|h block|/127 on one element)"),
     ("triton_model", "logits"): Tol(5e-3, 0.0, "tiny model, TritonOps (fp32 kernels: gemv, fused MoE, IEEE-dot "
                                                "prefill) vs TorchOps: ulp-level sum-order differences flip FP8/FP4/"
                                                "F16 roundings of cached KV rows (steps up to 1/8 relative), damped "

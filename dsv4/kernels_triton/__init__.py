@@ -6,6 +6,7 @@ ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPR
 """
 from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
 from . import moe_fast  # noqa: F401,E402 - fused_dot* MoE decode variants
+from . import moe_int8  # noqa: F401,E402 - int8* MoE decode variants (dp4a, Q8_K activations)
 from .registry import KernelOp, register, use, variants
 
 __all__ = ["TritonOps", "KernelOp", "register", "use", "variants"]
@@ -18,3 +19,4 @@ def __getattr__(name):
         return TritonOps
     raise AttributeError(name)
 from . import qmatmul_fast  # noqa: E402,F401 - registers gemv_persist, gemm_hybrid
+from . import q8_gemv  # noqa: E402,F401 - registers gemv_rows*, gemm_f16w*

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import blocks
 from .blocks import DeviceWeight, dequant_tile
-from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, pow2_divisor, select_gemm, select_gemv
+from .configs import DeviceInfo, DotDtype, GemmConfig, GemvConfig, Vendor, pow2_divisor, select_gemm, select_gemv
 
 DECODE_MAX_T = 8  # at or below this many tokens the GEMV path is used by the "auto" variant
 DOT_GEMV_M = 16  # token tile of the tl.dot decode path (tl.dot needs >= 16)
@@ -361,6 +361,12 @@ def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     if x.shape[0] <= DECODE_MAX_T:
         if dw.fmt.name == "Q8_0":
             c = select_gemv(dw.fmt, dw.n_rows, dw.k, dev, tokens=x.shape[0])
+            if dev.vendor == Vendor.NVIDIA and x.is_cuda and (x.shape[0] == 1 or not c.dot_m):
+                # H200 (2026-11-28, tools/results/h200_q8): gemv_rows with prefetch runs at 42-73 % of read
+                # bandwidth at T=1 vs 28-45 % for the block-dot / tl.dot kernels (and is fp32-exact)
+                from .q8_gemv import gemv_rows_default  # late: q8_gemv builds on this module
+
+                return gemv_rows_default(x, dw, dev, groups)
             if c.dot_m:
                 return gemv_dot(x, dw, dev, groups, c)
             return gemv_q8_0_blocked(x, dw, dev, groups)

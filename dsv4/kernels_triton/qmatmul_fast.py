@@ -188,6 +188,33 @@ def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_
     tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
 
 
+CAST_BLOCK = 4096  # activations cast per program of the fused cast + dequant launch
+
+
+@triton.jit
+def _cast_dequant_kernel(x_ptr, x16_ptr, n_x, w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_s, off_s, stride_o,
+                         n_deq, n_kblk, CAST: tl.constexpr, BLOCK_N: tl.constexpr, NBLK: tl.constexpr,
+                         BLOCK_X: tl.constexpr):
+    """One launch for both inputs of the fp16 GEMM: programs [0, n_deq) dequantize [BLOCK_N, NBLK*32] weight
+    tiles as _q8_dequant_rows_kernel; with CAST the remaining programs round x (flat, contiguous) to fp16.
+    (Two launches cost a kernel gap each; at T=2048 the cast alone is ~a third of a narrow GEMM's time.)"""
+    pid = tl.program_id(0)
+    if pid < n_deq:
+        rn = row0 + (pid // n_kblk) * BLOCK_N + tl.arange(0, BLOCK_N)
+        blk = (pid % n_kblk) * NBLK + tl.arange(0, NBLK)
+        r3 = rn.to(tl.int64)[:, None, None]
+        b3 = blk[None, :, None]
+        j3 = tl.arange(0, 32)[None, None, :]
+        ok = (rn < N)[:, None, None] & (b3 * 32 < K)
+        q = tl.load(w_ptr + r3 * stride_w + b3 * 32 + j3, mask=ok, other=0).to(tl.float32)
+        d = tl.load(s_ptr + r3 * stride_s + off_s + b3, mask=ok, other=0).to(tl.float32)
+        tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
+    elif CAST:
+        offs = (pid - n_deq).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
+        m = offs < n_x
+        tl.store(x16_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float16), mask=m)
+
+
 def _persist_grid(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_split: bool,
                   num_warps: int) -> tuple[int, int]:
     """(split_k, programs): split K while there are fewer than PERSIST_MIN_TILES_PER_SM row tiles per
@@ -259,49 +286,69 @@ def gemv_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, allow_sp
 _OUT_DTYPE_OK: dict[tuple, bool] = {}  # (device type, torch op) -> op(..., out_dtype=fp32) works there
 
 
-def _matmul_fp32(op, a, b):
-    """op(a, b) (torch.mm / torch.bmm on fp16) with an fp32 result: cuBLAS writes fp32 directly where
-    torch offers out_dtype, else fp16 then a widening pass. Probed once per (device type, op) on a
-    1x1 problem (the benchmark's first call is eager, so never inside a graph capture)."""
+def _matmul_fp32(op, a, b, out=None):
+    """op(a, b) (torch.mm / torch.bmm on fp16) with an fp32 result, into `out` (a strided fp32 view) when
+    given: cuBLAS writes fp32 directly where torch offers out_dtype, else fp16 then a widening copy.
+    Probed once per (device type, op) on a 1x1 problem (the benchmark's first call is eager, so never
+    inside a graph capture)."""
     import torch
 
     key = (a.device.type, op.__name__)
     if key not in _OUT_DTYPE_OK:
         try:
             one = (slice(None),) * (a.dim() - 2) + (slice(0, 1), slice(0, 1))
-            op(a[one], b[one], out_dtype=torch.float32)
-            _OUT_DTYPE_OK[key] = True
+            probe = op(a[one], b[one], out_dtype=torch.float32)
+            _OUT_DTYPE_OK[key] = probe.dtype == torch.float32
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_OK[key] = False
     if _OUT_DTYPE_OK[key]:
-        return op(a, b, out_dtype=torch.float32)
-    return op(a, b).float()
+        if out is None:
+            return op(a, b, out_dtype=torch.float32)
+        try:
+            return op(a, b, out_dtype=torch.float32, out=out)
+        except (RuntimeError, TypeError):  # this torch refuses a strided fp32 out: copy instead
+            out.copy_(op(a, b, out_dtype=torch.float32))
+            return out
+    r = op(a, b).float()
+    if out is None:
+        return r
+    out.copy_(r)
+    return out
 
 
 def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     """Prefill: dequantize rows to a transient fp16 buffer (block-scaled Triton pass at memory speed,
-    in chunks of <= DEQUANT_CHUNK_BYTES, usually one), then cuBLAS fp16 matmul with fp32 output.
-    fp16 activations and fp16-rounded weights (q*d rounded once), fp32 accumulation."""
+    in chunks of <= DEQUANT_CHUNK_BYTES, usually one; the first chunk's launch also rounds x to fp16),
+    then cuBLAS fp16 matmul with fp32 output written in place (grouped: one strided-batch bmm into the
+    [T, G, R] output, no transposing copy). fp16 activations and fp16-rounded weights (q*d rounded
+    once), fp32 accumulation."""
     import torch
 
     x, T, N, R, stride_xg, _t = _check(x, dw, groups)
-    x16 = x if x.dtype == torch.float16 else x.to(torch.float16)
+    x = x if x.is_contiguous() else x.contiguous()
+    x16 = x if x.dtype == torch.float16 else None
     step = N if groups > 1 else max(DEQUANT_BLOCK_N, min(N, DEQUANT_CHUNK_BYTES // (2 * dw.k)))
-    y = torch.empty((T, N), device=x.device, dtype=torch.float32) if step < N else None
+    y = torch.empty((T, N), device=x.device, dtype=torch.float32) if step < N or groups > 1 else None
+    n_kblk = triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS)
     for row0 in range(0, N, step):
         rows = min(step, N - row0)
         w16 = torch.empty((rows, dw.k), device=x.device, dtype=torch.float16)
-        grid = (triton.cdiv(rows, DEQUANT_BLOCK_N), triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS))
-        _q8_dequant_rows_kernel[grid](dw.w, dw.s, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s,
-                                      dw.off_s, w16.stride(0), BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS)
+        cast = x16 is None
+        if cast:
+            x16 = torch.empty(x.shape, device=x.device, dtype=torch.float16)
+        n_deq = triton.cdiv(rows, DEQUANT_BLOCK_N) * n_kblk
+        n_cast = triton.cdiv(x.numel(), CAST_BLOCK) if cast else 0
+        _cast_dequant_kernel[(n_deq + n_cast,)](
+            x, x16, x.numel(), dw.w, dw.s, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s, dw.off_s,
+            w16.stride(0), n_deq, n_kblk, CAST=cast, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=CAST_BLOCK)
         if groups > 1:
-            part = _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2))
-            part = part.transpose(0, 1).reshape(T, N)
-        else:
-            part = _matmul_fp32(torch.mm, x16, w16.T)
+            # y viewed [G, T, R] (batch stride R, row stride N): cuBLAS writes the [T, N] layout directly
+            _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2),
+                         out=y.view(T, groups, R).transpose(0, 1))
+            return y
+        part = _matmul_fp32(torch.mm, x16, w16.T, out=None if y is None else y[:, row0:row0 + rows])
         if y is None:
             return part
-        y[:, row0:row0 + rows] = part
     return y
 
 

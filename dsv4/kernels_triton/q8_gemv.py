@@ -1,0 +1,519 @@
+"""Q8_0 decode GEMV with many small programs ("gemv_rows") and a prefill GEMM that reads fp32 activations.
+
+Why a third Q8_0 GEMV: the persistent kernel (qmatmul_fast.gemv_persist) keeps one step of code words
+in flight per program; the H200 measured 29-45% of read bandwidth with it. Here every program loads
+its whole [BLOCK_N, BLOCK_K] code tile (16-byte vectors, all loads issued before the first use) and
+exits, so the SM's many resident programs keep the bytes in flight instead of one program's registers.
+Codes are decoded without an int->float conversion (the magic-number trick of qmatmul_fast) and x is
+read in natural order and split into the four byte lanes in registers (no word-permuted copy, no extra
+launch). Prefill (`gemm_f16w`): the fp16 dequant of the weight (transient, block-scaled pass) is fed to
+a tl.dot GEMM that loads the fp32 activations and rounds them to fp16 in registers, instead of a
+separate cast pass over x (for attn_kv, 512 x 4096 at T=2048, that cast was a third of the time).
+Knows the repacked Q8_0 row layout (blocks.py), not the model.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from . import blocks
+from .blocks import DeviceWeight
+from .configs import DeviceInfo, Vendor, pow2_divisor
+from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
+from .qmatmul_fast import DEQUANT_BLOCK_N, DEQUANT_BLOCKS, Q8_BIAS, F32_MAGIC_BITS, _q8_dequant_rows_kernel, \
+    _q8_word_codes
+
+ROWS_BLOCK_N = 8  # rows per program
+ROWS_BLOCK_K = 1024  # codes per row per step (a power-of-two divisor of K)
+ROWS_WARPS = 4
+ROWS_MIN_PROGRAMS_PER_SM = 8  # fewer row tiles than this per SM: split K (fixed-order second pass)
+ROWS_MAX_SPLIT = 8
+
+
+@triton.jit
+def _x_lanes(x_ptr, k0, NB: tl.constexpr):
+    """x[k0 + 32b + 4i + j] as four [1, NB, 8] tensors (lane j = byte j of code word i of block b)."""
+    xv = tl.load(x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4
+                 + tl.arange(0, 4)[None, None, :])
+    even, odd = tl.split(tl.reshape(xv, (NB, 8, 2, 2)))  # j = 2*j1 + j0: split j0, then j1
+    x0, x2 = tl.split(even)
+    x1, x3 = tl.split(odd)
+    return x0[None], x1[None], x2[None], x3[None]
+
+
+@triton.jit
+def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, T, N, R, k_split,
+                    stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
+                    BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                    GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = False,
+                    PREFETCH: tl.constexpr = False):
+    """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R.
+    Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
+    are clamped to N-1 (not stored)."""
+    NB: tl.constexpr = BLOCK_K // 32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    r = tl.minimum(rn, N - 1).to(tl.int64)
+    b3 = tl.arange(0, NB)[None, :, None]
+    i3 = tl.arange(0, 8)[None, None, :]
+    rt = tl.arange(0, BLOCK_T)
+    if GROUPED:
+        g = (pid_n * BLOCK_N) // R
+    else:
+        g = 0
+    x_base = x_ptr + g * stride_xg
+    acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+    acc_t = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+    k_lo = pid_k * k_split
+    wp = w32 + r[:, None, None] * stride_w_words + (k_lo >> 2) + b3 * 8 + i3
+    sp = s_ptr + r[:, None] * stride_s + off_s + (k_lo >> 5) + tl.arange(0, NB)[None, :]
+    if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
+        u_next = tl.load(wp)
+        d_next = tl.load(sp)
+    for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
+        if PREFETCH:
+            u = u_next ^ Q8_BIAS
+            d = d_next.to(tl.float32)[:, :, None]
+            more = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: stays vectorized
+            wp += BLOCK_K >> 2
+            sp += BLOCK_K >> 5
+            u_next = tl.load(wp, mask=more[:, :, None], other=0)
+            d_next = tl.load(sp, mask=more, other=0.0)
+        else:
+            u = tl.load(wp) ^ Q8_BIAS
+            d = tl.load(sp).to(tl.float32)[:, :, None]
+            wp += BLOCK_K >> 2
+            sp += BLOCK_K >> 5
+        q0 = _q8_word_codes(u, 0, PRMT, magic_bits)
+        q1 = _q8_word_codes(u, 1, PRMT, magic_bits)
+        q2 = _q8_word_codes(u, 2, PRMT, magic_bits)
+        q3 = _q8_word_codes(u, 3, PRMT, magic_bits)
+        for t in tl.static_range(BLOCK_T):
+            t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; not stored
+            if XPERM:  # x word-permuted by the caller: lane j of word i of block b at 32b + 8j + i
+                xp = x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3
+                x0 = tl.load(xp)
+                x1 = tl.load(xp + 8)
+                x2 = tl.load(xp + 16)
+                x3 = tl.load(xp + 24)
+            else:
+                x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
+            p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
+            if BLOCK_T == 1:
+                acc += p * d
+            else:
+                c = tl.sum(tl.sum(p * d, axis=2), axis=1)
+                acc_t = tl.where(rt[:, None] == t, acc_t + c[None, :], acc_t)
+    if BLOCK_T == 1:
+        acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
+    tl.store(out, acc_t, mask=(rt[:, None] < T) & (rn < N)[None, :])
+
+
+@triton.jit
+def _q8_item(pid, item, n_prog, steps, n_row_tiles, k_split, N, R, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+             GROUPED: tl.constexpr):
+    """Work item `item` of program pid in the persistent GEMV: (clamped rows [BLOCK_N] int64, first row,
+    split index, code index k, group g, step within the tile)."""
+    j = item // steps
+    ks = item - j * steps
+    t = pid + j * n_prog
+    sidx = t // n_row_tiles
+    tn = t - sidx * n_row_tiles
+    rn0 = tn * BLOCK_N
+    r = tl.minimum(rn0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+    if GROUPED:
+        g = rn0 // R
+    else:
+        g = rn0 * 0
+    return r, rn0, sidx, sidx * k_split + ks * BLOCK_K, g, ks
+
+
+@triton.jit
+def _q8_rows_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, R, k_split, n_row_tiles, n_tiles,
+                            stride_xg, stride_os, stride_w_words, stride_s, off_s, magic_bits,
+                            BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPED: tl.constexpr, PRMT: tl.constexpr):
+    """T=1 gemv_rows with a resident grid: program p walks row tiles p, p+P, ... (and their K steps) and
+    loads the next item's code words and scales while it computes the current one, across tile ends."""
+    NB: tl.constexpr = BLOCK_K // 32
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    w32 = w_ptr.to(tl.pointer_type(tl.int32))
+    b3 = tl.arange(0, NB)[None, :, None]
+    i3 = tl.arange(0, 8)[None, None, :]
+    rb = tl.arange(0, NB)[None, :]
+    steps = k_split // BLOCK_K
+    n_items = ((n_tiles - pid + n_prog - 1) // n_prog) * steps
+    r, rn0, sidx, k, g, ks = _q8_item(pid, 0, n_prog, steps, n_row_tiles, k_split, N, R, BLOCK_N, BLOCK_K, GROUPED)
+    u_next = tl.load(w32 + r[:, None, None] * stride_w_words + (k >> 2) + b3 * 8 + i3)
+    d_next = tl.load(s_ptr + r[:, None] * stride_s + off_s + (k >> 5) + rb)
+    acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+    for item in range(0, n_items):
+        u = u_next ^ Q8_BIAS
+        d = d_next.to(tl.float32)[:, :, None]
+        xk = k
+        xg = g
+        rn_cur = rn0
+        s_cur = sidx
+        last = ks == steps - 1
+        r, rn0, sidx, k, g, ks = _q8_item(pid, tl.minimum(item + 1, n_items - 1), n_prog, steps, n_row_tiles,
+                                          k_split, N, R, BLOCK_N, BLOCK_K, GROUPED)
+        more = (tl.full([1, NB], 0, tl.int32) + item + 1) < n_items  # splat mask: stays vectorized
+        u_next = tl.load(w32 + r[:, None, None] * stride_w_words + (k >> 2) + b3 * 8 + i3, mask=more[:, :, None],
+                         other=0)
+        d_next = tl.load(s_ptr + r[:, None] * stride_s + off_s + (k >> 5) + rb, mask=more, other=0.0)
+        x0, x1, x2, x3 = _x_lanes(x_ptr + xg * stride_xg, xk, NB)
+        p = _q8_word_codes(u, 0, PRMT, magic_bits) * x0 + _q8_word_codes(u, 1, PRMT, magic_bits) * x1 \
+            + _q8_word_codes(u, 2, PRMT, magic_bits) * x2 + _q8_word_codes(u, 3, PRMT, magic_bits) * x3
+        acc += p * d
+        if last:
+            rn = rn_cur + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + s_cur * stride_os + rn, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rn < N)
+            acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+
+
+def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_split: bool) -> int:
+    split = 1
+    if allow_split and dev.vendor != Vendor.CPU:
+        while (n_row_tiles * split < dev.n_sm * ROWS_MIN_PROGRAMS_PER_SM and split * 2 <= ROWS_MAX_SPLIT
+               and k % (split * 2 * block_k) == 0):
+            split *= 2
+    return split
+
+
+def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
+              block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
+              prefetch: bool = False):
+    """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
+    -> [T, N] fp32, T <= DECODE_MAX_T. One launch (plus the split sum for narrow matrices).
+    Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
+    if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
+        return gemv(x, dw, dev, groups)
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
+        bk = pow2_divisor(dw.k, block_k)
+        block_t = max(1, triton.next_power_of_2(T))
+        n_row_tiles = triton.cdiv(N, bn)
+        split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
+        k_split = dw.k // split
+        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda  # PTX byte permute (not in the interpreter / on ROCm)
+        stride_xt = x.stride(0)
+
+        def launch(x):
+            out = blocks.empty((split, T, N), x.device)
+            _q8_rows_kernel[(n_row_tiles, split)](
+                x, dw.w, dw.s, out, T, N, R, k_split, stride_xt, stride_xg, T * N, N,
+                dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
+                BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
+                PREFETCH=prefetch and dw.k // split > bk, num_warps=num_warps, num_stages=1)
+            return _reduce_split(out, split)
+        return launch
+
+    x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
+    key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch)
+    return _plan("gemv_rows", x, dw, groups, key, build)(x)
+
+
+ROWS_PERSIST_PROGRAMS_PER_SM = 6  # resident programs per SM at ~72-96 registers x 4 warps on sm_90
+
+
+def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = 16, block_k: int = 256,
+                      num_warps: int = 4, programs_per_sm: int = ROWS_PERSIST_PROGRAMS_PER_SM, allow_split: bool = True):
+    """gemv_rows for one token with a resident (persistent) grid and cross-tile prefetch. T > 1 or
+    K not a multiple of 32 go to gemv_rows."""
+    if dw.fmt.name != "Q8_0" or x.shape[0] != 1 or dw.k % 32 or dw.stride_w % 4:
+        return gemv_rows(x, dw, dev, groups)
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
+        bk = pow2_divisor(dw.k, block_k)
+        n_row_tiles = triton.cdiv(N, bn)
+        split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
+        n_tiles = n_row_tiles * split
+        programs = min(n_tiles, 4 if dev.vendor == Vendor.CPU else dev.n_sm * programs_per_sm)
+        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda
+
+        def launch(x):
+            out = blocks.empty((split, 1, N), x.device)
+            _q8_rows_persist_kernel[(programs,)](
+                x, dw.w, dw.s, out, N, R, dw.k // split, n_row_tiles, n_tiles, stride_xg, N,
+                dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
+                BLOCK_N=bn, BLOCK_K=bk, GROUPED=groups > 1, PRMT=prmt, num_warps=num_warps, num_stages=1)
+            return _reduce_split(out, split)
+        return launch
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    key = ("gemv_rows_persist", block_n, block_k, num_warps, programs_per_sm, allow_split)
+    return _plan("gemv_rows_persist", x, dw, groups, key, build)(x)
+
+
+DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=4, prefetch=True)  # best measured at T=1 and 4 on H200
+
+
+def gemv_rows_default(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """gemv_rows with the config qmatmul's auto variant uses on CUDA (16 rows x 256 codes, prefetch)."""
+    return gemv_rows(x, dw, dev, groups, **DEFAULT_ROWS)
+
+
+# ---- prefill: transient fp16 weight + tl.dot on fp32 activations ------------------------------------
+F16W_BLOCK_M = 128
+F16W_BLOCK_N = 128
+F16W_BLOCK_K = 64
+F16W_WARPS = 8
+F16W_STAGES = 3
+
+
+@triton.jit
+def _mm_x32_w16_kernel(x_ptr, w_ptr, out_ptr, M, N, K, R, stride_xm, stride_xg, stride_wn, stride_om, stride_os,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                       GROUPED: tl.constexpr):
+    """out[s, m, n] = sum_{k in slice s} fp16(x[m, g(n), k]) * w[n, k] (w fp16, fp32 accumulation); K is the
+    slice length (program axis 1), a multiple of BLOCK_K."""
+    pid = tl.program_id(0)
+    k_start = tl.program_id(1) * K
+    out_ptr += tl.program_id(1) * stride_os
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * n_n  # grouped launch order: neighbouring programs share x tiles in L2
+    first_m = (pid // per_group) * GROUP_M
+    size_m = min(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % size_m
+    pid_n = (pid % per_group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    if GROUPED:
+        g = (pid_n * BLOCK_N) // R
+    else:
+        g = 0
+    xp = x_ptr + tl.minimum(rm, M - 1).to(tl.int64)[:, None] * stride_xm + g * stride_xg + k_start + rk[None, :]
+    wp = w_ptr + tl.minimum(rn, N - 1).to(tl.int64)[None, :] * stride_wn + k_start + rk[:, None]
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for _k in range(0, K, BLOCK_K):
+        a = tl.load(xp).to(tl.float16)
+        b = tl.load(wp)
+        acc = tl.dot(a, b, acc)
+        xp += BLOCK_K
+        wp += BLOCK_K
+    tl.store(out_ptr + rm.to(tl.int64)[:, None] * stride_om + rn[None, :], acc,
+             mask=(rm < M)[:, None] & (rn < N)[None, :])
+
+
+def gemm_f16w(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_m: int = F16W_BLOCK_M,
+              block_n: int = F16W_BLOCK_N, block_k: int = F16W_BLOCK_K, num_warps: int = F16W_WARPS,
+              num_stages: int = F16W_STAGES, split_k: int = 1):
+    """Q8_0 prefill: block-scaled fp16 dequant of the whole weight (transient) + a tl.dot GEMM that
+    reads x in fp32 and rounds it to fp16 in registers. Same rounding as qmatmul_fast.gemm_dequant_q8
+    (x and q*d rounded once to fp16, fp32 accumulation). split_k > 1: K slices in separate programs
+    (more programs for narrow matrices), summed after in fixed order. Other formats: qmatmul_fast.gemm_hybrid."""
+    import torch
+
+    from .qmatmul_fast import gemm_hybrid
+
+    if dw.fmt.name != "Q8_0" or dw.k % (block_k * split_k):
+        return gemm_hybrid(x, dw, dev, groups)
+    x, T, N, R, stride_xg, _t = _check(x, dw, groups)
+    if groups > 1 and R % block_n:
+        return gemm_hybrid(x, dw, dev, groups)
+    w16 = torch.empty((N, dw.k), device=x.device, dtype=torch.float16)
+    _q8_dequant_rows_kernel[(triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS))](
+        dw.w, dw.s, w16, N, dw.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
+        BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS)
+    out = blocks.empty((split_k, T, N), x.device)
+    grid = (triton.cdiv(T, block_m) * triton.cdiv(N, block_n), split_k)
+    _mm_x32_w16_kernel[grid](x, w16, out, T, N, dw.k // split_k, R, x.stride(0), stride_xg, w16.stride(0),
+                             out.stride(1), out.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+                             GROUP_M=8, GROUPED=groups > 1, num_warps=num_warps, num_stages=num_stages)
+    return _reduce_split(out, split_k)
+
+
+# ---- registered variants (op "qmatmul"; signature fn(x, dw, dev, groups)) ------------------------
+from ..quant.formats import QuantFormat  # noqa: E402
+from .registry import KernelOp, register  # noqa: E402
+
+_Q8 = (QuantFormat.Q8_0,)
+ROWS_VARIANTS = {  # name: (block_n, block_k, num_warps, prefetch)
+    "gemv_rows": (ROWS_BLOCK_N, ROWS_BLOCK_K, ROWS_WARPS, False),
+    "gemv_rows_n16w4": (16, 512, 4, False),
+    "gemv_rows_pf": (DEFAULT_ROWS["block_n"], DEFAULT_ROWS["block_k"], DEFAULT_ROWS["num_warps"], True),
+    "gemv_rows_pf512": (16, 512, 4, True),
+    "gemv_rows_pf_n8w2": (8, 256, 2, True),
+    "gemv_rows_n8w2": (8, 512, 2, False),
+    "gemv_rows_n32w4": (32, 256, 4, False),
+}
+PERSIST_VARIANTS = {  # name: (block_n, block_k, warps, programs per SM)
+    "gemv_rows_persist": (16, 256, 4, 6),
+    "gemv_rows_persist_p4": (16, 256, 4, 4),
+    "gemv_rows_persist_p7": (16, 256, 4, 7),
+    "gemv_rows_persist_n8": (8, 256, 2, 12),
+}
+for _name, (_bn, _bk, _w, _pp) in PERSIST_VARIANTS.items():
+    register(KernelOp.QMATMUL, _name,
+             lambda x, dw, dev, groups=1, _bn=_bn, _bk=_bk, _w=_w, _pp=_pp:
+             gemv_rows_persist(x, dw, dev, groups, _bn, _bk, _w, _pp),
+             formats=_Q8, max_t=DECODE_MAX_T,
+             doc=f"Q8_0 T=1 GEMV, resident grid ({_pp} programs/SM), {_bn} rows x {_bk} codes, cross-tile prefetch")
+for _name, (_bn, _bk, _w, _pf) in ROWS_VARIANTS.items():
+    register(KernelOp.QMATMUL, _name,
+             lambda x, dw, dev, groups=1, _bn=_bn, _bk=_bk, _w=_w, _pf=_pf:
+             gemv_rows(x, dw, dev, groups, _bn, _bk, _w, prefetch=_pf),
+             formats=_Q8, max_t=DECODE_MAX_T,
+             doc=f"Q8_0 GEMV, {_bn} rows x {_bk} codes per program step, {_w} warps"
+                 + (", next step prefetched" if _pf else "") + ", split-K if narrow")
+F16W_VARIANTS = {  # name: (block_m, block_n, block_k, warps, stages, split_k)
+    "gemm_f16w": (F16W_BLOCK_M, F16W_BLOCK_N, F16W_BLOCK_K, F16W_WARPS, F16W_STAGES, 1),
+    "gemm_f16w_m64": (64, 128, 64, 4, 4, 1),
+    "gemm_f16w_sk2": (128, 128, 64, 8, 3, 2),
+    "gemm_f16w_n256": (128, 256, 32, 8, 3, 1),
+    "gemm_f16w_m256": (256, 128, 32, 8, 3, 1),
+    "gemm_f16w_m64sk2": (64, 128, 64, 4, 4, 2),
+}
+for _name, (_bm, _bn, _bk, _w, _st, _sk) in F16W_VARIANTS.items():
+    register(KernelOp.QMATMUL, _name,
+             lambda x, dw, dev, groups=1, _bm=_bm, _bn=_bn, _bk=_bk, _w=_w, _st=_st, _sk=_sk:
+             gemm_f16w(x, dw, dev, groups, _bm, _bn, _bk, _w, _st, _sk),
+             formats=_Q8, doc=f"Q8_0 prefill: fp16 dequant + tl.dot on fp32 x, tiles {_bm}x{_bn}x{_bk}, {_w} warps, "
+                              f"split-K {_sk}")
+
+
+# ---- decode through tensor cores: codes -> fp16 by bit ops, per-block sums as the dot's N axis ------
+MMA_NSUB = 8  # 32-code blocks per step: the dot's N axis (x2 with the hi/lo split; tl.dot needs N >= 16)
+MMA_BLOCK_N = 64
+MMA_WARPS = 4
+MMA_STAGES = 4
+X_LO_SCALE: tl.constexpr = tl.constexpr(2048.0)  # x = hi + lo / 2^11 with hi = fp16(x), lo = fp16((x - hi) * 2^11): ~2^-22 relative
+
+
+@triton.jit
+def _codes_f16(q, PRMT: tl.constexpr):
+    """int8 codes -> exact fp16 values without a conversion instruction: (q + 128) in the low byte of
+    fp16 1024 (0x64XX = 1024 + XX), minus 1152. CUDA: per 4 codes one xor, two byte permutes and two
+    packed fp16 subtractions (inline PTX; element i of the pack is byte i / half i)."""
+    if PRMT:
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 u, m; xor.b32 u, $2, 0x80808080; mov.b32 m, 0x64806480;"
+            " prmt.b32 $0, u, 0x64646464, 0x5140; prmt.b32 $1, u, 0x64646464, 0x5342;"
+            " sub.f16x2 $0, $0, m; sub.f16x2 $1, $1, m; }",
+            "=r,=r,r", [q], dtype=tl.float16, is_pure=True, pack=4)
+    else:
+        return ((q.to(tl.int16) + 128) | 0x6400).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def _xdiag_kernel(x_ptr, xd_ptr, K, stride_xg, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, X_SPLIT: tl.constexpr):
+    """xd[g, step, k, j] = x[g, step*BLOCK_K + k] if k // 32 == j else 0, fp16; with X_SPLIT the columns
+    NSUB + j hold the low parts ((x - hi) * 2^11). One program per (step, group)."""
+    step = tl.program_id(0)
+    g = tl.program_id(1)
+    MX: tl.constexpr = 2 * NSUB if X_SPLIT else NSUB
+    rk = tl.arange(0, BLOCK_K)
+    rj = tl.arange(0, MX)
+    x = tl.load(x_ptr + g * stride_xg + step * BLOCK_K + rk).to(tl.float32)
+    hi = x.to(tl.float16)
+    lo = ((x - hi.to(tl.float32)) * X_LO_SCALE).to(tl.float16)
+    blk = (rk // 32)[:, None]
+    val = tl.where(rj[None, :] < NSUB, hi[:, None], lo[:, None])
+    val = tl.where(blk == (rj[None, :] % NSUB), val, 0.0)
+    base = xd_ptr + (g * (K // BLOCK_K) + step).to(tl.int64) * (BLOCK_K * MX)
+    tl.store(base + rk[:, None] * MX + rj[None, :], val)
+
+
+@triton.jit
+def _q8_mma_kernel(xd_ptr, w_ptr, s_ptr, out_ptr, N, K, R, k_split, stride_w, stride_s, off_s, stride_os,
+                   BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, NSUB: tl.constexpr, X_SPLIT: tl.constexpr,
+                   STAGES: tl.constexpr, GROUPED: tl.constexpr, PRMT: tl.constexpr):
+    """out[split, 0, n] = sum_k x[g(n), k] d[n, k//32] q[n, k]: per step S = codes [BLOCK_N, BLOCK_K] (fp16,
+    exact) @ xd [BLOCK_K, NSUB(x2)] (block-diagonal x) -> per-block sums [BLOCK_N, NSUB]; acc += S * d."""
+    MX: tl.constexpr = 2 * NSUB if X_SPLIT else NSUB
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.minimum(rn, N - 1).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K)
+    rj = tl.arange(0, MX)
+    rs = tl.arange(0, NSUB)
+    if GROUPED:
+        g = (pid_n * BLOCK_N) // R
+    else:
+        g = 0
+    k_lo = pid_k * k_split
+    wp = w_ptr + rc[:, None] * stride_w + k_lo + rk[None, :]
+    sp = s_ptr + rc[:, None] * stride_s + off_s + (k_lo // 32) + rs[None, :]
+    xp = xd_ptr + (g * (K // BLOCK_K) + k_lo // BLOCK_K).to(tl.int64) * (BLOCK_K * MX) + rk[:, None] * MX + rj[None, :]
+    acc = tl.zeros([BLOCK_N, NSUB], dtype=tl.float32)
+    for _k in tl.range(0, k_split, BLOCK_K, num_stages=STAGES):
+        q = _codes_f16(tl.load(wp), PRMT)
+        xd = tl.load(xp)
+        s = tl.dot(q, xd)  # [BLOCK_N, MX] fp32
+        if X_SPLIT:
+            s_hi, s_lo = tl.split(tl.permute(tl.reshape(s, (BLOCK_N, 2, NSUB)), (0, 2, 1)))
+            s = s_hi + s_lo * (1.0 / X_LO_SCALE)
+        acc += s * tl.load(sp).to(tl.float32)
+        wp += BLOCK_K
+        sp += BLOCK_K // 32
+        xp += BLOCK_K * MX
+    tl.store(out_ptr + pid_k * stride_os + rn, tl.sum(acc, axis=1), mask=rn < N)
+
+
+def gemv_mma(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = MMA_BLOCK_N,
+             num_warps: int = MMA_WARPS, stages: int = MMA_STAGES, x_split: bool = True, allow_split: bool = True,
+             nsub: int = MMA_NSUB):
+    """Q8_0 decode GEMV for ONE token through tl.dot: exact codes and fp32 scales; x enters as fp16
+    (x_split: hi + lo, ~2^-22 relative, fp32-grade; else rounded once to fp16, ~2^-11). Two launches
+    (block-diagonal x, then the GEMV) plus the split sum for narrow matrices. T > 1, other formats or
+    K not a multiple of 32*nsub go to gemv_rows. The A operand (codes) lives in registers for the wgmma,
+    so BLOCK_N x 32*nsub fp16 values per program bound the tile (nsub 8: 64 registers a thread at 64 x 256)."""
+    import torch
+
+    if not x_split and nsub < 16:
+        nsub = 16  # the dot's N axis must reach 16
+    block_k = 32 * nsub
+    if dw.fmt.name != "Q8_0" or x.shape[0] != 1 or dw.k % block_k:
+        return gemv_rows(x, dw, dev, groups)
+
+    def build():
+        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+        bn = min(block_n, max(16, triton.next_power_of_2(N))) if groups == 1 else pow2_divisor(R, block_n)
+        n_tiles = triton.cdiv(N, bn)
+        split = _rows_split(n_tiles, dw.k, block_k, dev, allow_split)
+        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda
+        mx = 2 * nsub if x_split else nsub
+        steps = dw.k // block_k
+
+        def launch(x):
+            xd = torch.empty((groups, steps, block_k, mx), device=x.device, dtype=torch.float16)
+            _xdiag_kernel[(steps, groups)](x, xd, dw.k, stride_xg, BLOCK_K=block_k, NSUB=nsub,
+                                           X_SPLIT=x_split, num_warps=4)
+            out = blocks.empty((split, 1, N), x.device)
+            _q8_mma_kernel[(n_tiles, split)](
+                xd, dw.w, dw.s, out, N, dw.k, R, dw.k // split, dw.stride_w, dw.stride_s, dw.off_s, N,
+                BLOCK_N=bn, BLOCK_K=block_k, NSUB=nsub, X_SPLIT=x_split, STAGES=stages,
+                GROUPED=groups > 1, PRMT=prmt, num_warps=num_warps, num_stages=stages)
+            return _reduce_split(out, split)
+        return launch
+
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    key = ("gemv_mma", block_n, num_warps, stages, x_split, allow_split, nsub)
+    return _plan("gemv_mma", x, dw, groups, key, build)(x)
+
+
+MMA_VARIANTS = {  # name: (block_n, warps, stages, x_split, nsub)
+    "gemv_mma": (MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, True, MMA_NSUB),
+    "gemv_mma_n128w8": (128, 8, 4, True, 8),
+    "gemv_mma_n32": (32, 4, 6, True, 8),
+    "gemv_mma_s16": (64, 4, 3, True, 16),
+    "gemv_mma_f16x": (MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, False, 16),
+    "gemv_mma_n64w8": (64, 8, 4, True, 8),
+}
+for _name, (_bn, _w, _st, _xs, _ns) in MMA_VARIANTS.items():
+    register(KernelOp.QMATMUL, _name,
+             lambda x, dw, dev, groups=1, _bn=_bn, _w=_w, _st=_st, _xs=_xs, _ns=_ns:
+             gemv_mma(x, dw, dev, groups, _bn, _w, _st, _xs, nsub=_ns),
+             formats=_Q8, max_t=DECODE_MAX_T,
+             doc=f"Q8_0 T=1 GEMV on tensor cores: {_bn} rows x {32 * _ns} codes per step, {_w} warps, {_st} stages, "
+                 + ("x as fp16 hi+lo" if _xs else "x rounded to fp16"))

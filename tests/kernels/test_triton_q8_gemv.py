@@ -1,0 +1,111 @@
+"""q8_gemv variants (gemv_rows, gemm_f16w) against dequantize_np-then-float64-matmul, Q8_0 only.
+
+Interpreter on CPU (TRITON_INTERPRET=1 before triton is imported), small shapes: rows not a multiple
+of the tile, T=1, 5 and 37, several K steps per program, the grouped form (x [T, G, K]), split-K
+(forced through a DeviceInfo that claims a small GPU), extreme codes decoded exactly. NaN-poisoned outputs.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, make_weight, poison, reference  # noqa: E402,F401
+from dsv4.kernels_triton import blocks, q8_gemv, registry  # noqa: E402
+from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
+from dsv4.quant.formats import QuantFormat  # noqa: E402
+
+Q8 = QuantFormat.Q8_0
+SMALL_GPU = DeviceInfo(Vendor.NVIDIA, "sm_90", n_sm=2)  # only sizes the grid: few SMs -> split-K
+
+
+def _x(t: int, k: int, groups: int = 1, seed: int = 11):
+    shape = (t, groups, k) if groups > 1 else (t, k)
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("n,k,t,groups,block_n,block_k,prefetch", [
+    (37, 96, 1, 1, 8, 1024, False),  # rows not a multiple of the 8-row tile, K of 3 blocks (one 32-wide step each)
+    (37, 256, 5, 1, 4, 64, False),   # T=5 (token tile 8), 4 K steps per program
+    (37, 256, 5, 1, 4, 64, True),    # the same with the next step's loads prefetched
+    (21, 128, 1, 1, 16, 64, True),   # 16-row tile larger than the 21 rows' last tile, 2 K steps, prefetch
+    (24, 128, 3, 2, 8, 128, False),  # grouped: x [T, 2, K], 12 rows per group (tile shrinks to 4)
+])
+def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, poison):
+    dw, w_ref = make_weight(Q8, (n, k), seed=n + k)
+    x = _x(t, k, groups)
+    y = q8_gemv.gemv_rows(x, dw, detect_device(DEVICE), groups, block_n=block_n, block_k=block_k, prefetch=prefetch)
+    assert y.shape == (t, n)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows n={n} k={k} T={t} G={groups}")
+
+
+def test_gemv_rows_split(poison):
+    """A 'GPU' with 2 SMs: 3 row tiles of 8 -> split-K 8 over 512 codes (partials summed in fixed order)."""
+    dw, w_ref = make_weight(Q8, (24, 512), seed=5)
+    x = _x(2, 512)
+    assert q8_gemv._rows_split(3, 512, 64, SMALL_GPU, True) == 8
+    y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
+    assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", "gemv_rows split-K")
+
+
+def test_gemv_rows_decode_is_exact(poison):
+    """Extreme codes (-128, 127, 0) and unit scales: a one-hot x reads back each code bit for bit, so
+    every byte lane (x split into 4 lanes in registers) pairs with the right code."""
+    n, k = 4, 64
+    raw = blocks.synthetic_raw(Q8, (n, k), seed=2).reshape(n, 2, 34)
+    codes = torch.tensor([-128, 127, 0, -1, 1, 64, -64, 3, 5, -7, 9, -11, 13, -15, 17, -19] * 2, dtype=torch.int8)
+    raw[:, :, 2:] = codes.view(torch.uint8)
+    raw[:, :, :2] = torch.tensor([1.0], dtype=torch.float16).view(torch.uint8)
+    dw = blocks.to_device(raw.reshape(n, 68), Q8, (n, k), DEVICE)
+    for col in (0, 1, 2, 3, 5, 33, 62, 63):
+        x = torch.zeros((1, k), device=DEVICE)
+        x[0, col] = 1.0
+        y = q8_gemv.gemv_rows(x, dw, detect_device(DEVICE), 1, block_k=32)
+        assert torch.equal(y.cpu(), torch.full((1, n), float(codes[col % 32]))), f"column {col}"
+
+
+@pytest.mark.parametrize("t,groups,split_k", [(37, 1, 1), (20, 2, 1), (37, 1, 3)])
+def test_gemm_f16w(t, groups, split_k, poison):
+    """fp16 dequant + tl.dot on fp32 x: rows and tokens not multiples of the 32x32 tiles, grouped form,
+    split-K (3 slices of 32, summed in fixed order)."""
+    dw, w_ref = make_weight(Q8, (64 if groups > 1 else 40, 96), seed=t)
+    x = _x(t, 96, groups)
+    y = q8_gemv.gemm_f16w(x, dw, detect_device(DEVICE), groups, block_m=32, block_n=32, block_k=32, num_warps=4,
+                          num_stages=2, split_k=split_k)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemm_f16w T={t} G={groups}")
+
+
+def test_registered():
+    names = {v.name for v in registry.variants(registry.KernelOp.QMATMUL)}
+    assert set(q8_gemv.ROWS_VARIANTS) | set(q8_gemv.F16W_VARIANTS) <= names
+
+
+@pytest.mark.parametrize("n,k,groups,x_split,block_n", [
+    (37, 1024, 1, True, 16),   # rows not a multiple of the tile, 4 steps of 256 codes
+    (64, 512, 2, True, 64),    # grouped: 32 rows per group (tile shrinks to 32), 2 steps
+    (20, 512, 1, False, 16),   # x rounded to fp16 once (16 blocks per step: the dot needs N >= 16)
+])
+def test_gemv_mma(n, k, groups, x_split, block_n, poison):
+    dw, w_ref = make_weight(Q8, (n, k), seed=n + k + groups)
+    x = _x(1, k, groups)
+    y = q8_gemv.gemv_mma(x, dw, detect_device(DEVICE), groups, block_n=block_n, stages=2, x_split=x_split)
+    assert y.shape == (1, n)
+    kind = "fp32" if x_split else "fp16x"
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemv", kind, f"gemv_mma n={n} k={k} G={groups}")
+
+
+@pytest.mark.parametrize("n,k,groups,block_n,block_k,dev", [
+    (37, 256, 1, 8, 64, None),        # 5 row tiles over 4 programs, 4 steps each (prefetch crosses tiles)
+    (24, 128, 2, 8, 32, None),        # grouped: 12 rows per group (tile shrinks to 4), 4 steps
+    (24, 512, 1, 8, 64, SMALL_GPU),   # split-K 8 on a 2-SM 'GPU': items walk (split, tile) pairs
+])
+def test_gemv_rows_persist(n, k, groups, block_n, block_k, dev, poison):
+    dw, w_ref = make_weight(Q8, (n, k), seed=n + 3 * k)
+    x = _x(1, k, groups)
+    y = q8_gemv.gemv_rows_persist(x, dw, dev or detect_device(DEVICE), groups, block_n=block_n, block_k=block_k,
+                                  programs_per_sm=1)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows_persist n={n} k={k} G={groups}")
