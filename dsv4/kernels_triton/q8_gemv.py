@@ -1,15 +1,15 @@
-"""Q8_0 decode GEMV with many small programs ("gemv_rows") and a prefill GEMM that reads fp32 activations.
+"""Q8_0 decode GEMV with many small programs ("gemv_rows", the CUDA default at T <= 8) and comparison variants.
 
-Why a third Q8_0 GEMV: the persistent kernel (qmatmul_fast.gemv_persist) keeps one step of code words
-in flight per program; the H200 measured 29-45% of read bandwidth with it. Here every program loads
-its whole [BLOCK_N, BLOCK_K] code tile (16-byte vectors, all loads issued before the first use) and
-exits, so the SM's many resident programs keep the bytes in flight instead of one program's registers.
-Codes are decoded without an int->float conversion (the magic-number trick of qmatmul_fast) and x is
-read in natural order and split into the four byte lanes in registers (no word-permuted copy, no extra
-launch). Prefill (`gemm_f16w`): the fp16 dequant of the weight (transient, block-scaled pass) is fed to
-a tl.dot GEMM that loads the fp32 activations and rounds them to fp16 in registers, instead of a
-separate cast pass over x (for attn_kv, 512 x 4096 at T=2048, that cast was a third of the time).
-Knows the repacked Q8_0 row layout (blocks.py), not the model.
+Why a third Q8_0 GEMV: the block-dot / tl.dot / persistent kernels measured 28-45 % of H200 read
+bandwidth. Here every program loads a [BLOCK_N, BLOCK_K] tile of code words (16-byte vectors) and the
+next step's tile while it computes this one (register double buffer), so the SM's many resident
+programs keep bytes in flight; codes are decoded without an int->float conversion (magic-number
+trick of qmatmul_fast) and x is read in natural order and split into the four byte lanes in registers
+(no word-permuted copy, no extra launch). Measured (tools/results/h200_q8/): decode is free, the x-lane
+handling costs ~20 % (a no-x diagnostic ran at 61 % / 91 % of bandwidth where the real kernel runs at
+49 % / 71 %). Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums
+as the dot's N axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all
+measured slower than the defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
 """
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def _x_lanes(x_ptr, k0, NB: tl.constexpr):
 def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, T, N, R, k_split,
                     stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                    GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = False,
+                    GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R.
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
@@ -75,29 +75,37 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, T, N, R, k_split,
     for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
         if PREFETCH:
             u = u_next ^ Q8_BIAS
-            d = d_next.to(tl.float32)[:, :, None]
-            more = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: stays vectorized
+            d = d_next.to(tl.float32)
+            more = (tl.full([1, NB, 1], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: vectorized
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
-            u_next = tl.load(wp, mask=more[:, :, None], other=0)
-            d_next = tl.load(sp, mask=more, other=0.0)
+            u_next = tl.load(wp, mask=more, other=0)
+            more_d = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split
+            d_next = tl.load(sp, mask=more_d, other=0.0)
         else:
             u = tl.load(wp) ^ Q8_BIAS
-            d = tl.load(sp).to(tl.float32)[:, :, None]
+            d = tl.load(sp).to(tl.float32)
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
+        d = d[:, :, None]
         q0 = _q8_word_codes(u, 0, PRMT, magic_bits)
         q1 = _q8_word_codes(u, 1, PRMT, magic_bits)
         q2 = _q8_word_codes(u, 2, PRMT, magic_bits)
         q3 = _q8_word_codes(u, 3, PRMT, magic_bits)
         for t in tl.static_range(BLOCK_T):
             t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; not stored
-            if XPERM:  # x word-permuted by the caller: lane j of word i of block b at 32b + 8j + i
+            if XPERM == 1:  # x word-permuted by the caller: lane j of word i of block b at 32b + 8j + i
                 xp = x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3
                 x0 = tl.load(xp)
                 x1 = tl.load(xp + 8)
                 x2 = tl.load(xp + 16)
                 x3 = tl.load(xp + 24)
+            elif XPERM == 2:  # natural x, lanes gathered with stride 4 (L1 hits; no layout conversion)
+                xp = x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3 * 4
+                x0 = tl.load(xp)
+                x1 = tl.load(xp + 1)
+                x2 = tl.load(xp + 2)
+                x3 = tl.load(xp + 3)
             else:
                 x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
             p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
@@ -185,10 +193,12 @@ def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_s
 
 def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
-              prefetch: bool = False):
+              prefetch: bool = False, x_mode: int = 0):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch (plus the split sum for narrow matrices).
-    Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
+    x_mode: how x reaches the four byte lanes: 0 loaded in order and split in registers (Triton moves it
+    through shared memory), 1 a word-permuted copy made first (one more launch), 2 four stride-4 gathers
+    (L1 hits). Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
         return gemv(x, dw, dev, groups)
 
@@ -201,20 +211,23 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
         k_split = dw.k // split
         prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda  # PTX byte permute (not in the interpreter / on ROCm)
-        stride_xt = x.stride(0)
+        lead = (T, groups) if groups > 1 else (T,)
+        stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
 
         def launch(x):
+            if x_mode == 1:  # xw[.., 32b + 8j + i] = x[.., 32b + 4i + j]
+                x = x.float().reshape(*lead, dw.k // 32, 8, 4).transpose(-1, -2).contiguous()
             out = blocks.empty((split, T, N), x.device)
             _q8_rows_kernel[(n_row_tiles, split)](
-                x, dw.w, dw.s, out, T, N, R, k_split, stride_xt, stride_xg, T * N, N,
+                x, dw.w, dw.s, out, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
-                PREFETCH=prefetch and dw.k // split > bk, num_warps=num_warps, num_stages=1)
+                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, num_warps=num_warps, num_stages=1)
             return _reduce_split(out, split)
         return launch
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
-    key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch)
+    key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 
@@ -252,12 +265,17 @@ def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, blo
     return _plan("gemv_rows_persist", x, dw, groups, key, build)(x)
 
 
-DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=4, prefetch=True)  # best measured at T=1 and 4 on H200
+DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # T=1, up to LARGE_N rows
+DEFAULT_ROWS_WIDE = dict(DEFAULT_ROWS, num_warps=4)  # T > 1, or more than LARGE_N rows (the LM head)
+LARGE_N = 65536
 
 
 def gemv_rows_default(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
-    """gemv_rows with the config qmatmul's auto variant uses on CUDA (16 rows x 256 codes, prefetch)."""
-    return gemv_rows(x, dw, dev, groups, **DEFAULT_ROWS)
+    """gemv_rows with the config qmatmul's auto variant uses on CUDA. H200 sweep (tools/results/h200_q8/
+    09_tile_sweep.md): 16 rows x 256 codes with the next step prefetched; 2 warps at T=1 (56 % of read
+    bandwidth on attn_q_b vs 50 % with 4), 4 warps on the 129280-row LM head (72 % vs 71 %) and at T=4."""
+    wide = x.shape[0] > 1 or dw.n_rows > LARGE_N
+    return gemv_rows(x, dw, dev, groups, **(DEFAULT_ROWS_WIDE if wide else DEFAULT_ROWS))
 
 
 # ---- prefill: transient fp16 weight + tl.dot on fp32 activations ------------------------------------
@@ -337,20 +355,15 @@ from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import KernelOp, register  # noqa: E402
 
 _Q8 = (QuantFormat.Q8_0,)
-ROWS_VARIANTS = {  # name: (block_n, block_k, num_warps, prefetch)
-    "gemv_rows": (ROWS_BLOCK_N, ROWS_BLOCK_K, ROWS_WARPS, False),
-    "gemv_rows_n16w4": (16, 512, 4, False),
-    "gemv_rows_pf": (DEFAULT_ROWS["block_n"], DEFAULT_ROWS["block_k"], DEFAULT_ROWS["num_warps"], True),
-    "gemv_rows_pf512": (16, 512, 4, True),
-    "gemv_rows_pf_n8w2": (8, 256, 2, True),
-    "gemv_rows_n8w2": (8, 512, 2, False),
-    "gemv_rows_n32w4": (32, 256, 4, False),
+ROWS_VARIANTS = {  # name: (block_n, block_k, num_warps, prefetch, x_mode)
+    "gemv_rows": (ROWS_BLOCK_N, ROWS_BLOCK_K, ROWS_WARPS, False, 0),
+    "gemv_rows_pf": (16, 256, 4, True, 0),
+    "gemv_rows_pf_w2": (16, 256, 2, True, 0),
+    "gemv_rows_x1": (16, 256, 4, True, 1),
+    "gemv_rows_x2": (16, 256, 4, True, 2),
 }
 PERSIST_VARIANTS = {  # name: (block_n, block_k, warps, programs per SM)
-    "gemv_rows_persist": (16, 256, 4, 6),
-    "gemv_rows_persist_p4": (16, 256, 4, 4),
-    "gemv_rows_persist_p7": (16, 256, 4, 7),
-    "gemv_rows_persist_n8": (8, 256, 2, 12),
+    "gemv_rows_persist": (16, 256, 4, 4),
 }
 for _name, (_bn, _bk, _w, _pp) in PERSIST_VARIANTS.items():
     register(KernelOp.QMATMUL, _name,
@@ -358,20 +371,16 @@ for _name, (_bn, _bk, _w, _pp) in PERSIST_VARIANTS.items():
              gemv_rows_persist(x, dw, dev, groups, _bn, _bk, _w, _pp),
              formats=_Q8, max_t=DECODE_MAX_T,
              doc=f"Q8_0 T=1 GEMV, resident grid ({_pp} programs/SM), {_bn} rows x {_bk} codes, cross-tile prefetch")
-for _name, (_bn, _bk, _w, _pf) in ROWS_VARIANTS.items():
+for _name, (_bn, _bk, _w, _pf, _xm) in ROWS_VARIANTS.items():
     register(KernelOp.QMATMUL, _name,
-             lambda x, dw, dev, groups=1, _bn=_bn, _bk=_bk, _w=_w, _pf=_pf:
-             gemv_rows(x, dw, dev, groups, _bn, _bk, _w, prefetch=_pf),
+             lambda x, dw, dev, groups=1, _bn=_bn, _bk=_bk, _w=_w, _pf=_pf, _xm=_xm:
+             gemv_rows(x, dw, dev, groups, _bn, _bk, _w, prefetch=_pf, x_mode=_xm),
              formats=_Q8, max_t=DECODE_MAX_T,
-             doc=f"Q8_0 GEMV, {_bn} rows x {_bk} codes per program step, {_w} warps"
+             doc=f"Q8_0 GEMV, {_bn} rows x {_bk} codes per program step, {_w} warps, x lanes mode {_xm}"
                  + (", next step prefetched" if _pf else "") + ", split-K if narrow")
 F16W_VARIANTS = {  # name: (block_m, block_n, block_k, warps, stages, split_k)
     "gemm_f16w": (F16W_BLOCK_M, F16W_BLOCK_N, F16W_BLOCK_K, F16W_WARPS, F16W_STAGES, 1),
     "gemm_f16w_m64": (64, 128, 64, 4, 4, 1),
-    "gemm_f16w_sk2": (128, 128, 64, 8, 3, 2),
-    "gemm_f16w_n256": (128, 256, 32, 8, 3, 1),
-    "gemm_f16w_m256": (256, 128, 32, 8, 3, 1),
-    "gemm_f16w_m64sk2": (64, 128, 64, 4, 4, 2),
 }
 for _name, (_bm, _bn, _bk, _w, _st, _sk) in F16W_VARIANTS.items():
     register(KernelOp.QMATMUL, _name,
@@ -504,11 +513,7 @@ def gemv_mma(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int
 
 MMA_VARIANTS = {  # name: (block_n, warps, stages, x_split, nsub)
     "gemv_mma": (MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, True, MMA_NSUB),
-    "gemv_mma_n128w8": (128, 8, 4, True, 8),
     "gemv_mma_n32": (32, 4, 6, True, 8),
-    "gemv_mma_s16": (64, 4, 3, True, 16),
-    "gemv_mma_f16x": (MMA_BLOCK_N, MMA_WARPS, MMA_STAGES, False, 16),
-    "gemv_mma_n64w8": (64, 8, 4, True, 8),
 }
 for _name, (_bn, _w, _st, _xs, _ns) in MMA_VARIANTS.items():
     register(KernelOp.QMATMUL, _name,

@@ -28,17 +28,22 @@ def _x(t: int, k: int, groups: int = 1, seed: int = 11):
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
-@pytest.mark.parametrize("n,k,t,groups,block_n,block_k,prefetch", [
-    (37, 96, 1, 1, 8, 1024, False),  # rows not a multiple of the 8-row tile, K of 3 blocks (one 32-wide step each)
-    (37, 256, 5, 1, 4, 64, False),   # T=5 (token tile 8), 4 K steps per program
-    (37, 256, 5, 1, 4, 64, True),    # the same with the next step's loads prefetched
-    (21, 128, 1, 1, 16, 64, True),   # 16-row tile larger than the 21 rows' last tile, 2 K steps, prefetch
-    (24, 128, 3, 2, 8, 128, False),  # grouped: x [T, 2, K], 12 rows per group (tile shrinks to 4)
+@pytest.mark.parametrize("n,k,t,groups,block_n,block_k,prefetch,x_mode", [
+    (37, 96, 1, 1, 8, 1024, False, 0),  # rows not a multiple of the 8-row tile, K of 3 blocks (one 32-wide step each)
+    (37, 256, 5, 1, 4, 64, False, 0),   # T=5 (token tile 8), 4 K steps per program
+    (37, 256, 5, 1, 4, 64, True, 0),    # the same with the next step's loads prefetched
+    (21, 128, 1, 1, 16, 64, True, 0),   # 16-row tile larger than the 21 rows' last tile, 2 K steps, prefetch
+    (24, 128, 3, 2, 8, 128, False, 0),  # grouped: x [T, 2, K], 12 rows per group (tile shrinks to 4)
+    (37, 256, 5, 1, 8, 64, True, 1),    # x word-permuted by the wrapper
+    (24, 128, 3, 2, 8, 64, True, 1),    # ... grouped
+    (37, 256, 5, 1, 8, 64, True, 2),    # x lanes as stride-4 gathers
+    (24, 128, 3, 2, 8, 64, True, 2),    # ... grouped
 ])
-def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, poison):
+def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, x_mode, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + k)
     x = _x(t, k, groups)
-    y = q8_gemv.gemv_rows(x, dw, detect_device(DEVICE), groups, block_n=block_n, block_k=block_k, prefetch=prefetch)
+    y = q8_gemv.gemv_rows(x, dw, detect_device(DEVICE), groups, block_n=block_n, block_k=block_k, prefetch=prefetch,
+                          x_mode=x_mode)
     assert y.shape == (t, n)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows n={n} k={k} T={t} G={groups}")
 
