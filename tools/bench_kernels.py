@@ -8,7 +8,8 @@ time without launch overhead and without L2 reuse; the kernel targets are judged
 for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run. Markdown + CSV,
 flushed per row. Usage:
     python tools/bench_kernels.py --out-md r.md --out-csv r.csv [--time-limit 300] [--quick]
-        [--ops output moe_q2] [--T 1 2048] [--variants auto gemv_dot] [--ieee] [--tuned tuned.json]
+        [--ops output moe_q2] [--T 1 2048] [--variants auto gemv_dot] [--auto-everywhere] [--ieee]
+        [--tuned tuned.json]
 """
 from __future__ import annotations
 
@@ -246,17 +247,27 @@ def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, 
 
 
 def _want(args, op: str, t: int, variant: str) -> bool:
+    if args.auto_everywhere and variant == registry.AUTO:
+        return True
     return ((not args.ops or op in args.ops) and (not args.T or t in args.T)
             and (not args.variants or variant in args.variants))
 
 
+def _want_op(args, op: str) -> bool:
+    return args.auto_everywhere or not args.ops or op in args.ops
+
+
+def _want_t(args, t: int) -> bool:
+    return args.auto_everywhere or not args.T or t in args.T
+
+
 def bench_dense(rep: Report, bw: float, device, dev, deadline: float, args):
     for case in DENSE:
-        if (args.quick and case.name not in QUICK) or (args.ops and case.name not in args.ops):
+        if (args.quick and case.name not in QUICK) or not _want_op(args, case.name):
             continue
         dws = []
         for t in TOKENS:
-            if args.T and t not in args.T:
+            if not _want_t(args, t):
                 continue
             shape = (t, case.groups, case.k // 1) if case.groups > 1 else (t, case.k)
             x = torch.randn(shape, device=device, dtype=torch.float32)
@@ -288,14 +299,14 @@ def bench_dense(rep: Report, bw: float, device, dev, deadline: float, args):
 
 def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
     for recipe, (fgu, fdn) in MOE.items():
-        if args.ops and f"moe_{recipe}" not in args.ops:
+        if not _want_op(args, f"moe_{recipe}"):
             continue
         gate = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 1), fgu, (N_EXPERT, F_EXP, D), device)
         up = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 2), fgu, (N_EXPERT, F_EXP, D), device)
         down = blocks.to_device(blocks.synthetic_raw(fdn, (N_EXPERT, D, F_EXP), device, 3), fdn, (N_EXPERT, D, F_EXP), device)
         per_expert = (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
         for t in TOKENS:
-            if args.T and t not in args.T:
+            if not _want_t(args, t):
                 continue
             gen = torch.Generator(device="cpu").manual_seed(t)
             sels = [torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
@@ -341,6 +352,8 @@ def main(argv=None) -> int:
     ap.add_argument("--ops", nargs="*", default=None, help="only these ops (e.g. output moe_q2)")
     ap.add_argument("--T", nargs="*", type=int, default=None, help="only these token counts")
     ap.add_argument("--variants", nargs="*", default=None, help="only these variants")
+    ap.add_argument("--auto-everywhere", action="store_true",
+                    help="also time the auto variant on every shape and token count (outside --ops/--T/--variants)")
     ap.add_argument("--ieee", action="store_true", help="also time the slow fp32-IEEE variants")
     ap.add_argument("--tuned", default=None, help="JSON of tools/tune_kernels.py merged into the config tables")
     args = ap.parse_args(argv)

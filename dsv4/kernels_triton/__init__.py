@@ -6,6 +6,7 @@ ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPR
 """
 from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
 from . import moe_fast  # noqa: F401,E402 - fused_dot* MoE decode variants
+from . import moe_prefill  # noqa: F401,E402 - grouped_v2* MoE prefill variants
 from . import moe_int8  # noqa: F401,E402 - int8* MoE decode variants (dp4a, Q8_K activations)
 from .registry import KernelOp, register, use, variants
 

@@ -4,8 +4,9 @@ Inherits every other op from `dsv4.reference.TorchOps`. `prepare` uploads each q
 into its kernel layout (blocks.DeviceWeight, kept in `QTensor.cache`; the QTensor's own bytes stay
 as they are, so inherited reference ops still read them). F16/BF16/F32 matrices are uploaded on their
 first qmatmul. The kernel variant per op comes from the registry (scoped `use(...)` override, else the
-`kernels=` choice at construction, else "auto"). Formats or modes the kernels do not cover
-(I32, `act_quant=True`) run the reference op. Knows nothing of the model's structure.
+`kernels=` choice at construction, else "auto"). Formats the kernels do not cover (I32) run the
+reference op; with `act_quant=True` (ds4-exact mode) Q8_0 matmuls and MoE prefill run the reference op
+and MoE decode runs moe_int8 (that mode's Q8_K semantics). Knows nothing of the model's structure.
 """
 from __future__ import annotations
 
@@ -70,7 +71,16 @@ class TritonOps(TorchOps):
         return self._run_qmatmul(x, w, groups)
 
     def moe(self, u, gate: QTensor, up: QTensor, down: QTensor, sel, weights, clamp):
-        if self.act_quant or not all(t.fmt in SUPPORTED for t in (gate, up, down)):
+        if not all(t.fmt in SUPPORTED for t in (gate, up, down)):
+            return super().moe(u, gate, up, down, sel, weights, clamp)
+        if self.act_quant:
+            # ds4-exact mode: decode runs ds4's own scheme (Q8_K activations, integer dots), which is this
+            # mode's semantics exactly; prefill and other formats stay on the reference
+            from . import moe_int8
+
+            dg, du, dd = self._dw(gate), self._dw(up), self._dw(down)
+            if u.shape[0] <= moe_int8.MAX_T and moe_int8.supports(dg, dd):
+                return moe_int8.fused_int8(u, dg, du, dd, sel, weights, clamp, self.device_info).to(self.dtype)
             return super().moe(u, gate, up, down, sel, weights, clamp)
         v = resolve(KernelOp.MOE, gate.fmt, self.kernels)  # variants specialise on the gate/up format
         y = v.fn(u, self._dw(gate), self._dw(up), self._dw(down), sel, weights, clamp, self.device_info)

@@ -76,8 +76,9 @@ def test_qmatmul_flash_shapes(name, fmt, n, k, groups, t, poison):
     y = qmatmul.qmatmul_auto(x, dw, dev, groups)
     from dsv4.kernels_triton.configs import select_gemv
 
-    # the per-shape table may route Q8_0 decode through the fp16 tl.dot kernel (qmatmul.gemv_dot)
-    dot_decode = t <= qmatmul.DECODE_MAX_T and fmt == "Q8_0" and select_gemv(qf, n, k, dev, tokens=t).dot_m
+    # for 2..8 tokens the per-shape table may route Q8_0 decode through the fp16 tl.dot kernel
+    # (qmatmul.gemv_dot); one token always takes the fp32 q8_gemv.gemv_rows on CUDA
+    dot_decode = 1 < t <= qmatmul.DECODE_MAX_T and fmt == "Q8_0" and select_gemv(qf, n, k, dev, tokens=t).dot_m
     path = "gemv" if t <= qmatmul.DECODE_MAX_T and not dot_decode else "gemm"
     _assert(y, ref, f"triton_{path}", "fp32" if path == "gemv" else "fp16dot", f"{name} T={t}")
 

@@ -160,9 +160,9 @@ def test_every_registered_variant(poison):
         t = 3 if v.max_t else 20
         x = torch.randn((t, 64), generator=torch.Generator().manual_seed(7)).to(DEVICE)
         y = v.fn(x, dw, dev, 1)
-        # gemv_dot feeds tl.dot with fp16 operands at every T, like the prefill GEMM
-        kind = ("fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or v.name in ("gemv_dot", "gemm_dequant")
-                else "fp32")
+        # gemv_dot / gemm_dequant / gemm_f16w* feed tl.dot or cuBLAS with fp16 operands at every T
+        fp16_always = v.name in ("gemv_dot", "gemm_dequant") or v.name.startswith("gemm_f16w")
+        kind = "fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or fp16_always else "fp32"
         op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
         assert_matches(y, reference(x, w_ref), op, kind, f"variant {v.name}")
 

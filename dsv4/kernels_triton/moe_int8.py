@@ -1,0 +1,446 @@
+"""Routed-MoE decode on packed int8 dot products with Q8_K activations (the ds4 CUDA decode scheme).
+
+Three kernels, four launches: `_q8k_quant_kernel` turns u [T, D] into Q8_K (int8 codes packed four per
+int32 word, one fp32 scale per 256, code sums per 16); `_gate_up_int8_kernel` (one program per (slot,
+BLOCK_N rows)) dots IQ2_XXS or Q4_K gate/up rows with those words (dp4a), applies block scales once per
+super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the same way; then
+`_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
+slots in order (no atomics: bitwise reproducible). Semantics are `TorchOps(act_quant=True).moe`: the
+integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
+TritonOps gives ds4's activation rounding). Knows block layouts, not the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from . import blocks, moe
+from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
+from .configs import DeviceInfo, Vendor
+from ..quant.formats import QuantFormat
+
+QK = 256  # super-block (Q8_K, Q2_K, Q4_K, IQ2_XXS)
+SUM_GROUP = 16  # code sums per 16 activations (Q8_K "bsums")
+IQ2_PAIR = 2 * QK  # IQ2_XXS rows are read in pairs of 66-byte blocks (33 int32 words)
+# int32 words per unit, as kernel constants: Q8_K codes of one block, IQ2_XXS block pair, Q2_K, Q4_K block
+Q8K_WORDS: tl.constexpr = tl.constexpr(QK // 4)
+IQ2_PAIR_WORDS: tl.constexpr = tl.constexpr(33)
+Q2K_WORDS: tl.constexpr = tl.constexpr(blocks.Q2K_WORDS)
+Q4K_WORDS: tl.constexpr = tl.constexpr(blocks.Q4K_WORDS)
+SUMS_PER_BLOCK: tl.constexpr = tl.constexpr(QK // SUM_GROUP)
+QK_C: tl.constexpr = tl.constexpr(QK)
+# 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to the nearest integer, ties to even (torch.round)
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+MAX_T = 8  # decode only: tokens per call (prefill keeps the grouped float kernels)
+GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
+DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
+
+
+@dataclass(frozen=True)
+class Int8MoeConfig:
+    """Tiles. kstep_*: super-blocks per K step (IQ2_XXS: pairs of them), all loaded before use."""
+
+    block_n_gate_up: int = 16
+    kstep_gate_up: int = 2
+    warps_gate_up: int = 4
+    block_n_down: int = 8
+    kstep_down: int = 8
+    warps_down: int = 2
+    stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
+    cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
+
+
+CPU_BLOCK_N_GATE_UP = 256
+CPU_BLOCK_N_DOWN = 512
+
+
+# ---- device helpers -----------------------------------------------------------------------------
+
+@triton.jit
+def _dp4a(a, b, c, ASM: tl.constexpr):
+    """c + sum of the four signed byte products of int32 words a, b (PTX dp4a.s32.s32; exact)."""
+    if ASM:
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:  # interpreter / ROCm: the same int32, bytes sign-extended by shift pairs
+        return (c + ((a << 24) >> 24) * ((b << 24) >> 24) + ((a << 16) >> 24) * ((b << 16) >> 24)
+                + ((a << 8) >> 24) * ((b << 8) >> 24) + (a >> 24) * (b >> 24))
+
+
+@triton.jit
+def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s):
+    """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k: max = the first element of
+    largest |x| (torch.argmax picks the first of ties), iscale = -127/max, q = min(127, rint(iscale x)),
+    d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host."""
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    i = tl.arange(0, QK_C)
+    x = tl.load(x_ptr + r * stride_x + b * QK_C + i).to(tl.float32)
+    ax = tl.abs(x)
+    amax = tl.max(ax, axis=0)
+    first = tl.min(tl.where(ax == amax, i, QK_C), axis=0)
+    mx = tl.sum(tl.where(i == first, x, 0.0), axis=0)
+    nz = mx != 0.0
+    iscale = tl.where(nz, tl.math.div_rn(-127.0, tl.where(nz, mx, 1.0)), 0.0)
+    y = iscale * x
+    q = tl.minimum((y + ROUND_MAGIC) - ROUND_MAGIC, 127.0).to(tl.int32)
+    d = tl.where(nz, tl.math.div_rn(1.0, tl.where(nz, iscale, 1.0)), 0.0)
+    words = tl.sum(tl.reshape((q & 255) << (8 * (i & 3)), (Q8K_WORDS, 4)), axis=1)  # disjoint: sum == or
+    sums = tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1)
+    tl.store(q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS), words)
+    tl.store(s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK), sums)
+    tl.store(d_ptr + r * stride_d + b, d)
+
+
+@triton.jit
+def _iq2_xxs_half(base, g64_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
+    """Super-block B (0/1) of the block pairs at word pointers base [BN, KP, 1] (a pair is 33 words:
+    block 0's fields start 2 bytes into a word, block 1's qs at word 17), against activation words at
+    x_ptr + xw [1, KP, 1] (128 per pair). Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8]
+    int32 per 32-weight group ib); the dot is sum_ib d * d_x * that / 8 (§1.6: db = d (2 ls + 1) / 8)."""
+    ib = tl.arange(0, 8)[None, None, :]
+    if B == 0:  # aux words straddle word boundaries: funnel two 16-bit halves
+        w0 = tl.load(base + 2 * ib)
+        w1 = tl.load(base + 2 * ib + 1)
+        w2 = tl.load(base + 2 * ib + 2)
+        aux0 = ((w0 >> 16) & 0xFFFF) | (w1 << 16)
+        aux1 = ((w1 >> 16) & 0xFFFF) | (w2 << 16)
+        d = _f16_from_bits(tl.load(base))
+    else:
+        aux0 = tl.load(base + 17 + 2 * ib)
+        aux1 = tl.load(base + 18 + 2 * ib)
+        d = _f16_from_bits(tl.load(base + 16) >> 16)
+    xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
+    isum = tl.zeros(aux0.shape, dtype=tl.int32)
+    for k in tl.static_range(4):  # 8 weights: grid entry (2 words of magnitudes 8/25/43), 8 sign bits
+        gv = tl.load(g64_ptr + ((aux0 >> (8 * k)) & 255))
+        glo = gv.to(tl.int32)
+        ghi = (gv >> 32).to(tl.int32)
+        # P = s | s << 7 | s << 14 | s << 21 (disjoint, no carries) puts sign bit j (j < 7) at bit
+        # 4 * (2 (j % 4) + j // 4): bits 0, 8, 16, 24 are signs 0-3, bits 4, 12, 20 signs 4-6. The 8th
+        # sign is the parity of the 7 (ksigns rule): the nibble sum of P & 0x11111111, accumulated into
+        # the top nibble by * 0x11111111; its low bit (bit 28) is exactly sign 7's slot in P.
+        p = ((aux1 >> (7 * k)) & 127) * 0x204081
+        p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
+        m_lo = p & 0x01010101  # 0x01 in byte j where weight j is negative
+        m_hi = (p >> 4) & 0x01010101
+        # byte-wise negation without carries (magnitudes >= 1): (g ^ 0xFF) + 1
+        sg_lo = (glo ^ (m_lo * 255)) + m_lo
+        sg_hi = (ghi ^ (m_hi * 255)) + m_hi
+        isum = _dp4a(sg_lo, tl.load(xb + 2 * k), isum, ASM)
+        isum = _dp4a(sg_hi, tl.load(xb + 2 * k + 1), isum, ASM)
+    return d, isum * (2 * ((aux1 >> 28) & 15) + 1)
+
+
+@triton.jit
+def _q4_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each) against activation words
+    x_ptr + xw [1, KB, 1, 1] (64 per block), code sums s_ptr + sw (16 per block), scales dx [1, KB, 1, 1].
+    Returns the unreduced terms (quant.md §1.5): scale part [BN, KB, 4, 8] = d dx (sc_2c isum_lo +
+    sc_2c+1 isum_hi) per qs word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum)."""
+    c = tl.arange(0, 4)[None, None, :, None]  # sub-block pair (2c, 2c+1) = qs words 8c .. 8c+7
+    w = tl.arange(0, 8)[None, None, None, :]
+    q = tl.load(base + 4 + 8 * c + w)  # [BN, KB, 4, 8], 16-byte runs
+    xq = x_ptr + xw + 16 * c + w
+    zero = tl.zeros(q.shape, dtype=tl.int32)
+    p_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq), zero, ASM)  # sub-block 2c: low nibbles
+    p_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 8), zero, ASM)  # 2c + 1: high nibbles
+    # 6-bit scales/mins, four per word (j < 4 | j >= 4), from the 12 packed bytes
+    s0 = tl.load(base + 1)
+    s1 = tl.load(base + 2)
+    s2 = tl.load(base + 3)
+    sh = 16 * (c & 1)
+    scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
+    mnw = tl.where(c < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
+    it = p_lo * ((scw >> sh) & 255) + p_hi * ((scw >> (sh + 8)) & 255)
+    xs = s_ptr + sw + 4 * c  # sums of 16: sub-block 2c = sums 4c, 4c+1; 2c+1 = 4c+2, 4c+3
+    mins = (((mnw >> sh) & 255) * (tl.load(xs) + tl.load(xs + 1))
+            + ((mnw >> (sh + 8)) & 255) * (tl.load(xs + 2) + tl.load(xs + 3)))
+    dd = tl.load(base)
+    return ((_f16_from_bits(dd) * dx) * it.to(tl.float32),
+            (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32))
+
+
+@triton.jit
+def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19, d|dmin 20)
+    against activation words x_ptr + xw [1, KB, 1], code sums s_ptr + sw, scales dx [1, KB, 1].
+    Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of qs word 8h + w', sub-block
+    j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words w = w' & 3 of sub-blocks
+    8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread. Returns the unreduced terms
+    [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j (quant.md §1.4)."""
+    he = tl.arange(0, 4)[None, None, :]
+    h = he >> 1
+    e = he & 1
+    qb = base + 4 + 4 * he
+    q0 = tl.load(qb)
+    q1 = tl.load(qb + 1)
+    q2 = tl.load(qb + 2)
+    q3 = tl.load(qb + 3)
+    xb = x_ptr + xw + 32 * h + 4 * e
+    zero = tl.zeros(q0.shape, dtype=tl.int32)
+    it = zero
+    mins = zero
+    for sp in tl.static_range(2):
+        scw = tl.load(base + 2 * h + sp)  # scale bytes 4 (2h + sp) .. +3
+        for s2 in tl.static_range(2):
+            s = 2 * sp + s2
+            xs = xb + 8 * s
+            p = _dp4a((q0 >> (2 * s)) & 0x03030303, tl.load(xs), zero, ASM)
+            p = _dp4a((q1 >> (2 * s)) & 0x03030303, tl.load(xs + 1), p, ASM)
+            p = _dp4a((q2 >> (2 * s)) & 0x03030303, tl.load(xs + 2), p, ASM)
+            p = _dp4a((q3 >> (2 * s)) & 0x03030303, tl.load(xs + 3), p, ASM)
+            byte = (scw >> (8 * (2 * s2 + e))) & 255
+            it += (byte & 15) * p
+            mins += (byte >> 4) * tl.load(s_ptr + sw + 8 * h + 2 * s + e)
+    dd = tl.load(base + 20)
+    return (_f16_from_bits(dd) * dx) * it.to(tl.float32) - (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32)
+
+
+# ---- kernels ------------------------------------------------------------------------------------
+# Every term stays in its own tile lane across the K loop (elementwise accumulation in the load
+# layout); the cross-thread reductions run once per program, after the loop.
+
+@triton.jit
+def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g64_ptr,
+                         F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
+                         FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
+                         STAGES: tl.constexpr):
+    """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
+    xd, sums xs); slot = t * KSEL + i, e = sel[slot]. KSTEP block pairs (IQ2_XXS) or blocks (Q4_K)
+    per K step. Rows past F are clamped to F - 1 (valid reads, results not stored)."""
+    slot = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    t = (slot // KSEL).to(tl.int64)
+    e = tl.load(sel_ptr + slot).to(tl.int64)
+    wt = tl.load(wts_ptr + slot).to(tl.float32)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    roff = (e * F + tl.minimum(rn, F - 1)) * stride_w
+    if FMT == FMT_IQ2_XXS:
+        kk = tl.arange(0, KSTEP)[None, :, None]
+        gb = gw_ptr + roff[:, None, None]
+        ub = uw_ptr + roff[:, None, None]
+        acc_g = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
+        for p0 in tl.range(0, D // (2 * QK_C), KSTEP, num_stages=STAGES):
+            pw = (p0 + kk) * IQ2_PAIR_WORDS
+            xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
+            dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))  # [1, KSTEP, 1]
+            dx1 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk) + 1)
+            dg0, tg0 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 0, ASM)
+            dg1, tg1 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 1, ASM)
+            du0, tu0 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 0, ASM)
+            du1, tu1 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 1, ASM)
+            acc_g += (dg0 * dx0) * tg0.to(tl.float32) + (dg1 * dx1) * tg1.to(tl.float32)
+            acc_u += (du0 * dx0) * tu0.to(tl.float32) + (du1 * dx1) * tu1.to(tl.float32)
+        gsum = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 0.125
+        usum = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 0.125
+    else:  # Q4_K
+        kk = tl.arange(0, KSTEP)[None, :, None, None]
+        gb = gw_ptr + roff[:, None, None, None]
+        ub = uw_ptr + roff[:, None, None, None]
+        acc_g = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
+        acc_u = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
+        min_g = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
+        min_u = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
+        for b0 in tl.range(0, D // QK_C, KSTEP, num_stages=STAGES):
+            bw = (b0 + kk) * Q4K_WORDS
+            xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
+            sw = t * stride_xs + (b0 + kk) * SUMS_PER_BLOCK
+            dx = tl.load(xd_ptr + t * stride_xd + b0 + kk)
+            pg, mg = _q4_k_blocks(gb + bw, xq_ptr, xw, xs_ptr, sw, dx, ASM)
+            pu, mu = _q4_k_blocks(ub + bw, xq_ptr, xw, xs_ptr, sw, dx, ASM)
+            acc_g += pg
+            acc_u += pu
+            min_g += mg
+            min_u += mu
+        gsum = (tl.sum(tl.sum(tl.sum(acc_g, axis=3), axis=2), axis=1)
+                - tl.sum(tl.sum(tl.sum(min_g, axis=3), axis=2), axis=1))
+        usum = (tl.sum(tl.sum(tl.sum(acc_u, axis=3), axis=2), axis=1)
+                - tl.sum(tl.sum(tl.sum(min_u, axis=3), axis=2), axis=1))
+    h = moe._swiglu_route(gsum, usum, wt, clamp)
+    tl.store(h_ptr + slot * stride_ht + rn, h, mask=rn < F)
+
+
+@triton.jit
+def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
+                      stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
+                      FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
+                      STAGES: tl.constexpr):
+    """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
+    (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order."""
+    t = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.minimum(rn, D - 1)
+    n_steps = F // (QK_C * KSTEP)  # one flat loop over (slot, K step): pipelining can run across slots
+    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
+        kk = tl.arange(0, KSTEP)[None, :, None]
+        acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
+        i = 0
+        b0 = 0
+        for _ in tl.range(0, KSEL * n_steps, num_stages=STAGES):  # slot-major: fixed summation order
+            slot = (t * KSEL + i).to(tl.int64)
+            e = tl.load(sel_ptr + slot).to(tl.int64)
+            base = w_ptr + ((e * D + rc) * stride_w)[:, None, None]
+            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+            acc += _q2_k_blocks(base + (b0 + kk) * Q2K_WORDS, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            b0 += KSTEP  # next (slot, K step), no integer division
+            i += tl.where(b0 == n_steps * KSTEP, 1, 0)
+            b0 = tl.where(b0 == n_steps * KSTEP, 0, b0)
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
+        kk = tl.arange(0, KSTEP)[None, :, None, None]
+        acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
+        acc_min = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
+        i = 0
+        b0 = 0
+        for _ in tl.range(0, KSEL * n_steps, num_stages=STAGES):
+            slot = (t * KSEL + i).to(tl.int64)
+            e = tl.load(sel_ptr + slot).to(tl.int64)
+            base = w_ptr + ((e * D + rc) * stride_w)[:, None, None, None]
+            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+            part, mpart = _q4_k_blocks(base + (b0 + kk) * Q4K_WORDS, hq_ptr,
+                                       slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                       hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            acc += part
+            acc_min += mpart
+            b0 += KSTEP
+            i += tl.where(b0 == n_steps * KSTEP, 1, 0)
+            b0 = tl.where(b0 == n_steps * KSTEP, 0, b0)
+        total = (tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+                 - tl.sum(tl.sum(tl.sum(acc_min, axis=3), axis=2), axis=1))
+    tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
+
+
+# ---- host side ------------------------------------------------------------------------------------
+
+def empty_i32(shape, device):
+    """int32 scratch (Q8_K codes and sums); tests replace it to fill with garbage."""
+    return torch.empty(tuple(shape), device=device, dtype=torch.int32)
+
+
+# No FMA contraction in the quantizer: rint must see the fp32-rounded product iscale * x, as torch does.
+QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
+
+
+def quant_q8_k(x):
+    """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
+    scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k."""
+    R, C = x.shape
+    if C % QK:
+        raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    q = empty_i32((R, C // 4), x.device)
+    s = empty_i32((R, C // SUM_GROUP), x.device)
+    d = blocks.empty((R, C // QK), x.device)
+    if R:
+        _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(0), d.stride(0), s.stride(0),
+                                        **QUANT_LAUNCH)
+    return q, d, s
+
+
+def dequant_q8_k(q, d):
+    """fp32 [R, C] codes * scale of quant_q8_k's output (tests, debugging)."""
+    codes = q.contiguous().view(torch.int8).to(torch.float32)
+    return (codes.view(q.shape[0], -1, QK) * d[:, :, None]).reshape(q.shape[0], -1)
+
+
+def _words(w: DeviceWeight):
+    """(int32 word view of the rows, words per row) of a Q2_K/Q4_K/IQ2_XXS weight."""
+    flat = w.buf.reshape(-1, w.buf.shape[-1])
+    return flat.view(torch.int32), flat.shape[1] // 4
+
+
+def _kstep(n_units: int, want: int) -> int:
+    """Largest power of two <= want dividing n_units (units: IQ2_XXS block pairs or super-blocks)."""
+    k = 1
+    while k * 2 <= want and n_units % (k * 2) == 0:
+        k *= 2
+    return k
+
+
+def supports(gate: DeviceWeight, down: DeviceWeight) -> bool:
+    E, F, D = gate.shape
+    return (gate.fmt in GATE_UP_FORMATS and down.fmt in DOWN_FORMATS
+            and D % (IQ2_PAIR if gate.fmt == QuantFormat.IQ2_XXS else QK) == 0 and F % QK == 0)
+
+
+def use_asm(dev: DeviceInfo, x) -> bool:
+    """PTX dp4a only on an NVIDIA device (the interpreter and ROCm run the plain-Triton emulation)."""
+    return dev.vendor == Vendor.NVIDIA and x.is_cuda
+
+
+def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
+               dev: DeviceInfo, cfg: Int8MoeConfig | None = None):
+    """Routed MoE for few tokens with Q8_K activations: u [T, D], sel/weights [T, K] -> [T, D] fp32.
+    Formats or shapes it does not take (gate/up other than IQ2_XXS/Q4_K, down other than Q2_K/Q4_K,
+    IQ2_XXS with D % 512) run moe.fused_blockdot, which keeps float activations."""
+    cfg = cfg or Int8MoeConfig()
+    cpu = dev.vendor == Vendor.CPU
+    if cpu and cfg.cpu_widen:
+        cfg = replace(cfg, block_n_gate_up=max(cfg.block_n_gate_up, CPU_BLOCK_N_GATE_UP),
+                      block_n_down=max(cfg.block_n_down, CPU_BLOCK_N_DOWN))
+    u, sel, weights, E, F, D = moe._check(u, gate, up, down, sel, weights)
+    if not supports(gate, down):
+        return moe.fused_blockdot(u, gate, up, down, sel, weights, clamp, dev)
+    T, K = sel.shape
+    if T == 0:
+        return blocks.empty((0, D), u.device)
+    asm = use_asm(dev, u)
+    stages = 1 if cpu else cfg.stages
+    xq, xd, xs = quant_q8_k(u)
+    gw, stride_w = _words(gate)
+    uw, _ = _words(up)
+    iq2 = gate.fmt == QuantFormat.IQ2_XXS
+    g64 = gate.g.view(torch.int64) if iq2 else gw  # the grid is only read for IQ2_XXS
+    kstep = _kstep(D // (IQ2_PAIR if iq2 else QK), cfg.kstep_gate_up)
+    bn = cfg.block_n_gate_up
+    h = blocks.empty((T * K, F), u.device)
+    _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
+        xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
+        xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
+        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=stages, num_warps=cfg.warps_gate_up)
+    hq, hd, hs = quant_q8_k(h)
+    dw, stride_d = _words(down)
+    bn = cfg.block_n_down
+    out = blocks.empty((T, D), u.device)
+    _down_int8_kernel[(T, triton.cdiv(D, bn))](
+        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=stages,
+        num_warps=cfg.warps_down)
+    return out
+
+
+# ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
+CONFIGS = {
+    "int8": Int8MoeConfig(),
+    "int8_n8": Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2,
+                             block_n_down=4, kstep_down=8, warps_down=1),
+    "int8_n32": Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4,
+                              block_n_down=16, kstep_down=8, warps_down=4),
+    "int8_p2": Int8MoeConfig(stages=2),
+}
+
+
+def _variant(cfg: Int8MoeConfig):
+    def fn(u, gate, up, down, sel, weights, clamp, dev):
+        return fused_int8(u, gate, up, down, sel, weights, clamp, dev, cfg)
+    return fn
+
+
+from .registry import KernelOp, register  # noqa: E402
+
+_DOCS = {
+    "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode): gate/up 16 rows x 2 IQ2 pairs / 2 Q4_K "
+            "blocks per step, 4 warps; down 8 rows x 8 blocks per step, 2 warps",
+    "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
+    "int8_n32": "int8 with large programs: gate/up 32 rows x 1 pair/block, 4 warps; down 16 rows, 4 warps",
+    "int8_p2": "int8 with the K loops software-pipelined (tl.range num_stages=2: cp.async via shared memory)",
+}
+for _name, _cfg in CONFIGS.items():
+    register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name])

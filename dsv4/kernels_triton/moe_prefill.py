@@ -1,0 +1,505 @@
+"""Routed-MoE prefill as two grouped tensor-core GEMMs over experts (variants `grouped_v2*`).
+
+(token, slot) pairs are sorted by expert on the device (`moe.expert_tiles`, no host sync) into tiles of
+BLOCK_M pairs of one expert. Kernel 1 per (F block, tile): acc_g, acc_u [BLOCK_M, BLOCK_N] = x_tile @ W^T
+over D (x = u in fp16, rows gathered), then SwiGLU(clamp) * route weight, stored as fp16 h in sorted-row
+order. Kernel 2 per (D block, tile): y[pair] = h[row] @ down[e]^T (one writer per pair); the K slots are
+summed after in fixed order (deterministic, no atomics). Each weight is decoded once per tile, per group
+in whole words (IQ2_XXS: one 8-byte grid gather per 8 weights, signs applied 4 bytes at a time in the
+integer domain; Q2_K/Q4_K: one and per 4 weights), bytes placed into float mantissas by a byte permute
+(no int->float conversions), scaled per group and rounded to fp16 in registers; the tile goes to shared
+memory once as the dot's B operand. Other formats/shapes go to `moe.moe_float`. Knows block layouts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import blocks, moe
+from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight
+from .configs import DeviceInfo, Vendor
+from .qmatmul_fast import _q8_word_codes
+
+F32_MAGIC_BITS = 0x4B000000  # fp32 2^23: a byte in its mantissa is exact (passed as an argument: see qmatmul_fast)
+BYTE_BIAS: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))  # xor: signed byte b -> unsigned b + 128
+SPREAD4: tl.constexpr = tl.constexpr(0x00204081)  # nibble bit i -> bit 8i (products never collide)
+LOW_BITS: tl.constexpr = tl.constexpr(0x01010101)
+
+# One pair of fp16 weights per invocation ($0, two halves): bytes $3 and $4 of word $1 (128 + q each)
+# go into the low bytes of two fp16 1024 (0x64 high bytes from the magic register) -> 1152 + q; minus
+# 1152 is q exactly; then q*s + (-m) with scales $5 and negated mins $6 as fp16 pairs. $2 (the second
+# element's word) is the same word: _scaled4 builds the pair along a join dimension, which is the
+# fastest register dimension, so the two elements of an invocation share it (checked by the tests on
+# a GPU: a wrong pairing gives wrong weights).
+_H2_ASM: tl.constexpr = tl.constexpr("""{
+.reg .b32 c, t, k, mg;
+shl.b32 c, $4, 8;
+or.b32 c, c, $3;
+or.b32 c, c, 0x4040;
+mov.b32 mg, 0x64646464;
+prmt.b32 t, $1, mg, c;
+mov.b32 k, 0x64806480;
+sub.rn.f16x2 t, t, k;
+fma.rn.f16x2 $0, t, $5, $6;
+}""")
+SUPPORTED_GATE_UP = ("IQ2_XXS", "Q4_K")
+SUPPORTED_DOWN = ("Q2_K", "Q4_K")
+MAX_GRID_Y = 65535  # CUDA limit of the tile axis (program axis 1); ~700k tokens at K=6, BLOCK_M=64
+# Group-major word tensors (see _row_groups): what gives 16-byte stores of the tile under Triton 3.6;
+# 3.9 wants row-major. Checked on sm_90a compiles with 3.6.0 and 3.9.0 only; either way compiles.
+GROUPS_FIRST = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+
+
+@dataclass(frozen=True)
+class PrefillConfig:
+    """Tiles of both kernels; BLOCK_K a multiple of 128 (Q2_K half blocks / Q4_K sub-block pairs).
+    Defaults from sm_90a compiles on a CPU box (Triton 3.6 and 3.9; not yet timed on a GPU): no spill,
+    128-184 registers at 8 warps, 128-208 KB of shared memory. Q2_K wants block_k_down 256 (at 128 the tile
+    layout degenerates and goes through shared memory in pieces, ~4x the instructions)."""
+
+    block_m: int = 64  # pairs per expert tile (the dot's M; the mean is ~48 pairs per expert at T=2048)
+    block_n: int = 128  # gate/up weight rows per program
+    block_k: int = 128  # gate/up inputs per step
+    num_warps: int = 8
+    num_stages: int = 3
+    block_n_down: int = 128
+    block_k_down: int = 256  # one super-block per step
+    num_warps_down: int = 8
+    h2: bool = True  # scale and min rounded to fp16, the scaling done on fp16 pairs (~1.5 fewer instructions
+    # per weight on sm_90a; False: fp32 scaling, each weight rounded to fp16 once)
+
+
+def empty_f16(shape, device):
+    """fp16 scratch (h); tests replace this to NaN-poison it."""
+    return torch.empty(tuple(shape), device=device, dtype=torch.float16)
+
+
+@triton.jit
+def _scaled4(wb, s, m, PRMT: tl.constexpr, H2: tl.constexpr, magic):
+    """fp16 (q*s - m) for the 4 bytes 128 + q of int32 words wb, as [..., 2 (b>>1), 2 (b&1)] (k-adjacent
+    weights last: the pairs the fp16 packing and the shared-memory stores want).
+    fp32: per weight a byte permute into the mantissa of 2^23, an add, an fma, then the fp16 rounding
+    (one per weight, two weights per conversion). H2: s and m rounded to fp16 first and the math done on
+    fp16 pairs (per two weights a byte permute, an HADD2 and an HFMA2)."""
+    if H2:
+        s16 = s.to(tl.float16)
+        m16 = m.to(tl.float16)
+        if PRMT:
+            w4 = tl.join(tl.join(wb, wb), tl.join(wb, wb))
+            z = tl.zeros(wb.shape, tl.int32)
+            sel = tl.join(tl.join(z, z + 2), tl.join(z + 1, z + 3))
+            s4 = tl.join(tl.join(s16, s16), tl.join(s16, s16))
+            nm4 = tl.join(tl.join(-m16, -m16), tl.join(-m16, -m16))
+            return tl.inline_asm_elementwise(_H2_ASM, "=r,r,r,r,r,r,r", [w4, sel, s4, nm4], dtype=tl.float16,
+                                             is_pure=True, pack=2)
+        else:
+            q0 = (((wb & 255) - 128).to(tl.float32) * s16.to(tl.float32) - m16.to(tl.float32)).to(tl.float16)
+            q1 = ((((wb >> 8) & 255) - 128).to(tl.float32) * s16.to(tl.float32) - m16.to(tl.float32)).to(tl.float16)
+            q2 = ((((wb >> 16) & 255) - 128).to(tl.float32) * s16.to(tl.float32) - m16.to(tl.float32)).to(tl.float16)
+            q3 = ((((wb >> 24) & 255) - 128).to(tl.float32) * s16.to(tl.float32) - m16.to(tl.float32)).to(tl.float16)
+            return tl.join(tl.join(q0, q2), tl.join(q1, q3))
+    else:
+        q0 = _q8_word_codes(wb, 0, PRMT, magic)
+        q1 = _q8_word_codes(wb, 1, PRMT, magic)
+        q2 = _q8_word_codes(wb, 2, PRMT, magic)
+        q3 = _q8_word_codes(wb, 3, PRMT, magic)
+        return tl.join(tl.join((q0 * s - m).to(tl.float16), (q2 * s - m).to(tl.float16)),
+                       tl.join((q1 * s - m).to(tl.float16), (q3 * s - m).to(tl.float16)))
+
+
+@triton.jit
+def _join8(v0, v1, v2, v3, v4, v5, v6, v7):
+    """[..., 2 (i>>2), 2 ((i>>1)&1), 2 (i&1)] from v_i (i&1 last: the fastest register dimension)."""
+    return tl.join(tl.join(tl.join(v0, v4), tl.join(v2, v6)), tl.join(tl.join(v1, v5), tl.join(v3, v7)))
+
+
+@triton.jit
+def _rep4(v):
+    """v repeated over two new dimensions [..., 2, 2] (copies of the same registers)."""
+    return tl.join(tl.join(v, v), tl.join(v, v))
+
+
+@triton.jit
+def _rep8(v):
+    """v repeated over three new dimensions [..., 2, 2, 2]."""
+    return _rep4(tl.join(v, v))
+
+
+@triton.jit
+def _row_groups(rows, n_ok, first, NG: tl.constexpr, GF: tl.constexpr):
+    """(row int64, row mask, global group index) broadcast over [BLOCK_N, NG], or [NG, BLOCK_N] when GF
+    (groups first). Same math either way; the orientation decides which dimension the compiler
+    spreads lanes over first (Triton 3.6 and 3.9 break the tie in opposite directions), and the
+    store into the dot's shared tile is 16 bytes wide only when the lanes go over the groups."""
+    if GF:
+        return rows.to(tl.int64)[None, :], n_ok[None, :], first + tl.arange(0, NG)[:, None]
+    else:
+        return rows.to(tl.int64)[:, None], n_ok[:, None], first + tl.arange(0, NG)[None, :]
+
+
+@triton.jit
+def _dot_tile(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRMT: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] from a tile whose dimensions are already in k order, k-adjacent weights in
+    the fastest register dimensions (so no permute before the reshape, and wide shared stores). On
+    CUDA an identity inline-asm (a register move ptxas drops) keeps the 2-D tile as the operand of
+    the shared-memory store: without it Triton (3.6 always, 3.9 for some shapes) moves the store
+    above the reshape onto the high-rank shape and aborts ("Illegal shared layout")."""
+    w2 = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    if PRMT:
+        w2 = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [w2], dtype=tl.float16, is_pure=True, pack=2)
+    return w2
+
+
+@triton.jit
+def _parity7(sidx, PRMT: tl.constexpr):
+    """Parity (0/1, in bit 0) of the 7-bit sign indices (population count on CUDA)."""
+    if PRMT:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [sidx], dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        p = sidx ^ (sidx >> 4)
+        p = p ^ (p >> 2)
+        return p ^ (p >> 1)
+
+
+@triton.jit
+def _signed_bytes(g, nib):
+    """Grid word g (4 bytes 8..43) with the bytes whose bit is set in the 4-bit nib negated, each
+    biased by 128: negation is ~v + 1 per byte (no carry crosses a byte)."""
+    low = (nib * SPREAD4) & LOW_BITS  # 0x01 in the bytes to negate
+    return (g ^ ((low << 8) - low) ^ BYTE_BIAS) + low
+
+
+@triton.jit
+def _iq2_record(gw_ptr, a0, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
+    """The two signed grid words (bytes 128 + q; weights 0..3, 4..7) of grid record KQ (0..3) of the
+    32-weight groups. One 8-byte grid gather; the sign byte (7 bits + parity bit: an even count of
+    minus signs) is applied to the grid bytes in the integer domain, 4 at a time."""
+    gi = (a0 >> (8 * KQ)) & 255
+    sidx = (a1 >> (7 * KQ)) & 127
+    g = tl.load(gw_ptr + gi[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
+    lo, hi = tl.split(g)
+    b0 = _signed_bytes(lo, sidx & 15)
+    b1 = _signed_bytes(hi, ((sidx >> 4) | (_parity7(sidx, PRMT) << 3)) & 15)
+    return b0, b1
+
+
+@triton.jit
+def _half_pair(w_ptr, off, m):
+    """int32 of the two little-endian int16 half-words at off, off + 1 (IQ2_XXS blocks are 2-aligned)."""
+    return (tl.load(w_ptr + off, mask=m, other=0).to(tl.int32) & 0xFFFF) | (
+        tl.load(w_ptr + off + 1, mask=m, other=0).to(tl.int32) << 16)
+
+
+@triton.jit
+def _iq2_words(w_ptr, rows, n_ok, k0, stride_w, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """(group scale db fp32, aux0, aux1) [BLOCK_N, BLOCK_K/32] of the 32-weight groups of step k0.
+    These feed the grid gathers (two levels of indirection), which Triton does not pipeline: the
+    kernels load them one step ahead instead."""
+    G: tl.constexpr = BLOCK_K // 32
+    r, m, cg = _row_groups(rows, n_ok, k0 // 32, G, GF)  # cg: global 32-weight group
+    base = r * stride_w + (cg >> 3) * 33
+    hw = base + 1 + 4 * (cg & 7)
+    d = tl.load(w_ptr + base, mask=m, other=0).to(tl.float16, bitcast=True).to(tl.float32)
+    a0 = _half_pair(w_ptr, hw, m)
+    a1 = _half_pair(w_ptr, hw + 2, m)
+    return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a0, a1
+
+
+@triton.jit
+def _iq2_xxs_tile(g32_ptr, db, a0, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+                  BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] from the group words of _iq2_words, IQ2_XXS.
+
+    Per 32-weight group (one [BLOCK_N, G] or [G, BLOCK_N] element per thread): 4 grid records. Per record: one 8-byte
+    grid gather, the sign byte. Per grid word: signs in the integer domain. Per weight: byte permute
+    into the mantissa of 2^23, add, multiply by the group scale, fp16 rounding (packed by pairs)."""
+    l0, h0 = _iq2_record(g32_ptr, a0, a1, 0, PRMT)
+    l1, h1 = _iq2_record(g32_ptr, a0, a1, 1, PRMT)
+    l2, h2 = _iq2_record(g32_ptr, a0, a1, 2, PRMT)
+    l3, h3 = _iq2_record(g32_ptr, a0, a1, 3, PRMT)
+    # words [.., kq1, kq0, half] (group dims first), the scale repeated over the new dimensions
+    wb = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
+    s = _rep8(db)
+    w = _scaled4(wb, s, tl.zeros(s.shape, tl.float32), PRMT, H2, magic)  # no min term
+    if GF:
+        w = tl.permute(w, (1, 0, 2, 3, 4, 5, 6))
+    # dims [BN, G, kq1, kq0, half, b1, b0]: k = 32g + 8kq + 4half + b, in order
+    return _dot_tile(w, BLOCK_N, BLOCK_K, PRMT)
+
+
+@triton.jit
+def _q2_word(w):
+    """The 4 biased 2-bit code words of a Q2_K code word, [..., s1, s0] (shift 2s)."""
+    return tl.join(tl.join(w & 0x03030303, (w >> 4) & 0x03030303),
+                   tl.join((w >> 2) & 0x03030303, (w >> 6) & 0x03030303)) ^ BYTE_BIAS
+
+
+@triton.jit
+def _q2_scale(sw, dsc, dmn, J: tl.constexpr):
+    """(d * (sc & 15), dmin * (sc >> 4)) of scale byte J (0..3) of words sw."""
+    sc = (sw >> (8 * J)) & 255
+    return dsc * (sc & 15).to(tl.float32), dmn * (sc >> 4).to(tl.float32)
+
+
+@triton.jit
+def _q2_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] at input offset k0, Q2_K (int32 words, 21 per block).
+
+    Per half block (128 weights, one [BLOCK_N, H] element per thread): 8 code words; weight
+    128h + 32s + 4c + b is bits 2s of byte b of code word c, in 16-weight sub-block j = 8h + 2s + c//4
+    (scale d*(sc&15), min dmin*(sc>>4); 8 per thread per half block). Per word and shift: one and
+    (+bias) for 4 weights. Per weight: byte permute into the mantissa of 2^23, add, fma, fp16 rounding."""
+    H: tl.constexpr = BLOCK_K // 128
+    r, m, cg = _row_groups(rows, n_ok, k0 // 128, H, GF)  # cg: global half-block
+    base = r * stride_w + (cg >> 1) * 21
+    hh = cg & 1
+    dd = tl.load(w_ptr + base + 20, mask=m, other=0)  # d | dmin << 16
+    dsc = blocks._f16_from_bits(dd)
+    dmn = blocks._f16_from_bits(dd >> 16)
+    # scale bytes j = 8h + 2s + ch: word 2h + s//2, byte 2(s&1) + ch
+    swl = tl.load(w_ptr + base + 2 * hh, mask=m, other=0)
+    swh = tl.load(w_ptr + base + 2 * hh + 1, mask=m, other=0)
+    s00, m00 = _q2_scale(swl, dsc, dmn, 0)
+    s01, m01 = _q2_scale(swl, dsc, dmn, 1)
+    s10, m10 = _q2_scale(swl, dsc, dmn, 2)
+    s11, m11 = _q2_scale(swl, dsc, dmn, 3)
+    s20, m20 = _q2_scale(swh, dsc, dmn, 0)
+    s21, m21 = _q2_scale(swh, dsc, dmn, 1)
+    s30, m30 = _q2_scale(swh, dsc, dmn, 2)
+    s31, m31 = _q2_scale(swh, dsc, dmn, 3)
+    cp = w_ptr + base + 4 + 8 * hh
+    wb = _join8(_q2_word(tl.load(cp, mask=m, other=0)), _q2_word(tl.load(cp + 1, mask=m, other=0)),
+                _q2_word(tl.load(cp + 2, mask=m, other=0)), _q2_word(tl.load(cp + 3, mask=m, other=0)),
+                _q2_word(tl.load(cp + 4, mask=m, other=0)), _q2_word(tl.load(cp + 5, mask=m, other=0)),
+                _q2_word(tl.load(cp + 6, mask=m, other=0)), _q2_word(tl.load(cp + 7, mask=m, other=0)))
+    # [BN, H, s1, s0, c2] (sXY: shift X, code words 4Y..4Y+3), repeated over c1, c0
+    s = _rep4(tl.join(tl.join(tl.join(s00, s20), tl.join(s10, s30)), tl.join(tl.join(s01, s21), tl.join(s11, s31))))
+    mn = _rep4(tl.join(tl.join(tl.join(m00, m20), tl.join(m10, m30)), tl.join(tl.join(m01, m21), tl.join(m11, m31))))
+    w = _scaled4(wb, s, mn, PRMT, H2, magic)
+    if GF:
+        w = tl.permute(w, (1, 0, 2, 3, 4, 5, 6, 7, 8))
+    # dims [BN, H, s1, s0, c2, c1, c0, b1, b0]: k = 128h + 32s + 4c + b, in order
+    return _dot_tile(w, BLOCK_N, BLOCK_K, PRMT)
+
+
+@triton.jit
+def _q4_scale(lo, mid, hi, dd, j):
+    """(d * sc_j, dmin * m_j) [BN, P] of sub-blocks j (0..7, a tensor) from the 12 packed 6-bit scale
+    bytes (words lo/mid/hi): both packings computed, the one for j selected."""
+    jm = 8 * (j & 3)
+    a = (lo >> jm) & 255
+    b = (mid >> jm) & 255
+    c = (hi >> jm) & 255
+    low = j < 4
+    sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
+    mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
+    return blocks._f16_from_bits(dd) * sc.to(tl.float32), blocks._f16_from_bits(dd >> 16) * mn.to(tl.float32)
+
+
+@triton.jit
+def _q4_word(w):
+    """The 2 biased nibble words of a Q4_K code word, [..., n]: low nibbles, high."""
+    return tl.join(w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F) ^ BYTE_BIAS
+
+
+@triton.jit
+def _q4_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+               BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] at input offset k0, Q4_K (int32 words, 36 per block).
+
+    Per sub-block pair p (64 weights, one [BLOCK_N, P] element per thread): 8 code words; weight
+    64p + 32n + 4c + b is nibble n of byte b of code word c, in sub-block j = 2p + n (6-bit scale/min).
+    Per word and nibble: one and (+bias) for 4 weights. Per weight: byte permute into the mantissa of
+    2^23, add, fma, fp16 rounding."""
+    P: tl.constexpr = BLOCK_K // 64
+    r, m, cg = _row_groups(rows, n_ok, k0 // 64, P, GF)  # cg: global sub-block pair
+    base = r * stride_w + (cg >> 2) * 36
+    pp = cg & 3
+    dd = tl.load(w_ptr + base, mask=m, other=0)
+    lo = tl.load(w_ptr + base + 1, mask=m, other=0)
+    mid = tl.load(w_ptr + base + 2, mask=m, other=0)
+    hi = tl.load(w_ptr + base + 3, mask=m, other=0)
+    s0, m0 = _q4_scale(lo, mid, hi, dd, 2 * pp)
+    s1, m1 = _q4_scale(lo, mid, hi, dd, 2 * pp + 1)
+    cp = w_ptr + base + 4 + 8 * pp
+    wb = _join8(_q4_word(tl.load(cp, mask=m, other=0)), _q4_word(tl.load(cp + 1, mask=m, other=0)),
+                _q4_word(tl.load(cp + 2, mask=m, other=0)), _q4_word(tl.load(cp + 3, mask=m, other=0)),
+                _q4_word(tl.load(cp + 4, mask=m, other=0)), _q4_word(tl.load(cp + 5, mask=m, other=0)),
+                _q4_word(tl.load(cp + 6, mask=m, other=0)), _q4_word(tl.load(cp + 7, mask=m, other=0)))
+    w = _scaled4(wb, _rep8(tl.join(s0, s1)), _rep8(tl.join(m0, m1)), PRMT, H2, magic)
+    if GF:
+        w = tl.permute(w, (1, 0, 2, 3, 4, 5, 6, 7))
+    # dims [BN, P, n, c2, c1, c0, b1, b0]: k = 64p + 32n + 4c + b, in order
+    return _dot_tile(w, BLOCK_N, BLOCK_K, PRMT)
+
+
+@triton.jit
+def _kq_tile(w_ptr, rows, n_ok, k0, stride_w, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    if FMT == FMT_Q2_K:
+        return _q2_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+    else:
+        return _q4_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+
+
+@triton.jit
+def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M: tl.constexpr):
+    e = tl.load(tile_e_ptr + tile).to(tl.int64)
+    lo = tl.load(tile_lo_ptr + tile)
+    hi = tl.load(tile_hi_ptr + tile)
+    rm = lo + tl.arange(0, BLOCK_M)
+    return e, rm, rm < hi, hi > lo
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
+                    gw_ptr, uw_ptr, g32_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, magic,
+                    FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of a tile of
+    expert e (pair p = order[r], token t = p // KSEL); x fp16. The F block runs fastest (program axis 0)
+    so programs in flight share their tile's activation rows in L2."""
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
+    pair = tl.load(order_ptr + rm, mask=m_ok, other=0)
+    tok = (pair // KSEL).to(tl.int64)
+    wt = tl.load(wts_ptr + pair, mask=m_ok, other=0.0)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < F
+    rows = e * F + rn
+    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_steps = tl.where(used, D // BLOCK_K, 0)
+    if FMT == FMT_IQ2_XXS:  # group words one step ahead (register prefetch)
+        gd, g0, g1 = _iq2_words(gw_ptr, rows, n_ok, 0, stride_w, BLOCK_K, GF)
+        ud, u0, u1 = _iq2_words(uw_ptr, rows, n_ok, 0, stride_w, BLOCK_K, GF)
+    for step in range(0, n_steps):
+        k0 = step * BLOCK_K
+        x = tl.load(x_ptr + tok[:, None] * stride_xt + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                    mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K] fp16
+        if FMT == FMT_IQ2_XXS:
+            k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
+            ngd, ng0, ng1 = _iq2_words(gw_ptr, rows, n_ok, k_next, stride_w, BLOCK_K, GF)
+            nud, nu0, nu1 = _iq2_words(uw_ptr, rows, n_ok, k_next, stride_w, BLOCK_K, GF)
+            wg = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+            acc_g = tl.dot(x, tl.trans(wg), acc_g)
+            wu = _iq2_xxs_tile(g32_ptr, ud, u0, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+            gd, g0, g1 = ngd, ng0, ng1
+            ud, u0, u1 = nud, nu0, nu1
+        else:
+            wg = _kq_tile(gw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+            acc_g = tl.dot(x, tl.trans(wg), acc_g)
+            wu = _kq_tile(uw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+            acc_u = tl.dot(x, tl.trans(wu), acc_u)
+    h = moe._swiglu_route(acc_g, acc_u, wt[:, None], clamp)
+    tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h.to(tl.float16),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, dw_ptr,
+                 F, D, stride_ht, stride_yp, stride_w, magic,
+                 FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """y[order[r], d] = down[e][d, :] @ h[r, :] for the sorted rows r of each tile (one writer per pair)."""
+    pid_n = tl.program_id(0)
+    tile = tl.program_id(1)
+    e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
+    pair = tl.load(order_ptr + rm, mask=m_ok, other=0).to(tl.int64)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = rn < D
+    rows = e * D + rn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    n_steps = tl.where(used, F // BLOCK_K, 0)
+    for step in range(0, n_steps):
+        k0 = step * BLOCK_K
+        hx = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_ht + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                     mask=m_ok[:, None], other=0.0)
+        w = _kq_tile(dw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+        acc = tl.dot(hx, tl.trans(w), acc)
+    tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+
+
+def _takes(gate: DeviceWeight, down: DeviceWeight, F: int, D: int, cfg: PrefillConfig) -> bool:
+    return (gate.fmt.name in SUPPORTED_GATE_UP and down.fmt.name in SUPPORTED_DOWN
+            and cfg.block_k % 128 == 0 and cfg.block_k_down % 128 == 0 and D % cfg.block_k == 0
+            and F % cfg.block_k_down == 0)
+
+
+def _grid32(dw: DeviceWeight):
+    """The IQ2_XXS grid as int32 words (two per record), or the weight itself as a dummy pointer."""
+    return dw.g.view(torch.int32) if dw.fmt.name == "IQ2_XXS" else dw.w
+
+
+def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
+               dev: DeviceInfo, cfg: PrefillConfig | None = None):
+    """Routed MoE prefill: u [T, D], sel/weights [T, K] -> [T, D] fp32. u and h are rounded to fp16,
+    weights to fp16 after exact decoding and scaling; fp32 accumulation. Formats or shapes the kernels
+    do not take go to moe.moe_float (fp32 decode kernels for T <= 8, moe.grouped above)."""
+    cfg = cfg or PrefillConfig()
+    u, sel, weights, E, F, D = moe._check(u, gate, up, down, sel, weights)
+    T, K = sel.shape
+    if not _takes(gate, down, F, D, cfg) or triton.cdiv(T * K, cfg.block_m) + E > MAX_GRID_Y:
+        return moe.moe_float(u, gate, up, down, sel, weights, clamp, dev)
+    stages = 1 if dev.vendor == Vendor.CPU else cfg.num_stages
+    prmt = dev.vendor == Vendor.NVIDIA  # byte permute by inline PTX (not in the interpreter or on ROCm)
+    order, te, lo, hi = moe.expert_tiles(sel, E, cfg.block_m)
+    n_tiles = te.numel()
+    x16 = u.to(torch.float16)  # one rounding of u, read by every F block of every tile
+    # h in fp16: the down GEMM's operand type anyway (rounding at the store equals rounding at the load),
+    # half the traffic, and the tile loads go straight to shared memory with no per-program conversion.
+    # |h| <= clamp^2 * route weight stays far inside fp16 range for the model's clamp.
+    h = empty_f16((T * K, F), u.device)
+    _gate_up_kernel[(triton.cdiv(F, cfg.block_n), n_tiles)](
+        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid32(gate), F, D, K, float(clamp),
+        x16.stride(0), h.stride(0), gate.stride_w, F32_MAGIC_BITS, FMT=int(gate.fmt), PRMT=prmt, H2=cfg.h2,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, num_warps=cfg.num_warps,
+        num_stages=stages)
+    y = blocks.empty((T * K, D), u.device)
+    _down_kernel[(triton.cdiv(D, cfg.block_n_down), n_tiles)](
+        h, order, y, te, lo, hi, down.w, F, D, h.stride(0), y.stride(0), down.stride_w,
+        F32_MAGIC_BITS, FMT=int(down.fmt), PRMT=prmt, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down,
+        BLOCK_K=cfg.block_k_down, GF=GROUPS_FIRST, num_warps=cfg.num_warps_down, num_stages=stages)
+    return y.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
+
+
+def grouped_v2_default(u, gate, up, down, sel, weights, clamp, dev):
+    """grouped_v2 with the config moe's auto variant uses (4-warp 64-row gate/up programs: fastest on the
+    H200 at T=2048, tools/results/h200_moe/)."""
+    return grouped_v2(u, gate, up, down, sel, weights, clamp, dev, CONFIGS["grouped_v2_n64"])
+
+
+CONFIGS = {
+    "grouped_v2": PrefillConfig(),
+    # fp32 scaling: each weight rounded to fp16 once (~1-1.5 more instructions per weight)
+    "grouped_v2_f32": PrefillConfig(h2=False),
+    # larger expert tiles: fewer repeated decodes of experts with > 64 pairs, more registers
+    "grouped_v2_m128": PrefillConfig(block_m=128, num_stages=2),
+    # 4-warp gate/up programs of 64 rows (~96 KB shared: two programs per SM)
+    "grouped_v2_n64": PrefillConfig(block_n=64, num_warps=4),
+}
+
+
+def _variant(cfg: PrefillConfig):
+    def fn(u, gate, up, down, sel, weights, clamp, dev):
+        return grouped_v2(u, gate, up, down, sel, weights, clamp, dev, cfg)
+
+    return fn
+
+
+# ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
+from ..quant.formats import QuantFormat  # noqa: E402
+from .registry import KernelOp, register  # noqa: E402
+
+_FMTS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
+for _name, _cfg in CONFIGS.items():
+    register(KernelOp.MOE, _name, _variant(_cfg), formats=_FMTS,
+             doc=f"prefill: expert-sorted grouped tl.dot, weights decoded once per tile per group in words "
+                 f"(M{_cfg.block_m} N{_cfg.block_n} K{_cfg.block_k}, {_cfg.num_warps} warps, "
+                 f"{'fp16' if _cfg.h2 else 'fp32'} scaling)")

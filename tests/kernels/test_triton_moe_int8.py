@@ -1,0 +1,321 @@
+"""moe_int8 (routed-MoE decode on dp4a int8 dots with Q8_K activations) against float64 references
+that round u and h to Q8_K exactly like TorchOps(act_quant=True).moe.
+
+Interpreter mode without a GPU (the plain-Triton dp4a emulation; the PTX path only compiles on NVIDIA).
+Cases: the Q8_K quantizer bit-exact vs TorchOps.quant_q8_k (all-zero block, |x| ties, .5 ties); the
+dp4a emulation vs numpy on bytes including -128; q2 (IQ2_XXS/Q2_K) and q4 (Q4_K) at T=1 and T=5 with
+the same expert twice for one token; each stage checked tightly (gate/up against Q8_K(u), down against
+Q8_K of the kernel's own h) and end to end; row counts not a multiple of the tile; every registered
+variant; NaN-poisoned fp32 and garbage-filled int32 scratch; bitwise-identical repeated runs; fallback.
+"""
+from __future__ import annotations
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dsv4.kernels_triton import moe, moe_int8, registry  # noqa: E402
+from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
+from dsv4.reference import TorchOps  # noqa: E402
+from tests.kernels.test_triton_moe import CLAMP, make_problem  # noqa: E402
+from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, poison  # noqa: E402,F401
+from tests.tolerances import assert_close  # noqa: E402
+
+GARBAGE = 0x7F3A5C11  # int32 scratch fill: any word the kernels fail to write shows up as wrong codes
+
+
+@pytest.fixture
+def poison_i32(monkeypatch):
+    def garbage_i32(shape, device):
+        return torch.full(tuple(shape), GARBAGE, device=device, dtype=torch.int32)
+
+    monkeypatch.setattr(moe_int8, "empty_i32", garbage_i32)
+
+
+@pytest.fixture
+def capture_h(monkeypatch):
+    """Records every input of moe_int8.quant_q8_k: [u, h] for one fused_int8 call."""
+    seen = []
+    orig = moe_int8.quant_q8_k
+
+    def rec(x):
+        seen.append(x.detach().clone())
+        return orig(x)
+
+    monkeypatch.setattr(moe_int8, "quant_q8_k", rec)
+    return seen
+
+
+def q8k(x: torch.Tensor) -> np.ndarray:
+    return TorchOps.quant_q8_k(x.detach().cpu().float()).double().numpy()
+
+
+def ref_h(u, wg, wu, sel, wts, clamp) -> np.ndarray:
+    """float64 h [T*K, F] of TorchOps(act_quant=True).moe: gate/up on Q8_K(u), SwiGLU, route weight."""
+    ua = q8k(u)
+    sel, wts = sel.cpu().numpy(), wts.detach().cpu().double().numpy()
+    T, K = sel.shape
+    h = np.zeros((T * K, wg.shape[1]))
+    for t in range(T):
+        for i in range(K):
+            e = sel[t, i]
+            g = np.minimum(wg[e] @ ua[t], clamp)
+            up = np.clip(wu[e] @ ua[t], -clamp, clamp)
+            h[t * K + i] = g / (1.0 + np.exp(-np.clip(g, -700, None))) * up * wts[t, i]
+    return h
+
+
+def ref_down(hq: np.ndarray, wd, sel) -> np.ndarray:
+    """float64 out [T, D] = sum_i down[sel[t, i]] @ hq[t*K + i] (hq already Q8_K-rounded)."""
+    sel = sel.cpu().numpy()
+    T, K = sel.shape
+    out = np.zeros((T, wd.shape[1]))
+    for t in range(T):
+        for i in range(K):
+            out[t] += wd[sel[t, i]] @ hq[t * K + i]
+    return out
+
+
+def run_staged(recipe, e, f, d, t, k, seed, captured, cfg=None, fn=None):
+    """Run fused_int8 (or a registered variant fn); check h and the output stage by stage."""
+    (gate, up, down, u, sel, wts), (wg, wu, wd) = make_problem(recipe, e, f, d, t, k, seed)
+    dev = detect_device(DEVICE)
+    captured.clear()
+    if fn is None:
+        y = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
+    else:
+        y = fn(u, gate, up, down, sel, wts, CLAMP, dev)
+    assert len(captured) == 2, "fused_int8 quantizes u and h"
+    what = f"{recipe} E={e} F={f} D={d} T={t} K={k}"
+    href = ref_h(u, wg, wu, sel, wts, CLAMP)
+    assert_matches(captured[1], href, "triton_moe_int8", "stage", f"h {what}")
+    assert_matches(y, ref_down(q8k(captured[1]), wd, sel), "triton_moe_int8", "stage", f"out {what}")
+    return y, ref_down(q8k(torch.from_numpy(href).float()), wd, sel)
+
+
+# ---- Q8_K quantizer and dp4a emulation ------------------------------------------------------------
+
+def torch_q8k_parts(x: torch.Tensor):
+    """(codes, scales) of TorchOps.quant_q8_k, by the same formulas."""
+    xb = x.float().reshape(x.shape[0], -1, 256)
+    mx = torch.gather(xb, -1, xb.abs().argmax(-1, keepdim=True))
+    iscale = torch.where(mx != 0, -127.0 / mx, torch.zeros_like(mx))
+    q = torch.round(iscale * xb).clamp(max=127)
+    d = torch.where(mx != 0, 1.0 / iscale, torch.zeros_like(mx))
+    return q.reshape(x.shape[0], -1).to(torch.int64), d[:, :, 0]
+
+
+def test_q8k_quantizer_bitexact(poison, poison_i32):
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn((3, 1024), generator=gen) * 4
+    x[0, 256:512] = 0.0  # all-zero block: d = 0, codes 0
+    x[1, 10], x[1, 200] = 40.0, -40.0  # |x| tie: the first (positive) one is max, so iscale < 0
+    x[1, 300], x[1, 301] = -40.0, 40.0  # tie in block 1 led by the negative one
+    x[2, 512:768] = torch.arange(256) * 0.5 - 64.0  # max -64 -> iscale 127/64: many exact .5 products
+    x[2, 768:1024] = torch.tensor([-127.0] + [v + 0.5 for v in range(-127, 126)] + [0.5, 1.5])  # iscale 1: k+.5
+    q, d, s = moe_int8.quant_q8_k(x.to(DEVICE))
+    ref_q, ref_d = torch_q8k_parts(x)
+    codes = q.cpu().contiguous().view(torch.int8).to(torch.int64)
+    assert_close(codes.numpy(), ref_q.numpy(), "triton_moe_int8", "bitexact", "Q8_K codes")
+    assert_close(d.cpu().numpy(), ref_d.numpy(), "triton_moe_int8", "bitexact", "Q8_K scales")
+    assert_close(s.cpu().numpy(), ref_q.reshape(3, -1, 16).sum(-1).numpy(), "triton_moe_int8", "bitexact",
+                 "Q8_K sums of 16")
+    assert_close(moe_int8.dequant_q8_k(q.cpu(), d.cpu()).numpy(), TorchOps.quant_q8_k(x).numpy(),
+                 "triton_moe_int8", "bitexact", "Q8_K round trip vs TorchOps.quant_q8_k")
+    # ties exercised: +40 first gives d < 0, -40 first d > 0; the zero block d = 0
+    assert float(d[1, 0]) == -float(d[1, 1]) < 0 and float(d[0, 1]) == 0.0
+
+
+@triton.jit
+def _dp4a_probe(a_ptr, b_ptr, c_ptr, o_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    r = moe_int8._dp4a(tl.load(a_ptr + i), tl.load(b_ptr + i), tl.load(c_ptr + i), False)
+    tl.store(o_ptr + i, r)
+
+
+def test_dp4a_emulation_exact():
+    gen = np.random.default_rng(3)
+    a8 = gen.integers(-128, 128, (256, 4)).astype(np.int8)
+    b8 = gen.integers(-128, 128, (256, 4)).astype(np.int8)
+    a8[0], b8[0] = -128, -128  # extremes: 4 * 16384
+    a8[1], b8[1] = -128, 127
+    c = gen.integers(-2**20, 2**20, 256).astype(np.int32)
+    expect = c.astype(np.int64) + (a8.astype(np.int64) * b8.astype(np.int64)).sum(1)
+    tt = lambda v: torch.from_numpy(np.ascontiguousarray(v)).to(DEVICE)  # noqa: E731
+    out = torch.empty(256, dtype=torch.int32, device=DEVICE)
+    _dp4a_probe[(1,)](tt(a8.view(np.int32)[:, 0]), tt(b8.view(np.int32)[:, 0]), tt(c), out, N=256)
+    assert_close(out.cpu().numpy(), expect, "triton_moe_int8", "bitexact", "dp4a emulation")
+
+
+def test_asm_only_on_nvidia():
+    x = torch.zeros(1)
+    assert not moe_int8.use_asm(DeviceInfo(Vendor.CPU, "interpreter"), x)
+    assert not moe_int8.use_asm(DeviceInfo(Vendor.AMD, "gfx942"), x)
+    assert not moe_int8.use_asm(DeviceInfo(Vendor.NVIDIA, "sm_90"), x)  # a CPU tensor never takes PTX
+    assert moe_int8.use_asm(DeviceInfo(Vendor.NVIDIA, "sm_90"), SimpleNamespace(is_cuda=True))
+
+
+# ---- the MoE ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("recipe,t,k", [("q2", 1, 4), ("q2", 5, 3), ("q4", 1, 4), ("q4", 5, 3)])
+def test_fused_int8(recipe, t, k, poison, poison_i32, capture_h):
+    y, ref = run_staged(recipe, 4, 256, 1024, t, k, seed=40 + t, captured=capture_h)
+    assert_matches(y, ref, "triton_moe_int8", "end_to_end", f"{recipe} T={t} vs TorchOps(act_quant) float64")
+
+
+@pytest.mark.parametrize("recipe,f,d", [("q2", 768, 1536), ("q4", 768, 768)])
+@pytest.mark.skipif(DEVICE != "cpu", reason="row counts are multiples of 256, so only the interpreter's "
+                    "> 256-row tiles leave a remainder (too large to compile natively)")
+def test_rows_not_multiple_of_tile(recipe, f, d, poison, poison_i32, capture_h):
+    """512-row gate/up and 1024/512-row down tiles over 768 and 1536/768 rows (odd block counts too)."""
+    cfg = moe_int8.Int8MoeConfig(block_n_gate_up=512, kstep_gate_up=4, block_n_down=1024 if d > 1024 else 512,
+                                 kstep_down=4, cpu_widen=False)
+    run_staged(recipe, 3, f, d, 2, 2, seed=50, captured=capture_h, cfg=cfg)
+
+
+@pytest.mark.parametrize("name", sorted(moe_int8.CONFIGS))
+def test_registered_variants(name, poison, poison_i32, capture_h):
+    v = registry.get(registry.KernelOp.MOE, name)
+    assert v.max_t == 8 and v.supports(moe_int8.QuantFormat.IQ2_XXS) and v.supports(moe_int8.QuantFormat.Q4_K)
+    run_staged("q2", 3, 512, 2048, 2, 2, seed=60, captured=capture_h, fn=v.fn)
+
+
+def test_repeatable_bitwise(poison, poison_i32):
+    (gate, up, down, u, sel, wts), _ = make_problem("q2", 4, 256, 512, 3, 3, seed=70)
+    dev = detect_device(DEVICE)
+    y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev)
+    y2 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev)
+    assert torch.isfinite(y1).all()
+    assert torch.equal(y1.view(torch.int32), y2.view(torch.int32))
+
+
+def test_other_formats_fall_back(poison):
+    """Q8_0 experts are not taken: the call is moe.fused_blockdot's, bit for bit."""
+    (gate, up, down, u, sel, wts), _ = make_problem("q8", 3, 64, 64, 2, 2, seed=80)
+    dev = detect_device(DEVICE)
+    y = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev)
+    ref = moe.fused_blockdot(u, gate, up, down, sel, wts, CLAMP, dev)
+    assert torch.equal(y.view(torch.int32), ref.view(torch.int32))
+
+
+# ---- the PTX path, compiled offline for sm_90 (no GPU needed: Triton's bundled ptxas) ----------------
+
+_SM90_COMPILE = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv4.kernels_triton import moe_int8 as m
+
+def comp(fn, sig, const, options=None):
+    attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4})
+    ptx = k.asm["ptx"]
+    blocks = [b.split("// end inline asm")[0] for b in ptx.split("// begin inline asm")[1:]]
+    code = ["".join(ln for ln in b.splitlines() if not ln.strip().startswith((".loc", "//"))) for b in blocks]
+    return {"asm_blocks": sum(c.count(";") == 1 for c in code if "dp4a" in c), "dp4a": ptx.count("dp4a.s32.s32"),
+            "fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"), "cubin": len(k.asm["cubin"])}
+
+i32, f32 = "i32", "fp32"
+gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
+          gw_ptr="*i32", uw_ptr="*i32", g64_ptr="*i64", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
+          stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
+          KSTEP="constexpr", ASM="constexpr", STAGES="constexpr")
+dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
+          D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
+          FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", STAGES="constexpr")
+c = m.CONFIGS["int8"]
+out = {
+    "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
+                  stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32), {}, m.QUANT_LAUNCH),
+    "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1)),
+    "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1)),
+    "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
+                     ASM=True, STAGES=1)),
+    "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
+                     ASM=True, STAGES=1)),
+}
+print("RESULT" + json.dumps(out))
+"""
+
+
+def test_ptx_path_compiles_for_sm90():
+    """The NVIDIA path (inline dp4a) through Triton and ptxas for sm_90 in a subprocess without the
+    interpreter: every dp4a asm block is exactly one instruction, the quantizer has IEEE divisions and no
+    FMA contraction (rint must see the rounded product, as torch does)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and shutil.which("ptxas") is None:
+        pytest.skip("no ptxas to compile the NVIDIA path")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
+                       timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    c = moe_int8.CONFIGS["int8"]
+    threads = 4 * 32
+    per_thread = {  # dp4a per thread per K step: elements / threads x dots per element
+        "gate_up_iq2": c.block_n_gate_up * c.kstep_gate_up * 8 * 2 * 2 // threads * 8,
+        "gate_up_q4k": c.block_n_gate_up * c.kstep_gate_up * 32 * 2 // threads * 2,
+        "down_q2k": c.block_n_down * c.kstep_down * 16 // threads * 4,
+        "down_q4k": c.block_n_down * c.kstep_down * 32 // threads * 2,
+    }
+    for name, n in per_thread.items():
+        assert res[name]["dp4a"] == res[name]["asm_blocks"] == n, (name, res[name])
+        assert res[name]["cubin"] > 0
+    assert res["quant"]["fma"] == 0 and res["quant"]["div_rn"] >= 2 and res["quant"]["asm_blocks"] == 0
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_tritonops_ds4_exact_mode_routes_decode_moe_to_int8(recipe, poison, poison_i32, monkeypatch):
+    """TritonOps(act_quant=True).moe (the ds4-exact mode) runs moe_int8 for decode and matches
+    TorchOps(act_quant=True).moe on the same QTensors; a prefill-sized call stays on the reference."""
+    from dsv4.kernels_triton import blocks
+    from dsv4.kernels_triton.ops import TritonOps
+    from dsv4.quant.formats import QTensor
+
+    fg, fd = {"q2": ("IQ2_XXS", "Q2_K"), "q4": ("Q4_K", "Q4_K")}[recipe]
+    from dsv4.quant.formats import QuantFormat as QF
+
+    e, f, d = 4, 256, 512
+
+    def qt(fmt, shape, seed):
+        raw = blocks.synthetic_raw(QF[fmt], shape, seed=seed).cpu().numpy()
+        return QTensor(raw, QF[fmt], shape, name=f"{fmt}{seed}")
+
+    gate, up, down = qt(fg, (e, f, d), 1), qt(fg, (e, f, d), 2), qt(fd, (e, d, f), 3)
+    gen = torch.Generator().manual_seed(7)
+    u = torch.randn((2, d), generator=gen) * 3
+    sel = torch.tensor([[0, 2], [3, 3]])
+    wts = torch.rand((2, 2), generator=gen)
+    calls = []
+    orig = moe_int8.fused_int8
+    monkeypatch.setattr(moe_int8, "fused_int8", lambda *a, **k: calls.append(1) or orig(*a, **k))
+    tri = TritonOps(device=DEVICE, act_quant=True)
+    ref = TorchOps(device="cpu", act_quant=True, dtype=torch.float64)
+    prepared = [tri.prepare(t) for t in (gate, up, down)]
+    y = tri.moe(u.to(DEVICE), *prepared, sel.to(DEVICE), wts.to(DEVICE), CLAMP)
+    assert calls == [1], "decode MoE in ds4-exact mode must run moe_int8"
+    r = ref.moe(u.double(), *[ref.prepare(t) for t in (gate, up, down)], sel, wts.double(), CLAMP)
+    assert_matches(y, r.numpy(), "triton_moe_int8", "end_to_end", f"TritonOps(act_quant) {recipe}")
+    big = torch.randint(0, e, (moe_int8.MAX_T + 1, 2), generator=gen)
+    tri.moe(torch.randn((moe_int8.MAX_T + 1, d), generator=gen).to(DEVICE), *prepared, big.to(DEVICE),
+            torch.rand((moe_int8.MAX_T + 1, 2), generator=gen).to(DEVICE), CLAMP)
+    assert calls == [1], "prefill-sized MoE in ds4-exact mode stays on the reference"
