@@ -2,7 +2,8 @@
 
 Same checks as tests/kernels (which also run natively when a GPU is present) but at full size:
 every Q8_0/F16 projection shape of model.md §3 for decode and prefill token counts, the routed MoE
-with 256 experts (q2 and q4 recipes), and bitwise reproducibility of the MoE paths. The oracle is
+with 256 experts (q2 and q4 recipes; the int8 decode against a reference with the Q8_K round trips of
+TorchOps(act_quant=True)), and bitwise reproducibility of the MoE paths. The oracle is
 dsv4.quant.dequant.dequantize_torch (bit-exact twin of dequantize_np) in float64 on the GPU, only for
 the rows/experts a case touches. Outputs are NaN-poisoned. Skipped without a CUDA/ROCm device.
 """
@@ -99,42 +100,52 @@ def _moe_problem(recipe, t, seed=0):
     return (rg, ru, rd, qg, qd), (gate, up, down), u.cuda(), sel.cuda(), wts.cuda()
 
 
-def _moe_reference(raws, u, sel, wts):
+def _moe_reference(raws, u, sel, wts, q8k: bool = False):
+    """float64; q8k: u and each h row go through the Q8_K round trip first (TorchOps(act_quant=True))."""
+    from dsv4.reference import TorchOps
+
     rg, ru, rd, qg, qd = raws
     out = torch.zeros((u.shape[0], D), dtype=torch.float64, device="cuda")
     cache = {}
     for e in torch.unique(sel).tolist():
         cache[e] = (_dequant64(rg[e], qg, D), _dequant64(ru[e], qg, D), _dequant64(rd[e], qd, F_EXP))
-    u64 = u.double()
+    u64 = (TorchOps.quant_q8_k(u.float()) if q8k else u).double()
     for t in range(u.shape[0]):
         for i in range(K_USED):
             wg, wu, wd = cache[int(sel[t, i])]
             g = torch.clamp(wg @ u64[t], max=CLAMP)
             up = torch.clamp(wu @ u64[t], -CLAMP, CLAMP)
-            out[t] += wd @ (torch.nn.functional.silu(g) * up * float(wts[t, i]))
+            h = torch.nn.functional.silu(g) * up * float(wts[t, i])
+            if q8k:
+                h = TorchOps.quant_q8_k(h.float()).double()
+            out[t] += wd @ h
     return out
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
-@pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (1, "blockdot"), (4, "blockdot"), (96, "grouped")])
+@pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (1, "blockdot"), (4, "blockdot"), (96, "grouped"),
+                                    (96, "grouped_v2"), (1, "int8"), (4, "int8")])
 def test_moe_flash_shapes(recipe, t, path, poison):
-    from dsv4.kernels_triton import moe
+    from dsv4.kernels_triton import moe, moe_int8, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
-    fn = {"decode": moe.fused_decode, "blockdot": moe.fused_blockdot, "grouped": moe.grouped}[path]
+    fn = {"decode": moe.fused_decode, "blockdot": moe.fused_blockdot, "grouped": moe.grouped,
+          "grouped_v2": moe_prefill.grouped_v2_default, "int8": moe_int8.fused_int8}[path]
     y = fn(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"))
-    kind = "grouped" if path == "grouped" else "decode"
-    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", kind, f"moe {recipe} {path} T={t}")
+    op, kind = {"grouped": ("triton_moe", "grouped"), "grouped_v2": ("triton_moe", "grouped_v2"),
+                "int8": ("triton_moe_int8", "end_to_end")}.get(path, ("triton_moe", "decode"))
+    _assert(y, _moe_reference(raws, u, sel, wts, q8k=path == "int8"), op, kind, f"moe {recipe} {path} T={t}")
 
 
-@pytest.mark.parametrize("path", ["decode", "grouped"])
+@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_v2", "int8"])
 def test_moe_bitwise_reproducible(path):
-    from dsv4.kernels_triton import moe
+    from dsv4.kernels_triton import moe, moe_int8, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
-    _, (gate, up, down), u, sel, wts = _moe_problem("q2", 3 if path == "decode" else 300, seed=4)
-    fn = moe.fused_decode if path == "decode" else moe.grouped
+    _, (gate, up, down), u, sel, wts = _moe_problem("q2", 300 if "grouped" in path else 3, seed=4)
+    fn = {"decode": moe.fused_decode, "grouped": moe.grouped, "grouped_v2": moe_prefill.grouped_v2_default,
+          "int8": moe_int8.fused_int8}[path]
     dev = detect_device("cuda")
     a = fn(u, gate, up, down, sel, wts, CLAMP, dev)
     b = fn(u, gate, up, down, sel, wts, CLAMP, dev)
