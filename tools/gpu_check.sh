@@ -35,7 +35,7 @@ step() {
 # ---- environment -----------------------------------------------------------------------------------
 {
   echo "date: $(date -u)"; echo "host: $(hostname)"; echo "pwd: $PWD"
-  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)"
+  echo "commit: $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || rocm-smi 2>&1 | head -20
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'hip', getattr(torch.version, 'hip', None), 'triton', triton.__version__)" 2>&1
 } > "$OUT/env.txt" 2>&1
@@ -51,7 +51,7 @@ export PYTHONDONTWRITEBYTECODE=1
 python3 -c "import dsv4, dsv4.kernels_triton as k; print('dsv4 import ok; variants:', [v.op.value + ':' + v.name for v in k.variants()])" >> "$OUT/env.txt" 2>&1
 
 # The 4-layer Flash-width q2 file is written on the CPU in the background while the GPU tests run.
-COMMIT=$(git rev-parse --short HEAD 2>/dev/null || cat COMMIT 2>/dev/null || echo unknown)
+COMMIT=$(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)  # COMMIT first: the box's .git may be stale
 ( timeout --kill-after=10 240 python3 -c "import sys; from dsv4.cli import main; sys.exit(main(sys.argv[1:]))" make-tiny "$TINY" --preset flash --layers 4 --recipe q2 \
     > "$OUT/e2e.log" 2>&1; echo "make-tiny rc=$?" >> "$OUT/e2e.log" ) &
 MAKE_PID=$!

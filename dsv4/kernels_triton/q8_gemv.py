@@ -42,12 +42,13 @@ def _x_lanes(x_ptr, k0, NB: tl.constexpr):
 
 
 @triton.jit
-def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, T, N, R, k_split,
+def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_split,
                     stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
-                    PREFETCH: tl.constexpr = False):
-    """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R.
+                    PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+    """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
+    SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored)."""
     NB: tl.constexpr = BLOCK_K // 32
@@ -117,7 +118,21 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, T, N, R, k_split,
     if BLOCK_T == 1:
         acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
-    tl.store(out, acc_t, mask=(rt[:, None] < T) & (rn < N)[None, :])
+    ok = (rt[:, None] < T) & (rn < N)[None, :]
+    tl.store(out, acc_t, mask=ok)
+    if SPLIT > 1:
+        # split-K without a second launch, deterministic: the program that finishes a row tile last
+        # (counter per tile) sums the SPLIT partials in slice order and resets the counter. The barrier
+        # orders every thread's partial store before the (one-thread) release; readers bypass L1.
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+            for sk in tl.static_range(SPLIT):
+                total += tl.load(out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :], mask=ok,
+                                 other=0.0, cache_modifier=".cg")
+            tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit
@@ -195,7 +210,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool = False, x_mode: int = 0):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
-    -> [T, N] fp32, T <= DECODE_MAX_T. One launch (plus the split sum for narrow matrices).
+    -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
+    program of each row tile sums the partials in fixed order (deterministic, no second launch).
     x_mode: how x reaches the four byte lanes: 0 loaded in order and split in registers (Triton moves it
     through shared memory), 1 a word-permuted copy made first (one more launch), 2 four stride-4 gathers
     (L1 hits). Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
@@ -203,6 +219,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         return gemv(x, dw, dev, groups)
 
     def build():
+        import torch
+
         _, T, N, R, stride_xg, _t = _check(x, dw, groups)
         bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
         bk = pow2_divisor(dw.k, block_k)
@@ -218,12 +236,16 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
             if x_mode == 1:  # xw[.., 32b + 8j + i] = x[.., 32b + 4i + j]
                 x = x.float().reshape(*lead, dw.k // 32, 8, 4).transpose(-1, -2).contiguous()
             out = blocks.empty((split, T, N), x.device)
+            y = blocks.empty((T, N), x.device) if split > 1 else out
             _q8_rows_kernel[(n_row_tiles, split)](
-                x, dw.w, dw.s, out, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
+                x, dw.w, dw.s, out, y, counters, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
-                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, num_warps=num_warps, num_stages=1)
-            return _reduce_split(out, split)
+                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, SPLIT=split, num_warps=num_warps,
+                num_stages=1)
+            return y if split > 1 else out[0]
+        # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
+        counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
         return launch
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
