@@ -21,7 +21,7 @@ from .blocks import DeviceWeight
 from .configs import DeviceInfo, Vendor, pow2_divisor
 from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
 from .qmatmul_fast import DEQUANT_BLOCK_N, DEQUANT_BLOCKS, Q8_BIAS, F32_MAGIC_BITS, _q8_dequant_rows_kernel, \
-    _q8_word_codes
+    _q8_accumulate, _q8_word_codes, q8_tiles
 
 ROWS_BLOCK_N = 8  # rows per program
 ROWS_BLOCK_K = 1024  # codes per row per step (a power-of-two divisor of K)
@@ -110,11 +110,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             else:
                 x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
             p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
-            if BLOCK_T == 1:
-                acc += p * d
-            else:
-                c = tl.sum(tl.sum(p * d, axis=2), axis=1)
-                acc_t = tl.where(rt[:, None] == t, acc_t + c[None, :], acc_t)
+            acc, acc_t = _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T)
     if BLOCK_T == 1:
         acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
@@ -221,15 +217,11 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     def build():
         import torch
 
-        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
-        bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
-        bk = pow2_divisor(dw.k, block_k)
-        block_t = max(1, triton.next_power_of_2(T))
-        n_row_tiles = triton.cdiv(N, bn)
+        g = q8_tiles(x, dw, dev, groups, block_n, block_k)
+        T, N, R, stride_xg, bn, bk, block_t, n_row_tiles, prmt, lead = (
+            g.T, g.N, g.R, g.stride_xg, g.block_n, g.block_k, g.block_t, g.n_row_tiles, g.prmt, g.lead)
         split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
         k_split = dw.k // split
-        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda  # PTX byte permute (not in the interpreter / on ROCm)
-        lead = (T, groups) if groups > 1 else (T,)
         stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
 
         def launch(x):
@@ -264,14 +256,11 @@ def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, blo
         return gemv_rows(x, dw, dev, groups)
 
     def build():
-        _, T, N, R, stride_xg, _t = _check(x, dw, groups)
-        bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
-        bk = pow2_divisor(dw.k, block_k)
-        n_row_tiles = triton.cdiv(N, bn)
+        g = q8_tiles(x, dw, dev, groups, block_n, block_k)
+        N, R, stride_xg, bn, bk, n_row_tiles, prmt = g.N, g.R, g.stride_xg, g.block_n, g.block_k, g.n_row_tiles, g.prmt
         split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
         n_tiles = n_row_tiles * split
         programs = min(n_tiles, 4 if dev.vendor == Vendor.CPU else dev.n_sm * programs_per_sm)
-        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda
 
         def launch(x):
             out = blocks.empty((split, 1, N), x.device)

@@ -10,6 +10,8 @@ fp16 dequant + cuBLAS matmul (large T). Knows the Q8_0 repacked row layout (bloc
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import triton
 import triton.language as tl
 
@@ -69,6 +71,18 @@ def _q8_word_codes(u, j: tl.constexpr, PRMT: tl.constexpr, magic_bits):
     else:
         b = ((u >> (8 * j)) & 0xFF) | F32_MAGIC_BITS
     return b.to(tl.float32, bitcast=True) - F32_MAGIC_OFFSET
+
+
+@triton.jit
+def _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T: tl.constexpr):
+    """Add token t's per-word products p [BLOCK_N, NB, 8] times the block scales d: for one token keep
+    them per (row, block, word) in acc (reduced once per tile), else reduce now into acc_t[t]."""
+    if BLOCK_T == 1:
+        acc += p * d
+    else:
+        c = tl.sum(tl.sum(p * d, axis=2), axis=1)
+        acc_t = tl.where(rt[:, None] == t, acc_t + c[None, :], acc_t)
+    return acc, acc_t
 
 
 @triton.jit
@@ -160,11 +174,7 @@ def _q8_gemv_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
                 p += q1 * tl.load(xp + 8)
                 p += q2 * tl.load(xp + 16)
                 p += q3 * tl.load(xp + 24)
-                if BLOCK_T == 1:
-                    acc += p * d
-                else:
-                    c = tl.sum(tl.sum(p * d, axis=2), axis=1)
-                    acc_t = tl.where(rt[:, None] == t, acc_t + c[None, :], acc_t)
+                acc, acc_t = _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T)
         if BLOCK_T == 1:
             acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
         rn = tn * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -173,12 +183,13 @@ def _q8_gemv_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
 
 
 @triton.jit
-def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_s, off_s, stride_o,
-                            BLOCK_N: tl.constexpr, NBLK: tl.constexpr):
-    """out[n - row0, k] = fp16(d * q) for rows [row0, N): codes as [BLOCK_N, NBLK, 32] tiles with one
-    scale load per 32-weight block (the generic dequant_tile gathers the scale per weight)."""
-    rn = row0 + tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    blk = tl.program_id(1) * NBLK + tl.arange(0, NBLK)
+def _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid_n, pid_b, N, K, row0, stride_w, stride_s, off_s, stride_o,
+                     BLOCK_N: tl.constexpr, NBLK: tl.constexpr):
+    """out[n - row0, k] = fp16(d * q) for the [BLOCK_N, NBLK*32] tile (pid_n, pid_b) of rows [row0, N):
+    codes as [BLOCK_N, NBLK, 32] with one scale load per 32-weight block (the generic dequant_tile
+    gathers the scale per weight)."""
+    rn = row0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    blk = pid_b * NBLK + tl.arange(0, NBLK)
     r3 = rn.to(tl.int64)[:, None, None]
     b3 = blk[None, :, None]
     j3 = tl.arange(0, 32)[None, None, :]
@@ -186,6 +197,14 @@ def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_
     q = tl.load(w_ptr + r3 * stride_w + b3 * 32 + j3, mask=ok, other=0).to(tl.float32)
     d = tl.load(s_ptr + r3 * stride_s + off_s + b3, mask=ok, other=0).to(tl.float32)
     tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
+
+
+@triton.jit
+def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_s, off_s, stride_o,
+                            BLOCK_N: tl.constexpr, NBLK: tl.constexpr):
+    """_q8_dequant_tile over a (row tiles, block groups) grid."""
+    _q8_dequant_tile(w_ptr, s_ptr, out_ptr, tl.program_id(0), tl.program_id(1), N, K, row0, stride_w, stride_s,
+                     off_s, stride_o, BLOCK_N, NBLK)
 
 
 CAST_BLOCK = 4096  # activations cast per program of the fused cast + dequant launch
@@ -196,23 +215,39 @@ def _cast_dequant_kernel(x_ptr, x16_ptr, n_x, w_ptr, s_ptr, out_ptr, N, K, row0,
                          n_deq, n_kblk, CAST: tl.constexpr, BLOCK_N: tl.constexpr, NBLK: tl.constexpr,
                          BLOCK_X: tl.constexpr):
     """One launch for both inputs of the fp16 GEMM: programs [0, n_deq) dequantize [BLOCK_N, NBLK*32] weight
-    tiles as _q8_dequant_rows_kernel; with CAST the remaining programs round x (flat, contiguous) to fp16.
+    tiles (_q8_dequant_tile); with CAST the remaining programs round x (flat, contiguous) to fp16.
     (Two launches cost a kernel gap each; at T=2048 the cast alone is ~a third of a narrow GEMM's time.)"""
     pid = tl.program_id(0)
     if pid < n_deq:
-        rn = row0 + (pid // n_kblk) * BLOCK_N + tl.arange(0, BLOCK_N)
-        blk = (pid % n_kblk) * NBLK + tl.arange(0, NBLK)
-        r3 = rn.to(tl.int64)[:, None, None]
-        b3 = blk[None, :, None]
-        j3 = tl.arange(0, 32)[None, None, :]
-        ok = (rn < N)[:, None, None] & (b3 * 32 < K)
-        q = tl.load(w_ptr + r3 * stride_w + b3 * 32 + j3, mask=ok, other=0).to(tl.float32)
-        d = tl.load(s_ptr + r3 * stride_s + off_s + b3, mask=ok, other=0).to(tl.float32)
-        tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
+        _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid // n_kblk, pid % n_kblk, N, K, row0, stride_w, stride_s, off_s,
+                         stride_o, BLOCK_N, NBLK)
     elif CAST:
         offs = (pid - n_deq).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
         m = offs < n_x
         tl.store(x16_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float16), mask=m)
+
+
+@dataclass(frozen=True)
+class Q8Tiles:
+    """Shape facts every Q8_0 GEMV launcher derives the same way (built once per plan)."""
+
+    T: int
+    N: int
+    R: int  # rows per group
+    stride_xg: int
+    block_n: int  # rows per tile (a divisor of R when grouped, so a tile never straddles groups)
+    block_k: int  # codes per step (a power-of-two divisor of K)
+    block_t: int  # token tile (next power of two of T)
+    n_row_tiles: int
+    prmt: bool  # PTX byte permute available (CUDA device; not the interpreter or ROCm)
+    lead: tuple  # x's leading dims: (T,) or (T, groups)
+
+
+def q8_tiles(x, dw: DeviceWeight, dev: DeviceInfo, groups: int, block_n: int, block_k: int) -> Q8Tiles:
+    _, T, N, R, stride_xg, _t = _check(x, dw, groups)
+    bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
+    return Q8Tiles(T, N, R, stride_xg, bn, pow2_divisor(dw.k, block_k), max(1, triton.next_power_of_2(T)),
+                   triton.cdiv(N, bn), dev.vendor == Vendor.NVIDIA and x.is_cuda, (T, groups) if groups > 1 else (T,))
 
 
 def _persist_grid(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_split: bool,
@@ -250,16 +285,12 @@ def gemv_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, allow_sp
         return gemv(x, dw, dev, groups)
 
     def build():
-        _, T, N, R, _sg, _t = _check(x, dw, groups)
-        bn = min(block_n, triton.next_power_of_2(N)) if groups == 1 else pow2_divisor(R, block_n)
-        bk = pow2_divisor(dw.k, block_k)
+        g = q8_tiles(x, dw, dev, groups, block_n, block_k)
+        T, N, R, bn, bk, block_t, n_row_tiles, prmt, lead = (g.T, g.N, g.R, g.block_n, g.block_k, g.block_t,
+                                                             g.n_row_tiles, g.prmt, g.lead)
         warps = max(1, bk // CODES_PER_WARP)
-        block_t = max(1, triton.next_power_of_2(T))
-        n_row_tiles = triton.cdiv(N, bn)
         split, programs = _persist_grid(n_row_tiles, dw.k, bk, dev, allow_split, warps)
         k_split = dw.k // split
-        prmt = dev.vendor == Vendor.NVIDIA and x.is_cuda  # PTX byte permute (not in the interpreter / on ROCm)
-        lead = (T, groups) if groups > 1 else (T,)
         stride_xt, stride_xg = groups * dw.k, (dw.k if groups > 1 else 0)
         n_tiles = n_row_tiles * split
         grid = [programs]
