@@ -249,7 +249,8 @@ ROWS_PERSIST_PROGRAMS_PER_SM = 6  # resident programs per SM at ~72-96 registers
 
 
 def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = 16, block_k: int = 256,
-                      num_warps: int = 4, programs_per_sm: int = ROWS_PERSIST_PROGRAMS_PER_SM, allow_split: bool = True):
+                      num_warps: int = 4, programs_per_sm: int = ROWS_PERSIST_PROGRAMS_PER_SM,
+                      allow_split: bool = True):
     """gemv_rows for one token with a resident (persistent) grid and cross-tile prefetch. T > 1 or
     K not a multiple of 32 go to gemv_rows."""
     if dw.fmt.name != "Q8_0" or x.shape[0] != 1 or dw.k % 32 or dw.stride_w % 4:
@@ -406,7 +407,8 @@ MMA_NSUB = 8  # 32-code blocks per step: the dot's N axis (x2 with the hi/lo spl
 MMA_BLOCK_N = 64
 MMA_WARPS = 4
 MMA_STAGES = 4
-X_LO_SCALE: tl.constexpr = tl.constexpr(2048.0)  # x = hi + lo / 2^11 with hi = fp16(x), lo = fp16((x - hi) * 2^11): ~2^-22 relative
+# x = hi + lo / 2^11 with hi = fp16(x), lo = fp16((x - hi) * 2^11): ~2^-22 relative
+X_LO_SCALE: tl.constexpr = tl.constexpr(2048.0)
 
 
 @triton.jit

@@ -419,7 +419,9 @@ def qmatmul_dequant_torch(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1)
 from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
-register(KernelOp.QMATMUL, AUTO, qmatmul_auto, doc=f"T <= {DECODE_MAX_T}: Q8_0 gemv_rows on CUDA (else gemv_q8blk / gemv_dot by table), gemv for other formats; above: gemm_hybrid for Q8_0, gemm otherwise")
+register(KernelOp.QMATMUL, AUTO, qmatmul_auto,
+         doc=f"T <= {DECODE_MAX_T}: Q8_0 gemv_rows on CUDA (else gemv_q8blk / gemv_dot by table), gemv for other "
+             "formats; above: gemm_hybrid for Q8_0, gemm otherwise")
 register(KernelOp.QMATMUL, "gemv", gemv, max_t=DECODE_MAX_T,
          doc="row-parallel GEMV, fp32 FMA, split-K when rows are few")
 register(KernelOp.QMATMUL, "gemv_nosplit", lambda x, dw, dev, groups=1: gemv(x, dw, dev, groups, allow_split=False),
