@@ -17,12 +17,11 @@ import numpy as np
 import torch
 
 from .config import FP4_AMAX_FLOOR, FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, NEG_SENTINEL
+from .numerics import FP4_MAX, FP8_MAX, HADAMARD_N, SOFTPLUS_LINEAR, hadamard_np, rope_constants
+from .numerics import yarn_corr_dims  # noqa: F401 - re-exported (tests and callers import it from here)
 from .ops import RopeParams
 from .quant.formats import QTensor, QuantFormat
 
-FP8_MAX = 448.0
-FP4_MAX = 6.0
-HADAMARD_N = 128
 Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
 DEFAULT_CACHE_BUDGET = 1 << 30  # bytes of dequantized weights kept per TorchOps
@@ -46,10 +45,8 @@ def _dequant_numpy(w: QTensor) -> np.ndarray:
 
 
 def hadamard(n: int = HADAMARD_N, dtype=torch.float64) -> torch.Tensor:
-    """Sylvester Hadamard H[i][j] = (-1)^popcount(i & j), scaled by 1/sqrt(n) (orthonormal)."""
-    i = np.arange(n)
-    pc = np.vectorize(lambda v: bin(v).count("1"))(i[:, None] & i[None, :])
-    return torch.tensor(np.where(pc % 2 == 0, 1.0, -1.0) / math.sqrt(n), dtype=dtype)
+    """numerics.hadamard_np as a torch tensor of `dtype`."""
+    return torch.tensor(hadamard_np(n), dtype=dtype)
 
 
 def _round_e2m1(a: torch.Tensor) -> torch.Tensor:
@@ -222,27 +219,18 @@ class TorchOps:
         return hit[0].index_select(0, pos), hit[1].index_select(0, pos)
 
     def _rope_compute(self, pos: torch.Tensor, rope: RopeParams) -> tuple[torch.Tensor, torch.Tensor]:
-        half = rope.n_dims // 2
-        f32 = np.float32
-        theta_scale = f32(float(rope.base) ** (float(f32(-2.0) / f32(rope.n_dims))))
+        c = rope_constants(rope)
         theta = pos.to(torch.float32)
         ext = []
-        for _ in range(half):  # repeated fp32 multiplication, as the CPU builds theta_ext
+        for _ in range(rope.n_dims // 2):  # repeated fp32 multiplication, as the CPU builds theta_ext
             ext.append(theta)
-            theta = theta * float(theta_scale)
+            theta = theta * c.theta_scale
         ext = torch.stack(ext, -1)  # [T, R/2] fp32
-        fs = f32(rope.freq_scale)
-        ang = ext * float(fs)
-        mscale = f32(1.0)
-        if rope.yarn:
-            lo, hi = yarn_corr_dims(rope)
-            k = np.arange(half, dtype=np.float32)
-            y = (k - f32(lo)) / max(f32(0.001), f32(hi - lo))
-            ramp = torch.from_numpy((f32(1.0) - np.clip(y, 0.0, 1.0)).astype(np.float32)).to(ang.device)
+        ang = ext * float(c.freq_scale)
+        if c.ramp is not None:
+            ramp = torch.from_numpy(c.ramp).to(ang.device)
             ang = ang * (1.0 - ramp) + ext * ramp
-            log_scale = f32(np.log(f32(1.0) / fs))
-            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * log_scale)
-            mscale = f32(attn_factor * (f32(1.0) + f32(0.1) * log_scale))
+        mscale = c.mscale
         ang64 = ang.to(torch.float64)
         cos, sin = torch.cos(ang64), torch.sin(ang64)
         if self.dtype != torch.float64:  # cosf/sinf: correctly rounded fp32, then the fp32 mscale
@@ -286,8 +274,8 @@ class TorchOps:
 
     def router(self, u, w, bias, tid2eid, ids, k, scale, floor):
         logits = u @ self.dequant(w).T  # [T, E]
-        sp = torch.where(logits > 20, logits,
-                         torch.where(logits < -20, torch.exp(logits), torch.log1p(torch.exp(logits))))
+        sp = torch.where(logits > SOFTPLUS_LINEAR, logits,
+                         torch.where(logits < -SOFTPLUS_LINEAR, torch.exp(logits), torch.log1p(torch.exp(logits))))
         p = torch.sqrt(sp)
         if tid2eid is not None:
             sel = self.dequant(tid2eid).index_select(0, ids.to(self.device))[:, :k].to(torch.int64)
@@ -415,11 +403,3 @@ class TorchOps:
         return (e / den) @ kv
 
 
-def yarn_corr_dims(rope: RopeParams) -> tuple[float, float]:
-    """YaRN correction range (lo, hi) in pair units (model.md §4.3.4): (15, 25) for base 160000."""
-    def corr(beta: float) -> float:
-        return rope.n_dims * math.log(rope.orig_ctx / (beta * 2 * math.pi)) / (2 * math.log(rope.base))
-
-    lo = max(0.0, math.floor(corr(rope.beta_fast)))
-    hi = min(rope.n_dims - 1.0, math.ceil(corr(rope.beta_slow)))
-    return lo, hi

@@ -8,29 +8,25 @@ The math of each op is the reference's (dsv4/reference.py, the oracle). Knows no
 """
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from ..config import FP4_AMAX_FLOOR, FP4_BLOCK, FP8_AMAX_FLOOR, FP8_BLOCK, NEG_SENTINEL
+from ..numerics import FP4_MAX, FP8_MAX, HADAMARD_N, SOFTPLUS_LINEAR, hadamard_np, rope_constants
 from ..ops import RopeParams
 from ..quant.dequant import dequantize
 from ..quant.formats import QTensor, QuantFormat
 from .metal import KernelSet
 from .repack import EXACT_AFFINE_FORMATS, AffineWeight, repack_affine
 
-FP8_MAX = 448.0
 FP8_MANTISSA_BITS = 3
 FP8_MIN_EXP = -6  # E4M3: smallest normal exponent; below it the step stays 2**-9
-FP4_MAX = 6.0
 FP4_MANTISSA_BITS = 1
 FP4_MIN_EXP = 0  # E2M1: below 1.0 the step stays 0.5
-HADAMARD_N = 128
 Q8_0_BLOCK = 32
 Q8_K_BLOCK = 256
-SOFTPLUS_LINEAR = 20.0  # stable softplus: identity above, exp below the negative
 _F32_EXP_SHIFT, _F32_EXP_MASK, _F32_EXP_BIAS, _F32_MANT_MASK = 23, 0xFF, 127, 0x7FFFFF
 _U32_MAX, _F32_SIGN = 0xFFFFFFFF, 0x80000000
 _INDEX_BITS = 24  # top-k keys: up to 2**24 candidates per row (experts, or compressed rows of a 64M context)
@@ -41,10 +37,8 @@ _DENSE = "mlx:f32"  # QTensor.cache key of a small tensor as a compute-dtype arr
 
 
 def hadamard(n: int = HADAMARD_N) -> np.ndarray:
-    """Sylvester Hadamard H[i][j] = (-1)^popcount(i & j) / sqrt(n), float32."""
-    i = np.arange(n)
-    pc = np.vectorize(lambda v: bin(v).count("1"))(i[:, None] & i[None, :])
-    return (np.where(pc % 2 == 0, 1.0, -1.0) / math.sqrt(n)).astype(np.float32)
+    """numerics.hadamard_np in float32."""
+    return hadamard_np(n).astype(np.float32)
 
 
 def _exponent(a: mx.array) -> mx.array:
@@ -233,27 +227,18 @@ class MlxOps:
 
     def rope_cos_sin(self, pos: mx.array, rope: RopeParams) -> tuple[mx.array, mx.array]:
         """[T] positions -> cos, sin [T, R/2] by the CPU fp32 recipe of model.md §4.3.4 (as the reference)."""
-        half = rope.n_dims // 2
-        f32 = np.float32
-        theta_scale = float(f32(float(rope.base) ** (float(f32(-2.0) / f32(rope.n_dims)))))
+        c = rope_constants(rope)
         theta = pos.astype(mx.float32)
         ext = []
-        for _ in range(half):  # repeated fp32 multiplication, as the CPU builds theta_ext
+        for _ in range(rope.n_dims // 2):  # repeated fp32 multiplication, as the CPU builds theta_ext
             ext.append(theta)
-            theta = theta * theta_scale
+            theta = theta * c.theta_scale
         ext = mx.stack(ext, -1)  # [T, R/2]
-        fs = f32(rope.freq_scale)
-        ang = ext * float(fs)
-        mscale = f32(1.0)
-        if rope.yarn:
-            lo, hi = yarn_corr_dims(rope)
-            k = np.arange(half, dtype=np.float32)
-            y = (k - f32(lo)) / max(f32(0.001), f32(hi - lo))
-            ramp = mx.array((f32(1.0) - np.clip(y, 0.0, 1.0)).astype(np.float32))
+        ang = ext * float(c.freq_scale)
+        if c.ramp is not None:
+            ramp = mx.array(c.ramp)
             ang = ang * (1.0 - ramp) + ext * ramp
-            log_scale = f32(np.log(f32(1.0) / fs))
-            attn_factor = f32(1.0) / (f32(1.0) + f32(0.1) * log_scale)
-            mscale = f32(attn_factor * (f32(1.0) + f32(0.1) * log_scale))
+        mscale = c.mscale
         a = ang.astype(self._trig_dtype)
         cos, sin = mx.cos(a).astype(mx.float32), mx.sin(a).astype(mx.float32)
         return cos * float(mscale), sin * float(mscale)
@@ -404,15 +389,6 @@ class MlxOps:
         e = mx.exp(z - mu)
         den = mx.exp(sk - mu) + e.sum(-1, keepdims=True)
         return mx.einsum("thn,nd->thd", e / den, kv)
-
-
-def yarn_corr_dims(rope: RopeParams) -> tuple[float, float]:
-    """YaRN correction range (lo, hi) in pair units (model.md §4.3.4): (15, 25) for base 160000."""
-
-    def corr(beta: float) -> float:
-        return rope.n_dims * math.log(rope.orig_ctx / (beta * 2 * math.pi)) / (2 * math.log(rope.base))
-
-    return max(0.0, math.floor(corr(rope.beta_fast))), min(rope.n_dims - 1.0, math.ceil(corr(rope.beta_slow)))
 
 
 def _stable_top(score: mx.array, k: int) -> mx.array:

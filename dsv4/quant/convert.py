@@ -20,6 +20,7 @@ from ..config import (
     YARN_ORIG_CTX, Config, default_ratios,
 )
 from ..errors import ModelFileError
+from ..numerics import FP4_MAX, FP8_MAX
 
 # The layout, as ds4's converter (gguf-tools/deepseek4-quantize.c) reads the official release:
 # * dense FP8: `X.weight` F8_E4M3 [out, in] + `X.scale` F8_E8M0 [ceil(out/128), ceil(in/128)];
@@ -33,8 +34,6 @@ from ..errors import ModelFileError
 # HF shapes are PyTorch order, i.e. dsv4's logical (math) shapes; experts are stacked to [E, out, in].
 FP8_BLOCK = 128  # dense weights: one E8M0 scale per 128x128 block
 FP4_GROUP = 32  # experts: one E8M0 scale per 32 input elements
-FP8_MAX = 448.0
-FP4_MAX = 6.0
 E8M0_BIAS = 127
 E8M0_NAN = 255
 E2M1_VALUES = np.array([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0], np.float32)
