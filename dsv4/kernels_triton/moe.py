@@ -34,6 +34,17 @@ def _swiglu_route(g, u, wt, clamp):
 
 
 @triton.jit
+def slot_rows(sel_ptr, wts_ptr, KSEL, F, BLOCK_N: tl.constexpr):
+    """Program (slot, F block) of a gate/up decode kernel: (slot, token, route weight, rows within the expert
+    [BLOCK_N], their mask, global rows e*F + rn of the stacked expert tensor)."""
+    slot = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    e = tl.load(sel_ptr + slot).to(tl.int64)
+    wt = tl.load(wts_ptr + slot).to(tl.float32)
+    return slot, slot // KSEL, wt, rn, rn < F, e * F + rn
+
+
+@triton.jit
 def _moe_gate_up_gemv_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr,
                              gw_ptr, gs_ptr, uw_ptr, us_ptr, g_ptr,
                              F, D, KSEL, clamp,
@@ -41,14 +52,7 @@ def _moe_gate_up_gemv_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr,
                              stride_gw, stride_gs, off_gs, stride_uw, stride_us, off_us,
                              FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot], slot = t*KSEL + i, e = sel[slot]."""
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = slot // KSEL
-    e = tl.load(sel_ptr + slot).to(tl.int64)
-    wt = tl.load(wts_ptr + slot).to(tl.float32)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < F
-    rows = e * F + rn
+    slot, t, wt, rn, n_ok, rows = slot_rows(sel_ptr, wts_ptr, KSEL, F, BLOCK_N)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):
@@ -154,14 +158,7 @@ def _moe_gate_up_blockdot_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr,
                                  F, D, KSEL, clamp, stride_ut, stride_ht, stride_w,
                                  FMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """As _moe_gate_up_gemv_kernel, decoding per group (_block_dot): IQ2_XXS or Q4_K gate/up."""
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = slot // KSEL
-    e = tl.load(sel_ptr + slot).to(tl.int64)
-    wt = tl.load(wts_ptr + slot).to(tl.float32)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < F
-    rows = e * F + rn
+    slot, t, wt, rn, n_ok, rows = slot_rows(sel_ptr, wts_ptr, KSEL, F, BLOCK_N)
     acc_g = tl.zeros([BLOCK_N], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N], dtype=tl.float32)
     for k0 in range(0, D, BLOCK_K):

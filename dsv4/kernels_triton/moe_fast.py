@@ -262,14 +262,7 @@ def _gate_up_dot_kernel(u_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
                         FMT: tl.constexpr, HAS_MIN: tl.constexpr, X_SPLIT: tl.constexpr, PACKED: tl.constexpr,
                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] per (slot, block of F rows)."""
-    slot = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    t = slot // KSEL
-    e = tl.load(sel_ptr + slot).to(tl.int64)
-    wt = tl.load(wts_ptr + slot).to(tl.float32)
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = rn < F
-    rows = e * F + rn
+    slot, t, wt, rn, n_ok, rows = moe.slot_rows(sel_ptr, wts_ptr, KSEL, F, BLOCK_N)
     x_ptr = u_ptr + t * stride_ut
     acc_g = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_N, 16], dtype=tl.float32)
