@@ -50,6 +50,7 @@ class Int8MoeConfig:
     kstep_down: int = 8
     warps_down: int = 2
     stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
+    down_slots: bool = False  # down kernel with the K slots as a tile axis (one load round) instead of a loop
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -317,6 +318,53 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
 
 
+@triton.jit
+def _down_int8_slots_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
+                            stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
+                            FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, SLOTS: tl.constexpr,
+                            ASM: tl.constexpr):
+    """_down_int8_kernel with the K slots as a tile axis [BLOCK_N, SLOTS, KSTEP, ...] instead of a
+    sequential loop: every slot's blocks of a K step are loaded in one round (the loop version waits for
+    KSEL dependent load rounds). Slots >= KSEL re-read slot 0's rows (cache hits) and are zeroed; the
+    slot axis is summed by one fixed reduction tree (deterministic)."""
+    t = tl.program_id(0)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rc = tl.minimum(rn, D - 1)
+    if FMT == FMT_Q2_K:  # tile [BN, SLOTS, KSTEP, 4 sub-rows]
+        si = tl.arange(0, SLOTS)[None, :, None, None]
+        kk = tl.arange(0, KSTEP)[None, None, :, None]
+        ok = si < KSEL
+        slot = (t * KSEL + tl.where(ok, si, 0)).to(tl.int64)
+        e = tl.load(sel_ptr + slot).to(tl.int64)
+        rows = (e * D + rc[:, None, None, None]) * stride_w
+        acc = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4], dtype=tl.float32)
+        for b0 in range(0, F // QK_C, KSTEP):
+            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+            part = _q2_k_blocks(w_ptr + rows + (b0 + kk) * Q2K_WORDS, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            acc += tl.where(ok, part, 0.0)
+        total = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
+    else:  # Q4_K: tile [BN, SLOTS, KSTEP, 4 sub-block pairs, 8 words]
+        si = tl.arange(0, SLOTS)[None, :, None, None, None]
+        kk = tl.arange(0, KSTEP)[None, None, :, None, None]
+        ok = si < KSEL
+        slot = (t * KSEL + tl.where(ok, si, 0)).to(tl.int64)
+        e = tl.load(sel_ptr + slot).to(tl.int64)
+        rows = (e * D + rc[:, None, None, None, None]) * stride_w
+        acc = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4, 8], dtype=tl.float32)
+        acc_min = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4, 1], dtype=tl.float32)
+        for b0 in range(0, F // QK_C, KSTEP):
+            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+            part, mpart = _q4_k_blocks(w_ptr + rows + (b0 + kk) * Q4K_WORDS, hq_ptr,
+                                       slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                       hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            acc += tl.where(ok, part, 0.0)
+            acc_min += tl.where(ok, mpart, 0.0)
+        total = (tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2), axis=1)
+                 - tl.sum(tl.sum(tl.sum(tl.sum(acc_min, axis=4), axis=3), axis=2), axis=1))
+    tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
+
+
 # ---- host side ------------------------------------------------------------------------------------
 
 def empty_i32(shape, device):
@@ -392,27 +440,48 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     if T == 0:
         return blocks.empty((0, D), u.device)
     asm = use_asm(dev, u)
-    stages = 1 if cpu else cfg.stages
-    xq, xd, xs = quant_q8_k(u)
+    if cpu:
+        cfg = replace(cfg, stages=1)
+    h = gate_up_int8(quant_q8_k(u), gate, up, sel, weights, clamp, asm, cfg)
+    return down_int8(quant_q8_k(h), down, sel, asm, cfg)
+
+
+def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
+                 cfg: Int8MoeConfig):
+    """Stage 1 of fused_int8: uq = quant_q8_k(u) -> h [T*K, F] fp32 (SwiGLU of the slot's expert, routed)."""
+    xq, xd, xs = uq
+    (T, K), (E, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
     iq2 = gate.fmt == QuantFormat.IQ2_XXS
     g64 = gate.g.view(torch.int64) if iq2 else gw  # the grid is only read for IQ2_XXS
     kstep = _kstep(D // (IQ2_PAIR if iq2 else QK), cfg.kstep_gate_up)
     bn = cfg.block_n_gate_up
-    h = blocks.empty((T * K, F), u.device)
+    h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
         xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
-        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=stages, num_warps=cfg.warps_gate_up)
-    hq, hd, hs = quant_q8_k(h)
+        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, num_warps=cfg.warps_gate_up)
+    return h
+
+
+def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig):
+    """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order."""
+    hq, hd, hs = hq3
+    (T, K), (E, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
-    out = blocks.empty((T, D), u.device)
-    _down_int8_kernel[(T, triton.cdiv(D, bn))](
-        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=stages,
-        num_warps=cfg.warps_down)
+    out = blocks.empty((T, D), hq.device)
+    if cfg.down_slots:
+        _down_int8_slots_kernel[(T, triton.cdiv(D, bn))](
+            hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+            FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), SLOTS=triton.next_power_of_2(K),
+            ASM=asm, num_warps=cfg.warps_down)
+    else:
+        _down_int8_kernel[(T, triton.cdiv(D, bn))](
+            hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+            FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
+            num_warps=cfg.warps_down)
     return out
 
 
@@ -424,6 +493,7 @@ CONFIGS = {
     "int8_n32": Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4,
                               block_n_down=16, kstep_down=8, warps_down=4),
     "int8_p2": Int8MoeConfig(stages=2),
+    "int8_s": Int8MoeConfig(down_slots=True, block_n_down=4, warps_down=4),
 }
 
 
@@ -441,6 +511,8 @@ _DOCS = {
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
     "int8_n32": "int8 with large programs: gate/up 32 rows x 1 pair/block, 4 warps; down 16 rows, 4 warps",
     "int8_p2": "int8 with the K loops software-pipelined (tl.range num_stages=2: cp.async via shared memory)",
+    "int8_s": "int8 with the down kernel's K slots as a tile axis (one load round for all slots): 4 rows x 8 "
+              "slots x 8 blocks, 4 warps",
 }
 for _name, _cfg in CONFIGS.items():
     register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name])

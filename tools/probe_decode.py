@@ -1,0 +1,118 @@
+"""Where decode time goes: per-launch CUDA-graph times of the int8 routed-MoE stages and tile sweeps.
+
+Timing as tools/bench_kernels.py (CUDA-graph replay over rotating weight copies / expert selections,
+median; % of the streaming read measured in this run). Two parts:
+  * `moe`: for each recipe (q2, q4) and tile config, the four launches of moe_int8.fused_int8 at T=1
+    (Q8_K of u, gate/up, Q8_K of h, down), each timed alone, and the whole call;
+  * `q8`: gemv_rows tilings (rows, codes, warps, split-K allowed or not) on the large Q8_0 matrices, T=1.
+Prints a markdown table and writes it to --out.
+Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import (CLAMP, D, DENSE, F_EXP, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
+                           n_copies, read_bandwidth)
+from dsv4.kernels_triton import blocks, moe_int8, q8_gemv  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+
+C = moe_int8.Int8MoeConfig
+MOE_CONFIGS = {
+    "int8": C(),
+    "int8_n8": moe_int8.CONFIGS["int8_n8"],
+    "gu_n4_k8_w2": C(block_n_gate_up=4, kstep_gate_up=8, warps_gate_up=2),
+    "gu_n8_k8_w4": C(block_n_gate_up=8, kstep_gate_up=8, warps_gate_up=4),
+    "gu_n16_k4_w4": C(block_n_gate_up=16, kstep_gate_up=4, warps_gate_up=4),
+    "dn_s_n4_w4": C(down_slots=True, block_n_down=4, warps_down=4),
+    "dn_s_n2_w2": C(down_slots=True, block_n_down=2, warps_down=2),
+    "dn_s_n8_w4": C(down_slots=True, block_n_down=8, warps_down=4),
+    "dn_s_n4_k4_w2": C(down_slots=True, block_n_down=4, kstep_down=4, warps_down=2),
+}
+Q8_TILES = [  # rows, codes per step, warps, split allowed
+    (16, 256, 2, True), (16, 256, 2, False), (8, 256, 2, False), (4, 256, 1, False), (4, 512, 2, False),
+    (2, 1024, 2, False), (4, 1024, 4, False), (8, 512, 2, False), (8, 256, 1, True), (32, 128, 2, True),
+]
+Q8_SHAPES = ("attn_q_b", "attn_output_a", "attn_output_b")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="probe_decode.md")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"])
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    bw = read_bandwidth(device)
+    lines = [f"# Decode probes ({torch.cuda.get_device_name(device)})", "",
+             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · streaming read {bw:.0f} GB/s", "",
+             "| case | config | stage | µs | MB | GB/s | % bw |", "|---|---|---|---|---|---|---|"]
+
+    def row(case, cfg, stage, ms, nbytes):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        lines.append(f"| {case} | {cfg} | {stage} | {ms * 1e3:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | "
+                     f"{100 * gbs / bw:.1f} |")
+        print(lines[-1], flush=True)
+
+    if "moe" in args.parts:
+        for recipe, (fgu, fdn) in MOE.items():
+            shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
+            gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
+            up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
+            down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
+            wts = torch.rand((1, K_USED), device=device)
+            u = torch.randn((1, D), device=device)
+            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
+            dn_bytes = K_USED * down.nbytes // N_EXPERT
+            uq = moe_int8.quant_q8_k(u)
+            for name, cfg in MOE_CONFIGS.items():
+                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
+                hqs = [moe_int8.quant_q8_k(h) for h in hs]
+                case = f"moe_{recipe}"
+                if name == "int8":
+                    row(case, name, "quant u", graph_time_ms([lambda: moe_int8.quant_q8_k(u)]), u.numel() * 4)
+                    row(case, name, "quant h", graph_time_ms([lambda h=h: moe_int8.quant_q8_k(h) for h in hs]),
+                        hs[0].numel() * 4)
+                if not name.startswith("dn_"):
+                    row(case, name, "gate_up", graph_time_ms(
+                        [lambda s=s: moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]),
+                        gu_bytes)
+                if not name.startswith("gu_"):
+                    row(case, name, "down", graph_time_ms(
+                        [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg) for s, hq in zip(sels, hqs)]),
+                        dn_bytes)
+                row(case, name, "whole", graph_time_ms(
+                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                    gu_bytes + dn_bytes)
+            del gate, up, down
+            torch.cuda.empty_cache()
+
+    if "q8" in args.parts:
+        for d in DENSE:
+            if d.name not in Q8_SHAPES:
+                continue
+            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
+                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+            for bn, bk, warps, split in Q8_TILES:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=split)
+                ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                row(d.name, f"{bn}x{bk} w{warps}{' split' if split else ''}", "gemv_rows", ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
