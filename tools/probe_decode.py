@@ -27,15 +27,19 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
 MOE_CONFIGS = {
+    "int8_old": C(iq2_sel=False),
     "int8": C(),
+    "int8_pf": C(prefetch=True),
     "int8_n8": moe_int8.CONFIGS["int8_n8"],
-    "gu_n4_k8_w2": C(block_n_gate_up=4, kstep_gate_up=8, warps_gate_up=2),
-    "gu_n8_k8_w4": C(block_n_gate_up=8, kstep_gate_up=8, warps_gate_up=4),
-    "gu_n16_k4_w4": C(block_n_gate_up=16, kstep_gate_up=4, warps_gate_up=4),
-    "dn_s_n4_w4": C(down_slots=True, block_n_down=4, warps_down=4),
-    "dn_s_n2_w2": C(down_slots=True, block_n_down=2, warps_down=2),
-    "dn_s_n8_w4": C(down_slots=True, block_n_down=8, warps_down=4),
-    "dn_s_n4_k4_w2": C(down_slots=True, block_n_down=4, kstep_down=4, warps_down=2),
+    "int8_n8_pf": C(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2, block_n_down=4, kstep_down=8,
+                    warps_down=1, prefetch=True),
+    "pf_gu_n8_k2_w2": C(block_n_gate_up=8, kstep_gate_up=2, warps_gate_up=2, prefetch=True),
+    "pf_gu_n16_k1_w4": C(block_n_gate_up=16, kstep_gate_up=1, warps_gate_up=4, prefetch=True),
+    "pf_gu_n32_k1_w4": C(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4, prefetch=True),
+    "pf_dn_n8_k4_w2": C(block_n_down=8, kstep_down=4, warps_down=2, prefetch=True),
+    "pf_dn_n4_k4_w1": C(block_n_down=4, kstep_down=4, warps_down=1, prefetch=True),
+    "pf_dn_n16_k2_w2": C(block_n_down=16, kstep_down=2, warps_down=2, prefetch=True),
+    "pf_dn_n8_k8_w4": C(block_n_down=8, kstep_down=8, warps_down=4, prefetch=True),
 }
 Q8_TILES = [  # rows, codes per step, warps, split allowed
     (16, 256, 2, True), (16, 256, 2, False), (8, 256, 2, False), (4, 256, 1, False), (4, 512, 2, False),
@@ -74,20 +78,20 @@ def main(argv=None) -> int:
             u = torch.randn((1, D), device=device)
             gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
             dn_bytes = K_USED * down.nbytes // N_EXPERT
-            uq = moe_int8.quant_q8_k(u)
             for name, cfg in MOE_CONFIGS.items():
+                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate, cfg))
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
                 case = f"moe_{recipe}"
-                if name == "int8":
+                if name == "int8_old":
                     row(case, name, "quant u", graph_time_ms([lambda: moe_int8.quant_q8_k(u)]), u.numel() * 4)
                     row(case, name, "quant h", graph_time_ms([lambda h=h: moe_int8.quant_q8_k(h) for h in hs]),
                         hs[0].numel() * 4)
-                if not name.startswith("dn_"):
+                if "_dn_" not in name:
                     row(case, name, "gate_up", graph_time_ms(
                         [lambda s=s: moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]),
                         gu_bytes)
-                if not name.startswith("gu_"):
+                if "_gu_" not in name:
                     row(case, name, "down", graph_time_ms(
                         [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg) for s, hq in zip(sels, hqs)]),
                         dn_bytes)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -21,6 +22,7 @@ from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
 from .configs import DeviceInfo, Vendor
 from ..quant.formats import QuantFormat
+from ..quant.tables import IQ2XXS_LEVELS
 
 QK = 256  # super-block (Q8_K, Q2_K, Q4_K, IQ2_XXS)
 SUM_GROUP = 16  # code sums per 16 activations (Q8_K "bsums")
@@ -34,6 +36,9 @@ SUMS_PER_BLOCK: tl.constexpr = tl.constexpr(QK // SUM_GROUP)
 QK_C: tl.constexpr = tl.constexpr(QK)
 # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to the nearest integer, ties to even (torch.round)
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+# IQ2_XXS magnitudes 8/25/43 as bytes 0-2 of a word, and their negations (-8/-25/-43 as int8)
+IQ2_POS_BYTES: tl.constexpr = tl.constexpr(0x002B1908)
+IQ2_NEG_BYTES: tl.constexpr = tl.constexpr(0x00D5E7F8)
 MAX_T = 8  # decode only: tokens per call (prefill keeps the grouped float kernels)
 GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
@@ -50,7 +55,8 @@ class Int8MoeConfig:
     kstep_down: int = 8
     warps_down: int = 2
     stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
-    down_slots: bool = False  # down kernel with the K slots as a tile axis (one load round) instead of a loop
+    prefetch: bool = False  # register double buffer: the next K step's weight words load while this one computes
+    iq2_sel: bool = True  # IQ2_XXS grid as byte-permute selectors (1 KiB table, signs folded in)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -72,7 +78,8 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s):
+def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s,
+                      IQ2_ORDER: tl.constexpr = False):
     """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k: max = the first element of
     largest |x| (torch.argmax picks the first of ties), iscale = -127/max, q = min(127, rint(iscale x)),
     d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host."""
@@ -89,11 +96,82 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
     y = iscale * x
     q = tl.minimum((y + ROUND_MAGIC) - ROUND_MAGIC, 127.0).to(tl.int32)
     d = tl.where(nz, tl.math.div_rn(1.0, tl.where(nz, iscale, 1.0)), 0.0)
-    words = tl.sum(tl.reshape((q & 255) << (8 * (i & 3)), (Q8K_WORDS, 4)), axis=1)  # disjoint: sum == or
+    if IQ2_ORDER:  # per 8 codes: words [c0 c4 c1 c5], [c2 c6 c3 c7] (the IQ2_XXS selector order)
+        v = (q & 255) << (8 * (2 * (i & 1) + ((i >> 2) & 1)))
+        first = ((i >> 1) & 1) == 0
+        wa = tl.sum(tl.reshape(tl.where(first, v, 0), (Q8K_WORDS // 2, 8)), axis=1)
+        wb = tl.sum(tl.reshape(tl.where(first, 0, v), (Q8K_WORDS // 2, 8)), axis=1)
+        words = tl.reshape(tl.join(wa, wb), (Q8K_WORDS,))
+    else:
+        words = tl.sum(tl.reshape((q & 255) << (8 * (i & 3)), (Q8K_WORDS, 4)), axis=1)  # disjoint: sum == or
     sums = tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1)
     tl.store(q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS), words)
     tl.store(s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK), sums)
     tl.store(d_ptr + r * stride_d + b, d)
+
+
+@triton.jit
+def _prmt(a, b, sel, ASM: tl.constexpr):
+    """Bytes 0-3 of the PTX byte permute: byte k of the result is byte (sel >> 4k) & 7 of the 8-byte
+    value b:a (no sign-replicate mode: bit 3 of each nibble is 0 here)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = tl.zeros(sel.shape, dtype=tl.int32)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 7
+            src = tl.where(nib >= 4, b, a)
+            r |= ((src >> (8 * (nib & 3))) & 255) << (8 * k)
+        return r
+
+
+@triton.jit
+def _iq2_pair_raw(base):
+    """The words of IQ2_XXS block pairs at word pointers base [BN, KP, 1] that the selector decode reads:
+    (w0, w1, w2) = words 2 ib, 2 ib + 1, 2 ib + 2 (block 0's aux pairs straddle words), (a0, a1) = words
+    17 + 2 ib, 18 + 2 ib (block 1), [BN, KP, 8]; the words holding d of block 0 and 1 [BN, KP, 1]."""
+    ib = tl.arange(0, 8)[None, None, :]
+    return (tl.load(base + 2 * ib), tl.load(base + 2 * ib + 1), tl.load(base + 2 * ib + 2),
+            tl.load(base + 17 + 2 * ib), tl.load(base + 18 + 2 * ib), tl.load(base), tl.load(base + 16))
+
+
+@triton.jit
+def _iq2_half_sel(aux0, aux1, dbits, g32_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
+    """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
+    bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
+    quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
+    32-weight group ib); the dot is sum_ib d * d_x * that / 8 (§1.6: db = d (2 ls + 1) / 8).
+    The grid is read as byte-permute selectors: entry g (int32, 1 KiB table) holds the level (0/1/2) of
+    coordinate j in nibble n(j) = 2 (j % 4) + j // 4; the sign spread P below has sign j at bit 4 n(j),
+    so (P << 2) & 0x44444444 sets bit 2 of each nibble of a negative coordinate, and one prmt per 4
+    coordinates reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte
+    k of the low word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]."""
+    ib = tl.arange(0, 8)[None, None, :]
+    xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
+    pos = tl.full(aux0.shape, IQ2_POS_BYTES, tl.int32)
+    neg = tl.full(aux0.shape, IQ2_NEG_BYTES, tl.int32)
+    isum = tl.zeros(aux0.shape, dtype=tl.int32)
+    for k in tl.static_range(4):
+        # P = s | s << 7 | s << 14 | s << 21 (disjoint, no carries) puts sign bit j (j < 7) at bit 4 n(j);
+        # the 8th sign is the parity of the 7 (ksigns rule): the nibble sum of P & 0x11111111,
+        # accumulated into the top nibble by * 0x11111111; its low bit (bit 28) is n(7)'s slot in P.
+        p = ((aux1 >> (7 * k)) & 127) * 0x204081
+        p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
+        sel = tl.load(g32_ptr + ((aux0 >> (8 * k)) & 255)) | ((p << 2) & 0x44444444)
+        isum = _dp4a(_prmt(pos, neg, sel, ASM), tl.load(xb + 2 * k), isum, ASM)
+        isum = _dp4a(_prmt(pos, neg, sel >> 16, ASM), tl.load(xb + 2 * k + 1), isum, ASM)
+    return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
+
+
+@triton.jit
+def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, g32_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr):
+    """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
+    d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
+    da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
+                           g32_ptr, x_ptr, xw, 0, ASM)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, g32_ptr, x_ptr, xw, 1, ASM)
+    return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
 @triton.jit
@@ -137,22 +215,27 @@ def _iq2_xxs_half(base, g64_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
-    """Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each) against activation words
-    x_ptr + xw [1, KB, 1, 1] (64 per block), code sums s_ptr + sw (16 per block), scales dx [1, KB, 1, 1].
-    Returns the unreduced terms (quant.md §1.5): scale part [BN, KB, 4, 8] = d dx (sc_2c isum_lo +
-    sc_2c+1 isum_hi) per qs word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum)."""
+def _q4_k_raw(base):
+    """The words of Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each): codes
+    [BN, KB, 4, 8] (qs words 8c + w, 16-byte runs), the three packed-scale words and d|dmin."""
+    c = tl.arange(0, 4)[None, None, :, None]
+    w = tl.arange(0, 8)[None, None, None, :]
+    return tl.load(base + 4 + 8 * c + w), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base)
+
+
+@triton.jit
+def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """Q4_K super-blocks from _q4_k_raw's words against activation words x_ptr + xw [1, KB, 1, 1]
+    (64 per block), code sums s_ptr + sw (16 per block), scales dx [1, KB, 1, 1]. Returns the unreduced
+    terms (quant.md §1.5): scale part [BN, KB, 4, 8] = d dx (sc_2c isum_lo + sc_2c+1 isum_hi) per qs
+    word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum)."""
     c = tl.arange(0, 4)[None, None, :, None]  # sub-block pair (2c, 2c+1) = qs words 8c .. 8c+7
     w = tl.arange(0, 8)[None, None, None, :]
-    q = tl.load(base + 4 + 8 * c + w)  # [BN, KB, 4, 8], 16-byte runs
     xq = x_ptr + xw + 16 * c + w
     zero = tl.zeros(q.shape, dtype=tl.int32)
     p_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq), zero, ASM)  # sub-block 2c: low nibbles
     p_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 8), zero, ASM)  # 2c + 1: high nibbles
     # 6-bit scales/mins, four per word (j < 4 | j >= 4), from the 12 packed bytes
-    s0 = tl.load(base + 1)
-    s1 = tl.load(base + 2)
-    s2 = tl.load(base + 3)
     sh = 16 * (c & 1)
     scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mnw = tl.where(c < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
@@ -160,33 +243,46 @@ def _q4_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
     xs = s_ptr + sw + 4 * c  # sums of 16: sub-block 2c = sums 4c, 4c+1; 2c+1 = 4c+2, 4c+3
     mins = (((mnw >> sh) & 255) * (tl.load(xs) + tl.load(xs + 1))
             + ((mnw >> (sh + 8)) & 255) * (tl.load(xs + 2) + tl.load(xs + 3)))
-    dd = tl.load(base)
     return ((_f16_from_bits(dd) * dx) * it.to(tl.float32),
             (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32))
 
 
 @triton.jit
-def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
-    """Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19, d|dmin 20)
-    against activation words x_ptr + xw [1, KB, 1], code sums s_ptr + sw, scales dx [1, KB, 1].
-    Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of qs word 8h + w', sub-block
-    j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words w = w' & 3 of sub-blocks
-    8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread. Returns the unreduced terms
-    [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j (quant.md §1.4)."""
+def _q4_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """_q4_k_dot of the super-blocks at word pointers base [BN, KB, 1, 1]."""
+    q, s0, s1, s2, dd = _q4_k_raw(base)
+    return _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM)
+
+
+@triton.jit
+def _q2_k_raw(base):
+    """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19,
+    d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot), the scale words
+    2h + 0/1 and d|dmin."""
+    he = tl.arange(0, 4)[None, None, :]
+    qb = base + 4 + 4 * he
+    h = he >> 1
+    return (tl.load(qb), tl.load(qb + 1), tl.load(qb + 2), tl.load(qb + 3), tl.load(base + 2 * h),
+            tl.load(base + 2 * h + 1), tl.load(base + 20))
+
+
+@triton.jit
+def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
+    sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
+    qs word 8h + w', sub-block j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words
+    w = w' & 3 of sub-blocks 8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread.
+    Returns the unreduced terms [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j
+    (quant.md §1.4)."""
     he = tl.arange(0, 4)[None, None, :]
     h = he >> 1
     e = he & 1
-    qb = base + 4 + 4 * he
-    q0 = tl.load(qb)
-    q1 = tl.load(qb + 1)
-    q2 = tl.load(qb + 2)
-    q3 = tl.load(qb + 3)
     xb = x_ptr + xw + 32 * h + 4 * e
     zero = tl.zeros(q0.shape, dtype=tl.int32)
     it = zero
     mins = zero
     for sp in tl.static_range(2):
-        scw = tl.load(base + 2 * h + sp)  # scale bytes 4 (2h + sp) .. +3
+        scw = sc0 if sp == 0 else sc1  # scale bytes 4 (2h + sp) .. +3
         for s2 in tl.static_range(2):
             s = 2 * sp + s2
             xs = xb + 8 * s
@@ -197,8 +293,14 @@ def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
             byte = (scw >> (8 * (2 * s2 + e))) & 255
             it += (byte & 15) * p
             mins += (byte >> 4) * tl.load(s_ptr + sw + 8 * h + 2 * s + e)
-    dd = tl.load(base + 20)
     return (_f16_from_bits(dd) * dx) * it.to(tl.float32) - (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32)
+
+
+@triton.jit
+def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+    """_q2_k_dot of the super-blocks at word pointers base [BN, KB, 1]."""
+    q0, q1, q2, q3, sc0, sc1, dd = _q2_k_raw(base)
+    return _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -209,10 +311,12 @@ def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g64_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr):
+                         STAGES: tl.constexpr, SEL: tl.constexpr = False, PF: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs); slot = t * KSEL + i, e = sel[slot]. KSTEP block pairs (IQ2_XXS) or blocks (Q4_K)
-    per K step. Rows past F are clamped to F - 1 (valid reads, results not stored)."""
+    per K step. Rows past F are clamped to F - 1 (valid reads, results not stored). SEL: IQ2_XXS
+    through the selector table (g64_ptr is then int32 [256]). PF: the next step's weight words are
+    loaded before this step computes (register double buffer; the last step re-reads itself)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -226,17 +330,35 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         ub = uw_ptr + roff[:, None, None]
         acc_g = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
         acc_u = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
-        for p0 in tl.range(0, D // (2 * QK_C), KSTEP, num_stages=STAGES):
+        n_pairs = D // (2 * QK_C)
+        if PF:
+            g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + kk * IQ2_PAIR_WORDS)
+            u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + kk * IQ2_PAIR_WORDS)
+        for p0 in tl.range(0, n_pairs, KSTEP, num_stages=STAGES):
             pw = (p0 + kk) * IQ2_PAIR_WORDS
             xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
             dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))  # [1, KSTEP, 1]
             dx1 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk) + 1)
-            dg0, tg0 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 0, ASM)
-            dg1, tg1 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 1, ASM)
-            du0, tu0 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 0, ASM)
-            du1, tu1 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 1, ASM)
-            acc_g += (dg0 * dx0) * tg0.to(tl.float32) + (dg1 * dx1) * tg1.to(tl.float32)
-            acc_u += (du0 * dx0) * tu0.to(tl.float32) + (du1 * dx1) * tu1.to(tl.float32)
+            if SEL:
+                if PF:
+                    pn = (tl.minimum(p0 + KSTEP, n_pairs - KSTEP) + kk) * IQ2_PAIR_WORDS
+                    ng0, ng1, ng2, ng3, ng4, ng5, ng6 = _iq2_pair_raw(gb + pn)
+                    nu0, nu1, nu2, nu3, nu4, nu5, nu6 = _iq2_pair_raw(ub + pn)
+                else:
+                    g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
+                    u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
+                acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, g64_ptr, xq_ptr, xw, dx0, dx1, ASM)
+                acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, g64_ptr, xq_ptr, xw, dx0, dx1, ASM)
+                if PF:
+                    g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
+                    u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
+            else:
+                dg0, tg0 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 0, ASM)
+                dg1, tg1 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 1, ASM)
+                du0, tu0 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 0, ASM)
+                du1, tu1 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 1, ASM)
+                acc_g += (dg0 * dx0) * tg0.to(tl.float32) + (dg1 * dx1) * tg1.to(tl.float32)
+                acc_u += (du0 * dx0) * tu0.to(tl.float32) + (du1 * dx1) * tu1.to(tl.float32)
         gsum = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 0.125
         usum = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 0.125
     else:  # Q4_K
@@ -247,17 +369,31 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         acc_u = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
         min_g = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
         min_u = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
-        for b0 in tl.range(0, D // QK_C, KSTEP, num_stages=STAGES):
-            bw = (b0 + kk) * Q4K_WORDS
+        n_blocks = D // QK_C
+        if PF:
+            gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS)
+            uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS)
+        for b0 in tl.range(0, n_blocks, KSTEP, num_stages=STAGES):
             xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
             sw = t * stride_xs + (b0 + kk) * SUMS_PER_BLOCK
             dx = tl.load(xd_ptr + t * stride_xd + b0 + kk)
-            pg, mg = _q4_k_blocks(gb + bw, xq_ptr, xw, xs_ptr, sw, dx, ASM)
-            pu, mu = _q4_k_blocks(ub + bw, xq_ptr, xw, xs_ptr, sw, dx, ASM)
+            if PF:
+                bn_ = (tl.minimum(b0 + KSTEP, n_blocks - KSTEP) + kk) * Q4K_WORDS
+                ngq, ngs0, ngs1, ngs2, ngdd = _q4_k_raw(gb + bn_)
+                nuq, nus0, nus1, nus2, nudd = _q4_k_raw(ub + bn_)
+            else:
+                bw = (b0 + kk) * Q4K_WORDS
+                gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + bw)
+                uq, us0, us1, us2, udd = _q4_k_raw(ub + bw)
+            pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM)
+            pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM)
             acc_g += pg
             acc_u += pu
             min_g += mg
             min_u += mu
+            if PF:
+                gq, gs0, gs1, gs2, gdd = ngq, ngs0, ngs1, ngs2, ngdd
+                uq, us0, us1, us2, udd = nuq, nus0, nus1, nus2, nudd
         gsum = (tl.sum(tl.sum(tl.sum(acc_g, axis=3), axis=2), axis=1)
                 - tl.sum(tl.sum(tl.sum(min_g, axis=3), axis=2), axis=1))
         usum = (tl.sum(tl.sum(tl.sum(acc_u, axis=3), axis=2), axis=1)
@@ -270,98 +406,72 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      STAGES: tl.constexpr):
+                      STAGES: tl.constexpr, PF: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
-    (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order."""
+    (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
+    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rc = tl.minimum(rn, D - 1)
-    n_steps = F // (QK_C * KSTEP)  # one flat loop over (slot, K step): pipelining can run across slots
+    n_steps = F // (QK_C * KSTEP)
+    last = KSEL * n_steps - 1
     if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
-        i = 0
-        b0 = 0
-        for _ in tl.range(0, KSEL * n_steps, num_stages=STAGES):  # slot-major: fixed summation order
+        if PF:
+            e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
+            q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None] + kk * Q2K_WORDS)
+        for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):  # slot-major: fixed summation order
+            i = j // n_steps
+            b0 = (j - i * n_steps) * KSTEP
             slot = (t * KSEL + i).to(tl.int64)
-            e = tl.load(sel_ptr + slot).to(tl.int64)
-            base = w_ptr + ((e * D + rc) * stride_w)[:, None, None]
+            if PF:
+                jn = tl.minimum(j + 1, last)
+                i_n = jn // n_steps
+                e_n = tl.load(sel_ptr + t * KSEL + i_n).to(tl.int64)
+                nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
+                    w_ptr + ((e_n * D + rc) * stride_w)[:, None, None] + ((jn - i_n * n_steps) * KSTEP + kk) * Q2K_WORDS)
+            else:
+                e = tl.load(sel_ptr + slot).to(tl.int64)
+                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(w_ptr + ((e * D + rc) * stride_w)[:, None, None]
+                                                       + (b0 + kk) * Q2K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            acc += _q2_k_blocks(base + (b0 + kk) * Q2K_WORDS, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
-            b0 += KSTEP  # next (slot, K step), no integer division
-            i += tl.where(b0 == n_steps * KSTEP, 1, 0)
-            b0 = tl.where(b0 == n_steps * KSTEP, 0, b0)
+            acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            if PF:
+                q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
         kk = tl.arange(0, KSTEP)[None, :, None, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
         acc_min = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
-        i = 0
-        b0 = 0
-        for _ in tl.range(0, KSEL * n_steps, num_stages=STAGES):
+        if PF:
+            e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
+            q, s0, s1, s2, dd = _q4_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None, None] + kk * Q4K_WORDS)
+        for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):
+            i = j // n_steps
+            b0 = (j - i * n_steps) * KSTEP
             slot = (t * KSEL + i).to(tl.int64)
-            e = tl.load(sel_ptr + slot).to(tl.int64)
-            base = w_ptr + ((e * D + rc) * stride_w)[:, None, None, None]
+            if PF:
+                jn = tl.minimum(j + 1, last)
+                i_n = jn // n_steps
+                e_n = tl.load(sel_ptr + t * KSEL + i_n).to(tl.int64)
+                nq, ns0, ns1, ns2, ndd = _q4_k_raw(w_ptr + ((e_n * D + rc) * stride_w)[:, None, None, None]
+                                                   + ((jn - i_n * n_steps) * KSTEP + kk) * Q4K_WORDS)
+            else:
+                e = tl.load(sel_ptr + slot).to(tl.int64)
+                q, s0, s1, s2, dd = _q4_k_raw(w_ptr + ((e * D + rc) * stride_w)[:, None, None, None]
+                                              + (b0 + kk) * Q4K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            part, mpart = _q4_k_blocks(base + (b0 + kk) * Q4K_WORDS, hq_ptr,
-                                       slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                       hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+            part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                    hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
             acc += part
             acc_min += mpart
-            b0 += KSTEP
-            i += tl.where(b0 == n_steps * KSTEP, 1, 0)
-            b0 = tl.where(b0 == n_steps * KSTEP, 0, b0)
+            if PF:
+                q, s0, s1, s2, dd = nq, ns0, ns1, ns2, ndd
         total = (tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
                  - tl.sum(tl.sum(tl.sum(acc_min, axis=3), axis=2), axis=1))
-    tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
-
-
-@triton.jit
-def _down_int8_slots_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
-                            stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
-                            FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, SLOTS: tl.constexpr,
-                            ASM: tl.constexpr):
-    """_down_int8_kernel with the K slots as a tile axis [BLOCK_N, SLOTS, KSTEP, ...] instead of a
-    sequential loop: every slot's blocks of a K step are loaded in one round (the loop version waits for
-    KSEL dependent load rounds). Slots >= KSEL re-read slot 0's rows (cache hits) and are zeroed; the
-    slot axis is summed by one fixed reduction tree (deterministic)."""
-    t = tl.program_id(0)
-    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    rc = tl.minimum(rn, D - 1)
-    if FMT == FMT_Q2_K:  # tile [BN, SLOTS, KSTEP, 4 sub-rows]
-        si = tl.arange(0, SLOTS)[None, :, None, None]
-        kk = tl.arange(0, KSTEP)[None, None, :, None]
-        ok = si < KSEL
-        slot = (t * KSEL + tl.where(ok, si, 0)).to(tl.int64)
-        e = tl.load(sel_ptr + slot).to(tl.int64)
-        rows = (e * D + rc[:, None, None, None]) * stride_w
-        acc = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4], dtype=tl.float32)
-        for b0 in range(0, F // QK_C, KSTEP):
-            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            part = _q2_k_blocks(w_ptr + rows + (b0 + kk) * Q2K_WORDS, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
-            acc += tl.where(ok, part, 0.0)
-        total = tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
-    else:  # Q4_K: tile [BN, SLOTS, KSTEP, 4 sub-block pairs, 8 words]
-        si = tl.arange(0, SLOTS)[None, :, None, None, None]
-        kk = tl.arange(0, KSTEP)[None, None, :, None, None]
-        ok = si < KSEL
-        slot = (t * KSEL + tl.where(ok, si, 0)).to(tl.int64)
-        e = tl.load(sel_ptr + slot).to(tl.int64)
-        rows = (e * D + rc[:, None, None, None, None]) * stride_w
-        acc = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4, 8], dtype=tl.float32)
-        acc_min = tl.zeros([BLOCK_N, SLOTS, KSTEP, 4, 1], dtype=tl.float32)
-        for b0 in range(0, F // QK_C, KSTEP):
-            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            part, mpart = _q4_k_blocks(w_ptr + rows + (b0 + kk) * Q4K_WORDS, hq_ptr,
-                                       slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                       hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
-            acc += tl.where(ok, part, 0.0)
-            acc_min += tl.where(ok, mpart, 0.0)
-        total = (tl.sum(tl.sum(tl.sum(tl.sum(acc, axis=4), axis=3), axis=2), axis=1)
-                 - tl.sum(tl.sum(tl.sum(tl.sum(acc_min, axis=4), axis=3), axis=2), axis=1))
     tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
 
 
@@ -376,9 +486,10 @@ def empty_i32(shape, device):
 QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
 
 
-def quant_q8_k(x):
+def quant_q8_k(x, iq2_order: bool = False):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
-    scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k."""
+    scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
+    the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7])."""
     R, C = x.shape
     if C % QK:
         raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
@@ -388,13 +499,18 @@ def quant_q8_k(x):
     d = blocks.empty((R, C // QK), x.device)
     if R:
         _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(0), d.stride(0), s.stride(0),
-                                        **QUANT_LAUNCH)
+                                        IQ2_ORDER=iq2_order, **QUANT_LAUNCH)
     return q, d, s
 
 
-def dequant_q8_k(q, d):
+IQ2_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # byte position (within 8) of code j in iq2_order
+
+
+def dequant_q8_k(q, d, iq2_order: bool = False):
     """fp32 [R, C] codes * scale of quant_q8_k's output (tests, debugging)."""
     codes = q.contiguous().view(torch.int8).to(torch.float32)
+    if iq2_order:
+        codes = codes.reshape(codes.shape[0], -1, 8)[:, :, list(IQ2_ORDER)].reshape(codes.shape[0], -1)
     return (codes.view(q.shape[0], -1, QK) * d[:, :, None]).reshape(q.shape[0], -1)
 
 
@@ -442,26 +558,48 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     asm = use_asm(dev, u)
     if cpu:
         cfg = replace(cfg, stages=1)
-    h = gate_up_int8(quant_q8_k(u), gate, up, sel, weights, clamp, asm, cfg)
+    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg)), gate, up, sel, weights, clamp, asm, cfg)
     return down_int8(quant_q8_k(h), down, sel, asm, cfg)
+
+
+def uses_iq2_order(gate: DeviceWeight, cfg: Int8MoeConfig) -> bool:
+    """Whether gate_up_int8 reads u's Q8_K codes in quant_q8_k's iq2_order."""
+    return gate.fmt == QuantFormat.IQ2_XXS and cfg.iq2_sel
+
+
+def iq2_selectors(device):
+    """The IQ2_XXS grid as prmt selectors, int32 [256]: level of coordinate j in nibble 2 (j % 4) + j // 4."""
+    key = str(device)
+    if key not in _SELECTORS:
+        nib = 4 * (2 * (np.arange(8) % 4) + np.arange(8) // 4)
+        sel = (IQ2XXS_LEVELS.astype(np.int64) << nib[None, :]).sum(axis=1).astype(np.uint32).view(np.int32)
+        _SELECTORS[key] = torch.from_numpy(sel.copy()).to(device)
+    return _SELECTORS[key]
+
+
+_SELECTORS: dict = {}
 
 
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
                  cfg: Int8MoeConfig):
-    """Stage 1 of fused_int8: uq = quant_q8_k(u) -> h [T*K, F] fp32 (SwiGLU of the slot's expert, routed)."""
+    """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg)) -> h [T*K, F] fp32
+    (SwiGLU of the slot's expert, routed)."""
     xq, xd, xs = uq
     (T, K), (E, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
     iq2 = gate.fmt == QuantFormat.IQ2_XXS
-    g64 = gate.g.view(torch.int64) if iq2 else gw  # the grid is only read for IQ2_XXS
+    sel_grid = uses_iq2_order(gate, cfg)
+    # the grid is only read for IQ2_XXS: 64-bit magnitudes or int32 selectors
+    g64 = (iq2_selectors(gw.device) if sel_grid else gate.g.view(torch.int64)) if iq2 else gw
     kstep = _kstep(D // (IQ2_PAIR if iq2 else QK), cfg.kstep_gate_up)
     bn = cfg.block_n_gate_up
     h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
         xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
-        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, num_warps=cfg.warps_gate_up)
+        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, SEL=sel_grid,
+        PF=cfg.prefetch and (sel_grid or not iq2), num_warps=cfg.warps_gate_up)
     return h
 
 
@@ -472,16 +610,10 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig):
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
     out = blocks.empty((T, D), hq.device)
-    if cfg.down_slots:
-        _down_int8_slots_kernel[(T, triton.cdiv(D, bn))](
-            hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-            FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), SLOTS=triton.next_power_of_2(K),
-            ASM=asm, num_warps=cfg.warps_down)
-    else:
-        _down_int8_kernel[(T, triton.cdiv(D, bn))](
-            hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-            FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
-            num_warps=cfg.warps_down)
+    _down_int8_kernel[(T, triton.cdiv(D, bn))](
+        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
+        PF=cfg.prefetch, num_warps=cfg.warps_down)
     return out
 
 
@@ -493,7 +625,7 @@ CONFIGS = {
     "int8_n32": Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4,
                               block_n_down=16, kstep_down=8, warps_down=4),
     "int8_p2": Int8MoeConfig(stages=2),
-    "int8_s": Int8MoeConfig(down_slots=True, block_n_down=4, warps_down=4),
+    "int8_pf": Int8MoeConfig(prefetch=True),
 }
 
 
@@ -511,8 +643,7 @@ _DOCS = {
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
     "int8_n32": "int8 with large programs: gate/up 32 rows x 1 pair/block, 4 warps; down 16 rows, 4 warps",
     "int8_p2": "int8 with the K loops software-pipelined (tl.range num_stages=2: cp.async via shared memory)",
-    "int8_s": "int8 with the down kernel's K slots as a tile axis (one load round for all slots): 4 rows x 8 "
-              "slots x 8 blocks, 4 warps",
+    "int8_pf": "int8 with a register double buffer: each K step's weight words load while the previous step computes",
 }
 for _name, _cfg in CONFIGS.items():
     register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name])

@@ -47,9 +47,9 @@ def capture_h(monkeypatch):
     seen = []
     orig = moe_int8.quant_q8_k
 
-    def rec(x):
+    def rec(x, **kw):
         seen.append(x.detach().clone())
-        return orig(x)
+        return orig(x, **kw)
 
     monkeypatch.setattr(moe_int8, "quant_q8_k", rec)
     return seen
@@ -183,10 +183,11 @@ def test_rows_not_multiple_of_tile(recipe, f, d, poison, poison_i32, capture_h):
 
 
 @pytest.mark.parametrize("name", sorted(moe_int8.CONFIGS))
-def test_registered_variants(name, poison, poison_i32, capture_h):
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_registered_variants(name, recipe, poison, poison_i32, capture_h):
     v = registry.get(registry.KernelOp.MOE, name)
     assert v.max_t == 8 and v.supports(moe_int8.QuantFormat.IQ2_XXS) and v.supports(moe_int8.QuantFormat.Q4_K)
-    run_staged("q2", 3, 512, 2048, 2, 2, seed=60, captured=capture_h, fn=v.fn)
+    run_staged(recipe, 3, 512, 2048, 2, 2, seed=60, captured=capture_h, fn=v.fn)
 
 
 def test_repeatable_bitwise(poison, poison_i32):
@@ -223,35 +224,38 @@ def comp(fn, sig, const, options=None):
     blocks = [b.split("// end inline asm")[0] for b in ptx.split("// begin inline asm")[1:]]
     code = ["".join(ln for ln in b.splitlines() if not ln.strip().startswith((".loc", "//"))) for b in blocks]
     return {"asm_blocks": sum(c.count(";") == 1 for c in code if "dp4a" in c), "dp4a": ptx.count("dp4a.s32.s32"),
-            "fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"), "cubin": len(k.asm["cubin"])}
+            "fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"), "cubin": len(k.asm["cubin"]),
+            "prmt_asm": sum(c.count(";") == 1 for c in code if "prmt.b32" in c)}
 
 i32, f32 = "i32", "fp32"
 gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
           gw_ptr="*i32", uw_ptr="*i32", g64_ptr="*i64", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
-          KSTEP="constexpr", ASM="constexpr", STAGES="constexpr")
+          KSTEP="constexpr", ASM="constexpr", STAGES="constexpr", SEL="constexpr", PF="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
-          FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", STAGES="constexpr")
+          FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", STAGES="constexpr",
+          PF="constexpr")
 c = m.CONFIGS["int8"]
 out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
-                  stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32), {}, m.QUANT_LAUNCH),
-    "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1)),
+                  stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr"),
+                  dict(IQ2_ORDER=True), m.QUANT_LAUNCH),
+    "gate_up_iq2": comp(m._gate_up_int8_kernel, dict(gu, g64_ptr="*i32" if c.iq2_sel else "*i64"), dict(FMT=16, BLOCK_N=c.block_n_gate_up,
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=c.iq2_sel, PF=c.prefetch)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1)),
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=False, PF=c.prefetch)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, STAGES=1)),
+                     ASM=True, STAGES=1, PF=c.prefetch)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, STAGES=1)),
+                     ASM=True, STAGES=1, PF=c.prefetch)),
 }
 print("RESULT" + json.dumps(out))
 """
 
 
 def test_ptx_path_compiles_for_sm90():
-    """The NVIDIA path (inline dp4a) through Triton and ptxas for sm_90 in a subprocess without the
+    """The NVIDIA path (inline dp4a, prmt) through Triton and ptxas for sm_90 in a subprocess without the
     interpreter: every dp4a asm block is exactly one instruction, the quantizer has IEEE divisions and no
     FMA contraction (rint must see the rounded product, as torch does)."""
     import json
@@ -281,6 +285,8 @@ def test_ptx_path_compiles_for_sm90():
         assert res[name]["dp4a"] == res[name]["asm_blocks"] == n, (name, res[name])
         assert res[name]["cubin"] > 0
     assert res["quant"]["fma"] == 0 and res["quant"]["div_rn"] >= 2 and res["quant"]["asm_blocks"] == 0
+    # the selector IQ2_XXS decode: one single-instruction prmt per dp4a (4 signed magnitudes each)
+    assert c.iq2_sel and res["gate_up_iq2"]["prmt_asm"] == per_thread["gate_up_iq2"]
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
