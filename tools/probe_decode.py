@@ -41,17 +41,23 @@ MOE_CONFIGS = {
     "pf_dn_n16_k2_w2": C(block_n_down=16, kstep_down=2, warps_down=2, prefetch=True),
     "pf_dn_n8_k8_w4": C(block_n_down=8, kstep_down=8, warps_down=4, prefetch=True),
 }
-Q8_TILES = [  # rows, codes per step, warps, split allowed
-    (16, 256, 2, True), (16, 256, 2, False), (8, 256, 2, False), (4, 256, 1, False), (4, 512, 2, False),
-    (2, 1024, 2, False), (4, 1024, 4, False), (8, 512, 2, False), (8, 256, 1, True), (32, 128, 2, True),
-]
-Q8_SHAPES = ("attn_q_b", "attn_output_a", "attn_output_b")
+# `moe_sweep`: each stage alone over tiles (rows, K step, warps, prefetch)
+GATE_UP_TILES = [(8, 2, 2, True), (8, 1, 2, True), (4, 2, 1, True), (8, 2, 1, True), (16, 2, 2, True),
+                 (16, 2, 4, True), (16, 2, 4, False), (8, 2, 2, False), (16, 1, 2, False), (8, 4, 2, False),
+                 (32, 2, 4, False), (16, 4, 4, False), (32, 1, 4, False), (4, 4, 1, False)]
+DOWN_TILES = [(8, 8, 2, False), (4, 8, 1, False), (4, 4, 1, True), (4, 8, 2, False), (8, 4, 1, False),
+              (2, 8, 1, False), (8, 8, 4, False), (16, 8, 4, False), (4, 8, 1, True), (8, 8, 2, True),
+              (2, 4, 1, True), (4, 2, 1, True)]
+Q8_TILES = [(bn, bk, w, split) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (1, 2, 4)
+            for split in (True, False)]  # rows, codes per step, warps, split-K allowed
+Q8_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp",
+             "ffn_down_shexp", "output")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"])
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -65,8 +71,9 @@ def main(argv=None) -> int:
         lines.append(f"| {case} | {cfg} | {stage} | {ms * 1e3:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | "
                      f"{100 * gbs / bw:.1f} |")
         print(lines[-1], flush=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")  # per row: a timeout keeps what was measured
 
-    if "moe" in args.parts:
+    if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
             shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
             gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
@@ -78,7 +85,15 @@ def main(argv=None) -> int:
             u = torch.randn((1, D), device=device)
             gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
             dn_bytes = K_USED * down.nbytes // N_EXPERT
-            for name, cfg in MOE_CONFIGS.items():
+            configs = dict(MOE_CONFIGS) if "moe" in args.parts else {}
+            if "moe_sweep" in args.parts:
+                configs.update({f"pf_gu_{bn}_{ks}_{w}" if pf else f"gu_{bn}_{ks}_{w}":
+                                C(block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch=pf)
+                                for bn, ks, w, pf in GATE_UP_TILES})
+                configs.update({f"pf_dn_{bn}_{ks}_{w}" if pf else f"dn_{bn}_{ks}_{w}":
+                                C(block_n_down=bn, kstep_down=ks, warps_down=w, prefetch=pf)
+                                for bn, ks, w, pf in DOWN_TILES})
+            for name, cfg in configs.items():
                 uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate, cfg))
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
@@ -87,14 +102,16 @@ def main(argv=None) -> int:
                     row(case, name, "quant u", graph_time_ms([lambda: moe_int8.quant_q8_k(u)]), u.numel() * 4)
                     row(case, name, "quant h", graph_time_ms([lambda h=h: moe_int8.quant_q8_k(h) for h in hs]),
                         hs[0].numel() * 4)
-                if "_dn_" not in name:
+                if not name.startswith(("dn_", "pf_dn_")):
                     row(case, name, "gate_up", graph_time_ms(
                         [lambda s=s: moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]),
                         gu_bytes)
-                if "_gu_" not in name:
+                if not name.startswith(("gu_", "pf_gu_")):
                     row(case, name, "down", graph_time_ms(
                         [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg) for s, hq in zip(sels, hqs)]),
                         dn_bytes)
+                if name.startswith(("gu_", "dn_", "pf_gu_", "pf_dn_")) and name not in MOE_CONFIGS:
+                    continue
                 row(case, name, "whole", graph_time_ms(
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
                     gu_bytes + dn_bytes)
