@@ -27,29 +27,18 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
 MOE_CONFIGS = {
-    "int8_old": C(iq2_sel=False),
     "int8": C(),
-    "int8_pf": C(prefetch=True),
     "int8_n8": moe_int8.CONFIGS["int8_n8"],
-    "int8_n8_pf": C(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2, block_n_down=4, kstep_down=8,
-                    warps_down=1, prefetch=True),
-    "pf_gu_n8_k2_w2": C(block_n_gate_up=8, kstep_gate_up=2, warps_gate_up=2, prefetch=True),
-    "pf_gu_n16_k1_w4": C(block_n_gate_up=16, kstep_gate_up=1, warps_gate_up=4, prefetch=True),
-    "pf_gu_n32_k1_w4": C(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4, prefetch=True),
-    "pf_dn_n8_k4_w2": C(block_n_down=8, kstep_down=4, warps_down=2, prefetch=True),
-    "pf_dn_n4_k4_w1": C(block_n_down=4, kstep_down=4, warps_down=1, prefetch=True),
-    "pf_dn_n16_k2_w2": C(block_n_down=16, kstep_down=2, warps_down=2, prefetch=True),
-    "pf_dn_n8_k8_w4": C(block_n_down=8, kstep_down=8, warps_down=4, prefetch=True),
 }
 # `moe_sweep`: each stage alone over tiles (rows, K step, warps, prefetch)
-GATE_UP_TILES = [(8, 2, 2, True), (8, 1, 2, True), (4, 2, 1, True), (8, 2, 1, True), (16, 2, 2, True),
-                 (16, 2, 4, True), (16, 2, 4, False), (8, 2, 2, False), (16, 1, 2, False), (8, 4, 2, False),
-                 (32, 2, 4, False), (16, 4, 4, False), (32, 1, 4, False), (4, 4, 1, False)]
-DOWN_TILES = [(8, 8, 2, False), (4, 8, 1, False), (4, 4, 1, True), (4, 8, 2, False), (8, 4, 1, False),
-              (2, 8, 1, False), (8, 8, 4, False), (16, 8, 4, False), (4, 8, 1, True), (8, 8, 2, True),
-              (2, 4, 1, True), (4, 2, 1, True)]
-Q8_TILES = [(bn, bk, w, split) for bn in (8, 16, 32) for bk in (128, 256, 512) for w in (1, 2, 4)
-            for split in (True, False)]  # rows, codes per step, warps, split-K allowed
+GATE_UP_TILES = [(4, 2, 1, True), (4, 1, 1, True), (2, 2, 1, True), (4, 2, 1, False), (4, 4, 1, True),
+                 (8, 1, 1, True), (2, 4, 1, True), (4, 2, 2, True), (32, 2, 4, False), (64, 2, 8, False),
+                 (32, 2, 8, False), (32, 4, 4, False), (64, 1, 4, False), (32, 2, 4, True), (16, 2, 4, False)]
+DOWN_TILES = [(8, 8, 4, False), (16, 8, 8, False), (8, 8, 8, False), (4, 8, 4, False), (8, 4, 4, False),
+              (32, 8, 8, False), (2, 8, 1, False), (2, 8, 2, False), (2, 4, 1, False), (4, 8, 2, False),
+              (2, 8, 1, True), (1, 8, 1, False)]
+Q8_TILES = [(bn, bk, w, mp) for bn in (16, 32, 64) for bk in (64, 128) for w in (1, 2)
+            for mp in (0, 8, 16, 32)]  # rows, codes per step, warps, split K below mp programs per SM (0: never)
 Q8_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp",
              "ffn_down_shexp", "output")
 
@@ -88,10 +77,10 @@ def main(argv=None) -> int:
             configs = dict(MOE_CONFIGS) if "moe" in args.parts else {}
             if "moe_sweep" in args.parts:
                 configs.update({f"pf_gu_{bn}_{ks}_{w}" if pf else f"gu_{bn}_{ks}_{w}":
-                                C(block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch=pf)
+                                C(block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf)
                                 for bn, ks, w, pf in GATE_UP_TILES})
                 configs.update({f"pf_dn_{bn}_{ks}_{w}" if pf else f"dn_{bn}_{ks}_{w}":
-                                C(block_n_down=bn, kstep_down=ks, warps_down=w, prefetch=pf)
+                                C(block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf)
                                 for bn, ks, w, pf in DOWN_TILES})
             for name, cfg in configs.items():
                 uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate, cfg))
@@ -125,10 +114,11 @@ def main(argv=None) -> int:
             ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
                                    (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
             x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, split in Q8_TILES:
-                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=split)
+            for bn, bk, warps, mp in Q8_TILES:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
+                          min_programs_per_sm=max(mp, 1), max_split=64)
                 ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                row(d.name, f"{bn}x{bk} w{warps}{' split' if split else ''}", "gemv_rows", ms, ws[0].nbytes)
+                row(d.name, f"{bn}x{bk} w{warps} mp{mp}", "gemv_rows", ms, ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
     Path(args.out).write_text("\n".join(lines) + "\n")

@@ -55,7 +55,8 @@ class Int8MoeConfig:
     kstep_down: int = 8
     warps_down: int = 2
     stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
-    prefetch: bool = False  # register double buffer: the next K step's weight words load while this one computes
+    prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
+    prefetch_down: bool = False
     iq2_sel: bool = True  # IQ2_XXS grid as byte-permute selectors (1 KiB table, signs folded in)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
@@ -599,7 +600,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, SEL=sel_grid,
-        PF=cfg.prefetch and (sel_grid or not iq2), num_warps=cfg.warps_gate_up)
+        PF=cfg.prefetch_gate_up and (sel_grid or not iq2), num_warps=cfg.warps_gate_up)
     return h
 
 
@@ -613,7 +614,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig):
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
-        PF=cfg.prefetch, num_warps=cfg.warps_down)
+        PF=cfg.prefetch_down, num_warps=cfg.warps_down)
     return out
 
 
@@ -625,7 +626,7 @@ CONFIGS = {
     "int8_n32": Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4,
                               block_n_down=16, kstep_down=8, warps_down=4),
     "int8_p2": Int8MoeConfig(stages=2),
-    "int8_pf": Int8MoeConfig(prefetch=True),
+    "int8_pf": Int8MoeConfig(prefetch_gate_up=True, prefetch_down=True),
 }
 
 

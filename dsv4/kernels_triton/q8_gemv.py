@@ -193,10 +193,11 @@ def _q8_rows_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, R, k_split, n_row_t
             acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
 
 
-def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_split: bool) -> int:
+def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_split: bool,
+                min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM, max_split: int = ROWS_MAX_SPLIT) -> int:
     split = 1
     if allow_split and dev.vendor != Vendor.CPU:
-        while (n_row_tiles * split < dev.n_sm * ROWS_MIN_PROGRAMS_PER_SM and split * 2 <= ROWS_MAX_SPLIT
+        while (n_row_tiles * split < dev.n_sm * min_programs_per_sm and split * 2 <= max_split
                and k % (split * 2 * block_k) == 0):
             split *= 2
     return split
@@ -204,7 +205,8 @@ def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_s
 
 def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
-              prefetch: bool = False, x_mode: int = 0):
+              prefetch: bool = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
+              max_split: int = ROWS_MAX_SPLIT):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
@@ -220,7 +222,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         g = q8_tiles(x, dw, dev, groups, block_n, block_k)
         T, N, R, stride_xg, bn, bk, block_t, n_row_tiles, prmt, lead = (
             g.T, g.N, g.R, g.stride_xg, g.block_n, g.block_k, g.block_t, g.n_row_tiles, g.prmt, g.lead)
-        split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split)
+        split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split, min_programs_per_sm, max_split)
         k_split = dw.k // split
         stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
 
@@ -241,7 +243,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         return launch
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
-    key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode)
+    key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
+           max_split)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

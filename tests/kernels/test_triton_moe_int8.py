@@ -242,13 +242,13 @@ out = {
                   stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr"),
                   dict(IQ2_ORDER=True), m.QUANT_LAUNCH),
     "gate_up_iq2": comp(m._gate_up_int8_kernel, dict(gu, g64_ptr="*i32" if c.iq2_sel else "*i64"), dict(FMT=16, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=c.iq2_sel, PF=c.prefetch)),
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=c.iq2_sel, PF=c.prefetch_gate_up)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=False, PF=c.prefetch)),
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=False, PF=c.prefetch_gate_up)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, STAGES=1, PF=c.prefetch)),
+                     ASM=True, STAGES=1, PF=c.prefetch_down)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, STAGES=1, PF=c.prefetch)),
+                     ASM=True, STAGES=1, PF=c.prefetch_down)),
 }
 print("RESULT" + json.dumps(out))
 """
