@@ -31,6 +31,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("DSV4_KV_DIR", str, "", "KV page files and prefix cache (default: <cache dir>/kv); --kv-dir overrides."),
         Setting("DSV4_KV_BUDGET", str, "", "Resident bytes for paged KV rows, e.g. 2G or 512M (default: no limit)."),
         Setting("DSV4_KV_DISK_MB", int, 4096, "Disk budget of the KV prefix cache in MiB."),
+        Setting("DSV4_PDL", bool, True, "Triton decode kernels use programmatic dependent launch on sm_90+ "
+                "(their weight loads start while the previous kernel finishes)."),
     )
 }
 

@@ -11,6 +11,7 @@ Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 import datetime as dt
 import sys
 from pathlib import Path
@@ -43,10 +44,25 @@ Q8_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b"
              "ffn_down_shexp", "output")
 
 
+# `pdl`: the best tiles of the sweeps, each with and without programmatic dependent launch
+PDL_Q8_TILES = [(16, 128, 1, 0), (32, 128, 1, 0), (16, 256, 2, 8), (16, 512, 4, 0), (16, 128, 1, 8), (32, 64, 1, 8),
+                (32, 128, 1, 8), (32, 128, 2, 0), (16, 256, 4, 8), (8, 512, 2, 8), (16, 128, 2, 8), (16, 64, 1, 8)]
+PDL_MOE = {
+    "gu4_2_1pf+dn8_8_8": C(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
+                           block_n_down=8, kstep_down=8, warps_down=8),
+    "gu4_2_1pf+dn8_8_4pf": C(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
+                             block_n_down=8, kstep_down=8, warps_down=4, prefetch_down=True),
+    "gu32_2_4+dn2_8_1pf": C(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
+                            block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True),
+    "gu32_2_4pf+dn2_8_1pf": C(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4, prefetch_gate_up=True,
+                              block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True),
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -61,6 +77,40 @@ def main(argv=None) -> int:
                      f"{100 * gbs / bw:.1f} |")
         print(lines[-1], flush=True)
         Path(args.out).write_text("\n".join(lines) + "\n")  # per row: a timeout keeps what was measured
+
+    if "pdl" in args.parts:
+        for recipe, (fgu, fdn) in MOE.items():
+            shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
+            gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
+            up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
+            down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
+            gen = torch.Generator(device="cpu").manual_seed(1)
+            sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
+            wts = torch.rand((1, K_USED), device=device)
+            u = torch.randn((1, D), device=device)
+            nbytes = K_USED * (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
+            for name, cfg in PDL_MOE.items():
+                for pdl in (False, True):
+                    c = replace(cfg, pdl=pdl)
+                    row(f"moe_{recipe}", f"{name}{' pdl' if pdl else ''}", "whole", graph_time_ms(
+                        [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, c) for s in sels]),
+                        nbytes)
+            del gate, up, down
+            torch.cuda.empty_cache()
+        for d in DENSE:
+            if d.name not in Q8_SHAPES:
+                continue
+            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
+                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+            for bn, bk, warps, mp in PDL_Q8_TILES:
+                for pdl in (False, True):
+                    kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
+                              min_programs_per_sm=max(mp, 1), pdl=pdl)
+                    ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                    row(d.name, f"{bn}x{bk} w{warps} mp{mp}{' pdl' if pdl else ''}", "gemv_rows", ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
 
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():

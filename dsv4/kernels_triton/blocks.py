@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..quant.formats import QTensor, QuantFormat
 from ..quant.tables import IQ2XXS_GRID
@@ -143,6 +144,16 @@ def from_qtensor(qt: QTensor, device) -> DeviceWeight:
 
 
 # ---- in-kernel decoders ----------------------------------------------------------------------------
+
+@triton.jit
+def pdl_wait(PDL: tl.constexpr):
+    """With programmatic dependent launch (configs.use_pdl): wait until the previous kernel has finished and
+    its writes are visible, then let the next kernel launch. Everything before this call may read only
+    weights and inputs older than the previous kernel; the next kernel starts its own prologue then."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
 
 @triton.jit
 def _f16_from_bits(b):

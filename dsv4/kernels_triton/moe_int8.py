@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
-from .configs import DeviceInfo, Vendor
+from .configs import DeviceInfo, Vendor, use_pdl
 from ..quant.formats import QuantFormat
 from ..quant.tables import IQ2XXS_LEVELS
 
@@ -57,6 +57,7 @@ class Int8MoeConfig:
     stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
+    pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
     iq2_sel: bool = True  # IQ2_XXS grid as byte-permute selectors (1 KiB table, signs folded in)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
@@ -80,13 +81,14 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 @triton.jit
 def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s,
-                      IQ2_ORDER: tl.constexpr = False):
+                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False):
     """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k: max = the first element of
     largest |x| (torch.argmax picks the first of ties), iscale = -127/max, q = min(127, rint(iscale x)),
     d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host."""
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     i = tl.arange(0, QK_C)
+    blocks.pdl_wait(PDL)
     x = tl.load(x_ptr + r * stride_x + b * QK_C + i).to(tl.float32)
     ax = tl.abs(x)
     amax = tl.max(ax, axis=0)
@@ -312,7 +314,8 @@ def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g64_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr, SEL: tl.constexpr = False, PF: tl.constexpr = False):
+                         STAGES: tl.constexpr, SEL: tl.constexpr = False, PF: tl.constexpr = False,
+                         PDL: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs); slot = t * KSEL + i, e = sel[slot]. KSTEP block pairs (IQ2_XXS) or blocks (Q4_K)
     per K step. Rows past F are clamped to F - 1 (valid reads, results not stored). SEL: IQ2_XXS
@@ -335,6 +338,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         if PF:
             g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + kk * IQ2_PAIR_WORDS)
             u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + kk * IQ2_PAIR_WORDS)
+        blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and weights are older)
         for p0 in tl.range(0, n_pairs, KSTEP, num_stages=STAGES):
             pw = (p0 + kk) * IQ2_PAIR_WORDS
             xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
@@ -374,6 +378,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         if PF:
             gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS)
             uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS)
+        blocks.pdl_wait(PDL)
         for b0 in tl.range(0, n_blocks, KSTEP, num_stages=STAGES):
             xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
             sw = t * stride_xs + (b0 + kk) * SUMS_PER_BLOCK
@@ -407,7 +412,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      STAGES: tl.constexpr, PF: tl.constexpr = False):
+                      STAGES: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -423,6 +428,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         if PF:
             e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
             q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None] + kk * Q2K_WORDS)
+        blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):  # slot-major: fixed summation order
             i = j // n_steps
             b0 = (j - i * n_steps) * KSTEP
@@ -450,6 +456,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         if PF:
             e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
             q, s0, s1, s2, dd = _q4_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None, None] + kk * Q4K_WORDS)
+        blocks.pdl_wait(PDL)
         for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):
             i = j // n_steps
             b0 = (j - i * n_steps) * KSTEP
@@ -487,7 +494,7 @@ def empty_i32(shape, device):
 QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
 
 
-def quant_q8_k(x, iq2_order: bool = False):
+def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
     scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
     the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7])."""
@@ -500,7 +507,8 @@ def quant_q8_k(x, iq2_order: bool = False):
     d = blocks.empty((R, C // QK), x.device)
     if R:
         _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(0), d.stride(0), s.stride(0),
-                                        IQ2_ORDER=iq2_order, **QUANT_LAUNCH)
+                                        IQ2_ORDER=iq2_order, PDL=pdl, **QUANT_LAUNCH,
+                                        **({"launch_pdl": True} if pdl else {}))
     return q, d, s
 
 
@@ -559,8 +567,10 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     asm = use_asm(dev, u)
     if cpu:
         cfg = replace(cfg, stages=1)
-    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg)), gate, up, sel, weights, clamp, asm, cfg)
-    return down_int8(quant_q8_k(h), down, sel, asm, cfg)
+    pdl = cfg.pdl and use_pdl(dev)
+    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg), pdl=pdl), gate, up, sel, weights, clamp,
+                     asm, cfg, pdl)
+    return down_int8(quant_q8_k(h, pdl=pdl), down, sel, asm, cfg, pdl)
 
 
 def uses_iq2_order(gate: DeviceWeight, cfg: Int8MoeConfig) -> bool:
@@ -582,7 +592,7 @@ _SELECTORS: dict = {}
 
 
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
-                 cfg: Int8MoeConfig):
+                 cfg: Int8MoeConfig, pdl: bool = False):
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg)) -> h [T*K, F] fp32
     (SwiGLU of the slot's expert, routed)."""
     xq, xd, xs = uq
@@ -600,11 +610,12 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, SEL=sel_grid,
-        PF=cfg.prefetch_gate_up and (sel_grid or not iq2), num_warps=cfg.warps_gate_up)
+        PF=cfg.prefetch_gate_up and (sel_grid or not iq2), PDL=pdl, num_warps=cfg.warps_gate_up,
+        **({"launch_pdl": True} if pdl else {}))
     return h
 
 
-def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig):
+def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False):
     """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order."""
     hq, hd, hs = hq3
     (T, K), (E, D, F) = sel.shape, down.shape
@@ -614,7 +625,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig):
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
-        PF=cfg.prefetch_down, num_warps=cfg.warps_down)
+        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **({"launch_pdl": True} if pdl else {}))
     return out
 
 

@@ -18,7 +18,7 @@ import triton.language as tl
 
 from . import blocks
 from .blocks import DeviceWeight
-from .configs import DeviceInfo, Vendor, pow2_divisor
+from .configs import DeviceInfo, Vendor, pdl_launch, pow2_divisor, use_pdl
 from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
 from .qmatmul_fast import DEQUANT_BLOCK_N, DEQUANT_BLOCKS, Q8_BIAS, F32_MAGIC_BITS, _q8_dequant_rows_kernel, \
     _q8_accumulate, _q8_word_codes, q8_tiles
@@ -46,7 +46,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
-                    PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1):
+                    PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
@@ -73,6 +73,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
         u_next = tl.load(wp)
         d_next = tl.load(sp)
+    blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
     for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
         if PREFETCH:
             u = u_next ^ Q8_BIAS
@@ -206,7 +207,7 @@ def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_s
 def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
-              max_split: int = ROWS_MAX_SPLIT):
+              max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
@@ -224,6 +225,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
             g.T, g.N, g.R, g.stride_xg, g.block_n, g.block_k, g.block_t, g.n_row_tiles, g.prmt, g.lead)
         split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split, min_programs_per_sm, max_split)
         k_split = dw.k // split
+        use = use_pdl(dev) if pdl is None else (pdl and use_pdl(dev))
         stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
 
         def launch(x):
@@ -235,8 +237,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 x, dw.w, dw.s, out, y, counters, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
-                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, SPLIT=split, num_warps=num_warps,
-                num_stages=1)
+                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, SPLIT=split, PDL=use, num_warps=num_warps,
+                num_stages=1, **(pdl_launch(dev) if use else {}))
             return y if split > 1 else out[0]
         # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
         counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
@@ -244,7 +246,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split)
+           max_split, pdl)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 
