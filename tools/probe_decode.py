@@ -28,8 +28,9 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
 MOE_CONFIGS = {
-    "int8": C(),
-    "int8_n8": moe_int8.CONFIGS["int8_n8"],
+    "int8_base": C(),
+    "int8_tuned_q2": moe_int8.TUNED[moe_int8.QuantFormat.IQ2_XXS],
+    "int8_tuned_q4": moe_int8.TUNED[moe_int8.QuantFormat.Q4_K],
 }
 # `moe_sweep`: each stage alone over tiles (rows, K step, warps, prefetch)
 GATE_UP_TILES = [(4, 2, 1, True), (4, 1, 1, True), (2, 2, 1, True), (4, 2, 1, False), (4, 4, 1, True),
@@ -59,10 +60,24 @@ PDL_MOE = {
 }
 
 
+# `q8x`: per shape, the best tiles of `pdl` (all with PDL) with the weights prefetched 1 or 2 steps ahead, x
+# prefetched or not
+Q8X_TILES = {
+    "attn_q_b": [(16, 128, 1, 8), (16, 128, 1, 0), (32, 128, 1, 0)],
+    "attn_output_a": [(16, 512, 4, 0), (16, 128, 1, 8), (32, 64, 1, 8)],
+    "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 64, 1, 8)],
+    "output": [(32, 128, 1, 0), (32, 128, 1, 8)],
+    "attn_q_a": [(16, 256, 2, 8), (16, 128, 1, 8)],
+    "attn_kv": [(16, 256, 2, 8), (8, 512, 2, 8)],
+    "ffn_gate_shexp": [(16, 256, 2, 8), (16, 128, 1, 8)],
+    "ffn_down_shexp": [(16, 512, 4, 0), (16, 128, 1, 8)],
+}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -112,6 +127,24 @@ def main(argv=None) -> int:
             del ws
             torch.cuda.empty_cache()
 
+    if "q8x" in args.parts:
+        for d in DENSE:
+            if d.name not in Q8X_TILES:
+                continue
+            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
+                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+            for bn, bk, warps, mp in Q8X_TILES[d.name]:
+                for pf in (1, 2):
+                    for xpf in (False, True):
+                        kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=pf, allow_split=mp > 0,
+                                  min_programs_per_sm=max(mp, 1), x_prefetch=xpf)
+                        ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                        row(d.name, f"{bn}x{bk} w{warps} mp{mp} pf{pf}{' xpf' if xpf else ''}", "gemv_rows", ms,
+                            ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
+
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
             shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
@@ -137,7 +170,7 @@ def main(argv=None) -> int:
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
                 case = f"moe_{recipe}"
-                if name == "int8_old":
+                if name == "int8_base":
                     row(case, name, "quant u", graph_time_ms([lambda: moe_int8.quant_q8_k(u)]), u.numel() * 4)
                     row(case, name, "quant h", graph_time_ms([lambda h=h: moe_int8.quant_q8_k(h) for h in hs]),
                         hs[0].numel() * 4)

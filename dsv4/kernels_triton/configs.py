@@ -120,21 +120,21 @@ def detect_device(device) -> DeviceInfo:
     return DeviceInfo(Vendor.NVIDIA, f"sm_{p.major}{p.minor}", p.multi_processor_count, 32)
 
 
-def use_pdl(dev: DeviceInfo) -> bool:
-    """Programmatic dependent launch (PTX griddepcontrol, launch attribute): NVIDIA sm_90 and newer,
-    unless DSV4_PDL=0. A kernel launched this way may start while the previous one finishes; it must
+def use_pdl(dev: DeviceInfo, x) -> bool:
+    """Programmatic dependent launch (PTX griddepcontrol, launch attribute) for a kernel on tensor x:
+    CUDA tensors on NVIDIA sm_90 and newer, unless DSV4_PDL=0. A kernel launched this way may start while the previous one finishes; it must
     read that kernel's outputs only after gdc_wait (inputs of older kernels and weights: any time)."""
     from .. import settings
 
-    if dev.vendor != Vendor.NVIDIA or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():
+    if dev.vendor != Vendor.NVIDIA or not x.is_cuda or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():
         return False
     return int(dev.arch[3:]) >= 90 and bool(settings.get("DSV4_PDL"))
 
 
-def pdl_launch(dev: DeviceInfo) -> dict:
-    """Extra launch keyword for a kernel with a PDL constexpr (empty off CUDA: the interpreter and
-    ROCm launchers do not take it)."""
-    return {"launch_pdl": True} if use_pdl(dev) else {}
+def pdl_launch(pdl: bool) -> dict:
+    """Extra launch keyword for a kernel whose PDL constexpr is `pdl` (empty when off: the interpreter
+    and ROCm launchers do not take it)."""
+    return {"launch_pdl": True} if pdl else {}
 
 
 def _next_pow2(n: int) -> int:

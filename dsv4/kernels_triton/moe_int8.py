@@ -20,7 +20,7 @@ import triton.language as tl
 
 from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
-from .configs import DeviceInfo, Vendor, use_pdl
+from .configs import DeviceInfo, Vendor, pdl_launch, use_pdl
 from ..quant.formats import QuantFormat
 from ..quant.tables import IQ2XXS_LEVELS
 
@@ -508,7 +508,7 @@ def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False):
     if R:
         _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(0), d.stride(0), s.stride(0),
                                         IQ2_ORDER=iq2_order, PDL=pdl, **QUANT_LAUNCH,
-                                        **({"launch_pdl": True} if pdl else {}))
+                                        **pdl_launch(pdl))
     return q, d, s
 
 
@@ -553,7 +553,7 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     """Routed MoE for few tokens with Q8_K activations: u [T, D], sel/weights [T, K] -> [T, D] fp32.
     Formats or shapes it does not take (gate/up other than IQ2_XXS/Q4_K, down other than Q2_K/Q4_K,
     IQ2_XXS with D % 512) run moe.fused_blockdot, which keeps float activations."""
-    cfg = cfg or Int8MoeConfig()
+    cfg = cfg or TUNED.get(gate.fmt, Int8MoeConfig())
     cpu = dev.vendor == Vendor.CPU
     if cpu and cfg.cpu_widen:
         cfg = replace(cfg, block_n_gate_up=max(cfg.block_n_gate_up, CPU_BLOCK_N_GATE_UP),
@@ -567,7 +567,7 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     asm = use_asm(dev, u)
     if cpu:
         cfg = replace(cfg, stages=1)
-    pdl = cfg.pdl and use_pdl(dev)
+    pdl = cfg.pdl and use_pdl(dev, u)
     h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg), pdl=pdl), gate, up, sel, weights, clamp,
                      asm, cfg, pdl)
     return down_int8(quant_q8_k(h, pdl=pdl), down, sel, asm, cfg, pdl)
@@ -611,7 +611,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, SEL=sel_grid,
         PF=cfg.prefetch_gate_up and (sel_grid or not iq2), PDL=pdl, num_warps=cfg.warps_gate_up,
-        **({"launch_pdl": True} if pdl else {}))
+        **pdl_launch(pdl))
     return h
 
 
@@ -625,23 +625,29 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
-        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **({"launch_pdl": True} if pdl else {}))
+        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
+# Tuned per gate/up format on the H200 (tools/results/h200_decode/: tools/probe_decode.py moe_sweep, pdl):
+# IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched, Q2_K down 8 rows x 8 warps;
+# Q4_K gate/up 32 rows x 4 warps, Q4_K down 2 rows, 1 warp, prefetched.
+TUNED = {
+    QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
+                                       block_n_down=8, kstep_down=8, warps_down=8),
+    QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
+                                    block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True),
+}
 CONFIGS = {
-    "int8": Int8MoeConfig(),
+    "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
+    "int8_base": Int8MoeConfig(),
     "int8_n8": Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2,
                              block_n_down=4, kstep_down=8, warps_down=1),
-    "int8_n32": Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=1, warps_gate_up=4,
-                              block_n_down=16, kstep_down=8, warps_down=4),
-    "int8_p2": Int8MoeConfig(stages=2),
-    "int8_pf": Int8MoeConfig(prefetch_gate_up=True, prefetch_down=True),
 }
 
 
-def _variant(cfg: Int8MoeConfig):
+def _variant(cfg: Int8MoeConfig | None):
     def fn(u, gate, up, down, sel, weights, clamp, dev):
         return fused_int8(u, gate, up, down, sel, weights, clamp, dev, cfg)
     return fn
@@ -650,12 +656,12 @@ def _variant(cfg: Int8MoeConfig):
 from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
-    "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode): gate/up 16 rows x 2 IQ2 pairs / 2 Q4_K "
-            "blocks per step, 4 warps; down 8 rows x 8 blocks per step, 2 warps",
+    "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
+            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 8 rows, 8 warps; Q4_K 32 rows x 4 warps / 2 rows, "
+            "1 warp, prefetch), programmatic dependent launch on sm_90+",
+    "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
+                 "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
-    "int8_n32": "int8 with large programs: gate/up 32 rows x 1 pair/block, 4 warps; down 16 rows, 4 warps",
-    "int8_p2": "int8 with the K loops software-pipelined (tl.range num_stages=2: cp.async via shared memory)",
-    "int8_pf": "int8 with a register double buffer: each K step's weight words load while the previous step computes",
 }
 for _name, _cfg in CONFIGS.items():
     register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name])

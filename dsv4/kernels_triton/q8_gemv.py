@@ -31,10 +31,21 @@ ROWS_MAX_SPLIT = 8
 
 
 @triton.jit
+def _x_words(x_ptr, k0, NB: tl.constexpr):
+    """x[k0 + 32b + 4i + j] as one [NB, 8, 4] tensor, in natural order (16-byte runs)."""
+    return tl.load(x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4
+                   + tl.arange(0, 4)[None, None, :])
+
+
+@triton.jit
 def _x_lanes(x_ptr, k0, NB: tl.constexpr):
     """x[k0 + 32b + 4i + j] as four [1, NB, 8] tensors (lane j = byte j of code word i of block b)."""
-    xv = tl.load(x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4
-                 + tl.arange(0, 4)[None, None, :])
+    return _x_split(_x_words(x_ptr, k0, NB), NB)
+
+
+@triton.jit
+def _x_split(xv, NB: tl.constexpr):
+    """_x_words' [NB, 8, 4] tensor as its four byte lanes [1, NB, 8]."""
     even, odd = tl.split(tl.reshape(xv, (NB, 8, 2, 2)))  # j = 2*j1 + j0: split j0, then j1
     x0, x2 = tl.split(even)
     x1, x3 = tl.split(odd)
@@ -46,11 +57,13 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
-                    PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False):
+                    PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
+                    XPF: tl.constexpr = False):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
-    are clamped to N-1 (not stored)."""
+    are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
+    computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too."""
     NB: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -70,12 +83,31 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     k_lo = pid_k * k_split
     wp = w32 + r[:, None, None] * stride_w_words + (k_lo >> 2) + b3 * 8 + i3
     sp = s_ptr + r[:, None] * stride_s + off_s + (k_lo >> 5) + tl.arange(0, NB)[None, :]
+    k_hi = k_lo + k_split
     if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
         u_next = tl.load(wp)
         d_next = tl.load(sp)
+        if PREFETCH == 2:
+            more2 = (tl.full([1, NB, 1], 0, tl.int32) + k_lo + BLOCK_K) < k_hi
+            u_next2 = tl.load(wp + (BLOCK_K >> 2), mask=more2, other=0)
+            d_next2 = tl.load(sp + (BLOCK_K >> 5), mask=(tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi,
+                              other=0.0)
     blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
-    for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
-        if PREFETCH:
+    if XPF:
+        xv_next = _x_words(x_base, k_lo, NB)
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
+        if PREFETCH == 2:
+            u = u_next ^ Q8_BIAS
+            d = d_next.to(tl.float32)
+            u_next = u_next2
+            d_next = d_next2
+            wp += BLOCK_K >> 2
+            sp += BLOCK_K >> 5
+            more2 = (tl.full([1, NB, 1], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi
+            u_next2 = tl.load(wp + (BLOCK_K >> 2), mask=more2, other=0)
+            d_next2 = tl.load(sp + (BLOCK_K >> 5), mask=(tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi,
+                              other=0.0)
+        elif PREFETCH:
             u = u_next ^ Q8_BIAS
             d = d_next.to(tl.float32)
             more = (tl.full([1, NB, 1], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: vectorized
@@ -108,6 +140,9 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                 x1 = tl.load(xp + 1)
                 x2 = tl.load(xp + 2)
                 x3 = tl.load(xp + 3)
+            elif XPF:  # BLOCK_T == 1: this step's x arrived during the previous one (last step re-reads itself)
+                x0, x1, x2, x3 = _x_split(xv_next, NB)
+                xv_next = _x_words(x_base, tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K), NB)
             else:
                 x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
             p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
@@ -206,8 +241,8 @@ def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_s
 
 def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
-              prefetch: bool = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
-              max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None):
+              prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
+              max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
@@ -225,7 +260,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
             g.T, g.N, g.R, g.stride_xg, g.block_n, g.block_k, g.block_t, g.n_row_tiles, g.prmt, g.lead)
         split = _rows_split(n_row_tiles, dw.k, bk, dev, allow_split, min_programs_per_sm, max_split)
         k_split = dw.k // split
-        use = use_pdl(dev) if pdl is None else (pdl and use_pdl(dev))
+        use = use_pdl(dev, x) and pdl is not False
         stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
 
         def launch(x):
@@ -237,8 +272,9 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 x, dw.w, dw.s, out, y, counters, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
-                PREFETCH=prefetch and dw.k // split > bk, XPERM=x_mode, SPLIT=split, PDL=use, num_warps=num_warps,
-                num_stages=1, **(pdl_launch(dev) if use else {}))
+                PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
+                XPF=x_prefetch and block_t == 1 and x_mode == 0, num_warps=num_warps,
+                num_stages=1, **pdl_launch(use))
             return y if split > 1 else out[0]
         # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
         counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
@@ -246,7 +282,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl)
+           max_split, pdl, x_prefetch)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

@@ -238,7 +238,7 @@ dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr=
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", STAGES="constexpr",
           PF="constexpr", PDL="constexpr")
-c = m.CONFIGS["int8"]
+c = m.Int8MoeConfig()
 out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
                   stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr",
@@ -275,7 +275,7 @@ def test_ptx_path_compiles_for_sm90():
                        timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
-    c = moe_int8.CONFIGS["int8"]
+    c = moe_int8.Int8MoeConfig()
     threads = 4 * 32
     per_thread = {  # dp4a per thread per K step: elements / threads x dots per element
         "gate_up_iq2": c.block_n_gate_up * c.kstep_gate_up * 8 * 2 * 2 // threads * 8,

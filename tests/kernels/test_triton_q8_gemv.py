@@ -38,12 +38,19 @@ def _x(t: int, k: int, groups: int = 1, seed: int = 11):
     (24, 128, 3, 2, 8, 64, True, 1),    # ... grouped
     (37, 256, 5, 1, 8, 64, True, 2),    # x lanes as stride-4 gathers
     (24, 128, 3, 2, 8, 64, True, 2),    # ... grouped
+    (37, 256, 5, 1, 4, 64, 2, 0),       # two steps ahead (4 K steps: the last two prefetches are masked)
+    (21, 96, 1, 1, 16, 32, 2, 0),       # ... 3 K steps, one token
+    (37, 256, 1, 1, 8, 64, "x", 0),     # one token, x of the next step prefetched too (last step re-reads)
+    (24, 128, 1, 2, 8, 32, "x2", 0),    # ... grouped, two steps ahead
 ])
 def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, x_mode, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + k)
     x = _x(t, k, groups)
+    x_prefetch = isinstance(prefetch, str)
+    if x_prefetch:
+        prefetch = 2 if prefetch == "x2" else 1
     y = q8_gemv.gemv_rows(x, dw, detect_device(DEVICE), groups, block_n=block_n, block_k=block_k, prefetch=prefetch,
-                          x_mode=x_mode)
+                          x_mode=x_mode, x_prefetch=x_prefetch)
     assert y.shape == (t, n)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows n={n} k={k} T={t} G={groups}")
 
@@ -118,3 +125,61 @@ def test_gemv_rows_persist(n, k, groups, block_n, block_k, dev, poison):
     y = q8_gemv.gemv_rows_persist(x, dw, dev or detect_device(DEVICE), groups, block_n=block_n, block_k=block_k,
                                   programs_per_sm=1)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows_persist n={n} k={k} G={groups}")
+
+
+def test_pdl_selection(monkeypatch):
+    """Programmatic dependent launch only for CUDA tensors on NVIDIA sm_90+, and DSV4_PDL=0 turns it off."""
+    from types import SimpleNamespace
+
+    from dsv4.kernels_triton.configs import pdl_launch, use_pdl
+
+    cuda, cpu = SimpleNamespace(is_cuda=True), torch.zeros(1)
+    monkeypatch.delenv("DSV4_PDL", raising=False)
+    assert use_pdl(DeviceInfo(Vendor.NVIDIA, "sm_90"), cuda) and use_pdl(DeviceInfo(Vendor.NVIDIA, "sm_100"), cuda)
+    assert not use_pdl(DeviceInfo(Vendor.NVIDIA, "sm_89"), cuda)
+    assert not use_pdl(DeviceInfo(Vendor.NVIDIA, "sm_90"), cpu)  # interpreter: no griddepcontrol
+    assert not use_pdl(DeviceInfo(Vendor.AMD, "gfx942"), cuda)
+    monkeypatch.setenv("DSV4_PDL", "0")
+    assert not use_pdl(DeviceInfo(Vendor.NVIDIA, "sm_90"), cuda)
+    assert pdl_launch(True) == {"launch_pdl": True} and pdl_launch(False) == {}
+
+
+_SM90_PDL = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from dsv4.kernels_triton import q8_gemv as m
+names = m._q8_rows_kernel.arg_names
+types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
+const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
+             PDL=True, XPF=True)
+sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+src = ASTSource(fn=m._q8_rows_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
+body = ptx.split("griddepcontrol.wait")
+print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("griddepcontrol.launch_dependents"),
+                             "loads_before": body[0].count("ld.global"), "atomics_before": body[0].count("atom.")}))
+"""
+
+
+def test_pdl_kernel_orders_loads_for_sm90():
+    """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
+    launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists() and not shutil.which("ptxas"):
+        pytest.skip("no ptxas to compile the NVIDIA path")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_PDL], env=env, capture_output=True, text=True, timeout=300,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    assert res["wait"] == 1 and res["dependents"] == 1, res
+    assert res["loads_before"] >= 2 and res["atomics_before"] == 0, res
