@@ -74,10 +74,15 @@ Q8X_TILES = {
 }
 
 
+# `q8o`: attn_output_a / attn_output_b around their best tiles (PDL, one step prefetched)
+Q8O_TILES = [(bn, bk, w, mp) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4)
+             for mp in (0, 2, 4, 8) if not (bk == 512 and w == 1)]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -124,6 +129,21 @@ def main(argv=None) -> int:
                               min_programs_per_sm=max(mp, 1), pdl=pdl)
                     ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
                     row(d.name, f"{bn}x{bk} w{warps} mp{mp}{' pdl' if pdl else ''}", "gemv_rows", ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
+
+    if "q8o" in args.parts:
+        for d in DENSE:
+            if d.name not in ("attn_output_a", "attn_output_b"):
+                continue
+            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
+                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+            for bn, bk, warps, mp in Q8O_TILES:
+                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
+                          min_programs_per_sm=max(mp, 1))
+                ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                row(d.name, f"{bn}x{bk} w{warps} mp{mp}", "gemv_rows", ms, ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
 
