@@ -318,17 +318,34 @@ def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, blo
     return _plan("gemv_rows_persist", x, dw, groups, key, build)(x)
 
 
-DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # T=1, up to LARGE_N rows
-DEFAULT_ROWS_WIDE = dict(DEFAULT_ROWS, num_warps=4)  # T > 1, or more than LARGE_N rows (the LM head)
-LARGE_N = 65536
+DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # T=1, shapes not in ROWS_T1
+DEFAULT_ROWS_WIDE = dict(DEFAULT_ROWS, num_warps=4)  # T > 1
+# One token, tile per (rows, K, groups) of the Flash Q8_0 matrices: the fastest of the H200 sweeps
+# (tools/results/h200_decode/: probe_decode q8, pdl, q8x, q8o; CUDA-graph replay with programmatic dependent
+# launch). allow_split=False: the row tiles alone fill the GPU (or splitting measured slower).
+_ONE_WARP = dict(block_k=128, num_warps=1, prefetch=True)
+ROWS_T1 = {
+    (32768, 1024, 1): dict(_ONE_WARP, block_n=16),  # attn_q_b: 2048 one-warp programs
+    (4096, 8192, 1): dict(_ONE_WARP, block_n=32),  # attn_output_b: split-K 8
+    (8192, 4096, 8): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False),  # attn_output_a
+    (129280, 4096, 1): dict(_ONE_WARP, block_n=32, allow_split=False),  # LM head
+    (4096, 2048, 1): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False),  # ffn_down_shexp
+}
+ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
+
+
+def rows_config(t: int, n_rows: int, k: int, groups: int) -> dict:
+    """gemv_rows keyword arguments for a T-token GEMV of this shape (CUDA)."""
+    if t > 1:
+        return DEFAULT_ROWS_WIDE
+    return ROWS_T1.get((n_rows, k, groups), ROWS_T1_WIDE_K if k >= 4096 else DEFAULT_ROWS)
 
 
 def gemv_rows_default(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
-    """gemv_rows with the config qmatmul's auto variant uses on CUDA. H200 sweep (tools/results/h200_q8/
-    09_tile_sweep.md): 16 rows x 256 codes with the next step prefetched; 2 warps at T=1 (56 % of read
-    bandwidth on attn_q_b vs 50 % with 4), 4 warps on the 129280-row LM head (72 % vs 71 %) and at T=4."""
-    wide = x.shape[0] > 1 or dw.n_rows > LARGE_N
-    return gemv_rows(x, dw, dev, groups, **(DEFAULT_ROWS_WIDE if wide else DEFAULT_ROWS))
+    """gemv_rows with the config qmatmul's auto variant uses on CUDA (rows_config; with programmatic dependent
+    launch on sm_90+). H200, T=1, CUDA-graph replay: attn_q_b 72 %, the LM head 82 %, attn_output_a/b 61-65 %
+    of the streaming read (tools/results/h200_decode/)."""
+    return gemv_rows(x, dw, dev, groups, **rows_config(x.shape[0], dw.n_rows, dw.k, groups))
 
 
 # ---- prefill: transient fp16 weight + tl.dot on fp32 activations ------------------------------------
