@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                                 C(block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf)
                                 for bn, ks, w, pf in DOWN_TILES})
             for name, cfg in configs.items():
-                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate, cfg))
+                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate))
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
                 case = f"moe_{recipe}"

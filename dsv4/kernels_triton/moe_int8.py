@@ -7,7 +7,11 @@ super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the 
 `_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
 slots in order (no atomics: bitwise reproducible). Semantics are `TorchOps(act_quant=True).moe`: the
 integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
-TritonOps gives ds4's activation rounding). Knows block layouts, not the model.
+TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 1 KiB grid
+table of level nibbles with the 8 signs ORed in, one prmt per 4 signed magnitudes (u's codes are quantized in
+the matching byte order). On sm_90+ every launch uses programmatic dependent launch: weight words (and the
+expert ids, two launches old) are loaded before griddepcontrol.wait, activations after it. Tiles per
+gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
 """
 from __future__ import annotations
 
@@ -58,7 +62,6 @@ class Int8MoeConfig:
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
-    iq2_sel: bool = True  # IQ2_XXS grid as byte-permute selectors (1 KiB table, signs folded in)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -178,46 +181,6 @@ def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, g32_ptr, x_ptr, xw, dx0, dx1, ASM:
 
 
 @triton.jit
-def _iq2_xxs_half(base, g64_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
-    """Super-block B (0/1) of the block pairs at word pointers base [BN, KP, 1] (a pair is 33 words:
-    block 0's fields start 2 bytes into a word, block 1's qs at word 17), against activation words at
-    x_ptr + xw [1, KP, 1] (128 per pair). Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8]
-    int32 per 32-weight group ib); the dot is sum_ib d * d_x * that / 8 (§1.6: db = d (2 ls + 1) / 8)."""
-    ib = tl.arange(0, 8)[None, None, :]
-    if B == 0:  # aux words straddle word boundaries: funnel two 16-bit halves
-        w0 = tl.load(base + 2 * ib)
-        w1 = tl.load(base + 2 * ib + 1)
-        w2 = tl.load(base + 2 * ib + 2)
-        aux0 = ((w0 >> 16) & 0xFFFF) | (w1 << 16)
-        aux1 = ((w1 >> 16) & 0xFFFF) | (w2 << 16)
-        d = _f16_from_bits(tl.load(base))
-    else:
-        aux0 = tl.load(base + 17 + 2 * ib)
-        aux1 = tl.load(base + 18 + 2 * ib)
-        d = _f16_from_bits(tl.load(base + 16) >> 16)
-    xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
-    isum = tl.zeros(aux0.shape, dtype=tl.int32)
-    for k in tl.static_range(4):  # 8 weights: grid entry (2 words of magnitudes 8/25/43), 8 sign bits
-        gv = tl.load(g64_ptr + ((aux0 >> (8 * k)) & 255))
-        glo = gv.to(tl.int32)
-        ghi = (gv >> 32).to(tl.int32)
-        # P = s | s << 7 | s << 14 | s << 21 (disjoint, no carries) puts sign bit j (j < 7) at bit
-        # 4 * (2 (j % 4) + j // 4): bits 0, 8, 16, 24 are signs 0-3, bits 4, 12, 20 signs 4-6. The 8th
-        # sign is the parity of the 7 (ksigns rule): the nibble sum of P & 0x11111111, accumulated into
-        # the top nibble by * 0x11111111; its low bit (bit 28) is exactly sign 7's slot in P.
-        p = ((aux1 >> (7 * k)) & 127) * 0x204081
-        p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
-        m_lo = p & 0x01010101  # 0x01 in byte j where weight j is negative
-        m_hi = (p >> 4) & 0x01010101
-        # byte-wise negation without carries (magnitudes >= 1): (g ^ 0xFF) + 1
-        sg_lo = (glo ^ (m_lo * 255)) + m_lo
-        sg_hi = (ghi ^ (m_hi * 255)) + m_hi
-        isum = _dp4a(sg_lo, tl.load(xb + 2 * k), isum, ASM)
-        isum = _dp4a(sg_hi, tl.load(xb + 2 * k + 1), isum, ASM)
-    return d, isum * (2 * ((aux1 >> 28) & 15) + 1)
-
-
-@triton.jit
 def _q4_k_raw(base):
     """The words of Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each): codes
     [BN, KB, 4, 8] (qs words 8c + w, 16-byte runs), the three packed-scale words and d|dmin."""
@@ -311,16 +274,15 @@ def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 # layout); the cross-thread reductions run once per program, after the loop.
 
 @triton.jit
-def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g64_ptr,
+def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr, SEL: tl.constexpr = False, PF: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
+                         STAGES: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
-    xd, sums xs); slot = t * KSEL + i, e = sel[slot]. KSTEP block pairs (IQ2_XXS) or blocks (Q4_K)
-    per K step. Rows past F are clamped to F - 1 (valid reads, results not stored). SEL: IQ2_XXS
-    through the selector table (g64_ptr is then int32 [256]). PF: the next step's weight words are
-    loaded before this step computes (register double buffer; the last step re-reads itself)."""
+    xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
+    pairs (IQ2_XXS, grid as the int32 selector table g32) or blocks (Q4_K) per K step. Rows past F are
+    clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
+    before this step computes (register double buffer; the last step re-reads itself)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -344,26 +306,18 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
             dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))  # [1, KSTEP, 1]
             dx1 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk) + 1)
-            if SEL:
-                if PF:
-                    pn = (tl.minimum(p0 + KSTEP, n_pairs - KSTEP) + kk) * IQ2_PAIR_WORDS
-                    ng0, ng1, ng2, ng3, ng4, ng5, ng6 = _iq2_pair_raw(gb + pn)
-                    nu0, nu1, nu2, nu3, nu4, nu5, nu6 = _iq2_pair_raw(ub + pn)
-                else:
-                    g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
-                    u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
-                acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, g64_ptr, xq_ptr, xw, dx0, dx1, ASM)
-                acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, g64_ptr, xq_ptr, xw, dx0, dx1, ASM)
-                if PF:
-                    g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
-                    u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
+            if PF:
+                pn = (tl.minimum(p0 + KSTEP, n_pairs - KSTEP) + kk) * IQ2_PAIR_WORDS
+                ng0, ng1, ng2, ng3, ng4, ng5, ng6 = _iq2_pair_raw(gb + pn)
+                nu0, nu1, nu2, nu3, nu4, nu5, nu6 = _iq2_pair_raw(ub + pn)
             else:
-                dg0, tg0 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 0, ASM)
-                dg1, tg1 = _iq2_xxs_half(gb + pw, g64_ptr, xq_ptr, xw, 1, ASM)
-                du0, tu0 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 0, ASM)
-                du1, tu1 = _iq2_xxs_half(ub + pw, g64_ptr, xq_ptr, xw, 1, ASM)
-                acc_g += (dg0 * dx0) * tg0.to(tl.float32) + (dg1 * dx1) * tg1.to(tl.float32)
-                acc_u += (du0 * dx0) * tu0.to(tl.float32) + (du1 * dx1) * tu1.to(tl.float32)
+                g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
+                u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
+            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, g32_ptr, xq_ptr, xw, dx0, dx1, ASM)
+            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, g32_ptr, xq_ptr, xw, dx0, dx1, ASM)
+            if PF:
+                g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
+                u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
         gsum = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 0.125
         usum = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 0.125
     else:  # Q4_K
@@ -568,14 +522,14 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     if cpu:
         cfg = replace(cfg, stages=1)
     pdl = cfg.pdl and use_pdl(dev, u)
-    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg), pdl=pdl), gate, up, sel, weights, clamp,
+    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl), gate, up, sel, weights, clamp,
                      asm, cfg, pdl)
     return down_int8(quant_q8_k(h, pdl=pdl), down, sel, asm, cfg, pdl)
 
 
-def uses_iq2_order(gate: DeviceWeight, cfg: Int8MoeConfig) -> bool:
-    """Whether gate_up_int8 reads u's Q8_K codes in quant_q8_k's iq2_order."""
-    return gate.fmt == QuantFormat.IQ2_XXS and cfg.iq2_sel
+def uses_iq2_order(gate: DeviceWeight) -> bool:
+    """Whether gate_up_int8 reads u's Q8_K codes in quant_q8_k's iq2_order (the IQ2_XXS selector decode)."""
+    return gate.fmt == QuantFormat.IQ2_XXS
 
 
 def iq2_selectors(device):
@@ -593,24 +547,22 @@ _SELECTORS: dict = {}
 
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
                  cfg: Int8MoeConfig, pdl: bool = False):
-    """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate, cfg)) -> h [T*K, F] fp32
+    """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
     (SwiGLU of the slot's expert, routed)."""
     xq, xd, xs = uq
     (T, K), (E, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
     iq2 = gate.fmt == QuantFormat.IQ2_XXS
-    sel_grid = uses_iq2_order(gate, cfg)
-    # the grid is only read for IQ2_XXS: 64-bit magnitudes or int32 selectors
-    g64 = (iq2_selectors(gw.device) if sel_grid else gate.g.view(torch.int64)) if iq2 else gw
+    g32 = iq2_selectors(gw.device) if iq2 else gw  # the grid is only read for IQ2_XXS
     kstep = _kstep(D // (IQ2_PAIR if iq2 else QK), cfg.kstep_gate_up)
     bn = cfg.block_n_gate_up
     h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
-        xq, xd, xs, sel, weights, h, gw, uw, g64, F, D, K, float(clamp), stride_w,
+        xq, xd, xs, sel, weights, h, gw, uw, g32, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
-        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages, SEL=sel_grid,
-        PF=cfg.prefetch_gate_up and (sel_grid or not iq2), PDL=pdl, num_warps=cfg.warps_gate_up,
+        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages,
+        PF=cfg.prefetch_gate_up, PDL=pdl, num_warps=cfg.warps_gate_up,
         **pdl_launch(pdl))
     return h
 

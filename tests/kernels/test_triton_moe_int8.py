@@ -230,9 +230,9 @@ def comp(fn, sig, const, options=None):
 
 i32, f32 = "i32", "fp32"
 gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
-          gw_ptr="*i32", uw_ptr="*i32", g64_ptr="*i64", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
+          gw_ptr="*i32", uw_ptr="*i32", g32_ptr="*i32", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
-          KSTEP="constexpr", ASM="constexpr", STAGES="constexpr", SEL="constexpr", PF="constexpr",
+          KSTEP="constexpr", ASM="constexpr", STAGES="constexpr", PF="constexpr",
           PDL="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
@@ -243,10 +243,10 @@ out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
                   stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr",
                   PDL="constexpr"), dict(IQ2_ORDER=True, PDL=True), m.QUANT_LAUNCH),
-    "gate_up_iq2": comp(m._gate_up_int8_kernel, dict(gu, g64_ptr="*i32" if c.iq2_sel else "*i64"), dict(FMT=16, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=c.iq2_sel, PF=c.prefetch_gate_up, PDL=True)),
+    "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, PF=c.prefetch_gate_up, PDL=True)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, SEL=False, PF=c.prefetch_gate_up, PDL=True)),
+                        KSTEP=c.kstep_gate_up, ASM=True, STAGES=1, PF=c.prefetch_gate_up, PDL=True)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
                      ASM=True, STAGES=1, PF=c.prefetch_down, PDL=True)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
@@ -290,7 +290,7 @@ def test_ptx_path_compiles_for_sm90():
     # programmatic dependent launch: one wait and one launch_dependents per kernel
     assert all(r["gdc"] == 2 for r in res.values()), {k: r["gdc"] for k, r in res.items()}
     # the selector IQ2_XXS decode: one single-instruction prmt per dp4a (4 signed magnitudes each)
-    assert c.iq2_sel and res["gate_up_iq2"]["prmt_asm"] == per_thread["gate_up_iq2"]
+    assert res["gate_up_iq2"]["prmt_asm"] == per_thread["gate_up_iq2"]
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
