@@ -77,12 +77,15 @@ Q8X_TILES = {
 # `q8o`: attn_output_a / attn_output_b around their best tiles (PDL, one step prefetched)
 Q8O_TILES = [(bn, bk, w, mp) for bn in (16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4)
              for mp in (0, 2, 4, 8) if not (bk == 512 and w == 1)]
+# `q8w`: K split over the warps of one program instead of over programs (no cross-program reduction):
+# BLOCK_K = warps x 128 codes puts each warp on its own 128-code slice of the step
+Q8W_TILES = [(bn, 128 * w, w, 0) for bn in (4, 8, 16, 32) for w in (4, 8, 16)] + [(16, 128, 1, 8), (16, 512, 4, 0)]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -132,14 +135,17 @@ def main(argv=None) -> int:
             del ws
             torch.cuda.empty_cache()
 
-    if "q8o" in args.parts:
+    for part, tiles, shapes in (("q8o", Q8O_TILES, ("attn_output_a", "attn_output_b")),
+                                ("q8w", Q8W_TILES, ("attn_output_a", "attn_output_b", "attn_q_b"))):
+        if part not in args.parts:
+            continue
         for d in DENSE:
-            if d.name not in ("attn_output_a", "attn_output_b"):
+            if d.name not in shapes:
                 continue
             ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
                                    (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
             x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, mp in Q8O_TILES:
+            for bn, bk, warps, mp in tiles:
                 kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
                           min_programs_per_sm=max(mp, 1))
                 ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
