@@ -362,9 +362,10 @@ def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
         if dw.fmt.name == "Q8_0":
             c = select_gemv(dw.fmt, dw.n_rows, dw.k, dev, tokens=x.shape[0])
             if dev.vendor == Vendor.NVIDIA and x.is_cuda and (x.shape[0] == 1 or not c.dot_m):
-                # H200 (2026-11-28, tools/results/h200_q8): gemv_rows with prefetch runs at 42-73 % of read
-                # bandwidth at T=1 vs 28-45 % for the block-dot / tl.dot kernels (and is fp32-exact); for
-                # 2..8 tokens the tuned table may still send a shape (the LM head) to the tl.dot kernel
+                # H200 (2026-11-28, tools/results/h200_decode, h200_final4): gemv_rows with per-shape tiles
+                # and PDL runs at 58-81 % of read bandwidth on the large matrices at T=1 vs 28-45 % for the
+                # block-dot / tl.dot kernels (and is fp32-exact); for 2..8 tokens the tuned table may still
+                # send a shape (the LM head) to the tl.dot kernel
                 from .q8_gemv import gemv_rows_default  # late: q8_gemv builds on this module
 
                 return gemv_rows_default(x, dw, dev, groups)
