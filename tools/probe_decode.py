@@ -82,6 +82,31 @@ Q8O_TILES = [(bn, bk, w, mp) for bn in (16, 32, 64) for bk in (128, 256, 512) fo
 Q8W_TILES = [(bn, 128 * w, w, 0) for bn in (4, 8, 16, 32) for w in (4, 8, 16)] + [(16, 128, 1, 8), (16, 512, 4, 0)]
 
 
+def moe_problem(fgu, fdn, device):
+    """Flash-shaped gate/up/down experts of the given formats, ROTATE_MAX expert selections for one token,
+    route weights and u."""
+    shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
+    gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
+    up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
+    down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
+    gen = torch.Generator(device="cpu").manual_seed(1)
+    sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
+    return gate, up, down, sels, torch.rand((1, K_USED), device=device), torch.randn((1, D), device=device)
+
+
+def q8_problem(d, device):
+    """Enough copies of a Q8_0 matrix of DENSE shape d to defeat L2, and one token of x."""
+    ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt, (d.n, d.k),
+                           device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+    return ws, torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+
+
+def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
+    """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
+    return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
+                     min_programs_per_sm=max(mp, 1)), **extra)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
@@ -103,14 +128,7 @@ def main(argv=None) -> int:
 
     if "pdl" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
-            shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
-            gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
-            up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
-            down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
-            wts = torch.rand((1, K_USED), device=device)
-            u = torch.randn((1, D), device=device)
+            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
             nbytes = K_USED * (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
             for name, cfg in PDL_MOE.items():
                 for pdl in (False, True):
@@ -120,67 +138,9 @@ def main(argv=None) -> int:
                         nbytes)
             del gate, up, down
             torch.cuda.empty_cache()
-        for d in DENSE:
-            if d.name not in Q8_SHAPES:
-                continue
-            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
-                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
-            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, mp in PDL_Q8_TILES:
-                for pdl in (False, True):
-                    kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
-                              min_programs_per_sm=max(mp, 1), pdl=pdl)
-                    ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                    row(d.name, f"{bn}x{bk} w{warps} mp{mp}{' pdl' if pdl else ''}", "gemv_rows", ms, ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
-
-    for part, tiles, shapes in (("q8o", Q8O_TILES, ("attn_output_a", "attn_output_b")),
-                                ("q8w", Q8W_TILES, ("attn_output_a", "attn_output_b", "attn_q_b"))):
-        if part not in args.parts:
-            continue
-        for d in DENSE:
-            if d.name not in shapes:
-                continue
-            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
-                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
-            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, mp in tiles:
-                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
-                          min_programs_per_sm=max(mp, 1))
-                ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                row(d.name, f"{bn}x{bk} w{warps} mp{mp}", "gemv_rows", ms, ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
-
-    if "q8x" in args.parts:
-        for d in DENSE:
-            if d.name not in Q8X_TILES:
-                continue
-            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
-                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
-            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, mp in Q8X_TILES[d.name]:
-                for pf in (1, 2):
-                    for xpf in (False, True):
-                        kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=pf, allow_split=mp > 0,
-                                  min_programs_per_sm=max(mp, 1), x_prefetch=xpf)
-                        ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                        row(d.name, f"{bn}x{bk} w{warps} mp{mp} pf{pf}{' xpf' if xpf else ''}", "gemv_rows", ms,
-                            ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
-
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
-            shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
-            gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
-            up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
-            down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
-            gen = torch.Generator(device="cpu").manual_seed(1)
-            sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
-            wts = torch.rand((1, K_USED), device=device)
-            u = torch.randn((1, D), device=device)
+            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
             gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
             dn_bytes = K_USED * down.nbytes // N_EXPERT
             configs = dict(MOE_CONFIGS) if "moe" in args.parts else {}
@@ -216,20 +176,29 @@ def main(argv=None) -> int:
             del gate, up, down
             torch.cuda.empty_cache()
 
-    if "q8" in args.parts:
-        for d in DENSE:
-            if d.name not in Q8_SHAPES:
-                continue
-            ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
-                                   (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
-            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
-            for bn, bk, warps, mp in Q8_TILES:
-                kw = dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
-                          min_programs_per_sm=max(mp, 1), max_split=64)
-                ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                row(d.name, f"{bn}x{bk} w{warps} mp{mp}", "gemv_rows", ms, ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
+    for d in DENSE:  # the Q8_0 parts: (label, gemv_rows keywords) per shape
+        cases = []
+        if "q8" in args.parts and d.name in Q8_SHAPES:
+            cases += [(f"{bn}x{bk} w{w} mp{mp}", tile_kw(bn, bk, w, mp, max_split=64)) for bn, bk, w, mp in Q8_TILES]
+        if "pdl" in args.parts and d.name in Q8_SHAPES:
+            cases += [(f"{bn}x{bk} w{w} mp{mp}{' pdl' if pdl else ''}", tile_kw(bn, bk, w, mp, pdl=pdl))
+                      for bn, bk, w, mp in PDL_Q8_TILES for pdl in (False, True)]
+        if "q8x" in args.parts and d.name in Q8X_TILES:
+            cases += [(f"{bn}x{bk} w{w} mp{mp} pf{pf}{' xpf' if xpf else ''}",
+                       tile_kw(bn, bk, w, mp, prefetch=pf, x_prefetch=xpf))
+                      for bn, bk, w, mp in Q8X_TILES[d.name] for pf in (1, 2) for xpf in (False, True)]
+        if "q8o" in args.parts and d.name in ("attn_output_a", "attn_output_b"):
+            cases += [(f"{bn}x{bk} w{w} mp{mp}", tile_kw(bn, bk, w, mp)) for bn, bk, w, mp in Q8O_TILES]
+        if "q8w" in args.parts and d.name in ("attn_output_a", "attn_output_b", "attn_q_b"):
+            cases += [(f"{bn}x{bk} w{w} mp{mp}", tile_kw(bn, bk, w, mp)) for bn, bk, w, mp in Q8W_TILES]
+        if not cases:
+            continue
+        ws, x = q8_problem(d, device)
+        for label, kw in cases:
+            ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+            row(d.name, label, "gemv_rows", ms, ws[0].nbytes)
+        del ws
+        torch.cuda.empty_cache()
     Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 

@@ -550,7 +550,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
     (SwiGLU of the slot's expert, routed)."""
     xq, xd, xs = uq
-    (T, K), (E, F, D) = sel.shape, gate.shape
+    (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
     iq2 = gate.fmt == QuantFormat.IQ2_XXS
@@ -570,7 +570,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
 def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False):
     """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order."""
     hq, hd, hs = hq3
-    (T, K), (E, D, F) = sel.shape, down.shape
+    (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
     out = blocks.empty((T, D), hq.device)
