@@ -11,6 +11,7 @@ variant; NaN-poisoned fp32 and garbage-filled int32 scratch; bitwise-identical r
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from types import SimpleNamespace
 
 import numpy as np
@@ -329,3 +330,16 @@ def test_tritonops_ds4_exact_mode_routes_decode_moe_to_int8(recipe, poison, pois
     tri.moe(torch.randn((moe_int8.MAX_T + 1, d), generator=gen).to(DEVICE), *prepared, big.to(DEVICE),
             torch.rand((moe_int8.MAX_T + 1, 2), generator=gen).to(DEVICE), CLAMP)
     assert calls == [1], "prefill-sized MoE in ds4-exact mode stays on the reference"
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_tuned_steps_and_prefetch(recipe, poison, poison_i32, capture_h):
+    """The per-format H200 configs' K steps and prefetch (across K steps and, in the down projection, across
+    slots) with interpreter-sized row tiles (the GPU tests run the small tiles natively): 4 IQ2 pairs /
+    2 Q4_K blocks per row in 2 steps, down over 2 slots x 2 blocks."""
+    fmt = moe_int8.QuantFormat.IQ2_XXS if recipe == "q2" else moe_int8.QuantFormat.Q4_K
+    tuned = moe_int8.TUNED[fmt]
+    cfg = replace(tuned, block_n_gate_up=64, block_n_down=256, cpu_widen=False,
+                  kstep_gate_up=2 if recipe == "q2" else 1, kstep_down=1)
+    assert tuned.prefetch_gate_up or tuned.prefetch_down
+    run_staged(recipe, 3, 512, 2048 if recipe == "q2" else 512, 1, 2, seed=90, captured=capture_h, cfg=cfg)
