@@ -101,6 +101,11 @@ def q8_problem(d, device):
     return ws, torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
 
 
+# `q8s`: how split-K slices are summed (gemv_rows split_sum 0 / 1 / 2) on the split tiles
+Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a": [(16, 128, 1, 8), (32, 64, 1, 8)],
+             "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
+
+
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -110,7 +115,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -191,6 +196,9 @@ def main(argv=None) -> int:
             cases += [(f"{bn}x{bk} w{w} mp{mp}", tile_kw(bn, bk, w, mp)) for bn, bk, w, mp in Q8O_TILES]
         if "q8w" in args.parts and d.name in ("attn_output_a", "attn_output_b", "attn_q_b"):
             cases += [(f"{bn}x{bk} w{w} mp{mp}", tile_kw(bn, bk, w, mp)) for bn, bk, w, mp in Q8W_TILES]
+        if "q8s" in args.parts and d.name in Q8S_TILES:
+            cases += [(f"{bn}x{bk} w{w} mp{mp} sum{ss}", tile_kw(bn, bk, w, mp, split_sum=ss))
+                      for bn, bk, w, mp in Q8S_TILES[d.name] for ss in (0, 1, 2)]
         if not cases:
             continue
         ws, x = q8_problem(d, device)

@@ -60,12 +60,14 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    XPF: tl.constexpr = False):
+                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
-    computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too."""
+    computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
+    SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
+    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums)."""
     NB: tl.constexpr = BLOCK_K // 32
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -154,7 +156,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     tl.store(out, acc_t, mask=ok)
-    if SPLIT > 1:
+    if SPLIT > 1 and SPLIT_SUM < 2:
         # split-K without a second launch, deterministic: the program that finishes a row tile last
         # (counter per tile) sums the SPLIT partials in slice order and resets the counter. The barrier
         # orders every thread's partial store before the (one-thread) release; readers bypass L1.
@@ -166,7 +168,25 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                 total += tl.load(out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :], mask=ok,
                                  other=0.0, cache_modifier=".cg")
             tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+            if SPLIT_SUM == 1:
+                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+            else:
+                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+
+
+@triton.jit
+def _sum_splits_kernel(out_ptr, y_ptr, M, SPLIT: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """y[m] = sum over s < SPLIT of out[s, m] in slice order (the second launch of SPLIT_SUM=2)."""
+    m = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = m < M
+    blocks.pdl_wait(PDL)
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        total += tl.load(out_ptr + s * M + m, mask=ok, other=0.0)
+    tl.store(y_ptr + m, total, mask=ok)
+
+
+SUM_SPLITS_BLOCK = 512
 
 
 @triton.jit
@@ -244,13 +264,15 @@ def _rows_split(n_row_tiles: int, k: int, block_k: int, dev: DeviceInfo, allow_s
 def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = ROWS_BLOCK_N,
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
-              max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False):
+              max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False,
+              split_sum: int = 0):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
     x_mode: how x reaches the four byte lanes: 0 loaded in order and split in registers (Triton moves it
     through shared memory), 1 a word-permuted copy made first (one more launch), 2 four stride-4 gathers
-    (L1 hits). Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
+    (L1 hits). split_sum: how split-K slices are summed (_q8_rows_kernel's SPLIT_SUM; 2 adds a second launch).
+    Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
         return gemv(x, dw, dev, groups)
 
@@ -275,8 +297,11 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
                 PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
-                XPF=x_prefetch and block_t == 1 and x_mode == 0, num_warps=num_warps,
+                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, num_warps=num_warps,
                 num_stages=1, **pdl_launch(use))
+            if split > 1 and split_sum == 2:
+                _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
+                    out, y, T * N, SPLIT=split, BLOCK=SUM_SPLITS_BLOCK, PDL=use, num_warps=4, **pdl_launch(use))
             return y if split > 1 else out[0]
         # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
         counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
@@ -284,7 +309,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl, x_prefetch)
+           max_split, pdl, x_prefetch, split_sum)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

@@ -66,6 +66,10 @@ def test_gemv_rows_split(poison):
     # the in-kernel reduction resets its arrival counters: a second call gives the same bits
     y2 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
     assert torch.equal(y.cpu(), y2.cpu())
+    # the relaxed counter reset and the two-launch sum add the slices in the same order: the same bits again
+    for split_sum in (1, 2, 1):
+        y3 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64, split_sum=split_sum)
+        assert torch.equal(y.cpu(), y3.cpu()), split_sum
 
 
 def test_gemv_rows_decode_is_exact(poison):
@@ -153,18 +157,28 @@ names = m._q8_rows_kernel.arg_names
 types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
 const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
              PDL=True, XPF=True)
-sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-src = ASTSource(fn=m._q8_rows_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
-ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 1}).asm["ptx"]
+
+def ptx_of(fn, const, types, warps=1):
+    names = fn.arg_names
+    sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+
+ptx = ptx_of(m._q8_rows_kernel, const, types)
 body = ptx.split("griddepcontrol.wait")
+relaxed = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=1), types)
+sums = ptx_of(m._sum_splits_kernel, dict(SPLIT=8, BLOCK=512, PDL=True), dict(out_ptr="*fp32", y_ptr="*fp32"), 4)
 print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("griddepcontrol.launch_dependents"),
-                             "loads_before": body[0].count("ld.global"), "atomics_before": body[0].count("atom.")}))
+                             "loads_before": body[0].count("ld.global"), "atomics_before": body[0].count("atom."),
+                             "acq_rel": ptx.count(".acq_rel."), "acq_rel_relaxed_reset": relaxed.count(".acq_rel."),
+                             "sum_loads_before": sums.split("griddepcontrol.wait")[0].count("ld.global")}))
 """
 
 
 def test_pdl_kernel_orders_loads_for_sm90():
     """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
-    launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it."""
+    launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it; the
+    split-sum variants' atomics and loads."""
     import json
     import os
     import shutil
@@ -183,6 +197,8 @@ def test_pdl_kernel_orders_loads_for_sm90():
     res = json.loads(r.stdout.split("RESULT", 1)[1])
     assert res["wait"] == 1 and res["dependents"] == 1, res
     assert res["loads_before"] >= 2 and res["atomics_before"] == 0, res
+    # split-K: arrival and reset are acq_rel; SPLIT_SUM=1 keeps only the arrival's; the sum kernel loads after the wait
+    assert res["acq_rel"] == 2 and res["acq_rel_relaxed_reset"] == 1 and res["sum_loads_before"] == 0, res
 
 
 def test_rows_config_table():
