@@ -122,8 +122,9 @@ def detect_device(device) -> DeviceInfo:
 
 def use_pdl(dev: DeviceInfo, x) -> bool:
     """Programmatic dependent launch (PTX griddepcontrol, launch attribute) for a kernel on tensor x:
-    CUDA tensors on NVIDIA sm_90 and newer, unless DSV4_PDL=0. A kernel launched this way may start while the previous one finishes; it must
-    read that kernel's outputs only after gdc_wait (inputs of older kernels and weights: any time)."""
+    CUDA tensors on NVIDIA sm_90 and newer, unless DSV4_PDL=0. A kernel launched this way may start while
+    the previous one finishes; it must read that kernel's outputs only after gdc_wait (inputs of older
+    kernels and weights: any time)."""
     from .. import settings
 
     if dev.vendor != Vendor.NVIDIA or not x.is_cuda or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():

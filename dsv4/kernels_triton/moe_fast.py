@@ -173,21 +173,24 @@ def _w_codes(w_ptr, g32_ptr, rows, n_ok, k0, stride_w, FMT: tl.constexpr, BLOCK_
         codes = _fp16_from_small(64 + v - 2 * v * neg, 64)  # signed value, biased by 64 into 0..127
         return tl.reshape(codes, (BLOCK_N, BLOCK_K)), lsf
     elif FMT == FMT_Q2_K:  # 21 words per block: 4 scale words, 16 code words, d|dmin
-        NB: tl.constexpr = BLOCK_K // 256
-        r = rows.to(tl.int64)[:, None, None]
-        base = r * stride_w + ((k0 >> 8) + tl.arange(0, NB)[None, :, None]) * 21
-        ww = tl.load(w_ptr + base + 4 + tl.arange(0, 16)[None, None, :], mask=n_ok[:, None, None], other=0)
-        e2 = tl.arange(0, 16)[None, None, None, :]
-        q = (ww[:, :, :, None] >> (8 * (e2 >> 2) + 2 * (e2 & 3))) & 3
-        return tl.reshape(_fp16_from_small(q, 0), (BLOCK_N, BLOCK_K)), m2
+        return _k_quant_codes(w_ptr, rows, n_ok, k0, stride_w, 21, 2, BLOCK_N, BLOCK_K), m2
     else:  # Q4_K, 36 words per block: d|dmin, 3 words of 6-bit scales/mins, 32 code words
-        NB: tl.constexpr = BLOCK_K // 256
-        r = rows.to(tl.int64)[:, None, None]
-        base = r * stride_w + ((k0 >> 8) + tl.arange(0, NB)[None, :, None]) * 36
-        ww = tl.load(w_ptr + base + 4 + tl.arange(0, 32)[None, None, :], mask=n_ok[:, None, None], other=0)
-        e2 = tl.arange(0, 8)[None, None, None, :]
-        q = (ww[:, :, :, None] >> (8 * (e2 >> 1) + 4 * (e2 & 1))) & 15
-        return tl.reshape(_fp16_from_small(q, 0), (BLOCK_N, BLOCK_K)), m2
+        return _k_quant_codes(w_ptr, rows, n_ok, k0, stride_w, 36, 4, BLOCK_N, BLOCK_K), m2
+
+
+@triton.jit
+def _k_quant_codes(w_ptr, rows, n_ok, k0, stride_w, WORDS: tl.constexpr, BITS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
+    """Unsigned BITS-bit codes of the Q2_K / Q4_K super-blocks (WORDS int32 words each, 8 * BITS code words
+    from word 4, low bits first in each byte) of step k0, as fp16 [BLOCK_N, BLOCK_K] in storage order."""
+    NB: tl.constexpr = BLOCK_K // 256
+    PER_BYTE: tl.constexpr = 8 // BITS
+    r = rows.to(tl.int64)[:, None, None]
+    base = r * stride_w + ((k0 >> 8) + tl.arange(0, NB)[None, :, None]) * WORDS
+    ww = tl.load(w_ptr + base + 4 + tl.arange(0, 8 * BITS)[None, None, :], mask=n_ok[:, None, None], other=0)
+    e2 = tl.arange(0, 32 // BITS)[None, None, None, :]
+    q = (ww[:, :, :, None] >> (8 * (e2 // PER_BYTE) + BITS * (e2 % PER_BYTE))) & ((1 << BITS) - 1)
+    return tl.reshape(_fp16_from_small(q, 0), (BLOCK_N, BLOCK_K))
 
 
 @triton.jit

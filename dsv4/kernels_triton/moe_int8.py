@@ -58,7 +58,6 @@ class Int8MoeConfig:
     block_n_down: int = 8
     kstep_down: int = 8
     warps_down: int = 2
-    stages: int = 1  # > 1: tl.range software pipelining of the K loops (cp.async through shared memory)
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
@@ -277,7 +276,7 @@ def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         STAGES: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as the int32 selector table g32) or blocks (Q4_K) per K step. Rows past F are
@@ -301,7 +300,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + kk * IQ2_PAIR_WORDS)
             u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + kk * IQ2_PAIR_WORDS)
         blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and weights are older)
-        for p0 in tl.range(0, n_pairs, KSTEP, num_stages=STAGES):
+        for p0 in tl.range(0, n_pairs, KSTEP, num_stages=1):  # no cp.async pipelining (measured slower)
             pw = (p0 + kk) * IQ2_PAIR_WORDS
             xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
             dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))  # [1, KSTEP, 1]
@@ -333,7 +332,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS)
             uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS)
         blocks.pdl_wait(PDL)
-        for b0 in tl.range(0, n_blocks, KSTEP, num_stages=STAGES):
+        for b0 in tl.range(0, n_blocks, KSTEP, num_stages=1):
             xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
             sw = t * stride_xs + (b0 + kk) * SUMS_PER_BLOCK
             dx = tl.load(xd_ptr + t * stride_xd + b0 + kk)
@@ -363,10 +362,24 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
 
 
 @triton.jit
+def _down_step(j, n_steps, KSTEP: tl.constexpr):
+    """Flat step j of a down program (slot-major over K steps, so the slots are summed in order):
+    (slot i of the token, first super-block of the step)."""
+    i = j // n_steps
+    return i, (j - i * n_steps) * KSTEP
+
+
+@triton.jit
+def _down_rows(sel_ptr, slot, rc, D, stride_w):
+    """Word offsets of the rows rc [BN] of expert sel_ptr[slot] in the stacked down weight."""
+    return (tl.load(sel_ptr + slot).to(tl.int64) * D + rc) * stride_w
+
+
+@triton.jit
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      STAGES: tl.constexpr, PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -376,27 +389,25 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     rc = tl.minimum(rn, D - 1)
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
+    sel_t = sel_ptr + t * KSEL  # the token's expert ids
     if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
-            e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
-            q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None] + kk * Q2K_WORDS)
+            i_p, b_p = _down_step(0, n_steps, KSTEP)
+            q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
+                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
-        for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):  # slot-major: fixed summation order
-            i = j // n_steps
-            b0 = (j - i * n_steps) * KSTEP
+        for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
+            i, b0 = _down_step(j, n_steps, KSTEP)
             slot = (t * KSEL + i).to(tl.int64)
             if PF:
-                jn = tl.minimum(j + 1, last)
-                i_n = jn // n_steps
-                e_n = tl.load(sel_ptr + t * KSEL + i_n).to(tl.int64)
+                i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
-                    w_ptr + ((e_n * D + rc) * stride_w)[:, None, None] + ((jn - i_n * n_steps) * KSTEP + kk) * Q2K_WORDS)
+                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
             else:
-                e = tl.load(sel_ptr + slot).to(tl.int64)
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(w_ptr + ((e * D + rc) * stride_w)[:, None, None]
-                                                       + (b0 + kk) * Q2K_WORDS)
+                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
+                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
                              hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
@@ -408,23 +419,20 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
         acc_min = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
         if PF:
-            e0 = tl.load(sel_ptr + t * KSEL).to(tl.int64)
-            q, s0, s1, s2, dd = _q4_k_raw(w_ptr + ((e0 * D + rc) * stride_w)[:, None, None, None] + kk * Q4K_WORDS)
+            i_p, b_p = _down_step(0, n_steps, KSTEP)
+            q, s0, s1, s2, dd = _q4_k_raw(
+                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS)
         blocks.pdl_wait(PDL)
-        for j in tl.range(0, KSEL * n_steps, num_stages=STAGES):
-            i = j // n_steps
-            b0 = (j - i * n_steps) * KSTEP
+        for j in tl.range(0, KSEL * n_steps, num_stages=1):
+            i, b0 = _down_step(j, n_steps, KSTEP)
             slot = (t * KSEL + i).to(tl.int64)
             if PF:
-                jn = tl.minimum(j + 1, last)
-                i_n = jn // n_steps
-                e_n = tl.load(sel_ptr + t * KSEL + i_n).to(tl.int64)
-                nq, ns0, ns1, ns2, ndd = _q4_k_raw(w_ptr + ((e_n * D + rc) * stride_w)[:, None, None, None]
-                                                   + ((jn - i_n * n_steps) * KSTEP + kk) * Q4K_WORDS)
+                i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
+                nq, ns0, ns1, ns2, ndd = _q4_k_raw(
+                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS)
             else:
-                e = tl.load(sel_ptr + slot).to(tl.int64)
-                q, s0, s1, s2, dd = _q4_k_raw(w_ptr + ((e * D + rc) * stride_w)[:, None, None, None]
-                                              + (b0 + kk) * Q4K_WORDS)
+                q, s0, s1, s2, dd = _q4_k_raw(
+                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
                                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
@@ -519,8 +527,6 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     if T == 0:
         return blocks.empty((0, D), u.device)
     asm = use_asm(dev, u)
-    if cpu:
-        cfg = replace(cfg, stages=1)
     pdl = cfg.pdl and use_pdl(dev, u)
     h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl), gate, up, sel, weights, clamp,
                      asm, cfg, pdl)
@@ -561,7 +567,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
         xq, xd, xs, sel, weights, h, gw, uw, g32, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
-        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STAGES=cfg.stages,
+        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, num_warps=cfg.warps_gate_up,
         **pdl_launch(pdl))
     return h
@@ -576,7 +582,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm, STAGES=cfg.stages,
+        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
         PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 

@@ -9,9 +9,10 @@ trick of qmatmul_fast) and x is read in natural order and split into the four by
 handling costs ~20 % (a no-x diagnostic ran at 61 % / 91 % of bandwidth where the real kernel runs at
 49 % / 71 %). Tiles per Flash shape (ROWS_T1, from tools/results/h200_decode/): small one-warp programs
 win; on sm_90+ launches use programmatic dependent launch (the first weight tile loads before
-griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph replay. Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums
-as the dot's N axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all
-measured slower than the defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
+griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph replay. Also here: `gemv_mma`
+(tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N axis), a persistent
+variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the defaults and
+kept for comparison. Knows the repacked Q8_0 row layout, not the model.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from .blocks import DeviceWeight
 from .configs import DeviceInfo, Vendor, pdl_launch, pow2_divisor, use_pdl
 from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
 from .qmatmul_fast import DEQUANT_BLOCK_N, DEQUANT_BLOCKS, Q8_BIAS, F32_MAGIC_BITS, _q8_dequant_rows_kernel, \
-    _q8_accumulate, _q8_word_codes, q8_tiles
+    _q8_accumulate, _q8_words4, q8_tiles
 
 ROWS_BLOCK_N = 8  # rows per program
 ROWS_BLOCK_K = 1024  # codes per row per step (a power-of-two divisor of K)
@@ -126,10 +127,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
         d = d[:, :, None]
-        q0 = _q8_word_codes(u, 0, PRMT, magic_bits)
-        q1 = _q8_word_codes(u, 1, PRMT, magic_bits)
-        q2 = _q8_word_codes(u, 2, PRMT, magic_bits)
-        q3 = _q8_word_codes(u, 3, PRMT, magic_bits)
+        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
         for t in tl.static_range(BLOCK_T):
             t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; not stored
             if XPERM == 1:  # x word-permuted by the caller: lane j of word i of block b at 32b + 8j + i
@@ -242,8 +240,8 @@ def _q8_rows_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr, N, R, k_split, n_row_t
                          other=0)
         d_next = tl.load(s_ptr + r[:, None] * stride_s + off_s + (k >> 5) + rb, mask=more, other=0.0)
         x0, x1, x2, x3 = _x_lanes(x_ptr + xg * stride_xg, xk, NB)
-        p = _q8_word_codes(u, 0, PRMT, magic_bits) * x0 + _q8_word_codes(u, 1, PRMT, magic_bits) * x1 \
-            + _q8_word_codes(u, 2, PRMT, magic_bits) * x2 + _q8_word_codes(u, 3, PRMT, magic_bits) * x3
+        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
+        p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
         acc += p * d
         if last:
             rn = rn_cur + tl.arange(0, BLOCK_N)

@@ -74,6 +74,13 @@ def _q8_word_codes(u, j: tl.constexpr, PRMT: tl.constexpr, magic_bits):
 
 
 @triton.jit
+def _q8_words4(u, PRMT: tl.constexpr, magic_bits):
+    """The four signed codes (bytes 0..3) of biased int32 words `u`, as fp32 (_q8_word_codes of each)."""
+    return (_q8_word_codes(u, 0, PRMT, magic_bits), _q8_word_codes(u, 1, PRMT, magic_bits),
+            _q8_word_codes(u, 2, PRMT, magic_bits), _q8_word_codes(u, 3, PRMT, magic_bits))
+
+
+@triton.jit
 def _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T: tl.constexpr):
     """Add token t's per-word products p [BLOCK_N, NB, 8] times the block scales d: for one token keep
     them per (row, block, word) in acc (reduced once per tile), else reduce now into acc_t[t]."""
@@ -163,10 +170,7 @@ def _q8_gemv_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
             # splat masks keep the prefetch vectorized
             u_next = tl.load(wp, mask=(tl.full([1, NB, 8], 0, tl.int32) + more) != 0, other=0)
             d_next = tl.load(sp, mask=(tl.full([1, NB], 0, tl.int32) + more) != 0, other=0.0)
-            q0 = _q8_word_codes(u, 0, PRMT, magic_bits)
-            q1 = _q8_word_codes(u, 1, PRMT, magic_bits)
-            q2 = _q8_word_codes(u, 2, PRMT, magic_bits)
-            q3 = _q8_word_codes(u, 3, PRMT, magic_bits)
+            q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
             for t in tl.static_range(BLOCK_T):
                 t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; not stored
                 xp = x_tile + t_row.to(tl.int64) * stride_xt + ks * BLOCK_K

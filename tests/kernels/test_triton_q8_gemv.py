@@ -14,18 +14,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, make_weight, poison, reference  # noqa: E402,F401
+from tests.kernels.test_triton_qmatmul import (  # noqa: E402,F401
+    DEVICE, assert_matches, make_weight, make_x, poison, reference)
 from dsv4.kernels_triton import blocks, q8_gemv, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
 
 Q8 = QuantFormat.Q8_0
 SMALL_GPU = DeviceInfo(Vendor.NVIDIA, "sm_90", n_sm=2)  # only sizes the grid: few SMs -> split-K
-
-
-def _x(t: int, k: int, groups: int = 1, seed: int = 11):
-    shape = (t, groups, k) if groups > 1 else (t, k)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize("n,k,t,groups,block_n,block_k,prefetch,x_mode", [
@@ -45,7 +41,7 @@ def _x(t: int, k: int, groups: int = 1, seed: int = 11):
 ])
 def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, x_mode, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + k)
-    x = _x(t, k, groups)
+    x = make_x(t, k, groups)
     x_prefetch = isinstance(prefetch, str)
     if x_prefetch:
         prefetch = 2 if prefetch == "x2" else 1
@@ -59,7 +55,7 @@ def test_gemv_rows_split(poison):
     """A 'GPU' with 2 SMs: 3 row tiles of 8 -> split-K 8 over 512 codes; the last program of each tile
     sums the partials in fixed order."""
     dw, w_ref = make_weight(Q8, (24, 512), seed=5)
-    x = _x(2, 512)
+    x = make_x(2, 512)
     assert q8_gemv._rows_split(3, 512, 64, SMALL_GPU, True) == 8
     y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
     assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", "gemv_rows split-K")
@@ -93,7 +89,7 @@ def test_gemm_f16w(t, groups, split_k, poison):
     """fp16 dequant + tl.dot on fp32 x: rows and tokens not multiples of the 32x32 tiles, grouped form,
     split-K (3 slices of 32, summed in fixed order)."""
     dw, w_ref = make_weight(Q8, (64 if groups > 1 else 40, 96), seed=t)
-    x = _x(t, 96, groups)
+    x = make_x(t, 96, groups)
     y = q8_gemv.gemm_f16w(x, dw, detect_device(DEVICE), groups, block_m=32, block_n=32, block_k=32, num_warps=4,
                           num_stages=2, split_k=split_k)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemm_f16w T={t} G={groups}")
@@ -111,7 +107,7 @@ def test_registered():
 ])
 def test_gemv_mma(n, k, groups, x_split, block_n, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + k + groups)
-    x = _x(1, k, groups)
+    x = make_x(1, k, groups)
     y = q8_gemv.gemv_mma(x, dw, detect_device(DEVICE), groups, block_n=block_n, stages=2, x_split=x_split)
     assert y.shape == (1, n)
     kind = "fp32" if x_split else "fp16x"
@@ -125,7 +121,7 @@ def test_gemv_mma(n, k, groups, x_split, block_n, poison):
 ])
 def test_gemv_rows_persist(n, k, groups, block_n, block_k, dev, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + 3 * k)
-    x = _x(1, k, groups)
+    x = make_x(1, k, groups)
     y = q8_gemv.gemv_rows_persist(x, dw, dev or detect_device(DEVICE), groups, block_n=block_n, block_k=block_k,
                                   programs_per_sm=1)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows_persist n={n} k={k} G={groups}")
@@ -188,7 +184,8 @@ def test_pdl_kernel_orders_loads_for_sm90():
 
     import triton
 
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists() and not shutil.which("ptxas"):
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not ptxas.exists() and not shutil.which("ptxas"):
         pytest.skip("no ptxas to compile the NVIDIA path")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _SM90_PDL], env=env, capture_output=True, text=True, timeout=300,

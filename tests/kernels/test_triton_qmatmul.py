@@ -79,13 +79,17 @@ def assert_matches(y, ref, op: str, kind: str, what: str):
     assert_close(y / scale, ref / scale, op, kind, what)
 
 
+def make_x(t: int, k: int, groups: int = 1, seed: int = 11, device=DEVICE):
+    """Seeded standard-normal activations x [T, K] (or [T, G, K] for the grouped form)."""
+    shape = (t, groups, k) if groups > 1 else (t, k)
+    return torch.randn(shape, generator=torch.Generator(device="cpu").manual_seed(seed)).to(device)
+
+
 def check_qmatmul(fmt, n, k, t, path: str, seed: int = 0, groups: int = 1, cfg=None, device=DEVICE):
     """One kernel call vs float64 dequantize-then-matmul; path is 'gemv' or 'gemm'."""
     dev = detect_device(device)
     dw, w_ref = make_weight(fmt, (n, k), seed, device)
-    gen = torch.Generator(device="cpu").manual_seed(seed + 1)
-    shape = (t, groups, k) if groups > 1 else (t, k)
-    x = torch.randn(shape, generator=gen).to(device)
+    x = make_x(t, k, groups, seed + 1, device)
     if path == "gemv":
         y = qmatmul.gemv(x, dw, dev, groups, cfg=cfg)
     else:

@@ -16,18 +16,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, make_weight, poison, reference  # noqa: E402,F401
+from tests.kernels.test_triton_qmatmul import (  # noqa: E402,F401
+    DEVICE, assert_matches, make_weight, make_x, poison, reference)
 from dsv4.kernels_triton import qmatmul_fast, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
 
 Q8 = QuantFormat.Q8_0
 SMALL_GPU = DeviceInfo(Vendor.NVIDIA, "sm_90", n_sm=4)  # only sizes the grid: few SMs -> split-K
-
-
-def _x(t: int, k: int, groups: int = 1, seed: int = 11):
-    shape = (t, groups, k) if groups > 1 else (t, k)
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
 
 
 @pytest.mark.parametrize("n,k,t,groups,block_k,block_n", [
@@ -39,7 +35,7 @@ def _x(t: int, k: int, groups: int = 1, seed: int = 11):
 ])
 def test_gemv_persist(n, k, t, groups, block_k, block_n, poison):
     dw, w_ref = make_weight(Q8, (n, k), seed=n + k)
-    x = _x(t, k, groups)
+    x = make_x(t, k, groups)
     y = qmatmul_fast.gemv_persist(x, dw, detect_device(DEVICE), groups, block_k=block_k, block_n=block_n)
     assert y.shape == (t, n)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_persist n={n} k={k} T={t} G={groups}")
@@ -50,7 +46,7 @@ def test_gemv_persist_split_and_loop(allow_split, poison):
     """A 'GPU' with 4 SMs: 6 row tiles -> split-K 4 (partials summed in fixed order), or one slice.
     (Programs walking several tiles, with the prefetch crossing tile ends, run in the CPU cases.)"""
     dw, w_ref = make_weight(Q8, (24, 512), seed=5)
-    x = _x(2, 512)
+    x = make_x(2, 512)
     split, _ = qmatmul_fast._persist_grid(6, 512, 128, SMALL_GPU, allow_split, 1)
     assert split == (4 if allow_split else 1)
     y = qmatmul_fast.gemv_persist(x, dw, SMALL_GPU, 1, allow_split=allow_split, block_k=128)
@@ -88,7 +84,7 @@ def test_word_permuted_decode_is_exact(poison):
 def test_gemm_hybrid(t, kind, poison):
     """T=1 and T=20: exact GEMV (chunks of 8 tokens); T=37: fused tl.dot GEMM; T=300: dequant + matmul."""
     dw, w_ref = make_weight(Q8, (40, 96), seed=t)
-    x = _x(t, 96)
+    x = make_x(t, 96)
     y = qmatmul_fast.gemm_hybrid(x, dw, detect_device(DEVICE), 1)
     op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
     assert_matches(y, reference(x, w_ref), op, kind, f"gemm_hybrid T={t}")
@@ -99,7 +95,7 @@ def test_gemm_dequant_q8(groups, monkeypatch, poison):
     """Block-scaled dequant pass in several row chunks (chunk size forced small), and grouped."""
     monkeypatch.setattr(qmatmul_fast, "DEQUANT_CHUNK_BYTES", 16 * 2 * 96)  # 16 rows per chunk -> 3 chunks
     dw, w_ref = make_weight(Q8, (40, 96), seed=9)
-    x = _x(37, 96, groups)
+    x = make_x(37, 96, groups)
     y = qmatmul_fast.gemm_dequant_q8(x, dw, detect_device(DEVICE), groups)
     assert_matches(y, reference(x, w_ref, groups), "triton_gemm", "fp16dot", f"gemm_dequant_q8 G={groups}")
 
