@@ -398,31 +398,97 @@ def fused_blockdot(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, 
     return out
 
 
+@triton.jit
+def _chunk_ranks_kernel(sel_ptr, rank_ptr, hist_ptr, n_pairs, BLOCK_E: tl.constexpr, CH: tl.constexpr):
+    """Per chunk of CH pairs: each pair's rank among the same-expert pairs before it in the chunk, and
+    the chunk's pairs per expert (hist row)."""
+    c = tl.program_id(0)
+    ar = tl.arange(0, CH)
+    i = c * CH + ar
+    e = tl.load(sel_ptr + i, mask=i < n_pairs, other=-1).to(tl.int32)
+    same = e[:, None] == e[None, :]
+    tl.store(rank_ptr + i, tl.sum((same & (ar[None, :] < ar[:, None])).to(tl.int32), axis=1), mask=i < n_pairs)
+    ar_e = tl.arange(0, BLOCK_E)
+    tl.store(hist_ptr + c * BLOCK_E + ar_e, tl.sum((e[:, None] == ar_e[None, :]).to(tl.int32), axis=0))
+
+
+@triton.jit
+def _expert_rows_kernel(hist_ptr, te_ptr, lo_ptr, hi_ptr, n_chunks, n_tiles, E, BLOCK_E: tl.constexpr,
+                        BLOCK_M: tl.constexpr, CB: tl.constexpr, TB: tl.constexpr):
+    """One program: hist [chunk, expert] becomes each chunk's first row per expert (in place: the experts'
+    starts plus the pairs of earlier chunks); then tile ids map to (expert, row range), a search over the
+    experts' tile ends."""
+    ar_e = tl.arange(0, BLOCK_E)
+    e_ok = ar_e < E
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for c0 in range(0, n_chunks, CB):
+        rows = c0 + tl.arange(0, CB)
+        counts += tl.sum(tl.load(hist_ptr + rows[:, None] * BLOCK_E + ar_e[None, :], mask=(rows < n_chunks)[:, None],
+                                 other=0), axis=0)
+    starts = tl.cumsum(counts, 0) - counts
+    run = starts
+    for c0 in range(0, n_chunks, CB):
+        rows = c0 + tl.arange(0, CB)
+        ptrs = hist_ptr + rows[:, None] * BLOCK_E + ar_e[None, :]
+        h = tl.load(ptrs, mask=(rows < n_chunks)[:, None], other=0)
+        tl.store(ptrs, run[None, :] + tl.cumsum(h, 0) - h, mask=(rows < n_chunks)[:, None])
+        run += tl.sum(h, 0)
+    tiles = (counts + BLOCK_M - 1) // BLOCK_M
+    tile_end = tl.cumsum(tiles, 0)
+    first = tile_end - tiles
+    total = tl.sum(tiles, 0)
+    for j0 in range(0, n_tiles, TB):
+        j = j0 + tl.arange(0, TB)
+        te = tl.minimum(tl.sum(((tile_end[None, :] <= j[:, None]) & e_ok[None, :]).to(tl.int32), axis=1), E - 1)
+        hot = te[:, None] == ar_e[None, :]
+        st = tl.sum(tl.where(hot, starts[None, :], 0), axis=1)
+        lo = st + (j - tl.sum(tl.where(hot, first[None, :], 0), axis=1)) * BLOCK_M
+        hi = tl.minimum(lo + BLOCK_M, st + tl.sum(tl.where(hot, counts[None, :], 0), axis=1))
+        used = j < total
+        tl.store(te_ptr + j, te, mask=j < n_tiles)
+        tl.store(lo_ptr + j, tl.where(used, lo, 0), mask=j < n_tiles)
+        tl.store(hi_ptr + j, tl.where(used, hi, 0), mask=j < n_tiles)
+
+
+@triton.jit
+def _place_kernel(sel_ptr, rank_ptr, first_ptr, order_ptr, n_pairs, BLOCK_E: tl.constexpr, CH: tl.constexpr):
+    """order[first[chunk, e] + rank] = pair, for the pairs of one chunk."""
+    c = tl.program_id(0)
+    i = c * CH + tl.arange(0, CH)
+    m = i < n_pairs
+    e = tl.load(sel_ptr + i, mask=m, other=0).to(tl.int32)
+    pos = tl.load(first_ptr + c * BLOCK_E + e, mask=m, other=0) + tl.load(rank_ptr + i, mask=m, other=0)
+    tl.store(order_ptr + pos, i, mask=m)
+
+
+EXPERT_CHUNK = 64  # pairs per program of the grouping kernels (a CH x CH compare per program)
+
+
 def expert_tiles(sel, n_expert: int, block_m: int):
-    """Device-side grouping of (token, slot) pairs by expert, with no host sync.
+    """Device-side grouping of (token, slot) pairs by expert, with no host sync: three launches of a
+    counting sort (ranks and per-chunk counts in parallel, one program for the prefix sums and the
+    tiles, then the scatter), deterministic and stable.
 
     Returns (order [T*K] pair ids sorted by expert (stable), tile_e, tile_lo, tile_hi [n_tiles] int32):
     tile j covers sorted rows [tile_lo, tile_hi) of expert tile_e; n_tiles = ceil(T*K/block_m) + E is
-    an upper bound known on the host, and unused tiles are empty (lo == hi)."""
+    an upper bound known on the host, and unused tiles are empty (lo == hi, expert E-1)."""
     import torch
 
-    flat = sel.reshape(-1).to(torch.int64)
+    flat = sel.reshape(-1)
     n_pairs = flat.numel()
-    order = torch.argsort(flat, stable=True).to(torch.int32)
-    counts = torch.bincount(flat, minlength=n_expert)
-    starts = torch.cumsum(counts, 0) - counts
-    tiles = (counts + block_m - 1) // block_m
-    tile_end = torch.cumsum(tiles, 0)
     n_tiles = triton.cdiv(n_pairs, block_m) + n_expert
-    ids = torch.arange(n_tiles, device=sel.device)
-    te = torch.searchsorted(tile_end, ids, right=True).clamp_(max=n_expert - 1)
-    first_tile = tile_end[te] - tiles[te]
-    lo = starts[te] + (ids - first_tile) * block_m
-    hi = torch.minimum(lo + block_m, starts[te] + counts[te])
-    used = ids < tile_end[-1]
-    lo = torch.where(used, lo, torch.zeros_like(lo))
-    hi = torch.where(used, hi, torch.zeros_like(hi))
-    return order, te.to(torch.int32), lo.to(torch.int32), hi.to(torch.int32)
+    n_chunks = triton.cdiv(n_pairs, EXPERT_CHUNK)
+    block_e = triton.next_power_of_2(n_expert)
+    dev = flat.device
+    rank = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+    hist = torch.empty((n_chunks, block_e), device=dev, dtype=torch.int32)
+    order = torch.empty(n_pairs, device=dev, dtype=torch.int32)
+    te, lo, hi = (torch.empty(n_tiles, device=dev, dtype=torch.int32) for _ in range(3))
+    _chunk_ranks_kernel[(n_chunks,)](flat, rank, hist, n_pairs, BLOCK_E=block_e, CH=EXPERT_CHUNK, num_warps=4)
+    _expert_rows_kernel[(1,)](hist, te, lo, hi, n_chunks, n_tiles, n_expert, BLOCK_E=block_e, BLOCK_M=block_m,
+                              CB=16, TB=32, num_warps=8)
+    _place_kernel[(n_chunks,)](flat, rank, hist, order, n_pairs, BLOCK_E=block_e, CH=EXPERT_CHUNK, num_warps=2)
+    return order, te, lo, hi
 
 
 def grouped(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
@@ -488,7 +554,7 @@ def moe_auto_ieee(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int
 from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
-register(KernelOp.MOE, AUTO, moe_auto, doc="fused_blockdot for T <= 8, moe_prefill.grouped_v2 (64-row tiles) above")
+register(KernelOp.MOE, AUTO, moe_auto, doc="fused_blockdot for T <= 8, moe_prefill.grouped_v2 (TUNED tiles) above")
 register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
          doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
 register(KernelOp.MOE, "fused_blockdot", fused_blockdot, formats=(QuantFormat.IQ2_XXS, QuantFormat.Q4_K), max_t=64,

@@ -21,6 +21,7 @@ import triton.language as tl
 from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight
 from .configs import DeviceInfo, Vendor
+from ..quant.formats import QuantFormat
 from .qmatmul_fast import _q8_word_codes
 
 F32_MAGIC_BITS = 0x4B000000  # fp32 2^23: a byte in its mantissa is exact (passed as an argument: see qmatmul_fast)
@@ -28,19 +29,21 @@ BYTE_BIAS: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))  # xor: signed by
 SPREAD4: tl.constexpr = tl.constexpr(0x00204081)  # nibble bit i -> bit 8i (products never collide)
 LOW_BITS: tl.constexpr = tl.constexpr(0x01010101)
 
-# One pair of fp16 weights per invocation ($0, two halves): bytes $3 and $4 of word $1 (128 + q each)
-# go into the low bytes of two fp16 1024 (0x64 high bytes from the magic register) -> 1152 + q; minus
-# 1152 is q exactly; then q*s + (-m) with scales $5 and negated mins $6 as fp16 pairs. $2 (the second
-# element's word) is the same word: _scaled4 builds the pair along a join dimension, which is the
-# fastest register dimension, so the two elements of an invocation share it (checked by the tests on
-# a GPU: a wrong pairing gives wrong weights).
+# One pair of fp16 weights per invocation ($0, two halves): byte $3 of word $1 and byte $4 of word $2
+# (128 + q each) go into the low bytes of two fp16 1024 (0x64 high bytes from the magic register) ->
+# 1152 + q; minus 1152 is q exactly; then q*s + (-m) with scales $5 and negated mins $6 as fp16 pairs.
+# Each element reads its own word and byte index, so the result does not depend on which two elements
+# Triton packs into one invocation (an earlier form read both bytes from $1, which assumed the pair
+# shared its word: some tile layouts broke that and gave wrong weights on the GPU). The selector
+# arithmetic folds at compile time (the byte indices are constants); two byte permutes per pair.
 _H2_ASM: tl.constexpr = tl.constexpr("""{
 .reg .b32 c, t, k, mg;
-shl.b32 c, $4, 8;
+add.u32 c, $4, 4;
+shl.b32 c, c, 8;
 or.b32 c, c, $3;
-or.b32 c, c, 0x4040;
+prmt.b32 t, $1, $2, c;
 mov.b32 mg, 0x64646464;
-prmt.b32 t, $1, mg, c;
+prmt.b32 t, t, mg, 0x4240;
 mov.b32 k, 0x64806480;
 sub.rn.f16x2 t, t, k;
 fma.rn.f16x2 $0, t, $5, $6;
@@ -70,6 +73,12 @@ class PrefillConfig:
     num_warps_down: int = 8
     h2: bool = True  # scale and min rounded to fp16, the scaling done on fp16 pairs (~1.5 fewer instructions
     # per weight on sm_90a; False: fp32 scaling, each weight rounded to fp16 once)
+    fuse: bool = False  # gate and up rows decoded as one tile, one dot per step (needs gate/up buffers whose
+    # distance is a whole number of words: always so for the loader's tensors)
+    swap: bool = False  # gate/up dot with the weights as A ([2N or N, M] accumulators), tokens as the dot's N
+    swap_down: bool = False  # the same for the down kernel
+    num_stages_down: int = 0  # 0: num_stages
+    prefetch: bool = False  # weight words one step ahead in registers as loaded (plain loads, see _kq_words)
 
 
 def empty_f16(shape, device):
@@ -129,15 +138,15 @@ def _rep8(v):
 
 
 @triton.jit
-def _row_groups(rows, n_ok, first, NG: tl.constexpr, GF: tl.constexpr):
-    """(row int64, row mask, global group index) broadcast over [BLOCK_N, NG], or [NG, BLOCK_N] when GF
+def _row_groups(roff, n_ok, first, NG: tl.constexpr, GF: tl.constexpr):
+    """(row offset int64, row mask, global group index) broadcast over [BLOCK_N, NG], or [NG, BLOCK_N] when GF
     (groups first). Same math either way; the orientation decides which dimension the compiler
     spreads lanes over first (Triton 3.6 and 3.9 break the tie in opposite directions), and the
     store into the dot's shared tile is 16 bytes wide only when the lanes go over the groups."""
     if GF:
-        return rows.to(tl.int64)[None, :], n_ok[None, :], first + tl.arange(0, NG)[:, None]
+        return roff[None, :], n_ok[None, :], first + tl.arange(0, NG)[:, None]
     else:
-        return rows.to(tl.int64)[:, None], n_ok[:, None], first + tl.arange(0, NG)[None, :]
+        return roff[:, None], n_ok[:, None], first + tl.arange(0, NG)[None, :]
 
 
 @triton.jit
@@ -173,53 +182,79 @@ def _signed_bytes(g, nib):
 
 
 @triton.jit
-def _iq2_record(gw_ptr, a0, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
-    """The two signed grid words (bytes 128 + q; weights 0..3, 4..7) of grid record KQ (0..3) of the
-    32-weight groups. One 8-byte grid gather; the sign byte (7 bits + parity bit: an even count of
-    minus signs) is applied to the grid bytes in the integer domain, 4 at a time."""
+def _grid_record(gw_ptr, a0, KQ: tl.constexpr):
+    """Grid record KQ (0..3) of the 32-weight groups: its two int32 words (one 8-byte gather)."""
     gi = (a0 >> (8 * KQ)) & 255
+    return tl.split(tl.load(gw_ptr + gi[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
+
+
+@triton.jit
+def _iq2_grid(gw_ptr, a0):
+    """The 4 grid records of the groups, 8 int32 tensors (loop-carried when fetched a step ahead)."""
+    return _grid_record(gw_ptr, a0, 0) + _grid_record(gw_ptr, a0, 1) + _grid_record(gw_ptr, a0, 2) + \
+        _grid_record(gw_ptr, a0, 3)
+
+
+@triton.jit
+def _iq2_record(lo, hi, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
+    """The two signed grid words (bytes 128 + q; weights 0..3, 4..7) of grid record KQ (0..3) of the
+    32-weight groups: the sign byte (7 bits + parity bit: an even count of minus signs) applied to the
+    grid bytes in the integer domain, 4 at a time."""
     sidx = (a1 >> (7 * KQ)) & 127
-    g = tl.load(gw_ptr + gi[:, :, None] * 2 + tl.arange(0, 2)[None, None, :])
-    lo, hi = tl.split(g)
     b0 = _signed_bytes(lo, sidx & 15)
     b1 = _signed_bytes(hi, ((sidx >> 4) | (_parity7(sidx, PRMT) << 3)) & 15)
     return b0, b1
 
 
 @triton.jit
-def _half_pair(w_ptr, off, m):
-    """int32 of the two little-endian int16 half-words at off, off + 1 (IQ2_XXS blocks are 2-aligned)."""
-    return (tl.load(w_ptr + off, mask=m, other=0).to(tl.int32) & 0xFFFF) | (
-        tl.load(w_ptr + off + 1, mask=m, other=0).to(tl.int32) << 16)
+def _iq2_raw(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """The int16 words of the 32-weight groups of step k0 as loaded: (d, the 4 halves of aux0 and aux1),
+    [BLOCK_N, BLOCK_K/32] or [BLOCK_K/32, BLOCK_N] each (IQ2_XXS blocks are 2-byte aligned)."""
+    G: tl.constexpr = BLOCK_K // 32
+    r, m, cg = _row_groups(roff, n_ok, k0 // 32, G, GF)  # cg: global 32-weight group
+    base = r + (cg >> 3) * 33
+    hw = base + 1 + 4 * (cg & 7)
+    return (tl.load(w_ptr + base, mask=m, other=0), tl.load(w_ptr + hw, mask=m, other=0),
+            tl.load(w_ptr + hw + 1, mask=m, other=0), tl.load(w_ptr + hw + 2, mask=m, other=0),
+            tl.load(w_ptr + hw + 3, mask=m, other=0))
 
 
 @triton.jit
-def _iq2_words(w_ptr, rows, n_ok, k0, stride_w, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+def _iq2_group(raw):
+    """(group scale db fp32, aux0, aux1 int32) from the words of _iq2_raw."""
+    a0 = (raw[1].to(tl.int32) & 0xFFFF) | (raw[2].to(tl.int32) << 16)
+    a1 = (raw[3].to(tl.int32) & 0xFFFF) | (raw[4].to(tl.int32) << 16)
+    d = raw[0].to(tl.float16, bitcast=True).to(tl.float32)
+    return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a0, a1
+
+
+@triton.jit
+def _iq2_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
     """(group scale db fp32, aux0, aux1) [BLOCK_N, BLOCK_K/32] of the 32-weight groups of step k0.
     These feed the grid gathers (two levels of indirection), which Triton does not pipeline: the
-    kernels load them one step ahead instead."""
-    G: tl.constexpr = BLOCK_K // 32
-    r, m, cg = _row_groups(rows, n_ok, k0 // 32, G, GF)  # cg: global 32-weight group
-    base = r * stride_w + (cg >> 3) * 33
-    hw = base + 1 + 4 * (cg & 7)
-    d = tl.load(w_ptr + base, mask=m, other=0).to(tl.float16, bitcast=True).to(tl.float32)
-    a0 = _half_pair(w_ptr, hw, m)
-    a1 = _half_pair(w_ptr, hw + 2, m)
-    return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a0, a1
+    kernels load them one step ahead instead (PF: as raw words, see _kq_words)."""
+    return _iq2_group(_iq2_raw(w_ptr, roff, n_ok, k0, BLOCK_K, GF))
 
 
 @triton.jit
 def _iq2_xxs_tile(g32_ptr, db, a0, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
                   BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """fp16 weights [BLOCK_N, BLOCK_K] from the group words of _iq2_words, IQ2_XXS.
+    """fp16 weights [BLOCK_N, BLOCK_K] from the group words of _iq2_words, IQ2_XXS (grid gathered here)."""
+    return _iq2_xxs_tile_g(_iq2_grid(g32_ptr, a0), db, a1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
 
-    Per 32-weight group (one [BLOCK_N, G] or [G, BLOCK_N] element per thread): 4 grid records. Per record: one 8-byte
-    grid gather, the sign byte. Per grid word: signs in the integer domain. Per weight: byte permute
-    into the mantissa of 2^23, add, multiply by the group scale, fp16 rounding (packed by pairs)."""
-    l0, h0 = _iq2_record(g32_ptr, a0, a1, 0, PRMT)
-    l1, h1 = _iq2_record(g32_ptr, a0, a1, 1, PRMT)
-    l2, h2 = _iq2_record(g32_ptr, a0, a1, 2, PRMT)
-    l3, h3 = _iq2_record(g32_ptr, a0, a1, 3, PRMT)
+
+@triton.jit
+def _iq2_xxs_tile_g(grid, db, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] from the group scale, aux1 and the grid records of _iq2_grid.
+
+    Per 32-weight group (one [BLOCK_N, G] or [G, BLOCK_N] element per thread): 4 grid records and their
+    sign bytes. Per grid word: signs in the integer domain. Per weight: byte permute into the mantissa of
+    2^23, add, multiply by the group scale, fp16 rounding (packed by pairs)."""
+    l0, h0 = _iq2_record(grid[0], grid[1], a1, 0, PRMT)
+    l1, h1 = _iq2_record(grid[2], grid[3], a1, 1, PRMT)
+    l2, h2 = _iq2_record(grid[4], grid[5], a1, 2, PRMT)
+    l3, h3 = _iq2_record(grid[6], grid[7], a1, 3, PRMT)
     # words [.., kq1, kq0, half] (group dims first), the scale repeated over the new dimensions
     wb = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     s = _rep8(db)
@@ -245,24 +280,59 @@ def _q2_scale(sw, dsc, dmn, J: tl.constexpr):
 
 
 @triton.jit
-def _q2_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """fp16 weights [BLOCK_N, BLOCK_K] at input offset k0, Q2_K (int32 words, 21 per block).
+def _words4(w_ptr, off, m):
+    """The 4 consecutive int32 words at each off (16-byte aligned: one 16-byte load per element), as 4
+    tensors shaped like off."""
+    x = tl.load(w_ptr + off[:, :, None] + tl.arange(0, 4)[None, None, :], mask=m[:, :, None], other=0)
+    e, o = tl.split(tl.reshape(x, (x.shape[0], x.shape[1], 2, 2)))
+    w0, w2 = tl.split(e)
+    w1, w3 = tl.split(o)
+    return w0, w1, w2, w3
+
+
+@triton.jit
+def _codes8(w_ptr, cp, m):
+    """_join8 of the 4-weight words of the 8 consecutive int32 code words at cp."""
+    return (tl.load(w_ptr + cp, mask=m, other=0), tl.load(w_ptr + cp + 1, mask=m, other=0),
+            tl.load(w_ptr + cp + 2, mask=m, other=0), tl.load(w_ptr + cp + 3, mask=m, other=0),
+            tl.load(w_ptr + cp + 4, mask=m, other=0), tl.load(w_ptr + cp + 5, mask=m, other=0),
+            tl.load(w_ptr + cp + 6, mask=m, other=0), tl.load(w_ptr + cp + 7, mask=m, other=0))
+
+
+@triton.jit
+def _group_ids(k0, G: tl.constexpr, NG: tl.constexpr, GF: tl.constexpr):
+    """Global group index (k0 // G + i) shaped like _row_groups' third result."""
+    if GF:
+        return k0 // G + tl.arange(0, NG)[:, None]
+    else:
+        return k0 // G + tl.arange(0, NG)[None, :]
+
+
+@triton.jit
+def _q2_k_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """Q2_K words of the half blocks of step k0 (int32 words, 21 per block): a tuple (d|dmin, scale words 2h
+    and 2h+1, the 8 code words), [BLOCK_N, H] or [H, BLOCK_N] each (loop-carried when prefetched)."""
+    H: tl.constexpr = BLOCK_K // 128
+    r, m, cg = _row_groups(roff, n_ok, k0 // 128, H, GF)  # cg: global half-block
+    base = r + (cg >> 1) * 21
+    hh = cg & 1
+    return (tl.load(w_ptr + base + 20, mask=m, other=0), tl.load(w_ptr + base + 2 * hh, mask=m, other=0),
+            tl.load(w_ptr + base + 2 * hh + 1, mask=m, other=0)) + _codes8(w_ptr, base + 4 + 8 * hh, m)
+
+
+@triton.jit
+def _q2_k_decode(wd, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] from the words of _q2_k_words.
 
     Per half block (128 weights, one [BLOCK_N, H] element per thread): 8 code words; weight
     128h + 32s + 4c + b is bits 2s of byte b of code word c, in 16-weight sub-block j = 8h + 2s + c//4
     (scale d*(sc&15), min dmin*(sc>>4); 8 per thread per half block). Per word and shift: one and
     (+bias) for 4 weights. Per weight: byte permute into the mantissa of 2^23, add, fma, fp16 rounding."""
-    H: tl.constexpr = BLOCK_K // 128
-    r, m, cg = _row_groups(rows, n_ok, k0 // 128, H, GF)  # cg: global half-block
-    base = r * stride_w + (cg >> 1) * 21
-    hh = cg & 1
-    dd = tl.load(w_ptr + base + 20, mask=m, other=0)  # d | dmin << 16
+    dd, swl, swh = wd[0], wd[1], wd[2]
     dsc = blocks._f16_from_bits(dd)
     dmn = blocks._f16_from_bits(dd >> 16)
     # scale bytes j = 8h + 2s + ch: word 2h + s//2, byte 2(s&1) + ch
-    swl = tl.load(w_ptr + base + 2 * hh, mask=m, other=0)
-    swh = tl.load(w_ptr + base + 2 * hh + 1, mask=m, other=0)
     s00, m00 = _q2_scale(swl, dsc, dmn, 0)
     s01, m01 = _q2_scale(swl, dsc, dmn, 1)
     s10, m10 = _q2_scale(swl, dsc, dmn, 2)
@@ -271,11 +341,8 @@ def _q2_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.const
     s21, m21 = _q2_scale(swh, dsc, dmn, 1)
     s30, m30 = _q2_scale(swh, dsc, dmn, 2)
     s31, m31 = _q2_scale(swh, dsc, dmn, 3)
-    cp = w_ptr + base + 4 + 8 * hh
-    wb = _join8(_q2_word(tl.load(cp, mask=m, other=0)), _q2_word(tl.load(cp + 1, mask=m, other=0)),
-                _q2_word(tl.load(cp + 2, mask=m, other=0)), _q2_word(tl.load(cp + 3, mask=m, other=0)),
-                _q2_word(tl.load(cp + 4, mask=m, other=0)), _q2_word(tl.load(cp + 5, mask=m, other=0)),
-                _q2_word(tl.load(cp + 6, mask=m, other=0)), _q2_word(tl.load(cp + 7, mask=m, other=0)))
+    wb = _join8(_q2_word(wd[3]), _q2_word(wd[4]), _q2_word(wd[5]), _q2_word(wd[6]),
+                _q2_word(wd[7]), _q2_word(wd[8]), _q2_word(wd[9]), _q2_word(wd[10]))
     # [BN, H, s1, s0, c2] (sXY: shift X, code words 4Y..4Y+3), repeated over c1, c0
     s = _rep4(tl.join(tl.join(tl.join(s00, s20), tl.join(s10, s30)), tl.join(tl.join(s01, s21), tl.join(s11, s31))))
     mn = _rep4(tl.join(tl.join(tl.join(m00, m20), tl.join(m10, m30)), tl.join(tl.join(m01, m21), tl.join(m11, m31))))
@@ -307,29 +374,39 @@ def _q4_word(w):
 
 
 @triton.jit
-def _q4_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
-               BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """fp16 weights [BLOCK_N, BLOCK_K] at input offset k0, Q4_K (int32 words, 36 per block).
+def _q4_k_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr, VEC: tl.constexpr):
+    """Q4_K words of the sub-block pairs of step k0 (int32 words, 36 per block): a tuple (the 4 header words
+    d|dmin and the 12 scale bytes, the pair's 8 code words). VEC: three 16-byte loads per pair (blocks
+    and rows are 16-byte aligned: 144-byte blocks); not with the fused gate/up tile, where Triton 3.6
+    then converts the word tensors' layout through shared memory every step (sm_90a compiles)."""
+    P: tl.constexpr = BLOCK_K // 64
+    r, m, cg = _row_groups(roff, n_ok, k0 // 64, P, GF)  # cg: global sub-block pair
+    base = r + (cg >> 2) * 36
+    cp = base + 4 + 8 * (cg & 3)
+    if VEC:
+        return _words4(w_ptr, base, m) + _words4(w_ptr, cp, m) + _words4(w_ptr, cp + 4, m)
+    else:
+        return (tl.load(w_ptr + base, mask=m, other=0), tl.load(w_ptr + base + 1, mask=m, other=0),
+                tl.load(w_ptr + base + 2, mask=m, other=0), tl.load(w_ptr + base + 3, mask=m, other=0)) + _codes8(
+                    w_ptr, cp, m)
+
+
+@triton.jit
+def _q4_k_decode(wd, k0, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
+                 BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] from the words of _q4_k_words at input offset k0.
 
     Per sub-block pair p (64 weights, one [BLOCK_N, P] element per thread): 8 code words; weight
     64p + 32n + 4c + b is nibble n of byte b of code word c, in sub-block j = 2p + n (6-bit scale/min).
     Per word and nibble: one and (+bias) for 4 weights. Per weight: byte permute into the mantissa of
     2^23, add, fma, fp16 rounding."""
     P: tl.constexpr = BLOCK_K // 64
-    r, m, cg = _row_groups(rows, n_ok, k0 // 64, P, GF)  # cg: global sub-block pair
-    base = r * stride_w + (cg >> 2) * 36
-    pp = cg & 3
-    dd = tl.load(w_ptr + base, mask=m, other=0)
-    lo = tl.load(w_ptr + base + 1, mask=m, other=0)
-    mid = tl.load(w_ptr + base + 2, mask=m, other=0)
-    hi = tl.load(w_ptr + base + 3, mask=m, other=0)
+    pp = _group_ids(k0, 64, P, GF) & 3
+    dd, lo, mid, hi = wd[0], wd[1], wd[2], wd[3]
     s0, m0 = _q4_scale(lo, mid, hi, dd, 2 * pp)
     s1, m1 = _q4_scale(lo, mid, hi, dd, 2 * pp + 1)
-    cp = w_ptr + base + 4 + 8 * pp
-    wb = _join8(_q4_word(tl.load(cp, mask=m, other=0)), _q4_word(tl.load(cp + 1, mask=m, other=0)),
-                _q4_word(tl.load(cp + 2, mask=m, other=0)), _q4_word(tl.load(cp + 3, mask=m, other=0)),
-                _q4_word(tl.load(cp + 4, mask=m, other=0)), _q4_word(tl.load(cp + 5, mask=m, other=0)),
-                _q4_word(tl.load(cp + 6, mask=m, other=0)), _q4_word(tl.load(cp + 7, mask=m, other=0)))
+    wb = _join8(_q4_word(wd[4]), _q4_word(wd[5]), _q4_word(wd[6]), _q4_word(wd[7]),
+                _q4_word(wd[8]), _q4_word(wd[9]), _q4_word(wd[10]), _q4_word(wd[11]))
     w = _scaled4(wb, _rep8(tl.join(s0, s1)), _rep8(tl.join(m0, m1)), PRMT, H2, magic)
     if GF:
         w = tl.permute(w, (1, 0, 2, 3, 4, 5, 6, 7))
@@ -338,12 +415,34 @@ def _q4_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT: tl.constexpr, H2: tl.const
 
 
 @triton.jit
-def _kq_tile(w_ptr, rows, n_ok, k0, stride_w, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+def _kq_words(w_ptr, roff, n_ok, k0, FMT: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr,
+              VEC: tl.constexpr):
+    """The words of step k0 as loaded (a tuple). The PF kernels load them one step ahead and carry them
+    as loop values untouched: so they stay plain loads into registers. Consumed in the step that loads
+    them (and for IQ2_XXS, carried after arithmetic), Triton's software pipeliner makes them 2- or 4-byte
+    cp.async copies into shared memory read back from there: ncu on the H200 showed the L1/shared pipe
+    85% busy, mostly with those (tools/results/h200_prefill/)."""
     if FMT == FMT_Q2_K:
-        return _q2_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+        return _q2_k_words(w_ptr, roff, n_ok, k0, BLOCK_K, GF)
     else:
-        return _q4_k_tile(w_ptr, rows, n_ok, k0, stride_w, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+        return _q4_k_words(w_ptr, roff, n_ok, k0, BLOCK_K, GF, VEC)
+
+
+@triton.jit
+def _kq_decode(wd, k0, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr,
+               BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+    if FMT == FMT_Q2_K:
+        return _q2_k_decode(wd, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+    else:
+        return _q4_k_decode(wd, k0, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+
+
+@triton.jit
+def _kq_tile(w_ptr, roff, n_ok, k0, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr,
+             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, VEC: tl.constexpr):
+    """fp16 weights [BLOCK_N, BLOCK_K] of step k0 (tl.loads: the pipeliner's choice of copies)."""
+    wd = _kq_words(w_ptr, roff, n_ok, k0, FMT, BLOCK_K, GF, VEC)
+    return _kq_decode(wd, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
 
 
 @triton.jit
@@ -356,13 +455,43 @@ def _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M: tl.constexpr
 
 
 @triton.jit
+def _mma(x, w, acc, SWAP: tl.constexpr):
+    """acc [M, N] += x [M, K] @ w [N, K]^T; with SWAP acc [N, M] += w @ x^T (the weights as the dot's A
+    operand, the tile's tokens as its N: wgmma's N can be as small as the expert tile)."""
+    if SWAP:
+        return tl.dot(w, tl.trans(x), acc)
+    else:
+        return tl.dot(x, tl.trans(w), acc)
+
+
+@triton.jit
+def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """The gate and up halves of a fused accumulator ([M, 2N] or, with SWAP, [2N, M]): [M, N] or [N, M] each."""
+    if SWAP:
+        return tl.split(tl.permute(tl.reshape(acc, (2, BLOCK_N, BLOCK_M)), (1, 2, 0)))
+    else:
+        return tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N)), (0, 2, 1)))
+
+
+@triton.jit
+def _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K: tl.constexpr):
+    """Activation rows of the tile's pairs at inputs k0.., [BLOCK_M, BLOCK_K] fp16 (gathered rows)."""
+    return tl.load(x_ptr + tok[:, None] * stride_xt + (k0 + tl.arange(0, BLOCK_K))[None, :],
+                   mask=m_ok[:, None], other=0.0)
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
-                    gw_ptr, uw_ptr, g32_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, magic,
+                    gw_ptr, uw_ptr, g32_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, magic,
                     FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, FUSE: tl.constexpr,
+                    SWAP: tl.constexpr, PF: tl.constexpr):
     """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of a tile of
     expert e (pair p = order[r], token t = p // KSEL); x fp16. The F block runs fastest (program axis 0)
-    so programs in flight share their tile's activation rows in L2."""
+    so programs in flight share their tile's activation rows in L2. FUSE: the gate rows and the same up
+    rows (up_delta words after them) decoded as one [2*BLOCK_N, BLOCK_K] tile, one dot per step (one
+    shared-memory round trip and one wait instead of two). Weight words one step ahead in registers
+    (IQ2_XXS always; Q2_K/Q4_K with PF, see _kq_words)."""
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
     e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
@@ -371,59 +500,183 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
     wt = tl.load(wts_ptr + pair, mask=m_ok, other=0.0)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < F
-    rows = e * F + rn
-    acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_steps = tl.where(used, D // BLOCK_K, 0)
-    if FMT == FMT_IQ2_XXS:  # group words one step ahead (register prefetch)
-        gd, g0, g1 = _iq2_words(gw_ptr, rows, n_ok, 0, stride_w, BLOCK_K, GF)
-        ud, u0, u1 = _iq2_words(uw_ptr, rows, n_ok, 0, stride_w, BLOCK_K, GF)
-    for step in range(0, n_steps):
-        k0 = step * BLOCK_K
-        x = tl.load(x_ptr + tok[:, None] * stride_xt + (k0 + tl.arange(0, BLOCK_K))[None, :],
-                    mask=m_ok[:, None], other=0.0)  # [BLOCK_M, BLOCK_K] fp16
-        if FMT == FMT_IQ2_XXS:
-            k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
-            ngd, ng0, ng1 = _iq2_words(gw_ptr, rows, n_ok, k_next, stride_w, BLOCK_K, GF)
-            nud, nu0, nu1 = _iq2_words(uw_ptr, rows, n_ok, k_next, stride_w, BLOCK_K, GF)
-            wg = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
-            acc_g = tl.dot(x, tl.trans(wg), acc_g)
-            wu = _iq2_xxs_tile(g32_ptr, ud, u0, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
-            acc_u = tl.dot(x, tl.trans(wu), acc_u)
-            gd, g0, g1 = ngd, ng0, ng1
-            ud, u0, u1 = nud, nu0, nu1
+    if FUSE:
+        r2 = tl.arange(0, 2 * BLOCK_N)
+        rn2 = pid_n * BLOCK_N + (r2 % BLOCK_N)
+        n_ok2 = rn2 < F
+        roff2 = (e * F + rn2) * stride_w + tl.where(r2 >= BLOCK_N, up_delta, 0).to(tl.int64)
+        if SWAP:
+            acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
         else:
-            wg = _kq_tile(gw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
-            acc_g = tl.dot(x, tl.trans(wg), acc_g)
-            wu = _kq_tile(uw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
-            acc_u = tl.dot(x, tl.trans(wu), acc_u)
-    h = moe._swiglu_route(acc_g, acc_u, wt[:, None], clamp)
-    tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h.to(tl.float16),
-             mask=m_ok[:, None] & n_ok[None, :])
+            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        if FMT == FMT_IQ2_XXS and PF:
+            # two deep: group words two steps ahead, their grid records one step ahead (all loop-carried
+            # as loaded, so plain loads: see _kq_words)
+            gr = _iq2_raw(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
+            gg = _iq2_grid(g32_ptr, _iq2_group(gr)[1])
+            gr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                ngr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
+                ngg = _iq2_grid(g32_ptr, _iq2_group(gr2)[1])
+                gd, g0, g1 = _iq2_group(gr)
+                w = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, 2 * BLOCK_N, BLOCK_K, GF)
+                acc = _mma(x, w, acc, SWAP)
+                gr = gr2
+                gg = ngg
+                gr2 = ngr2
+        elif FMT == FMT_IQ2_XXS:
+            gd, g0, g1 = _iq2_words(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
+                ngd, ng0, ng1 = _iq2_words(gw_ptr, roff2, n_ok2, k_next, BLOCK_K, GF)
+                w = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, 2 * BLOCK_N, BLOCK_K, GF)
+                acc = _mma(x, w, acc, SWAP)
+                gd, g0, g1 = ngd, ng0, ng1
+        elif PF:
+            gw = _kq_words(gw_ptr, roff2, n_ok2, 0, FMT, BLOCK_K, GF, False)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                ngw = _kq_words(gw_ptr, roff2, n_ok2, tl.minimum(k0 + BLOCK_K, D - BLOCK_K), FMT, BLOCK_K, GF,
+                                False)
+                w = _kq_decode(gw, k0, magic, FMT, PRMT, H2, 2 * BLOCK_N, BLOCK_K, GF)
+                acc = _mma(x, w, acc, SWAP)
+                gw = ngw
+        else:
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                w = _kq_tile(gw_ptr, roff2, n_ok2, k0, magic, FMT, PRMT, H2, 2 * BLOCK_N, BLOCK_K, GF, False)
+                acc = _mma(x, w, acc, SWAP)
+        acc_g, acc_u = _halves(acc, BLOCK_M, BLOCK_N, SWAP)
+    else:
+        roff = (e * F + rn) * stride_w
+        if SWAP:
+            acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+        else:
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        if FMT == FMT_IQ2_XXS and PF:  # two deep, as the fused path
+            gr = _iq2_raw(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
+            ur = _iq2_raw(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
+            gg = _iq2_grid(g32_ptr, _iq2_group(gr)[1])
+            ug = _iq2_grid(g32_ptr, _iq2_group(ur)[1])
+            gr2 = _iq2_raw(gw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
+            ur2 = _iq2_raw(uw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                k_next2 = tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K)
+                ngr2 = _iq2_raw(gw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
+                nur2 = _iq2_raw(uw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
+                ngg = _iq2_grid(g32_ptr, _iq2_group(gr2)[1])
+                nug = _iq2_grid(g32_ptr, _iq2_group(ur2)[1])
+                gd, g0, g1 = _iq2_group(gr)
+                wg = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+                acc_g = _mma(x, wg, acc_g, SWAP)
+                ud, u0, u1 = _iq2_group(ur)
+                wu = _iq2_xxs_tile_g(ug, ud, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+                acc_u = _mma(x, wu, acc_u, SWAP)
+                gr = gr2
+                ur = ur2
+                gg = ngg
+                ug = nug
+                gr2 = ngr2
+                ur2 = nur2
+        elif FMT == FMT_IQ2_XXS:
+            gd, g0, g1 = _iq2_words(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
+            ud, u0, u1 = _iq2_words(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
+                ngd, ng0, ng1 = _iq2_words(gw_ptr, roff, n_ok, k_next, BLOCK_K, GF)
+                nud, nu0, nu1 = _iq2_words(uw_ptr, roff, n_ok, k_next, BLOCK_K, GF)
+                wg = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+                acc_g = _mma(x, wg, acc_g, SWAP)
+                wu = _iq2_xxs_tile(g32_ptr, ud, u0, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
+                acc_u = _mma(x, wu, acc_u, SWAP)
+                gd, g0, g1 = ngd, ng0, ng1
+                ud, u0, u1 = nud, nu0, nu1
+        elif PF:
+            gw = _kq_words(gw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
+            uw = _kq_words(uw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
+                ngw = _kq_words(gw_ptr, roff, n_ok, k_next, FMT, BLOCK_K, GF, True)
+                nuw = _kq_words(uw_ptr, roff, n_ok, k_next, FMT, BLOCK_K, GF, True)
+                wg = _kq_decode(gw, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+                acc_g = _mma(x, wg, acc_g, SWAP)
+                wu = _kq_decode(uw, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+                acc_u = _mma(x, wu, acc_u, SWAP)
+                gw = ngw
+                uw = nuw
+        else:
+            for step in range(0, n_steps):
+                k0 = step * BLOCK_K
+                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
+                wg = _kq_tile(gw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
+                acc_g = _mma(x, wg, acc_g, SWAP)
+                wu = _kq_tile(uw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
+                acc_u = _mma(x, wu, acc_u, SWAP)
+    if SWAP:
+        h = moe._swiglu_route(acc_g, acc_u, wt[None, :], clamp)
+        tl.store(h_ptr + rm[None, :].to(tl.int64) * stride_ht + rn[:, None], h.to(tl.float16),
+                 mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        h = moe._swiglu_route(acc_g, acc_u, wt[:, None], clamp)
+        tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h.to(tl.float16),
+                 mask=m_ok[:, None] & n_ok[None, :])
 
 
 @triton.jit
 def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, dw_ptr,
                  F, D, stride_ht, stride_yp, stride_w, magic,
                  FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """y[order[r], d] = down[e][d, :] @ h[r, :] for the sorted rows r of each tile (one writer per pair)."""
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, SWAP: tl.constexpr,
+                 PF: tl.constexpr):
+    """y[order[r], d] = down[e][d, :] @ h[r, :] for the sorted rows r of each tile (one writer per pair).
+    PF: weight words one step ahead in registers (see _kq_words)."""
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
     e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
     pair = tl.load(order_ptr + rm, mask=m_ok, other=0).to(tl.int64)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < D
-    rows = e * D + rn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    roff = (e * D + rn) * stride_w
+    if SWAP:
+        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     n_steps = tl.where(used, F // BLOCK_K, 0)
-    for step in range(0, n_steps):
-        k0 = step * BLOCK_K
-        hx = tl.load(h_ptr + rm[:, None].to(tl.int64) * stride_ht + (k0 + tl.arange(0, BLOCK_K))[None, :],
-                     mask=m_ok[:, None], other=0.0)
-        w = _kq_tile(dw_ptr, rows, n_ok, k0, stride_w, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
-        acc = tl.dot(hx, tl.trans(w), acc)
-    tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    rm64 = rm.to(tl.int64)
+    if PF:
+        wd = _kq_words(dw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
+        for step in range(0, n_steps):
+            k0 = step * BLOCK_K
+            hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
+            nwd = _kq_words(dw_ptr, roff, n_ok, tl.minimum(k0 + BLOCK_K, F - BLOCK_K), FMT, BLOCK_K, GF, True)
+            w = _kq_decode(wd, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+            acc = _mma(hx, w, acc, SWAP)
+            wd = nwd
+    else:
+        for step in range(0, n_steps):
+            k0 = step * BLOCK_K
+            hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
+            w = _kq_tile(dw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
+            acc = _mma(hx, w, acc, SWAP)
+    if SWAP:
+        tl.store(y_ptr + pair[None, :] * stride_yp + rn[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
 def _takes(gate: DeviceWeight, down: DeviceWeight, F: int, D: int, cfg: PrefillConfig) -> bool:
@@ -437,6 +690,53 @@ def _grid32(dw: DeviceWeight):
     return dw.g.view(torch.int32) if dw.fmt.name == "IQ2_XXS" else dw.w
 
 
+def _up_delta(gate: DeviceWeight, up: DeviceWeight) -> int | None:
+    """up.w's first word counted from gate.w's (the fused kernel addresses both from gate.w), or None when
+    the two cannot be addressed that way."""
+    if gate.w.dtype != up.w.dtype or gate.w.device != up.w.device or gate.stride_w != up.stride_w:
+        return None
+    diff = up.w.data_ptr() - gate.w.data_ptr()
+    return diff // gate.w.element_size() if diff % gate.w.element_size() == 0 else None
+
+
+def expert_rows(sel, E: int, cfg: PrefillConfig):
+    """(order, tile_e, tile_lo, tile_hi) of moe.expert_tiles for the config's tile height."""
+    return moe.expert_tiles(sel, E, cfg.block_m)
+
+
+def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int,
+                  dev: DeviceInfo, cfg: PrefillConfig):
+    """h [T*K, F] fp16 in sorted-row order (kernel 1) from x16 [T, D] fp16."""
+    order, te, lo, hi = tiles
+    E, F, D = gate.shape
+    h = empty_f16((x16.shape[0] * K, F), x16.device)
+    delta = _up_delta(gate, up) if cfg.fuse else None
+    fuse = delta is not None
+    _gate_up_kernel[(triton.cdiv(F, cfg.block_n), te.numel())](
+        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid32(gate), F, D, K, float(clamp),
+        x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
+        PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, PF=cfg.prefetch,
+        num_warps=cfg.num_warps,
+        num_stages=1 if dev.vendor == Vendor.CPU else cfg.num_stages)
+    return h
+
+
+def down_stage(h, down: DeviceWeight, tiles, T: int, K: int, dev: DeviceInfo, cfg: PrefillConfig):
+    """y [T*K, D] fp32 in pair order (kernel 2, one writer per pair) from h of gate_up_stage."""
+    order, te, lo, hi = tiles
+    E, D, F = down.shape
+    y = blocks.empty((T * K, D), h.device)
+    _down_kernel[(triton.cdiv(D, cfg.block_n_down), te.numel())](
+        h, order, y, te, lo, hi, down.w, F, D, h.stride(0), y.stride(0), down.stride_w,
+        F32_MAGIC_BITS, FMT=int(down.fmt), PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k_down, GF=GROUPS_FIRST, SWAP=cfg.swap_down,
+        PF=cfg.prefetch,
+        num_warps=cfg.num_warps_down,
+        num_stages=1 if dev.vendor == Vendor.CPU else (cfg.num_stages_down or cfg.num_stages))
+    return y
+
+
 def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
                dev: DeviceInfo, cfg: PrefillConfig | None = None):
     """Routed MoE prefill: u [T, D], sel/weights [T, K] -> [T, D] fp32. u and h are rounded to fp16,
@@ -447,32 +747,14 @@ def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     T, K = sel.shape
     if not _takes(gate, down, F, D, cfg) or triton.cdiv(T * K, cfg.block_m) + E > MAX_GRID_Y:
         return moe.moe_float(u, gate, up, down, sel, weights, clamp, dev)
-    stages = 1 if dev.vendor == Vendor.CPU else cfg.num_stages
-    prmt = dev.vendor == Vendor.NVIDIA  # byte permute by inline PTX (not in the interpreter or on ROCm)
-    order, te, lo, hi = moe.expert_tiles(sel, E, cfg.block_m)
-    n_tiles = te.numel()
+    tiles = expert_rows(sel, E, cfg)
     x16 = u.to(torch.float16)  # one rounding of u, read by every F block of every tile
     # h in fp16: the down GEMM's operand type anyway (rounding at the store equals rounding at the load),
     # half the traffic, and the tile loads go straight to shared memory with no per-program conversion.
     # |h| <= clamp^2 * route weight stays far inside fp16 range for the model's clamp.
-    h = empty_f16((T * K, F), u.device)
-    _gate_up_kernel[(triton.cdiv(F, cfg.block_n), n_tiles)](
-        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid32(gate), F, D, K, float(clamp),
-        x16.stride(0), h.stride(0), gate.stride_w, F32_MAGIC_BITS, FMT=int(gate.fmt), PRMT=prmt, H2=cfg.h2,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, num_warps=cfg.num_warps,
-        num_stages=stages)
-    y = blocks.empty((T * K, D), u.device)
-    _down_kernel[(triton.cdiv(D, cfg.block_n_down), n_tiles)](
-        h, order, y, te, lo, hi, down.w, F, D, h.stride(0), y.stride(0), down.stride_w,
-        F32_MAGIC_BITS, FMT=int(down.fmt), PRMT=prmt, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n_down,
-        BLOCK_K=cfg.block_k_down, GF=GROUPS_FIRST, num_warps=cfg.num_warps_down, num_stages=stages)
+    h = gate_up_stage(x16, gate, up, weights, clamp, tiles, K, dev, cfg)
+    y = down_stage(h, down, tiles, T, K, dev, cfg)
     return y.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
-
-
-def grouped_v2_default(u, gate, up, down, sel, weights, clamp, dev):
-    """grouped_v2 with the config moe's auto variant uses (4-warp 64-row gate/up programs: fastest on the
-    H200 at T=2048, tools/results/h200_moe/)."""
-    return grouped_v2(u, gate, up, down, sel, weights, clamp, dev, CONFIGS["grouped_v2_n64"])
 
 
 CONFIGS = {
@@ -485,6 +767,27 @@ CONFIGS = {
     "grouped_v2_n64": PrefillConfig(block_n=64, num_warps=4),
 }
 
+# Per gate/up format, the fastest measured tiles on the H200 at T=2048 (tools/results/h200_prefill/):
+# weight words one step ahead in registers, the down GEMM with the weights as the dot's A operand.
+# IQ2_XXS/Q2_K: gate and up as one tile; Q4_K: separate tiles (16-byte word loads) and 128-input down steps.
+TUNED = {
+    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, prefetch=True,
+                                       swap_down=True, block_n_down=64, block_k_down=256, num_warps_down=4,
+                                       num_stages_down=3),
+    QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, prefetch=True, swap_down=True,
+                                    block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
+}
+
+
+def tuned_config(gate: DeviceWeight) -> PrefillConfig:
+    """The tiles moe's auto variant uses for these experts: TUNED by gate/up format, else grouped_v2_n64."""
+    return TUNED.get(gate.fmt, CONFIGS["grouped_v2_n64"])
+
+
+def grouped_v2_default(u, gate, up, down, sel, weights, clamp, dev):
+    """grouped_v2 with the tiles of tuned_config (moe's auto variant above the decode sizes)."""
+    return grouped_v2(u, gate, up, down, sel, weights, clamp, dev, tuned_config(gate))
+
 
 def _variant(cfg: PrefillConfig):
     def fn(u, gate, up, down, sel, weights, clamp, dev):
@@ -494,7 +797,6 @@ def _variant(cfg: PrefillConfig):
 
 
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
-from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import KernelOp, register  # noqa: E402
 
 _FMTS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
@@ -503,3 +805,6 @@ for _name, _cfg in CONFIGS.items():
              doc=f"prefill: expert-sorted grouped tl.dot, weights decoded once per tile per group in words "
                  f"(M{_cfg.block_m} N{_cfg.block_n} K{_cfg.block_k}, {_cfg.num_warps} warps, "
                  f"{'fp16' if _cfg.h2 else 'fp32'} scaling)")
+register(KernelOp.MOE, "grouped_v2_tuned", grouped_v2_default, formats=_FMTS,
+         doc="prefill: grouped_v2 with the per-format H200 tiles (TUNED: words prefetched in registers, "
+             "swapped down dot); what auto uses above the decode sizes")

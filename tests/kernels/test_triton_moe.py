@@ -96,6 +96,46 @@ def test_decode_is_bitwise_reproducible():
     assert torch.equal(a, b)
 
 
+def expert_tiles_reference(sel, n_expert: int, block_m: int):
+    """moe.expert_tiles written with torch ops (stable argsort, bincount, searchsorted)."""
+    flat = sel.reshape(-1).to(torch.int64)
+    order = torch.argsort(flat, stable=True).to(torch.int32)
+    counts = torch.bincount(flat, minlength=n_expert)
+    starts = torch.cumsum(counts, 0) - counts
+    tiles = (counts + block_m - 1) // block_m
+    tile_end = torch.cumsum(tiles, 0)
+    ids = torch.arange(-(-flat.numel() // block_m) + n_expert)
+    te = torch.searchsorted(tile_end, ids, right=True).clamp_(max=n_expert - 1)
+    lo = starts[te] + (ids - (tile_end[te] - tiles[te])) * block_m
+    hi = torch.minimum(lo + block_m, starts[te] + counts[te])
+    used = ids < tile_end[-1]
+    return order, te.int(), torch.where(used, lo, 0).int(), torch.where(used, hi, 0).int()
+
+
+@pytest.mark.parametrize("t,k,e,bm,hot", [(11, 3, 7, 4, False), (1, 6, 256, 64, False), (300, 6, 256, 64, False),
+                                           (70, 2, 5, 16, True)])
+def test_expert_tiles_match_torch_reference(t, k, e, bm, hot):
+    """The one-launch grouping equals the torch formulation exactly: stable order within an expert
+    across chunks (T*K = 1800 pairs: 29 chunks of 64), tile ends, empty unused tiles; outputs poisoned."""
+    gen = torch.Generator().manual_seed(t)
+    sel = torch.randint(0, e, (t, k), generator=gen)
+    if hot:
+        sel[:, 0] = 2  # one expert with most pairs (many tiles), others without any
+    empty = torch.empty
+
+    def poisoned(shape, **kw):  # every int32 scratch and output of expert_tiles starts as -7
+        if kw.get("dtype") != torch.int32:
+            return empty(shape, **kw)
+        shape = shape if isinstance(shape, tuple) else (shape,)
+        return torch.full(shape, -7, dtype=torch.int32, device=kw.get("device"))
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch, "empty", poisoned)
+        got = moe.expert_tiles(sel.to(DEVICE), e, bm)
+    for g, r, name in zip(got, expert_tiles_reference(sel, e, bm), ("order", "tile_e", "tile_lo", "tile_hi")):
+        assert torch.equal(g.cpu(), r), name
+
+
 def test_expert_tiles_cover_every_pair_once():
     """Device grouping: tiles never straddle experts, cover each (token, slot) pair exactly once, and
     unused tiles are empty."""

@@ -31,6 +31,13 @@ SMALL = moe_prefill.PrefillConfig(block_m=16, block_n=64, block_k=256, num_warps
                                   block_n_down=128, block_k_down=256, num_warps_down=4)
 SMALL_F32 = replace(SMALL, h2=False)
 SMALL_K128_F32 = replace(SMALL, block_k=128, block_k_down=128, h2=False)
+# gate and up rows in one tile (one dot per step); weights as the dot's A operand (tokens as its N)
+SMALL_FUSE = replace(SMALL, fuse=True)
+SMALL_SWAP = replace(SMALL, swap=True, swap_down=True)
+SMALL_FUSE_SWAP_K128 = replace(SMALL, fuse=True, swap=True, swap_down=True, block_k=128, block_k_down=128)
+# weight words one step ahead in registers as loaded (the loop structure the H200 wants, see _kq_words)
+SMALL_PF = replace(SMALL, prefetch=True)
+SMALL_FUSE_PF_K128 = replace(SMALL, fuse=True, prefetch=True, block_k=128, block_k_down=128, h2=False)
 KIND = "grouped_v2"  # tolerance row
 
 
@@ -52,7 +59,10 @@ def run(recipe, e, f, d, t, k, seed, cfg, sel_fn=None):
 
 
 @pytest.mark.parametrize("recipe,t,cfg", [("q2", 1, SMALL), ("q2", 37, SMALL_F32), ("q4", 1, SMALL_K128_F32),
-                                          ("q4", 37, SMALL)])
+                                          ("q4", 37, SMALL), ("q2", 37, SMALL_FUSE), ("q4", 37, SMALL_SWAP),
+                                          ("q2", 1, SMALL_FUSE_SWAP_K128), ("q4", 37, SMALL_FUSE_SWAP_K128),
+                                          ("q2", 37, SMALL_PF), ("q4", 37, SMALL_PF), ("q2", 37, SMALL_FUSE_PF_K128),
+                                          ("q4", 1, SMALL_FUSE_PF_K128)])
 def test_grouped_v2(recipe, t, cfg, poison16):
     """make_problem: expert e-1 has no tokens, token 0 picks one expert twice; at T=37 K=3 the 111
     pairs over 4 experts give each used expert more pairs than BLOCK_M=16 (several tiles)."""
@@ -60,7 +70,8 @@ def test_grouped_v2(recipe, t, cfg, poison16):
     if t > 1:
         counts = torch.bincount(sel.reshape(-1).cpu(), minlength=5)
         assert counts[-1] == 0 and int(counts.max()) > cfg.block_m
-    assert_matches(y, ref, "triton_moe", KIND, f"grouped_v2 {recipe} T={t} bk={cfg.block_k} h2={cfg.h2}")
+    assert_matches(y, ref, "triton_moe", KIND, f"grouped_v2 {recipe} T={t} bk={cfg.block_k} h2={cfg.h2} "
+                                                f"fuse={cfg.fuse} swap={cfg.swap}/{cfg.swap_down} pf={cfg.prefetch}")
 
 
 @pytest.mark.parametrize("recipe,cfg", [("q2", SMALL), ("q4", SMALL_K128_F32)])
@@ -98,7 +109,7 @@ def test_registered_variants(poison16):
     (gate, up, down, u, sel, wts), (wg, wu, wd) = make_problem("q2", 4, 256, 256, 5, 2, seed=90)
     ref = moe_reference(u, wg, wu, wd, sel, wts, CLAMP)
     dev = detect_device(DEVICE)
-    for name in ("grouped_v2", "grouped_v2_f32"):  # the others differ only in tile sizes
+    for name in ("grouped_v2", "grouped_v2_f32", "grouped_v2_tuned"):  # the others differ only in tile sizes
         y = registry.get(registry.KernelOp.MOE, name).fn(u, gate, up, down, sel, wts, CLAMP, dev)
         assert_matches(y, ref, "triton_moe", KIND, name)
     (gate, up, down, u, sel, wts), _ = make_problem("q8", 4, 64, 96, 3, 2, seed=91)
@@ -117,8 +128,8 @@ def test_auto_uses_grouped_v2_above_decode(monkeypatch, poison):
     monkeypatch.setattr(moe_prefill, "grouped_v2", lambda *a, **k: calls.append(a[-1]) or orig(*a, **k))
     (gate, up, down, u, sel, wts), _ = make_problem("q4", 4, 256, 256, 9, 2, seed=3)
     y = moe.moe_auto(u, gate, up, down, sel, wts, CLAMP, dev)
-    assert calls == [moe_prefill.CONFIGS["grouped_v2_n64"]]
-    assert torch.equal(y, orig(u, gate, up, down, sel, wts, CLAMP, dev, moe_prefill.CONFIGS["grouped_v2_n64"]))
+    assert calls == [moe_prefill.TUNED[gate.fmt]]
+    assert torch.equal(y, orig(u, gate, up, down, sel, wts, CLAMP, dev, moe_prefill.TUNED[gate.fmt]))
     calls.clear()
     moe.moe_auto(u[:3], gate, up, down, sel[:3], wts[:3], CLAMP, dev)
     assert calls == []

@@ -1,0 +1,153 @@
+"""Where routed-MoE prefill time goes (T=2048, Flash shapes): each stage of moe_prefill.grouped_v2 timed
+alone, and the two GEMM kernels over tile configs.
+
+Stages: expert sort (moe.expert_tiles), u -> fp16, gate/up kernel, down kernel, the sum over the K slots.
+Each is timed with triton.testing.do_bench (median, after warm-up; the stages are single launches or short
+torch sequences, so host launch cost is small beside milliseconds). TFLOP/s counts the routed pairs'
+useful FLOPs of the stage (not the padding of the expert tiles); % bf16 is against a same-run bf16
+torch.matmul at the whole-MoE shape, as in tools/bench_kernels.py. Every config's output is compared
+with the first config's (max abs difference; fp32 accumulation order differs between tilings).
+Usage: python tools/probe_prefill.py [--out probe_prefill.md] [--recipes q2 q4]
+"""
+from __future__ import annotations
+
+import argparse
+from dataclasses import replace
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import CLAMP, D, F_EXP, K_USED, MOE, N_EXPERT, bf16_tflops, median_time_ms  # noqa: E402
+from dsv4.kernels_triton import blocks, moe_prefill  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+
+T = 2048
+P = moe_prefill.PrefillConfig
+BASE = moe_prefill.CONFIGS["grouped_v2_n64"]
+# gate/up kernel configs (the down fields unused); fuse: one [2N, K] tile and one dot per step;
+# swap: weights as the dot's A operand (register A on sm_90), tokens as its N
+GATE_UP = {
+    "n64 w4 s3": BASE,
+    "pf n64 w4 s3": replace(BASE, prefetch=True),
+    "fuse n64 w4 s3": replace(BASE, fuse=True),
+    "fuse pf n64 w4 s3": replace(BASE, fuse=True, prefetch=True),
+    "fuse pf n64 w4 s2": replace(BASE, fuse=True, prefetch=True, num_stages=2),
+    "fuse pf n128 w8 s3": replace(BASE, fuse=True, prefetch=True, block_n=128, num_warps=8),
+    "pf n128 w8 s3": replace(BASE, prefetch=True, block_n=128, num_warps=8),
+    "fuse pf n32 w4 s3": replace(BASE, fuse=True, prefetch=True, block_n=32),
+    "fuse swap pf n64 w4 s3": replace(BASE, fuse=True, swap=True, prefetch=True),
+    "fuse swap pf n64 w8 s3": replace(BASE, fuse=True, swap=True, prefetch=True, num_warps=8),
+    "pf n64 w4 s2": replace(BASE, prefetch=True, num_stages=2),
+    "pf n32 w4 s3": replace(BASE, prefetch=True, block_n=32),
+    "pf n64 w8 s3": replace(BASE, prefetch=True, num_warps=8),
+    "swap pf n64 w4 s3": replace(BASE, swap=True, prefetch=True),
+    "pf n64 k256 w4 s2": replace(BASE, prefetch=True, block_k=256, num_stages=2),
+}
+DOWN = {
+    "n128 k256 w8 s3": BASE,
+    "pf n128 k256 w8 s3": replace(BASE, prefetch=True),
+    "pf n64 k256 w4 s3": replace(BASE, prefetch=True, block_n_down=64, num_warps_down=4),
+    "pf n128 k128 w8 s3": replace(BASE, prefetch=True, block_k_down=128),
+    "pf n256 k256 w8 s3": replace(BASE, prefetch=True, block_n_down=256),
+    "swap n64 k256 w4 s3": replace(BASE, swap_down=True, block_n_down=64, num_warps_down=4),
+    "swap pf n64 k256 w4 s3": replace(BASE, swap_down=True, prefetch=True, block_n_down=64, num_warps_down=4),
+    "swap pf n128 k256 w8 s3": replace(BASE, swap_down=True, prefetch=True),
+    "swap n128 k128 w8 s3": replace(BASE, swap_down=True, block_k_down=128),
+    "swap pf n128 k128 w8 s3": replace(BASE, swap_down=True, prefetch=True, block_k_down=128),
+    "swap pf n64 k128 w4 s3": replace(BASE, swap_down=True, prefetch=True, block_n_down=64, block_k_down=128,
+                                      num_warps_down=4),
+    "swap pf n64 k256 w4 s2": replace(BASE, swap_down=True, prefetch=True, block_n_down=64, num_warps_down=4,
+                                      num_stages_down=2),
+    "swap pf n64 k256 w4 s4": replace(BASE, swap_down=True, prefetch=True, block_n_down=64, num_warps_down=4,
+                                      num_stages_down=4),
+    "pf n256 k128 w8 s3": replace(BASE, prefetch=True, block_n_down=256, block_k_down=128),
+}
+
+
+def problem(fgu, fdn, device):
+    shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
+    gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
+    up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
+    down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
+    gen = torch.Generator(device="cpu").manual_seed(T)  # the selection of bench_kernels at T
+    sel = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(T)]).to(device)
+    return gate, up, down, sel, torch.rand((T, K_USED), device=device), torch.randn((T, D), device=device)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="probe_prefill.md")
+    ap.add_argument("--recipes", nargs="+", default=list(MOE))
+    ap.add_argument("--gate-up", nargs="*", default=None, help="only these gate/up configs (none: skip)")
+    ap.add_argument("--down", nargs="*", default=None, help="only these down configs (none: skip)")
+    ap.add_argument("--once", action="store_true", help="one call per config instead of timing (for ncu)")
+    args = ap.parse_args(argv)
+    gate_up = {k: v for k, v in GATE_UP.items() if args.gate_up is None or k in args.gate_up}
+    downs = {k: v for k, v in DOWN.items() if args.down is None or k in args.down}
+    timed = (lambda fn: (fn(), torch.cuda.synchronize(), 1.0)[-1]) if args.once else median_time_ms
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    bf16 = bf16_tflops(T * K_USED, F_EXP, D, device)
+    lines = [f"# MoE prefill probe ({torch.cuda.get_device_name(device)})", "",
+             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · T={T} · bf16 matmul "
+             f"{bf16:.1f} TFLOP/s (12288x4096 @ 4096x2048, same run)", "",
+             "| recipe | stage | config | ms | TFLOP/s | % bf16 | max abs diff vs first |",
+             "|---|---|---|---|---|---|---|"]
+
+    def row(recipe, stage, cfg, ms, flops, diff=""):
+        tf = flops / (ms * 1e-3) / 1e12 if flops else 0.0
+        lines.append(f"| {recipe} | {stage} | {cfg} | {ms:.3f} | {tf:.1f} | {100 * tf / bf16:.1f} | {diff} |")
+        print(lines[-1], flush=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+    pair_flops = 2.0 * T * K_USED * F_EXP * D  # one projection over the routed pairs
+    for recipe in args.recipes:
+        fgu, fdn = MOE[recipe]
+        gate, up, down, sel, wts, u = problem(fgu, fdn, device)
+        tiles = moe_prefill.expert_rows(sel, N_EXPERT, BASE)
+        row(recipe, "sort", "expert_tiles", timed(lambda: moe_prefill.expert_rows(sel, N_EXPERT, BASE)), 0)
+        x16 = u.to(torch.float16)
+        row(recipe, "cast", "u -> fp16", timed(lambda: u.to(torch.float16)), 0)
+        ref_h = None
+        for name, cfg in gate_up.items():
+            try:
+                fn = lambda cfg=cfg: moe_prefill.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, K_USED, dev, cfg)
+                h = fn()
+                diff = "" if ref_h is None else f"{(h.float() - ref_h.float()).abs().max().item():.3g}"
+                ref_h = h if ref_h is None else ref_h
+                row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
+            except Exception as exc:  # a config that does not compile on this Triton: record and go on
+                lines.append(f"| {recipe} | gate/up | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} | | | |")
+                print(lines[-1], flush=True)
+        ref_y = None
+        for name, cfg in downs.items():
+            try:
+                h_in = ref_h if ref_h is not None else torch.randn((T * K_USED, F_EXP), device=device).half()
+                fn = lambda cfg=cfg, h_in=h_in: moe_prefill.down_stage(h_in, down, tiles, T, K_USED, dev, cfg)
+                y = fn()
+                diff = "" if ref_y is None else f"{(y - ref_y).abs().max().item():.3g}"
+                ref_y = y if ref_y is None else ref_y
+                row(recipe, "down", name, timed(fn), pair_flops, diff)
+            except Exception as exc:
+                lines.append(f"| {recipe} | down | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} | | | |")
+                print(lines[-1], flush=True)
+        if args.once:
+            continue
+        if ref_y is not None:
+            row(recipe, "sum", "y over K", median_time_ms(lambda: ref_y.view(T, K_USED, D).sum(1)), 0)
+        row(recipe, "whole", "grouped_v2_n64", median_time_ms(
+            lambda: moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, BASE)), 3 * pair_flops)
+        row(recipe, "whole", "grouped_v2_tuned (auto)", median_time_ms(
+            lambda: moe_prefill.grouped_v2_default(u, gate, up, down, sel, wts, CLAMP, dev)), 3 * pair_flops)
+        del gate, up, down
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
