@@ -58,7 +58,7 @@ MAKE_PID=$!
 
 # ---- GPU tests (native, no interpreter) ------------------------------------------------------------
 # -v: each result is logged as it happens, so a timeout still leaves a per-test record
-step gpu_tests 240 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernels -m "cuda or not cuda" \
+step gpu_tests 420 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernels -m "cuda or not cuda" \
   -v --tb=short -rfE --durations=15 -p no:cacheprovider
 
 # ---- kernel benchmark ---------------------------------------------------------------------------------

@@ -142,7 +142,7 @@ def test_expert_tiles_cover_every_pair_once():
     gen = torch.Generator().manual_seed(6)
     e, bm = 7, 4
     sel = torch.randint(0, e - 2, (11, 3), generator=gen)  # two experts without tokens
-    order, te, lo, hi = moe.expert_tiles(sel, e, bm)
+    order, te, lo, hi = (x.cpu() for x in moe.expert_tiles(sel.to(DEVICE), e, bm))
     flat = sel.reshape(-1)
     seen = []
     for j in range(te.numel()):
