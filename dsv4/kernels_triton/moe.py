@@ -527,9 +527,9 @@ def moe_float(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8
 
 
 def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
-    """fused_blockdot for few tokens; above, moe_prefill's grouped GEMM with per-group decoding (H200,
-    2026-11-28, T=2048: 7.0 / 9.7 ms for q2 / q4 vs 19.6 / 20.8 ms for `grouped`), which hands formats it
-    does not decode to moe_float."""
+    """fused_blockdot for few tokens; above, moe_prefill's grouped GEMM with per-group decoding and its
+    per-format tiles (H200, 2026-11-28, T=2048: 4.2 / 3.5 ms for q2 / q4, tools/results/h200_final5; `grouped`:
+    19.6 / 20.8 ms), which hands formats it does not decode to moe_float."""
     if u.shape[0] <= decode_max_t:
         return fused_blockdot(u, gate, up, down, sel, weights, clamp, dev)
     from .moe_prefill import grouped_v2_default  # late: moe_prefill builds on this module

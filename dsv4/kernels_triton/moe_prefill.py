@@ -8,7 +8,18 @@ summed after in fixed order (deterministic, no atomics). Each weight is decoded 
 in whole words (IQ2_XXS: one 8-byte grid gather per 8 weights, signs applied 4 bytes at a time in the
 integer domain; Q2_K/Q4_K: one and per 4 weights), bytes placed into float mantissas by a byte permute
 (no int->float conversions), scaled per group and rounded to fp16 in registers; the tile goes to shared
-memory once as the dot's B operand. Other formats/shapes go to `moe.moe_float`. Knows block layouts.
+memory once as the dot's operand. Other formats/shapes go to `moe.moe_float`. Knows block layouts.
+
+What bounds these kernels on the H200 is the L1/shared-memory pipe (Nsight Compute: 77-88 % busy), not
+issue or DRAM: every weight passes it as scattered word loads, as an fp16 store of the decoded tile and as
+the dot's operand read. Options (PrefillConfig), measured in tools/results/h200_prefill/:
+  * prefetch: the weight words loaded one step ahead and carried as loop values untouched, which keeps them
+    plain loads into registers (Triton pipelines words consumed in their own step as 2/4-byte cp.async
+    copies through shared memory); IQ2_XXS then goes two deep (words two steps ahead, grid records one);
+  * fuse: gate and up rows as one [2*BLOCK_N, BLOCK_K] tile, one dot and one wait per step;
+  * swap / swap_down: the weights as the dot's A operand and the expert tile's tokens as its N;
+  * Q4_K words by 16-byte loads (not in the fused tile: Triton 3.6 then converts layouts every step).
+`TUNED` holds the fastest per gate/up format; moe's auto variant uses it (`grouped_v2_default`).
 """
 from __future__ import annotations
 
