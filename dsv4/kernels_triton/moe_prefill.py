@@ -303,7 +303,7 @@ def _words4(w_ptr, off, m):
 
 @triton.jit
 def _codes8(w_ptr, cp, m):
-    """_join8 of the 4-weight words of the 8 consecutive int32 code words at cp."""
+    """The 8 consecutive int32 code words at cp (a tuple; 4-byte loads: Q2_K blocks are only 4-byte aligned)."""
     return (tl.load(w_ptr + cp, mask=m, other=0), tl.load(w_ptr + cp + 1, mask=m, other=0),
             tl.load(w_ptr + cp + 2, mask=m, other=0), tl.load(w_ptr + cp + 3, mask=m, other=0),
             tl.load(w_ptr + cp + 4, mask=m, other=0), tl.load(w_ptr + cp + 5, mask=m, other=0),
