@@ -7,7 +7,9 @@ torch sequences, so host launch cost is small beside milliseconds). TFLOP/s coun
 useful FLOPs of the stage (not the padding of the expert tiles); % bf16 is against a same-run bf16
 torch.matmul at the whole-MoE shape, as in tools/bench_kernels.py. Every config's output is compared
 with the first config's (max abs difference; fp32 accumulation order differs between tilings).
-Usage: python tools/probe_prefill.py [--out probe_prefill.md] [--recipes q2 q4]
+Usage: python tools/probe_prefill.py [--out probe_prefill.md] [--recipes q2 q4] [--gate-up NAME ...]
+       [--down NAME ...] [--once]   (--once: one call per config, for Nsight Compute:
+       ncu --kernel-name regex:_gate_up_kernel --launch-skip 1 --launch-count 1 python tools/probe_prefill.py --once ...)
 """
 from __future__ import annotations
 
