@@ -297,13 +297,19 @@ def bench_dense(rep: Report, bw: float, device, dev, deadline: float, args):
     return True
 
 
+def moe_weights(fgu, fdn, device):
+    """Flash-shaped synthetic routed experts (gate, up, down) of the recipe's formats, seeds 1, 2, 3."""
+    shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
+    return (blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device),
+            blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device),
+            blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device))
+
+
 def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
     for recipe, (fgu, fdn) in MOE.items():
         if not _want_op(args, f"moe_{recipe}"):
             continue
-        gate = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 1), fgu, (N_EXPERT, F_EXP, D), device)
-        up = blocks.to_device(blocks.synthetic_raw(fgu, (N_EXPERT, F_EXP, D), device, 2), fgu, (N_EXPERT, F_EXP, D), device)
-        down = blocks.to_device(blocks.synthetic_raw(fdn, (N_EXPERT, D, F_EXP), device, 3), fdn, (N_EXPERT, D, F_EXP), device)
+        gate, up, down = moe_weights(fgu, fdn, device)
         per_expert = (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
         for t in TOKENS:
             if not _want_t(args, t):

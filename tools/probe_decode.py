@@ -21,8 +21,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import (CLAMP, D, DENSE, F_EXP, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
-                           n_copies, read_bandwidth)
+from bench_kernels import (CLAMP, D, DENSE, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
+                           moe_weights, n_copies, read_bandwidth)
 from dsv4.kernels_triton import blocks, moe_int8, q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
@@ -85,10 +85,7 @@ Q8W_TILES = [(bn, 128 * w, w, 0) for bn in (4, 8, 16, 32) for w in (4, 8, 16)] +
 def moe_problem(fgu, fdn, device):
     """Flash-shaped gate/up/down experts of the given formats, ROTATE_MAX expert selections for one token,
     route weights and u."""
-    shp_gu, shp_dn = (N_EXPERT, F_EXP, D), (N_EXPERT, D, F_EXP)
-    gate = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 1), fgu, shp_gu, device)
-    up = blocks.to_device(blocks.synthetic_raw(fgu, shp_gu, device, 2), fgu, shp_gu, device)
-    down = blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device)
+    gate, up, down = moe_weights(fgu, fdn, device)
     gen = torch.Generator(device="cpu").manual_seed(1)
     sels = [torch.randperm(N_EXPERT, generator=gen)[:K_USED][None].to(device) for _ in range(ROTATE_MAX)]
     return gate, up, down, sels, torch.rand((1, K_USED), device=device), torch.randn((1, D), device=device)

@@ -213,13 +213,6 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q4_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
-    """_q4_k_dot of the super-blocks at word pointers base [BN, KB, 1, 1]."""
-    q, s0, s1, s2, dd = _q4_k_raw(base)
-    return _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM)
-
-
-@triton.jit
 def _q2_k_raw(base):
     """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19,
     d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot), the scale words
@@ -259,13 +252,6 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
             it += (byte & 15) * p
             mins += (byte >> 4) * tl.load(s_ptr + sw + 8 * h + 2 * s + e)
     return (_f16_from_bits(dd) * dx) * it.to(tl.float32) - (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32)
-
-
-@triton.jit
-def _q2_k_blocks(base, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
-    """_q2_k_dot of the super-blocks at word pointers base [BN, KB, 1]."""
-    q0, q1, q2, q3, sc0, sc1, dd = _q2_k_raw(base)
-    return _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM)
 
 
 # ---- kernels ------------------------------------------------------------------------------------

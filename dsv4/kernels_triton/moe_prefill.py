@@ -476,6 +476,33 @@ def _mma(x, w, acc, SWAP: tl.constexpr):
 
 
 @triton.jit
+def _acc_zeros(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
+    """An fp32 accumulator for _mma: [BLOCK_M, BLOCK_N], or [BLOCK_N, BLOCK_M] with SWAP."""
+    if SWAP:
+        return tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    else:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
+def _per_pair(v, SWAP: tl.constexpr):
+    """A per-pair vector broadcast along the accumulator's pair dimension (rows, or columns with SWAP)."""
+    if SWAP:
+        return v[None, :]
+    else:
+        return v[:, None]
+
+
+@triton.jit
+def _store_acc(ptr, pair_off, col, val, m_ok, n_ok, SWAP: tl.constexpr):
+    """val (an _mma accumulator's shape) to ptr + pair_off[pair] + col[n]."""
+    if SWAP:
+        tl.store(ptr + pair_off[None, :] + col[:, None], val, mask=m_ok[None, :] & n_ok[:, None])
+    else:
+        tl.store(ptr + pair_off[:, None] + col[None, :], val, mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
 def _halves(acc, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SWAP: tl.constexpr):
     """The gate and up halves of a fused accumulator ([M, 2N] or, with SWAP, [2N, M]): [M, N] or [N, M] each."""
     if SWAP:
@@ -517,10 +544,7 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
         rn2 = pid_n * BLOCK_N + (r2 % BLOCK_N)
         n_ok2 = rn2 < F
         roff2 = (e * F + rn2) * stride_w + tl.where(r2 >= BLOCK_N, up_delta, 0).to(tl.int64)
-        if SWAP:
-            acc = tl.zeros([2 * BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+        acc = _acc_zeros(BLOCK_M, 2 * BLOCK_N, SWAP)
         if FMT == FMT_IQ2_XXS and PF:
             # two deep: group words two steps ahead, their grid records one step ahead (all loop-carried
             # as loaded, so plain loads: see _kq_words)
@@ -567,12 +591,8 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
         acc_g, acc_u = _halves(acc, BLOCK_M, BLOCK_N, SWAP)
     else:
         roff = (e * F + rn) * stride_w
-        if SWAP:
-            acc_g = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        else:
-            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            acc_u = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
+        acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
         if FMT == FMT_IQ2_XXS and PF:  # two deep, as the fused path
             gr = _iq2_raw(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
             ur = _iq2_raw(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
@@ -638,14 +658,8 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 acc_g = _mma(x, wg, acc_g, SWAP)
                 wu = _kq_tile(uw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
                 acc_u = _mma(x, wu, acc_u, SWAP)
-    if SWAP:
-        h = moe._swiglu_route(acc_g, acc_u, wt[None, :], clamp)
-        tl.store(h_ptr + rm[None, :].to(tl.int64) * stride_ht + rn[:, None], h.to(tl.float16),
-                 mask=m_ok[None, :] & n_ok[:, None])
-    else:
-        h = moe._swiglu_route(acc_g, acc_u, wt[:, None], clamp)
-        tl.store(h_ptr + rm[:, None].to(tl.int64) * stride_ht + rn[None, :], h.to(tl.float16),
-                 mask=m_ok[:, None] & n_ok[None, :])
+    h = moe._swiglu_route(acc_g, acc_u, _per_pair(wt, SWAP), clamp)
+    _store_acc(h_ptr, rm.to(tl.int64) * stride_ht, rn, h.to(tl.float16), m_ok, n_ok, SWAP)
 
 
 @triton.jit
@@ -663,10 +677,7 @@ def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, 
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = rn < D
     roff = (e * D + rn) * stride_w
-    if SWAP:
-        acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     n_steps = tl.where(used, F // BLOCK_K, 0)
     rm64 = rm.to(tl.int64)
     if PF:
@@ -684,10 +695,7 @@ def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, 
             hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
             w = _kq_tile(dw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
             acc = _mma(hx, w, acc, SWAP)
-    if SWAP:
-        tl.store(y_ptr + pair[None, :] * stride_yp + rn[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
-    else:
-        tl.store(y_ptr + pair[:, None] * stride_yp + rn[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    _store_acc(y_ptr, pair * stride_yp, rn, acc, m_ok, n_ok, SWAP)
 
 
 def _takes(gate: DeviceWeight, down: DeviceWeight, F: int, D: int, cfg: PrefillConfig) -> bool:
