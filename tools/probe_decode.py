@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import (CLAMP, D, DENSE, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
                            moe_weights, n_copies, read_bandwidth)
-from dsv4.kernels_triton import blocks, moe, moe_f32, moe_int8, q8_gemv  # noqa: E402
+from dsv4.kernels_triton import blocks, moe_int8, q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
@@ -98,14 +98,6 @@ def q8_problem(d, device):
     return ws, torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
 
 
-# `f32`: moe_f32 (fp32 activations) stages alone over tiles (rows, K step, warps, prefetch), the whole call
-# per tile pair, against fused_blockdot (the float auto before) and int8 in the same run
-F32_GATE_UP_TILES = [(4, 2, 1, True), (4, 1, 1, True), (8, 1, 1, True), (2, 2, 1, True), (8, 2, 2, True),
-                     (16, 2, 4, False), (32, 2, 4, False), (16, 1, 4, True), (32, 1, 4, True)]
-F32_DOWN_TILES = [(8, 8, 8, False), (8, 8, 4, True), (4, 8, 2, True), (2, 8, 1, True), (16, 8, 8, False),
-                  (4, 4, 1, True), (1, 8, 1, True)]
-
-
 # `q8r`: few rows per one-warp program (the grid alone fills the SMs, little or no split-K) on the 35.7 MB
 # matrices whose row tiles are long in K
 Q8R_TILES = [(bn, bk, 1, mp, pf) for bn in (4, 8) for bk in (256, 512) for mp in (0, 8, 16) for pf in (1, 2)
@@ -126,7 +118,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, f32, q8, pdl, q8x, q8o, q8w, q8s, q8r")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -153,43 +145,6 @@ def main(argv=None) -> int:
                         [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, c) for s in sels]),
                         nbytes)
             del gate, up, down
-            torch.cuda.empty_cache()
-    if "f32" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
-            case = f"moe_{recipe}"
-            row(case, "fused_blockdot", "whole", graph_time_ms(
-                [lambda s=s: moe.fused_blockdot(u, gate, up, down, s, wts, CLAMP, dev) for s in sels]), gu_bytes + dn_bytes)
-            row(case, "int8", "whole", graph_time_ms(
-                [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev) for s in sels]), gu_bytes + dn_bytes)
-            base = moe_f32.TUNED[gate.fmt]
-            hs = [moe_f32.gate_up_f32(u, gate, up, s, wts, CLAMP, True, base) for s in sels]
-            best = {}
-            for bn, ks, w, pf in F32_GATE_UP_TILES:
-                c = replace(base, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf)
-                ms = graph_time_ms([lambda s=s, c=c: moe_f32.gate_up_f32(u, gate, up, s, wts, CLAMP, True, c,
-                                                                        c.pdl) for s in sels])
-                best.setdefault("gu", []).append((ms, c))
-                row(case, f"f32 {'pf_' if pf else ''}gu_{bn}_{ks}_{w}", "gate_up", ms, gu_bytes)
-            for bn, ks, w, pf in F32_DOWN_TILES:
-                c = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf)
-                ms = graph_time_ms([lambda s=s, h=h, c=c: moe_f32.down_f32(h, down, s, True, c, c.pdl)
-                                    for s, h in zip(sels, hs)])
-                best.setdefault("dn", []).append((ms, c))
-                row(case, f"f32 {'pf_' if pf else ''}dn_{bn}_{ks}_{w}", "down", ms, dn_bytes)
-            gu = min(best["gu"], key=lambda m: m[0])[1]
-            dn = min(best["dn"], key=lambda m: m[0])[1]
-            for name, c in (("f32 tuned", base), ("f32 best", replace(
-                    gu, block_n_down=dn.block_n_down, kstep_down=dn.kstep_down, warps_down=dn.warps_down,
-                    prefetch_down=dn.prefetch_down))):
-                label = (f"{name} gu_{c.block_n_gate_up}_{c.kstep_gate_up}_{c.warps_gate_up}{'pf' if c.prefetch_gate_up else ''}"
-                         f"+dn_{c.block_n_down}_{c.kstep_down}_{c.warps_down}{'pf' if c.prefetch_down else ''}")
-                row(case, label, "whole", graph_time_ms(
-                    [lambda s=s, c=c: moe_f32.fused_f32(u, gate, up, down, s, wts, CLAMP, dev, c) for s in sels]),
-                    gu_bytes + dn_bytes)
-            del gate, up, down, hs
             torch.cuda.empty_cache()
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():

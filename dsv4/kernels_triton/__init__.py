@@ -8,7 +8,6 @@ from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
 from . import moe_fast  # noqa: F401,E402 - fused_dot* MoE decode variants
 from . import moe_prefill  # noqa: F401,E402 - grouped_v2* MoE prefill variants
 from . import moe_int8  # noqa: F401,E402 - int8* MoE decode variants (dp4a, Q8_K activations)
-from . import moe_f32  # noqa: F401,E402 - rows_f32 MoE decode (fp32 activations on the int8 tiling)
 from .registry import KernelOp, register, use, variants
 
 __all__ = ["TritonOps", "KernelOp", "register", "use", "variants"]
