@@ -12,10 +12,10 @@ memory once as the dot's operand. Other formats/shapes go to `moe.moe_float`. Kn
 
 What bounds these kernels on the H200 is the L1/shared-memory pipe (Nsight Compute: 77-88 % busy), not
 issue or DRAM: every weight passes it as scattered word loads, as an fp16 store of the decoded tile and as
-the dot's operand read. Options (PrefillConfig), measured in tools/results/h200_prefill/:
-  * prefetch: the weight words loaded one step ahead and carried as loop values untouched, which keeps them
-    plain loads into registers (Triton pipelines words consumed in their own step as 2/4-byte cp.async
-    copies through shared memory); IQ2_XXS then goes two deep (words two steps ahead, grid records one);
+the dot's operand read. The weight words are loaded one step ahead and carried as loop values untouched,
+which keeps them plain loads into registers (Triton pipelines words consumed in their own step as 2/4-byte
+cp.async copies through shared memory: 1.3-2.6x slower stages); IQ2_XXS goes two deep (words two steps
+ahead, grid records one). Options (PrefillConfig), measured in tools/results/h200_prefill/:
   * fuse: gate and up rows as one [2*BLOCK_N, BLOCK_K] tile, one dot and one wait per step;
   * swap / swap_down: the weights as the dot's A operand and the expert tile's tokens as its N;
   * Q4_K words by 16-byte loads (not in the fused tile: Triton 3.6 then converts layouts every step).
@@ -89,7 +89,6 @@ class PrefillConfig:
     swap: bool = False  # gate/up dot with the weights as A ([2N or N, M] accumulators), tokens as the dot's N
     swap_down: bool = False  # the same for the down kernel
     num_stages_down: int = 0  # 0: num_stages
-    prefetch: bool = False  # weight words one step ahead in registers as loaded (plain loads, see _kq_words)
 
 
 def empty_f16(shape, device):
@@ -237,21 +236,6 @@ def _iq2_group(raw):
     a1 = (raw[3].to(tl.int32) & 0xFFFF) | (raw[4].to(tl.int32) << 16)
     d = raw[0].to(tl.float16, bitcast=True).to(tl.float32)
     return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a0, a1
-
-
-@triton.jit
-def _iq2_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """(group scale db fp32, aux0, aux1) [BLOCK_N, BLOCK_K/32] of the 32-weight groups of step k0.
-    These feed the grid gathers (two levels of indirection), which Triton does not pipeline: the
-    kernels load them one step ahead instead (PF: as raw words, see _kq_words)."""
-    return _iq2_group(_iq2_raw(w_ptr, roff, n_ok, k0, BLOCK_K, GF))
-
-
-@triton.jit
-def _iq2_xxs_tile(g32_ptr, db, a0, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.constexpr,
-                  BLOCK_K: tl.constexpr, GF: tl.constexpr):
-    """fp16 weights [BLOCK_N, BLOCK_K] from the group words of _iq2_words, IQ2_XXS (grid gathered here)."""
-    return _iq2_xxs_tile_g(_iq2_grid(g32_ptr, a0), db, a1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
 
 
 @triton.jit
@@ -428,7 +412,7 @@ def _q4_k_decode(wd, k0, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: t
 @triton.jit
 def _kq_words(w_ptr, roff, n_ok, k0, FMT: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr,
               VEC: tl.constexpr):
-    """The words of step k0 as loaded (a tuple). The PF kernels load them one step ahead and carry them
+    """The words of step k0 as loaded (a tuple). The kernels load them one step ahead and carry them
     as loop values untouched: so they stay plain loads into registers. Consumed in the step that loads
     them (and for IQ2_XXS, carried after arithmetic), Triton's software pipeliner makes them 2- or 4-byte
     cp.async copies into shared memory read back from there: ncu on the H200 showed the L1/shared pipe
@@ -446,14 +430,6 @@ def _kq_decode(wd, k0, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.cons
         return _q2_k_decode(wd, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
     else:
         return _q4_k_decode(wd, k0, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
-
-
-@triton.jit
-def _kq_tile(w_ptr, roff, n_ok, k0, magic, FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr,
-             BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, VEC: tl.constexpr):
-    """fp16 weights [BLOCK_N, BLOCK_K] of step k0 (tl.loads: the pipeliner's choice of copies)."""
-    wd = _kq_words(w_ptr, roff, n_ok, k0, FMT, BLOCK_K, GF, VEC)
-    return _kq_decode(wd, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
 
 
 @triton.jit
@@ -523,13 +499,13 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                     gw_ptr, uw_ptr, g32_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, magic,
                     FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, FUSE: tl.constexpr,
-                    SWAP: tl.constexpr, PF: tl.constexpr):
+                    SWAP: tl.constexpr):
     """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of a tile of
     expert e (pair p = order[r], token t = p // KSEL); x fp16. The F block runs fastest (program axis 0)
     so programs in flight share their tile's activation rows in L2. FUSE: the gate rows and the same up
     rows (up_delta words after them) decoded as one [2*BLOCK_N, BLOCK_K] tile, one dot per step (one
-    shared-memory round trip and one wait instead of two). Weight words one step ahead in registers
-    (IQ2_XXS always; Q2_K/Q4_K with PF, see _kq_words)."""
+    shared-memory round trip and one wait instead of two). Weight words one step ahead in registers, for
+    IQ2_XXS two (see _kq_words)."""
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
     e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
@@ -545,7 +521,7 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
         n_ok2 = rn2 < F
         roff2 = (e * F + rn2) * stride_w + tl.where(r2 >= BLOCK_N, up_delta, 0).to(tl.int64)
         acc = _acc_zeros(BLOCK_M, 2 * BLOCK_N, SWAP)
-        if FMT == FMT_IQ2_XXS and PF:
+        if FMT == FMT_IQ2_XXS:
             # two deep: group words two steps ahead, their grid records one step ahead (all loop-carried
             # as loaded, so plain loads: see _kq_words)
             gr = _iq2_raw(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
@@ -562,17 +538,7 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 gr = gr2
                 gg = ngg
                 gr2 = ngr2
-        elif FMT == FMT_IQ2_XXS:
-            gd, g0, g1 = _iq2_words(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
-            for step in range(0, n_steps):
-                k0 = step * BLOCK_K
-                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
-                k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
-                ngd, ng0, ng1 = _iq2_words(gw_ptr, roff2, n_ok2, k_next, BLOCK_K, GF)
-                w = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, 2 * BLOCK_N, BLOCK_K, GF)
-                acc = _mma(x, w, acc, SWAP)
-                gd, g0, g1 = ngd, ng0, ng1
-        elif PF:
+        else:
             gw = _kq_words(gw_ptr, roff2, n_ok2, 0, FMT, BLOCK_K, GF, False)
             for step in range(0, n_steps):
                 k0 = step * BLOCK_K
@@ -582,18 +548,12 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 w = _kq_decode(gw, k0, magic, FMT, PRMT, H2, 2 * BLOCK_N, BLOCK_K, GF)
                 acc = _mma(x, w, acc, SWAP)
                 gw = ngw
-        else:
-            for step in range(0, n_steps):
-                k0 = step * BLOCK_K
-                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
-                w = _kq_tile(gw_ptr, roff2, n_ok2, k0, magic, FMT, PRMT, H2, 2 * BLOCK_N, BLOCK_K, GF, False)
-                acc = _mma(x, w, acc, SWAP)
         acc_g, acc_u = _halves(acc, BLOCK_M, BLOCK_N, SWAP)
     else:
         roff = (e * F + rn) * stride_w
         acc_g = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
         acc_u = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
-        if FMT == FMT_IQ2_XXS and PF:  # two deep, as the fused path
+        if FMT == FMT_IQ2_XXS:  # two deep, as the fused path
             gr = _iq2_raw(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
             ur = _iq2_raw(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
             gg = _iq2_grid(g32_ptr, _iq2_group(gr)[1])
@@ -620,22 +580,7 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 ug = nug
                 gr2 = ngr2
                 ur2 = nur2
-        elif FMT == FMT_IQ2_XXS:
-            gd, g0, g1 = _iq2_words(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
-            ud, u0, u1 = _iq2_words(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
-            for step in range(0, n_steps):
-                k0 = step * BLOCK_K
-                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
-                k_next = tl.minimum(k0 + BLOCK_K, D - BLOCK_K)
-                ngd, ng0, ng1 = _iq2_words(gw_ptr, roff, n_ok, k_next, BLOCK_K, GF)
-                nud, nu0, nu1 = _iq2_words(uw_ptr, roff, n_ok, k_next, BLOCK_K, GF)
-                wg = _iq2_xxs_tile(g32_ptr, gd, g0, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
-                acc_g = _mma(x, wg, acc_g, SWAP)
-                wu = _iq2_xxs_tile(g32_ptr, ud, u0, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
-                acc_u = _mma(x, wu, acc_u, SWAP)
-                gd, g0, g1 = ngd, ng0, ng1
-                ud, u0, u1 = nud, nu0, nu1
-        elif PF:
+        else:
             gw = _kq_words(gw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
             uw = _kq_words(uw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
             for step in range(0, n_steps):
@@ -650,14 +595,6 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 acc_u = _mma(x, wu, acc_u, SWAP)
                 gw = ngw
                 uw = nuw
-        else:
-            for step in range(0, n_steps):
-                k0 = step * BLOCK_K
-                x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
-                wg = _kq_tile(gw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
-                acc_g = _mma(x, wg, acc_g, SWAP)
-                wu = _kq_tile(uw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
-                acc_u = _mma(x, wu, acc_u, SWAP)
     h = moe._swiglu_route(acc_g, acc_u, _per_pair(wt, SWAP), clamp)
     _store_acc(h_ptr, rm.to(tl.int64) * stride_ht, rn, h.to(tl.float16), m_ok, n_ok, SWAP)
 
@@ -666,10 +603,9 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
 def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, dw_ptr,
                  F, D, stride_ht, stride_yp, stride_w, magic,
                  FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, SWAP: tl.constexpr,
-                 PF: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, SWAP: tl.constexpr):
     """y[order[r], d] = down[e][d, :] @ h[r, :] for the sorted rows r of each tile (one writer per pair).
-    PF: weight words one step ahead in registers (see _kq_words)."""
+    Weight words one step ahead in registers (see _kq_words)."""
     pid_n = tl.program_id(0)
     tile = tl.program_id(1)
     e, rm, m_ok, used = _tile_rows(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, tile, BLOCK_M)
@@ -680,21 +616,14 @@ def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, 
     acc = _acc_zeros(BLOCK_M, BLOCK_N, SWAP)
     n_steps = tl.where(used, F // BLOCK_K, 0)
     rm64 = rm.to(tl.int64)
-    if PF:
-        wd = _kq_words(dw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
-        for step in range(0, n_steps):
-            k0 = step * BLOCK_K
-            hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
-            nwd = _kq_words(dw_ptr, roff, n_ok, tl.minimum(k0 + BLOCK_K, F - BLOCK_K), FMT, BLOCK_K, GF, True)
-            w = _kq_decode(wd, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
-            acc = _mma(hx, w, acc, SWAP)
-            wd = nwd
-    else:
-        for step in range(0, n_steps):
-            k0 = step * BLOCK_K
-            hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
-            w = _kq_tile(dw_ptr, roff, n_ok, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF, True)
-            acc = _mma(hx, w, acc, SWAP)
+    wd = _kq_words(dw_ptr, roff, n_ok, 0, FMT, BLOCK_K, GF, True)
+    for step in range(0, n_steps):
+        k0 = step * BLOCK_K
+        hx = _x_tile(h_ptr, rm64, m_ok, stride_ht, k0, BLOCK_K)
+        nwd = _kq_words(dw_ptr, roff, n_ok, tl.minimum(k0 + BLOCK_K, F - BLOCK_K), FMT, BLOCK_K, GF, True)
+        w = _kq_decode(wd, k0, magic, FMT, PRMT, H2, BLOCK_N, BLOCK_K, GF)
+        acc = _mma(hx, w, acc, SWAP)
+        wd = nwd
     _store_acc(y_ptr, pair * stride_yp, rn, acc, m_ok, n_ok, SWAP)
 
 
@@ -735,8 +664,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
         x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid32(gate), F, D, K, float(clamp),
         x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
         PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, PF=cfg.prefetch,
-        num_warps=cfg.num_warps,
+        BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, num_warps=cfg.num_warps,
         num_stages=1 if dev.vendor == Vendor.CPU else cfg.num_stages)
     return h
 
@@ -750,7 +678,6 @@ def down_stage(h, down: DeviceWeight, tiles, T: int, K: int, dev: DeviceInfo, cf
         h, order, y, te, lo, hi, down.w, F, D, h.stride(0), y.stride(0), down.stride_w,
         F32_MAGIC_BITS, FMT=int(down.fmt), PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m,
         BLOCK_N=cfg.block_n_down, BLOCK_K=cfg.block_k_down, GF=GROUPS_FIRST, SWAP=cfg.swap_down,
-        PF=cfg.prefetch,
         num_warps=cfg.num_warps_down,
         num_stages=1 if dev.vendor == Vendor.CPU else (cfg.num_stages_down or cfg.num_stages))
     return y
@@ -790,10 +717,9 @@ CONFIGS = {
 # weight words one step ahead in registers, the down GEMM with the weights as the dot's A operand.
 # IQ2_XXS/Q2_K: gate and up as one tile; Q4_K: separate tiles (16-byte word loads) and 128-input down steps.
 TUNED = {
-    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, prefetch=True,
-                                       swap_down=True, block_n_down=64, block_k_down=256, num_warps_down=4,
+    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True, block_n_down=64, block_k_down=256, num_warps_down=4,
                                        num_stages_down=3),
-    QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, prefetch=True, swap_down=True,
+    QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
                                     block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
 }
 
