@@ -138,6 +138,19 @@ def test_moe_flash_shapes(recipe, t, path, poison):
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=path == "int8"), op, kind, f"moe {recipe} {path} T={t}")
 
 
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("name", ["grouped_v2", "grouped_v2_f32", "grouped_v2_m128", "grouped_v2_n64"])
+def test_moe_prefill_registered_tiles(recipe, name, poison):
+    """The registered comparison tiles of moe_prefill (8 warps x 128 rows, fp32 scaling, 128-pair tiles,
+    4 warps x 64 rows), whose loops the benchmark times, at Flash shapes: the same grouped_v2 tolerance."""
+    from dsv4.kernels_triton import moe_prefill
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, 96)
+    y = moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"), moe_prefill.CONFIGS[name])
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} {name} T=96")
+
+
 @pytest.mark.parametrize("path", ["decode", "grouped", "grouped_v2", "int8"])
 def test_moe_bitwise_reproducible(path):
     from dsv4.kernels_triton import moe, moe_int8, moe_prefill
