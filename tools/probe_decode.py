@@ -104,13 +104,6 @@ Q8R_TILES = [(bn, bk, 1, mp, pf) for bn in (4, 8) for bk in (256, 512) for mp in
              if not (pf == 2 and mp == 16)] + [(32, 128, 1, 8, 1), (16, 128, 1, 0, 1), (16, 512, 4, 0, 1)]  # defaults
 
 
-# `q8p`: x lanes read through pointers shaped like the code words (x_mode 3: the loads a code-permuted weight
-# layout would make, no layout conversion in the K loop) against the current in-register split (x_mode 0); x
-# is not actually permuted here, so only the times mean anything
-Q8P_TILES = [(16, 128, 1, 0), (16, 128, 1, 8), (32, 128, 1, 8), (32, 128, 1, 0), (16, 256, 2, 8), (16, 512, 4, 0),
-             (32, 256, 2, 8), (64, 128, 1, 8), (32, 64, 1, 8)]
-
-
 # `q8s`: how split-K slices are summed (gemv_rows split_sum 0 / 1 / 2) on the split tiles
 Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a": [(16, 128, 1, 8), (32, 64, 1, 8)],
              "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
@@ -125,7 +118,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8p")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -209,9 +202,6 @@ def main(argv=None) -> int:
         if "q8r" in args.parts and d.name in ("attn_output_a", "attn_output_b", "attn_q_b"):
             cases += [(f"{bn}x{bk} w{w} mp{mp} pf{pf}", tile_kw(bn, bk, w, mp, prefetch=pf, max_split=64))
                       for bn, bk, w, mp, pf in Q8R_TILES]
-        if "q8p" in args.parts and d.name in ("attn_output_a", "attn_output_b", "attn_q_b", "output"):
-            cases += [(f"{bn}x{bk} w{w} mp{mp} x{xm}", tile_kw(bn, bk, w, mp, x_mode=xm))
-                      for bn, bk, w, mp in Q8P_TILES for xm in (0, 3)]
         if "q8s" in args.parts and d.name in Q8S_TILES:
             cases += [(f"{bn}x{bk} w{w} mp{mp} sum{ss}", tile_kw(bn, bk, w, mp, split_sum=ss))
                       for bn, bk, w, mp in Q8S_TILES[d.name] for ss in (0, 1, 2)]

@@ -132,10 +132,6 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             t_row = tl.minimum(T - 1, t)  # rows past T repeat the last one; not stored
             if XPERM == 1:  # x word-permuted by the caller: lane j of word i of block b at 32b + 8j + i
                 xp = x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3
-            if XPERM == 3:  # as 1, the pointers shaped like the code words (one layout, no conversion)
-                xp = (x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3
-                      + tl.zeros([BLOCK_N, 1, 1], dtype=tl.int32))
-            if XPERM == 1 or XPERM == 3:
                 x0 = tl.load(xp)
                 x1 = tl.load(xp + 8)
                 x2 = tl.load(xp + 16)
@@ -273,8 +269,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
     x_mode: how x reaches the four byte lanes: 0 loaded in order and split in registers (Triton moves it
     through shared memory), 1 a word-permuted copy made first (one more launch), 2 four stride-4 gathers
-    (L1 hits), 3 (timing probes only) x taken as already word-permuted, read through pointers shaped like the
-    code words (no layout conversion in the loop: the access pattern of a code-permuted weight layout). split_sum: how split-K slices are summed (_q8_rows_kernel's SPLIT_SUM; 2 adds a second launch).
+    (L1 hits). split_sum: how split-K slices are summed (_q8_rows_kernel's SPLIT_SUM; 2 adds a second launch).
     Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
         return gemv(x, dw, dev, groups)
