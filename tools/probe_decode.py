@@ -98,12 +98,6 @@ def q8_problem(d, device):
     return ws, torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
 
 
-# `q2rep`: the int8 Q2_K down stage on rows repacked [codes | scales | d] (16-byte aligned code runs,
-# moe_int8.repack_q2_k_rows) against the GGUF layout, over down tiles (rows, K step, warps, prefetch)
-Q2REP_TILES = [(8, 8, 8, False), (8, 8, 4, False), (16, 8, 8, False), (8, 8, 4, True), (4, 8, 2, True),
-               (16, 8, 4, False), (32, 8, 8, False)]
-
-
 # `q8r`: few rows per one-warp program (the grid alone fills the SMs, little or no split-K) on the 35.7 MB
 # matrices whose row tiles are long in K
 Q8R_TILES = [(bn, bk, 1, mp, pf) for bn in (4, 8) for bk in (256, 512) for mp in (0, 8, 16) for pf in (1, 2)
@@ -124,7 +118,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q2rep")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -152,27 +146,6 @@ def main(argv=None) -> int:
                         nbytes)
             del gate, up, down
             torch.cuda.empty_cache()
-    if "q2rep" in args.parts:
-        fgu, fdn = MOE["q2"]
-        gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-        dn_bytes = K_USED * down.nbytes // N_EXPERT
-        base = moe_int8.TUNED[gate.fmt]
-        uq = moe_int8.quant_q8_k(u, iq2_order=True)
-        hqs = [moe_int8.quant_q8_k(moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, base)) for s in sels]
-        rep = moe_int8.repack_q2_k_rows(down)
-        for bn, ks, w, pf in Q2REP_TILES:
-            c = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf)
-            for r in (None, rep):
-                ys = [moe_int8.down_int8(hq, down, s, True, c, c.pdl, rep=r) for s, hq in zip(sels, hqs)]
-                ms = graph_time_ms([lambda s=s, hq=hq, c=c, r=r: moe_int8.down_int8(hq, down, s, True, c, c.pdl, rep=r)
-                                    for s, hq in zip(sels, hqs)])
-                diff = max(float((y - y0).abs().max()) for y, y0 in zip(ys, ys0)) if r is not None else 0.0
-                if r is None:
-                    ys0 = ys
-                row("moe_q2", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' rep' if r is not None else ''} diff {diff:g}",
-                    "down", ms, dn_bytes)
-        del gate, up, down, rep
-        torch.cuda.empty_cache()
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
             gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)

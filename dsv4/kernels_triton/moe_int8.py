@@ -225,23 +225,6 @@ def _q2_k_raw(base):
 
 
 @triton.jit
-def _q2_k_raw_rep(rows, blk):
-    """_q2_k_raw for rows repacked as [qs of the 8 blocks (16 words each) | scales (4 words each) | d|dmin]
-    (experiment `q2_rep`: same bytes and row size, 16-byte aligned code runs): rows [BN, 1, 1] word pointers,
-    blk [1, KB, 1] block indices."""
-    he = tl.arange(0, 4)[None, None, :]
-    qb = rows + 16 * blk + 4 * he
-    sb = rows + 128 + 4 * blk + 2 * (he >> 1)
-    q = tl.load(qb[:, :, :, None] + tl.arange(0, 4)[None, None, None, :])  # one 16-byte load per lane
-    e, o = tl.split(tl.reshape(q, (q.shape[0], q.shape[1], 4, 2, 2)))
-    q0, q2 = tl.split(e)
-    q1, q3 = tl.split(o)
-    sc = tl.load(sb[:, :, :, None] + tl.arange(0, 2)[None, None, None, :])
-    sc0, sc1 = tl.split(sc)
-    return q0, q1, q2, q3, sc0, sc1, tl.load(rows + 160 + blk)
-
-
-@triton.jit
 def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
     """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
     sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
@@ -382,14 +365,12 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, REP: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
-    if REP:  # repacked rows are 168 words (672 bytes): say so, or the 16-byte code loads stay scalar
-        stride_w = tl.multiple_of(stride_w, 8)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rc = tl.minimum(rn, D - 1)
     n_steps = F // (QK_C * KSTEP)
@@ -400,27 +381,16 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
             i_p, b_p = _down_step(0, n_steps, KSTEP)
-            if REP:
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw_rep(
-                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None], b_p + kk)
-            else:
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
+            q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
+                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
             i, b0 = _down_step(j, n_steps, KSTEP)
             slot = (t * KSEL + i).to(tl.int64)
             if PF:
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
-                if REP:
-                    nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw_rep(
-                        w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None], b_p + kk)
-                else:
-                    nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
-                        w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
-            elif REP:
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw_rep(
-                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None], b0 + kk)
+                nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
+                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
             else:
                 q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
                     w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
@@ -589,32 +559,17 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     return h
 
 
-def repack_q2_k_rows(down: DeviceWeight):
-    """Experiment `q2_rep`: int32 words of the Q2_K rows (F = 2048: 8 blocks) laid out [qs of every block |
-    scales | d|dmin] (same bytes, same row size), for down_int8(..., rep=...)."""
-    words, stride = _words(down)
-    nb = stride // blocks.Q2K_WORDS
-    if nb != 8 or stride != 8 * blocks.Q2K_WORDS:
-        raise ValueError("q2_rep experiment: rows of 8 Q2_K blocks only")
-    blk = words.reshape(-1, nb, blocks.Q2K_WORDS)
-    return torch.cat([blk[:, :, 4:20].reshape(-1, nb * 16), blk[:, :, 0:4].reshape(-1, nb * 4),
-                      blk[:, :, 20:21].reshape(-1, nb)], dim=1).contiguous()
-
-
-def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False, rep=None):
-    """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order.
-    rep: Q2_K words from repack_q2_k_rows (experiment `q2_rep`) read instead of down's."""
+def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False):
+    """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order."""
     hq, hd, hs = hq3
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
-    if rep is not None:
-        dw = rep
     bn = cfg.block_n_down
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, REP=rep is not None, num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
