@@ -1,0 +1,159 @@
+"""Experiment: the Q8_0 decode GEMV (T=1) written in Gluon, with the register layouts chosen by hand.
+
+Why: in the Triton kernel (q8_gemv.gemv_rows) the x lanes go through shared memory every K step, and every
+attempt to avoid that in plain Triton cost more than it saved (tools/results/h200_decode/13). Here one layout
+covers the code words [rows, blocks, words] and x [blocks, words, bytes]: each lane owns 4 consecutive code
+words of every row of its tile and the 16 floats of x they multiply, so x is read once per lane (no copies
+per row) and the byte lanes never leave the thread. Rows of a tile are all in one thread's registers.
+GPU only (Gluon does not run under TRITON_INTERPRET); the output is compared with gemv_rows on the same call.
+Times as tools/bench_kernels.py (CUDA-graph replay over rotating weight copies, % of the same-run streaming
+read). Usage: python tools/probe_gluon_q8.py [--out probe_gluon_q8.md]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import sys
+from pathlib import Path
+
+import torch
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import DENSE, graph_time_ms, n_copies, read_bandwidth  # noqa: E402
+from dsv4.kernels_triton import blocks, q8_gemv  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+
+MAGIC_OFFSET = gl.constexpr(8388736.0)  # 2^23 + 128: (0x4B0000 | (code + 128)) as fp32, minus this, is the signed code
+
+
+@gluon.jit
+def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, N, K, R, stride_xg, stride_w_words, stride_s, off_s,
+                   BN: gl.constexpr, NBT: gl.constexpr, WARPS: gl.constexpr, PF: gl.constexpr):
+    """out[n] = sum_k x[g(n), k] * d[n, k // 32] * q[n, k] for rows pid*BN .. +BN (g(n) = n // R).
+    Tile per step: [BN rows, NB = NBT*WARPS blocks, 8 words] of codes; lane (block, word group) holds 4 words
+    of all BN rows and x[32 b + 16 h .. +16] as [4 words, 4 bytes]."""
+    L4: gl.constexpr = gl.BlockedLayout([BN, 1, 4, 4], [1, NBT, 2, 1], [1, WARPS, 1, 1], [3, 2, 1, 0])
+    L3: gl.constexpr = gl.SliceLayout(3, L4)  # [BN, NB, 8] code words
+    LX: gl.constexpr = gl.SliceLayout(0, L4)  # [NB, 8, 4] x
+    LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, NB] scales
+    NB: gl.constexpr = NBT * WARPS
+    BK: gl.constexpr = NB * 32
+    pid = gl.program_id(0)
+    w32 = w_ptr.to(gl.pointer_type(gl.int32))  # the codes are int8 bytes: read them 4 to a word
+    r3 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    b3 = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
+    i3 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
+    rows = gl.minimum(pid * BN + r3, N - 1).to(gl.int64)
+    wp = (w32 + gl.expand_dims(gl.expand_dims(rows * stride_w_words, 1), 2)
+          + gl.expand_dims(gl.expand_dims(b3 * 8, 0), 2) + gl.expand_dims(gl.expand_dims(i3, 0), 1))
+    rs = gl.arange(0, BN, layout=gl.SliceLayout(1, LS))
+    bs = gl.arange(0, NB, layout=gl.SliceLayout(0, LS))
+    rows_s = gl.minimum(pid * BN + rs, N - 1).to(gl.int64)
+    sp = s_ptr + gl.expand_dims(rows_s * stride_s + off_s, 1) + gl.expand_dims(bs, 0)
+    bx = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX)))
+    ix = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX)))
+    jx = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
+    g = (pid * BN) // R
+    xp = (x_ptr + g * stride_xg + gl.expand_dims(gl.expand_dims(bx * 32, 1), 2)
+          + gl.expand_dims(gl.expand_dims(ix * 4, 0), 2) + gl.expand_dims(gl.expand_dims(jx, 0), 1))
+    # byte j of a biased word into the mantissa of 2^23: prmt selector j | 0x7540 (bytes 0, 0, 0x4B above it)
+    jj = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
+    sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(jj | 0x7540, 0), 1), 2)
+    acc = gl.zeros([BN, NB, 8], gl.float32, layout=L3)
+    if PF:
+        u_next = gl.load(wp)
+        d_next = gl.load(sp)
+    for k0 in range(0, K, BK):
+        if PF:
+            u = u_next
+            d = d_next
+            u_next = gl.load(wp + (BK // 4), mask=(gl.zeros([BN, NB, 8], gl.int32, layout=L3) + k0 + BK) < K)
+            d_next = gl.load(sp + (BK // 32), mask=(gl.zeros([BN, NB], gl.int32, layout=LS) + k0 + BK) < K)
+        else:
+            u = gl.load(wp)
+            d = gl.load(sp)
+        wp += BK // 4
+        sp += BK // 32
+        x = gl.load(xp + k0)
+        u4 = gl.expand_dims(u ^ -2139062144, 3) + gl.zeros([BN, NB, 8, 4], gl.int32, layout=L4)  # ^ 0x80808080
+        bits = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                         [u4, gl.full([BN, NB, 8, 4], 0x4B000000, gl.int32, layout=L4),
+                                          sel + gl.zeros([BN, NB, 8, 4], gl.int32, layout=L4)],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+        q = bits.to(gl.float32, bitcast=True) - MAGIC_OFFSET
+        p = gl.sum(q * gl.expand_dims(x.to(gl.float32), 0), axis=3)
+        acc += p * gl.expand_dims(d.to(gl.float32), 2)
+    tot = gl.sum(gl.sum(acc, axis=2), axis=1)
+    rn = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+    gl.store(out_ptr + rn, tot, mask=rn < N)
+
+
+def gemv_gluon(x, dw, groups: int, bn: int, nbt: int, warps: int, pf: bool):
+    N, K = dw.n_rows, dw.k
+    R = N // groups
+    out = torch.empty((1, N), device=x.device, dtype=torch.float32)
+    stride_xg = K if groups > 1 else 0
+    _q8_gemv_gluon[(triton.cdiv(N, bn),)](x, dw.w, dw.s, out, N, K, R, stride_xg, dw.stride_w // 4, dw.stride_s,
+                                           dw.off_s, BN=bn, NBT=nbt, WARPS=warps, PF=pf, num_warps=warps)
+    return out
+
+
+# rows, lanes over blocks (16: a warp's 32 lanes are 16 blocks x 2 word groups), warps, prefetch
+TILES = [(4, 16, 1, True), (4, 16, 1, False), (2, 16, 1, False), (8, 16, 1, False), (8, 16, 1, True),
+         (4, 16, 2, False), (2, 16, 2, False), (4, 16, 2, True), (4, 16, 4, False), (2, 16, 4, False),
+         (8, 16, 4, False), (1, 16, 4, False), (4, 16, 8, False), (2, 16, 8, False)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="probe_gluon_q8.md")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    bw = read_bandwidth(device)
+    lines = [f"# Gluon Q8_0 decode GEMV probe ({torch.cuda.get_device_name(device)})", "",
+             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · triton {triton.__version__} · "
+             f"streaming read {bw:.0f} GB/s", "",
+             "| case | config | µs | GB/s | % bw | max abs diff vs gemv_rows |", "|---|---|---|---|---|---|"]
+
+    def row(case, cfg, ms, nbytes, diff):
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        lines.append(f"| {case} | {cfg} | {ms * 1e3:.1f} | {gbs:.0f} | {100 * gbs / bw:.1f} | {diff} |")
+        print(lines[-1], flush=True)
+        Path(args.out).write_text("\n".join(lines) + "\n")
+
+    for d in DENSE:
+        if d.name not in ("attn_q_b", "attn_output_a", "attn_output_b", "output"):
+            continue
+        ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
+                               (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
+        x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+        ref = q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups)
+        ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws])
+        row(d.name, "gemv_rows (auto)", ms, ws[0].nbytes, 0)
+        for bn, nbt, w, pf in TILES:
+            if (d.k // (nbt * w * 32)) < 1 or d.k % (nbt * w * 32):
+                continue
+            try:
+                y = gemv_gluon(x, ws[0], d.groups, bn, nbt, w, pf)
+                diff = f"{float((y - ref).abs().max()):.3g}"
+                ms = graph_time_ms([lambda w_=w_: gemv_gluon(x, w_, d.groups, bn, nbt, w, pf) for w_ in ws])
+                row(d.name, f"gluon {bn} rows x {nbt * w * 32} codes, {w} warp{'s' if w > 1 else ''}"
+                            f"{', prefetch' if pf else ''}", ms, ws[0].nbytes, diff)
+            except Exception as e:  # noqa: BLE001 - a probe: record and go on
+                lines.append(f"| {d.name} | gluon {bn}/{nbt}/{w}/{pf} | error: {type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:150]} | | | |")
+                print(lines[-1], flush=True)
+        del ws
+        torch.cuda.empty_cache()
+    Path(args.out).write_text("\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
