@@ -32,11 +32,14 @@ MAGIC_OFFSET = gl.constexpr(8388736.0)  # 2^23 + 128: (0x4B0000 | (code + 128)) 
 
 
 @gluon.jit
-def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, N, K, R, stride_xg, stride_w_words, stride_s, off_s,
-                   BN: gl.constexpr, NBT: gl.constexpr, WARPS: gl.constexpr, PF: gl.constexpr):
+def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, N, K, R, stride_xg, stride_w_words, stride_s,
+                   off_s, k_split, BN: gl.constexpr, NBT: gl.constexpr, WARPS: gl.constexpr, PF: gl.constexpr,
+                   SPLIT: gl.constexpr):
     """out[n] = sum_k x[g(n), k] * d[n, k // 32] * q[n, k] for rows pid*BN .. +BN (g(n) = n // R).
     Tile per step: [BN rows, NB = NBT*WARPS blocks, 8 words] of codes; lane (block, word group) holds 4 words
-    of all BN rows and x[32 b + 16 h .. +16] as [4 words, 4 bytes]."""
+    of all BN rows and x[32 b + 16 h .. +16] as [4 words, 4 bytes]. SPLIT > 1: program axis 1 takes k_split
+    inputs each, partials go to out[split, n] and the last program of a row tile (counter, as gemv_rows) sums
+    them in order into y."""
     L4: gl.constexpr = gl.BlockedLayout([BN, 1, 4, 4], [1, NBT, 2, 1], [1, WARPS, 1, 1], [3, 2, 1, 0])
     L3: gl.constexpr = gl.SliceLayout(3, L4)  # [BN, NB, 8] code words
     LX: gl.constexpr = gl.SliceLayout(0, L4)  # [NB, 8, 4] x
@@ -44,22 +47,24 @@ def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, N, K, R, stride_xg, stride_w_wo
     NB: gl.constexpr = NBT * WARPS
     BK: gl.constexpr = NB * 32
     pid = gl.program_id(0)
+    pid_k = gl.program_id(1)
+    k_lo = pid_k * k_split
     w32 = w_ptr.to(gl.pointer_type(gl.int32))  # the codes are int8 bytes: read them 4 to a word
     r3 = gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
     b3 = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3)))
     i3 = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3)))
     rows = gl.minimum(pid * BN + r3, N - 1).to(gl.int64)
-    wp = (w32 + gl.expand_dims(gl.expand_dims(rows * stride_w_words, 1), 2)
+    wp = (w32 + gl.expand_dims(gl.expand_dims(rows * stride_w_words + k_lo // 4, 1), 2)
           + gl.expand_dims(gl.expand_dims(b3 * 8, 0), 2) + gl.expand_dims(gl.expand_dims(i3, 0), 1))
     rs = gl.arange(0, BN, layout=gl.SliceLayout(1, LS))
     bs = gl.arange(0, NB, layout=gl.SliceLayout(0, LS))
     rows_s = gl.minimum(pid * BN + rs, N - 1).to(gl.int64)
-    sp = s_ptr + gl.expand_dims(rows_s * stride_s + off_s, 1) + gl.expand_dims(bs, 0)
+    sp = s_ptr + gl.expand_dims(rows_s * stride_s + off_s + k_lo // 32, 1) + gl.expand_dims(bs, 0)
     bx = gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX)))
     ix = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX)))
     jx = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX)))
     g = (pid * BN) // R
-    xp = (x_ptr + g * stride_xg + gl.expand_dims(gl.expand_dims(bx * 32, 1), 2)
+    xp = (x_ptr + g * stride_xg + k_lo + gl.expand_dims(gl.expand_dims(bx * 32, 1), 2)
           + gl.expand_dims(gl.expand_dims(ix * 4, 0), 2) + gl.expand_dims(gl.expand_dims(jx, 0), 1))
     # byte j of a biased word into the mantissa of 2^23: prmt selector j | 0x7540 (bytes 0, 0, 0x4B above it)
     jj = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
@@ -68,12 +73,12 @@ def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, N, K, R, stride_xg, stride_w_wo
     if PF:
         u_next = gl.load(wp)
         d_next = gl.load(sp)
-    for k0 in range(0, K, BK):
+    for k0 in range(0, k_split, BK):
         if PF:
             u = u_next
             d = d_next
-            u_next = gl.load(wp + (BK // 4), mask=(gl.zeros([BN, NB, 8], gl.int32, layout=L3) + k0 + BK) < K)
-            d_next = gl.load(sp + (BK // 32), mask=(gl.zeros([BN, NB], gl.int32, layout=LS) + k0 + BK) < K)
+            u_next = gl.load(wp + (BK // 4), mask=(gl.zeros([BN, NB, 8], gl.int32, layout=L3) + k0 + BK) < k_split)
+            d_next = gl.load(sp + (BK // 32), mask=(gl.zeros([BN, NB], gl.int32, layout=LS) + k0 + BK) < k_split)
         else:
             u = gl.load(wp)
             d = gl.load(sp)
@@ -90,23 +95,42 @@ def _q8_gemv_gluon(x_ptr, w_ptr, s_ptr, out_ptr, N, K, R, stride_xg, stride_w_wo
         acc += p * gl.expand_dims(d.to(gl.float32), 2)
     tot = gl.sum(gl.sum(acc, axis=2), axis=1)
     rn = pid * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
-    gl.store(out_ptr + rn, tot, mask=rn < N)
+    gl.store(out_ptr + pid_k * N + rn, tot, mask=rn < N)
+    if SPLIT > 1:
+        gl.thread_barrier()
+        arrived = gl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            total = gl.zeros([BN], gl.float32, layout=gl.SliceLayout(1, gl.SliceLayout(2, L3)))
+            for sk in gl.static_range(SPLIT):
+                total += gl.load(out_ptr + sk * N + rn, mask=rn < N, other=0.0, cache_modifier=".cg")
+            gl.store(y_ptr + rn, total, mask=rn < N)
+            gl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
 
 
-def gemv_gluon(x, dw, groups: int, bn: int, nbt: int, warps: int, pf: bool):
+_COUNTERS: dict = {}
+
+
+def gemv_gluon(x, dw, groups: int, bn: int, nbt: int, warps: int, pf: bool, split: int = 1):
     N, K = dw.n_rows, dw.k
     R = N // groups
-    out = torch.empty((1, N), device=x.device, dtype=torch.float32)
+    tiles = triton.cdiv(N, bn)
+    out = torch.empty((split, N), device=x.device, dtype=torch.float32)
+    y = torch.empty((1, N), device=x.device, dtype=torch.float32) if split > 1 else out
+    key = (x.device, tiles)
+    if key not in _COUNTERS:  # zero between calls: the last program of a tile resets its counter
+        _COUNTERS[key] = torch.zeros(tiles, device=x.device, dtype=torch.int32)
     stride_xg = K if groups > 1 else 0
-    _q8_gemv_gluon[(triton.cdiv(N, bn),)](x, dw.w, dw.s, out, N, K, R, stride_xg, dw.stride_w // 4, dw.stride_s,
-                                           dw.off_s, BN=bn, NBT=nbt, WARPS=warps, PF=pf, num_warps=warps)
-    return out
+    _q8_gemv_gluon[(tiles, split)](x, dw.w, dw.s, out, y, _COUNTERS[key], N, K, R, stride_xg, dw.stride_w // 4,
+                                   dw.stride_s, dw.off_s, K // split, BN=bn, NBT=nbt, WARPS=warps, PF=pf,
+                                   SPLIT=split, num_warps=warps)
+    return y[:1] if split > 1 else out
 
 
 # rows, lanes over blocks (16: a warp's 32 lanes are 16 blocks x 2 word groups), warps, prefetch
-TILES = [(4, 16, 1, True), (4, 16, 1, False), (2, 16, 1, False), (8, 16, 1, False), (8, 16, 1, True),
-         (4, 16, 2, False), (2, 16, 2, False), (4, 16, 2, True), (4, 16, 4, False), (2, 16, 4, False),
-         (8, 16, 4, False), (1, 16, 4, False), (4, 16, 8, False), (2, 16, 8, False)]
+TILES = [(4, 16, 1, False, 1), (4, 16, 2, False, 1), (8, 16, 1, False, 1),
+         (4, 16, 1, False, 2), (4, 16, 1, False, 4), (8, 16, 1, False, 2), (8, 16, 1, False, 4),
+         (2, 16, 1, False, 2), (4, 16, 2, False, 2), (8, 16, 2, False, 2), (16, 16, 1, False, 4),
+         (4, 16, 1, True, 2), (8, 16, 1, True, 4)]  # rows, lanes over blocks, warps, prefetch, K split
 
 
 def main(argv=None) -> int:
@@ -136,17 +160,18 @@ def main(argv=None) -> int:
         ref = q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups)
         ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws])
         row(d.name, "gemv_rows (auto)", ms, ws[0].nbytes, 0)
-        for bn, nbt, w, pf in TILES:
-            if (d.k // (nbt * w * 32)) < 1 or d.k % (nbt * w * 32):
+        for bn, nbt, w, pf, sp in TILES:
+            if d.k % (nbt * w * 32 * sp):
                 continue
             try:
-                y = gemv_gluon(x, ws[0], d.groups, bn, nbt, w, pf)
-                diff = f"{float((y - ref).abs().max()):.3g}"
-                ms = graph_time_ms([lambda w_=w_: gemv_gluon(x, w_, d.groups, bn, nbt, w, pf) for w_ in ws])
+                y = gemv_gluon(x, ws[0], d.groups, bn, nbt, w, pf, sp)
+                y2 = gemv_gluon(x, ws[0], d.groups, bn, nbt, w, pf, sp)  # the counters were reset
+                diff = f"{float((y - ref).abs().max()):.3g}{'' if torch.equal(y, y2) else ' (not repeatable)'}"
+                ms = graph_time_ms([lambda w_=w_: gemv_gluon(x, w_, d.groups, bn, nbt, w, pf, sp) for w_ in ws])
                 row(d.name, f"gluon {bn} rows x {nbt * w * 32} codes, {w} warp{'s' if w > 1 else ''}"
-                            f"{', prefetch' if pf else ''}", ms, ws[0].nbytes, diff)
+                            f"{', prefetch' if pf else ''}{f', split-K {sp}' if sp > 1 else ''}", ms, ws[0].nbytes, diff)
             except Exception as e:  # noqa: BLE001 - a probe: record and go on
-                lines.append(f"| {d.name} | gluon {bn}/{nbt}/{w}/{pf} | error: {type(e).__name__}: "
+                lines.append(f"| {d.name} | gluon {bn}/{nbt}/{w}/{pf}/{sp} | error: {type(e).__name__}: "
                              f"{str(e).splitlines()[0][:150]} | | | |")
                 print(lines[-1], flush=True)
         del ws
