@@ -1,6 +1,6 @@
 """One call each of the T=1 decode kernels that miss their targets, for Nsight Compute: Q8_0 attn_output_a and
 attn_output_b through gemv_rows_default (the auto tiles), then moe_int8.fused_int8 for q2 and q4 (two calls each;
-the first one compiles). Synthetic Flash-shaped weights as tools/bench_kernels.py builds them.
+the first one compiles). The problems of tools/probe_decode.py (q8_problem, moe_problem: the first selection).
 Usage (on the GPU box, clocks left as they are):
   ncu --clock-control none --kernel-name regex:"_q8_rows_kernel|_gate_up_int8_kernel|_down_int8_kernel" \\
       --metrics <list> python tools/ncu_decode.py
@@ -15,8 +15,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import CLAMP, D, DENSE, K_USED, MOE, N_EXPERT, moe_weights  # noqa: E402
-from dsv4.kernels_triton import blocks, moe_int8, q8_gemv  # noqa: E402
+from bench_kernels import CLAMP, DENSE, MOE  # noqa: E402
+from probe_decode import moe_problem, q8_problem  # noqa: E402
+from dsv4.kernels_triton import moe_int8, q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 
@@ -24,19 +25,15 @@ def main() -> int:
     dev = detect_device(torch.device("cuda"))
     for d in DENSE:
         if d.name in ("attn_output_a", "attn_output_b"):
-            w = blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device="cuda", seed=1), d.fmt, (d.n, d.k),
-                                 "cuda")
-            x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device="cuda")
+            ws, x = q8_problem(d, "cuda")
             for _ in range(2):
-                q8_gemv.gemv_rows_default(x, w, dev, d.groups)
+                q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups)
             torch.cuda.synchronize()
+            del ws
     for fgu, fdn in MOE.values():
-        gate, up, down = moe_weights(fgu, fdn, "cuda")
-        sel = torch.randperm(N_EXPERT)[:K_USED][None].cuda()
-        u = torch.randn((1, D), device="cuda")
-        wts = torch.rand((1, K_USED), device="cuda")
+        gate, up, down, sels, wts, u = moe_problem(fgu, fdn, "cuda")
         for _ in range(2):
-            moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev)
+            moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev)
         torch.cuda.synchronize()
         del gate, up, down
     return 0

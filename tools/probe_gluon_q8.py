@@ -24,8 +24,9 @@ from triton.experimental.gluon import language as gl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import DENSE, graph_time_ms, n_copies, read_bandwidth  # noqa: E402
-from dsv4.kernels_triton import blocks, q8_gemv  # noqa: E402
+from bench_kernels import DENSE, graph_time_ms, read_bandwidth  # noqa: E402
+from probe_decode import q8_problem  # noqa: E402
+from dsv4.kernels_triton import q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 MAGIC_OFFSET = gl.constexpr(8388736.0)  # 2^23 + 128: (0x4B0000 | (code + 128)) as fp32, minus this, is the signed code
@@ -154,9 +155,7 @@ def main(argv=None) -> int:
     for d in DENSE:
         if d.name not in ("attn_q_b", "attn_output_a", "attn_output_b", "output"):
             continue
-        ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt,
-                               (d.n, d.k), device) for i in range(n_copies(d.fmt.row_bytes(d.k) * d.n, 1))]
-        x = torch.randn((1, d.groups, d.k) if d.groups > 1 else (1, d.k), device=device)
+        ws, x = q8_problem(d, device)
         ref = q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups)
         ms = graph_time_ms([lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws])
         row(d.name, "gemv_rows (auto)", ms, ws[0].nbytes, 0)

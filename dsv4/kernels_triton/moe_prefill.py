@@ -148,15 +148,16 @@ def _rep8(v):
 
 
 @triton.jit
-def _row_groups(roff, n_ok, first, NG: tl.constexpr, GF: tl.constexpr):
-    """(row offset int64, row mask, global group index) broadcast over [BLOCK_N, NG], or [NG, BLOCK_N] when GF
+def _row_groups(roff, n_ok, k0, G: tl.constexpr, NG: tl.constexpr, GF: tl.constexpr):
+    """(row offset int64, row mask, global index of the G-input groups from k0) broadcast over [BLOCK_N, NG], or
+    [NG, BLOCK_N] when GF
     (groups first). Same math either way; the orientation decides which dimension the compiler
     spreads lanes over first (Triton 3.6 and 3.9 break the tie in opposite directions), and the
     store into the dot's shared tile is 16 bytes wide only when the lanes go over the groups."""
     if GF:
-        return roff[None, :], n_ok[None, :], first + tl.arange(0, NG)[:, None]
+        return roff[None, :], n_ok[None, :], _group_ids(k0, G, NG, GF)
     else:
-        return roff[:, None], n_ok[:, None], first + tl.arange(0, NG)[None, :]
+        return roff[:, None], n_ok[:, None], _group_ids(k0, G, NG, GF)
 
 
 @triton.jit
@@ -199,8 +200,10 @@ def _grid_record(gw_ptr, a0, KQ: tl.constexpr):
 
 
 @triton.jit
-def _iq2_grid(gw_ptr, a0):
-    """The 4 grid records of the groups, 8 int32 tensors (loop-carried when fetched a step ahead)."""
+def _iq2_grid(gw_ptr, raw):
+    """The 4 grid records of the groups whose words _iq2_raw loaded, 8 int32 tensors (loop-carried when
+    fetched a step ahead)."""
+    a0 = _iq2_aux(raw, 1)
     return _grid_record(gw_ptr, a0, 0) + _grid_record(gw_ptr, a0, 1) + _grid_record(gw_ptr, a0, 2) + \
         _grid_record(gw_ptr, a0, 3)
 
@@ -221,7 +224,7 @@ def _iq2_raw(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
     """The int16 words of the 32-weight groups of step k0 as loaded: (d, the 4 halves of aux0 and aux1),
     [BLOCK_N, BLOCK_K/32] or [BLOCK_K/32, BLOCK_N] each (IQ2_XXS blocks are 2-byte aligned)."""
     G: tl.constexpr = BLOCK_K // 32
-    r, m, cg = _row_groups(roff, n_ok, k0 // 32, G, GF)  # cg: global 32-weight group
+    r, m, cg = _row_groups(roff, n_ok, k0, 32, G, GF)  # cg: global 32-weight group
     base = r + (cg >> 3) * 33
     hw = base + 1 + 4 * (cg & 7)
     return (tl.load(w_ptr + base, mask=m, other=0), tl.load(w_ptr + hw, mask=m, other=0),
@@ -230,12 +233,17 @@ def _iq2_raw(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
 
 
 @triton.jit
+def _iq2_aux(raw, I: tl.constexpr):
+    """aux word (I = 1: grid indices aux0, I = 3: signs and scale aux1) of _iq2_raw's half-words, int32."""
+    return (raw[I].to(tl.int32) & 0xFFFF) | (raw[I + 1].to(tl.int32) << 16)
+
+
+@triton.jit
 def _iq2_group(raw):
-    """(group scale db fp32, aux0, aux1 int32) from the words of _iq2_raw."""
-    a0 = (raw[1].to(tl.int32) & 0xFFFF) | (raw[2].to(tl.int32) << 16)
-    a1 = (raw[3].to(tl.int32) & 0xFFFF) | (raw[4].to(tl.int32) << 16)
+    """(group scale db fp32, aux1 int32) from the words of _iq2_raw (aux0 feeds _iq2_grid)."""
+    a1 = _iq2_aux(raw, 3)
     d = raw[0].to(tl.float16, bitcast=True).to(tl.float32)
-    return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a0, a1
+    return d * (0.5 + ((a1 >> 28) & 15).to(tl.float32)) * 0.25, a1
 
 
 @triton.jit
@@ -308,7 +316,7 @@ def _q2_k_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr):
     """Q2_K words of the half blocks of step k0 (int32 words, 21 per block): a tuple (d|dmin, scale words 2h
     and 2h+1, the 8 code words), [BLOCK_N, H] or [H, BLOCK_N] each (loop-carried when prefetched)."""
     H: tl.constexpr = BLOCK_K // 128
-    r, m, cg = _row_groups(roff, n_ok, k0 // 128, H, GF)  # cg: global half-block
+    r, m, cg = _row_groups(roff, n_ok, k0, 128, H, GF)  # cg: global half-block
     base = r + (cg >> 1) * 21
     hh = cg & 1
     return (tl.load(w_ptr + base + 20, mask=m, other=0), tl.load(w_ptr + base + 2 * hh, mask=m, other=0),
@@ -375,7 +383,7 @@ def _q4_k_words(w_ptr, roff, n_ok, k0, BLOCK_K: tl.constexpr, GF: tl.constexpr, 
     and rows are 16-byte aligned: 144-byte blocks); not with the fused gate/up tile, where Triton 3.6
     then converts the word tensors' layout through shared memory every step (sm_90a compiles)."""
     P: tl.constexpr = BLOCK_K // 64
-    r, m, cg = _row_groups(roff, n_ok, k0 // 64, P, GF)  # cg: global sub-block pair
+    r, m, cg = _row_groups(roff, n_ok, k0, 64, P, GF)  # cg: global sub-block pair
     base = r + (cg >> 2) * 36
     cp = base + 4 + 8 * (cg & 3)
     if VEC:
@@ -525,14 +533,14 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
             # two deep: group words two steps ahead, their grid records one step ahead (all loop-carried
             # as loaded, so plain loads: see _kq_words)
             gr = _iq2_raw(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
-            gg = _iq2_grid(g32_ptr, _iq2_group(gr)[1])
+            gg = _iq2_grid(g32_ptr, gr)
             gr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             for step in range(0, n_steps):
                 k0 = step * BLOCK_K
                 x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
                 ngr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
-                ngg = _iq2_grid(g32_ptr, _iq2_group(gr2)[1])
-                gd, g0, g1 = _iq2_group(gr)
+                ngg = _iq2_grid(g32_ptr, gr2)
+                gd, g1 = _iq2_group(gr)
                 w = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, 2 * BLOCK_N, BLOCK_K, GF)
                 acc = _mma(x, w, acc, SWAP)
                 gr = gr2
@@ -556,8 +564,8 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
         if FMT == FMT_IQ2_XXS:  # two deep, as the fused path
             gr = _iq2_raw(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
             ur = _iq2_raw(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
-            gg = _iq2_grid(g32_ptr, _iq2_group(gr)[1])
-            ug = _iq2_grid(g32_ptr, _iq2_group(ur)[1])
+            gg = _iq2_grid(g32_ptr, gr)
+            ug = _iq2_grid(g32_ptr, ur)
             gr2 = _iq2_raw(gw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             ur2 = _iq2_raw(uw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             for step in range(0, n_steps):
@@ -566,12 +574,12 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 k_next2 = tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K)
                 ngr2 = _iq2_raw(gw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
                 nur2 = _iq2_raw(uw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
-                ngg = _iq2_grid(g32_ptr, _iq2_group(gr2)[1])
-                nug = _iq2_grid(g32_ptr, _iq2_group(ur2)[1])
-                gd, g0, g1 = _iq2_group(gr)
+                ngg = _iq2_grid(g32_ptr, gr2)
+                nug = _iq2_grid(g32_ptr, ur2)
+                gd, g1 = _iq2_group(gr)
                 wg = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
                 acc_g = _mma(x, wg, acc_g, SWAP)
-                ud, u0, u1 = _iq2_group(ur)
+                ud, u1 = _iq2_group(ur)
                 wu = _iq2_xxs_tile_g(ug, ud, u1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
                 acc_u = _mma(x, wu, acc_u, SWAP)
                 gr = gr2
@@ -717,8 +725,8 @@ CONFIGS = {
 # weight words one step ahead in registers, the down GEMM with the weights as the dot's A operand.
 # IQ2_XXS/Q2_K: gate and up as one tile; Q4_K: separate tiles (16-byte word loads) and 128-input down steps.
 TUNED = {
-    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True, block_n_down=64, block_k_down=256, num_warps_down=4,
-                                       num_stages_down=3),
+    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True,
+                                       block_n_down=64, block_k_down=256, num_warps_down=4, num_stages_down=3),
     QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
                                     block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
 }
