@@ -4,7 +4,10 @@ Timing as tools/bench_kernels.py (CUDA-graph replay over rotating weight copies 
 median; % of the streaming read measured in this run). Two parts:
   * `moe`: for each recipe (q2, q4) and tile config, the four launches of moe_int8.fused_int8 at T=1
     (Q8_K of u, gate/up, Q8_K of h, down), each timed alone, and the whole call;
-  * `q8`: gemv_rows tilings (rows, codes, warps, split-K allowed or not) on the large Q8_0 matrices, T=1.
+  * `q8`: gemv_rows tilings (rows, codes, warps, split-K allowed or not) on the large Q8_0 matrices, T=1;
+  * `q8i`: q8_int8.gemv_int8 tilings (Q8_0 activations, dp4a; the ds4-exact mode's decode) on every Q8_0
+    shape, beside the quantizer launch alone, gemv_rows' default and a plain streaming read of the same
+    bytes (the ceiling at that size: launch ramp and tail included);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -23,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import (CLAMP, D, DENSE, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
                            moe_weights, n_copies, read_bandwidth)
-from dsv4.kernels_triton import blocks, moe_int8, q8_gemv  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from dsv4.kernels_triton import blocks, moe_int8, q8_gemv, q8_int8  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
@@ -109,6 +115,26 @@ Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a
              "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
 
 
+# `q8i`: gemv_int8 tiles with 2..64 code words per thread per step; (rows, codes, warps, split below mp programs/SM)
+Q8I_TILES = [(bn, bk, w, mp) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4) for mp in (0, 8)
+             if 2 <= bn * bk // (128 * w) <= 64]
+Q8I_SMALL = ("attn_q_a", "attn_kv", "ffn_gate_shexp", "ffn_down_shexp")  # these get the split tiles only
+READ_BLOCK = 4096  # int32 words per program of the plain read
+
+
+@triton.jit
+def _read_kernel(p, out, n, BLOCK: tl.constexpr):
+    """out[pid] = xor of BLOCK int32 words: a plain streaming read (16-byte loads, no reuse)."""
+    i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    v = tl.load(p + i, mask=i < n, other=0)
+    tl.store(out + tl.program_id(0), tl.xor_sum(v, axis=0))
+
+
+def plain_read(buf, out):
+    w = buf.view(-1).view(torch.int32)
+    _read_kernel[(triton.cdiv(w.numel(), READ_BLOCK),)](w, out, w.numel(), BLOCK=READ_BLOCK, num_warps=4)
+
+
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -118,7 +144,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -205,6 +231,24 @@ def main(argv=None) -> int:
         if "q8s" in args.parts and d.name in Q8S_TILES:
             cases += [(f"{bn}x{bk} w{w} mp{mp} sum{ss}", tile_kw(bn, bk, w, mp, split_sum=ss))
                       for bn, bk, w, mp in Q8S_TILES[d.name] for ss in (0, 1, 2)]
+        if "q8i" in args.parts and d.name in Q8_SHAPES:
+            ws, x = q8_problem(d, device)
+            out = torch.empty(triton.cdiv(ws[0].nbytes // 4, READ_BLOCK) + 1, device=device, dtype=torch.int32)
+            row(d.name, "plain read", "read", graph_time_ms([lambda w=w: plain_read(w.buf, out) for w in ws]),
+                ws[0].nbytes)
+            row(d.name, "auto", "gemv_rows", graph_time_ms(
+                [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]), ws[0].nbytes)
+            xs = x.reshape(1, -1)
+            row(d.name, "quant x", "quant", graph_time_ms([lambda: q8_int8.quant_q8_0(xs, pdl=True)] * 8), x.numel() * 4)
+            tiles = [c + (True,) for c in Q8I_TILES if c[3] or d.name not in Q8I_SMALL]
+            tiles += [(16, 256, 1, 8, False), (16, 256, 1, 0, False)]  # x broadcast through a layout conversion
+            for bn, bk, nw, mp, xf in tiles:
+                kw = dict(block_n=bn, block_k=bk, num_warps=nw, allow_split=mp > 0, min_programs_per_sm=max(mp, 1),
+                          x_full=xf)
+                row(d.name, f"{bn}x{bk} w{nw} mp{mp}{'' if xf else ' xb'}", "gemv_int8", graph_time_ms(
+                    [lambda w=w, kw=kw: q8_int8.gemv_int8(x, w, dev, d.groups, **kw) for w in ws]), ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
         if not cases:
             continue
         ws, x = q8_problem(d, device)

@@ -608,4 +608,5 @@ _DOCS = {
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
 }
 for _name, _cfg in CONFIGS.items():
-    register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name])
+    register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name],
+             act_quant=True)

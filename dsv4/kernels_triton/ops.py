@@ -5,8 +5,10 @@ into its kernel layout (blocks.DeviceWeight, kept in `QTensor.cache`; the QTenso
 as they are, so inherited reference ops still read them). F16/BF16/F32 matrices are uploaded on their
 first qmatmul. The kernel variant per op comes from the registry (scoped `use(...)` override, else the
 `kernels=` choice at construction, else "auto"). Formats the kernels do not cover (I32) run the
-reference op; with `act_quant=True` (ds4-exact mode) Q8_0 matmuls and MoE prefill run the reference op
-and MoE decode runs moe_int8 (that mode's Q8_K semantics). Knows nothing of the model's structure.
+reference op. With `act_quant=True` (ds4-exact mode) Q8_0 matmuls keep that mode's Q8_0 activation rounding:
+decode (T <= 8) on the `auto` choice runs q8_int8 (ds4's own int8 scheme), anything else rounds x first
+(TorchOps.quant_q8_0) and runs the chosen float kernel; MoE decode runs moe_int8 (Q8_K semantics), MoE
+prefill the reference op. Knows nothing of the model's structure.
 """
 from __future__ import annotations
 
@@ -18,7 +20,8 @@ from ..quant.formats import QTensor, QuantFormat
 from ..reference import TorchOps
 from .blocks import SUPPORTED, DeviceWeight, from_qtensor
 from .configs import detect_device
-from .registry import KernelOp, _check_names, resolve
+from .qmatmul import DECODE_MAX_T
+from .registry import AUTO, KernelOp, _check_names, get, resolve
 
 # Formats uploaded at prepare time (the large ones; plain float matrices go up on first use).
 UPLOAD_AT_PREPARE = (QuantFormat.Q8_0, QuantFormat.Q2_K, QuantFormat.Q4_K, QuantFormat.IQ2_XXS)
@@ -45,13 +48,18 @@ class TritonOps(TorchOps):
         return from_qtensor(w, self.device)
 
     def _fast(self, w: QTensor) -> bool:
-        return w.fmt in SUPPORTED and len(w.shape) >= 2 and not (self.act_quant and w.fmt == QuantFormat.Q8_0)
+        return w.fmt in SUPPORTED and len(w.shape) >= 2
 
     # ---- math -----------------------------------------------------------------------------------
     def _run_qmatmul(self, x, w: QTensor, groups: int):
         v = resolve(KernelOp.QMATMUL, w.fmt, self.kernels)
         dw = self._dw(w)
         T = x.shape[0]
+        if self.act_quant and w.fmt == QuantFormat.Q8_0 and not v.act_quant:
+            if v.name == AUTO and T <= DECODE_MAX_T:
+                v = get(KernelOp.QMATMUL, "q8_int8")  # ds4's scheme: quantized x, integer dots
+            else:  # the mode's semantics on a float kernel: round x to Q8_0 first
+                x = self.quant_q8_0(x)
         if v.max_t is None or T <= v.max_t:
             y = v.fn(x, dw, self.device_info, groups)
         else:  # a decode-only variant forced onto a long input: run it in decode-sized chunks

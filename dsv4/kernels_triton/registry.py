@@ -33,6 +33,7 @@ class Variant:
     formats: Optional[frozenset] = None  # None: every format the kernels decode
     max_t: Optional[int] = None  # largest token count it is meant for (callers chunk above it)
     doc: str = ""
+    act_quant: bool = False  # rounds activations as TorchOps(act_quant=True) does (ds4's int8 schemes)
 
     def supports(self, fmt: QuantFormat) -> bool:
         return self.formats is None or QuantFormat(fmt) in self.formats
@@ -42,9 +43,10 @@ _VARIANTS: dict[KernelOp, dict[str, Variant]] = {op: {} for op in KernelOp}
 _OVERRIDES: ContextVar[dict] = ContextVar("dsv4_kernel_overrides", default={})
 
 
-def register(op: KernelOp, name: str, fn: Callable, formats=None, max_t: Optional[int] = None, doc: str = "") -> Variant:
+def register(op: KernelOp, name: str, fn: Callable, formats=None, max_t: Optional[int] = None, doc: str = "",
+             act_quant: bool = False) -> Variant:
     op = KernelOp(op)
-    v = Variant(op, name, fn, frozenset(QuantFormat(f) for f in formats) if formats else None, max_t, doc)
+    v = Variant(op, name, fn, frozenset(QuantFormat(f) for f in formats) if formats else None, max_t, doc, act_quant)
     _VARIANTS[op][name] = v
     return v
 

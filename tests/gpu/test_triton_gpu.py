@@ -84,6 +84,33 @@ def test_qmatmul_flash_shapes(name, fmt, n, k, groups, t, poison):
     _assert(y, ref, f"triton_{path}", "fp32" if path == "gemv" else "fp16dot", f"{name} T={t}")
 
 
+Q8_DENSE = [d for d in DENSE if d[1] == "Q8_0"]
+
+
+@pytest.mark.parametrize("name,fmt,n,k,groups", Q8_DENSE, ids=[d[0] for d in Q8_DENSE])
+@pytest.mark.parametrize("t", [1, 4])
+def test_q8_int8_flash_shapes(name, fmt, n, k, groups, t, poison):
+    """The ds4-exact mode's Q8_0 decode (q8_int8: Q8_0 activations, dp4a) natively with its tuned tiles
+    (split-K ones included) against float64 of the Q8_0-rounded x; a repeated call gives the same bits."""
+    from dsv4.kernels_triton import q8_int8
+    from dsv4.kernels_triton.configs import detect_device
+    from dsv4.reference import TorchOps
+
+    raw, dw, qf = _weight(fmt, (n, k), seed=n + k + 1)
+    x = torch.randn((t, groups, k) if groups > 1 else (t, k), device="cuda",
+                    generator=torch.Generator(device="cuda").manual_seed(t + 1)) * 2
+    xr = TorchOps.quant_q8_0(x).double()
+    w64 = _dequant64(raw, qf, k)
+    if groups > 1:
+        ref = torch.einsum("tgk,grk->tgr", xr, w64.reshape(groups, n // groups, k)).reshape(t, n)
+    else:
+        ref = xr @ w64.T
+    del w64
+    y = q8_int8.gemv_int8_default(x, dw, detect_device("cuda"), groups)
+    _assert(y, ref, "triton_q8_int8", "gemv", f"{name} T={t}")
+    assert torch.equal(y, q8_int8.gemv_int8_default(x, dw, detect_device("cuda"), groups))
+
+
 def _moe_problem(recipe, t, seed=0):
     from dsv4.quant.formats import QuantFormat
 

@@ -39,6 +39,7 @@ from dsv4.kernels_triton import blocks, qmatmul, registry  # noqa: E402
 from dsv4.kernels_triton.configs import GemmConfig, GemvConfig, detect_device  # noqa: E402
 from dsv4.quant.dequant import dequantize_np  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
+from dsv4.reference import TorchOps  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -168,6 +169,8 @@ def test_every_registered_variant(poison):
         fp16_always = v.name in ("gemv_dot", "gemm_dequant") or v.name.startswith("gemm_f16w")
         kind = "fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or fp16_always else "fp32"
         op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
+        if v.act_quant:  # ds4's int8 scheme: x rounded to Q8_0 as TorchOps(act_quant=True) does
+            x, op, kind = TorchOps.quant_q8_0(x.cpu()).to(DEVICE), "triton_q8_int8", "gemv"
         assert_matches(y, reference(x, w_ref), op, kind, f"variant {v.name}")
 
 
