@@ -8,6 +8,13 @@ median; % of the streaming read measured in this run). Two parts:
   * `q8i`: q8_int8.gemv_int8 tilings (Q8_0 activations, dp4a; the ds4-exact mode's decode) on every Q8_0
     shape, beside the quantizer launch alone, gemv_rows' default and a plain streaming read of the same
     bytes (the ceiling at that size: launch ramp and tail included);
+  * `ceil`: plain streaming reads of the routed-MoE decode stages' bytes (q2, q4; 6 experts' gate+up, then
+    down), alone, back to back (two launches: any two-phase MoE), and with the two Q8_K launches of moe_int8
+    between (its four-launch structure without compute): the floor at these sizes;
+  * `q8seg`: the long-K matrices (attn_output_a/b) with each row cut into S K-segments stored segment-major
+    ([S, rows, K/S]: every program's tile is one contiguous run, as attn_q_b's), run by gemv_rows' grouped
+    path (x segment per group) plus a fixed-order sum over S; beside the row-major auto tile and plain reads
+    of row-strided vs contiguous tiles (does the strided access itself cost?);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -24,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import (CLAMP, D, DENSE, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
+from bench_kernels import (CLAMP, D, DENSE, F_EXP, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
                            moe_weights, n_copies, read_bandwidth)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
@@ -131,8 +138,37 @@ def _read_kernel(p, out, n, BLOCK: tl.constexpr):
 
 
 def plain_read(buf, out):
+    plain_read_b(buf, out, READ_BLOCK)
+
+
+def plain_read_b(buf, out, block: int, warps: int = 4):
     w = buf.view(-1).view(torch.int32)
-    _read_kernel[(triton.cdiv(w.numel(), READ_BLOCK),)](w, out, w.numel(), BLOCK=READ_BLOCK, num_warps=4)
+    _read_kernel[(triton.cdiv(w.numel(), block),)](w, out, w.numel(), BLOCK=block, num_warps=warps)
+
+
+@triton.jit
+def _read_tiles_kernel(p, out, stride_row, seg_bytes, n_rows, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Program (row tile, segment): xor of BLOCK_N rows x seg_bytes, read BLOCK_B bytes per row per step
+    (int32 words; rows stride_row bytes apart): the access pattern of a split-K GEMV tile without compute."""
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    base = p + rows.to(tl.int64)[:, None] * (stride_row // 4) + tl.program_id(1) * (seg_bytes // 4)
+    acc = tl.zeros([BLOCK_N, BLOCK_B // 4], dtype=tl.int32)
+    for o in range(0, seg_bytes // 4, BLOCK_B // 4):
+        acc ^= tl.load(base + o + tl.arange(0, BLOCK_B // 4)[None, :], mask=(rows < n_rows)[:, None], other=0)
+    tl.store(out + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0))
+
+
+def read_tiles(buf, out, n_rows: int, stride_row: int, seg_bytes: int, n_seg: int, bn: int = 16, bb: int = 128):
+    _read_tiles_kernel[(triton.cdiv(n_rows, bn), n_seg)](buf.view(-1).view(torch.int32), out, stride_row, seg_bytes,
+                                                         n_rows, BLOCK_N=bn, BLOCK_B=bb, num_warps=1)
+
+
+def segment_major(d, seg: int, device, seed: int):
+    """(DeviceWeight [seg * rows, K/seg] of matrix d's rows cut into seg K-segments, segment-major; groups)."""
+    raw = blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=seed)
+    kb = d.fmt.row_bytes(d.k) // seg
+    raw = raw.reshape(d.n, seg, kb).transpose(0, 1).contiguous().reshape(seg * d.n, kb)
+    return blocks.to_device(raw, d.fmt, (seg * d.n, d.k // seg), device), seg * d.groups
 
 
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
@@ -144,7 +180,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, ceil")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -210,6 +246,32 @@ def main(argv=None) -> int:
             del gate, up, down
             torch.cuda.empty_cache()
 
+    if "ceil" in args.parts:
+        out = torch.empty(1 << 20, device=device, dtype=torch.int32)
+        for recipe, (fgu, fdn) in MOE.items():
+            gate, up, down = moe_weights(fgu, fdn, device)
+            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
+            dn_bytes = K_USED * down.nbytes // N_EXPERT
+            del gate, up, down
+            torch.cuda.empty_cache()
+            n = n_copies(gu_bytes + dn_bytes, 1)
+            gus = [torch.empty(gu_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]
+            dns = [torch.empty(dn_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]
+            u = torch.randn((1, D), device=device)
+            h = torch.randn((K_USED, F_EXP), device=device)
+            case = f"moe_{recipe}"
+            row(case, "plain read", "gate+up bytes", graph_time_ms([lambda b=b: plain_read(b, out) for b in gus]),
+                gu_bytes)
+            row(case, "plain read", "down bytes", graph_time_ms([lambda b=b: plain_read(b, out) for b in dns]), dn_bytes)
+            row(case, "plain reads", "both, 2 launches", graph_time_ms(
+                [lambda a=a, b=b: (plain_read(a, out), plain_read(b, out)) for a, b in zip(gus, dns)]),
+                gu_bytes + dn_bytes)
+            row(case, "plain reads + 2 Q8_K", "both, 4 launches", graph_time_ms(
+                [lambda a=a, b=b: (moe_int8.quant_q8_k(u, pdl=True), plain_read(a, out), moe_int8.quant_q8_k(h, pdl=True),
+                                   plain_read(b, out)) for a, b in zip(gus, dns)]), gu_bytes + dn_bytes)
+            del gus, dns
+            torch.cuda.empty_cache()
+
     for d in DENSE:  # the Q8_0 parts: (label, gemv_rows keywords) per shape
         cases = []
         if "q8" in args.parts and d.name in Q8_SHAPES:
@@ -249,6 +311,46 @@ def main(argv=None) -> int:
                     [lambda w=w, kw=kw: q8_int8.gemv_int8(x, w, dev, d.groups, **kw) for w in ws]), ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
+        if "q8seg" in args.parts and d.name in ("attn_q_b", "attn_output_a", "attn_output_b"):
+            ws, x = q8_problem(d, device)
+            nbytes = ws[0].nbytes
+            row_b = d.fmt.row_bytes(d.k)
+            out = torch.empty(1 << 20, device=device, dtype=torch.int32)
+            row(d.name, "auto", "gemv_rows", graph_time_ms(
+                [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]), nbytes)
+            for bb in (4096, 16384):
+                row(d.name, f"plain read {bb * 4 // 1024} KiB/program", "read", graph_time_ms(
+                    [lambda w=w, bb=bb: plain_read_b(w.buf, out, bb) for w in ws]), nbytes)
+            for seg in (1, 2, 4, 8):
+                if row_b % (seg * 64):
+                    continue
+                bb = 128 if (row_b // seg) % 128 == 0 else 64
+                for bn in (16, 32):  # 16/32 rows x 128-byte steps, one warp: contiguous rows (GGUF) of row_b bytes
+                    row(d.name, f"tiles {bn} rows x {row_b // seg} B, row stride {row_b}", "read", graph_time_ms(
+                        [lambda w=w, seg=seg, bn=bn, bb=bb: read_tiles(w.buf, out, d.n, row_b, row_b // seg, seg, bn,
+                                                                        bb) for w in ws]), nbytes)
+            del ws
+            torch.cuda.empty_cache()
+            for seg in (2, 4, 8):
+                if d.k // seg < 1024 or (d.k // seg) % 128:
+                    continue
+                pairs = [segment_major(d, seg, device, 1 + i) for i in range(n_copies(nbytes, 1))]
+                g = pairs[0][1]
+                xs = x.reshape(1, d.groups, seg, d.k // seg).transpose(1, 2).reshape(1, g, d.k // seg).contiguous()
+                sb = pairs[0][0].buf.shape[-1]
+                bb = 128 if sb % 128 == 0 else 64
+                row(d.name, f"seg{seg}: plain tiles 16 rows contiguous", "read", graph_time_ms(
+                    [lambda w=w, bb=bb: read_tiles(w.buf, out, seg * d.n, sb, sb, 1, 16, bb) for w, _ in pairs]), nbytes)
+                for tile in ((16, 128, 1, 0), (32, 128, 1, 0), (16, 256, 2, 0), (8, 128, 1, 0)):
+                    kw = tile_kw(*tile)
+                    lbl = f"seg{seg} {tile[0]}x{tile[1]} w{tile[2]}"
+                    row(d.name, lbl, "gemv only", graph_time_ms(
+                        [lambda w=w, kw=kw: q8_gemv.gemv_rows(xs, w, dev, g, **kw) for w, _ in pairs]), nbytes)
+                    row(d.name, lbl, "gemv + sum", graph_time_ms(
+                        [lambda w=w, kw=kw: q8_gemv.gemv_rows(xs, w, dev, g, **kw).view(seg, -1).sum(0)
+                         for w, _ in pairs]), nbytes)
+                del pairs
+                torch.cuda.empty_cache()
         if not cases:
             continue
         ws, x = q8_problem(d, device)

@@ -9,8 +9,14 @@ TorchOps.quant_q8_0); `_q8_int8_rows_kernel` runs gemv_rows' tiling (q8_gemv) on
 Against the float GEMV this removes the per-code decode and FMA (one dp4a per four codes) and x's byte
 lanes (x arrives as words in the layout of the weight words), and reads 1.125 bytes of x per code
 instead of 4. Split-K, the in-kernel fixed-order sum and programmatic dependent launch are as in
-gemv_rows. Tiles per Flash shape: ROWS_INT8_T1 (H200 sweep, tools/probe_decode.py q8i). Knows the
-repacked Q8_0 row layout (blocks.py), not the model.
+gemv_rows. Tiles per Flash shape: ROWS_INT8_T1 (H200 sweep, tools/probe_decode.py q8i).
+Measured (H200, tools/results/h200_decode/17, CUDA-graph replay, quantizer launch included): not faster
+than the float gemv_rows: attn_q_b 12.4 us (gemv_rows 11.3), attn_output_a/b 15.3 / 16.0 (12.9 / 13.3),
+LM head 170 (159); it does beat rounding x first and then running gemv_rows on the small matrices
+(attn_q_a 5.6 against 1.5 + 5.0). Its sm_90a loop has about a quarter of the float loop's instructions per
+code, so instruction count is not what bounds these GEMVs; each thread here reads the x words of its own
+blocks (L1 hits), twice the load instructions of the weights alone. It stays as the ds4-exact mode's decode
+path: integer dots exactly as ds4 takes them. Knows the repacked Q8_0 row layout (blocks.py), not the model.
 """
 from __future__ import annotations
 
@@ -216,10 +222,23 @@ def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     return _plan("gemv_int8", x, dw, groups, key, build)(x)
 
 
-# One token, tile per (rows, K, groups) of the Flash Q8_0 matrices (H200 sweep: tools/probe_decode.py q8i).
-ROWS_INT8_T1: dict = {}
-DEFAULT_INT8 = dict(block_n=16, block_k=256, num_warps=1)
-DEFAULT_INT8_WIDE = dict(block_n=16, block_k=256, num_warps=2)  # T > 1
+# One token, tile per (rows, K, groups) of the Flash Q8_0 matrices: the fastest of the H200 sweep
+# (tools/results/h200_decode/17: tools/probe_decode.py q8i, CUDA-graph replay, quantizer launch included).
+# Few rows per program win here (x is read per thread, so rows do not amortize it); split-K where the
+# row tiles alone give fewer than 8 programs per SM, except where no-split measured faster.
+_I8 = dict(block_n=8, block_k=256, num_warps=1)
+ROWS_INT8_T1 = {
+    (1024, 4096, 1): _I8,  # attn_q_a 5.6 us (split 8)
+    (32768, 1024, 1): dict(_I8, block_k=128, allow_split=False),  # attn_q_b 12.4 us
+    (512, 4096, 1): dict(_I8, block_n=16),  # attn_kv 4.7 us (split 8)
+    (8192, 4096, 8): dict(_I8, block_k=512, num_warps=2, allow_split=False),  # attn_output_a 15.3 us
+    (4096, 8192, 1): dict(_I8, block_k=512),  # attn_output_b 16.0 us (split 8)
+    (2048, 4096, 1): _I8,  # ffn_gate_shexp 7.9 us (split 8)
+    (4096, 2048, 1): dict(_I8, block_k=128),  # ffn_down_shexp 7.7 us (split 8)
+    (129280, 4096, 1): dict(_I8, block_k=512),  # LM head 170.4 us
+}
+DEFAULT_INT8 = _I8
+DEFAULT_INT8_WIDE = dict(block_n=16, block_k=256, num_warps=2)  # T > 1 (not swept)
 
 
 def int8_config(t: int, n_rows: int, k: int, groups: int) -> dict:
