@@ -3,7 +3,8 @@
 Loads the file with `dsv4.load(path, backend=...)`, prefills a short prompt, runs warm-up decode steps,
 then times N decode steps (each returns logits to the host, so every step is synchronized). Prints and
 writes tokens/s and the % of the bandwidth bound: bytes read per token (dsv4.inspect, short context)
-over the streaming-read bandwidth measured in the same run. Usage:
+over the streaming-read bandwidth measured in the same run. A backend name may end in `+exact`: the
+ds4-exact mode (`act_quant=True`: activations rounded to Q8_0 / Q8_K as ds4 does). Usage:
     python tools/bench_e2e.py MODEL.gguf --backends triton,torch --steps 32 --out e2e.md
 """
 from __future__ import annotations
@@ -20,14 +21,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+EXACT = "exact"  # backend suffix: the ds4-exact mode (act_quant=True: ds4's Q8_0/Q8_K activation rounding)
 PROMPT = [0, 1201, 7, 64, 93, 18, 2200, 5, 311, 46, 12, 9, 4000, 77, 8, 3]
 
 
 def decode_speed(path: str, backend: str, steps: int, warmup: int, time_limit: float) -> dict:
     import dsv4
 
+    name, _, mode = backend.partition("+")
+    if mode not in ("", EXACT):
+        raise ValueError(f"unknown backend mode {mode!r} in {backend!r} (known: +{EXACT})")
     t0 = time.time()
-    eng = dsv4.load(path, backend=backend, device="cuda")
+    eng = dsv4.load(path, backend=name, device="cuda", **({"act_quant": True} if mode == EXACT else {}))
     load_s = time.time() - t0
     s = eng.new_session(ctx=max(1024, len(PROMPT) + steps + warmup + 8))
     t1 = time.time()

@@ -78,7 +78,7 @@ wait "$MAKE_PID" 2>/dev/null
 if [ -s "$TINY" ]; then
   REMAIN=$(( 560 - ($(date +%s) - START) ))
   [ $REMAIN -lt 60 ] && REMAIN=60
-  step e2e "$REMAIN" "$OUT/e2e.log" python3 tools/bench_e2e.py "$TINY" --backends triton,torch --steps 32 \
+  step e2e "$REMAIN" "$OUT/e2e.log" python3 tools/bench_e2e.py "$TINY" --backends triton,triton+exact,torch --steps 32 \
     --time-limit $(( (REMAIN - 50) / 3 )) --out "$OUT/e2e.md"
 else
   note "e2e            FAIL         (make-tiny produced no file; see e2e.log)"
