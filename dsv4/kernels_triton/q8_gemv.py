@@ -155,21 +155,30 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     tl.store(out, acc_t, mask=ok)
     if SPLIT > 1 and SPLIT_SUM < 2:
-        # split-K without a second launch, deterministic: the program that finishes a row tile last
-        # (counter per tile) sums the SPLIT partials in slice order and resets the counter. The barrier
-        # orders every thread's partial store before the (one-thread) release; readers bypass L1.
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-            for sk in tl.static_range(SPLIT):
-                total += tl.load(out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :], mask=ok,
-                                 other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
-            if SPLIT_SUM == 1:
-                tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
-            else:
-                tl.atomic_xchg(cnt_ptr + pid_n, 0)
+        _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, stride_ot, BLOCK_T, BLOCK_N, SPLIT,
+                        SPLIT_SUM == 1)
+
+
+@triton.jit
+def _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, stride_ot, BLOCK_T: tl.constexpr,
+                    BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, RELAXED_RESET: tl.constexpr):
+    """Split-K without a second launch, deterministic: after storing its partial out[split, rt, rn], the
+    program that finishes row tile pid_n last (counter per tile) sums the SPLIT partials in slice order into
+    y and resets the counter (RELAXED_RESET: a relaxed reset, the next launch is ordered by the kernel
+    boundary). The barrier orders every thread's partial store before the (one-thread) release; readers
+    bypass L1."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
+    if arrived == SPLIT - 1:
+        total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
+        for sk in tl.static_range(SPLIT):
+            total += tl.load(out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :], mask=ok,
+                             other=0.0, cache_modifier=".cg")
+        tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
+        if RELAXED_RESET:
+            tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
+        else:
+            tl.atomic_xchg(cnt_ptr + pid_n, 0)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ from .configs import DeviceInfo, pdl_launch, use_pdl
 from .moe_int8 import QUANT_LAUNCH, ROUND_MAGIC, _dp4a, use_asm
 from .qmatmul import DECODE_MAX_T, _plan, gemv
 from .qmatmul_fast import q8_tiles
-from .q8_gemv import _rows_split, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
+from .q8_gemv import _rows_split, _split_sum_last, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
 
 Q8_0_BLOCK = 32
 QUANT_BLOCKS = 32  # 32-value blocks per quantizer program (1024 values)
@@ -165,18 +165,9 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, 
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     tl.store(out, acc_t, mask=ok)
-    if SPLIT > 1:
-        # as gemv_rows: the program that finishes a row tile last sums the partials in slice order and resets
-        # the tile's counter; the barrier orders every thread's partial store before the release
-        tl.debug_barrier()
-        arrived = tl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-            for sk in tl.static_range(SPLIT):
-                total += tl.load(out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :], mask=ok,
-                                 other=0.0, cache_modifier=".cg")
-            tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
-            tl.atomic_xchg(cnt_ptr + pid_n, 0)
+    if SPLIT > 1:  # as gemv_rows: the tile's last program sums the partials in slice order
+        _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, stride_ot, BLOCK_T, BLOCK_N, SPLIT,
+                        False)
 
 
 def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = 16, block_k: int = 256,
