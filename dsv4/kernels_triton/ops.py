@@ -6,8 +6,8 @@ as they are, so inherited reference ops still read them). F16/BF16/F32 matrices 
 first qmatmul. The kernel variant per op comes from the registry (scoped `use(...)` override, else the
 `kernels=` choice at construction, else "auto"). Formats the kernels do not cover (I32) run the
 reference op. With `act_quant=True` (ds4-exact mode) Q8_0 matmuls keep that mode's Q8_0 activation rounding:
-decode (T <= 8) on the `auto` choice runs q8_int8 (ds4's own int8 scheme), anything else rounds x first
-(TorchOps.quant_q8_0) and runs the chosen float kernel; MoE decode runs moe_int8 (Q8_K semantics), MoE
+decode (T <= 8) on the `auto` choice runs q8_int8 (ds4's own int8 scheme; not on ROCm, where its dp4a is
+emulated), anything else rounds x first (TorchOps.quant_q8_0) and runs the chosen float kernel; MoE decode runs moe_int8 (Q8_K semantics), MoE
 prefill the reference op. Knows nothing of the model's structure.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from ..quant.formats import QTensor, QuantFormat
 from ..reference import TorchOps
 from .blocks import SUPPORTED, DeviceWeight, from_qtensor
-from .configs import detect_device
+from .configs import Vendor, detect_device
 from .qmatmul import DECODE_MAX_T
 from .registry import AUTO, KernelOp, _check_names, get, resolve
 
@@ -56,8 +56,8 @@ class TritonOps(TorchOps):
         dw = self._dw(w)
         T = x.shape[0]
         if self.act_quant and w.fmt == QuantFormat.Q8_0 and not v.act_quant:
-            if v.name == AUTO and T <= DECODE_MAX_T:
-                v = get(KernelOp.QMATMUL, "q8_int8")  # ds4's scheme: quantized x, integer dots
+            if v.name == AUTO and T <= DECODE_MAX_T and self.device_info.vendor != Vendor.AMD:
+                v = get(KernelOp.QMATMUL, "q8_int8")  # ds4's scheme: quantized x, integer dots (PTX dp4a)
             else:  # the mode's semantics on a float kernel: round x to Q8_0 first
                 x = self.quant_q8_0(x)
         if v.max_t is None or T <= v.max_t:

@@ -157,3 +157,22 @@ def test_tritonops_ds4_exact_mode(t, groups, poison, poison_i32, monkeypatch):
         y, r = tri.qmatmul_grouped(x, wt, groups), ref.qmatmul_grouped(x.cpu().double(), wr, groups)
     assert calls == ([1] if t <= qmatmul.DECODE_MAX_T else [])
     assert_matches(y, r.numpy(), "triton_q8_int8", "gemv", f"TritonOps(act_quant) T={t} G={groups}")
+
+
+def test_tritonops_ds4_exact_mode_on_rocm_rounds_x_first(poison, poison_i32, monkeypatch):
+    """On ROCm (dp4a only emulated) the ds4-exact mode's Q8_0 decode rounds x and runs the float kernel."""
+    from dsv4.kernels_triton.ops import TritonOps
+
+    raw = blocks.synthetic_raw(Q8, (64, 128), seed=3).cpu().numpy()
+    w = QTensor(raw, Q8, (64, 128), name="w")
+    calls = []
+    orig = q8_int8.gemv_int8
+    monkeypatch.setattr(q8_int8, "gemv_int8", lambda *a, **kw: calls.append(1) or orig(*a, **kw))
+    tri = TritonOps(device=DEVICE, act_quant=True)
+    tri.device_info = DeviceInfo(Vendor.AMD, "gfx942", n_sm=4, wave=64)
+    ref = TorchOps(device="cpu", act_quant=True, dtype=torch.float64)
+    x = make_x(1, 128) * 2
+    y = tri.qmatmul(x, tri.prepare(w))
+    assert calls == []
+    assert_matches(y, ref.qmatmul(x.cpu().double(), ref.prepare(w)).numpy(), "triton_q8_int8", "gemv",
+                   "TritonOps(act_quant) on ROCm")
