@@ -99,8 +99,11 @@ class KvPolicy:
         if use_cache:
             from ..cache.prefix import PrefixCache
 
+            fingerprint = engine.config.fingerprint()
+            if getattr(engine.ops, "act_quant", False):  # another activation rounding: its own prefixes
+                fingerprint += DS4_EXACT_TAG
             try:
-                self.cache = PrefixCache(self.dir, engine.config.fingerprint(),
+                self.cache = PrefixCache(self.dir, fingerprint,
                                          budget_bytes=int(settings.get("DSV4_KV_DISK_MB")) << 20)
             except OSError as e:
                 raise DsvError(f"cannot use KV cache dir {self.dir}: {e.strerror} (--kv-dir DIR or --no-kv-cache)") from None
@@ -176,14 +179,19 @@ def _resolve(model: Optional[str], err):
     return resolved
 
 
+DS4_EXACT_TAG = "+ds4-exact"  # prefix-cache fingerprint suffix of the ds4-exact numerics (--ds4-exact)
+
+
 def _load_engine(path: Path, backend: Optional[str], err, kernel: Optional[list[str]] = None,
-                 check_kernels: bool = False):
+                 check_kernels: bool = False, ds4_exact: bool = False):
     import dsv4
 
     from .. import settings
 
     backend = backend or settings.get("DSV4_BACKEND")
     kw = {"kernels": parse_kernel_choices(kernel)} if kernel else {}
+    if ds4_exact:
+        kw["act_quant"] = True
     with err.status(f"loading {path.name} ({backend})..."):
         engine = dsv4.load(str(path), backend=backend, check=check_kernels or None, **kw)
         return engine, engine.tokenizer
@@ -227,6 +235,7 @@ _KV_BUDGET = typer.Option(None, "--kv-budget", help="Resident bytes for paged KV
 _NO_KV_CACHE = typer.Option(False, "--no-kv-cache", help="Do not reuse or store prompt prefixes on disk.")
 _KERNEL = typer.Option(None, "--kernel", help="Kernel variant OP=NAME for the triton backend (repeatable; list: dsv4 kernels).")
 _CHECK_KERNELS = typer.Option(False, "--check-kernels", help="Shadow-run the reference for every accelerated op and log errors (slow).")
+_DS4_EXACT = typer.Option(False, "--ds4-exact", help="ds4's numerics: activations rounded to Q8_0 / Q8_K before the quantized matmuls, as ds4's CPU path and CUDA decode do.")
 
 
 @app.command()
@@ -249,6 +258,7 @@ def chat(
     no_kv_cache: bool = _NO_KV_CACHE,
     kernel: Optional[list[str]] = _KERNEL,
     check_kernels: bool = _CHECK_KERNELS,
+    ds4_exact: bool = _DS4_EXACT,
 ):
     """Talk to the model in an interactive terminal session."""
     from .repl import ChatController, ChatOptions, Repl
@@ -257,7 +267,7 @@ def chat(
     mode = _think_from_flags(think, nothink, think_max)
     budget = KvPolicy.parse_budget(kv_budget)
     resolved = _resolve(model, err)
-    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels)
+    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels, ds4_exact)
     opts = ChatOptions(
         ctx=ctx,
         max_tokens=_max_tokens(tokens, resolved.is_demo),
@@ -339,6 +349,7 @@ def run(
     no_kv_cache: bool = _NO_KV_CACHE,
     kernel: Optional[list[str]] = _KERNEL,
     check_kernels: bool = _CHECK_KERNELS,
+    ds4_exact: bool = _DS4_EXACT,
     dump_tokens: bool = typer.Option(False, "--dump-tokens", help="Print the prompt's token ids as JSON and exit."),
     raw: bool = typer.Option(False, "--raw", help="Tokenize the prompt as written, without the chat template."),
     dump_logprobs: Optional[Path] = typer.Option(
@@ -367,7 +378,7 @@ def run(
         for i in ids:
             err.print(f"{i:6d}  {tok.token_text(i)}", markup=False, highlight=False)
         return
-    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels)
+    engine, tok = _load_engine(resolved.path, backend, err, kernel, check_kernels, ds4_exact)
     ids = _prompt_ids(tok, text, system, mode, ctx, err, raw)
     if len(ids) >= ctx:
         raise DsvError(f"prompt is {len(ids)} tokens but the context is {ctx}: raise --ctx or shorten the prompt")
