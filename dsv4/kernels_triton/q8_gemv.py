@@ -56,6 +56,20 @@ def _x_split(xv, NB: tl.constexpr):
 
 
 @triton.jit
+def _row_tile(w_ptr, N, R, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
+    """The row tile of a (rows, K slice) GEMV program: (pid_n, pid_k, w_ptr as int32 words, rows [BLOCK_N],
+    the same clamped to N-1 as int64 (for addressing), group g of the tile's rows (R rows per group))."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if GROUPED:
+        g = (pid_n * BLOCK_N) // R
+    else:
+        g = 0
+    return pid_n, pid_k, w_ptr.to(tl.pointer_type(tl.int32)), rn, tl.minimum(rn, N - 1).to(tl.int64), g
+
+
+@triton.jit
 def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_split,
                     stride_xt, stride_xg, stride_os, stride_ot, stride_w_words, stride_s, off_s, magic_bits,
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
@@ -70,18 +84,10 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
     (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums)."""
     NB: tl.constexpr = BLOCK_K // 32
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.minimum(rn, N - 1).to(tl.int64)
+    pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b3 = tl.arange(0, NB)[None, :, None]
     i3 = tl.arange(0, 8)[None, None, :]
     rt = tl.arange(0, BLOCK_T)
-    if GROUPED:
-        g = (pid_n * BLOCK_N) // R
-    else:
-        g = 0
     x_base = x_ptr + g * stride_xg
     acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)

@@ -30,7 +30,7 @@ from .configs import DeviceInfo, pdl_launch, use_pdl
 from .moe_int8 import QUANT_LAUNCH, ROUND_MAGIC, _dp4a, use_asm
 from .qmatmul import DECODE_MAX_T, _plan, gemv
 from .qmatmul_fast import q8_tiles
-from .q8_gemv import _rows_split, _split_sum_last, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
+from .q8_gemv import _row_tile, _rows_split, _split_sum_last, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
 
 Q8_0_BLOCK = 32
 QUANT_BLOCKS = 32  # 32-value blocks per quantizer program (1024 values)
@@ -98,19 +98,11 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, 
     blocks: L1 hits, no layout conversion); else as [1, NB, 4] and broadcast. Rows past N are clamped to
     N-1 (not stored). PREFETCH: step s+1's words and scales load while step s computes."""
     NB: tl.constexpr = BLOCK_K // 32
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(1)
-    w32 = w_ptr.to(tl.pointer_type(tl.int32))
-    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    r = tl.minimum(rn, N - 1).to(tl.int64)
+    pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b2 = tl.arange(0, NB)[None, :]
     b3 = b2[:, :, None]
     i3 = tl.arange(0, 4)[None, None, :]
     rt = tl.arange(0, BLOCK_T)
-    if GROUPED:
-        g = (pid_n * BLOCK_N) // R
-    else:
-        g = 0
     if X_FULL:
         row0 = (r * 0)[:, None]  # [BLOCK_N, 1] zeros: x pointers in the weight tile's shape
         xw_off = row0[:, :, None] + b3 * 8 + i3
