@@ -12,7 +12,6 @@ Usage: python tools/probe_bandwidth.py [--out probe.md]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -24,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import graph_time_ms, n_copies, read_bandwidth  # noqa: E402
+from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
 
 SHAPES = {"attn_q_b": (32768, 1024), "attn_output_a": (8192, 4096), "attn_output_b": (4096, 8192),
           "output": (129280, 4096)}
@@ -47,14 +47,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
     bw = read_bandwidth(dev)
-    lines = [f"# Read-bandwidth ceilings ({torch.cuda.get_device_name(dev)})", "",
-             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · streaming read {bw:.0f} GB/s", "",
-             "| shape | MB | probe | tiling | µs | GB/s | % bw |", "|---|---|---|---|---|---|---|"]
+    table = ProbeTable(args.out, f"Read-bandwidth ceilings ({torch.cuda.get_device_name(dev)})",
+                       f"date {utc_stamp()} · streaming read {bw:.0f} GB/s",
+                       ["shape", "MB", "probe", "tiling", "µs", "GB/s", "% bw"])
 
     def row(name, mb, probe, tiling, ms, nbytes):
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        lines.append(f"| {name} | {mb:.1f} | {probe} | {tiling} | {ms * 1e3:.1f} | {gbs:.0f} | {100 * gbs / bw:.1f} |")
-        print(lines[-1], flush=True)
+        gbs = gb_s(nbytes, ms)
+        table.add(name, f"{mb:.1f}", probe, tiling, f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}")
 
     for name, (n, k) in SHAPES.items():
         row_bytes = k * 34 // 32
@@ -76,7 +75,6 @@ def main(argv=None) -> int:
         row(name, nbytes / 1e6, "cublas_bf16_gemv", "", graph_time_ms(calls), nbytes)
         del mats
         torch.cuda.empty_cache()
-    Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 

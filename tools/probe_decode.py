@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -37,6 +36,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv4.kernels_triton import blocks, moe_int8, q8_gemv, q8_int8  # noqa: E402
+from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
@@ -137,11 +137,7 @@ def _read_kernel(p, out, n, BLOCK: tl.constexpr):
     tl.store(out + tl.program_id(0), tl.xor_sum(v, axis=0))
 
 
-def plain_read(buf, out):
-    plain_read_b(buf, out, READ_BLOCK)
-
-
-def plain_read_b(buf, out, block: int, warps: int = 4):
+def plain_read(buf, out, block: int = READ_BLOCK, warps: int = 4):
     w = buf.view(-1).view(torch.int32)
     _read_kernel[(triton.cdiv(w.numel(), block),)](w, out, w.numel(), BLOCK=block, num_warps=warps)
 
@@ -185,16 +181,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     dev = detect_device(device)
     bw = read_bandwidth(device)
-    lines = [f"# Decode probes ({torch.cuda.get_device_name(device)})", "",
-             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · streaming read {bw:.0f} GB/s", "",
-             "| case | config | stage | µs | MB | GB/s | % bw |", "|---|---|---|---|---|---|---|"]
+    table = ProbeTable(args.out, f"Decode probes ({torch.cuda.get_device_name(device)})",
+                       f"date {utc_stamp()} · streaming read {bw:.0f} GB/s",
+                       ["case", "config", "stage", "µs", "MB", "GB/s", "% bw"])
 
     def row(case, cfg, stage, ms, nbytes):
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        lines.append(f"| {case} | {cfg} | {stage} | {ms * 1e3:.1f} | {nbytes / 1e6:.1f} | {gbs:.0f} | "
-                     f"{100 * gbs / bw:.1f} |")
-        print(lines[-1], flush=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")  # per row: a timeout keeps what was measured
+        gbs = gb_s(nbytes, ms)
+        table.add(case, cfg, stage, f"{ms * 1e3:.1f}", f"{nbytes / 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}")
 
     if "pdl" in args.parts:
         for recipe, (fgu, fdn) in MOE.items():
@@ -249,11 +242,8 @@ def main(argv=None) -> int:
     if "ceil" in args.parts:
         out = torch.empty(1 << 20, device=device, dtype=torch.int32)
         for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down = moe_weights(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
-            del gate, up, down
-            torch.cuda.empty_cache()
+            gu_bytes = K_USED * 2 * F_EXP * fgu.row_bytes(D)  # the bytes fused_int8 reads for one token
+            dn_bytes = K_USED * D * fdn.row_bytes(F_EXP)
             n = n_copies(gu_bytes + dn_bytes, 1)
             gus = [torch.empty(gu_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]
             dns = [torch.empty(dn_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]
@@ -320,7 +310,7 @@ def main(argv=None) -> int:
                 [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]), nbytes)
             for bb in (4096, 16384):
                 row(d.name, f"plain read {bb * 4 // 1024} KiB/program", "read", graph_time_ms(
-                    [lambda w=w, bb=bb: plain_read_b(w.buf, out, bb) for w in ws]), nbytes)
+                    [lambda w=w, bb=bb: plain_read(w.buf, out, bb) for w in ws]), nbytes)
             for seg in (1, 2, 4, 8):
                 if row_b % (seg * 64):
                     continue
@@ -359,7 +349,6 @@ def main(argv=None) -> int:
             row(d.name, label, "gemv_rows", ms, ws[0].nbytes)
         del ws
         torch.cuda.empty_cache()
-    Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 

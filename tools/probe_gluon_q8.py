@@ -12,7 +12,6 @@ read). Usage: python tools/probe_gluon_q8.py [--out probe_gluon_q8.md]
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import DENSE, graph_time_ms, read_bandwidth  # noqa: E402
 from probe_decode import q8_problem  # noqa: E402
+from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
 from dsv4.kernels_triton import q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
@@ -141,16 +141,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     dev = detect_device(device)
     bw = read_bandwidth(device)
-    lines = [f"# Gluon Q8_0 decode GEMV probe ({torch.cuda.get_device_name(device)})", "",
-             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · triton {triton.__version__} · "
-             f"streaming read {bw:.0f} GB/s", "",
-             "| case | config | µs | GB/s | % bw | max abs diff vs gemv_rows |", "|---|---|---|---|---|---|"]
+    table = ProbeTable(args.out, f"Gluon Q8_0 decode GEMV probe ({torch.cuda.get_device_name(device)})",
+                       f"date {utc_stamp()} · triton {triton.__version__} · streaming read {bw:.0f} GB/s",
+                       ["case", "config", "µs", "GB/s", "% bw", "max abs diff vs gemv_rows"])
 
     def row(case, cfg, ms, nbytes, diff):
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        lines.append(f"| {case} | {cfg} | {ms * 1e3:.1f} | {gbs:.0f} | {100 * gbs / bw:.1f} | {diff} |")
-        print(lines[-1], flush=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        gbs = gb_s(nbytes, ms)
+        table.add(case, cfg, f"{ms * 1e3:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}", diff)
 
     for d in DENSE:
         if d.name not in ("attn_q_b", "attn_output_a", "attn_output_b", "output"):
@@ -170,12 +167,10 @@ def main(argv=None) -> int:
                 row(d.name, f"gluon {bn} rows x {nbt * w * 32} codes, {w} warp{'s' if w > 1 else ''}"
                             f"{', prefetch' if pf else ''}{f', split-K {sp}' if sp > 1 else ''}", ms, ws[0].nbytes, diff)
             except Exception as e:  # noqa: BLE001 - a probe: record and go on
-                lines.append(f"| {d.name} | gluon {bn}/{nbt}/{w}/{pf}/{sp} | error: {type(e).__name__}: "
-                             f"{str(e).splitlines()[0][:150]} | | | |")
-                print(lines[-1], flush=True)
+                table.add(d.name, f"gluon {bn}/{nbt}/{w}/{pf}/{sp}",
+                          f"error: {type(e).__name__}: {str(e).splitlines()[0][:150]}", "", "", "")
         del ws
         torch.cuda.empty_cache()
-    Path(args.out).write_text("\n".join(lines) + "\n")
     return 0
 
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import replace
-import datetime as dt
 import sys
 from pathlib import Path
 
@@ -26,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import (CLAMP, D, F_EXP, K_USED, MOE, N_EXPERT, bf16_tflops, median_time_ms,  # noqa: E402
                            moe_weights)
+from probe_table import ProbeTable, utc_stamp  # noqa: E402
 from dsv4.kernels_triton import moe_prefill  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
@@ -91,17 +91,13 @@ def main(argv=None) -> int:
     device = torch.device("cuda")
     dev = detect_device(device)
     bf16 = bf16_tflops(T * K_USED, F_EXP, D, device)
-    lines = [f"# MoE prefill probe ({torch.cuda.get_device_name(device)})", "",
-             f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M UTC} · T={T} · bf16 matmul "
-             f"{bf16:.1f} TFLOP/s (12288x4096 @ 4096x2048, same run)", "",
-             "| recipe | stage | config | ms | TFLOP/s | % bf16 | max abs diff vs first |",
-             "|---|---|---|---|---|---|---|"]
+    table = ProbeTable(args.out, f"MoE prefill probe ({torch.cuda.get_device_name(device)})",
+                       f"date {utc_stamp()} · T={T} · bf16 matmul {bf16:.1f} TFLOP/s (12288x4096 @ 4096x2048, "
+                       f"same run)", ["recipe", "stage", "config", "ms", "TFLOP/s", "% bf16", "max abs diff vs first"])
 
     def row(recipe, stage, cfg, ms, flops, diff=""):
         tf = flops / (ms * 1e-3) / 1e12 if flops else 0.0
-        lines.append(f"| {recipe} | {stage} | {cfg} | {ms:.3f} | {tf:.1f} | {100 * tf / bf16:.1f} | {diff} |")
-        print(lines[-1], flush=True)
-        Path(args.out).write_text("\n".join(lines) + "\n")
+        table.add(recipe, stage, cfg, f"{ms:.3f}", f"{tf:.1f}", f"{100 * tf / bf16:.1f}", diff)
 
     pair_flops = 2.0 * T * K_USED * F_EXP * D  # one projection over the routed pairs
     for recipe in args.recipes:
@@ -120,8 +116,7 @@ def main(argv=None) -> int:
                 ref_h = h if ref_h is None else ref_h
                 row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
             except Exception as exc:  # a config that does not compile on this Triton: record and go on
-                lines.append(f"| {recipe} | gate/up | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} | | | |")
-                print(lines[-1], flush=True)
+                table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
         ref_y = None
         for name, cfg in downs.items():
             try:
@@ -132,8 +127,7 @@ def main(argv=None) -> int:
                 ref_y = y if ref_y is None else ref_y
                 row(recipe, "down", name, timed(fn), pair_flops, diff)
             except Exception as exc:
-                lines.append(f"| {recipe} | down | {name} | failed: {type(exc).__name__}: {str(exc)[:160]} | | | |")
-                print(lines[-1], flush=True)
+                table.add(recipe, "down", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
         if args.once:
             continue
         if ref_y is not None:

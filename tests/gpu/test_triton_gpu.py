@@ -49,6 +49,14 @@ def _dequant64(raw, fmt, k):
     return dequantize_torch(raw, fmt, k, dtype=torch.float64)
 
 
+def _dense_reference(x64, w64, groups: int):
+    """float64 x [T, K] (or [T, G, K]) against w64 [N, K] (rows [g*R, (g+1)*R) use x[:, g])."""
+    if groups == 1:
+        return x64 @ w64.T
+    n, k = w64.shape
+    return torch.einsum("tgk,grk->tgr", x64, w64.reshape(groups, n // groups, k)).reshape(x64.shape[0], n)
+
+
 def _assert(y, ref, op, kind, what):
     from tests.tolerances import assert_close
 
@@ -68,12 +76,7 @@ def test_qmatmul_flash_shapes(name, fmt, n, k, groups, t, poison):
     dev = detect_device("cuda")
     x = torch.randn((t, groups, k) if groups > 1 else (t, k), device="cuda",
                     generator=torch.Generator(device="cuda").manual_seed(t))
-    w64 = _dequant64(raw, qf, k)
-    if groups > 1:
-        ref = torch.einsum("tgk,grk->tgr", x.double(), w64.reshape(groups, n // groups, k)).reshape(t, n)
-    else:
-        ref = x.double() @ w64.T
-    del w64
+    ref = _dense_reference(x.double(), _dequant64(raw, qf, k), groups)
     y = qmatmul.qmatmul_auto(x, dw, dev, groups)
     from dsv4.kernels_triton.configs import select_gemv
 
@@ -99,13 +102,7 @@ def test_q8_int8_flash_shapes(name, fmt, n, k, groups, t, poison):
     raw, dw, qf = _weight(fmt, (n, k), seed=n + k + 1)
     x = torch.randn((t, groups, k) if groups > 1 else (t, k), device="cuda",
                     generator=torch.Generator(device="cuda").manual_seed(t + 1)) * 2
-    xr = TorchOps.quant_q8_0(x).double()
-    w64 = _dequant64(raw, qf, k)
-    if groups > 1:
-        ref = torch.einsum("tgk,grk->tgr", xr, w64.reshape(groups, n // groups, k)).reshape(t, n)
-    else:
-        ref = xr @ w64.T
-    del w64
+    ref = _dense_reference(TorchOps.quant_q8_0(x).double(), _dequant64(raw, qf, k), groups)
     y = q8_int8.gemv_int8_default(x, dw, detect_device("cuda"), groups)
     _assert(y, ref, "triton_q8_int8", "gemv", f"{name} T={t}")
     assert torch.equal(y, q8_int8.gemv_int8_default(x, dw, detect_device("cuda"), groups))
