@@ -21,7 +21,7 @@ import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from ..quant.formats import QTensor, QuantFormat
-from ..quant.tables import IQ2XXS_GRID
+from ..quant.tables import IQ2XXS_GRID, IQ2XXS_LEVELS
 
 # Format ids as kernel constexprs (the GGML type ids).
 FMT_F32: tl.constexpr = tl.constexpr(int(QuantFormat.F32))
@@ -40,6 +40,14 @@ Q2K_WORDS = 21  # 84 B / 4
 Q4K_WORDS = 36  # 144 B / 4
 IQ2_HALFWORDS = 33  # 66 B / 2
 Q8_0_BLOCK = 32
+
+# IQ2_XXS grid records as PTX byte-permute selectors (the int8 decode and the fp16 prefill decode): coordinate
+# j of a record sits in nibble IQ2_SEL_NIBBLE[j] = 2 (j % 4) + j // 4 of a 32-bit selector (its level 0/1/2 in
+# bits 0-1, its sign in bit 2), so one prmt of the low and one of the high 16 bits read the 8 signed magnitudes
+# as coordinates (0, 4, 1, 5) and (2, 6, 3, 7). This order is the one where the 7 sign bits land in bit 4
+# n(j) of s * SIGN_SPREAD (s | s << 7 | s << 14 | s << 21: disjoint, no carries).
+IQ2_SEL_NIBBLE = 2 * (np.arange(8) % 4) + np.arange(8) // 4
+SIGN_SPREAD: tl.constexpr = tl.constexpr(0x00204081)
 
 
 @dataclass
@@ -91,6 +99,25 @@ def iq2_grid(device):
     if key not in _GRIDS:
         _GRIDS[key] = torch.from_numpy(np.array(IQ2XXS_GRID, dtype=np.uint8).reshape(-1)).to(device)
     return _GRIDS[key]
+
+
+def iq2_sel16(device):
+    """The IQ2_XXS grid as 16-bit compact selectors, int16 [256] (512 B, one copy per device): the level of
+    coordinate j (nibble n = IQ2_SEL_NIBBLE[j] of the selector) in bits 4 (n % 4) + 2 (n // 4) and up, so
+    that (v | v << 14) & 0x33333333 (iq2_levels: two instructions) is the nibble form. Half the bytes of the
+    nibble form and a quarter of the 8-byte grid: the in-kernel table gathers are L1 wavefronts, and those
+    grow with the distinct cache lines that 32 random indices touch."""
+    import torch
+
+    key = str(device)
+    if key not in _SEL16:
+        pos = 4 * (IQ2_SEL_NIBBLE % 4) + 2 * (IQ2_SEL_NIBBLE // 4)
+        sel = (IQ2XXS_LEVELS.astype(np.int64) << pos[None, :]).sum(axis=1)
+        _SEL16[key] = torch.from_numpy(sel.astype(np.uint16).view(np.int16).copy()).to(device)
+    return _SEL16[key]
+
+
+_SEL16: dict = {}
 
 
 def repack_q8_0(raw):
@@ -153,6 +180,42 @@ def pdl_wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
         gdc_launch_dependents()
+
+
+@triton.jit
+def prmt(a, b, sel, ASM: tl.constexpr):
+    """Bytes 0-3 of the PTX byte permute: byte k of the result is byte (sel >> 4k) & 7 of the 8-byte
+    value b:a (no sign-replicate mode: bit 3 of each nibble is 0 here)."""
+    if ASM:
+        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
+                                         dtype=tl.int32, is_pure=True, pack=1)
+    else:
+        r = tl.zeros(sel.shape, dtype=tl.int32)
+        for k in tl.static_range(4):
+            nib = (sel >> (4 * k)) & 7
+            src = tl.where(nib >= 4, b, a)
+            r |= ((src >> (8 * (nib & 3))) & 255) << (8 * k)
+        return r
+
+
+@triton.jit
+def iq2_levels(sel16_ptr, gi):
+    """The selector of grid records gi (int32 0..255, any shape) from iq2_sel16's table, levels only (bits
+    0-1 of each nibble): nibbles 0-3 are read in place, nibbles 4-7 from bits 2-3 of nibbles 0-3 shifted by
+    14 (the entry is zero-extended, so nothing else lands under the mask)."""
+    v = tl.load(sel16_ptr + gi).to(tl.uint16, bitcast=True).to(tl.int32)
+    return (v | (v << 14)) & 0x33333333
+
+
+@triton.jit
+def iq2_signs(sidx):
+    """Bit 2 of nibble n(j) set where coordinate j is negative, from the 7-bit sign indices sidx (int32): the
+    8th sign is the parity of the 7 (ksigns rule, an even count of minus signs). The nibble sum of
+    P & 0x11111111, gathered into the top nibble by * 0x11111111 (at most 7: no carries), has that parity in
+    its low bit, bit 28, which is n(7)'s slot in P."""
+    p = sidx * SIGN_SPREAD
+    p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
+    return (p << 2) & 0x44444444
 
 
 @triton.jit

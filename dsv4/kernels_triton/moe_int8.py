@@ -7,9 +7,9 @@ super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the 
 `_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
 slots in order (no atomics: bitwise reproducible). Semantics are `TorchOps(act_quant=True).moe`: the
 integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
-TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 1 KiB grid
-table of level nibbles with the 8 signs ORed in, one prmt per 4 signed magnitudes (u's codes are quantized in
-the matching byte order). On sm_90+ every launch uses programmatic dependent launch: weight words (and the
+TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 512-byte table
+of 16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4
+signed magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent launch: weight words (and the
 expert ids, two launches old) are loaded before griddepcontrol.wait, activations after it. Tiles per
 gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -26,7 +25,6 @@ from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
 from .configs import DeviceInfo, Vendor, pdl_launch, use_pdl
 from ..quant.formats import QuantFormat
-from ..quant.tables import IQ2XXS_LEVELS
 
 QK = 256  # super-block (Q8_K, Q2_K, Q4_K, IQ2_XXS)
 SUM_GROUP = 16  # code sums per 16 activations (Q8_K "bsums")
@@ -60,6 +58,7 @@ class Int8MoeConfig:
     warps_down: int = 2
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
+    rows_fast_down: bool = False  # Q2_K down tile as [K step, 4, rows]: a warp's lanes go over rows first
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
@@ -116,22 +115,6 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
 
 
 @triton.jit
-def _prmt(a, b, sel, ASM: tl.constexpr):
-    """Bytes 0-3 of the PTX byte permute: byte k of the result is byte (sel >> 4k) & 7 of the 8-byte
-    value b:a (no sign-replicate mode: bit 3 of each nibble is 0 here)."""
-    if ASM:
-        return tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel],
-                                         dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        r = tl.zeros(sel.shape, dtype=tl.int32)
-        for k in tl.static_range(4):
-            nib = (sel >> (4 * k)) & 7
-            src = tl.where(nib >= 4, b, a)
-            r |= ((src >> (8 * (nib & 3))) & 255) << (8 * k)
-        return r
-
-
-@triton.jit
 def _iq2_pair_raw(base):
     """The words of IQ2_XXS block pairs at word pointers base [BN, KP, 1] that the selector decode reads:
     (w0, w1, w2) = words 2 ib, 2 ib + 1, 2 ib + 2 (block 0's aux pairs straddle words), (a0, a1) = words
@@ -142,40 +125,34 @@ def _iq2_pair_raw(base):
 
 
 @triton.jit
-def _iq2_half_sel(aux0, aux1, dbits, g32_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
+def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
     """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
     bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
     quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
     32-weight group ib); the dot is sum_ib d * d_x * that / 8 (§1.6: db = d (2 ls + 1) / 8).
-    The grid is read as byte-permute selectors: entry g (int32, 1 KiB table) holds the level (0/1/2) of
-    coordinate j in nibble n(j) = 2 (j % 4) + j // 4; the sign spread P below has sign j at bit 4 n(j),
-    so (P << 2) & 0x44444444 sets bit 2 of each nibble of a negative coordinate, and one prmt per 4
-    coordinates reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte
-    k of the low word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]."""
+    The grid is read as byte-permute selectors (blocks.iq2_levels | blocks.iq2_signs: level of coordinate j
+    in nibble n(j) = 2 (j % 4) + j // 4, bit 2 set where it is negative), and one prmt per 4 coordinates
+    reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte k of the low
+    word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
     pos = tl.full(aux0.shape, IQ2_POS_BYTES, tl.int32)
     neg = tl.full(aux0.shape, IQ2_NEG_BYTES, tl.int32)
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
     for k in tl.static_range(4):
-        # P = s | s << 7 | s << 14 | s << 21 (disjoint, no carries) puts sign bit j (j < 7) at bit 4 n(j);
-        # the 8th sign is the parity of the 7 (ksigns rule): the nibble sum of P & 0x11111111,
-        # accumulated into the top nibble by * 0x11111111; its low bit (bit 28) is n(7)'s slot in P.
-        p = ((aux1 >> (7 * k)) & 127) * 0x204081
-        p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
-        sel = tl.load(g32_ptr + ((aux0 >> (8 * k)) & 255)) | ((p << 2) & 0x44444444)
-        isum = _dp4a(_prmt(pos, neg, sel, ASM), tl.load(xb + 2 * k), isum, ASM)
-        isum = _dp4a(_prmt(pos, neg, sel >> 16, ASM), tl.load(xb + 2 * k + 1), isum, ASM)
+        sel = blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255) | blocks.iq2_signs((aux1 >> (7 * k)) & 127)
+        isum = _dp4a(blocks.prmt(pos, neg, sel, ASM), tl.load(xb + 2 * k), isum, ASM)
+        isum = _dp4a(blocks.prmt(pos, neg, sel >> 16, ASM), tl.load(xb + 2 * k + 1), isum, ASM)
     return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
 
 
 @triton.jit
-def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, g32_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr):
+def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr):
     """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
     d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
     da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
-                           g32_ptr, x_ptr, xw, 0, ASM)
-    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, g32_ptr, x_ptr, xw, 1, ASM)
+                           sel16_ptr, x_ptr, xw, 0, ASM)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM)
     return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
@@ -213,11 +190,21 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q2_k_raw(base):
-    """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19,
-    d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot), the scale words
-    2h + 0/1 and d|dmin."""
-    he = tl.arange(0, 4)[None, None, :]
+def _he(RF: tl.constexpr):
+    """The tile-lane index he of the Q2_K down tile: the last axis of [BN, KB, 4], or the middle one of
+    [KB, 4, BN] (RF: rows fastest, so a warp's lanes share one block's activation words)."""
+    if RF:
+        return tl.arange(0, 4)[None, :, None]
+    else:
+        return tl.arange(0, 4)[None, None, :]
+
+
+@triton.jit
+def _q2_k_raw(base, RF: tl.constexpr = False):
+    """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] ([KB, 1, BN] when RF) (21 words:
+    scales 0-3, qs 4-19, d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot),
+    the scale words 2h + 0/1 and d|dmin."""
+    he = _he(RF)
     qb = base + 4 + 4 * he
     h = he >> 1
     return (tl.load(qb), tl.load(qb + 1), tl.load(qb + 2), tl.load(qb + 3), tl.load(base + 2 * h),
@@ -225,14 +212,14 @@ def _q2_k_raw(base):
 
 
 @triton.jit
-def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, RF: tl.constexpr = False):
     """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
     sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
     qs word 8h + w', sub-block j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words
     w = w' & 3 of sub-blocks 8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread.
     Returns the unreduced terms [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j
     (quant.md §1.4)."""
-    he = tl.arange(0, 4)[None, None, :]
+    he = _he(RF)
     h = he >> 1
     e = he & 1
     xb = x_ptr + xw + 32 * h + 4 * e
@@ -259,13 +246,13 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 # layout); the cross-thread reductions run once per program, after the loop.
 
 @triton.jit
-def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, g32_ptr,
+def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                          PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
-    pairs (IQ2_XXS, grid as the int32 selector table g32) or blocks (Q4_K) per K step. Rows past F are
+    pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
     before this step computes (register double buffer; the last step re-reads itself)."""
     slot = tl.program_id(0)
@@ -298,8 +285,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             else:
                 g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
                 u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
-            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, g32_ptr, xq_ptr, xw, dx0, dx1, ASM)
-            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, g32_ptr, xq_ptr, xw, dx0, dx1, ASM)
+            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM)
+            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM)
             if PF:
                 g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
                 u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
@@ -356,6 +343,15 @@ def _down_step(j, n_steps, KSTEP: tl.constexpr):
 
 
 @triton.jit
+def _rows3(off, RF: tl.constexpr):
+    """Row offsets [BN] placed on the row axis of the 3-D Q2_K down tile."""
+    if RF:
+        return off[None, None, :]
+    else:
+        return off[:, None, None]
+
+
+@triton.jit
 def _down_rows(sel_ptr, slot, rc, D, stride_w):
     """Word offsets of the rows rc [BN] of expert sel_ptr[slot] in the stacked down weight."""
     return (tl.load(sel_ptr + slot).to(tl.int64) * D + rc) * stride_w
@@ -365,7 +361,7 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False, RF: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -376,13 +372,17 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
-    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
-        kk = tl.arange(0, KSTEP)[None, :, None]
-        acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
+    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows], or [KSTEP, 4, BN] when RF
+        if RF:
+            kk = tl.arange(0, KSTEP)[:, None, None]
+            acc = tl.zeros([KSTEP, 4, BLOCK_N], dtype=tl.float32)
+        else:
+            kk = tl.arange(0, KSTEP)[None, :, None]
+            acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
             i_p, b_p = _down_step(0, n_steps, KSTEP)
             q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
+                w_ptr + _rows3(_down_rows(sel_t, i_p, rc, D, stride_w), RF) + (b_p + kk) * Q2K_WORDS, RF)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
             i, b0 = _down_step(j, n_steps, KSTEP)
@@ -390,16 +390,19 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
             if PF:
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
-                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
+                    w_ptr + _rows3(_down_rows(sel_t, i_p, rc, D, stride_w), RF) + (b_p + kk) * Q2K_WORDS, RF)
             else:
                 q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
+                    w_ptr + _rows3(_down_rows(sel_ptr, slot, rc, D, stride_w), RF) + (b0 + kk) * Q2K_WORDS, RF)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, RF)
             if PF:
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if RF:
+            total = tl.sum(tl.sum(acc, axis=0), axis=0)
+        else:
+            total = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
         kk = tl.arange(0, KSTEP)[None, :, None, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
@@ -524,19 +527,6 @@ def uses_iq2_order(gate: DeviceWeight) -> bool:
     return gate.fmt == QuantFormat.IQ2_XXS
 
 
-def iq2_selectors(device):
-    """The IQ2_XXS grid as prmt selectors, int32 [256]: level of coordinate j in nibble 2 (j % 4) + j // 4."""
-    key = str(device)
-    if key not in _SELECTORS:
-        nib = 4 * (2 * (np.arange(8) % 4) + np.arange(8) // 4)
-        sel = (IQ2XXS_LEVELS.astype(np.int64) << nib[None, :]).sum(axis=1).astype(np.uint32).view(np.int32)
-        _SELECTORS[key] = torch.from_numpy(sel.copy()).to(device)
-    return _SELECTORS[key]
-
-
-_SELECTORS: dict = {}
-
-
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
                  cfg: Int8MoeConfig, pdl: bool = False):
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
@@ -546,12 +536,12 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
     iq2 = gate.fmt == QuantFormat.IQ2_XXS
-    g32 = iq2_selectors(gw.device) if iq2 else gw  # the grid is only read for IQ2_XXS
+    sel16 = blocks.iq2_sel16(gw.device) if iq2 else gw  # the grid is only read for IQ2_XXS
     kstep = _kstep(D // (IQ2_PAIR if iq2 else QK), cfg.kstep_gate_up)
     bn = cfg.block_n_gate_up
     h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
-        xq, xd, xs, sel, weights, h, gw, uw, g32, F, D, K, float(clamp), stride_w,
+        xq, xd, xs, sel, weights, h, gw, uw, sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, num_warps=cfg.warps_gate_up,
@@ -569,7 +559,8 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, RF=cfg.rows_fast_down and down.fmt == QuantFormat.Q2_K,
+        num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
@@ -585,6 +576,8 @@ TUNED = {
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
+    "int8_rf": replace(TUNED[QuantFormat.IQ2_XXS], rows_fast_down=True),
+    "int8_rf16": replace(TUNED[QuantFormat.IQ2_XXS], rows_fast_down=True, block_n_down=16),
     "int8_base": Int8MoeConfig(),
     "int8_n8": Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2,
                              block_n_down=4, kstep_down=8, warps_down=1),
@@ -605,6 +598,8 @@ _DOCS = {
             "1 warp, prefetch), programmatic dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
+    "int8_rf": "int8 with the IQ2_XXS tiles, the Q2_K down tile laid out rows fastest ([K step, 4, 8 rows])",
+    "int8_rf16": "int8_rf with 16-row down programs",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
 }
 for _name, _cfg in CONFIGS.items():

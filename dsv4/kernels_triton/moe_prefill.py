@@ -5,8 +5,8 @@ BLOCK_M pairs of one expert. Kernel 1 per (F block, tile): acc_g, acc_u [BLOCK_M
 over D (x = u in fp16, rows gathered), then SwiGLU(clamp) * route weight, stored as fp16 h in sorted-row
 order. Kernel 2 per (D block, tile): y[pair] = h[row] @ down[e]^T (one writer per pair); the K slots are
 summed after in fixed order (deterministic, no atomics). Each weight is decoded once per tile, per group
-in whole words (IQ2_XXS: one 8-byte grid gather per 8 weights, signs applied 4 bytes at a time in the
-integer domain; Q2_K/Q4_K: one and per 4 weights), bytes placed into float mantissas by a byte permute
+in whole words (IQ2_XXS: one 2-byte gather from the 512-byte selector table per 8 weights, signs ORed
+into the selector, one byte permute per 4 signed weights; Q2_K/Q4_K: one and per 4 weights), bytes placed into float mantissas by a byte permute
 (no int->float conversions), scaled per group and rounded to fp16 in registers; the tile goes to shared
 memory once as the dot's operand. Other formats/shapes go to `moe.moe_float`. Knows block layouts.
 
@@ -37,8 +37,9 @@ from .qmatmul_fast import _q8_word_codes
 
 F32_MAGIC_BITS = 0x4B000000  # fp32 2^23: a byte in its mantissa is exact (passed as an argument: see qmatmul_fast)
 BYTE_BIAS: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))  # xor: signed byte b -> unsigned b + 128
-SPREAD4: tl.constexpr = tl.constexpr(0x00204081)  # nibble bit i -> bit 8i (products never collide)
-LOW_BITS: tl.constexpr = tl.constexpr(0x01010101)
+# IQ2_XXS magnitudes 8/25/43 as bytes 0-2, biased by 128 (the byte form _scaled4 reads): 128 + m and 128 - m
+IQ2_POS_BIASED: tl.constexpr = tl.constexpr(0x00AB9988)
+IQ2_NEG_BIASED: tl.constexpr = tl.constexpr(0x00556778)
 
 # One pair of fp16 weights per invocation ($0, two halves): byte $3 of word $1 and byte $4 of word $2
 # (128 + q each) go into the low bytes of two fp16 1024 (0x64 high bytes from the magic register) ->
@@ -174,49 +175,34 @@ def _dot_tile(w, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PRMT: tl.constexp
 
 
 @triton.jit
-def _parity7(sidx, PRMT: tl.constexpr):
-    """Parity (0/1, in bit 0) of the 7-bit sign indices (population count on CUDA)."""
-    if PRMT:
-        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [sidx], dtype=tl.int32, is_pure=True, pack=1)
-    else:
-        p = sidx ^ (sidx >> 4)
-        p = p ^ (p >> 2)
-        return p ^ (p >> 1)
+def _grid_record(sel16_ptr, a0, KQ: tl.constexpr):
+    """Grid record KQ (0..3) of the 32-weight groups as its level selector (one 2-byte gather from the
+    512-byte blocks.iq2_sel16 table, spread to nibbles)."""
+    return blocks.iq2_levels(sel16_ptr, (a0 >> (8 * KQ)) & 255)
 
 
 @triton.jit
-def _signed_bytes(g, nib):
-    """Grid word g (4 bytes 8..43) with the bytes whose bit is set in the 4-bit nib negated, each
-    biased by 128: negation is ~v + 1 per byte (no carry crosses a byte)."""
-    low = (nib * SPREAD4) & LOW_BITS  # 0x01 in the bytes to negate
-    return (g ^ ((low << 8) - low) ^ BYTE_BIAS) + low
-
-
-@triton.jit
-def _grid_record(gw_ptr, a0, KQ: tl.constexpr):
-    """Grid record KQ (0..3) of the 32-weight groups: its two int32 words (one 8-byte gather)."""
-    gi = (a0 >> (8 * KQ)) & 255
-    return tl.split(tl.load(gw_ptr + gi[:, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
-
-
-@triton.jit
-def _iq2_grid(gw_ptr, raw):
-    """The 4 grid records of the groups whose words _iq2_raw loaded, 8 int32 tensors (loop-carried when
-    fetched a step ahead)."""
+def _iq2_grid(sel16_ptr, raw):
+    """The 4 grid records of the groups whose words _iq2_raw loaded, 4 int32 level selectors (loop-carried
+    when fetched a step ahead)."""
     a0 = _iq2_aux(raw, 1)
-    return _grid_record(gw_ptr, a0, 0) + _grid_record(gw_ptr, a0, 1) + _grid_record(gw_ptr, a0, 2) + \
-        _grid_record(gw_ptr, a0, 3)
+    return (_grid_record(sel16_ptr, a0, 0), _grid_record(sel16_ptr, a0, 1), _grid_record(sel16_ptr, a0, 2),
+            _grid_record(sel16_ptr, a0, 3))
 
 
 @triton.jit
-def _iq2_record(lo, hi, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
+def _iq2_record(lv, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
     """The two signed grid words (bytes 128 + q; weights 0..3, 4..7) of grid record KQ (0..3) of the
-    32-weight groups: the sign byte (7 bits + parity bit: an even count of minus signs) applied to the
-    grid bytes in the integer domain, 4 at a time."""
-    sidx = (a1 >> (7 * KQ)) & 127
-    b0 = _signed_bytes(lo, sidx & 15)
-    b1 = _signed_bytes(hi, ((sidx >> 4) | (_parity7(sidx, PRMT) << 3)) & 15)
-    return b0, b1
+    32-weight groups, from its level selector lv: the signs ORed in (blocks.iq2_signs), one byte permute per
+    4 weights reads 128 +- {8, 25, 43} (coordinates (0, 4, 1, 5) and (2, 6, 3, 7)), two more put them in
+    order."""
+    sel = lv | blocks.iq2_signs((a1 >> (7 * KQ)) & 127)
+    pos = tl.full(sel.shape, IQ2_POS_BIASED, tl.int32)
+    neg = tl.full(sel.shape, IQ2_NEG_BIASED, tl.int32)
+    a = blocks.prmt(pos, neg, sel, PRMT)
+    b = blocks.prmt(pos, neg, sel >> 16, PRMT)
+    return blocks.prmt(a, b, tl.full(sel.shape, 0x6420, tl.int32), PRMT), \
+        blocks.prmt(a, b, tl.full(sel.shape, 0x7531, tl.int32), PRMT)
 
 
 @triton.jit
@@ -254,10 +240,10 @@ def _iq2_xxs_tile_g(grid, db, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, B
     Per 32-weight group (one [BLOCK_N, G] or [G, BLOCK_N] element per thread): 4 grid records and their
     sign bytes. Per grid word: signs in the integer domain. Per weight: byte permute into the mantissa of
     2^23, add, multiply by the group scale, fp16 rounding (packed by pairs)."""
-    l0, h0 = _iq2_record(grid[0], grid[1], a1, 0, PRMT)
-    l1, h1 = _iq2_record(grid[2], grid[3], a1, 1, PRMT)
-    l2, h2 = _iq2_record(grid[4], grid[5], a1, 2, PRMT)
-    l3, h3 = _iq2_record(grid[6], grid[7], a1, 3, PRMT)
+    l0, h0 = _iq2_record(grid[0], a1, 0, PRMT)
+    l1, h1 = _iq2_record(grid[1], a1, 1, PRMT)
+    l2, h2 = _iq2_record(grid[2], a1, 2, PRMT)
+    l3, h3 = _iq2_record(grid[3], a1, 3, PRMT)
     # words [.., kq1, kq0, half] (group dims first), the scale repeated over the new dimensions
     wb = tl.join(tl.join(tl.join(l0, l2), tl.join(l1, l3)), tl.join(tl.join(h0, h2), tl.join(h1, h3)))
     s = _rep8(db)
@@ -504,7 +490,7 @@ def _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K: tl.constexpr):
 
 @triton.jit
 def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr,
-                    gw_ptr, uw_ptr, g32_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, magic,
+                    gw_ptr, uw_ptr, sel16_ptr, F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, magic,
                     FMT: tl.constexpr, PRMT: tl.constexpr, H2: tl.constexpr, BLOCK_M: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GF: tl.constexpr, FUSE: tl.constexpr,
                     SWAP: tl.constexpr):
@@ -533,13 +519,13 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
             # two deep: group words two steps ahead, their grid records one step ahead (all loop-carried
             # as loaded, so plain loads: see _kq_words)
             gr = _iq2_raw(gw_ptr, roff2, n_ok2, 0, BLOCK_K, GF)
-            gg = _iq2_grid(g32_ptr, gr)
+            gg = _iq2_grid(sel16_ptr, gr)
             gr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             for step in range(0, n_steps):
                 k0 = step * BLOCK_K
                 x = _x_tile(x_ptr, tok, m_ok, stride_xt, k0, BLOCK_K)
                 ngr2 = _iq2_raw(gw_ptr, roff2, n_ok2, tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
-                ngg = _iq2_grid(g32_ptr, gr2)
+                ngg = _iq2_grid(sel16_ptr, gr2)
                 gd, g1 = _iq2_group(gr)
                 w = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, 2 * BLOCK_N, BLOCK_K, GF)
                 acc = _mma(x, w, acc, SWAP)
@@ -564,8 +550,8 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
         if FMT == FMT_IQ2_XXS:  # two deep, as the fused path
             gr = _iq2_raw(gw_ptr, roff, n_ok, 0, BLOCK_K, GF)
             ur = _iq2_raw(uw_ptr, roff, n_ok, 0, BLOCK_K, GF)
-            gg = _iq2_grid(g32_ptr, gr)
-            ug = _iq2_grid(g32_ptr, ur)
+            gg = _iq2_grid(sel16_ptr, gr)
+            ug = _iq2_grid(sel16_ptr, ur)
             gr2 = _iq2_raw(gw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             ur2 = _iq2_raw(uw_ptr, roff, n_ok, tl.minimum(BLOCK_K, D - BLOCK_K), BLOCK_K, GF)
             for step in range(0, n_steps):
@@ -574,8 +560,8 @@ def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, t
                 k_next2 = tl.minimum(k0 + 2 * BLOCK_K, D - BLOCK_K)
                 ngr2 = _iq2_raw(gw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
                 nur2 = _iq2_raw(uw_ptr, roff, n_ok, k_next2, BLOCK_K, GF)
-                ngg = _iq2_grid(g32_ptr, gr2)
-                nug = _iq2_grid(g32_ptr, ur2)
+                ngg = _iq2_grid(sel16_ptr, gr2)
+                nug = _iq2_grid(sel16_ptr, ur2)
                 gd, g1 = _iq2_group(gr)
                 wg = _iq2_xxs_tile_g(gg, gd, g1, PRMT, H2, magic, BLOCK_N, BLOCK_K, GF)
                 acc_g = _mma(x, wg, acc_g, SWAP)
@@ -641,9 +627,9 @@ def _takes(gate: DeviceWeight, down: DeviceWeight, F: int, D: int, cfg: PrefillC
             and F % cfg.block_k_down == 0)
 
 
-def _grid32(dw: DeviceWeight):
-    """The IQ2_XXS grid as int32 words (two per record), or the weight itself as a dummy pointer."""
-    return dw.g.view(torch.int32) if dw.fmt.name == "IQ2_XXS" else dw.w
+def _grid_sel(dw: DeviceWeight):
+    """The IQ2_XXS grid as blocks.iq2_sel16's table, or the weight itself as a dummy pointer."""
+    return blocks.iq2_sel16(dw.w.device) if dw.fmt.name == "IQ2_XXS" else dw.w
 
 
 def _up_delta(gate: DeviceWeight, up: DeviceWeight) -> int | None:
@@ -669,7 +655,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
     delta = _up_delta(gate, up) if cfg.fuse else None
     fuse = delta is not None
     _gate_up_kernel[(triton.cdiv(F, cfg.block_n), te.numel())](
-        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid32(gate), F, D, K, float(clamp),
+        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid_sel(gate), F, D, K, float(clamp),
         x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
         PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, num_warps=cfg.num_warps,

@@ -231,7 +231,7 @@ def comp(fn, sig, const, options=None):
 
 i32, f32 = "i32", "fp32"
 gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
-          gw_ptr="*i32", uw_ptr="*i32", g32_ptr="*i32", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
+          gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
           KSTEP="constexpr", ASM="constexpr", PF="constexpr",
           PDL="constexpr")
