@@ -58,7 +58,6 @@ class Int8MoeConfig:
     warps_down: int = 2
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
-    rows_fast_down: bool = False  # Q2_K down tile as [K step, 4, rows]: a warp's lanes go over rows first
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
@@ -190,21 +189,11 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
 
 
 @triton.jit
-def _he(RF: tl.constexpr):
-    """The tile-lane index he of the Q2_K down tile: the last axis of [BN, KB, 4], or the middle one of
-    [KB, 4, BN] (RF: rows fastest, so a warp's lanes share one block's activation words)."""
-    if RF:
-        return tl.arange(0, 4)[None, :, None]
-    else:
-        return tl.arange(0, 4)[None, None, :]
-
-
-@triton.jit
-def _q2_k_raw(base, RF: tl.constexpr = False):
-    """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] ([KB, 1, BN] when RF) (21 words:
-    scales 0-3, qs 4-19, d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot),
-    the scale words 2h + 0/1 and d|dmin."""
-    he = _he(RF)
+def _q2_k_raw(base):
+    """The words of Q2_K super-blocks at word pointers base [BN, KB, 1] (21 words: scales 0-3, qs 4-19,
+    d|dmin 20): qs words 4 he + 0..3 of tile lane he [BN, KB, 4] (see _q2_k_dot), the scale words
+    2h + 0/1 and d|dmin."""
+    he = tl.arange(0, 4)[None, None, :]
     qb = base + 4 + 4 * he
     h = he >> 1
     return (tl.load(qb), tl.load(qb + 1), tl.load(qb + 2), tl.load(qb + 3), tl.load(base + 2 * h),
@@ -212,14 +201,14 @@ def _q2_k_raw(base, RF: tl.constexpr = False):
 
 
 @triton.jit
-def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, RF: tl.constexpr = False):
+def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
     """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
     sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
     qs word 8h + w', sub-block j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words
     w = w' & 3 of sub-blocks 8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread.
     Returns the unreduced terms [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j
     (quant.md §1.4)."""
-    he = _he(RF)
+    he = tl.arange(0, 4)[None, None, :]
     h = he >> 1
     e = he & 1
     xb = x_ptr + xw + 32 * h + 4 * e
@@ -343,15 +332,6 @@ def _down_step(j, n_steps, KSTEP: tl.constexpr):
 
 
 @triton.jit
-def _rows3(off, RF: tl.constexpr):
-    """Row offsets [BN] placed on the row axis of the 3-D Q2_K down tile."""
-    if RF:
-        return off[None, None, :]
-    else:
-        return off[:, None, None]
-
-
-@triton.jit
 def _down_rows(sel_ptr, slot, rc, D, stride_w):
     """Word offsets of the rows rc [BN] of expert sel_ptr[slot] in the stacked down weight."""
     return (tl.load(sel_ptr + slot).to(tl.int64) * D + rc) * stride_w
@@ -361,7 +341,7 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, RF: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -372,17 +352,13 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
-    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows], or [KSTEP, 4, BN] when RF
-        if RF:
-            kk = tl.arange(0, KSTEP)[:, None, None]
-            acc = tl.zeros([KSTEP, 4, BLOCK_N], dtype=tl.float32)
-        else:
-            kk = tl.arange(0, KSTEP)[None, :, None]
-            acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
+    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
+        kk = tl.arange(0, KSTEP)[None, :, None]
+        acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
             i_p, b_p = _down_step(0, n_steps, KSTEP)
             q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                w_ptr + _rows3(_down_rows(sel_t, i_p, rc, D, stride_w), RF) + (b_p + kk) * Q2K_WORDS, RF)
+                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
             i, b0 = _down_step(j, n_steps, KSTEP)
@@ -390,19 +366,16 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
             if PF:
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
-                    w_ptr + _rows3(_down_rows(sel_t, i_p, rc, D, stride_w), RF) + (b_p + kk) * Q2K_WORDS, RF)
+                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
             else:
                 q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                    w_ptr + _rows3(_down_rows(sel_ptr, slot, rc, D, stride_w), RF) + (b0 + kk) * Q2K_WORDS, RF)
+                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, RF)
+                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
             if PF:
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
-        if RF:
-            total = tl.sum(tl.sum(acc, axis=0), axis=0)
-        else:
-            total = tl.sum(tl.sum(acc, axis=2), axis=1)
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
         kk = tl.arange(0, KSTEP)[None, :, None, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
@@ -559,8 +532,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, RF=cfg.rows_fast_down and down.fmt == QuantFormat.Q2_K,
-        num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
@@ -576,8 +548,6 @@ TUNED = {
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
-    "int8_rf": replace(TUNED[QuantFormat.IQ2_XXS], rows_fast_down=True),
-    "int8_rf16": replace(TUNED[QuantFormat.IQ2_XXS], rows_fast_down=True, block_n_down=16),
     "int8_base": Int8MoeConfig(),
     "int8_n8": Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2,
                              block_n_down=4, kstep_down=8, warps_down=1),
@@ -598,8 +568,6 @@ _DOCS = {
             "1 warp, prefetch), programmatic dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
-    "int8_rf": "int8 with the IQ2_XXS tiles, the Q2_K down tile laid out rows fastest ([K step, 4, 8 rows])",
-    "int8_rf16": "int8_rf with 16-row down programs",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
 }
 for _name, _cfg in CONFIGS.items():
