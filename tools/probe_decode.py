@@ -128,6 +128,11 @@ Q8I_TILES = [(bn, bk, w, mp) for bn in (8, 16, 32, 64) for bk in (128, 256, 512)
 Q8I_SMALL = ("attn_q_a", "attn_kv", "ffn_gate_shexp", "ffn_down_shexp")  # these get the split tiles only
 READ_BLOCK = 4096  # int32 words per program of the plain read
 
+# `q8t`: gemv_rows tiles for T > 1 (before 20: the auto path used one tile, DEFAULT_ROWS_WIDE, for every shape)
+Q8T_TOKENS = (4, 8)
+Q8T_TILES = [(bn, bk, w, 8) for bn in (8, 16, 32) for bk in (128, 256) for w in (1, 2, 4)
+             if 1 <= bn * bk // (128 * w) <= 64]
+
 
 @triton.jit
 def _read_kernel(p, out, n, BLOCK: tl.constexpr):
@@ -176,7 +181,7 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, ceil")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -299,6 +304,24 @@ def main(argv=None) -> int:
                           x_full=xf)
                 row(d.name, f"{bn}x{bk} w{nw} mp{mp}{'' if xf else ' xb'}", "gemv_int8", graph_time_ms(
                     [lambda w=w, kw=kw: q8_int8.gemv_int8(x, w, dev, d.groups, **kw) for w in ws]), ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
+        if "q8t" in args.parts and d.name in Q8_SHAPES:
+            ws, x1 = q8_problem(d, device)
+            for t in Q8T_TOKENS:
+                x = x1.expand(t, *x1.shape[1:]).contiguous() + torch.arange(t, device=device).view(
+                    t, *([1] * (x1.dim() - 1)))  # distinct tokens
+                case = f"{d.name} T={t}"
+                row(case, "auto", "gemv_rows", graph_time_ms(
+                    [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]), ws[0].nbytes)
+                row(case, "q8_int8 auto", "gemv_int8", graph_time_ms(
+                    [lambda w=w: q8_int8.gemv_int8_default(x, w, dev, d.groups) for w in ws]), ws[0].nbytes)
+                for bn, bk, nw, mp in Q8T_TILES:
+                    if d.k % bk:
+                        continue
+                    kw = tile_kw(bn, bk, nw, mp)
+                    row(case, f"{bn}x{bk} w{nw} mp{mp}", "gemv_rows", graph_time_ms(
+                        [lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws]), ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
         if "q8seg" in args.parts and d.name in ("attn_q_b", "attn_output_a", "attn_output_b"):

@@ -359,7 +359,12 @@ def gemv_rows_persist(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, blo
 
 
 DEFAULT_ROWS = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # T=1, shapes not in ROWS_T1
-DEFAULT_ROWS_WIDE = dict(DEFAULT_ROWS, num_warps=4)  # T > 1
+DEFAULT_ROWS_WIDE = dict(DEFAULT_ROWS, num_warps=4)  # T > 1, few rows (attn_q_a, attn_kv)
+# T > 1 on every larger Flash Q8_0 matrix: one warp, 32 rows x 128 codes, split-K below 8 programs per SM; at T=4
+# and 8 it is 1.3-2.0x faster than DEFAULT_ROWS_WIDE (tools/results/h200_decode/20: probe_decode q8t, 18 tiles),
+# while on the few-row matrices DEFAULT_ROWS_WIDE stays within 10 % of the best tile
+ROWS_TN = dict(block_n=32, block_k=128, num_warps=1, prefetch=True)
+ROWS_TN_FEW_ROWS = 1024  # at most this many rows: DEFAULT_ROWS_WIDE
 # One token, tile per (rows, K, groups) of the Flash Q8_0 matrices: the fastest of the H200 sweeps
 # (tools/results/h200_decode/: probe_decode q8, pdl, q8x, q8o; CUDA-graph replay with programmatic dependent
 # launch). allow_split=False: the row tiles alone fill the GPU (or splitting measured slower).
@@ -377,7 +382,7 @@ ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K 
 def rows_config(t: int, n_rows: int, k: int, groups: int) -> dict:
     """gemv_rows keyword arguments for a T-token GEMV of this shape (CUDA)."""
     if t > 1:
-        return DEFAULT_ROWS_WIDE
+        return DEFAULT_ROWS_WIDE if n_rows <= ROWS_TN_FEW_ROWS else ROWS_TN
     return ROWS_T1.get((n_rows, k, groups), ROWS_T1_WIDE_K if k >= 4096 else DEFAULT_ROWS)
 
 

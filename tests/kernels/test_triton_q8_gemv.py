@@ -200,11 +200,13 @@ def test_pdl_kernel_orders_loads_for_sm90():
 
 def test_rows_config_table():
     """The CUDA decode tiles: the Flash Q8_0 shapes take their measured tile at T=1, wide-K matrices split K with
-    2-warp tiles, T > 1 the 4-warp default."""
+    2-warp tiles; T > 1 the one-warp 32x128 tile, except the few-row matrices (4-warp default)."""
     rc = q8_gemv.rows_config
     assert rc(1, 32768, 1024, 1) == dict(block_k=128, num_warps=1, prefetch=True, block_n=16)
     assert rc(1, 129280, 4096, 1)["allow_split"] is False and rc(1, 129280, 4096, 1)["block_n"] == 32
     assert rc(1, 8192, 4096, 8)["num_warps"] == 4 and rc(1, 8192, 4096, 8)["allow_split"] is False
     assert rc(1, 1024, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K and rc(1, 512, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K
     assert rc(1, 64, 1024, 1) is q8_gemv.DEFAULT_ROWS
-    assert rc(4, 32768, 1024, 1) is q8_gemv.DEFAULT_ROWS_WIDE
+    assert rc(4, 32768, 1024, 1) is q8_gemv.ROWS_TN and rc(8, 8192, 4096, 8) is q8_gemv.ROWS_TN
+    assert rc(4, 129280, 4096, 1) is q8_gemv.ROWS_TN and rc(2, 4096, 8192, 1) is q8_gemv.ROWS_TN
+    assert rc(4, 1024, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE and rc(8, 512, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE
