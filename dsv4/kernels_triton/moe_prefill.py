@@ -239,8 +239,8 @@ def _iq2_xxs_tile_g(grid, db, a1, PRMT: tl.constexpr, H2: tl.constexpr, magic, B
 
     Per 32-weight group (one [BLOCK_N, G] or [G, BLOCK_N] element per thread): 4 grid records and their
     sign indices. Per 4 weights: a byte permute to the signed, biased bytes and one to order them
-    (_iq2_record). Then _scaled4:
-    bytes into fp16 mantissas, the group scale applied on fp16 pairs (H2) or per weight in fp32."""
+    (_iq2_record). Then _scaled4: bytes into fp16 mantissas, the group scale applied on fp16 pairs (H2) or
+    per weight in fp32."""
     l0, h0 = _iq2_record(grid[0], a1, 0, PRMT)
     l1, h1 = _iq2_record(grid[1], a1, 1, PRMT)
     l2, h2 = _iq2_record(grid[2], a1, 2, PRMT)
