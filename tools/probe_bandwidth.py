@@ -22,8 +22,8 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import graph_time_ms, n_copies, read_bandwidth  # noqa: E402
-from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
+from bench_kernels import graph_time_ms, n_copies  # noqa: E402
+from probe_table import bandwidth_table, gb_s  # noqa: E402
 
 SHAPES = {"attn_q_b": (32768, 1024), "attn_output_a": (8192, 4096), "attn_output_b": (4096, 8192),
           "output": (129280, 4096)}
@@ -46,10 +46,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_bandwidth.md")
     args = ap.parse_args(argv)
     dev = torch.device("cuda")
-    bw = read_bandwidth(dev)
-    table = ProbeTable(args.out, f"Read-bandwidth ceilings ({torch.cuda.get_device_name(dev)})",
-                       f"date {utc_stamp()} · streaming read {bw:.0f} GB/s",
-                       ["shape", "MB", "probe", "tiling", "µs", "GB/s", "% bw"])
+    bw, table = bandwidth_table(args.out, "Read-bandwidth ceilings",
+                                ["shape", "MB", "probe", "tiling", "µs", "GB/s", "% bw"])
 
     def row(name, mb, probe, tiling, ms, nbytes):
         gbs = gb_s(nbytes, ms)

@@ -31,12 +31,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_kernels import (CLAMP, D, DENSE, F_EXP, K_USED, MOE, N_EXPERT, ROTATE_MAX, graph_time_ms,  # noqa: E402
-                           moe_weights, n_copies, read_bandwidth)
+                           moe_weights, n_copies)
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv4.kernels_triton import blocks, moe_int8, q8_gemv, q8_int8  # noqa: E402
-from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
+from probe_table import bandwidth_table, gb_s  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 C = moe_int8.Int8MoeConfig
@@ -130,8 +130,7 @@ READ_BLOCK = 4096  # int32 words per program of the plain read
 
 # `q8t`: gemv_rows tiles for T > 1 (before 20: the auto path used one tile, DEFAULT_ROWS_WIDE, for every shape)
 Q8T_TOKENS = (4, 8)
-Q8T_TILES = [(bn, bk, w, 8) for bn in (8, 16, 32) for bk in (128, 256) for w in (1, 2, 4)
-             if 1 <= bn * bk // (128 * w) <= 64]
+Q8T_TILES = [(bn, bk, w, 8) for bn in (8, 16, 32) for bk in (128, 256) for w in (1, 2, 4)]
 
 
 @triton.jit
@@ -181,14 +180,12 @@ def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
-    ap.add_argument("--parts", nargs="+", default=["moe", "q8"], help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil")
+    ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
-    bw = read_bandwidth(device)
-    table = ProbeTable(args.out, f"Decode probes ({torch.cuda.get_device_name(device)})",
-                       f"date {utc_stamp()} · streaming read {bw:.0f} GB/s",
-                       ["case", "config", "stage", "µs", "MB", "GB/s", "% bw"])
+    bw, table = bandwidth_table(args.out, "Decode probes", ["case", "config", "stage", "µs", "MB", "GB/s", "% bw"])
 
     def row(case, cfg, stage, ms, nbytes):
         gbs = gb_s(nbytes, ms)

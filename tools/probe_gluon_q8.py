@@ -23,9 +23,9 @@ from triton.experimental.gluon import language as gl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import DENSE, graph_time_ms, read_bandwidth  # noqa: E402
+from bench_kernels import DENSE, graph_time_ms  # noqa: E402
 from probe_decode import q8_problem  # noqa: E402
-from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
+from probe_table import bandwidth_table, gb_s  # noqa: E402
 from dsv4.kernels_triton import q8_gemv  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
@@ -140,10 +140,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
-    bw = read_bandwidth(device)
-    table = ProbeTable(args.out, f"Gluon Q8_0 decode GEMV probe ({torch.cuda.get_device_name(device)})",
-                       f"date {utc_stamp()} · triton {triton.__version__} · streaming read {bw:.0f} GB/s",
-                       ["case", "config", "µs", "GB/s", "% bw", "max abs diff vs gemv_rows"])
+    bw, table = bandwidth_table(args.out, "Gluon Q8_0 decode GEMV probe",
+                                ["case", "config", "µs", "GB/s", "% bw", "max abs diff vs gemv_rows"],
+                                extra=f"triton {triton.__version__} · ")
 
     def row(case, cfg, ms, nbytes, diff):
         gbs = gb_s(nbytes, ms)

@@ -31,3 +31,15 @@ class ProbeTable:
 
     def write(self) -> None:
         self.path.write_text("\n".join(self.lines) + "\n")
+
+
+def bandwidth_table(path, what: str, columns: list[str], extra: str = ""):
+    """(the streaming-read rate measured now, GB/s; the ProbeTable of a probe judged against it, titled
+    `what (GPU name)`) for the probes whose rows report % of that rate."""
+    import torch
+    from bench_kernels import read_bandwidth
+
+    device = torch.device("cuda")
+    bw = read_bandwidth(device)
+    return bw, ProbeTable(path, f"{what} ({torch.cuda.get_device_name(device)})",
+                          f"date {utc_stamp()} · {extra}streaming read {bw:.0f} GB/s", columns)

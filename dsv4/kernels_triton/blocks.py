@@ -48,6 +48,12 @@ Q8_0_BLOCK = 32
 # n(j) of s * SIGN_SPREAD (s | s << 7 | s << 14 | s << 21: disjoint, no carries).
 IQ2_SEL_NIBBLE = 2 * (np.arange(8) % 4) + np.arange(8) // 4
 SIGN_SPREAD: tl.constexpr = tl.constexpr(0x00204081)
+# The magnitudes 8/25/43 as bytes 0-2 of the word a prmt reads for + signs and for - signs: as int8 (the dp4a
+# decode), and biased by 128 (the fp16 decode reads 128 + q)
+IQ2_POS_BYTES: tl.constexpr = tl.constexpr(0x002B1908)
+IQ2_NEG_BYTES: tl.constexpr = tl.constexpr(0x00D5E7F8)
+IQ2_POS_BIASED: tl.constexpr = tl.constexpr(0x00AB9988)
+IQ2_NEG_BIASED: tl.constexpr = tl.constexpr(0x00556778)
 
 
 @dataclass
@@ -216,6 +222,17 @@ def iq2_signs(sidx):
     p = sidx * SIGN_SPREAD
     p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
     return (p << 2) & 0x44444444
+
+
+@triton.jit
+def iq2_signed(lv, sidx, POS: tl.constexpr, NEG: tl.constexpr, ASM: tl.constexpr):
+    """The 8 signed magnitudes of grid records with level selectors lv (iq2_levels) and 7-bit sign indices
+    sidx, as two words of bytes in selector order: coordinates (0, 4, 1, 5) and (2, 6, 3, 7). POS / NEG: the
+    byte form of +m / -m (IQ2_POS_BYTES / IQ2_NEG_BYTES, or the _BIASED pair)."""
+    sel = lv | iq2_signs(sidx)
+    pos = tl.full(sel.shape, POS, tl.int32)
+    neg = tl.full(sel.shape, NEG, tl.int32)
+    return prmt(pos, neg, sel, ASM), prmt(pos, neg, sel >> 16, ASM)
 
 
 @triton.jit

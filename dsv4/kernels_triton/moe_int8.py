@@ -7,11 +7,11 @@ super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the 
 `_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
 slots in order (no atomics: bitwise reproducible). Semantics are `TorchOps(act_quant=True).moe`: the
 integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
-TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 512-byte table
-of 16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4
-signed magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent launch: weight words (and the
-expert ids, two launches old) are loaded before griddepcontrol.wait, activations after it. Tiles per
-gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
+TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 512-byte table of
+16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4 signed
+magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent
+launch: weight words (and the expert ids, two launches old) are loaded before griddepcontrol.wait, activations
+after it. Tiles per gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
 """
 from __future__ import annotations
 
@@ -38,9 +38,6 @@ SUMS_PER_BLOCK: tl.constexpr = tl.constexpr(QK // SUM_GROUP)
 QK_C: tl.constexpr = tl.constexpr(QK)
 # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to the nearest integer, ties to even (torch.round)
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
-# IQ2_XXS magnitudes 8/25/43 as bytes 0-2 of a word, and their negations (-8/-25/-43 as int8)
-IQ2_POS_BYTES: tl.constexpr = tl.constexpr(0x002B1908)
-IQ2_NEG_BYTES: tl.constexpr = tl.constexpr(0x00D5E7F8)
 MAX_T = 8  # decode only: tokens per call (prefill keeps the grouped float kernels)
 GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
@@ -135,13 +132,12 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
-    pos = tl.full(aux0.shape, IQ2_POS_BYTES, tl.int32)
-    neg = tl.full(aux0.shape, IQ2_NEG_BYTES, tl.int32)
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
     for k in tl.static_range(4):
-        sel = blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255) | blocks.iq2_signs((aux1 >> (7 * k)) & 127)
-        isum = _dp4a(blocks.prmt(pos, neg, sel, ASM), tl.load(xb + 2 * k), isum, ASM)
-        isum = _dp4a(blocks.prmt(pos, neg, sel >> 16, ASM), tl.load(xb + 2 * k + 1), isum, ASM)
+        lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
+                                   blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
+        isum = _dp4a(lo, tl.load(xb + 2 * k), isum, ASM)
+        isum = _dp4a(hi, tl.load(xb + 2 * k + 1), isum, ASM)
     return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
 
 

@@ -5,10 +5,11 @@ BLOCK_M pairs of one expert. Kernel 1 per (F block, tile): acc_g, acc_u [BLOCK_M
 over D (x = u in fp16, rows gathered), then SwiGLU(clamp) * route weight, stored as fp16 h in sorted-row
 order. Kernel 2 per (D block, tile): y[pair] = h[row] @ down[e]^T (one writer per pair); the K slots are
 summed after in fixed order (deterministic, no atomics). Each weight is decoded once per tile, per group
-in whole words (IQ2_XXS: one 2-byte gather from the 512-byte selector table per 8 weights, signs ORed
-into the selector, one byte permute per 4 signed weights; Q2_K/Q4_K: one and per 4 weights), bytes placed into float mantissas by a byte permute
-(no int->float conversions), scaled per group and rounded to fp16 in registers; the tile goes to shared
-memory once as the dot's operand. Other formats/shapes go to `moe.moe_float`. Knows block layouts.
+in whole words (IQ2_XXS: one 2-byte gather from the 512-byte selector table per 8 weights, signs ORed into the
+selector, one byte permute per 4 signed weights; Q2_K/Q4_K: one and per 4 weights), bytes placed into float
+mantissas by a byte permute (no int->float conversions), scaled per group and rounded to fp16 in registers; the
+tile goes to shared memory once as the dot's operand. Other formats/shapes go to `moe.moe_float`. Knows block
+layouts.
 
 What bounds these kernels on the H200 is the L1/shared-memory pipe (Nsight Compute: 77-88 % busy), not
 issue or DRAM: every weight passes it as scattered word loads, as an fp16 store of the decoded tile and as
@@ -37,9 +38,6 @@ from .qmatmul_fast import _q8_word_codes
 
 F32_MAGIC_BITS = 0x4B000000  # fp32 2^23: a byte in its mantissa is exact (passed as an argument: see qmatmul_fast)
 BYTE_BIAS: tl.constexpr = tl.constexpr(0x80808080 - (1 << 32))  # xor: signed byte b -> unsigned b + 128
-# IQ2_XXS magnitudes 8/25/43 as bytes 0-2, biased by 128 (the byte form _scaled4 reads): 128 + m and 128 - m
-IQ2_POS_BIASED: tl.constexpr = tl.constexpr(0x00AB9988)
-IQ2_NEG_BIASED: tl.constexpr = tl.constexpr(0x00556778)
 
 # One pair of fp16 weights per invocation ($0, two halves): byte $3 of word $1 and byte $4 of word $2
 # (128 + q each) go into the low bytes of two fp16 1024 (0x64 high bytes from the magic register) ->
@@ -193,16 +191,11 @@ def _iq2_grid(sel16_ptr, raw):
 @triton.jit
 def _iq2_record(lv, a1, KQ: tl.constexpr, PRMT: tl.constexpr):
     """The two signed grid words (bytes 128 + q; weights 0..3, 4..7) of grid record KQ (0..3) of the
-    32-weight groups, from its level selector lv: the signs ORed in (blocks.iq2_signs), one byte permute per
-    4 weights reads 128 +- {8, 25, 43} (coordinates (0, 4, 1, 5) and (2, 6, 3, 7)), two more put them in
-    order."""
-    sel = lv | blocks.iq2_signs((a1 >> (7 * KQ)) & 127)
-    pos = tl.full(sel.shape, IQ2_POS_BIASED, tl.int32)
-    neg = tl.full(sel.shape, IQ2_NEG_BIASED, tl.int32)
-    a = blocks.prmt(pos, neg, sel, PRMT)
-    b = blocks.prmt(pos, neg, sel >> 16, PRMT)
-    return blocks.prmt(a, b, tl.full(sel.shape, 0x6420, tl.int32), PRMT), \
-        blocks.prmt(a, b, tl.full(sel.shape, 0x7531, tl.int32), PRMT)
+    32-weight groups, from its level selector lv: blocks.iq2_signed reads 128 +- {8, 25, 43} by one byte
+    permute per 4 weights (coordinates (0, 4, 1, 5) and (2, 6, 3, 7)), two more put them in order."""
+    a, b = blocks.iq2_signed(lv, (a1 >> (7 * KQ)) & 127, blocks.IQ2_POS_BIASED, blocks.IQ2_NEG_BIASED, PRMT)
+    return blocks.prmt(a, b, tl.full(a.shape, 0x6420, tl.int32), PRMT), \
+        blocks.prmt(a, b, tl.full(a.shape, 0x7531, tl.int32), PRMT)
 
 
 @triton.jit

@@ -8,11 +8,11 @@ trick of qmatmul_fast) and x is read in natural order and split into the four by
 (no word-permuted copy, no extra launch). Measured (tools/results/h200_q8/): decode is free, the x-lane
 handling costs ~20 % (a no-x diagnostic ran at 61 % / 91 % of bandwidth where the real kernel runs at
 49 % / 71 %). Tiles per Flash shape (ROWS_T1, from tools/results/h200_decode/): small one-warp programs
-win (for T > 1 too: ROWS_TN, one warp x 32 rows x 128 codes); on sm_90+ launches use programmatic
-dependent launch (the first weight tile loads before griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph replay. Also here: `gemv_mma`
-(tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N axis), a persistent
-variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the defaults and
-kept for comparison. Knows the repacked Q8_0 row layout, not the model.
+win (for T > 1 too: ROWS_TN, one warp x 32 rows x 128 codes); on sm_90+ launches use programmatic dependent launch
+(the first weight tile loads before griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph
+replay. Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N
+axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the
+defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ if not torch.cuda.is_available():
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
-from dsv4.kernels_triton import blocks, moe_int8, moe_prefill  # noqa: E402
+from dsv4.kernels_triton import blocks, moe_prefill  # noqa: E402
 from dsv4.quant.tables import IQ2XXS_GRID, IQ2XXS_LEVELS, SIGN_VALUES  # noqa: E402
 from tests.kernels.test_triton_qmatmul import DEVICE  # noqa: E402
 from tests.tolerances import assert_close  # noqa: E402
@@ -37,11 +37,7 @@ def _decode_kernel(sel16_ptr, out_ptr, PRMT: tl.constexpr, BIASED: tl.constexpr)
     if BIASED:
         lo, hi = moe_prefill._iq2_record(lv, (s << 14) + g * 0, 2, PRMT)  # sign index of record KQ=2
     else:
-        sel = lv | blocks.iq2_signs(s + g * 0)
-        pos = tl.full(sel.shape, moe_int8.IQ2_POS_BYTES, tl.int32)
-        neg = tl.full(sel.shape, moe_int8.IQ2_NEG_BYTES, tl.int32)
-        lo = blocks.prmt(pos, neg, sel, PRMT)
-        hi = blocks.prmt(pos, neg, sel >> 16, PRMT)
+        lo, hi = blocks.iq2_signed(lv, s + g * 0, blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, PRMT)
     o = out_ptr + (g * 128 + s) * 2
     tl.store(o, lo)
     tl.store(o + 1, hi)
