@@ -15,9 +15,6 @@ median; % of the streaming read measured in this run). Two parts:
     ([S, rows, K/S]: every program's tile is one contiguous run, as attn_q_b's), run by gemv_rows' grouped
     path (x segment per group) plus a fixed-order sum over S; beside the row-major auto tile and plain reads
     of row-strided vs contiguous tiles (does the strided access itself cost?);
-  * `l2pf`: the L2 prefetch of each program's weight share before griddepcontrol.wait (gemv_rows
-    l2_prefetch, Int8MoeConfig.l2_prefetch), on and off: every Q8_0 shape's auto tile and a few other tiles of
-    the long-K matrices, and moe_int8's tuned configs (whole call and each weight stage);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -174,11 +171,6 @@ def segment_major(d, seg: int, device, seed: int):
     return blocks.to_device(raw, d.fmt, (seg * d.n, d.k // seg), device), seg * d.groups
 
 
-# `l2pf`: tiles of the long-K matrices tried with the L2 prefetch besides the auto tile
-L2PF_TILES = [(32, 128, 1, 8), (16, 512, 4, 0), (16, 128, 1, 8), (32, 128, 1, 0), (16, 128, 1, 0), (16, 256, 2, 8),
-              (8, 512, 1, 0)]
-
-
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -189,7 +181,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil, l2pf")
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -244,30 +236,6 @@ def main(argv=None) -> int:
                 if name.startswith(("gu_", "dn_", "pf_gu_", "pf_dn_")) and name not in MOE_CONFIGS:
                     continue
                 row(case, name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
-                    gu_bytes + dn_bytes)
-            del gate, up, down
-            torch.cuda.empty_cache()
-
-    if "l2pf" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
-            tuned = moe_int8.TUNED[gate.fmt]
-            for l2 in (False, True, False, True):  # interleaved twice: drift shows as a difference between pairs
-                cfg = replace(tuned, l2_prefetch=l2)
-                name = f"tuned{' l2pf' if l2 else ''}"
-                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
-                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
-                hqs = [moe_int8.quant_q8_k(h) for h in hs]
-                row(f"moe_{recipe}", name, "gate_up", graph_time_ms(
-                    [lambda s=s: moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
-                    gu_bytes)
-                row(f"moe_{recipe}", name, "down", graph_time_ms(
-                    [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg, True) for s, hq in zip(sels, hqs)]),
-                    dn_bytes)
-                row(f"moe_{recipe}", name, "whole", graph_time_ms(
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
                     gu_bytes + dn_bytes)
             del gate, up, down
@@ -393,13 +361,6 @@ def main(argv=None) -> int:
                          for w, _ in pairs]), nbytes)
                 del pairs
                 torch.cuda.empty_cache()
-        if "l2pf" in args.parts and d.name in Q8_SHAPES:
-            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
-            cases += [(f"auto{' l2pf' if l2 else ''}", dict(auto, l2_prefetch=l2)) for l2 in (False, True)]
-            if d.name in ("attn_output_a", "attn_output_b"):
-                cases += [(f"{bn}x{bk} w{w} mp{mp}{' l2pf' if l2 else ''}", tile_kw(bn, bk, w, mp, l2_prefetch=l2))
-                          for bn, bk, w, mp in L2PF_TILES for l2 in (False, True)]
-            cases += [(f"auto{' l2pf' if l2 else ''} (again)", dict(auto, l2_prefetch=l2)) for l2 in (False, True)]
         if not cases:
             continue
         ws, x = q8_problem(d, device)

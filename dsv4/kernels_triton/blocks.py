@@ -189,20 +189,6 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
-def l2_prefetch(ptr, nbytes, ON: tl.constexpr):
-    """Ask L2 to fetch the bytes [ptr, ptr + nbytes) of each element (PTX cp.async.bulk.prefetch.L2, sm_90+;
-    a hint: nothing waits on it, nothing is written). For weights before pdl_wait: a program launched early by
-    programmatic dependent launch then pulls its whole share from DRAM while the previous kernel still runs,
-    and its own loads later hit L2. The range is widened to 16-byte bounds (the instruction's granule; a
-    widened end stays inside the allocation's granularity)."""
-    if ON:
-        lo = ptr.to(tl.int64) & -16
-        n = (((ptr.to(tl.int64) + nbytes + 15) & -16) - lo).to(tl.int32)
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], $2;\nmov.u32 $0, 0;", "=r,l,r", [lo, n],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-
-
-@triton.jit
 def prmt(a, b, sel, ASM: tl.constexpr):
     """Bytes 0-3 of the PTX byte permute: byte k of the result is byte (sel >> 4k) & 7 of the 8-byte
     value b:a (no sign-replicate mode: bit 3 of each nibble is 0 here)."""

@@ -56,7 +56,6 @@ class Int8MoeConfig:
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
-    l2_prefetch: bool = False  # with PDL: each program prefetches its weight rows into L2 before griddepcontrol.wait
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -235,13 +234,12 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False, L2PF: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
-    before this step computes (register double buffer; the last step re-reads itself). L2PF (with PDL): the
-    program's gate and up rows are prefetched into L2 before griddepcontrol.wait (blocks.l2_prefetch)."""
+    before this step computes (register double buffer; the last step re-reads itself)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -249,10 +247,6 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
     wt = tl.load(wts_ptr + slot).to(tl.float32)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     roff = (e * F + tl.minimum(rn, F - 1)) * stride_w
-    if L2PF:
-        row_words = (D // (2 * QK_C)) * IQ2_PAIR_WORDS if FMT == FMT_IQ2_XXS else (D // QK_C) * Q4K_WORDS
-        blocks.l2_prefetch(gw_ptr + roff, row_words * 4, PDL)
-        blocks.l2_prefetch(uw_ptr + roff, row_words * 4, PDL)
     if FMT == FMT_IQ2_XXS:
         kk = tl.arange(0, KSTEP)[None, :, None]
         gb = gw_ptr + roff[:, None, None]
@@ -343,11 +337,10 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, L2PF: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
-    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. L2PF (with
-    PDL): the program's rows of all KSEL experts are prefetched into L2 before griddepcontrol.wait."""
+    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -355,10 +348,6 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
-    if L2PF:
-        row_bytes = (F // QK_C) * (Q2K_WORDS if FMT == FMT_Q2_K else Q4K_WORDS) * 4
-        for i in range(0, KSEL):
-            blocks.l2_prefetch(w_ptr + _down_rows(sel_t, i, rc, D, stride_w), row_bytes, PDL)
     if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
@@ -524,7 +513,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, L2PF=cfg.l2_prefetch and pdl, num_warps=cfg.warps_gate_up,
+        PF=cfg.prefetch_gate_up, PDL=pdl, num_warps=cfg.warps_gate_up,
         **pdl_launch(pdl))
     return h
 
@@ -539,8 +528,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, L2PF=cfg.l2_prefetch and pdl, num_warps=cfg.warps_down,
-        **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 

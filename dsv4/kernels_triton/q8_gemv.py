@@ -75,16 +75,14 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 0, L2PF: tl.constexpr = False):
+                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
     SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
-    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums).
-    L2PF (with PDL): before griddepcontrol.wait, the program's whole weight share (its rows' codes and scales in
-    its K slice) is prefetched into L2 (blocks.l2_prefetch)."""
+    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums)."""
     NB: tl.constexpr = BLOCK_K // 32
     pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b3 = tl.arange(0, NB)[None, :, None]
@@ -105,9 +103,6 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             u_next2 = tl.load(wp + (BLOCK_K >> 2), mask=more2, other=0)
             d_next2 = tl.load(sp + (BLOCK_K >> 5), mask=(tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi,
                               other=0.0)
-    if L2PF:
-        blocks.l2_prefetch(w_ptr + r * (stride_w_words * 4) + k_lo, k_split, PDL)
-        blocks.l2_prefetch(s_ptr + r * stride_s + off_s + (k_lo >> 5), (k_split >> 5) * 2, PDL)
     blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
     if XPF:
         xv_next = _x_words(x_base, k_lo, NB)
@@ -283,7 +278,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
               max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False,
-              split_sum: int = 0, l2_prefetch: bool = False):
+              split_sum: int = 0):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs and the last
     program of each row tile sums the partials in fixed order (deterministic, no second launch).
@@ -315,8 +310,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
                 PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
-                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2_prefetch and use,
-                num_warps=num_warps,
+                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, num_warps=num_warps,
                 num_stages=1, **pdl_launch(use))
             if split > 1 and split_sum == 2:
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
@@ -328,7 +322,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl, x_prefetch, split_sum, l2_prefetch)
+           max_split, pdl, x_prefetch, split_sum)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 
