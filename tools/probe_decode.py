@@ -15,6 +15,11 @@ median; % of the streaming read measured in this run). Two parts:
     ([S, rows, K/S]: every program's tile is one contiguous run, as attn_q_b's), run by gemv_rows' grouped
     path (x segment per group) plus a fixed-order sum over S; beside the row-major auto tile and plain reads
     of row-strided vs contiguous tiles (does the strided access itself cost?);
+  * `xv`: moe_int8's tuned configs with the activation words (and Q2_K code sums) read by 16-byte loads
+    (Int8MoeConfig.x_vec_gate_up / x_vec_down) per stage and without, interleaved twice (stages alone, each
+    stage behind its Q8_K launch, whole call; for Q4_K only the code sums change);
+  * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
+    timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -171,6 +176,13 @@ def segment_major(d, seg: int, device, seed: int):
     return blocks.to_device(raw, d.fmt, (seg * d.n, d.k // seg), device), seg * d.groups
 
 
+# `xv`: the fastest Q2_K down tiles with 16-byte activation loads in `xv_sweep` (23), besides the tuned one
+XV_DOWN_TILES = [(4, 8, 4), (4, 8, 2), (2, 8, 1), (8, 8, 4)]
+# `xv_sweep`: gate/up tiles between the one-warp and the 4-warp ones, besides GATE_UP_TILES
+XV_SWEEP_GATE_UP_EXTRA = [(16, 2, 2, False), (16, 2, 2, True), (8, 2, 2, True), (16, 1, 2, True), (8, 2, 1, True),
+                          (32, 1, 4, True), (16, 2, 4, True)]
+
+
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -181,7 +193,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil")
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil, xv, xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -238,6 +250,79 @@ def main(argv=None) -> int:
                 row(case, name, "whole", graph_time_ms(
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
                     gu_bytes + dn_bytes)
+            del gate, up, down
+            torch.cuda.empty_cache()
+
+    if "xv" in args.parts:
+        for recipe, (fgu, fdn) in MOE.items():
+            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
+            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
+            dn_bytes = K_USED * down.nbytes // N_EXPERT
+            tuned = moe_int8.TUNED[gate.fmt]
+            ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
+            xvs = {"": dict(x_vec_gate_up=False, x_vec_down=False), " xv down": dict(x_vec_gate_up=False, x_vec_down=True),
+                   " xv gate_up": dict(x_vec_gate_up=True, x_vec_down=False)}
+            if gate.fmt == moe_int8.QuantFormat.IQ2_XXS:  # the best down tiles of xv_sweep (23), with xv
+                xvs.update({f" xv dn_{bn}_{ks}_{w}": dict(x_vec_gate_up=False, x_vec_down=True, block_n_down=bn,
+                                                         kstep_down=ks, warps_down=w)
+                            for bn, ks, w in XV_DOWN_TILES})
+            for label, kw in list(xvs.items()) * 2:  # interleaved twice: drift shows as a difference between runs
+                cfg = replace(tuned, **kw)
+                if "block_n_down" in kw:  # another tile sums in another fp32 order: no bitwise check
+                    note = ""
+                else:
+                    same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
+                    note = " (bitwise equal)" if same else " (DIFFERS)"
+                name = f"tuned{label}{note}"
+                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
+                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
+                hqs = [moe_int8.quant_q8_k(h) for h in hs]
+                row(f"moe_{recipe}", name, "gate_up", graph_time_ms(
+                    [lambda s=s: moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
+                    gu_bytes)
+                row(f"moe_{recipe}", name, "down", graph_time_ms(
+                    [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg, True) for s, hq in zip(sels, hqs)]),
+                    dn_bytes)
+                row(f"moe_{recipe}", name, "quant u + gate_up", graph_time_ms(
+                    [lambda s=s: moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, moe_int8.uses_iq2_order(gate), True),
+                                                       gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
+                    gu_bytes)
+                row(f"moe_{recipe}", name, "quant h + down", graph_time_ms(
+                    [lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True)
+                     for s, h in zip(sels, hs)]), dn_bytes)
+                row(f"moe_{recipe}", name, "whole", graph_time_ms(
+                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                    gu_bytes + dn_bytes)
+                row(f"moe_{recipe}", name, "whole, no PDL", graph_time_ms(
+                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
+                     for s in sels]), gu_bytes + dn_bytes)
+            del gate, up, down
+            torch.cuda.empty_cache()
+
+    if "xv_sweep" in args.parts:
+        for recipe, (fgu, fdn) in MOE.items():
+            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
+            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
+            dn_bytes = K_USED * down.nbytes // N_EXPERT
+            base = moe_int8.TUNED[gate.fmt]
+            iq2 = moe_int8.uses_iq2_order(gate)
+            xv_opts = (False, True)
+            hs = [moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, iq2), gate, up, s, wts, CLAMP, True, base) for s in sels]
+            for bn, ks, w, pf in GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA:
+                for xv in xv_opts:
+                    cfg = replace(base, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
+                                  x_vec_gate_up=xv)
+                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w}{' xv' if xv else ''}",
+                        "quant u + gate_up", graph_time_ms([lambda s=s, cfg=cfg: moe_int8.gate_up_int8(
+                            moe_int8.quant_q8_k(u, iq2, True), gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
+                        gu_bytes)
+            for bn, ks, w, pf in DOWN_TILES:
+                for xv in xv_opts:
+                    cfg = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv)
+                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}", "quant h + down",
+                        graph_time_ms([lambda s=s, h=h, cfg=cfg: moe_int8.down_int8(
+                            moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True) for s, h in zip(sels, hs)]),
+                        dn_bytes)
             del gate, up, down
             torch.cuda.empty_cache()
 

@@ -189,6 +189,20 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def load4(p, VEC: tl.constexpr):
+    """The int32 words p[0..3] (p an int32 pointer tensor) as four tensors shaped like p. VEC (NVIDIA; p
+    16-byte aligned): one 16-byte load per element (PTX ld.global.v4); Triton does not merge four loads of one
+    thread into a vector, and each load instruction costs L1 wavefronts. Ordered like any side effect (so it
+    stays after griddepcontrol.wait)."""
+    if VEC:
+        return tl.inline_asm_elementwise("ld.global.v4.b32 {$0, $1, $2, $3}, [$4];", "=r,=r,=r,=r,l",
+                                         [p.to(tl.int64)], dtype=(tl.int32, tl.int32, tl.int32, tl.int32),
+                                         is_pure=False, pack=1)
+    else:
+        return tl.load(p), tl.load(p + 1), tl.load(p + 2), tl.load(p + 3)
+
+
+@triton.jit
 def prmt(a, b, sel, ASM: tl.constexpr):
     """Bytes 0-3 of the PTX byte permute: byte k of the result is byte (sel >> 4k) & 7 of the 8-byte
     value b:a (no sign-replicate mode: bit 3 of each nibble is 0 here)."""

@@ -11,7 +11,8 @@ TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-perm
 16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4 signed
 magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent
 launch: weight words (and the expert ids, two launches old) are loaded before griddepcontrol.wait, activations
-after it. Tiles per gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
+after it. Activation words can be read by 16-byte loads (blocks.load4: Triton keeps four word loads of one thread
+apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
 """
 from __future__ import annotations
 
@@ -56,6 +57,9 @@ class Int8MoeConfig:
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
+    # activation words (and Q2_K code sums) by 16-byte loads where the PTX path runs (blocks.load4), per stage
+    x_vec_gate_up: bool = False
+    x_vec_down: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -121,7 +125,8 @@ def _iq2_pair_raw(base):
 
 
 @triton.jit
-def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr):
+def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr,
+                  XV: tl.constexpr = False):
     """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
     bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
     quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
@@ -129,25 +134,37 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     The grid is read as byte-permute selectors (blocks.iq2_levels | blocks.iq2_signs: level of coordinate j
     in nibble n(j) = 2 (j % 4) + j // 4, bit 2 set where it is negative), and one prmt per 4 coordinates
     reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte k of the low
-    word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]."""
+    word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]. XV: the 8 activation words of each
+    group as two 16-byte loads (blocks.load4)."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
+    xa0, xa1, xa2, xa3 = blocks.load4(xb, XV)
+    xb0, xb1, xb2, xb3 = blocks.load4(xb + 4, XV)
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
     for k in tl.static_range(4):
         lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
                                    blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
-        isum = _dp4a(lo, tl.load(xb + 2 * k), isum, ASM)
-        isum = _dp4a(hi, tl.load(xb + 2 * k + 1), isum, ASM)
+        if k == 0:
+            xl, xh = xa0, xa1
+        elif k == 1:
+            xl, xh = xa2, xa3
+        elif k == 2:
+            xl, xh = xb0, xb1
+        else:
+            xl, xh = xb2, xb3
+        isum = _dp4a(lo, xl, isum, ASM)
+        isum = _dp4a(hi, xh, isum, ASM)
     return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
 
 
 @triton.jit
-def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr):
+def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr,
+                  XV: tl.constexpr = False):
     """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
     d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
     da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
-                           sel16_ptr, x_ptr, xw, 0, ASM)
-    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM)
+                           sel16_ptr, x_ptr, xw, 0, ASM, XV)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV)
     return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
@@ -161,11 +178,12 @@ def _q4_k_raw(base):
 
 
 @triton.jit
-def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False):
     """Q4_K super-blocks from _q4_k_raw's words against activation words x_ptr + xw [1, KB, 1, 1]
     (64 per block), code sums s_ptr + sw (16 per block), scales dx [1, KB, 1, 1]. Returns the unreduced
     terms (quant.md §1.5): scale part [BN, KB, 4, 8] = d dx (sc_2c isum_lo + sc_2c+1 isum_hi) per qs
-    word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum)."""
+    word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum). XV: each sub-block pair's four
+    code sums by one 16-byte load (the codes' own loads are already 16-byte)."""
     c = tl.arange(0, 4)[None, None, :, None]  # sub-block pair (2c, 2c+1) = qs words 8c .. 8c+7
     w = tl.arange(0, 8)[None, None, None, :]
     xq = x_ptr + xw + 16 * c + w
@@ -177,9 +195,9 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
     scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mnw = tl.where(c < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
     it = p_lo * ((scw >> sh) & 255) + p_hi * ((scw >> (sh + 8)) & 255)
-    xs = s_ptr + sw + 4 * c  # sums of 16: sub-block 2c = sums 4c, 4c+1; 2c+1 = 4c+2, 4c+3
-    mins = (((mnw >> sh) & 255) * (tl.load(xs) + tl.load(xs + 1))
-            + ((mnw >> (sh + 8)) & 255) * (tl.load(xs + 2) + tl.load(xs + 3)))
+    xs0, xs1, xs2, xs3 = blocks.load4(s_ptr + sw + 4 * c, XV)  # sums of 16: sub-block 2c = sums 4c, 4c+1; 2c+1 =
+    # 4c+2, 4c+3
+    mins = ((mnw >> sh) & 255) * (xs0 + xs1) + ((mnw >> (sh + 8)) & 255) * (xs2 + xs3)
     return ((_f16_from_bits(dd) * dx) * it.to(tl.float32),
             (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32))
 
@@ -197,13 +215,13 @@ def _q2_k_raw(base):
 
 
 @triton.jit
-def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr):
+def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False):
     """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
     sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
     qs word 8h + w', sub-block j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words
     w = w' & 3 of sub-blocks 8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread.
     Returns the unreduced terms [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j
-    (quant.md §1.4)."""
+    (quant.md §1.4). XV: activation words and code sums by 16-byte loads (blocks.load4)."""
     he = tl.arange(0, 4)[None, None, :]
     h = he >> 1
     e = he & 1
@@ -211,18 +229,32 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
     zero = tl.zeros(q0.shape, dtype=tl.int32)
     it = zero
     mins = zero
+    if XV:  # code sums 8h .. 8h + 7 as two 16-byte loads; sub-block 8h + 2s + e's is word 2s + e of them
+        ca0, ca1, ca2, ca3 = blocks.load4(s_ptr + sw + 8 * h, XV)
+        cb0, cb1, cb2, cb3 = blocks.load4(s_ptr + sw + 8 * h + 4, XV)
     for sp in tl.static_range(2):
         scw = sc0 if sp == 0 else sc1  # scale bytes 4 (2h + sp) .. +3
         for s2 in tl.static_range(2):
             s = 2 * sp + s2
-            xs = xb + 8 * s
-            p = _dp4a((q0 >> (2 * s)) & 0x03030303, tl.load(xs), zero, ASM)
-            p = _dp4a((q1 >> (2 * s)) & 0x03030303, tl.load(xs + 1), p, ASM)
-            p = _dp4a((q2 >> (2 * s)) & 0x03030303, tl.load(xs + 2), p, ASM)
-            p = _dp4a((q3 >> (2 * s)) & 0x03030303, tl.load(xs + 3), p, ASM)
+            x0, x1, x2, x3 = blocks.load4(xb + 8 * s, XV)
+            p = _dp4a((q0 >> (2 * s)) & 0x03030303, x0, zero, ASM)
+            p = _dp4a((q1 >> (2 * s)) & 0x03030303, x1, p, ASM)
+            p = _dp4a((q2 >> (2 * s)) & 0x03030303, x2, p, ASM)
+            p = _dp4a((q3 >> (2 * s)) & 0x03030303, x3, p, ASM)
             byte = (scw >> (8 * (2 * s2 + e))) & 255
             it += (byte & 15) * p
-            mins += (byte >> 4) * tl.load(s_ptr + sw + 8 * h + 2 * s + e)
+            if XV:
+                if s == 0:
+                    csum = tl.where(e == 0, ca0, ca1)
+                elif s == 1:
+                    csum = tl.where(e == 0, ca2, ca3)
+                elif s == 2:
+                    csum = tl.where(e == 0, cb0, cb1)
+                else:
+                    csum = tl.where(e == 0, cb2, cb3)
+            else:
+                csum = tl.load(s_ptr + sw + 8 * h + 2 * s + e)
+            mins += (byte >> 4) * csum
     return (_f16_from_bits(dd) * dx) * it.to(tl.float32) - (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32)
 
 
@@ -234,7 +266,7 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
@@ -270,8 +302,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             else:
                 g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
                 u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
-            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM)
-            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM)
+            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
+            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
             if PF:
                 g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
                 u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
@@ -302,8 +334,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
                 bw = (b0 + kk) * Q4K_WORDS
                 gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + bw)
                 uq, us0, us1, us2, udd = _q4_k_raw(ub + bw)
-            pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM)
-            pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM)
+            pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
+            pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
             acc_g += pg
             acc_u += pu
             min_g += mg
@@ -337,7 +369,7 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -368,7 +400,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                     w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
             if PF:
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -393,7 +425,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                     w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                    hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM)
+                                    hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
             acc += part
             acc_min += mpart
             if PF:
@@ -513,7 +545,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, num_warps=cfg.warps_gate_up,
+        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
         **pdl_launch(pdl))
     return h
 
@@ -528,17 +560,19 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
-# Tuned per gate/up format on the H200 (tools/results/h200_decode/: tools/probe_decode.py moe_sweep, pdl):
-# IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched, Q2_K down 8 rows x 8 warps;
-# Q4_K gate/up 32 rows x 4 warps, Q4_K down 2 rows, 1 warp, prefetched.
+# Tuned per gate/up format on the H200 (tools/results/h200_decode/: tools/probe_decode.py moe_sweep, pdl, xv,
+# xv_sweep): IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched (its activation words as
+# 16-byte loads: faster alone, 2 us slower behind the Q8_K launch, 22/23), Q2_K down 4 rows x 4 warps with
+# 16-byte activation loads (the whole q2 call 36.0 -> 32.4-32.7 us, 22); Q4_K gate/up 32 rows x 4 warps, Q4_K
+# down 2 rows, 1 warp, prefetched.
 TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
-                                       block_n_down=8, kstep_down=8, warps_down=8),
+                                       block_n_down=4, kstep_down=8, warps_down=4, x_vec_down=True),
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True),
 }
@@ -560,8 +594,8 @@ from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
-            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 8 rows, 8 warps; Q4_K 32 rows x 4 warps / 2 rows, "
-            "1 warp, prefetch), programmatic dependent launch on sm_90+",
+            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 4 warps, 16-byte activation loads; Q4_K "
+            "32 rows x 4 warps / 2 rows, 1 warp, prefetch), programmatic dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
