@@ -10,8 +10,6 @@ fp16 dequant + cuBLAS matmul (large T). Knows the Q8_0 repacked row layout (bloc
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
-
 from dataclasses import dataclass
 
 import triton
@@ -191,8 +189,7 @@ def _q8_gemv_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
 @triton.jit
 def _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid_n, pid_b, N, K, row0, stride_w, stride_s, off_s, stride_o,
                      BLOCK_N: tl.constexpr, NBLK: tl.constexpr):
-    """out[n - row0, k] = d * q (rounded to out's type: fp16, or fp32 exactly) for the [BLOCK_N, NBLK*32] tile
-    (pid_n, pid_b) of rows [row0, N):
+    """out[n - row0, k] = fp16(d * q) for the [BLOCK_N, NBLK*32] tile (pid_n, pid_b) of rows [row0, N):
     codes as [BLOCK_N, NBLK, 32] with one scale load per 32-weight block (the generic dequant_tile
     gathers the scale per weight)."""
     rn = row0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -203,7 +200,7 @@ def _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid_n, pid_b, N, K, row0, stride_w, 
     ok = (rn < N)[:, None, None] & (b3 * 32 < K)
     q = tl.load(w_ptr + r3 * stride_w + b3 * 32 + j3, mask=ok, other=0).to(tl.float32)
     d = tl.load(s_ptr + r3 * stride_s + off_s + b3, mask=ok, other=0).to(tl.float32)
-    tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
 
 
 @triton.jit
@@ -390,55 +387,6 @@ def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     return y
 
 
-@contextmanager
-def _tf32_matmul():
-    """fp32 torch.mm/bmm on TF32 tensor cores for the block (cuBLAS reads this per call, also under graph capture)."""
-    import torch
-
-    m = torch.backends.cuda.matmul
-    if hasattr(m, "fp32_precision"):  # torch >= 2.9; mixing it with allow_tf32 is an error there
-        old, m.fp32_precision = m.fp32_precision, "tf32"
-        try:
-            yield
-        finally:
-            m.fp32_precision = old
-    else:
-        old, m.allow_tf32 = m.allow_tf32, True
-        try:
-            yield
-        finally:
-            m.allow_tf32 = old
-
-
-def gemm_dequant_q8_tf32(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
-    """Prefill on fp32 activations as they are: dequantize rows to a transient fp32 buffer (q*d exact, the
-    same block-scaled pass), then cuBLAS fp32 matmul on TF32 tensor cores (both inputs rounded to 10-bit
-    mantissas inside the GEMM, as the fp16 path rounds x and the weights; fp32 accumulation). No cast of x
-    (at T=2048, K=4096 the fp16 copy is 48 MB of traffic), for twice the transient weight bytes. T below
-    HYBRID_DEQUANT_MIN_T, chunked weights or other formats: gemm_hybrid."""
-    import torch
-
-    if (dw.fmt.name != "Q8_0" or x.shape[0] < HYBRID_DEQUANT_MIN_T or not x.is_cuda
-            or dw.n_rows * dw.k * 4 > DEQUANT_CHUNK_BYTES):
-        return gemm_hybrid(x, dw, dev, groups)
-    x, T, N, R, stride_xg, _t = _check(x, dw, groups)
-    x = x.float() if x.dtype != torch.float32 else x
-    x = x if x.is_contiguous() else x.contiguous()
-    w32 = torch.empty((N, dw.k), device=x.device, dtype=torch.float32)
-    n_kblk = triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS)
-    n_deq = triton.cdiv(N, DEQUANT_BLOCK_N) * n_kblk
-    _cast_dequant_kernel[(n_deq,)](
-        x, x, x.numel(), dw.w, dw.s, w32, N, dw.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w32.stride(0), n_deq, n_kblk,
-        CAST=False, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=CAST_BLOCK)
-    with _tf32_matmul():
-        if groups > 1:
-            y = torch.empty((T, N), device=x.device, dtype=torch.float32)
-            y.view(T, groups, R).transpose(0, 1).copy_(
-                torch.bmm(x.view(T, groups, dw.k).transpose(0, 1), w32.view(groups, R, dw.k).transpose(1, 2)))
-            return y
-        return torch.mm(x.view(T, dw.k), w32.T)
-
-
 def gemm_hybrid(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     """Per-shape choice for Q8_0 (other formats: qmatmul.gemm): T <= HYBRID_GEMV_MAX_T the exact fp32
     persistent GEMV in chunks of DECODE_MAX_T tokens (weights re-read per chunk; still read-bound);
@@ -471,9 +419,6 @@ register(KernelOp.QMATMUL, "gemv_persist_nosplit",
 register(KernelOp.QMATMUL, "gemv_persist_n8", lambda x, dw, dev, groups=1: gemv_persist(x, dw, dev, groups, block_n=8),
          formats=(QuantFormat.Q8_0,), max_t=DECODE_MAX_T,
          doc="gemv_persist with 8-row tiles: fewer instructions per code, ~168 registers (fewer resident)")
-register(KernelOp.QMATMUL, "gemm_tf32", gemm_dequant_q8_tf32, formats=(QuantFormat.Q8_0,),
-         doc=f"Q8_0 prefill (T >= {HYBRID_DEQUANT_MIN_T}): transient fp32 dequant + cuBLAS TF32 on fp32 x (no cast "
-             "of x); gemm_hybrid below")
 register(KernelOp.QMATMUL, "gemm_hybrid", gemm_hybrid, formats=(QuantFormat.Q8_0,),
          doc=f"Q8_0: gemv_persist for T <= {HYBRID_GEMV_MAX_T}, dequant+cuBLAS for T >= {HYBRID_DEQUANT_MIN_T}, "
              "fused gemm between")
