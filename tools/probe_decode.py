@@ -109,6 +109,34 @@ def moe_problem(fgu, fdn, device):
     return gate, up, down, sels, torch.rand((1, K_USED), device=device), torch.randn((1, D), device=device)
 
 
+def moe_cases(device):
+    """Per recipe: (recipe, gate, up, down, sels, wts, u, gate/up bytes, down bytes) of moe_problem; the
+    previous recipe's weights are dropped before the next are made."""
+    for recipe, (fgu, fdn) in MOE.items():
+        torch.cuda.empty_cache()
+        gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
+        yield (recipe, gate, up, down, sels, wts, u, *stage_bytes(gate, up, down))
+        del gate, up, down
+
+
+def stage_bytes(gate, up, down) -> tuple[int, int]:
+    """Bytes one token's call reads in the gate/up stage and in the down stage (K_USED experts)."""
+    return K_USED * (gate.nbytes + up.nbytes) // N_EXPERT, K_USED * down.nbytes // N_EXPERT
+
+
+def chain_gate_up_ms(u, gate, up, sels, wts, cfg) -> float:
+    """Graph time of moe_int8's first two launches (Q8_K of u, then gate/up), as in the whole call."""
+    iq2 = moe_int8.uses_iq2_order(gate)
+    return graph_time_ms([lambda s=s: moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, iq2, True), gate, up, s, wts, CLAMP,
+                                                            True, cfg, True) for s in sels])
+
+
+def chain_down_ms(hs, down, sels, cfg) -> float:
+    """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
+    return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True)
+                          for s, h in zip(sels, hs)])
+
+
 def q8_problem(d, device):
     """Enough copies of a Q8_0 matrix of DENSE shape d to defeat L2, and one token of x."""
     ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt, (d.n, d.k),
@@ -204,9 +232,8 @@ def main(argv=None) -> int:
         table.add(case, cfg, stage, f"{ms * 1e3:.1f}", f"{nbytes / 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}")
 
     if "pdl" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            nbytes = K_USED * (gate.nbytes + up.nbytes + down.nbytes) // N_EXPERT
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            nbytes = gu_bytes + dn_bytes
             for name, cfg in PDL_MOE.items():
                 for pdl in (False, True):
                     c = replace(cfg, pdl=pdl)
@@ -214,12 +241,8 @@ def main(argv=None) -> int:
                         [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, c) for s in sels]),
                         nbytes)
             del gate, up, down
-            torch.cuda.empty_cache()
     if "moe" in args.parts or "moe_sweep" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             configs = dict(MOE_CONFIGS) if "moe" in args.parts else {}
             if "moe_sweep" in args.parts:
                 configs.update({f"pf_gu_{bn}_{ks}_{w}" if pf else f"gu_{bn}_{ks}_{w}":
@@ -251,13 +274,9 @@ def main(argv=None) -> int:
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
                     gu_bytes + dn_bytes)
             del gate, up, down
-            torch.cuda.empty_cache()
 
     if "xv" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             tuned = moe_int8.TUNED[gate.fmt]
             ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
             xvs = {"": dict(x_vec_gate_up=False, x_vec_down=False), " xv down": dict(x_vec_gate_up=False, x_vec_down=True),
@@ -283,13 +302,8 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", name, "down", graph_time_ms(
                     [lambda s=s, hq=hq: moe_int8.down_int8(hq, down, s, True, cfg, True) for s, hq in zip(sels, hqs)]),
                     dn_bytes)
-                row(f"moe_{recipe}", name, "quant u + gate_up", graph_time_ms(
-                    [lambda s=s: moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, moe_int8.uses_iq2_order(gate), True),
-                                                       gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
-                    gu_bytes)
-                row(f"moe_{recipe}", name, "quant h + down", graph_time_ms(
-                    [lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True)
-                     for s, h in zip(sels, hs)]), dn_bytes)
+                row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
+                row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
                 row(f"moe_{recipe}", name, "whole", graph_time_ms(
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
                     gu_bytes + dn_bytes)
@@ -297,34 +311,24 @@ def main(argv=None) -> int:
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
                      for s in sels]), gu_bytes + dn_bytes)
             del gate, up, down
-            torch.cuda.empty_cache()
 
     if "xv_sweep" in args.parts:
-        for recipe, (fgu, fdn) in MOE.items():
-            gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-            gu_bytes = K_USED * (gate.nbytes + up.nbytes) // N_EXPERT
-            dn_bytes = K_USED * down.nbytes // N_EXPERT
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             base = moe_int8.TUNED[gate.fmt]
-            iq2 = moe_int8.uses_iq2_order(gate)
-            xv_opts = (False, True)
-            hs = [moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, iq2), gate, up, s, wts, CLAMP, True, base) for s in sels]
+            hs = [moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, moe_int8.uses_iq2_order(gate)), gate, up, s, wts, CLAMP,
+                                        True, base) for s in sels]
             for bn, ks, w, pf in GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA:
-                for xv in xv_opts:
+                for xv in (False, True):
                     cfg = replace(base, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
                                   x_vec_gate_up=xv)
                     row(f"moe_{recipe}", f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w}{' xv' if xv else ''}",
-                        "quant u + gate_up", graph_time_ms([lambda s=s, cfg=cfg: moe_int8.gate_up_int8(
-                            moe_int8.quant_q8_k(u, iq2, True), gate, up, s, wts, CLAMP, True, cfg, True) for s in sels]),
-                        gu_bytes)
+                        "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
             for bn, ks, w, pf in DOWN_TILES:
-                for xv in xv_opts:
+                for xv in (False, True):
                     cfg = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv)
                     row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}", "quant h + down",
-                        graph_time_ms([lambda s=s, h=h, cfg=cfg: moe_int8.down_int8(
-                            moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True) for s, h in zip(sels, hs)]),
-                        dn_bytes)
+                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
-            torch.cuda.empty_cache()
 
     if "ceil" in args.parts:
         out = torch.empty(1 << 20, device=device, dtype=torch.int32)
