@@ -12,7 +12,8 @@ TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-perm
 magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent
 launch: weight words (and the expert ids, two launches old) are loaded before griddepcontrol.wait, activations
 after it. Activation words can be read by 16-byte loads (blocks.load4: Triton keeps four word loads of one thread
-apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps). Knows block layouts, not the model.
+apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps). Knows
+block layouts, not the model.
 """
 from __future__ import annotations
 
@@ -57,7 +58,9 @@ class Int8MoeConfig:
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
-    # activation words (and Q2_K code sums) by 16-byte loads where the PTX path runs (blocks.load4), per stage
+    # activation words and code sums by 16-byte loads where the PTX path runs (blocks.load4), per stage; always
+    # aligned: quant_q8_k's outputs are fresh contiguous tensors whose rows hold whole Q8_K blocks (64 code words,
+    # 16 sums), and every group read starts at a multiple of 4 words inside them
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
@@ -138,22 +141,13 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     group as two 16-byte loads (blocks.load4)."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
-    xa0, xa1, xa2, xa3 = blocks.load4(xb, XV)
-    xb0, xb1, xb2, xb3 = blocks.load4(xb + 4, XV)
+    xv = blocks.load4(xb, XV) + blocks.load4(xb + 4, XV)  # the group's 8 activation words
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
     for k in tl.static_range(4):
         lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
                                    blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
-        if k == 0:
-            xl, xh = xa0, xa1
-        elif k == 1:
-            xl, xh = xa2, xa3
-        elif k == 2:
-            xl, xh = xb0, xb1
-        else:
-            xl, xh = xb2, xb3
-        isum = _dp4a(lo, xl, isum, ASM)
-        isum = _dp4a(hi, xh, isum, ASM)
+        isum = _dp4a(lo, xv[2 * k], isum, ASM)
+        isum = _dp4a(hi, xv[2 * k + 1], isum, ASM)
     return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
 
 
@@ -195,8 +189,8 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV
     scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mnw = tl.where(c < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
     it = p_lo * ((scw >> sh) & 255) + p_hi * ((scw >> (sh + 8)) & 255)
-    xs0, xs1, xs2, xs3 = blocks.load4(s_ptr + sw + 4 * c, XV)  # sums of 16: sub-block 2c = sums 4c, 4c+1; 2c+1 =
-    # 4c+2, 4c+3
+    # code sums of 16: sub-block 2c has sums 4c and 4c+1, sub-block 2c+1 has 4c+2 and 4c+3
+    xs0, xs1, xs2, xs3 = blocks.load4(s_ptr + sw + 4 * c, XV)
     mins = ((mnw >> sh) & 255) * (xs0 + xs1) + ((mnw >> (sh + 8)) & 255) * (xs2 + xs3)
     return ((_f16_from_bits(dd) * dx) * it.to(tl.float32),
             (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32))
@@ -230,8 +224,8 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
     it = zero
     mins = zero
     if XV:  # code sums 8h .. 8h + 7 as two 16-byte loads; sub-block 8h + 2s + e's is word 2s + e of them
-        ca0, ca1, ca2, ca3 = blocks.load4(s_ptr + sw + 8 * h, XV)
-        cb0, cb1, cb2, cb3 = blocks.load4(s_ptr + sw + 8 * h + 4, XV)
+        cs_lo = blocks.load4(s_ptr + sw + 8 * h, XV)
+        cs_hi = blocks.load4(s_ptr + sw + 8 * h + 4, XV)
     for sp in tl.static_range(2):
         scw = sc0 if sp == 0 else sc1  # scale bytes 4 (2h + sp) .. +3
         for s2 in tl.static_range(2):
@@ -244,14 +238,8 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
             byte = (scw >> (8 * (2 * s2 + e))) & 255
             it += (byte & 15) * p
             if XV:
-                if s == 0:
-                    csum = tl.where(e == 0, ca0, ca1)
-                elif s == 1:
-                    csum = tl.where(e == 0, ca2, ca3)
-                elif s == 2:
-                    csum = tl.where(e == 0, cb0, cb1)
-                else:
-                    csum = tl.where(e == 0, cb2, cb3)
+                cs = cs_lo if sp == 0 else cs_hi
+                csum = tl.where(e == 0, cs[2 * s2], cs[2 * s2 + 1])
             else:
                 csum = tl.load(s_ptr + sw + 8 * h + 2 * s + e)
             mins += (byte >> 4) * csum
@@ -567,9 +555,10 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
 # Tuned per gate/up format on the H200 (tools/results/h200_decode/: tools/probe_decode.py moe_sweep, pdl, xv,
 # xv_sweep): IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched (its activation words as
-# 16-byte loads: faster alone, 2 us slower behind the Q8_K launch, 22/23), Q2_K down 4 rows x 4 warps with
-# 16-byte activation loads (the whole q2 call 36.0 -> 32.4-32.7 us, 22); Q4_K gate/up 32 rows x 4 warps, Q4_K
-# down 2 rows, 1 warp, prefetched.
+# 16-byte loads: faster alone, 2 us slower behind the Q8_K launch, 22/23; on Triton 3.6 that kernel takes 96
+# registers instead of 64, so a token's 3072 programs no longer fit the SMs at once); Q2_K down 4 rows x 4 warps
+# with 16-byte activation loads (the whole q2 call 36.0 -> 32.4-32.7 us, 22); Q4_K gate/up 32 rows x 4 warps,
+# Q4_K down 2 rows, 1 warp, prefetched.
 TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=4, x_vec_down=True),
