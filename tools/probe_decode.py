@@ -133,8 +133,8 @@ def chain_gate_up_ms(u, gate, up, sels, wts, cfg) -> float:
 
 def chain_down_ms(hs, down, sels, cfg) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
-    return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg, True)
-                          for s, h in zip(sels, hs)])
+    return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg,
+                                                              True) for s, h in zip(sels, hs)])
 
 
 def q8_problem(d, device):
@@ -279,7 +279,8 @@ def main(argv=None) -> int:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             tuned = moe_int8.TUNED[gate.fmt]
             ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
-            xvs = {"": dict(x_vec_gate_up=False, x_vec_down=False), " xv down": dict(x_vec_gate_up=False, x_vec_down=True),
+            xvs = {"": dict(x_vec_gate_up=False, x_vec_down=False),
+                   " xv down": dict(x_vec_gate_up=False, x_vec_down=True),
                    " xv gate_up": dict(x_vec_gate_up=True, x_vec_down=False)}
             if gate.fmt == moe_int8.QuantFormat.IQ2_XXS:  # the best down tiles of xv_sweep (23), with xv
                 xvs.update({f" xv dn_{bn}_{ks}_{w}": dict(x_vec_gate_up=False, x_vec_down=True, block_n_down=bn,
@@ -326,8 +327,8 @@ def main(argv=None) -> int:
             for bn, ks, w, pf in DOWN_TILES:
                 for xv in (False, True):
                     cfg = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv)
-                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}", "quant h + down",
-                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
+                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}",
+                        "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "ceil" in args.parts:
