@@ -20,8 +20,6 @@ median; % of the streaming read measured in this run). Two parts:
     stage behind its Q8_K launch, whole call; for Q4_K only the code sums change);
   * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
     timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
-  * `xv_reg`: q2, the IQ2_XXS gate/up with 16-byte activation loads under register caps (Int8MoeConfig.
-    maxnreg_gate_up) against the tuned kernel, behind its Q8_K launch and in the whole call, interleaved twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -223,7 +221,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil, xv, xv_sweep, xv_reg")
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil, xv, xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -331,21 +329,6 @@ def main(argv=None) -> int:
                     cfg = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv)
                     row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}",
                         "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
-            del gate, up, down
-
-    if "xv_reg" in args.parts:
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            if recipe != "q2":
-                continue
-            tuned = moe_int8.TUNED[gate.fmt]
-            for _ in range(2):
-                for xv, mr in ((False, 0), (True, 0), (True, 64), (True, 72), (True, 80)):
-                    cfg = replace(tuned, x_vec_gate_up=xv, maxnreg_gate_up=mr)
-                    name = f"tuned{' xv gate_up' if xv else ''}{f' maxnreg {mr}' if mr else ''}"
-                    row("moe_q2", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
-                    row("moe_q2", name, "whole", graph_time_ms(
-                        [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
-                        gu_bytes + dn_bytes)
             del gate, up, down
 
     if "ceil" in args.parts:

@@ -63,7 +63,6 @@ class Int8MoeConfig:
     # 16 sums), and every group read starts at a multiple of 4 words inside them
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
-    maxnreg_gate_up: int = 0  # > 0: register cap of the gate/up kernel (PTX .maxnreg)
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -535,7 +534,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
-        **pdl_launch(pdl), **({"maxnreg": cfg.maxnreg_gate_up} if cfg.maxnreg_gate_up and asm else {}))
+        **pdl_launch(pdl))
     return h
 
 
