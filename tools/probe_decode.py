@@ -115,13 +115,13 @@ def moe_cases(device):
     for recipe, (fgu, fdn) in MOE.items():
         torch.cuda.empty_cache()
         gate, up, down, sels, wts, u = moe_problem(fgu, fdn, device)
-        yield (recipe, gate, up, down, sels, wts, u, *stage_bytes(gate, up, down))
+        yield (recipe, gate, up, down, sels, wts, u, *stage_bytes(fgu, fdn))
         del gate, up, down
 
 
-def stage_bytes(gate, up, down) -> tuple[int, int]:
-    """Bytes one token's call reads in the gate/up stage and in the down stage (K_USED experts)."""
-    return K_USED * (gate.nbytes + up.nbytes) // N_EXPERT, K_USED * down.nbytes // N_EXPERT
+def stage_bytes(fgu, fdn) -> tuple[int, int]:
+    """Bytes one token's call reads in the gate/up stage and in the down stage (K_USED experts' rows)."""
+    return K_USED * 2 * F_EXP * fgu.row_bytes(D), K_USED * D * fdn.row_bytes(F_EXP)
 
 
 def chain_gate_up_ms(u, gate, up, sels, wts, cfg) -> float:
@@ -286,6 +286,7 @@ def main(argv=None) -> int:
                 xvs.update({f" xv dn_{bn}_{ks}_{w}": dict(x_vec_gate_up=False, x_vec_down=True, block_n_down=bn,
                                                          kstep_down=ks, warps_down=w)
                             for bn, ks, w in XV_DOWN_TILES})
+            uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
             for label, kw in list(xvs.items()) * 2:  # interleaved twice: drift shows as a difference between runs
                 cfg = replace(tuned, **kw)
                 if "block_n_down" in kw:  # another tile sums in another fp32 order: no bitwise check
@@ -294,7 +295,6 @@ def main(argv=None) -> int:
                     same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
                     note = " (bitwise equal)" if same else " (DIFFERS)"
                 name = f"tuned{label}{note}"
-                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
                 row(f"moe_{recipe}", name, "gate_up", graph_time_ms(
@@ -334,8 +334,7 @@ def main(argv=None) -> int:
     if "ceil" in args.parts:
         out = torch.empty(1 << 20, device=device, dtype=torch.int32)
         for recipe, (fgu, fdn) in MOE.items():
-            gu_bytes = K_USED * 2 * F_EXP * fgu.row_bytes(D)  # the bytes fused_int8 reads for one token
-            dn_bytes = K_USED * D * fdn.row_bytes(F_EXP)
+            gu_bytes, dn_bytes = stage_bytes(fgu, fdn)
             n = n_copies(gu_bytes + dn_bytes, 1)
             gus = [torch.empty(gu_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]
             dns = [torch.empty(dn_bytes // 4, device=device, dtype=torch.int32) for _ in range(n)]

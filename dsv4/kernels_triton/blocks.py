@@ -126,6 +126,12 @@ def iq2_sel16(device):
 _SEL16: dict = {}
 
 
+def iq2_sel16_arg(dw: DeviceWeight):
+    """The selector-table argument of a kernel that decodes dw: iq2_sel16 for IQ2_XXS weights, else dw's own
+    buffer (a valid pointer the kernel never reads for other formats)."""
+    return iq2_sel16(dw.w.device) if dw.fmt == QuantFormat.IQ2_XXS else dw.w
+
+
 def repack_q8_0(raw):
     """uint8 [..., nb*34] GGUF Q8_0 rows -> uint8 [..., nb*34] rows laid out [codes (32*nb) | scales (2*nb)]."""
     import torch

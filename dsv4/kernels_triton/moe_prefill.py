@@ -621,11 +621,6 @@ def _takes(gate: DeviceWeight, down: DeviceWeight, F: int, D: int, cfg: PrefillC
             and F % cfg.block_k_down == 0)
 
 
-def _grid_sel(dw: DeviceWeight):
-    """The IQ2_XXS grid as blocks.iq2_sel16's table, or the weight itself as a dummy pointer."""
-    return blocks.iq2_sel16(dw.w.device) if dw.fmt.name == "IQ2_XXS" else dw.w
-
-
 def _up_delta(gate: DeviceWeight, up: DeviceWeight) -> int | None:
     """up.w's first word counted from gate.w's (the fused kernel addresses both from gate.w), or None when
     the two cannot be addressed that way."""
@@ -649,8 +644,8 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
     delta = _up_delta(gate, up) if cfg.fuse else None
     fuse = delta is not None
     _gate_up_kernel[(triton.cdiv(F, cfg.block_n), te.numel())](
-        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, _grid_sel(gate), F, D, K, float(clamp),
-        x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
+        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, blocks.iq2_sel16_arg(gate), F, D, K,
+        float(clamp), x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
         PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, num_warps=cfg.num_warps,
         num_stages=1 if dev.vendor == Vendor.CPU else cfg.num_stages)
