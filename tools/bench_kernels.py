@@ -22,6 +22,7 @@ import sys
 import time
 import traceback
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -86,6 +87,9 @@ FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "me
 L2_BYTES = 60 << 20  # H200 L2 is 50 MiB; decode timings rotate over enough weight copies to defeat it
 ROTATE_MAX = 8
 GRAPH_REPS = 20
+LAUNCH = None  # set by --count-launch; None: graph_time_ms SPIN, run_case by case (prefill FLUSH, else SPIN)
+L2_FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench zeroes between calls (> L2; ~0.1 ms of GPU work)
+SPIN_CYCLES = 200_000  # ~0.1 ms at H200 clocks: longer than the host takes to submit a graph
 
 
 def median_time_ms(fn) -> float:
@@ -97,10 +101,24 @@ def median_time_ms(fn) -> float:
         return float(do_bench(fn, warmup=10, rep=50, quantiles=[0.5])[0])
 
 
-def graph_time_ms(calls) -> float:
+class Launch(str, Enum):
+    """How a graph replay is timed against the host's submission of it."""
+
+    COUNTED = "counted"  # start event on an idle GPU: the submission latency (1-3 µs) counts into the replay
+    SPIN = "spin"  # a GPU spin (torch.cuda._sleep) queued first: the kernels alone, L2 left as it is
+    FLUSH = "flush"  # an L2 flush queued first, as triton.testing.do_bench does between eager calls
+
+
+def graph_time_ms(calls, launch: Launch | None = None) -> float:
     """Kernel time without launch overhead: the calls (one per rotating input set) are captured once
     in a CUDA graph; median over GRAPH_REPS replays timed with CUDA events, divided by len(calls).
-    Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on."""
+    Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on.
+    launch (default LAUNCH): SPIN for decode calls (they rotate over weight copies, so L2 is cold anyway; a
+    flush would leave dirty lines whose write-back lands in a 10 µs kernel), FLUSH for prefill calls: timed
+    as the same-run bf16 reference is (do_bench: cold L2, submission hidden). COUNTED: as before
+    2026-11-29 (tools/results/h200_q8/12_*)."""
+    launch = launch or LAUNCH or Launch.SPIN
+    flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if launch == Launch.FLUSH else None
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -117,6 +135,10 @@ def graph_time_ms(calls) -> float:
     times = []
     for _ in range(GRAPH_REPS):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        if flush is not None:
+            flush.zero_()
+        elif launch == Launch.SPIN:
+            torch.cuda._sleep(SPIN_CYCLES)
         e0.record()
         g.replay()
         e1.record()
@@ -200,7 +222,10 @@ class Report:
                  f"date {h['date']} · commit {h['commit']} · torch {h['torch']} · triton {h['triton']} · "
                  f"read bandwidth {h['bw']:.0f} GB/s (sum over 4 GiB fp16, same run)", "",
                  "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time",
-                 "without launch overhead; decode will be graph-captured, the kernel targets are judged on it);",
+                 "without launch overhead; decode will be graph-captured, the kernel targets are judged on it;",
+                 ("the host's graph submission hidden: a GPU spin queued before the start event, or for prefill an"
+                  " L2 flush as do_bench does for the bf16 reference);" if LAUNCH is None else
+                  "--count-launch: the host's graph submission counted in, as before 2026-11-29 06:40 UTC);"),
                  "`eager µs` = triton.testing.do_bench around the Python call (includes host launch cost, an",
                  "engine concern). GB/s, % bw, TFLOP/s, % bf16 use graph µs where the call could be captured.", "",
                  "| op | shape | fmt | T | variant | graph µs | eager µs | GB/s | % bw | TFLOP/s | % bf16 | status |",
@@ -224,7 +249,7 @@ def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, 
         torch.cuda.synchronize()
         eager = median_time_ms(fn)
         try:
-            graph = graph_time_ms(calls or [fn])
+            graph = graph_time_ms(calls or [fn], LAUNCH or (Launch.FLUSH if bf16 else Launch.SPIN))
         except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the op: eager figure only
             print(f"graph capture failed for {base}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             torch.cuda.synchronize()
@@ -362,7 +387,11 @@ def main(argv=None) -> int:
                     help="also time the auto variant on every shape and token count (outside --ops/--T/--variants)")
     ap.add_argument("--ieee", action="store_true", help="also time the slow fp32-IEEE variants")
     ap.add_argument("--tuned", default=None, help="JSON of tools/tune_kernels.py merged into the config tables")
+    ap.add_argument("--count-launch", action="store_true",
+                    help="graph timing as before: the host's graph submission counted into each replay")
     args = ap.parse_args(argv)
+    global LAUNCH
+    LAUNCH = Launch.COUNTED if args.count_launch else None
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA/ROCm device", file=sys.stderr)
         return 2

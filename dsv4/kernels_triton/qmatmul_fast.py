@@ -212,6 +212,8 @@ def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_
 
 
 CAST_BLOCK = 4096  # activations cast per program of the fused cast + dequant launch
+CAST_WARPS = 8  # warps per program of that launch (both kinds of program): 2-4 % faster than 4 on the large
+# shapes, equal on the narrow ones (tools/results/h200_q8/11_*)
 
 
 @triton.jit
@@ -351,7 +353,8 @@ def _matmul_fp32(op, a, b, out=None):
     return out
 
 
-def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cast_block: int = CAST_BLOCK,
+                    cast_warps: int = CAST_WARPS):
     """Prefill: dequantize rows to a transient fp16 buffer (block-scaled Triton pass at memory speed,
     in chunks of <= DEQUANT_CHUNK_BYTES, usually one; the first chunk's launch also rounds x to fp16),
     then cuBLAS fp16 matmul with fp32 output written in place (grouped: one strided-batch bmm into the
@@ -372,10 +375,11 @@ def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
         if cast:
             x16 = torch.empty(x.shape, device=x.device, dtype=torch.float16)
         n_deq = triton.cdiv(rows, DEQUANT_BLOCK_N) * n_kblk
-        n_cast = triton.cdiv(x.numel(), CAST_BLOCK) if cast else 0
+        n_cast = triton.cdiv(x.numel(), cast_block) if cast else 0
         _cast_dequant_kernel[(n_deq + n_cast,)](
             x, x16, x.numel(), dw.w, dw.s, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s, dw.off_s,
-            w16.stride(0), n_deq, n_kblk, CAST=cast, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=CAST_BLOCK)
+            w16.stride(0), n_deq, n_kblk, CAST=cast, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=cast_block,
+            num_warps=cast_warps)
         if groups > 1:
             # y viewed [G, T, R] (batch stride R, row stride N): cuBLAS writes the [T, N] layout directly
             _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2),

@@ -1,0 +1,125 @@
+"""Q8_0 prefill (T=2048, Flash shapes) in parts: what the fp32 -> fp16 cast of x costs beside cuBLAS.
+
+`qmatmul_fast.gemm_dequant_q8` (the `auto` prefill path) is one Triton launch that dequantizes the weight rows
+to fp16 and rounds x to fp16, then one cuBLAS fp16 GEMM with fp32 output. On the narrow matrices (attn_kv
+512 rows, attn_q_a 1024) the cast of x (T*K fp32 read, fp16 written) is about half the time. Rows:
+  * the whole op for cast tiles (elements per cast program, warps of the launch);
+  * the same with torch's own cast (x.to(fp16)) and a dequant-only launch;
+  * the parts alone: the fused launch, torch's cast, the cuBLAS GEMM on ready fp16 inputs.
+Times are CUDA-graph replays (bench_kernels.graph_time_ms, median; Launch.FLUSH, as the benchmark times prefill,
+unless a row names another Launch mode); % bf16 against a same-run bf16 torch.matmul at the shape
+(bench_kernels.bf16_tflops: do_bench, eager), as in tools/bench_kernels.py; the bf16 product is also timed
+as a graph both ways. GB/s counts the
+bytes the part moves (x read, x16 written, weights read, fp16 weights written, output written).
+Usage: python tools/probe_q8_prefill.py [--out probe_q8_prefill.md] [--shapes attn_kv attn_q_a ...]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_kernels import DENSE, Launch, bf16_tflops, graph_time_ms  # noqa: E402
+from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
+from dsv4.kernels_triton import blocks, qmatmul_fast as qf  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device  # noqa: E402
+
+T = 2048
+# (elements per cast program, warps of the fused launch); the first is the shipped default
+CAST_TILES = [(qf.CAST_BLOCK, qf.CAST_WARPS), (2048, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (4096, 8)]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="probe_q8_prefill.md")
+    ap.add_argument("--shapes", nargs="+", default=[d.name for d in DENSE if d.fmt.name == "Q8_0"])
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    table = ProbeTable(args.out, f"Q8_0 prefill parts, T={T} ({torch.cuda.get_device_name(device)})",
+                       f"{utc_stamp()} · torch {torch.__version__} · triton {triton.__version__}",
+                       ["shape", "what", "µs", "GB/s", "TFLOP/s", "% bf16", "max diff vs default"])
+    for d in DENSE:
+        if d.name not in args.shapes or d.fmt.name != "Q8_0":
+            continue
+        g = d.groups
+        x = torch.randn((T, g, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.float32)
+        raw = blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1)
+        dw = blocks.to_device(raw, d.fmt, (d.n, d.k), device)
+        del raw
+        flops = 2.0 * T * d.n * d.k
+        bf16 = bf16_tflops(T, d.n, d.k, device, g)
+        table.add(d.name, "bf16 torch.matmul (eager do_bench)", f"{flops / bf16 / 1e6:.1f}", "", f"{bf16:.1f}",
+                  "100.0", "")
+        x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
+        a16 = torch.randn((g, T, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.bfloat16)
+        b16 = torch.randn((g, d.k, d.n // g) if g > 1 else (d.k, d.n), device=device, dtype=torch.bfloat16)
+        for mode in Launch:
+            ms = graph_time_ms([lambda: torch.bmm(a16, b16) if g > 1 else a16 @ b16], mode)
+            tf = flops / (ms * 1e-3) / 1e12
+            table.add(d.name, f"bf16 torch.matmul, graph, launch {mode.value}",
+                      f"{ms * 1e3:.1f}", "", f"{tf:.1f}", f"{100 * tf / bf16:.1f}", "")
+        del a16, b16
+
+        def add(what, ms, nbytes, out=None, ref=None):
+            diff = f"{(out - ref).abs().max().item():.3g}" if out is not None and ref is not None else ""
+            tf = flops / (ms * 1e-3) / 1e12
+            table.add(d.name, what, f"{ms * 1e3:.1f}", f"{gb_s(nbytes, ms):.0f}", f"{tf:.1f}",
+                      f"{100 * tf / bf16:.1f}", diff)
+
+        whole = x_bytes + x.numel() * 2 + dw.nbytes + w16_bytes + T * d.n * 4
+        ref = None
+        for cb, cw in CAST_TILES:
+            def call(cb=cb, cw=cw):
+                return qf.gemm_dequant_q8(x, dw, dev, g, cast_block=cb, cast_warps=cw)
+            out = call().reshape(T, d.n).clone()
+            ref = out if ref is None else ref
+            add(f"whole, cast {cb} elements x {cw} warps", graph_time_ms([call], Launch.FLUSH), whole, out, ref)
+            if ref is out:
+                for mode in (Launch.COUNTED, Launch.SPIN):
+                    add(f"whole, cast {cb} elements x {cw} warps, launch {mode.value}", graph_time_ms([call], mode),
+                        whole)
+
+        # torch's cast, then the dequant-only launch and the same GEMM
+        w16 = torch.empty((d.n, d.k), device=device, dtype=torch.float16)
+        n_kblk = triton.cdiv(d.k, 32 * qf.DEQUANT_BLOCKS)
+
+        def dequant():
+            qf._q8_dequant_rows_kernel[(triton.cdiv(d.n, qf.DEQUANT_BLOCK_N), n_kblk)](
+                dw.w, dw.s, w16, d.n, d.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
+                BLOCK_N=qf.DEQUANT_BLOCK_N, NBLK=qf.DEQUANT_BLOCKS)
+
+        def gemm(x16):
+            if g > 1:
+                y = torch.empty((T, d.n), device=device, dtype=torch.float32)
+                r = d.n // g
+                qf._matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(g, r, d.k).transpose(1, 2),
+                                out=y.view(T, g, r).transpose(0, 1))
+                return y
+            return qf._matmul_fp32(torch.mm, x16, w16.T)
+
+        def torch_cast_whole():
+            x16 = x.to(torch.float16)
+            dequant()
+            return gemm(x16)
+
+        add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), whole,
+            torch_cast_whole().reshape(T, d.n), ref)
+        add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH), x_bytes + x.numel() * 2)
+        add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + w16_bytes)
+        x16 = x.to(torch.float16)
+        add("part: cuBLAS GEMM on fp16 inputs", graph_time_ms([lambda: gemm(x16)], Launch.FLUSH),
+            x.numel() * 2 + w16_bytes + T * d.n * 4)
+        del dw, x, x16, w16
+        torch.cuda.empty_cache()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
