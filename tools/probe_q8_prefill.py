@@ -33,12 +33,17 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 T = 2048
 # (elements per cast program, warps of the fused launch); the first is the shipped default
 CAST_TILES = [(qf.CAST_BLOCK, qf.CAST_WARPS), (2048, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (4096, 8)]
+# (keep_l2 of the fused launch), the default first
+KEEP = [qf.KEEP_L2, not qf.KEEP_L2]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_q8_prefill.md")
     ap.add_argument("--shapes", nargs="+", default=[d.name for d in DENSE if d.fmt.name == "Q8_0"])
+    ap.add_argument("--tiles", choices=("all", "default"), default="all", help="cast tiles: CAST_TILES or the first")
+    ap.add_argument("--repeat", type=int, default=1, help="time the whole-op rows this many times, interleaved")
+    ap.add_argument("--no-parts", action="store_true", help="skip the launch-mode and per-part rows")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -60,11 +65,12 @@ def main(argv=None) -> int:
         x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
         a16 = torch.randn((g, T, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.bfloat16)
         b16 = torch.randn((g, d.k, d.n // g) if g > 1 else (d.k, d.n), device=device, dtype=torch.bfloat16)
-        for mode in Launch:
-            ms = graph_time_ms([lambda: torch.bmm(a16, b16) if g > 1 else a16 @ b16], mode)
-            tf = flops / (ms * 1e-3) / 1e12
-            table.add(d.name, f"bf16 torch.matmul, graph, launch {mode.value}",
-                      f"{ms * 1e3:.1f}", "", f"{tf:.1f}", f"{100 * tf / bf16:.1f}", "")
+        if not args.no_parts:
+            for mode in Launch:
+                ms = graph_time_ms([lambda: torch.bmm(a16, b16) if g > 1 else a16 @ b16], mode)
+                tf = flops / (ms * 1e-3) / 1e12
+                table.add(d.name, f"bf16 torch.matmul, graph, launch {mode.value}",
+                          f"{ms * 1e3:.1f}", "", f"{tf:.1f}", f"{100 * tf / bf16:.1f}", "")
         del a16, b16
 
         def add(what, ms, nbytes, out=None, ref=None):
@@ -75,16 +81,22 @@ def main(argv=None) -> int:
 
         whole = x_bytes + x.numel() * 2 + dw.nbytes + w16_bytes + T * d.n * 4
         ref = None
-        for cb, cw in CAST_TILES:
-            def call(cb=cb, cw=cw):
-                return qf.gemm_dequant_q8(x, dw, dev, g, cast_block=cb, cast_warps=cw)
-            out = call().reshape(T, d.n).clone()
-            ref = out if ref is None else ref
-            add(f"whole, cast {cb} elements x {cw} warps", graph_time_ms([call], Launch.FLUSH), whole, out, ref)
-            if ref is out:
-                for mode in (Launch.COUNTED, Launch.SPIN):
-                    add(f"whole, cast {cb} elements x {cw} warps, launch {mode.value}", graph_time_ms([call], mode),
-                        whole)
+        for rep in range(args.repeat):
+            for cb, cw in CAST_TILES if args.tiles == "all" else CAST_TILES[:1]:
+                for keep in KEEP:
+                    def call(cb=cb, cw=cw, keep=keep):
+                        return qf.gemm_dequant_q8(x, dw, dev, g, cast_block=cb, cast_warps=cw, keep_l2=keep)
+                    out = call().reshape(T, d.n).clone()
+                    ref = out if ref is None else ref
+                    what = f"whole, cast {cb} elements x {cw} warps{', keep_l2' if keep else ''}"
+                    add(what, graph_time_ms([call], Launch.FLUSH), whole, out, ref)
+                    if ref is out and rep == 0 and not args.no_parts:
+                        for mode in (Launch.COUNTED, Launch.SPIN):
+                            add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), whole)
+        if args.no_parts:
+            del dw, x
+            torch.cuda.empty_cache()
+            continue
 
         # torch's cast, then the dequant-only launch and the same GEMM
         w16 = torch.empty((d.n, d.k), device=device, dtype=torch.float16)
