@@ -33,8 +33,6 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 T = 2048
 # (elements per cast program, warps of the fused launch); the first is the shipped default
 CAST_TILES = [(qf.CAST_BLOCK, qf.CAST_WARPS), (2048, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (4096, 8)]
-# (keep_l2 of the fused launch), the default first
-KEEP = [qf.KEEP_L2, not qf.KEEP_L2]
 
 
 def main(argv=None) -> int:
@@ -83,16 +81,15 @@ def main(argv=None) -> int:
         ref = None
         for rep in range(args.repeat):
             for cb, cw in CAST_TILES if args.tiles == "all" else CAST_TILES[:1]:
-                for keep in KEEP:
-                    def call(cb=cb, cw=cw, keep=keep):
-                        return qf.gemm_dequant_q8(x, dw, dev, g, cast_block=cb, cast_warps=cw, keep_l2=keep)
-                    out = call().reshape(T, d.n).clone()
-                    ref = out if ref is None else ref
-                    what = f"whole, cast {cb} elements x {cw} warps{', keep_l2' if keep else ''}"
-                    add(what, graph_time_ms([call], Launch.FLUSH), whole, out, ref)
-                    if ref is out and rep == 0 and not args.no_parts:
-                        for mode in (Launch.COUNTED, Launch.SPIN):
-                            add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), whole)
+                def call(cb=cb, cw=cw):
+                    return qf.gemm_dequant_q8(x, dw, dev, g, cast_block=cb, cast_warps=cw)
+                out = call().reshape(T, d.n).clone()
+                ref = out if ref is None else ref
+                what = f"whole, cast {cb} elements x {cw} warps"
+                add(what, graph_time_ms([call], Launch.FLUSH), whole, out, ref)
+                if ref is out and rep == 0 and not args.no_parts:
+                    for mode in (Launch.COUNTED, Launch.SPIN):
+                        add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), whole)
         if args.no_parts:
             del dw, x
             torch.cuda.empty_cache()

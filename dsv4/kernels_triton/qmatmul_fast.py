@@ -188,7 +188,7 @@ def _q8_gemv_persist_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
 
 @triton.jit
 def _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid_n, pid_b, N, K, row0, stride_w, stride_s, off_s, stride_o,
-                     BLOCK_N: tl.constexpr, NBLK: tl.constexpr, OUT_EVICT: tl.constexpr = ""):
+                     BLOCK_N: tl.constexpr, NBLK: tl.constexpr):
     """out[n - row0, k] = fp16(d * q) for the [BLOCK_N, NBLK*32] tile (pid_n, pid_b) of rows [row0, N):
     codes as [BLOCK_N, NBLK, 32] with one scale load per 32-weight block (the generic dequant_tile
     gathers the scale per weight)."""
@@ -200,8 +200,7 @@ def _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid_n, pid_b, N, K, row0, stride_w, 
     ok = (rn < N)[:, None, None] & (b3 * 32 < K)
     q = tl.load(w_ptr + r3 * stride_w + b3 * 32 + j3, mask=ok, other=0).to(tl.float32)
     d = tl.load(s_ptr + r3 * stride_s + off_s + b3, mask=ok, other=0).to(tl.float32)
-    tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok,
-             eviction_policy=OUT_EVICT)
+    tl.store(out_ptr + (r3 - row0) * stride_o + b3 * 32 + j3, (q * d).to(tl.float16), mask=ok)
 
 
 @triton.jit
@@ -215,28 +214,23 @@ def _q8_dequant_rows_kernel(w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_
 CAST_BLOCK = 4096  # activations cast per program of the fused cast + dequant launch
 CAST_WARPS = 8  # warps per program of that launch (both kinds of program): 2-4 % faster than 4 on the large
 # shapes, equal on the narrow ones (tools/results/h200_q8/11_*)
-KEEP_L2 = False  # eviction hints in that launch (see _cast_dequant_kernel)
 
 
 @triton.jit
 def _cast_dequant_kernel(x_ptr, x16_ptr, n_x, w_ptr, s_ptr, out_ptr, N, K, row0, stride_w, stride_s, off_s, stride_o,
                          n_deq, n_kblk, CAST: tl.constexpr, BLOCK_N: tl.constexpr, NBLK: tl.constexpr,
-                         BLOCK_X: tl.constexpr, KEEP_L2: tl.constexpr = False):
+                         BLOCK_X: tl.constexpr):
     """One launch for both inputs of the fp16 GEMM: programs [0, n_deq) dequantize [BLOCK_N, NBLK*32] weight
     tiles (_q8_dequant_tile); with CAST the remaining programs round x (flat, contiguous) to fp16.
-    (Two launches cost a kernel gap each; at T=2048 the cast alone is ~a third of a narrow GEMM's time.)
-    KEEP_L2: the fp16 outputs stored evict_last and x loaded evict_first, so that what the GEMM reads next
-    stays in L2 and the fp32 x does not push it out."""
-    out_evict: tl.constexpr = "evict_last" if KEEP_L2 else ""
+    (Two launches cost a kernel gap each; at T=2048 the cast alone is ~a third of a narrow GEMM's time.)"""
     pid = tl.program_id(0)
     if pid < n_deq:
         _q8_dequant_tile(w_ptr, s_ptr, out_ptr, pid // n_kblk, pid % n_kblk, N, K, row0, stride_w, stride_s, off_s,
-                         stride_o, BLOCK_N, NBLK, out_evict)
+                         stride_o, BLOCK_N, NBLK)
     elif CAST:
         offs = (pid - n_deq).to(tl.int64) * BLOCK_X + tl.arange(0, BLOCK_X)
         m = offs < n_x
-        xv = tl.load(x_ptr + offs, mask=m, other=0.0, eviction_policy="evict_first" if KEEP_L2 else "")
-        tl.store(x16_ptr + offs, xv.to(tl.float16), mask=m, eviction_policy=out_evict)
+        tl.store(x16_ptr + offs, tl.load(x_ptr + offs, mask=m, other=0.0).to(tl.float16), mask=m)
 
 
 @dataclass(frozen=True)
@@ -360,7 +354,7 @@ def _matmul_fp32(op, a, b, out=None):
 
 
 def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cast_block: int = CAST_BLOCK,
-                    cast_warps: int = CAST_WARPS, keep_l2: bool = KEEP_L2):
+                    cast_warps: int = CAST_WARPS):
     """Prefill: dequantize rows to a transient fp16 buffer (block-scaled Triton pass at memory speed,
     in chunks of <= DEQUANT_CHUNK_BYTES, usually one; the first chunk's launch also rounds x to fp16),
     then cuBLAS fp16 matmul with fp32 output written in place (grouped: one strided-batch bmm into the
@@ -385,7 +379,7 @@ def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cast_
         _cast_dequant_kernel[(n_deq + n_cast,)](
             x, x16, x.numel(), dw.w, dw.s, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s, dw.off_s,
             w16.stride(0), n_deq, n_kblk, CAST=cast, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=cast_block,
-            KEEP_L2=keep_l2, num_warps=cast_warps)
+            num_warps=cast_warps)
         if groups > 1:
             # y viewed [G, T, R] (batch stride R, row stride N): cuBLAS writes the [T, N] layout directly
             _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2),
