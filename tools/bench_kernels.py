@@ -87,7 +87,7 @@ FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "me
 L2_BYTES = 60 << 20  # H200 L2 is 50 MiB; decode timings rotate over enough weight copies to defeat it
 ROTATE_MAX = 8
 GRAPH_REPS = 20
-LAUNCH = None  # set by --count-launch; None: graph_time_ms SPIN, run_case by case (prefill FLUSH, else SPIN)
+LAUNCH = None  # Launch.COUNTED under --count-launch; None: by call (default_launch)
 L2_FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench zeroes between calls (> L2; ~0.1 ms of GPU work)
 SPIN_CYCLES = 200_000  # ~0.1 ms at H200 clocks: longer than the host takes to submit a graph
 
@@ -104,20 +104,25 @@ def median_time_ms(fn) -> float:
 class Launch(str, Enum):
     """How a graph replay is timed against the host's submission of it."""
 
-    COUNTED = "counted"  # start event on an idle GPU: the submission latency (1-3 µs) counts into the replay
+    COUNTED = "counted"  # start event on an idle GPU: the submission latency (1-5 µs) counts into the replay
     SPIN = "spin"  # a GPU spin (torch.cuda._sleep) queued first: the kernels alone, L2 left as it is
     FLUSH = "flush"  # an L2 flush queued first, as triton.testing.do_bench does between eager calls
+
+
+def default_launch(prefill: bool) -> Launch:
+    """LAUNCH where --count-launch set it, else FLUSH for prefill calls and SPIN for decode calls."""
+    return LAUNCH or (Launch.FLUSH if prefill else Launch.SPIN)
 
 
 def graph_time_ms(calls, launch: Launch | None = None) -> float:
     """Kernel time without launch overhead: the calls (one per rotating input set) are captured once
     in a CUDA graph; median over GRAPH_REPS replays timed with CUDA events, divided by len(calls).
     Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on.
-    launch (default LAUNCH): SPIN for decode calls (they rotate over weight copies, so L2 is cold anyway; a
-    flush would leave dirty lines whose write-back lands in a 10 µs kernel), FLUSH for prefill calls: timed
-    as the same-run bf16 reference is (do_bench: cold L2, submission hidden). COUNTED: as before
-    2026-11-29 (tools/results/h200_q8/12_*)."""
-    launch = launch or LAUNCH or Launch.SPIN
+    launch (default: default_launch(prefill=False)): SPIN for decode calls (they rotate over weight copies,
+    so L2 is cold anyway; a flush would leave dirty lines whose write-back lands in a 10 µs kernel), FLUSH
+    for prefill calls: timed as the same-run bf16 reference is (do_bench: cold L2, submission hidden).
+    COUNTED: as before 2026-11-29 (tools/results/h200_q8/12_*)."""
+    launch = launch or default_launch(prefill=False)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if launch == Launch.FLUSH else None
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
@@ -249,7 +254,7 @@ def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, 
         torch.cuda.synchronize()
         eager = median_time_ms(fn)
         try:
-            graph = graph_time_ms(calls or [fn], LAUNCH or (Launch.FLUSH if bf16 else Launch.SPIN))
+            graph = graph_time_ms(calls or [fn], default_launch(prefill=bf16 is not None))
         except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the op: eager figure only
             print(f"graph capture failed for {base}: {type(e).__name__}: {str(e)[:120]}", flush=True)
             torch.cuda.synchronize()

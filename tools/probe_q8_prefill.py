@@ -12,6 +12,7 @@ unless a row names another Launch mode); % bf16 against a same-run bf16 torch.ma
 as a graph both ways. GB/s counts the
 bytes the part moves (x read, x16 written, weights read, fp16 weights written, output written).
 Usage: python tools/probe_q8_prefill.py [--out probe_q8_prefill.md] [--shapes attn_kv attn_q_a ...]
+       [--tiles all|default] [--repeat N] [--no-parts]   (--no-parts: only the whole-op rows)
 """
 from __future__ import annotations
 
@@ -61,15 +62,15 @@ def main(argv=None) -> int:
         table.add(d.name, "bf16 torch.matmul (eager do_bench)", f"{flops / bf16 / 1e6:.1f}", "", f"{bf16:.1f}",
                   "100.0", "")
         x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
-        a16 = torch.randn((g, T, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.bfloat16)
-        b16 = torch.randn((g, d.k, d.n // g) if g > 1 else (d.k, d.n), device=device, dtype=torch.bfloat16)
-        if not args.no_parts:
+        if not args.no_parts:  # the bf16 product as a graph, in each Launch mode
+            a16 = torch.randn((g, T, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.bfloat16)
+            b16 = torch.randn((g, d.k, d.n // g) if g > 1 else (d.k, d.n), device=device, dtype=torch.bfloat16)
             for mode in Launch:
                 ms = graph_time_ms([lambda: torch.bmm(a16, b16) if g > 1 else a16 @ b16], mode)
                 tf = flops / (ms * 1e-3) / 1e12
                 table.add(d.name, f"bf16 torch.matmul, graph, launch {mode.value}",
                           f"{ms * 1e3:.1f}", "", f"{tf:.1f}", f"{100 * tf / bf16:.1f}", "")
-        del a16, b16
+            del a16, b16
 
         def add(what, ms, nbytes, out=None, ref=None):
             diff = f"{(out - ref).abs().max().item():.3g}" if out is not None and ref is not None else ""
@@ -120,7 +121,8 @@ def main(argv=None) -> int:
 
         add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), whole,
             torch_cast_whole().reshape(T, d.n), ref)
-        add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH), x_bytes + x.numel() * 2)
+        add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH),
+            x_bytes + x.numel() * 2)
         add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + w16_bytes)
         x16 = x.to(torch.float16)
         add("part: cuBLAS GEMM on fp16 inputs", graph_time_ms([lambda: gemm(x16)], Launch.FLUSH),
