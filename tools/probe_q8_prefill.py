@@ -36,6 +36,33 @@ T = 2048
 CAST_TILES = [(qf.CAST_BLOCK, qf.CAST_WARPS), (2048, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (4096, 8)]
 
 
+def parts(d, x, dw, g, add, ref, whole):
+    """The rows of one shape beside the whole op: torch's cast with the dequant-only launch and the same GEMM,
+    then each part alone."""
+    x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
+    w16 = torch.empty((d.n, d.k), device=x.device, dtype=torch.float16)
+
+    def dequant():
+        qf.dequant_q8_rows(dw, w16)
+
+    def gemm(x16):
+        return qf.fp16_gemm(x16, w16, g)
+
+    def torch_cast_whole():
+        x16 = x.to(torch.float16)
+        dequant()
+        return gemm(x16)
+
+    add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), whole,
+        torch_cast_whole().reshape(T, d.n), ref)
+    add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH),
+        x_bytes + x.numel() * 2)
+    add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + w16_bytes)
+    x16 = x.to(torch.float16)
+    add("part: cuBLAS GEMM on fp16 inputs", graph_time_ms([lambda: gemm(x16)], Launch.FLUSH),
+        x.numel() * 2 + w16_bytes + T * d.n * 4)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="probe_q8_prefill.md")
@@ -91,43 +118,9 @@ def main(argv=None) -> int:
                 if ref is out and rep == 0 and not args.no_parts:
                     for mode in (Launch.COUNTED, Launch.SPIN):
                         add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), whole)
-        if args.no_parts:
-            del dw, x
-            torch.cuda.empty_cache()
-            continue
-
-        # torch's cast, then the dequant-only launch and the same GEMM
-        w16 = torch.empty((d.n, d.k), device=device, dtype=torch.float16)
-        n_kblk = triton.cdiv(d.k, 32 * qf.DEQUANT_BLOCKS)
-
-        def dequant():
-            qf._q8_dequant_rows_kernel[(triton.cdiv(d.n, qf.DEQUANT_BLOCK_N), n_kblk)](
-                dw.w, dw.s, w16, d.n, d.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
-                BLOCK_N=qf.DEQUANT_BLOCK_N, NBLK=qf.DEQUANT_BLOCKS)
-
-        def gemm(x16):
-            if g > 1:
-                y = torch.empty((T, d.n), device=device, dtype=torch.float32)
-                r = d.n // g
-                qf._matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(g, r, d.k).transpose(1, 2),
-                                out=y.view(T, g, r).transpose(0, 1))
-                return y
-            return qf._matmul_fp32(torch.mm, x16, w16.T)
-
-        def torch_cast_whole():
-            x16 = x.to(torch.float16)
-            dequant()
-            return gemm(x16)
-
-        add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), whole,
-            torch_cast_whole().reshape(T, d.n), ref)
-        add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH),
-            x_bytes + x.numel() * 2)
-        add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + w16_bytes)
-        x16 = x.to(torch.float16)
-        add("part: cuBLAS GEMM on fp16 inputs", graph_time_ms([lambda: gemm(x16)], Launch.FLUSH),
-            x.numel() * 2 + w16_bytes + T * d.n * 4)
-        del dw, x, x16, w16
+        if not args.no_parts:
+            parts(d, x, dw, g, add, ref, whole)
+        dw = x = None  # freed before the next shape allocates
         torch.cuda.empty_cache()
     return 0
 

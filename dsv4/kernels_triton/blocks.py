@@ -12,6 +12,7 @@ No dequantized copy of a weight is ever kept. Knows block layouts only, not the 
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +59,10 @@ IQ2_NEG_BIASED: tl.constexpr = tl.constexpr(0x00556778)
 
 @dataclass
 class DeviceWeight:
-    """A weight on the device in its kernel layout. `w`/`s` are views of one buffer; `g` the IQ2 grid.
-    stride_w / stride_s: elements per row in the w / s views; off_s: offset of the scales inside a row."""
+    """A weight on the device in its kernel layout. `w`/`s` are views of one buffer; `g` the IQ2 grid and
+    `sel16` its 512-byte selector table (iq2_sel16), each the weight's own buffer for other formats (a valid
+    pointer the kernels never read). stride_w / stride_s: elements per row in the w / s views; off_s: offset of
+    the scales inside a row."""
 
     fmt: QuantFormat
     shape: tuple[int, ...]
@@ -67,6 +70,7 @@ class DeviceWeight:
     w: Any
     s: Any
     g: Any
+    sel16: Any
     stride_w: int
     stride_s: int
     off_s: int
@@ -87,9 +91,6 @@ class DeviceWeight:
         return int(self.buf.numel())
 
 
-_GRIDS: dict[str, Any] = {}
-
-
 def empty(shape, device):
     """fp32 output/scratch buffer of every launcher (tests replace this to NaN-poison outputs)."""
     import torch
@@ -97,16 +98,15 @@ def empty(shape, device):
     return torch.empty(tuple(shape), device=device, dtype=torch.float32)
 
 
+@functools.lru_cache(maxsize=None)
 def iq2_grid(device):
     """The IQ2_XXS grid as uint8 [256*8] on `device` (one copy per device)."""
     import torch
 
-    key = str(device)
-    if key not in _GRIDS:
-        _GRIDS[key] = torch.from_numpy(np.array(IQ2XXS_GRID, dtype=np.uint8).reshape(-1)).to(device)
-    return _GRIDS[key]
+    return torch.from_numpy(np.array(IQ2XXS_GRID, dtype=np.uint8).reshape(-1)).to(device)
 
 
+@functools.lru_cache(maxsize=None)
 def iq2_sel16(device):
     """The IQ2_XXS grid as 16-bit compact selectors, int16 [256] (512 B, one copy per device): the level of
     coordinate j (nibble n = IQ2_SEL_NIBBLE[j] of the selector) in bits 4 (n % 4) + 2 (n // 4) and up, so
@@ -115,21 +115,9 @@ def iq2_sel16(device):
     grow with the distinct cache lines that 32 random indices touch."""
     import torch
 
-    key = str(device)
-    if key not in _SEL16:
-        pos = 4 * (IQ2_SEL_NIBBLE % 4) + 2 * (IQ2_SEL_NIBBLE // 4)
-        sel = (IQ2XXS_LEVELS.astype(np.int64) << pos[None, :]).sum(axis=1)
-        _SEL16[key] = torch.from_numpy(sel.astype(np.uint16).view(np.int16).copy()).to(device)
-    return _SEL16[key]
-
-
-_SEL16: dict = {}
-
-
-def iq2_sel16_arg(dw: DeviceWeight):
-    """The selector-table argument of a kernel that decodes dw: iq2_sel16 for IQ2_XXS weights, else dw's own
-    buffer (a valid pointer the kernel never reads for other formats)."""
-    return iq2_sel16(dw.w.device) if dw.fmt == QuantFormat.IQ2_XXS else dw.w
+    pos = 4 * (IQ2_SEL_NIBBLE % 4) + 2 * (IQ2_SEL_NIBBLE // 4)
+    sel = (IQ2XXS_LEVELS.astype(np.int64) << pos[None, :]).sum(axis=1)
+    return torch.from_numpy(sel.astype(np.uint16).view(np.int16).copy()).to(device)
 
 
 def repack_q8_0(raw):
@@ -157,20 +145,21 @@ def to_device(raw, fmt: QuantFormat, shape: tuple[int, ...], device, repacked: b
     k = shape[-1]
     rb = fmt.row_bytes(k)
     flat = buf.reshape(-1, rb)
-    g = iq2_grid(buf.device) if fmt == QuantFormat.IQ2_XXS else buf
+    iq2 = fmt == QuantFormat.IQ2_XXS
+    g, sel16 = (iq2_grid(buf.device), iq2_sel16(buf.device)) if iq2 else (buf, buf)
     if fmt == QuantFormat.Q8_0:
         if not repacked:
             buf = repack_q8_0(buf)
             flat = buf.reshape(-1, rb)
         w = flat.view(torch.int8)
         s = flat.view(torch.float16)
-        return DeviceWeight(fmt, tuple(shape), buf, w, s, g, rb, rb // 2, k // 2)
+        return DeviceWeight(fmt, tuple(shape), buf, w, s, g, sel16, rb, rb // 2, k // 2)
     view = {
         QuantFormat.F32: torch.float32, QuantFormat.F16: torch.float16, QuantFormat.BF16: torch.int16,
         QuantFormat.Q2_K: torch.int32, QuantFormat.Q4_K: torch.int32, QuantFormat.IQ2_XXS: torch.int16,
     }[fmt]
     w = flat.view(view)
-    return DeviceWeight(fmt, tuple(shape), buf, w, w, g, w.shape[1], 0, 0)
+    return DeviceWeight(fmt, tuple(shape), buf, w, w, g, sel16, w.shape[1], 0, 0)
 
 
 def from_qtensor(qt: QTensor, device) -> DeviceWeight:

@@ -528,7 +528,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     bn = cfg.block_n_gate_up
     h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
-        xq, xd, xs, sel, weights, h, gw, uw, blocks.iq2_sel16_arg(gate), F, D, K, float(clamp), stride_w,
+        xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,

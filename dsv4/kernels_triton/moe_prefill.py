@@ -644,7 +644,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
     delta = _up_delta(gate, up) if cfg.fuse else None
     fuse = delta is not None
     _gate_up_kernel[(triton.cdiv(F, cfg.block_n), te.numel())](
-        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, blocks.iq2_sel16_arg(gate), F, D, K,
+        x16, order, weights.reshape(-1), h, te, lo, hi, gate.w, up.w, gate.sel16, F, D, K,
         float(clamp), x16.stride(0), h.stride(0), gate.stride_w, delta or 0, F32_MAGIC_BITS, FMT=int(gate.fmt),
         PRMT=dev.vendor == Vendor.NVIDIA, H2=cfg.h2, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         BLOCK_K=cfg.block_k, GF=GROUPS_FIRST, FUSE=fuse, SWAP=cfg.swap, num_warps=cfg.num_warps,

@@ -23,8 +23,7 @@ from . import blocks
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, Vendor, pdl_launch, pow2_divisor, use_pdl
 from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
-from .qmatmul_fast import DEQUANT_BLOCK_N, DEQUANT_BLOCKS, Q8_BIAS, F32_MAGIC_BITS, _q8_dequant_rows_kernel, \
-    _q8_accumulate, _q8_words4, q8_tiles
+from .qmatmul_fast import Q8_BIAS, F32_MAGIC_BITS, _q8_accumulate, _q8_words4, dequant_q8_rows, q8_tiles
 
 ROWS_BLOCK_N = 8  # rows per program
 ROWS_BLOCK_K = 1024  # codes per row per step (a power-of-two divisor of K)
@@ -453,10 +452,7 @@ def gemm_f16w(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_m: in
     x, T, N, R, stride_xg, _t = _check(x, dw, groups)
     if groups > 1 and R % block_n:
         return gemm_hybrid(x, dw, dev, groups)
-    w16 = torch.empty((N, dw.k), device=x.device, dtype=torch.float16)
-    _q8_dequant_rows_kernel[(triton.cdiv(N, DEQUANT_BLOCK_N), triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS))](
-        dw.w, dw.s, w16, N, dw.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
-        BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS)
+    w16 = dequant_q8_rows(dw, torch.empty((N, dw.k), device=x.device, dtype=torch.float16))
     out = blocks.empty((split_k, T, N), x.device)
     grid = (triton.cdiv(T, block_m) * triton.cdiv(N, block_n), split_k)
     _mm_x32_w16_kernel[grid](x, w16, out, T, N, dw.k // split_k, R, x.stride(0), stride_xg, w16.stride(0),

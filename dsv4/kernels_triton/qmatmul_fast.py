@@ -380,14 +380,33 @@ def gemm_dequant_q8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cast_
             x, x16, x.numel(), dw.w, dw.s, w16, row0 + rows, dw.k, row0, dw.stride_w, dw.stride_s, dw.off_s,
             w16.stride(0), n_deq, n_kblk, CAST=cast, BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS, BLOCK_X=cast_block,
             num_warps=cast_warps)
-        if groups > 1:
-            # y viewed [G, T, R] (batch stride R, row stride N): cuBLAS writes the [T, N] layout directly
-            _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, dw.k).transpose(1, 2),
-                         out=y.view(T, groups, R).transpose(0, 1))
-            return y
-        part = _matmul_fp32(torch.mm, x16, w16.T, out=None if y is None else y[:, row0:row0 + rows])
+        part = fp16_gemm(x16, w16, groups, None if y is None else y[:, row0:row0 + rows])
         if y is None:
             return part
+    return y
+
+
+def dequant_q8_rows(dw: DeviceWeight, w16):
+    """w16 [N, K] fp16 = every row of the Q8_0 weight dw dequantized (q*d rounded once; one launch)."""
+    _q8_dequant_rows_kernel[(triton.cdiv(dw.n_rows, DEQUANT_BLOCK_N), triton.cdiv(dw.k, 32 * DEQUANT_BLOCKS))](
+        dw.w, dw.s, w16, dw.n_rows, dw.k, 0, dw.stride_w, dw.stride_s, dw.off_s, w16.stride(0),
+        BLOCK_N=DEQUANT_BLOCK_N, NBLK=DEQUANT_BLOCKS)
+    return w16
+
+
+def fp16_gemm(x16, w16, groups: int = 1, out=None):
+    """The cuBLAS step of gemm_dequant_q8: [T, N] fp32 = x16 @ w16^T, x16 [T, K] (grouped: [T, G, K] against
+    w16 viewed [G, N/G, K]), into `out` (a [T, N] view, or for groups == 1 a column slice) when given."""
+    import torch
+
+    if groups == 1:
+        return _matmul_fp32(torch.mm, x16, w16.T, out=out)
+    T, N, K = x16.shape[0], w16.shape[0], w16.shape[1]
+    R = N // groups
+    y = torch.empty((T, N), device=x16.device, dtype=torch.float32) if out is None else out
+    # y viewed [G, T, R] (batch stride R, row stride N): cuBLAS writes the [T, N] layout directly
+    _matmul_fp32(torch.bmm, x16.transpose(0, 1), w16.view(groups, R, K).transpose(1, 2),
+                 out=y.view(T, groups, R).transpose(0, 1))
     return y
 
 
