@@ -26,7 +26,7 @@ import triton
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_kernels import DENSE, Launch, bf16_tflops, graph_time_ms  # noqa: E402
+from bench_kernels import DENSE, Launch, bf16_tflops, commit_id, graph_time_ms  # noqa: E402
 from probe_table import ProbeTable, gb_s, utc_stamp  # noqa: E402
 from dsv4.kernels_triton import blocks, qmatmul_fast as qf  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
@@ -70,11 +70,13 @@ def main(argv=None) -> int:
     ap.add_argument("--tiles", choices=("all", "default"), default="all", help="cast tiles: CAST_TILES or the first")
     ap.add_argument("--repeat", type=int, default=1, help="time the whole-op rows this many times, interleaved")
     ap.add_argument("--no-parts", action="store_true", help="skip the launch-mode and per-part rows")
+    ap.add_argument("--commit", default=None, help="commit to stamp (default: git here; a box's copy may be stale)")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
     table = ProbeTable(args.out, f"Q8_0 prefill parts, T={T} ({torch.cuda.get_device_name(device)})",
-                       f"{utc_stamp()} · torch {torch.__version__} · triton {triton.__version__}",
+                       f"{utc_stamp()} · commit {args.commit or commit_id()} · torch {torch.__version__} · "
+                       f"triton {triton.__version__}",
                        ["shape", "what", "µs", "GB/s", "TFLOP/s", "% bf16", "max diff vs default"])
     for d in DENSE:
         if d.name not in args.shapes or d.fmt.name != "Q8_0":
