@@ -20,6 +20,9 @@ median; % of the streaming read measured in this run). Two parts:
     stage behind its Q8_K launch, whole call; for Q4_K only the code sums change);
   * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
     timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
+  * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
+    of the next steps arrive by cp.async into shared memory, so bytes in flight no longer cost registers)
+    instead of the register double buffer, on the four large Q8_0 matrices, beside the auto tile;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -165,6 +168,13 @@ READ_BLOCK = 4096  # int32 words per program of the plain read
 Q8T_TOKENS = (4, 8)
 Q8T_TILES = [(bn, bk, w, 8) for bn in (8, 16, 32) for bk in (128, 256) for w in (1, 2, 4)]
 
+# `q8st`: (rows, codes, warps) x pipeline stages x split-K threshold (0: never split; the row-rich matrices
+# attn_q_b and the LM head never split)
+Q8ST_TILES = [(16, 128, 1), (32, 128, 1), (16, 256, 1), (16, 256, 2), (32, 256, 2), (16, 512, 4), (8, 512, 2),
+              (32, 512, 4)]
+Q8ST_STAGES = (2, 3, 4, 6)
+Q8ST_SHAPES = {"attn_q_b": (0,), "output": (0,), "attn_output_a": (0, 4, 8), "attn_output_b": (0, 4, 8)}
+
 
 @triton.jit
 def _read_kernel(p, out, n, BLOCK: tl.constexpr):
@@ -221,7 +231,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, ceil, xv, xv_sweep")
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, ceil, xv, xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -374,6 +384,10 @@ def main(argv=None) -> int:
         if "q8s" in args.parts and d.name in Q8S_TILES:
             cases += [(f"{bn}x{bk} w{w} mp{mp} sum{ss}", tile_kw(bn, bk, w, mp, split_sum=ss))
                       for bn, bk, w, mp in Q8S_TILES[d.name] for ss in (0, 1, 2)]
+        if "q8st" in args.parts and d.name in Q8ST_SHAPES:
+            cases += [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            cases += [(f"{bn}x{bk} w{w} mp{mp} st{st}", tile_kw(bn, bk, w, mp, prefetch=False, stages=st))
+                      for bn, bk, w in Q8ST_TILES for st in Q8ST_STAGES for mp in Q8ST_SHAPES[d.name]]
         if "q8i" in args.parts and d.name in Q8_SHAPES:
             ws, x = q8_problem(d, device)
             out = torch.empty(triton.cdiv(ws[0].nbytes // 4, READ_BLOCK) + 1, device=device, dtype=torch.int32)
