@@ -23,6 +23,10 @@ median; % of the streaming read measured in this run). Two parts:
   * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
     of the next steps arrive by cp.async into shared memory, so bytes in flight no longer cost registers)
     instead of the register double buffer, on the four large Q8_0 matrices, beside the auto tile;
+  * `q8l2`: gemv_rows tiles with a rolling L2 prefetch (`l2_prefetch` = D: step s asks L2 for the lines of
+    step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
+    interleaved; the stage column gives the largest difference from the auto tile's output (without the
+    prefetch: the LM head's auto tile has one);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -174,6 +178,10 @@ Q8ST_TILES = [(16, 128, 1), (32, 128, 1), (16, 256, 1), (16, 256, 2), (32, 256, 
               (32, 512, 4)]
 Q8ST_STAGES = (2, 3, 4, 6)
 Q8ST_SHAPES = {"attn_q_b": (0,), "output": (0,), "attn_output_a": (0, 4, 8), "attn_output_b": (0, 4, 8)}
+# `q8l2`: (rows, codes, warps, split below mp programs per SM) x L2 prefetch distance
+Q8L2_TILES = [(16, 128, 1, 0), (16, 128, 1, 8), (32, 128, 1, 8), (32, 128, 1, 0), (16, 256, 2, 0), (16, 512, 4, 0)]
+Q8L2_DIST = (0, 2, 4, 8)
+Q8L2_AUTO_DIST = (0, 2, 3, 4, 6)
 
 
 @triton.jit
@@ -231,7 +239,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, ceil, xv, xv_sweep")
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, ceil, xv, "
+                         "xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -464,6 +473,22 @@ def main(argv=None) -> int:
                          for w, _ in pairs]), nbytes)
                 del pairs
                 torch.cuda.empty_cache()
+        if "q8l2" in args.parts and d.name in Q8ST_SHAPES:
+            ws, x = q8_problem(d, device)
+            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
+            l2_cases = [(f"auto l2pf{dist}", dict(auto, l2_prefetch=dist)) for dist in Q8L2_AUTO_DIST]
+            split_ok = d.name.startswith("attn_output")  # split tiles only where the auto tile splits or is grouped
+            l2_cases += [(f"{bn}x{bk} w{w} mp{mp} l2pf{dist}", tile_kw(bn, bk, w, mp, l2_prefetch=dist))
+                         for bn, bk, w, mp in Q8L2_TILES for dist in Q8L2_DIST
+                         if (mp == 0 or split_ok) and (bn, bk, w) != (16, 512, 4) or d.groups > 1]
+            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **dict(auto, l2_prefetch=0)).clone()
+            for rep in range(2):
+                for label, kw in l2_cases:
+                    diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
+                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                    row(d.name, label, f"gemv_rows (diff {diff:.1e})", ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
         if not cases:
             continue
         ws, x = q8_problem(d, device)

@@ -184,6 +184,13 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def l2_prefetch_line(p):
+    """Ask L2 to fetch the line holding each element's address (PTX prefetch.global.L2; a per-lane hint)."""
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p.to(tl.int64)],
+                              dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def load4(p, VEC: tl.constexpr):
     """The int32 words p[0..3] (p an int32 pointer tensor) as four tensors shaped like p. VEC (NVIDIA; p
     16-byte aligned): one 16-byte load per element (PTX ld.global.v4); Triton does not merge four loads of one

@@ -120,6 +120,13 @@ def detect_device(device) -> DeviceInfo:
     return DeviceInfo(Vendor.NVIDIA, f"sm_{p.major}{p.minor}", p.multi_processor_count, 32)
 
 
+def hopper_plus(dev: DeviceInfo, x) -> bool:
+    """CUDA tensor x on NVIDIA sm_90 or newer (griddepcontrol, bulk L2 prefetch)."""
+    if dev.vendor != Vendor.NVIDIA or not x.is_cuda or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():
+        return False
+    return int(dev.arch[3:]) >= 90
+
+
 def use_pdl(dev: DeviceInfo, x) -> bool:
     """Programmatic dependent launch (PTX griddepcontrol, launch attribute) for a kernel on tensor x:
     CUDA tensors on NVIDIA sm_90 and newer, unless DSV4_PDL=0. A kernel launched this way may start while
@@ -127,9 +134,7 @@ def use_pdl(dev: DeviceInfo, x) -> bool:
     kernels and weights: any time)."""
     from .. import settings
 
-    if dev.vendor != Vendor.NVIDIA or not x.is_cuda or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():
-        return False
-    return int(dev.arch[3:]) >= 90 and bool(settings.get("DSV4_PDL"))
+    return hopper_plus(dev, x) and bool(settings.get("DSV4_PDL"))
 
 
 def pdl_launch(pdl: bool) -> dict:

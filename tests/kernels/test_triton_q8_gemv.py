@@ -68,6 +68,28 @@ def test_gemv_rows_split(poison):
         assert torch.equal(y.cpu(), y3.cpu()), split_sum
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the L2 prefetch is inline PTX (NVIDIA sm_90+); the "
+                    "interpreter runs none")
+@pytest.mark.parametrize("dist", [2, 3, 5])
+def test_gemv_rows_l2_prefetch(dist, poison):
+    """The L2 prefetch is only a hint: the same bits as without it, on one program per row tile and on split-K
+    (SMALL_GPU), grouped too; prefetch steps past the end of a program's K range are skipped."""
+    from dsv4.kernels_triton.configs import hopper_plus
+
+    dev = detect_device(DEVICE)
+    x1 = make_x(1, 1024)
+    if not hopper_plus(dev, x1):
+        pytest.skip("needs NVIDIA sm_90 or newer")
+    for n, k, groups, device in [(37, 1024, 1, dev), (48, 512, 2, dev), (24, 1024, 1, SMALL_GPU)]:
+        dw, w_ref = make_weight(Q8, (n, k), seed=n + k + dist)
+        x = make_x(1, k, groups)
+        kw = dict(block_n=8, block_k=128, num_warps=1, prefetch=True)
+        y0 = q8_gemv.gemv_rows(x, dw, device, groups, **kw).clone()
+        y = q8_gemv.gemv_rows(x, dw, device, groups, l2_prefetch=dist, **kw)
+        assert torch.equal(y, y0), (n, k, groups)
+        assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"gemv_rows l2 prefetch {dist} n={n}")
+
+
 def test_gemv_rows_decode_is_exact(poison):
     """Extreme codes (-128, 127, 0) and unit scales: a one-hot x reads back each code bit for bit, so
     every byte lane (x split into 4 lanes in registers) pairs with the right code."""
@@ -152,7 +174,7 @@ from dsv4.kernels_triton import q8_gemv as m
 names = m._q8_rows_kernel.arg_names
 types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
 const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
-             PDL=True, XPF=True)
+             PDL=True, XPF=True, L2PF=0)
 
 def ptx_of(fn, const, types, warps=1):
     names = fn.arg_names
@@ -163,18 +185,22 @@ def ptx_of(fn, const, types, warps=1):
 ptx = ptx_of(m._q8_rows_kernel, const, types)
 body = ptx.split("griddepcontrol.wait")
 relaxed = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=1), types)
+l2pf = ptx_of(m._q8_rows_kernel, dict(const, L2PF=3), types).split("griddepcontrol.wait")
 sums = ptx_of(m._sum_splits_kernel, dict(SPLIT=8, BLOCK=512, PDL=True), dict(out_ptr="*fp32", y_ptr="*fp32"), 4)
 print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("griddepcontrol.launch_dependents"),
                              "loads_before": body[0].count("ld.global"), "atomics_before": body[0].count("atom."),
                              "acq_rel": ptx.count(".acq_rel."), "acq_rel_relaxed_reset": relaxed.count(".acq_rel."),
-                             "sum_loads_before": sums.split("griddepcontrol.wait")[0].count("ld.global")}))
+                             "sum_loads_before": sums.split("griddepcontrol.wait")[0].count("ld.global"),
+                             "l2pf_before": l2pf[0].count("prefetch.global.L2"),
+                             "l2pf_after": l2pf[1].count("prefetch.global.L2"),
+                             "l2pf_loads_before": l2pf[0].count("ld.global")}))
 """
 
 
 def test_pdl_kernel_orders_loads_for_sm90():
     """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
     launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it; the
-    split-sum variants' atomics and loads."""
+    split-sum variants' atomics and loads; the L2 prefetch on both sides of the wait."""
     import json
     import os
     import shutil
@@ -196,6 +222,8 @@ def test_pdl_kernel_orders_loads_for_sm90():
     assert res["loads_before"] >= 2 and res["atomics_before"] == 0, res
     # split-K: arrival and reset are acq_rel; SPLIT_SUM=1 keeps only the arrival's; the sum kernel loads after the wait
     assert res["acq_rel"] == 2 and res["acq_rel_relaxed_reset"] == 1 and res["sum_loads_before"] == 0, res
+    # L2PF=3: step 2's lines are asked for before the wait (weights), step s + 3's in the loop; no other load moves
+    assert res["l2pf_before"] >= 1 and res["l2pf_after"] >= 1 and res["l2pf_loads_before"] == res["loads_before"], res
 
 
 def test_rows_config_table():
