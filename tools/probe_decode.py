@@ -23,9 +23,6 @@ median; % of the streaming read measured in this run). Two parts:
   * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
     of the next steps arrive by cp.async into shared memory, so bytes in flight no longer cost registers)
     instead of the register double buffer, on the four large Q8_0 matrices, beside the auto tile;
-  * `moel2`: moe_int8's tuned configs with a rolling L2 prefetch of the weight rows (Int8MoeConfig
-    l2_prefetch_gate_up / l2_prefetch_down, K steps ahead) per stage, interleaved twice: each stage behind its
-    Q8_K launch and the whole call, outputs compared bitwise with the tuned config's;
   * `q8l2`: gemv_rows tiles with a rolling L2 prefetch (`l2_prefetch` = D: step s asks L2 for the lines of
     step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
     interleaved; the stage column gives the largest difference from the auto tile's output (without the
@@ -181,8 +178,6 @@ Q8ST_TILES = [(16, 128, 1), (32, 128, 1), (16, 256, 1), (16, 256, 2), (32, 256, 
               (32, 512, 4)]
 Q8ST_STAGES = (2, 3, 4, 6)
 Q8ST_SHAPES = {"attn_q_b": (0,), "output": (0,), "attn_output_a": (0, 4, 8), "attn_output_b": (0, 4, 8)}
-# `moel2`: (gate/up, down) L2 prefetch distances in K steps
-MOE_L2_DIST = [(0, 0), (1, 0), (2, 0), (3, 0), (0, 1), (0, 2), (0, 3), (2, 2)]
 # `q8l2`: (rows, codes, warps, split below mp programs per SM) x L2 prefetch distance
 Q8L2_TILES = [(16, 128, 1, 0), (16, 128, 1, 8), (32, 128, 1, 8), (32, 128, 1, 0), (16, 256, 2, 0), (16, 512, 4, 0)]
 Q8L2_DIST = (0, 2, 4, 8)
@@ -244,7 +239,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, moel2, ceil, xv, "
+                    help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, ceil, xv, "
                          "xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -335,26 +330,6 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", name, "whole, no PDL", graph_time_ms(
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
                      for s in sels]), gu_bytes + dn_bytes)
-            del gate, up, down
-
-    if "moel2" in args.parts:
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            tuned = moe_int8.TUNED[gate.fmt]
-            ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
-            uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
-            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-            for gd, dd in MOE_L2_DIST * 2:  # interleaved twice
-                cfg = replace(tuned, l2_prefetch_gate_up=gd, l2_prefetch_down=dd)
-                same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                name = f"tuned l2pf gate_up {gd} down {dd}{' (bitwise equal)' if same else ' (DIFFERS)'}"
-                if dd == 0:
-                    row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg),
-                        gu_bytes)
-                if gd == 0:
-                    row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
-                row(f"moe_{recipe}", name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
-                    gu_bytes + dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:

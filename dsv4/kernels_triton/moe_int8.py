@@ -63,10 +63,6 @@ class Int8MoeConfig:
     # 16 sums), and every group read starts at a multiple of 4 words inside them
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
-    # L2 prefetch of the weight rows this many K steps ahead (0: off; NVIDIA sm_90+ only): bytes in flight that
-    # cost no registers
-    l2_prefetch_gate_up: int = 0
-    l2_prefetch_down: int = 0
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -119,14 +115,6 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
     tl.store(q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS), words)
     tl.store(s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK), sums)
     tl.store(d_ptr + r * stride_d + b, d)
-
-
-@triton.jit
-def _l2_prefetch_span(rows, w0, SPAN: tl.constexpr, LINES: tl.constexpr):
-    """Ask L2 for the lines of the SPAN bytes from word w0 of each row (rows [BN] int32 pointers); LINES >=
-    SPAN / 128 + 2 addresses per row cover a span that starts anywhere in a line."""
-    off = tl.minimum(tl.arange(0, LINES) * 128, SPAN - 1)
-    blocks.l2_prefetch_line((rows + w0).to(tl.pointer_type(tl.int8))[:, None] + off[None, :])
 
 
 @triton.jit
@@ -266,14 +254,12 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         L2PF: tl.constexpr = 0, PF_LINES: tl.constexpr = 4):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
-    before this step computes (register double buffer; the last step re-reads itself). L2PF > 0: step s asks L2
-    for step s + L2PF's rows (the steps before L2PF, less the register-prefetched ones, before the wait)."""
+    before this step computes (register double buffer; the last step re-reads itself)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -291,19 +277,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         if PF:
             g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + kk * IQ2_PAIR_WORDS)
             u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + kk * IQ2_PAIR_WORDS)
-        if L2PF > 0:
-            for j in tl.static_range(2 if PF else 0, L2PF):
-                if j * KSTEP < n_pairs:
-                    _l2_prefetch_span(gw_ptr + roff, j * KSTEP * IQ2_PAIR_WORDS, KSTEP * IQ2_PAIR_WORDS * 4, PF_LINES)
-                    _l2_prefetch_span(uw_ptr + roff, j * KSTEP * IQ2_PAIR_WORDS, KSTEP * IQ2_PAIR_WORDS * 4, PF_LINES)
         blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and weights are older)
         for p0 in tl.range(0, n_pairs, KSTEP, num_stages=1):  # no cp.async pipelining (measured slower)
-            if L2PF > 0:
-                if p0 + L2PF * KSTEP < n_pairs:
-                    _l2_prefetch_span(gw_ptr + roff, (p0 + L2PF * KSTEP) * IQ2_PAIR_WORDS, KSTEP * IQ2_PAIR_WORDS * 4,
-                                      PF_LINES)
-                    _l2_prefetch_span(uw_ptr + roff, (p0 + L2PF * KSTEP) * IQ2_PAIR_WORDS, KSTEP * IQ2_PAIR_WORDS * 4,
-                                      PF_LINES)
             pw = (p0 + kk) * IQ2_PAIR_WORDS
             xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
             dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))  # [1, KSTEP, 1]
@@ -334,17 +309,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         if PF:
             gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS)
             uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS)
-        if L2PF > 0:
-            for j in tl.static_range(2 if PF else 0, L2PF):
-                if j * KSTEP < n_blocks:
-                    _l2_prefetch_span(gw_ptr + roff, j * KSTEP * Q4K_WORDS, KSTEP * Q4K_WORDS * 4, PF_LINES)
-                    _l2_prefetch_span(uw_ptr + roff, j * KSTEP * Q4K_WORDS, KSTEP * Q4K_WORDS * 4, PF_LINES)
         blocks.pdl_wait(PDL)
         for b0 in tl.range(0, n_blocks, KSTEP, num_stages=1):
-            if L2PF > 0:
-                if b0 + L2PF * KSTEP < n_blocks:
-                    _l2_prefetch_span(gw_ptr + roff, (b0 + L2PF * KSTEP) * Q4K_WORDS, KSTEP * Q4K_WORDS * 4, PF_LINES)
-                    _l2_prefetch_span(uw_ptr + roff, (b0 + L2PF * KSTEP) * Q4K_WORDS, KSTEP * Q4K_WORDS * 4, PF_LINES)
             xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
             sw = t * stride_xs + (b0 + kk) * SUMS_PER_BLOCK
             dx = tl.load(xd_ptr + t * stride_xd + b0 + kk)
@@ -388,26 +354,13 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 
 
 @triton.jit
-def _down_l2_prefetch(w_ptr, sel_t, j, last, n_steps, rc, D, stride_w, KSTEP: tl.constexpr, WORDS: tl.constexpr,
-                      L2PF: tl.constexpr, PF_LINES: tl.constexpr):
-    """In the down kernel's loop: ask L2 for the rows of flat step j + L2PF (its slot's expert), if any."""
-    if L2PF > 0:
-        if j + L2PF <= last:
-            i_f, b_f = _down_step(j + L2PF, n_steps, KSTEP)
-            _l2_prefetch_span(w_ptr + _down_rows(sel_t, i_f, rc, D, stride_w), b_f * WORDS, KSTEP * WORDS * 4,
-                              PF_LINES)
-
-
-@triton.jit
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                      L2PF: tl.constexpr = 0, PF_LINES: tl.constexpr = 4):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
-    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. L2PF > 0: step
-    j asks L2 for step j + L2PF's rows (as _gate_up_int8_kernel)."""
+    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -415,16 +368,6 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
-    if FMT == FMT_Q2_K:
-        WORDS: tl.constexpr = Q2K_WORDS
-    else:
-        WORDS: tl.constexpr = Q4K_WORDS
-    if L2PF > 0:
-        for jj in tl.static_range(2 if PF else 0, L2PF):
-            if jj <= last:
-                i_f, b_f = _down_step(jj, n_steps, KSTEP)
-                _l2_prefetch_span(w_ptr + _down_rows(sel_t, i_f, rc, D, stride_w), b_f * WORDS, KSTEP * WORDS * 4,
-                                  PF_LINES)
     if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
@@ -434,7 +377,6 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
-            _down_l2_prefetch(w_ptr, sel_t, j, last, n_steps, rc, D, stride_w, KSTEP, WORDS, L2PF, PF_LINES)
             i, b0 = _down_step(j, n_steps, KSTEP)
             slot = (t * KSEL + i).to(tl.int64)
             if PF:
@@ -460,7 +402,6 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS)
         blocks.pdl_wait(PDL)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):
-            _down_l2_prefetch(w_ptr, sel_t, j, last, n_steps, rc, D, stride_w, KSTEP, WORDS, L2PF, PF_LINES)
             i, b0 = _down_step(j, n_steps, KSTEP)
             slot = (t * KSEL + i).to(tl.int64)
             if PF:
@@ -536,11 +477,6 @@ def _kstep(n_units: int, want: int) -> int:
     return k
 
 
-def _pf_lines(span: int) -> int:
-    """Addresses per row that _l2_prefetch_span needs for a span of this many bytes (a power of two)."""
-    return triton.next_power_of_2(span // 128 + 2)
-
-
 def supports(gate: DeviceWeight, down: DeviceWeight) -> bool:
     E, F, D = gate.shape
     return (gate.fmt in GATE_UP_FORMATS and down.fmt in DOWN_FORMATS
@@ -595,9 +531,8 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, L2PF=cfg.l2_prefetch_gate_up if asm else 0,
-        PF_LINES=_pf_lines(kstep * (IQ2_PAIR_WORDS.value if uses_iq2_order(gate) else Q4K_WORDS.value) * 4),
-        num_warps=cfg.warps_gate_up, **pdl_launch(pdl))
+        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
+        **pdl_launch(pdl))
     return h
 
 
@@ -607,14 +542,11 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
-    kstep = _kstep(F // QK, cfg.kstep_down)
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, L2PF=cfg.l2_prefetch_down if asm else 0,
-        PF_LINES=_pf_lines(kstep * (Q2K_WORDS.value if down.fmt == QuantFormat.Q2_K else Q4K_WORDS.value) * 4),
-        num_warps=cfg.warps_down, **pdl_launch(pdl))
+        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
+        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 

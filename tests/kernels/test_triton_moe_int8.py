@@ -251,26 +251,24 @@ gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr=
           gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
           KSTEP="constexpr", ASM="constexpr", PF="constexpr",
-          PDL="constexpr", XV="constexpr", L2PF="constexpr", PF_LINES="constexpr")
+          PDL="constexpr", XV="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr",
-          PF="constexpr", PDL="constexpr", XV="constexpr", L2PF="constexpr", PF_LINES="constexpr")
+          PF="constexpr", PDL="constexpr", XV="constexpr")
 c = m.Int8MoeConfig()
 out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
                   stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr",
                   PDL="constexpr"), dict(IQ2_ORDER=True, PDL=True), m.QUANT_LAUNCH),
     "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True, L2PF=0,
-                        PF_LINES=4)),
+                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True, L2PF=0,
-                        PF_LINES=4)),
+                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, L2PF=0, PF_LINES=4)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, L2PF=0, PF_LINES=4)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True)),
 }
 print("RESULT" + json.dumps(out))
 """
