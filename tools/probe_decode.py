@@ -184,6 +184,14 @@ Q8L2_DIST = (0, 2, 4, 8)
 Q8L2_AUTO_DIST = (0, 2, 3, 4, 6)
 
 
+def q8l2_tiles(d) -> list:
+    """Q8L2_TILES for shape d: every tile on the grouped attn_output_a; split tiles only on attn_output_b
+    (the other two never split), the 4-warp 512-code tile only where it is the auto tile."""
+    if d.groups > 1:
+        return Q8L2_TILES
+    return [t for t in Q8L2_TILES if (t[3] == 0 or d.name == "attn_output_b") and t[:3] != (16, 512, 4)]
+
+
 @triton.jit
 def _read_kernel(p, out, n, BLOCK: tl.constexpr):
     """out[pid] = xor of BLOCK int32 words: a plain streaming read (16-byte loads, no reuse)."""
@@ -473,14 +481,12 @@ def main(argv=None) -> int:
                          for w, _ in pairs]), nbytes)
                 del pairs
                 torch.cuda.empty_cache()
-        if "q8l2" in args.parts and d.name in Q8ST_SHAPES:
+        if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
             ws, x = q8_problem(d, device)
             auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
             l2_cases = [(f"auto l2pf{dist}", dict(auto, l2_prefetch=dist)) for dist in Q8L2_AUTO_DIST]
-            split_ok = d.name.startswith("attn_output")  # split tiles only where the auto tile splits or is grouped
             l2_cases += [(f"{bn}x{bk} w{w} mp{mp} l2pf{dist}", tile_kw(bn, bk, w, mp, l2_prefetch=dist))
-                         for bn, bk, w, mp in Q8L2_TILES for dist in Q8L2_DIST
-                         if (mp == 0 or split_ok) and (bn, bk, w) != (16, 512, 4) or d.groups > 1]
+                         for bn, bk, w, mp in q8l2_tiles(d) for dist in Q8L2_DIST]
             ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **dict(auto, l2_prefetch=0)).clone()
             for rep in range(2):
                 for label, kw in l2_cases:

@@ -121,7 +121,8 @@ def detect_device(device) -> DeviceInfo:
 
 
 def hopper_plus(dev: DeviceInfo, x) -> bool:
-    """CUDA tensor x on NVIDIA sm_90 or newer (griddepcontrol, bulk L2 prefetch)."""
+    """CUDA tensor x on NVIDIA sm_90 or newer: where griddepcontrol exists and where the PTX hints of the decode
+    kernels (gemv_rows' L2 prefetch) were measured."""
     if dev.vendor != Vendor.NVIDIA or not x.is_cuda or not dev.arch.startswith("sm_") or not dev.arch[3:].isdigit():
         return False
     return int(dev.arch[3:]) >= 90
