@@ -5,8 +5,9 @@ twice: `graph` = CUDA-graph replay of calls over rotating weight copies / expert
 time without launch overhead and without L2 reuse; the kernel targets are judged on it) and `eager`
 = triton.testing.do_bench around the Python call (adds host launch cost). Reported: achieved GB/s
 (weight + activation bytes read once) and % of the streaming-read bandwidth measured in this run, and
-for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run. Markdown + CSV,
-flushed per row. Usage:
+for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run (for the MoE: the dense
+[T*K, D] x [D, F] product; a `moe_bf16` row adds the routed MoE itself with bf16 weights, grouped GEMMs on the
+same expert groups, as a reference of what unquantized weights reach there). Markdown + CSV, flushed per row. Usage:
     python tools/bench_kernels.py --out-md r.md --out-csv r.csv [--time-limit 300] [--quick]
         [--ops output moe_q2] [--T 1 2048] [--variants auto gemv_dot] [--auto-everywhere] [--ieee]
         [--tuned tuned.json]
@@ -182,6 +183,27 @@ def bf16_tflops(t: int, n: int, k: int, device, groups: int = 1) -> float:
     return 2.0 * t * n * k / (ms * 1e-3) / 1e12
 
 
+def moe_bf16_grouped(u, sel, gate, up, down):
+    """The routed-MoE prefill with bf16 weights at the call's own expert groups: (token, slot) pairs sorted by
+    expert, then three grouped GEMMs (torch._grouped_mm; gate/up/down [E, in, out]) with SwiGLU between, no route
+    weights or slot sum (tiny next to the GEMMs). A reference for the quantized kernels: the same FLOPs on the
+    same groups, reading 2 bytes per weight."""
+    k = sel.shape[1]
+    e = sel.reshape(-1)
+    order = torch.argsort(e, stable=True)
+    offs = torch.cumsum(torch.bincount(e, minlength=gate.shape[0]), 0).to(torch.int32)
+    x = u.to(torch.bfloat16)[order // k]
+    h = torch.nn.functional.silu(torch._grouped_mm(x, gate, offs=offs)) * torch._grouped_mm(x, up, offs=offs)
+    return torch._grouped_mm(h, down, offs=offs)
+
+
+def bf16_moe_weights(device):
+    """bf16 gate, up [E, D, F] and down [E, F, D], stored transposed (the grouped GEMM's column-major operand)."""
+    def w(n_in, n_out):
+        return torch.randn(N_EXPERT, n_out, n_in, device=device, dtype=torch.bfloat16).transpose(-2, -1)
+    return w(D, F_EXP), w(D, F_EXP), w(F_EXP, D)
+
+
 class Report:
     def __init__(self, md: Path, csv_path: Path, header: dict):
         self.md, self.csv_path, self.header = md, csv_path, header
@@ -335,7 +357,40 @@ def moe_weights(fgu, fdn, device):
             blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device))
 
 
+def bench_moe_bf16(rep: Report, bw: float, device, args) -> None:
+    """Row `moe_bf16`, T >= PREFILL_MIN_T: moe_bf16_grouped on the selection the quantized MoE prefill cases
+    use (same seed), timed as the bf16 references are (do_bench), % of the same dense bf16 rate."""
+    ts = [t for t in TOKENS if t >= PREFILL_MIN_T and _want_t(args, t)]
+    if not ts or not (_want_op(args, "moe_bf16") or _want_op(args, "moe_q2") or _want_op(args, "moe_q4")):
+        return
+    gate, up, down = bf16_moe_weights(device)
+    for t in ts:
+        gen = torch.Generator(device="cpu").manual_seed(t)
+        sel = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+        u = torch.randn((t, D), device=device)
+        flops = 2.0 * t * K_USED * 3 * F_EXP * D
+        bf16 = bf16_tflops(t * K_USED, F_EXP, D, device)
+        n_unique = int(torch.unique(sel).numel())
+        nbytes = n_unique * 3 * F_EXP * D * 2 + u.numel() * 4
+        try:
+            ms = median_time_ms(lambda: moe_bf16_grouped(u, sel, gate, up, down))
+        except (RuntimeError, NotImplementedError) as e:  # grouped GEMM not available on this device
+            rep.add({"op": "moe_bf16", "T": t, "variant": "bf16 grouped", "status": f"n/a: {str(e)[:60]}"})
+            continue
+        tf = flops / (ms * 1e-3) / 1e12
+        gbs = nbytes / (ms * 1e-3) / 1e9
+        rep.add({"op": "moe_bf16", "shape": f"E{N_EXPERT} F{F_EXP} D{D} K{K_USED}", "fmt": "BF16", "T": t,
+                 "variant": "bf16 grouped (reference)", "median_us": _fmt(ms * 1e3), "graph_us": "",
+                 "eager_us": _fmt(ms * 1e3),
+                 "gbytes": _fmt(nbytes / 1e9, 3), "gb_s": _fmt(gbs, 0), "pct_bw": _fmt(100 * gbs / bw),
+                 "tflops": _fmt(tf, 2), "pct_bf16": _fmt(100 * tf / bf16), "bf16_tflops": _fmt(bf16, 1),
+                 "status": "ok"})
+    del gate, up, down
+    torch.cuda.empty_cache()
+
+
 def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
+    bench_moe_bf16(rep, bw, device, args)
     for recipe, (fgu, fdn) in MOE.items():
         if not _want_op(args, f"moe_{recipe}"):
             continue
