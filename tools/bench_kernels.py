@@ -357,6 +357,14 @@ def moe_weights(fgu, fdn, device):
             blocks.to_device(blocks.synthetic_raw(fdn, shp_dn, device, 3), fdn, shp_dn, device))
 
 
+def moe_selections(t: int, count: int, device) -> list:
+    """count expert selections [t, K_USED] (distinct experts per token), seeded by t: the first is the same for
+    every count, so the quantized cases and the bf16 reference route the same pairs."""
+    gen = torch.Generator(device="cpu").manual_seed(t)
+    return [torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+            for _ in range(count)]
+
+
 def bench_moe_bf16(rep: Report, bw: float, device, args) -> None:
     """Row `moe_bf16`, T >= PREFILL_MIN_T: moe_bf16_grouped on the selection the quantized MoE prefill cases
     use (same seed), timed as the bf16 references are (do_bench), % of the same dense bf16 rate."""
@@ -365,8 +373,7 @@ def bench_moe_bf16(rep: Report, bw: float, device, args) -> None:
         return
     gate, up, down = bf16_moe_weights(device)
     for t in ts:
-        gen = torch.Generator(device="cpu").manual_seed(t)
-        sel = torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
+        sel = moe_selections(t, 1, device)[0]
         u = torch.randn((t, D), device=device)
         flops = 2.0 * t * K_USED * 3 * F_EXP * D
         bf16 = bf16_tflops(t * K_USED, F_EXP, D, device)
@@ -399,9 +406,7 @@ def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
         for t in TOKENS:
             if not _want_t(args, t):
                 continue
-            gen = torch.Generator(device="cpu").manual_seed(t)
-            sels = [torch.stack([torch.randperm(N_EXPERT, generator=gen)[:K_USED] for _ in range(t)]).to(device)
-                    for _ in range(ROTATE_MAX if t < PREFILL_MIN_T else 1)]
+            sels = moe_selections(t, ROTATE_MAX if t < PREFILL_MIN_T else 1, device)
             sel = sels[0]
             wts = torch.rand((t, K_USED), device=device)
             u = torch.randn((t, D), device=device)
