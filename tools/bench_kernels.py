@@ -365,18 +365,22 @@ def moe_selections(t: int, count: int, device) -> list:
             for _ in range(count)]
 
 
-def bench_moe_bf16(rep: Report, bw: float, device, args) -> None:
-    """Row `moe_bf16`, T >= PREFILL_MIN_T: moe_bf16_grouped on the selection the quantized MoE prefill cases
-    use (same seed), timed as the bf16 references are (do_bench), % of the same dense bf16 rate."""
-    ts = [t for t in TOKENS if t >= PREFILL_MIN_T and _want_t(args, t)]
-    if not ts or not (_want_op(args, "moe_bf16") or _want_op(args, "moe_q2") or _want_op(args, "moe_q4")):
+def moe_flops(t: int) -> float:
+    """FLOPs of a T-token routed-MoE call: gate, up and down for each of the K_USED slots."""
+    return 2.0 * t * K_USED * 3 * F_EXP * D
+
+
+def bench_moe_bf16(rep: Report, bw: float, device, dense: dict) -> None:
+    """Row `moe_bf16` for each T of `dense` (T -> the dense bf16 rate the quantized MoE cases are judged against,
+    measured once): moe_bf16_grouped on the selection those cases use (same seed), timed as the bf16 references
+    are (do_bench), % of that rate."""
+    if not dense:
         return
     gate, up, down = bf16_moe_weights(device)
-    for t in ts:
+    for t, bf16 in dense.items():
         sel = moe_selections(t, 1, device)[0]
         u = torch.randn((t, D), device=device)
-        flops = 2.0 * t * K_USED * 3 * F_EXP * D
-        bf16 = bf16_tflops(t * K_USED, F_EXP, D, device)
+        flops = moe_flops(t)
         n_unique = int(torch.unique(sel).numel())
         nbytes = n_unique * 3 * F_EXP * D * 2 + u.numel() * 4
         try:
@@ -397,7 +401,11 @@ def bench_moe_bf16(rep: Report, bw: float, device, args) -> None:
 
 
 def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
-    bench_moe_bf16(rep, bw, device, args)
+    if not any(_want_op(args, f"moe_{recipe}") for recipe in MOE):
+        return True
+    # the dense bf16 rate per prefill T, measured once for both recipes and the bf16 reference row
+    dense = {t: bf16_tflops(t * K_USED, F_EXP, D, device) for t in TOKENS if t >= PREFILL_MIN_T and _want_t(args, t)}
+    bench_moe_bf16(rep, bw, device, dense)
     for recipe, (fgu, fdn) in MOE.items():
         if not _want_op(args, f"moe_{recipe}"):
             continue
@@ -412,8 +420,8 @@ def bench_moe(rep: Report, bw: float, device, dev, deadline: float, args):
             u = torch.randn((t, D), device=device)
             n_unique = int(torch.unique(sel).numel())
             nbytes = n_unique * per_expert + u.numel() * 4 + t * D * 4
-            flops = 2.0 * t * K_USED * 3 * F_EXP * D
-            bf16 = bf16_tflops(t * K_USED, F_EXP, D, device) if t >= PREFILL_MIN_T else None
+            flops = moe_flops(t)
+            bf16 = dense.get(t)
             for v in registry.variants(registry.KernelOp.MOE):
                 if time.time() > deadline:
                     return False
