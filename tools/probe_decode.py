@@ -27,9 +27,6 @@ median; % of the streaming read measured in this run). Two parts:
     step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
     interleaved; the stage column gives the largest difference from the auto tile's output (without the
     prefetch: the LM head's auto tile has one);
-  * `soa`: q2 only: moe_int8 on soa_weight copies of the IQ2_XXS gate/up and Q2_K down weights (per row: the
-    blocks' codes, then their fp16 fields; codes read by 16-byte loads) against the tuned kernel on GGUF rows,
-    per stage (behind its Q8_K launch) over a few tiles, and the whole call, interleaved twice; outputs compared;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -235,11 +232,6 @@ def segment_major(d, seg: int, device, seed: int):
 
 # `xv`: the fastest Q2_K down tiles with 16-byte activation loads in `xv_sweep` (23), besides the tuned one
 XV_DOWN_TILES = [(4, 8, 4), (4, 8, 2), (2, 8, 1), (8, 8, 4)]
-# `soa`: (rows, K step, warps, prefetch) gate/up and down tiles on the SoA rows; lanes are [rows, steps, 4]
-SOA_GATE_UP_TILES = [(4, 2, 1, True), (8, 1, 1, True), (8, 2, 1, True), (4, 4, 1, True), (16, 2, 2, True),
-                     (4, 2, 1, False)]
-SOA2_GATE_UP_TILES = [(4, 2, 1, True), (4, 2, 1, False), (8, 2, 1, True), (2, 2, 1, True), (4, 4, 1, True)]
-SOA_DOWN_TILES = [(4, 8, 4, False), (2, 8, 1, False), (4, 8, 1, True), (8, 8, 4, False), (4, 4, 2, True)]
 # `xv_sweep`: gate/up tiles between the one-warp and the 4-warp ones, besides GATE_UP_TILES
 XV_SWEEP_GATE_UP_EXTRA = [(16, 2, 2, False), (16, 2, 2, True), (8, 2, 2, True), (16, 1, 2, True), (8, 2, 1, True),
                           (32, 1, 4, True), (16, 2, 4, True)]
@@ -256,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, ceil, xv, "
-                         "xv_sweep, soa")
+                         "xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -347,49 +339,6 @@ def main(argv=None) -> int:
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
                      for s in sels]), gu_bytes + dn_bytes)
             del gate, up, down
-
-    if "soa" in args.parts:
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            if gate.fmt != moe_int8.QuantFormat.IQ2_XXS:
-                del gate, up, down
-                continue
-            tuned = moe_int8.TUNED[gate.fmt]
-            sg, su, sd = (moe_int8.soa_weight(w) for w in (gate, up, down))
-            ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
-            uq = moe_int8.quant_q8_k(u, iq2_order=True, pdl=True)
-            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-            gu_cfgs = {"tuned (GGUF rows)": (tuned, gate, up)}
-            gu_cfgs.update({f"soa gu_{bn}_{ks}_{w}{'pf' if pf else ''}": (
-                replace(tuned, soa_gate_up=True, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w,
-                        prefetch_gate_up=pf), sg, su) for bn, ks, w, pf in SOA_GATE_UP_TILES})
-            gu_cfgs.update({f"soa2 gu_{bn}_{ks}_{w}{'pf' if pf else ''}": (
-                replace(tuned, soa2_gate_up=True, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w,
-                        prefetch_gate_up=pf), sg, su) for bn, ks, w, pf in SOA2_GATE_UP_TILES})
-            dn_cfgs = {"tuned (GGUF rows)": (tuned, down)}
-            dn_cfgs.update({f"soa dn_{bn}_{ks}_{w}{'pf' if pf else ''}": (
-                replace(tuned, soa_down=True, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf), sd)
-                for bn, ks, w, pf in SOA_DOWN_TILES})
-            for _ in range(2):  # interleaved twice
-                for name, (cfg, g, uw) in gu_cfgs.items():
-                    h0 = moe_int8.gate_up_int8(uq, g, uw, sels[0], wts, CLAMP, True, cfg)
-                    err = (h0 - hs[0]).abs().max().item()
-                    row(f"moe_{recipe}", f"{name} (max diff {err:.2g})", "quant u + gate_up",
-                        chain_gate_up_ms(u, g, uw, sels, wts, cfg), gu_bytes)
-                for name, (cfg, dw) in dn_cfgs.items():
-                    row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, dw, sels, cfg), dn_bytes)
-                for name, g, uw, dw, cfg in [("tuned (GGUF rows)", gate, up, down, tuned),
-                                             ("tuned tiles, soa both", sg, su, sd,
-                                              replace(tuned, soa_gate_up=True, soa_down=True)),
-                                             ("tuned tiles, soa2 gate/up + soa down", sg, su, sd,
-                                              replace(tuned, soa2_gate_up=True, soa_down=True)),
-                                             ("tuned tiles, soa down only", gate, up, sd,
-                                              replace(tuned, soa_down=True))]:
-                    y = moe_int8.fused_int8(u, g, uw, dw, sels[0], wts, CLAMP, dev, cfg)
-                    err = (y - ref).abs().max().item() / ref.abs().max().item()
-                    row(f"moe_{recipe}", f"{name} (rel diff {err:.2g})", "whole", graph_time_ms(
-                        [lambda s=s: moe_int8.fused_int8(u, g, uw, dw, s, wts, CLAMP, dev, cfg) for s in sels]),
-                        gu_bytes + dn_bytes)
-            del gate, up, down, sg, su, sd
 
     if "xv_sweep" in args.parts:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):

@@ -63,11 +63,6 @@ class Int8MoeConfig:
     # 16 sums), and every group read starts at a multiple of 4 words inside them
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
-    # EXPERIMENT (probe part `soa`): the weights are in soa_weight's layout (per row: every block's codes,
-    # then every block's scales), so the codes are 16-byte aligned and read by 16-byte loads (blocks.load4)
-    soa_gate_up: bool = False
-    soa2_gate_up: bool = False  # the same rows, one lane per group as on GGUF rows: (aux0, aux1) by one 8-byte load
-    soa_down: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -168,73 +163,6 @@ def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, AS
 
 
 @triton.jit
-def _iq2_group(aux0, aux1, sel16_ptr, xb, ASM: tl.constexpr, XV: tl.constexpr):
-    """(2 ls + 1) * isum of IQ2_XXS groups from their aux words (any shape) against the 8 activation words
-    at xb (word pointers, broadcastable), as _iq2_half_sel does for a whole block."""
-    xv = blocks.load4(xb, XV) + blocks.load4(xb + 4, XV)
-    isum = tl.zeros(aux0.shape, dtype=tl.int32)
-    for k in tl.static_range(4):
-        lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
-                                   blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
-        isum = _dp4a(lo, xv[2 * k], isum, ASM)
-        isum = _dp4a(hi, xv[2 * k + 1], isum, ASM)
-    return isum * (2 * ((aux1 >> 28) & 15) + 1)
-
-
-@triton.jit
-def _iq2_pair_raw_soa(base, dbase, VEC: tl.constexpr):
-    """soa_weight's IQ2_XXS pair at word pointers base [BN, KP, 1] (its 32 code words) and dbase (the word
-    holding d of both blocks): lane j [BN, KP, 4] holds words 4j .. 4j + 3 of each block = (aux0, aux1) of
-    groups 2j and 2j + 1."""
-    j = tl.arange(0, 4)[None, None, :]
-    a0, a1, a2, a3 = blocks.load4(base + 4 * j, VEC)
-    b0, b1, b2, b3 = blocks.load4(base + 16 + 4 * j, VEC)
-    return a0, a1, a2, a3, b0, b1, b2, b3, tl.load(dbase)
-
-
-@triton.jit
-def _iq2_pair_sel_soa(a0, a1, a2, a3, b0, b1, b2, b3, dw, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr,
-                      XV: tl.constexpr = False):
-    """_iq2_pair_sel on _iq2_pair_raw_soa's words: [BN, KP, 4] fp32 (per lane j, groups 2j and 2j + 1)."""
-    j = tl.arange(0, 4)[None, None, :]
-    xa = x_ptr + xw + 16 * j
-    ta = _iq2_group(a0, a1, sel16_ptr, xa, ASM, XV) + _iq2_group(a2, a3, sel16_ptr, xa + 8, ASM, XV)
-    xb = xa + Q8K_WORDS
-    tb = _iq2_group(b0, b1, sel16_ptr, xb, ASM, XV) + _iq2_group(b2, b3, sel16_ptr, xb + 8, ASM, XV)
-    return (_f16_from_bits(dw) * dx0) * ta.to(tl.float32) + (_f16_from_bits(dw >> 16) * dx1) * tb.to(tl.float32)
-
-
-@triton.jit
-def _load2(p, VEC: tl.constexpr):
-    """The int32 words p[0..1] (p 8-byte aligned where VEC): one 8-byte load per element (PTX ld.global.v2)."""
-    if VEC:
-        return tl.inline_asm_elementwise("ld.global.v2.b32 {$0, $1}, [$2];", "=r,=r,l", [p.to(tl.int64)],
-                                         dtype=(tl.int32, tl.int32), is_pure=False, pack=1)
-    else:
-        return tl.load(p), tl.load(p + 1)
-
-
-@triton.jit
-def _iq2_pair_raw_soa2(base, dbase, VEC: tl.constexpr):
-    """soa_weight's IQ2_XXS pair at base [BN, KP, 1]: (aux0, aux1) of group ib [BN, KP, 8] of each block, and the
-    d word."""
-    ib = tl.arange(0, 8)[None, None, :]
-    a0, a1 = _load2(base + 2 * ib, VEC)
-    b0, b1 = _load2(base + 16 + 2 * ib, VEC)
-    return a0, a1, b0, b1, tl.load(dbase)
-
-
-@triton.jit
-def _q2_k_raw_soa(base, dbase, VEC: tl.constexpr):
-    """_q2_k_raw for soa_weight's Q2_K rows: base [BN, KB, 1] at a block's 20 words (scales 0-3, qs 4-19), dbase
-    at its d|dmin word; the 4 qs words of lane he by one 16-byte load."""
-    he = tl.arange(0, 4)[None, None, :]
-    h = he >> 1
-    q0, q1, q2, q3 = blocks.load4(base + 4 + 4 * he, VEC)
-    return q0, q1, q2, q3, tl.load(base + 2 * h), tl.load(base + 2 * h + 1), tl.load(dbase)
-
-
-@triton.jit
 def _q4_k_raw(base):
     """The words of Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each): codes
     [BN, KB, 4, 8] (qs words 8c + w, 16-byte runs), the three packed-scale words and d|dmin."""
@@ -326,8 +254,7 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         SOA: tl.constexpr = False, WV: tl.constexpr = False, SOA2: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
@@ -340,71 +267,7 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
     wt = tl.load(wts_ptr + slot).to(tl.float32)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     roff = (e * F + tl.minimum(rn, F - 1)) * stride_w
-    if FMT == FMT_IQ2_XXS and SOA:  # soa_weight rows: pair p's codes at words 32 p, its d word at D / 16 + p
-        kk = tl.arange(0, KSTEP)[None, :, None]
-        gb = gw_ptr + roff[:, None, None]
-        ub = uw_ptr + roff[:, None, None]
-        dofs = D // 16
-        acc_g = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
-        n_pairs = D // (2 * QK_C)
-        if PF:
-            g0, g1, g2, g3, g4, g5, g6, g7, g8 = _iq2_pair_raw_soa(gb + 32 * kk, gb + dofs + kk, WV)
-            u0, u1, u2, u3, u4, u5, u6, u7, u8 = _iq2_pair_raw_soa(ub + 32 * kk, ub + dofs + kk, WV)
-        blocks.pdl_wait(PDL)
-        for p0 in tl.range(0, n_pairs, KSTEP, num_stages=1):
-            xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
-            dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))
-            dx1 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk) + 1)
-            if PF:
-                pn = tl.minimum(p0 + KSTEP, n_pairs - KSTEP) + kk
-                ng0, ng1, ng2, ng3, ng4, ng5, ng6, ng7, ng8 = _iq2_pair_raw_soa(gb + 32 * pn, gb + dofs + pn, WV)
-                nu0, nu1, nu2, nu3, nu4, nu5, nu6, nu7, nu8 = _iq2_pair_raw_soa(ub + 32 * pn, ub + dofs + pn, WV)
-            else:
-                g0, g1, g2, g3, g4, g5, g6, g7, g8 = _iq2_pair_raw_soa(gb + 32 * (p0 + kk), gb + dofs + p0 + kk, WV)
-                u0, u1, u2, u3, u4, u5, u6, u7, u8 = _iq2_pair_raw_soa(ub + 32 * (p0 + kk), ub + dofs + p0 + kk, WV)
-            acc_g += _iq2_pair_sel_soa(g0, g1, g2, g3, g4, g5, g6, g7, g8, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
-            acc_u += _iq2_pair_sel_soa(u0, u1, u2, u3, u4, u5, u6, u7, u8, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
-            if PF:
-                g0, g1, g2, g3, g4, g5, g6, g7, g8 = ng0, ng1, ng2, ng3, ng4, ng5, ng6, ng7, ng8
-                u0, u1, u2, u3, u4, u5, u6, u7, u8 = nu0, nu1, nu2, nu3, nu4, nu5, nu6, nu7, nu8
-        gsum = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 0.125
-        usum = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 0.125
-    elif FMT == FMT_IQ2_XXS and SOA2:
-        kk = tl.arange(0, KSTEP)[None, :, None]
-        gb = gw_ptr + roff[:, None, None]
-        ub = uw_ptr + roff[:, None, None]
-        dofs = D // 16
-        acc_g = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
-        acc_u = tl.zeros([BLOCK_N, KSTEP, 8], dtype=tl.float32)
-        n_pairs = D // (2 * QK_C)
-        if PF:
-            g0, g1, g2, g3, g4 = _iq2_pair_raw_soa2(gb + 32 * kk, gb + dofs + kk, WV)
-            u0, u1, u2, u3, u4 = _iq2_pair_raw_soa2(ub + 32 * kk, ub + dofs + kk, WV)
-        blocks.pdl_wait(PDL)
-        for p0 in tl.range(0, n_pairs, KSTEP, num_stages=1):
-            xw = t * stride_xq + (p0 + kk) * (2 * Q8K_WORDS)
-            dx0 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk))
-            dx1 = tl.load(xd_ptr + t * stride_xd + 2 * (p0 + kk) + 1)
-            if PF:
-                pn = tl.minimum(p0 + KSTEP, n_pairs - KSTEP) + kk
-                ng0, ng1, ng2, ng3, ng4 = _iq2_pair_raw_soa2(gb + 32 * pn, gb + dofs + pn, WV)
-                nu0, nu1, nu2, nu3, nu4 = _iq2_pair_raw_soa2(ub + 32 * pn, ub + dofs + pn, WV)
-            else:
-                g0, g1, g2, g3, g4 = _iq2_pair_raw_soa2(gb + 32 * (p0 + kk), gb + dofs + p0 + kk, WV)
-                u0, u1, u2, u3, u4 = _iq2_pair_raw_soa2(ub + 32 * (p0 + kk), ub + dofs + p0 + kk, WV)
-            da, ta = _iq2_half_sel(g0, g1, g4, sel16_ptr, xq_ptr, xw, 0, ASM, XV)
-            db, tb = _iq2_half_sel(g2, g3, g4 >> 16, sel16_ptr, xq_ptr, xw, 1, ASM, XV)
-            acc_g += (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
-            da, ta = _iq2_half_sel(u0, u1, u4, sel16_ptr, xq_ptr, xw, 0, ASM, XV)
-            db, tb = _iq2_half_sel(u2, u3, u4 >> 16, sel16_ptr, xq_ptr, xw, 1, ASM, XV)
-            acc_u += (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
-            if PF:
-                g0, g1, g2, g3, g4 = ng0, ng1, ng2, ng3, ng4
-                u0, u1, u2, u3, u4 = nu0, nu1, nu2, nu3, nu4
-        gsum = tl.sum(tl.sum(acc_g, axis=2), axis=1) * 0.125
-        usum = tl.sum(tl.sum(acc_u, axis=2), axis=1) * 0.125
-    elif FMT == FMT_IQ2_XXS:
+    if FMT == FMT_IQ2_XXS:
         kk = tl.arange(0, KSTEP)[None, :, None]
         gb = gw_ptr + roff[:, None, None]
         ub = uw_ptr + roff[:, None, None]
@@ -494,8 +357,7 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                      SOA: tl.constexpr = False, WV: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -506,32 +368,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     n_steps = F // (QK_C * KSTEP)
     last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
-    if FMT == FMT_Q2_K and SOA:  # soa_weight rows: block b's 20 words at 20 b, its d|dmin word at 20 nb + b
-        kk = tl.arange(0, KSTEP)[None, :, None]
-        acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
-        dofs = 20 * (F // QK_C)
-        if PF:
-            i_p, b_p = _down_step(0, n_steps, KSTEP)
-            rb = w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None]
-            q0, q1, q2, q3, c0, c1, dd = _q2_k_raw_soa(rb + 20 * (b_p + kk), rb + dofs + b_p + kk, WV)
-        blocks.pdl_wait(PDL)
-        for j in tl.range(0, KSEL * n_steps, num_stages=1):
-            i, b0 = _down_step(j, n_steps, KSTEP)
-            slot = (t * KSEL + i).to(tl.int64)
-            if PF:
-                i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
-                rb = w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None]
-                nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw_soa(rb + 20 * (b_p + kk), rb + dofs + b_p + kk, WV)
-            else:
-                rb = w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None]
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw_soa(rb + 20 * (b0 + kk), rb + dofs + b0 + kk, WV)
-            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
-            if PF:
-                q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)
-    elif FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
+    if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
@@ -626,26 +463,6 @@ def dequant_q8_k(q, d, iq2_order: bool = False):
     return (codes.view(q.shape[0], -1, QK) * d[:, :, None]).reshape(q.shape[0], -1)
 
 
-def soa_weight(w: DeviceWeight) -> DeviceWeight:
-    """EXPERIMENT: a copy of an IQ2_XXS or Q2_K weight with each row's blocks split into [every block's codes
-    (IQ2_XXS: qs, 64 B; Q2_K: scales + qs, 80 B) | every block's trailing or leading fp16 fields] (same bytes,
-    same row size; the codes 16-byte aligned), for the soa_* configs."""
-    fmt = w.fmt
-    ts = fmt.type_size
-    flat = w.buf.reshape(-1, w.buf.shape[-1])
-    blk = flat.reshape(flat.shape[0], -1, ts)
-    if fmt == QuantFormat.IQ2_XXS:
-        codes, fields = blk[:, :, 2:], blk[:, :, :2]
-    elif fmt == QuantFormat.Q2_K:
-        codes, fields = blk[:, :, :80], blk[:, :, 80:]
-    else:
-        raise ValueError(f"no SoA layout for {fmt.name}")
-    buf = torch.cat([codes.reshape(flat.shape[0], -1), fields.reshape(flat.shape[0], -1)], dim=1)
-    buf = buf.reshape(w.buf.shape).contiguous()
-    words = buf.reshape(-1, buf.shape[-1]).view(w.w.dtype)
-    return replace(w, buf=buf, w=words, s=words, plans={})
-
-
 def _words(w: DeviceWeight):
     """(int32 word view of the rows, words per row) of a Q2_K/Q4_K/IQ2_XXS weight."""
     flat = w.buf.reshape(-1, w.buf.shape[-1])
@@ -714,8 +531,8 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, SOA=cfg.soa_gate_up,
-        WV=(cfg.soa_gate_up or cfg.soa2_gate_up) and asm, SOA2=cfg.soa2_gate_up, num_warps=cfg.warps_gate_up, **pdl_launch(pdl))
+        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
+        **pdl_launch(pdl))
     return h
 
 
@@ -729,8 +546,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, SOA=cfg.soa_down, WV=cfg.soa_down and asm,
-        num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 
