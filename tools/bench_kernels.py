@@ -269,21 +269,25 @@ def _fmt(v, nd=1):
     return f"{v:.{nd}f}" if isinstance(v, float) else v
 
 
-def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, bf16: float | None, calls=None):
-    """fn: one call (eager timing); calls: the rotating calls for graph timing (default [fn])."""
+def run_case(rep: Report, bw: float, base: dict, fn, nbytes: int, flops: float, bf16: float | None, calls=None,
+             graph: bool = True):
+    """fn: one call (eager timing); calls: the rotating calls for graph timing (default [fn]); graph=False: eager
+    timing only (a reference timed as the bf16 ones are; graph_us left empty)."""
     try:
         fn()  # compile + first run outside the timing
         torch.cuda.synchronize()
         eager = median_time_ms(fn)
-        try:
-            graph = graph_time_ms(calls or [fn], default_launch(prefill=bf16 is not None))
-        except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the op: eager figure only
-            print(f"graph capture failed for {base}: {type(e).__name__}: {str(e)[:120]}", flush=True)
-            torch.cuda.synchronize()
-            graph = None
-        ms = graph if graph is not None else eager
+        graph_ms = None
+        if graph:
+            try:
+                graph_ms = graph_time_ms(calls or [fn], default_launch(prefill=bf16 is not None))
+            except Exception as e:  # noqa: BLE001 - e.g. a host sync inside the op: eager figure only
+                print(f"graph capture failed for {base}: {type(e).__name__}: {str(e)[:120]}", flush=True)
+                torch.cuda.synchronize()
+        ms = graph_ms if graph_ms is not None else eager
         gbs = nbytes / (ms * 1e-3) / 1e9
-        row = {**base, "median_us": _fmt(ms * 1e3), "graph_us": _fmt(graph * 1e3) if graph is not None else "n/a",
+        row = {**base, "median_us": _fmt(ms * 1e3),
+               "graph_us": _fmt(graph_ms * 1e3) if graph_ms is not None else ("n/a" if graph else ""),
                "eager_us": _fmt(eager * 1e3), "gbytes": _fmt(nbytes / 1e9, 4), "gb_s": _fmt(gbs, 0),
                "pct_bw": _fmt(100 * gbs / bw), "status": "ok"}
         row["pct_bw_eager"] = _fmt(100 * nbytes / (eager * 1e-3) / 1e9 / bw)
@@ -380,22 +384,15 @@ def bench_moe_bf16(rep: Report, bw: float, device, dense: dict) -> None:
     for t, bf16 in dense.items():
         sel = moe_selections(t, 1, device)[0]
         u = torch.randn((t, D), device=device)
-        flops = moe_flops(t)
-        n_unique = int(torch.unique(sel).numel())
-        nbytes = n_unique * 3 * F_EXP * D * 2 + u.numel() * 4
         try:
-            ms = median_time_ms(lambda: moe_bf16_grouped(u, sel, gate, up, down))
+            moe_bf16_grouped(u, sel, gate, up, down)
         except (RuntimeError, NotImplementedError) as e:  # grouped GEMM not available on this device
             rep.add({"op": "moe_bf16", "T": t, "variant": "bf16 grouped", "status": f"n/a: {str(e)[:60]}"})
             continue
-        tf = flops / (ms * 1e-3) / 1e12
-        gbs = nbytes / (ms * 1e-3) / 1e9
-        rep.add({"op": "moe_bf16", "shape": f"E{N_EXPERT} F{F_EXP} D{D} K{K_USED}", "fmt": "BF16", "T": t,
-                 "variant": "bf16 grouped (reference)", "median_us": _fmt(ms * 1e3), "graph_us": "",
-                 "eager_us": _fmt(ms * 1e3),
-                 "gbytes": _fmt(nbytes / 1e9, 3), "gb_s": _fmt(gbs, 0), "pct_bw": _fmt(100 * gbs / bw),
-                 "tflops": _fmt(tf, 2), "pct_bf16": _fmt(100 * tf / bf16), "bf16_tflops": _fmt(bf16, 1),
-                 "status": "ok"})
+        nbytes = int(torch.unique(sel).numel()) * 3 * F_EXP * D * 2 + u.numel() * 4
+        run_case(rep, bw, {"op": "moe_bf16", "shape": f"E{N_EXPERT} F{F_EXP} D{D} K{K_USED}", "fmt": "BF16", "T": t,
+                           "variant": "bf16 grouped (reference)"},
+                 lambda: moe_bf16_grouped(u, sel, gate, up, down), nbytes, moe_flops(t), bf16, graph=False)
     del gate, up, down
     torch.cuda.empty_cache()
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import triton
@@ -36,10 +37,25 @@ T = 2048
 CAST_TILES = [(qf.CAST_BLOCK, qf.CAST_WARPS), (2048, 4), (8192, 4), (8192, 8), (16384, 8), (16384, 16), (4096, 8)]
 
 
-def parts(d, x, dw, g, add, ref, whole):
+class Sizes(NamedTuple):
+    """Bytes each part of the prefill path moves at one shape: x (fp32), x16, w16 (the dequantized weight), y
+    (fp32 out), and the whole op (x read, x16 written, Q8_0 weight read, w16 written, y written)."""
+
+    x: int
+    x16: int
+    w16: int
+    y: int
+    whole: int
+
+
+def sizes_of(d, x, dw) -> Sizes:
+    x_bytes, x16, w16, y = x.numel() * 4, x.numel() * 2, d.n * d.k * 2, T * d.n * 4
+    return Sizes(x_bytes, x16, w16, y, x_bytes + x16 + dw.nbytes + w16 + y)
+
+
+def parts(d, x, dw, g, add, ref, sz: Sizes):
     """The rows of one shape beside the whole op: torch's cast with the dequant-only launch and the same GEMM,
     then each part alone."""
-    x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
     w16 = torch.empty((d.n, d.k), device=x.device, dtype=torch.float16)
 
     def dequant():
@@ -53,14 +69,14 @@ def parts(d, x, dw, g, add, ref, whole):
         dequant()
         return gemm(x16)
 
-    add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), whole,
+    add("whole, torch cast + dequant launch", graph_time_ms([torch_cast_whole], Launch.FLUSH), sz.whole,
         torch_cast_whole().reshape(T, d.n), ref)
     add("part: torch cast x -> fp16", graph_time_ms([lambda: x.to(torch.float16)], Launch.FLUSH),
-        x_bytes + x.numel() * 2)
-    add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + w16_bytes)
+        sz.x + sz.x16)
+    add("part: dequant launch alone", graph_time_ms([dequant], Launch.FLUSH), dw.nbytes + sz.w16)
     x16 = x.to(torch.float16)
     add("part: cuBLAS GEMM on fp16 inputs", graph_time_ms([lambda: gemm(x16)], Launch.FLUSH),
-        x.numel() * 2 + w16_bytes + T * d.n * 4)
+        sz.x16 + sz.w16 + sz.y)
 
 
 def main(argv=None) -> int:
@@ -90,7 +106,7 @@ def main(argv=None) -> int:
         bf16 = bf16_tflops(T, d.n, d.k, device, g)
         table.add(d.name, "bf16 torch.matmul (eager do_bench)", f"{flops / bf16 / 1e6:.1f}", "", f"{bf16:.1f}",
                   "100.0", "")
-        x_bytes, w16_bytes = x.numel() * 4, d.n * d.k * 2
+        sz = sizes_of(d, x, dw)
         if not args.no_parts:  # the bf16 product as a graph, in each Launch mode
             a16 = torch.randn((g, T, d.k) if g > 1 else (T, d.k), device=device, dtype=torch.bfloat16)
             b16 = torch.randn((g, d.k, d.n // g) if g > 1 else (d.k, d.n), device=device, dtype=torch.bfloat16)
@@ -107,7 +123,6 @@ def main(argv=None) -> int:
             table.add(d.name, what, f"{ms * 1e3:.1f}", f"{gb_s(nbytes, ms):.0f}", f"{tf:.1f}",
                       f"{100 * tf / bf16:.1f}", diff)
 
-        whole = x_bytes + x.numel() * 2 + dw.nbytes + w16_bytes + T * d.n * 4
         ref = None
         for rep in range(args.repeat):
             for cb, cw in CAST_TILES if args.tiles == "all" else CAST_TILES[:1]:
@@ -116,12 +131,12 @@ def main(argv=None) -> int:
                 out = call().reshape(T, d.n).clone()
                 ref = out if ref is None else ref
                 what = f"whole, cast {cb} elements x {cw} warps"
-                add(what, graph_time_ms([call], Launch.FLUSH), whole, out, ref)
+                add(what, graph_time_ms([call], Launch.FLUSH), sz.whole, out, ref)
                 if ref is out and rep == 0 and not args.no_parts:
                     for mode in (Launch.COUNTED, Launch.SPIN):
-                        add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), whole)
+                        add(f"{what}, launch {mode.value}", graph_time_ms([call], mode), sz.whole)
         if not args.no_parts:
-            parts(d, x, dw, g, add, ref, whole)
+            parts(d, x, dw, g, add, ref, sz)
         dw = x = None  # freed before the next shape allocates
         torch.cuda.empty_cache()
     return 0
