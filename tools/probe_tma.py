@@ -1,0 +1,147 @@
+"""Probe: the Q8_0 decode GEMV with its code words brought in by TMA (Hopper bulk tensor copies) instead of
+per-lane loads, against gemv_rows' auto tile, on the four large Flash Q8_0 matrices at T=1.
+
+Why: Nsight Compute has gemv_rows' long-K tiles (attn_output_a/b, 35.7 MB) stalled on long scoreboard at
+~24 % warp occupancy (121 registers): too few bytes in flight per SM, and every byte in flight costs a
+register (h200_decode/12). A plain read of those bytes reaches ~80 % of the streaming read, the kernel 65 %.
+A TMA copy moves a whole [rows, codes] tile into shared memory with one instruction and no registers, and
+Triton's pipeliner (tl.range num_stages) keeps STAGES of them in flight; the codes are then read from shared
+memory. The cp.async pipeline (h200_decode/25) was slower: it issues one LSU copy per 16 bytes per lane.
+Timing as bench_kernels (CUDA-graph replay over rotating weight copies, median, % of the streaming read of this
+run). Outputs are compared with the auto tile's (same products, other fp32 order).
+Usage: python tools/probe_tma.py [--out probe_tma.md] [--shapes attn_output_a ...] [--commit C]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from bench_kernels import DENSE, graph_time_ms  # noqa: E402
+from probe_decode import q8_problem  # noqa: E402
+from probe_table import bandwidth_table, gb_s  # noqa: E402
+from dsv4.kernels_triton import blocks, q8_gemv  # noqa: E402
+from dsv4.kernels_triton.configs import detect_device, pdl_launch, use_pdl  # noqa: E402
+from dsv4.kernels_triton.qmatmul_fast import F32_MAGIC_BITS, Q8_BIAS, _q8_words4  # noqa: E402
+
+
+@triton.jit
+def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split, stride_xg, stride_os, stride_s,
+                   off_s, magic_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                   GROUPED: tl.constexpr, PRMT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """gemv_rows at T=1 (one token) with the code words of each [BLOCK_N, BLOCK_K] step as one TMA copy
+    (w_desc: int32 words [N, K/4]; rows past N read as zeros, not stored); scales by plain loads."""
+    NB: tl.constexpr = BLOCK_K // 32
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    rn0 = pid_n * BLOCK_N
+    rn = rn0 + tl.arange(0, BLOCK_N)
+    r = tl.minimum(rn, N - 1).to(tl.int64)
+    if GROUPED:
+        g = rn0 // R
+    else:
+        g = 0
+    x_base = x_ptr + g * stride_xg
+    k_lo = pid_k * k_split
+    sp = s_ptr + r[:, None] * stride_s + off_s + (k_lo >> 5) + tl.arange(0, NB)[None, :]
+    acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+    blocks.pdl_wait(PDL)
+    for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
+        u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
+        d = tl.load(sp).to(tl.float32)[:, :, None]
+        sp += NB
+        x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
+        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
+        acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
+    rt = tl.arange(0, 1)
+    acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
+    ok = (rt[:, None] < 1) & (rn < N)[None, :]
+    tl.store(out_ptr + pid_k * stride_os + rt[:, None] * N + rn[None, :], acc_t, mask=ok)
+    if SPLIT > 1:
+        q8_gemv._split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, N, 1, BLOCK_N, SPLIT, True)
+
+
+def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int, split: int = 1):
+    """A launcher of _q8_tma_kernel for one token x [1, K] / [1, G, K] (plan built once per call site)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, k = dw.n_rows, dw.k
+    words = dw.buf.reshape(n, -1).view(torch.int32)  # [N, row_bytes / 4]; the codes are its first K/4 words
+    desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+    n_row_tiles = triton.cdiv(n, block_n)
+    counters = torch.zeros(n_row_tiles, device=x.device, dtype=torch.int32)
+    use = use_pdl(dev, x)
+    r = n // groups
+    stride_xg = x.stride(1) if groups > 1 else 0
+
+    def launch(x):
+        out = blocks.empty((split, 1, n), x.device)
+        y = blocks.empty((1, n), x.device) if split > 1 else out
+        _q8_tma_kernel[(n_row_tiles, split)](
+            x, desc, dw.s, out, y, counters, n, r, k // split, stride_xg, n, dw.stride_s, dw.off_s,
+            F32_MAGIC_BITS.value, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, GROUPED=groups > 1, PRMT=x.is_cuda,
+            SPLIT=split, PDL=use, num_warps=warps, num_stages=1, **pdl_launch(use))
+        return y if split > 1 else out[0]
+    return launch
+
+
+# (rows, codes per step, pipeline stages, warps, split) per shape: the long-K 35.7 MB matrices get the sweep
+LONG_TILES = [(bn, bk, st, w, sp) for bn in (4, 8, 16) for bk in (512, 1024) for st in (3, 5) for w in (1, 2, 4)
+              for sp in (1, 2) if bn * bk <= 16384 and not (w == 4 and bn * bk < 8192) and not (w == 1 and bn * bk > 8192)]
+SHORT_TILES = [(16, 1024, 3, 4, 1), (16, 1024, 5, 4, 1), (32, 512, 3, 4, 1), (32, 1024, 3, 4, 1), (16, 512, 4, 2, 1),
+               (32, 512, 5, 4, 1)]
+TILES = {"attn_output_a": LONG_TILES, "attn_output_b": LONG_TILES, "attn_q_b": SHORT_TILES, "output": SHORT_TILES}
+SHAPES = ("attn_output_a", "attn_output_b", "attn_q_b", "output")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="probe_tma.md")
+    ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    ap.add_argument("--tiles", type=int, default=0, help="only the first N tiles (0: all)")
+    ap.add_argument("--commit", default="")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda")
+    dev = detect_device(device)
+    bw, table = bandwidth_table(args.out, f"TMA Q8_0 GEMV probe (commit {args.commit or '?'})",
+                                ["shape", "config", "µs", "MB", "GB/s", "% bw", "max rel diff"])
+    for name in args.shapes:
+        d = {e.name: e for e in DENSE}[name]
+        ws, x = q8_problem(d, device)
+        nbytes = ws[0].nbytes
+        ref = q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups).clone()
+
+        def row(cfg, ms, out):
+            gbs = gb_s(nbytes, ms)
+            diff = ((out - ref).abs().max() / ref.abs().max()).item() if out is not None else float("nan")
+            table.add(name, cfg, f"{ms * 1e3:.1f}", f"{nbytes / 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}",
+                      f"{diff:.1e}")
+
+        auto = [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]
+        row("auto (gemv_rows)", graph_time_ms(auto), None)
+        tiles = TILES[name][:args.tiles] if args.tiles else TILES[name]
+        for bn, bk, st, w, sp in tiles:
+            if d.k % (bk * sp) or (d.groups > 1 and (d.n // d.groups) % bn):
+                continue
+            try:
+                fns = [gemv_tma(x, wt, dev, d.groups, bn, bk, st, w, sp) for wt in ws]
+                out = fns[0](x).clone()
+                ms = graph_time_ms([lambda f=f: f(x) for f in fns])
+            except Exception as e:  # a tile that does not compile (shared memory, TMA box limits): say so
+                table.add(name, f"tma {bn}x{bk} st{st} w{w} s{sp}", f"failed: {type(e).__name__}", "", "", "", "")
+                continue
+            row(f"tma {bn}x{bk} st{st} w{w} s{sp}", ms, out)
+        row("auto (gemv_rows) again", graph_time_ms(auto), None)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
