@@ -36,7 +36,8 @@ from dsv4.kernels_triton.qmatmul_fast import F32_MAGIC_BITS, Q8_BIAS, _q8_words4
 @triton.jit
 def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split, stride_xg, stride_os, stride_s,
                    off_s, magic_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
-                   GROUPED: tl.constexpr, PRMT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+                   GROUPED: tl.constexpr, PRMT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
+                   XASM: tl.constexpr = False):
     """gemv_rows at T=1 (one token) with the code words of each [BLOCK_N, BLOCK_K] step as one TMA copy
     (w_desc: int32 words [N, K/4]; rows past N read as zeros, not stored); scales by plain loads."""
     NB: tl.constexpr = BLOCK_K // 32
@@ -56,9 +57,20 @@ def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split,
     blocks.pdl_wait(PDL)
     for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
         u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
-        d = tl.load(sp).to(tl.float32)[:, :, None]
+        if XASM:  # x lanes and scales by inline-asm loads: outside Triton's pipeliner (no smem staging)
+            d = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [sp.to(tl.int64)], dtype=tl.int16,
+                                          is_pure=False, pack=1).to(tl.float16, bitcast=True)
+            d = d.to(tl.float32)[:, :, None]
+            xp = (x_base + k0 + tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 8)[None, None, :] * 4)
+            w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
+            x0 = w0.to(tl.float32, bitcast=True)
+            x1 = w1.to(tl.float32, bitcast=True)
+            x2 = w2.to(tl.float32, bitcast=True)
+            x3 = w3.to(tl.float32, bitcast=True)
+        else:
+            d = tl.load(sp).to(tl.float32)[:, :, None]
+            x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
         sp += NB
-        x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
         q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
         acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
     rt = tl.arange(0, 1)
@@ -69,7 +81,8 @@ def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split,
         q8_gemv._split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, N, 1, BLOCK_N, SPLIT, True)
 
 
-def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int, split: int = 1):
+def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int, split: int = 1,
+             xasm: bool = False):
     """A launcher of _q8_tma_kernel for one token x [1, K] / [1, G, K] (plan built once per call site)."""
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -88,7 +101,7 @@ def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, w
         _q8_tma_kernel[(n_row_tiles, split)](
             x, desc, dw.s, out, y, counters, n, r, k // split, stride_xg, n, dw.stride_s, dw.off_s,
             F32_MAGIC_BITS.value, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, GROUPED=groups > 1, PRMT=x.is_cuda,
-            SPLIT=split, PDL=use, num_warps=warps, num_stages=1, **pdl_launch(use))
+            SPLIT=split, PDL=use, XASM=xasm, num_warps=warps, num_stages=1, **pdl_launch(use))
         return y if split > 1 else out[0]
     return launch
 
@@ -102,9 +115,17 @@ TILES = {"attn_output_a": LONG_TILES, "attn_output_b": LONG_TILES, "attn_q_b": S
 SHAPES = ("attn_output_a", "attn_output_b", "attn_q_b", "output")
 
 
+XASM_TILES = [(16, 512, 3, 2, 1), (16, 512, 3, 1, 2), (16, 512, 2, 2, 1), (16, 512, 4, 2, 1), (8, 512, 3, 1, 1),
+              (16, 256, 3, 1, 1), (32, 256, 3, 2, 1), (32, 512, 3, 4, 1), (16, 1024, 3, 4, 1)]
+ALL_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp", "ffn_down_shexp",
+              "output")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_tma.md")
+    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), xasm (TMA with x and scales by "
+                    "inline-asm loads), x3 (gemv_rows' auto tile with x lanes by 16-byte loads, x_mode 3)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tiles", type=int, default=0, help="only the first N tiles (0: all)")
     ap.add_argument("--commit", default="")
@@ -113,7 +134,8 @@ def main(argv=None) -> int:
     dev = detect_device(device)
     bw, table = bandwidth_table(args.out, f"TMA Q8_0 GEMV probe (commit {args.commit or '?'})",
                                 ["shape", "config", "µs", "MB", "GB/s", "% bw", "max rel diff"])
-    for name in args.shapes:
+    shapes = ALL_SHAPES if "x3" in args.parts and args.shapes == list(SHAPES) else args.shapes
+    for name in shapes:
         d = {e.name: e for e in DENSE}[name]
         ws, x = q8_problem(d, device)
         nbytes = ws[0].nbytes
@@ -125,21 +147,34 @@ def main(argv=None) -> int:
             table.add(name, cfg, f"{ms * 1e3:.1f}", f"{nbytes / 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}",
                       f"{diff:.1e}")
 
-        auto = [lambda w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]
-        row("auto (gemv_rows)", graph_time_ms(auto), None)
-        tiles = TILES[name][:args.tiles] if args.tiles else TILES[name]
-        for bn, bk, st, w, sp in tiles:
-            if d.k % (bk * sp) or (d.groups > 1 and (d.n // d.groups) % bn):
-                continue
+        def timed(cfg, fns):
             try:
-                fns = [gemv_tma(x, wt, dev, d.groups, bn, bk, st, w, sp) for wt in ws]
                 out = fns[0](x).clone()
                 ms = graph_time_ms([lambda f=f: f(x) for f in fns])
             except Exception as e:  # a tile that does not compile (shared memory, TMA box limits): say so
-                table.add(name, f"tma {bn}x{bk} st{st} w{w} s{sp}", f"failed: {type(e).__name__}", "", "", "", "")
+                table.add(name, cfg, f"failed: {type(e).__name__}", "", "", "", "")
+                return
+            row(cfg, ms, out)
+
+        cfg = q8_gemv.rows_config(1, d.n, d.k, d.groups)
+        auto = [lambda x, w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]
+        x3 = [lambda x, w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **dict(cfg, x_mode=3)) for w in ws]
+        timed("auto (gemv_rows)", auto)
+        for rep in range(2 if "x3" in args.parts else 0):
+            timed("auto, x lanes by 16-byte loads (x_mode 3)", x3)
+            timed("auto (gemv_rows) again", auto)
+        if d.name not in TILES:
+            continue
+        parts = [(p, t) for p in ("tma", "xasm") if p in args.parts
+                 for t in (TILES[name] if p == "tma" else XASM_TILES)]
+        for part, (bn, bk, st, w, sp) in parts[:args.tiles] if args.tiles else parts:
+            if d.k % (bk * sp) or (d.groups > 1 and (d.n // d.groups) % bn):
                 continue
-            row(f"tma {bn}x{bk} st{st} w{w} s{sp}", ms, out)
-        row("auto (gemv_rows) again", graph_time_ms(auto), None)
+            xasm = part == "xasm"
+            timed(f"tma {bn}x{bk} st{st} w{w} s{sp}{' xasm' if xasm else ''}",
+                  [gemv_tma(x, wt, dev, d.groups, bn, bk, st, w, sp, xasm) for wt in ws])
+        if parts:
+            timed("auto (gemv_rows) again", auto)
     return 0
 
 
