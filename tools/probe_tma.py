@@ -106,6 +106,82 @@ def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, w
     return launch
 
 
+@triton.jit
+def _q8_tma_persist_kernel(x_ptr, w_desc, s_ptr, out_ptr, N, R, K, n_row_tiles, stride_xg, stride_s, off_s,
+                           magic_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
+                           GROUPED: tl.constexpr, PRMT: tl.constexpr, PDL: tl.constexpr, XASM: tl.constexpr):
+    """The TMA GEMV with a resident grid: program p walks row tiles p, p + P, ... in one flat loop over
+    (tile, K step) items, so the TMA pipeline stays full across tile ends (no per-tile fill and drain)."""
+    NB: tl.constexpr = BLOCK_K // 32
+    pid = tl.program_id(0)
+    n_prog = tl.num_programs(0)
+    steps = K // BLOCK_K
+    n_items = ((n_row_tiles - pid + n_prog - 1) // n_prog) * steps
+    acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+    blocks.pdl_wait(PDL)
+    for item in tl.range(0, n_items, num_stages=STAGES):
+        j = item // steps
+        ks = item - j * steps
+        rn0 = (pid + j * n_prog) * BLOCK_N
+        k0 = ks * BLOCK_K
+        u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
+        r = tl.minimum(rn0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
+        if GROUPED:
+            g = rn0 // R
+        else:
+            g = 0
+        sp = s_ptr + r[:, None] * stride_s + off_s + (k0 >> 5) + tl.arange(0, NB)[None, :]
+        x_base = x_ptr + g * stride_xg
+        if XASM:
+            d = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [sp.to(tl.int64)], dtype=tl.int16,
+                                          is_pure=False, pack=1).to(tl.float16, bitcast=True)
+            d = d.to(tl.float32)[:, :, None]
+            xp = (x_base + k0 + tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 8)[None, None, :] * 4)
+            w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
+            x0 = w0.to(tl.float32, bitcast=True)
+            x1 = w1.to(tl.float32, bitcast=True)
+            x2 = w2.to(tl.float32, bitcast=True)
+            x3 = w3.to(tl.float32, bitcast=True)
+        else:
+            d = tl.load(sp).to(tl.float32)[:, :, None]
+            x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
+        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
+        acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
+        if ks == steps - 1:
+            rn = rn0 + tl.arange(0, BLOCK_N)
+            tl.store(out_ptr + rn, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rn < N)
+            acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
+
+
+def gemv_tma_persist(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int,
+                     programs_per_sm: int, xasm: bool = False):
+    """A launcher of _q8_tma_persist_kernel for one token (grid: programs_per_sm per SM, at most one per tile)."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    n, k = dw.n_rows, dw.k
+    words = dw.buf.reshape(n, -1).view(torch.int32)
+    desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+    n_row_tiles = triton.cdiv(n, block_n)
+    programs = min(n_row_tiles, dev.n_sm * programs_per_sm)
+    use = use_pdl(dev, x)
+    stride_xg = x.stride(1) if groups > 1 else 0
+
+    def launch(x):
+        out = blocks.empty((1, n), x.device)
+        _q8_tma_persist_kernel[(programs,)](
+            x, desc, dw.s, out, n, n // groups, k, n_row_tiles, stride_xg, dw.stride_s, dw.off_s,
+            F32_MAGIC_BITS.value, BLOCK_N=block_n, BLOCK_K=block_k, STAGES=stages, GROUPED=groups > 1,
+            PRMT=x.is_cuda, PDL=use, XASM=xasm, num_warps=warps, num_stages=1, **pdl_launch(use))
+        return out
+    return launch
+
+
+# `persist`: (rows, codes per step, stages, warps, programs per SM) with up to ~200 KB of TMA buffers per SM
+PERSIST_TILES = [(bn, bk, st, w, pp) for bn in (2, 4, 8) for bk in (512, 1024) for st in (4, 8) for w in (1, 2, 4)
+                 for pp in (1, 2, 4) if (st - 1) * bn * bk * pp <= 160 * 1024 and not (w == 4 and bn * bk < 4096)
+                 and not (w == 1 and bn * bk > 8192) and w * pp <= 8]
+
+
 # (rows, codes per step, pipeline stages, warps, split) per shape: the long-K 35.7 MB matrices get the sweep
 LONG_TILES = [(bn, bk, st, w, sp) for bn in (4, 8, 16) for bk in (512, 1024) for st in (3, 5) for w in (1, 2, 4)
               for sp in (1, 2) if bn * bk <= 16384 and not (w == 4 and bn * bk < 8192) and not (w == 1 and bn * bk > 8192)]
@@ -124,7 +200,7 @@ ALL_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_tma.md")
-    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), xasm (TMA with x and scales by "
+    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), persist / persist_xasm (resident grid, flat loop), xasm (TMA with x and scales by "
                     "inline-asm loads), x3 (gemv_rows' auto tile with x lanes by 16-byte loads, x_mode 3)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tiles", type=int, default=0, help="only the first N tiles (0: all)")
@@ -165,6 +241,16 @@ def main(argv=None) -> int:
             timed("auto (gemv_rows) again", auto)
         if d.name not in TILES:
             continue
+        for part in ("persist", "persist_xasm"):
+            if part not in args.parts:
+                continue
+            for bn, bk, st, w, pp in PERSIST_TILES[:args.tiles] if args.tiles else PERSIST_TILES:
+                if d.k % bk or (d.groups > 1 and (d.n // d.groups) % bn):
+                    continue
+                xasm = part == "persist_xasm"
+                timed(f"persist {bn}x{bk} st{st} w{w} {pp}/SM{' xasm' if xasm else ''}",
+                      [gemv_tma_persist(x, wt, dev, d.groups, bn, bk, st, w, pp, xasm) for wt in ws])
+            timed("auto (gemv_rows) again", auto)
         parts = [(p, t) for p in ("tma", "xasm") if p in args.parts
                  for t in (TILES[name] if p == "tma" else XASM_TILES)]
         for part, (bn, bk, st, w, sp) in parts[:args.tiles] if args.tiles else parts:
