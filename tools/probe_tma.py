@@ -7,6 +7,9 @@ register (h200_decode/12). A plain read of those bytes reaches ~80 % of the stre
 A TMA copy moves a whole [rows, codes] tile into shared memory with one instruction and no registers, and
 Triton's pipeliner (tl.range num_stages) keeps STAGES of them in flight; the codes are then read from shared
 memory. The cp.async pipeline (h200_decode/25) was slower: it issues one LSU copy per 16 bytes per lane.
+Measured (tools/results/h200_decode/30-32, 2026-11-29): slower than gemv_rows on every shape but the LM head
+(attn_output_a/b best 59.9 / 52.5 % against 65 %, the persistent form 55.3 / 49.3 %; LM head with x and scales
+by inline-asm loads 89.8 % against 85.5 %). Kept as a probe; no kernel of the package uses TMA.
 Timing as bench_kernels (CUDA-graph replay over rotating weight copies, median, % of the streaming read of this
 run). Outputs are compared with the auto tile's (same products, other fp32 order).
 Usage: python tools/probe_tma.py [--out probe_tma.md] [--shapes attn_output_a ...] [--commit C]
@@ -34,6 +37,23 @@ from dsv4.kernels_triton.qmatmul_fast import F32_MAGIC_BITS, Q8_BIAS, _q8_words4
 
 
 @triton.jit
+def _scales_x(sp, x_base, k0, NB: tl.constexpr, XASM: tl.constexpr):
+    """A step's block scales [BLOCK_N, NB, 1] (fp32) and x's four byte lanes [1, NB, 8]. XASM (NVIDIA): both by
+    inline-asm loads, which Triton's pipeliner leaves alone (no shared-memory staging); x lanes by one 16-byte
+    load per code word. Else plain loads (pipelined through shared memory with the TMA copies)."""
+    if XASM:
+        d = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [sp.to(tl.int64)], dtype=tl.int16,
+                                      is_pure=False, pack=1).to(tl.float16, bitcast=True)
+        xp = (x_base + k0 + tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 8)[None, None, :] * 4)
+        w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
+        return (d.to(tl.float32)[:, :, None], w0.to(tl.float32, bitcast=True), w1.to(tl.float32, bitcast=True),
+                w2.to(tl.float32, bitcast=True), w3.to(tl.float32, bitcast=True))
+    else:
+        x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
+        return tl.load(sp).to(tl.float32)[:, :, None], x0, x1, x2, x3
+
+
+@triton.jit
 def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split, stride_xg, stride_os, stride_s,
                    off_s, magic_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                    GROUPED: tl.constexpr, PRMT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
@@ -57,19 +77,7 @@ def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split,
     blocks.pdl_wait(PDL)
     for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
         u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
-        if XASM:  # x lanes and scales by inline-asm loads: outside Triton's pipeliner (no smem staging)
-            d = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [sp.to(tl.int64)], dtype=tl.int16,
-                                          is_pure=False, pack=1).to(tl.float16, bitcast=True)
-            d = d.to(tl.float32)[:, :, None]
-            xp = (x_base + k0 + tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 8)[None, None, :] * 4)
-            w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
-            x0 = w0.to(tl.float32, bitcast=True)
-            x1 = w1.to(tl.float32, bitcast=True)
-            x2 = w2.to(tl.float32, bitcast=True)
-            x3 = w3.to(tl.float32, bitcast=True)
-        else:
-            d = tl.load(sp).to(tl.float32)[:, :, None]
-            x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
+        d, x0, x1, x2, x3 = _scales_x(sp, x_base, k0, NB, XASM)
         sp += NB
         q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
         acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
@@ -132,19 +140,7 @@ def _q8_tma_persist_kernel(x_ptr, w_desc, s_ptr, out_ptr, N, R, K, n_row_tiles, 
             g = 0
         sp = s_ptr + r[:, None] * stride_s + off_s + (k0 >> 5) + tl.arange(0, NB)[None, :]
         x_base = x_ptr + g * stride_xg
-        if XASM:
-            d = tl.inline_asm_elementwise("ld.global.b16 $0, [$1];", "=h,l", [sp.to(tl.int64)], dtype=tl.int16,
-                                          is_pure=False, pack=1).to(tl.float16, bitcast=True)
-            d = d.to(tl.float32)[:, :, None]
-            xp = (x_base + k0 + tl.arange(0, NB)[None, :, None] * 32 + tl.arange(0, 8)[None, None, :] * 4)
-            w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
-            x0 = w0.to(tl.float32, bitcast=True)
-            x1 = w1.to(tl.float32, bitcast=True)
-            x2 = w2.to(tl.float32, bitcast=True)
-            x3 = w3.to(tl.float32, bitcast=True)
-        else:
-            d = tl.load(sp).to(tl.float32)[:, :, None]
-            x0, x1, x2, x3 = q8_gemv._x_lanes(x_base, k0, NB)
+        d, x0, x1, x2, x3 = _scales_x(sp, x_base, k0, NB, XASM)
         q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
         acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
         if ks == steps - 1:
@@ -193,15 +189,13 @@ SHAPES = ("attn_output_a", "attn_output_b", "attn_q_b", "output")
 
 XASM_TILES = [(16, 512, 3, 2, 1), (16, 512, 3, 1, 2), (16, 512, 2, 2, 1), (16, 512, 4, 2, 1), (8, 512, 3, 1, 1),
               (16, 256, 3, 1, 1), (32, 256, 3, 2, 1), (32, 512, 3, 4, 1), (16, 1024, 3, 4, 1)]
-ALL_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp", "ffn_down_shexp",
-              "output")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_tma.md")
-    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), persist / persist_xasm (resident grid, flat loop), xasm (TMA with x and scales by "
-                    "inline-asm loads), x3 (gemv_rows' auto tile with x lanes by 16-byte loads, x_mode 3)")
+    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), persist / persist_xasm (resident grid, flat loop), xasm (TMA with x and "
+                    "scales by inline-asm loads)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tiles", type=int, default=0, help="only the first N tiles (0: all)")
     ap.add_argument("--commit", default="")
@@ -210,8 +204,7 @@ def main(argv=None) -> int:
     dev = detect_device(device)
     bw, table = bandwidth_table(args.out, f"TMA Q8_0 GEMV probe (commit {args.commit or '?'})",
                                 ["shape", "config", "µs", "MB", "GB/s", "% bw", "max rel diff"])
-    shapes = ALL_SHAPES if "x3" in args.parts and args.shapes == list(SHAPES) else args.shapes
-    for name in shapes:
+    for name in args.shapes:
         d = {e.name: e for e in DENSE}[name]
         ws, x = q8_problem(d, device)
         nbytes = ws[0].nbytes
@@ -232,13 +225,8 @@ def main(argv=None) -> int:
                 return
             row(cfg, ms, out)
 
-        cfg = q8_gemv.rows_config(1, d.n, d.k, d.groups)
         auto = [lambda x, w=w: q8_gemv.gemv_rows_default(x, w, dev, d.groups) for w in ws]
-        x3 = [lambda x, w=w: q8_gemv.gemv_rows(x, w, dev, d.groups, **dict(cfg, x_mode=3)) for w in ws]
         timed("auto (gemv_rows)", auto)
-        for rep in range(2 if "x3" in args.parts else 0):
-            timed("auto, x lanes by 16-byte loads (x_mode 3)", x3)
-            timed("auto (gemv_rows) again", auto)
         if d.name not in TILES:
             continue
         for part in ("persist", "persist_xasm"):

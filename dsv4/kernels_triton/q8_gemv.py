@@ -158,13 +158,6 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                 x1 = tl.load(xp + 1)
                 x2 = tl.load(xp + 2)
                 x3 = tl.load(xp + 3)
-            elif XPERM == 3:  # natural fp32 x, each (block, word)'s four lanes by one 16-byte load (NVIDIA)
-                xp = x_base + t_row.to(tl.int64) * stride_xt + k0 + b3 * 32 + i3 * 4
-                w0, w1, w2, w3 = blocks.load4(xp.to(tl.pointer_type(tl.int32)), True)
-                x0 = w0.to(tl.float32, bitcast=True)
-                x1 = w1.to(tl.float32, bitcast=True)
-                x2 = w2.to(tl.float32, bitcast=True)
-                x3 = w3.to(tl.float32, bitcast=True)
             elif XPF:  # BLOCK_T == 1: this step's x arrived during the previous one (last step re-reads itself)
                 x0, x1, x2, x3 = _x_split(xv_next, NB)
                 xv_next = _x_words(x_base, tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K), NB)
