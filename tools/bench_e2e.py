@@ -4,8 +4,10 @@ Loads the file with `dsv4.load(path, backend=...)`, prefills a short prompt, run
 then times N decode steps (each returns logits to the host, so every step is synchronized). Prints and
 writes tokens/s and the % of the bandwidth bound: bytes read per token (dsv4.inspect, short context)
 over the streaming-read bandwidth measured in the same run. A backend name may end in `+exact`: the
-ds4-exact mode (`act_quant=True`: activations rounded to Q8_0 / Q8_K as ds4 does). Usage:
-    python tools/bench_e2e.py MODEL.gguf --backends triton,torch --steps 32 --out e2e.md
+ds4-exact mode (`act_quant=True`: activations rounded to Q8_0 / Q8_K as ds4 does). With --profile DIR,
+a few more decode steps per backend run under cProfile and torch.profiler (where eager decode spends host
+time: Python functions, torch ops, kernel launches per step), written to DIR/profile_<backend>.txt. Usage:
+    python tools/bench_e2e.py MODEL.gguf --backends triton,torch --steps 32 --out e2e.md [--profile DIR]
 """
 from __future__ import annotations
 
@@ -25,7 +27,45 @@ EXACT = "exact"  # backend suffix: the ds4-exact mode (act_quant=True: ds4's Q8_
 PROMPT = [0, 1201, 7, 64, 93, 18, 2200, 5, 311, 46, 12, 9, 4000, 77, 8, 3]
 
 
-def decode_speed(path: str, backend: str, steps: int, warmup: int, time_limit: float) -> dict:
+PROFILE_STEPS = 4
+PROFILE_ROWS = 45
+
+
+def profile_steps(s, tok: int, steps: int, out: Path) -> None:
+    """Decode `steps` more tokens under cProfile, then as many under torch.profiler; write both summaries."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity, profile
+
+    pr = cProfile.Profile()
+    t0 = time.time()
+    pr.enable()
+    for _ in range(steps):
+        tok = int(s.decode(tok).argmax())
+    pr.disable()
+    el = time.time() - t0
+    buf = io.StringIO()
+    st = pstats.Stats(pr, stream=buf)
+    buf.write(f"# {steps} decode steps under cProfile: {1e3 * el / steps:.1f} ms per step\n\n## by own time\n")
+    st.sort_stats("tottime").print_stats(PROFILE_ROWS)
+    buf.write("\n## by cumulative time\n")
+    st.sort_stats("cumulative").print_stats(PROFILE_ROWS)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            tok = int(s.decode(tok).argmax())
+    ev = prof.key_averages()
+    launches = sum(e.count for e in ev if e.key in ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx",
+                                                   "cudaLaunchKernelExC"))
+    buf.write(f"\n# torch.profiler over {steps} steps: {launches / steps:.0f} kernel launches per step\n")
+    buf.write(ev.table(sort_by="self_cpu_time_total", row_limit=PROFILE_ROWS))
+    out.write_text(buf.getvalue())
+
+
+def decode_speed(path: str, backend: str, steps: int, warmup: int, time_limit: float,
+                 profile_dir: Path | None = None) -> dict:
     import dsv4
 
     name, _, mode = backend.partition("+")
@@ -49,6 +89,9 @@ def decode_speed(path: str, backend: str, steps: int, warmup: int, time_limit: f
         done += 1
     torch.cuda.synchronize()
     el = time.time() - t2
+    if profile_dir is not None:
+        profile_dir.mkdir(parents=True, exist_ok=True)
+        profile_steps(s, tok, PROFILE_STEPS, profile_dir / f"profile_{backend.replace('+', '_')}.txt")
     return {"backend": backend, "load_s": load_s, "prefill_s": prefill_s, "steps": done, "tok_s": done / el}
 
 
@@ -60,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--time-limit", type=float, default=90.0, help="seconds of timed decoding per backend at most")
     ap.add_argument("--out", default=None, help="markdown file to write")
+    ap.add_argument("--profile", default=None, help="directory for per-backend host profiles of a few more steps")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_e2e: no CUDA/ROCm device", file=sys.stderr)
@@ -82,7 +126,8 @@ def main(argv=None) -> int:
     rc = 0
     for be in [b.strip() for b in args.backends.split(",") if b.strip()]:
         try:
-            r = decode_speed(args.model, be, args.steps, args.warmup, args.time_limit)
+            r = decode_speed(args.model, be, args.steps, args.warmup, args.time_limit,
+                             Path(args.profile) if args.profile else None)
             line = (f"| {be} | {r['tok_s']:.2f} | {100 * r['tok_s'] / bound:.2f} | {r['steps']} | "
                     f"{r['prefill_s']:.1f} | {r['load_s']:.1f} | ok |")
         except Exception as e:  # noqa: BLE001 - keep going with the next backend, record the failure
