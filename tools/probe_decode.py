@@ -237,10 +237,6 @@ XV_SWEEP_GATE_UP_EXTRA = [(16, 2, 2, False), (16, 2, 2, True), (8, 2, 2, True), 
                           (32, 1, 4, True), (16, 2, 4, True)]
 
 
-# `stab`: gate/up tiles (rows, K step, warps, prefetch) with and without the IQ2_XXS sign table
-STAB_GATE_UP_TILES = [(4, 2, 1, True), (4, 2, 1, False), (2, 2, 1, True), (8, 2, 2, True), (4, 1, 1, True)]
-
-
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -252,7 +248,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, ceil, xv, "
-                         "xv_sweep, stab")
+                         "xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -343,28 +339,6 @@ def main(argv=None) -> int:
                     [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
                      for s in sels]), gu_bytes + dn_bytes)
             del gate, up, down
-
-    if "stab" in args.parts:  # EXPERIMENT: IQ2_XXS signs from a 512-byte table (Int8MoeConfig.sign_table)
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            if gate.fmt != moe_int8.QuantFormat.IQ2_XXS:
-                continue
-            tuned = moe_int8.TUNED[gate.fmt]
-            ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
-            cases = [(f"gu_{bn}_{ks}_{w}{'pf' if pf else ''}", dict(block_n_gate_up=bn, kstep_gate_up=ks,
-                                                                   warps_gate_up=w, prefetch_gate_up=pf))
-                     for bn, ks, w, pf in STAB_GATE_UP_TILES]
-            for rep in range(2):  # interleaved twice: drift shows as a difference between runs
-                for label, kw in cases:
-                    for stab in (False, True):
-                        cfg = replace(tuned, sign_table=stab, **kw)
-                        same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                        name = f"{label}{' sign table' if stab else ''}{'' if same else ' (DIFFERS)'}"
-                        row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg),
-                            gu_bytes)
-                        if kw["block_n_gate_up"] == tuned.block_n_gate_up and kw["prefetch_gate_up"]:
-                            row(f"moe_{recipe}", name, "whole", graph_time_ms(
-                                [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg)
-                                 for s in sels]), gu_bytes + dn_bytes)
 
     if "xv_sweep" in args.parts:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):

@@ -117,11 +117,7 @@ def iq2_sel16(device):
 
     pos = 4 * (IQ2_SEL_NIBBLE % 4) + 2 * (IQ2_SEL_NIBBLE // 4)
     sel = (IQ2XXS_LEVELS.astype(np.int64) << pos[None, :]).sum(axis=1)
-    # EXPERIMENT: the 128 sign masks (iq2_signs of every 7-bit index) follow as int32, 256 int16 slots on
-    s = np.arange(128, dtype=np.int64)
-    neg = np.stack([(s >> j) & 1 for j in range(7)] + [np.array([bin(int(v)).count("1") & 1 for v in s])], axis=1)
-    masks = (neg << (4 * IQ2_SEL_NIBBLE[None, :] + 2)).sum(axis=1).astype(np.uint32).view(np.int16)
-    return torch.from_numpy(np.concatenate([sel.astype(np.uint16).view(np.int16), masks]).copy()).to(device)
+    return torch.from_numpy(sel.astype(np.uint16).view(np.int16).copy()).to(device)
 
 
 def repack_q8_0(raw):
@@ -242,12 +238,6 @@ def iq2_signs(sidx):
     p = sidx * SIGN_SPREAD
     p = p | (((p & 0x11111111) * 0x11111111) & 0x10000000)
     return (p << 2) & 0x44444444
-
-
-@triton.jit
-def iq2_signs_tab(sel16_ptr, sidx):
-    """iq2_signs(sidx) read from the 128 int32 masks that follow iq2_sel16's 256 records (EXPERIMENT)."""
-    return tl.load((sel16_ptr + 256).to(tl.pointer_type(tl.int32)) + sidx)
 
 
 @triton.jit

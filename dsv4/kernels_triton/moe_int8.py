@@ -64,7 +64,6 @@ class Int8MoeConfig:
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
-    sign_table: bool = False  # EXPERIMENT: IQ2_XXS sign masks gathered from a 512-byte table (blocks.iq2_signs_tab)
 
 
 CPU_BLOCK_N_GATE_UP = 256
@@ -130,7 +129,7 @@ def _iq2_pair_raw(base):
 
 @triton.jit
 def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr,
-                  XV: tl.constexpr = False, STAB: tl.constexpr = False):
+                  XV: tl.constexpr = False):
     """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
     bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
     quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
@@ -145,16 +144,8 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     xv = blocks.load4(xb, XV) + blocks.load4(xb + 4, XV)  # the group's 8 activation words
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
     for k in tl.static_range(4):
-        if STAB:
-            sel = blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255) | blocks.iq2_signs_tab(
-                sel16_ptr, (aux1 >> (7 * k)) & 127)
-            pos = tl.full(sel.shape, blocks.IQ2_POS_BYTES, tl.int32)
-            neg = tl.full(sel.shape, blocks.IQ2_NEG_BYTES, tl.int32)
-            lo = blocks.prmt(pos, neg, sel, ASM)
-            hi = blocks.prmt(pos, neg, sel >> 16, ASM)
-        else:
-            lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255),
-                                       (aux1 >> (7 * k)) & 127, blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
+        lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
+                                   blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
         isum = _dp4a(lo, xv[2 * k], isum, ASM)
         isum = _dp4a(hi, xv[2 * k + 1], isum, ASM)
     return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
@@ -162,12 +153,12 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
 
 @triton.jit
 def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr,
-                  XV: tl.constexpr = False, STAB: tl.constexpr = False):
+                  XV: tl.constexpr = False):
     """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
     d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
     da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
-                           sel16_ptr, x_ptr, xw, 0, ASM, XV, STAB)
-    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV, STAB)
+                           sel16_ptr, x_ptr, xw, 0, ASM, XV)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV)
     return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
@@ -263,8 +254,7 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         STAB: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
@@ -300,8 +290,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             else:
                 g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
                 u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
-            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, STAB)
-            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, STAB)
+            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
+            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
             if PF:
                 g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
                 u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
@@ -541,8 +531,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, STAB=cfg.sign_table,
-        num_warps=cfg.warps_gate_up,
+        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
         **pdl_launch(pdl))
     return h
 
