@@ -74,7 +74,8 @@ def decode_speed(path: str, backend: str, steps: int, warmup: int, time_limit: f
     t0 = time.time()
     eng = dsv4.load(path, backend=name, device="cuda", **({"act_quant": True} if mode == EXACT else {}))
     load_s = time.time() - t0
-    s = eng.new_session(ctx=max(1024, len(PROMPT) + steps + warmup + 8))
+    extra = 2 * PROFILE_STEPS if profile_dir is not None else 0  # profile_steps decodes twice PROFILE_STEPS more
+    s = eng.new_session(ctx=max(1024, len(PROMPT) + steps + warmup + extra + 8))
     t1 = time.time()
     logits = s.prefill(PROMPT)
     prefill_s = time.time() - t1

@@ -54,6 +54,25 @@ def _scales_x(sp, x_base, k0, NB: tl.constexpr, XASM: tl.constexpr):
 
 
 @triton.jit
+def _tma_step(acc, w_desc, rn0, k0, sp, x_base, magic_bits, BLOCK_N: tl.constexpr, NB: tl.constexpr,
+              PRMT: tl.constexpr, XASM: tl.constexpr):
+    """acc [BLOCK_N, NB, 8] plus one K step: rows rn0.., codes k0.. by one TMA copy from w_desc, scales at sp."""
+    u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
+    d, x0, x1, x2, x3 = _scales_x(sp, x_base, k0, NB, XASM)
+    q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
+    return acc + (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
+
+
+def _codes_desc(dw, block_n: int, block_k: int):
+    """The TMA descriptor of dw's code words: int32 [N, K/4] over the repacked rows (codes first, then scales),
+    one [block_n, block_k / 4] box per step."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    words = dw.buf.reshape(dw.n_rows, -1).view(torch.int32)
+    return TensorDescriptor(words, [dw.n_rows, dw.k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+
+
+@triton.jit
 def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split, stride_xg, stride_os, stride_s,
                    off_s, magic_bits, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                    GROUPED: tl.constexpr, PRMT: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr,
@@ -76,11 +95,8 @@ def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split,
     acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
     blocks.pdl_wait(PDL)
     for k0 in tl.range(k_lo, k_lo + k_split, BLOCK_K, num_stages=STAGES):
-        u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
-        d, x0, x1, x2, x3 = _scales_x(sp, x_base, k0, NB, XASM)
+        acc = _tma_step(acc, w_desc, rn0, k0, sp, x_base, magic_bits, BLOCK_N, NB, PRMT, XASM)
         sp += NB
-        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
-        acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
     rt = tl.arange(0, 1)
     acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     ok = (rt[:, None] < 1) & (rn < N)[None, :]
@@ -92,11 +108,8 @@ def _q8_tma_kernel(x_ptr, w_desc, s_ptr, out_ptr, y_ptr, cnt_ptr, N, R, k_split,
 def gemv_tma(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int, split: int = 1,
              xasm: bool = False):
     """A launcher of _q8_tma_kernel for one token x [1, K] / [1, G, K] (plan built once per call site)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     n, k = dw.n_rows, dw.k
-    words = dw.buf.reshape(n, -1).view(torch.int32)  # [N, row_bytes / 4]; the codes are its first K/4 words
-    desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+    desc = _codes_desc(dw, block_n, block_k)
     n_row_tiles = triton.cdiv(n, block_n)
     counters = torch.zeros(n_row_tiles, device=x.device, dtype=torch.int32)
     use = use_pdl(dev, x)
@@ -132,17 +145,13 @@ def _q8_tma_persist_kernel(x_ptr, w_desc, s_ptr, out_ptr, N, R, K, n_row_tiles, 
         ks = item - j * steps
         rn0 = (pid + j * n_prog) * BLOCK_N
         k0 = ks * BLOCK_K
-        u = tl.reshape(w_desc.load([rn0, k0 >> 2]), (BLOCK_N, NB, 8)) ^ Q8_BIAS
         r = tl.minimum(rn0 + tl.arange(0, BLOCK_N), N - 1).to(tl.int64)
         if GROUPED:
             g = rn0 // R
         else:
             g = 0
         sp = s_ptr + r[:, None] * stride_s + off_s + (k0 >> 5) + tl.arange(0, NB)[None, :]
-        x_base = x_ptr + g * stride_xg
-        d, x0, x1, x2, x3 = _scales_x(sp, x_base, k0, NB, XASM)
-        q0, q1, q2, q3 = _q8_words4(u, PRMT, magic_bits)
-        acc += (q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3) * d
+        acc = _tma_step(acc, w_desc, rn0, k0, sp, x_ptr + g * stride_xg, magic_bits, BLOCK_N, NB, PRMT, XASM)
         if ks == steps - 1:
             rn = rn0 + tl.arange(0, BLOCK_N)
             tl.store(out_ptr + rn, tl.sum(tl.sum(acc, axis=2), axis=1), mask=rn < N)
@@ -152,11 +161,8 @@ def _q8_tma_persist_kernel(x_ptr, w_desc, s_ptr, out_ptr, N, R, K, n_row_tiles, 
 def gemv_tma_persist(x, dw, dev, groups: int, block_n: int, block_k: int, stages: int, warps: int,
                      programs_per_sm: int, xasm: bool = False):
     """A launcher of _q8_tma_persist_kernel for one token (grid: programs_per_sm per SM, at most one per tile)."""
-    from triton.tools.tensor_descriptor import TensorDescriptor
-
     n, k = dw.n_rows, dw.k
-    words = dw.buf.reshape(n, -1).view(torch.int32)
-    desc = TensorDescriptor(words, [n, k // 4], [words.stride(0), 1], [block_n, block_k // 4])
+    desc = _codes_desc(dw, block_n, block_k)
     n_row_tiles = triton.cdiv(n, block_n)
     programs = min(n_row_tiles, dev.n_sm * programs_per_sm)
     use = use_pdl(dev, x)
@@ -180,7 +186,8 @@ PERSIST_TILES = [(bn, bk, st, w, pp) for bn in (2, 4, 8) for bk in (512, 1024) f
 
 # (rows, codes per step, pipeline stages, warps, split) per shape: the long-K 35.7 MB matrices get the sweep
 LONG_TILES = [(bn, bk, st, w, sp) for bn in (4, 8, 16) for bk in (512, 1024) for st in (3, 5) for w in (1, 2, 4)
-              for sp in (1, 2) if bn * bk <= 16384 and not (w == 4 and bn * bk < 8192) and not (w == 1 and bn * bk > 8192)]
+              for sp in (1, 2)
+              if bn * bk <= 16384 and not (w == 4 and bn * bk < 8192) and not (w == 1 and bn * bk > 8192)]
 SHORT_TILES = [(16, 1024, 3, 4, 1), (16, 1024, 5, 4, 1), (32, 512, 3, 4, 1), (32, 1024, 3, 4, 1), (16, 512, 4, 2, 1),
                (32, 512, 5, 4, 1)]
 TILES = {"attn_output_a": LONG_TILES, "attn_output_b": LONG_TILES, "attn_q_b": SHORT_TILES, "output": SHORT_TILES}
@@ -194,8 +201,9 @@ XASM_TILES = [(16, 512, 3, 2, 1), (16, 512, 3, 1, 2), (16, 512, 2, 2, 1), (16, 5
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_tma.md")
-    ap.add_argument("--parts", nargs="+", default=["tma"], help="tma (tile sweep), persist / persist_xasm (resident grid, flat loop), xasm (TMA with x and "
-                    "scales by inline-asm loads)")
+    ap.add_argument("--parts", nargs="+", default=["tma"],
+                    help="tma (tile sweep), persist / persist_xasm (resident grid, flat loop), "
+                         "xasm (TMA with x and scales by inline-asm loads)")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES))
     ap.add_argument("--tiles", type=int, default=0, help="only the first N tiles (0: all)")
     ap.add_argument("--commit", default="")
