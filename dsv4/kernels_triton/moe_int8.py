@@ -63,6 +63,9 @@ class Int8MoeConfig:
     # 16 sums), and every group read starts at a multiple of 4 words inside them
     x_vec_gate_up: bool = False
     x_vec_down: bool = False
+    # Q4_K d|dmin and scale words (a block's first 16 bytes) by one 16-byte load, both stages, where the PTX path
+    # runs and the rows are 16-byte aligned (Q4_K blocks are 144 bytes, so every block is when its row is)
+    scale_vec: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -163,12 +166,14 @@ def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, AS
 
 
 @triton.jit
-def _q4_k_raw(base):
+def _q4_k_raw(base, SV: tl.constexpr = False):
     """The words of Q4_K super-blocks at word pointers base [BN, KB, 1, 1] (36 words each): codes
-    [BN, KB, 4, 8] (qs words 8c + w, 16-byte runs), the three packed-scale words and d|dmin."""
+    [BN, KB, 4, 8] (qs words 8c + w, 16-byte runs), the three packed-scale words and d|dmin. SV (base
+    16-byte aligned): d|dmin and the scale words, words 0-3, by one 16-byte load instead of four."""
     c = tl.arange(0, 4)[None, None, :, None]
     w = tl.arange(0, 8)[None, None, None, :]
-    return tl.load(base + 4 + 8 * c + w), tl.load(base + 1), tl.load(base + 2), tl.load(base + 3), tl.load(base)
+    dd, s0, s1, s2 = blocks.load4(base, SV)
+    return tl.load(base + 4 + 8 * c + w), s0, s1, s2, dd
 
 
 @triton.jit
@@ -254,7 +259,8 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
+                         PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
+                         SV: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
@@ -307,8 +313,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         min_u = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
         n_blocks = D // QK_C
         if PF:
-            gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS)
-            uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS)
+            gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + kk * Q4K_WORDS, SV)
+            uq, us0, us1, us2, udd = _q4_k_raw(ub + kk * Q4K_WORDS, SV)
         blocks.pdl_wait(PDL)
         for b0 in tl.range(0, n_blocks, KSTEP, num_stages=1):
             xw = t * stride_xq + (b0 + kk) * Q8K_WORDS
@@ -316,12 +322,12 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             dx = tl.load(xd_ptr + t * stride_xd + b0 + kk)
             if PF:
                 bn_ = (tl.minimum(b0 + KSTEP, n_blocks - KSTEP) + kk) * Q4K_WORDS
-                ngq, ngs0, ngs1, ngs2, ngdd = _q4_k_raw(gb + bn_)
-                nuq, nus0, nus1, nus2, nudd = _q4_k_raw(ub + bn_)
+                ngq, ngs0, ngs1, ngs2, ngdd = _q4_k_raw(gb + bn_, SV)
+                nuq, nus0, nus1, nus2, nudd = _q4_k_raw(ub + bn_, SV)
             else:
                 bw = (b0 + kk) * Q4K_WORDS
-                gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + bw)
-                uq, us0, us1, us2, udd = _q4_k_raw(ub + bw)
+                gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + bw, SV)
+                uq, us0, us1, us2, udd = _q4_k_raw(ub + bw, SV)
             pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
             pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
             acc_g += pg
@@ -357,7 +363,8 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
-                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False):
+                      PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
+                      SV: tl.constexpr = False):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
@@ -399,7 +406,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         if PF:
             i_p, b_p = _down_step(0, n_steps, KSTEP)
             q, s0, s1, s2, dd = _q4_k_raw(
-                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS)
+                w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
         blocks.pdl_wait(PDL)
         for j in tl.range(0, KSEL * n_steps, num_stages=1):
             i, b0 = _down_step(j, n_steps, KSTEP)
@@ -407,10 +414,10 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
             if PF:
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq, ns0, ns1, ns2, ndd = _q4_k_raw(
-                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS)
+                    w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
             else:
                 q, s0, s1, s2, dd = _q4_k_raw(
-                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS)
+                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS, SV)
             dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
             part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
                                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
@@ -483,6 +490,11 @@ def supports(gate: DeviceWeight, down: DeviceWeight) -> bool:
             and D % (IQ2_PAIR if gate.fmt == QuantFormat.IQ2_XXS else QK) == 0 and F % QK == 0)
 
 
+def _aligned16(words, stride: int) -> bool:
+    """Whether every row of an int32 word view starts on a 16-byte boundary (blocks.load4's requirement)."""
+    return words.data_ptr() % 16 == 0 and stride % 4 == 0
+
+
 def use_asm(dev: DeviceInfo, x) -> bool:
     """PTX dp4a only on an NVIDIA device (the interpreter and ROCm run the plain-Triton emulation)."""
     return dev.vendor == Vendor.NVIDIA and x.is_cuda
@@ -531,8 +543,9 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
         xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm, num_warps=cfg.warps_gate_up,
-        **pdl_launch(pdl))
+        PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm,
+        SV=cfg.scale_vec and asm and gate.fmt == QuantFormat.Q4_K and _aligned16(gw, stride_w) and _aligned16(uw, stride_w),
+        num_warps=cfg.warps_gate_up, **pdl_launch(pdl))
     return h
 
 
@@ -546,7 +559,9 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm, num_warps=cfg.warps_down, **pdl_launch(pdl))
+        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm,
+        SV=cfg.scale_vec and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
+        num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out
 
 

@@ -204,16 +204,19 @@ def test_repeatable_bitwise(poison, poison_i32):
                     "interpreter x_vec reads words one by one, the path every other test runs")
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
 def test_x_vec_bitwise(recipe, poison, poison_i32):
-    """x_vec_gate_up / x_vec_down read the same activation words and code sums by 16-byte loads: with the
-    same tiles the output is bitwise the word-load output (and finite)."""
+    """x_vec_gate_up / x_vec_down read the same activation words and code sums by 16-byte loads, and scale_vec
+    the same Q4_K d|dmin and scale words: with the same tiles the output is bitwise the word-load output (and
+    finite)."""
     (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 256, 1024, 3, 3, seed=71)
     dev = detect_device(DEVICE)
     base = replace(moe_int8.TUNED[gate.fmt], x_vec_gate_up=False, x_vec_down=False)
     y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base)
     y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev,
                              replace(base, x_vec_gate_up=True, x_vec_down=True))
+    y2 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, replace(base, scale_vec=True))
     assert torch.isfinite(y0).all()
     assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
+    assert torch.equal(y0.view(torch.int32), y2.view(torch.int32))
 
 
 def test_other_formats_fall_back(poison):
@@ -251,24 +254,26 @@ gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr=
           gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, FMT="constexpr", BLOCK_N="constexpr",
           KSTEP="constexpr", ASM="constexpr", PF="constexpr",
-          PDL="constexpr", XV="constexpr")
+          PDL="constexpr", XV="constexpr", SV="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr",
-          PF="constexpr", PDL="constexpr", XV="constexpr")
+          PF="constexpr", PDL="constexpr", XV="constexpr", SV="constexpr")
 c = m.Int8MoeConfig()
 out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
                   stride_x=i32, stride_q=i32, stride_d=i32, stride_s=i32, IQ2_ORDER="constexpr",
                   PDL="constexpr"), dict(IQ2_ORDER=True, PDL=True), m.QUANT_LAUNCH),
     "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True)),
+                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True,
+                        SV=False)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
-                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True)),
+                        KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True,
+                        SV=True)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=False)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=True)),
 }
 print("RESULT" + json.dumps(out))
 """
