@@ -351,7 +351,7 @@ def main(argv=None) -> int:
             uq = moe_int8.quant_q8_k(u, pdl=True)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
             for sv in (False, True, False, True):  # interleaved twice: drift shows as a difference between runs
-                cfg = replace(tuned, scale_vec=sv)
+                cfg = replace(tuned, scale_vec=sv)  # (TUNED itself has scale_vec since h200_decode/35)
                 same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
                 name = f"tuned{' sv' if sv else ''}{' (bitwise equal)' if same else ' (DIFFERS)'}"
                 row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)

@@ -209,7 +209,7 @@ def test_x_vec_bitwise(recipe, poison, poison_i32):
     finite)."""
     (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 256, 1024, 3, 3, seed=71)
     dev = detect_device(DEVICE)
-    base = replace(moe_int8.TUNED[gate.fmt], x_vec_gate_up=False, x_vec_down=False)
+    base = replace(moe_int8.TUNED[gate.fmt], x_vec_gate_up=False, x_vec_down=False, scale_vec=False)
     y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base)
     y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev,
                              replace(base, x_vec_gate_up=True, x_vec_down=True))
