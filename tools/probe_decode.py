@@ -18,8 +18,9 @@ median; % of the streaming read measured in this run). Two parts:
   * `xv`: moe_int8's tuned configs with the activation words (and Q2_K code sums) read by 16-byte loads
     (Int8MoeConfig.x_vec_gate_up / x_vec_down) per stage and without, interleaved twice (stages alone, each
     stage behind its Q8_K launch, whole call; for Q4_K only the code sums change);
-  * `sv`: the q4 recipe with Q4_K's d|dmin and scale words by one 16-byte load (Int8MoeConfig.scale_vec) and
-    without, tuned tiles interleaved twice (bitwise check), then the moe_sweep tiles of each stage with it;
+  * `sv`: the q4 recipe with Q4_K's d|dmin and scale words by one 16-byte load (Int8MoeConfig.scale_vec_*)
+    in both stages, in gate/up only, and in neither, tuned tiles interleaved twice (bitwise check), then the
+    moe_sweep tiles of each stage with it;
   * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
     timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
   * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
@@ -342,7 +343,7 @@ def main(argv=None) -> int:
                      for s in sels]), gu_bytes + dn_bytes)
             del gate, up, down
 
-    if "sv" in args.parts:  # Q4_K scale words by one 16-byte load (Int8MoeConfig.scale_vec), q4 recipe only
+    if "sv" in args.parts:  # Q4_K scale words by one 16-byte load (Int8MoeConfig.scale_vec_*), q4 recipe
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             if gate.fmt != moe_int8.QuantFormat.Q4_K:
                 continue
@@ -350,10 +351,13 @@ def main(argv=None) -> int:
             ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
             uq = moe_int8.quant_q8_k(u, pdl=True)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-            for sv in (False, True, False, True):  # interleaved twice: drift shows as a difference between runs
-                cfg = replace(tuned, scale_vec=sv)  # (TUNED itself has scale_vec since h200_decode/35)
+            svs = {"": dict(scale_vec_gate_up=False, scale_vec_down=False),
+                   " sv": dict(scale_vec_gate_up=True, scale_vec_down=True),
+                   " sv gate_up": dict(scale_vec_gate_up=True, scale_vec_down=False)}
+            for label, kw in list(svs.items()) * 2:  # interleaved twice: drift shows as a difference between runs
+                cfg = replace(tuned, **kw)
                 same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                name = f"tuned{' sv' if sv else ''}{' (bitwise equal)' if same else ' (DIFFERS)'}"
+                name = f"tuned{label}{' (bitwise equal)' if same else ' (DIFFERS)'}"
                 row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
                 row(f"moe_{recipe}", name, "whole", graph_time_ms(
@@ -361,11 +365,12 @@ def main(argv=None) -> int:
                     gu_bytes + dn_bytes)
             for bn, ks, w, pf in GATE_UP_TILES:
                 cfg = replace(tuned, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
-                              scale_vec=True)
+                              scale_vec_gate_up=True)
                 row(f"moe_{recipe}", f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w} sv", "quant u + gate_up",
                     chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
             for bn, ks, w, pf in DOWN_TILES:
-                cfg = replace(tuned, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, scale_vec=True)
+                cfg = replace(tuned, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf,
+                              scale_vec_down=True)
                 row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w} sv", "quant h + down",
                     chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down

@@ -204,16 +204,18 @@ def test_repeatable_bitwise(poison, poison_i32):
                     "interpreter x_vec reads words one by one, the path every other test runs")
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
 def test_x_vec_bitwise(recipe, poison, poison_i32):
-    """x_vec_gate_up / x_vec_down read the same activation words and code sums by 16-byte loads, and scale_vec
+    """x_vec_gate_up / x_vec_down read the same activation words and code sums by 16-byte loads, and scale_vec_*
     the same Q4_K d|dmin and scale words: with the same tiles the output is bitwise the word-load output (and
     finite)."""
     (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 256, 1024, 3, 3, seed=71)
     dev = detect_device(DEVICE)
-    base = replace(moe_int8.TUNED[gate.fmt], x_vec_gate_up=False, x_vec_down=False, scale_vec=False)
+    base = replace(moe_int8.TUNED[gate.fmt], x_vec_gate_up=False, x_vec_down=False,
+                   scale_vec_gate_up=False, scale_vec_down=False)
     y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base)
     y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev,
                              replace(base, x_vec_gate_up=True, x_vec_down=True))
-    y2 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, replace(base, scale_vec=True))
+    y2 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev,
+                             replace(base, scale_vec_gate_up=True, scale_vec_down=True))
     assert torch.isfinite(y0).all()
     assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
     assert torch.equal(y0.view(torch.int32), y2.view(torch.int32))
@@ -367,3 +369,12 @@ def test_tuned_steps_and_prefetch(recipe, poison, poison_i32, capture_h):
                   kstep_gate_up=2 if recipe == "q2" else 1, kstep_down=1)
     assert tuned.prefetch_gate_up or tuned.prefetch_down
     run_staged(recipe, 3, 512, 2048 if recipe == "q2" else 512, 1, 2, seed=90, captured=capture_h, cfg=cfg)
+
+
+def test_scale_vec_needs_16_byte_rows():
+    """The 16-byte scale-word loads run only on word views whose every row starts 16-byte aligned; anything
+    else keeps the word loads (a misaligned ld.global.v4 would fault)."""
+    w = torch.zeros(2 * 36, dtype=torch.int32)
+    assert moe_int8._aligned16(w, 36)
+    assert not moe_int8._aligned16(w[1:], 36)  # base 4 bytes past an aligned allocation
+    assert not moe_int8._aligned16(w, 35)  # rows of 140 bytes
