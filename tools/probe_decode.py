@@ -21,6 +21,9 @@ median; % of the streaming read measured in this run). Two parts:
   * `sv`: the q4 recipe with Q4_K's d|dmin and scale words by one 16-byte load (Int8MoeConfig.scale_vec_*)
     in both stages, in gate/up only, and in neither, tuned tiles interleaved twice (bitwise check), then the
     moe_sweep tiles of each stage with it;
+  * `unroll`: moe_int8's tuned configs with the down loop unrolled at compile time (Int8MoeConfig.unroll_down:
+    all K slots' loads can be in flight together) and without, interleaved twice (bitwise check), then down
+    tiles with it, each behind its Q8_K launch;
   * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
     timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
   * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
@@ -67,6 +70,7 @@ GATE_UP_TILES = [(4, 2, 1, True), (4, 1, 1, True), (2, 2, 1, True), (4, 2, 1, Fa
 DOWN_TILES = [(8, 8, 4, False), (16, 8, 8, False), (8, 8, 8, False), (4, 8, 4, False), (8, 4, 4, False),
               (32, 8, 8, False), (2, 8, 1, False), (2, 8, 2, False), (2, 4, 1, False), (4, 8, 2, False),
               (2, 8, 1, True), (1, 8, 1, False)]
+UNROLL_DOWN_TILES = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4), (8, 2), (8, 4), (16, 4)]  # rows, warps
 Q8_TILES = [(bn, bk, w, mp) for bn in (16, 32, 64) for bk in (64, 128) for w in (1, 2)
             for mp in (0, 8, 16, 32)]  # rows, codes per step, warps, split K below mp programs per SM (0: never)
 Q8_SHAPES = ("attn_q_a", "attn_q_b", "attn_kv", "attn_output_a", "attn_output_b", "ffn_gate_shexp",
@@ -250,8 +254,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, sv, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, ceil, xv, "
-                         "xv_sweep")
+                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, "
+                         "ceil, xv, xv_sweep")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -373,6 +377,28 @@ def main(argv=None) -> int:
                               scale_vec_down=True)
                 row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w} sv", "quant h + down",
                     chain_down_ms(hs, down, sels, cfg), dn_bytes)
+            del gate, up, down
+
+    if "unroll" in args.parts:  # the down loop unrolled at compile time (Int8MoeConfig.unroll_down)
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            tuned = moe_int8.TUNED[gate.fmt]
+            uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), pdl=True)
+            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
+            ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
+            for un in (False, True, False, True):  # interleaved twice: drift shows as a difference between runs
+                cfg = replace(tuned, unroll_down=un)
+                same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
+                name = f"tuned{' unroll' if un else ''}{' (bitwise equal)' if same else ' (DIFFERS)'}"
+                row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
+                row(f"moe_{recipe}", name, "whole", graph_time_ms(
+                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                    gu_bytes + dn_bytes)
+            for bn, w in UNROLL_DOWN_TILES:
+                for xv in (False, True):
+                    cfg = replace(tuned, block_n_down=bn, kstep_down=8, warps_down=w, prefetch_down=False,
+                                  x_vec_down=xv, unroll_down=True)
+                    row(f"moe_{recipe}", f"unroll dn_{bn}_8_{w}{' xv' if xv else ''}", "quant h + down",
+                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:

@@ -57,6 +57,9 @@ class Int8MoeConfig:
     warps_down: int = 2
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
+    # the down loop over (slot, K step) unrolled at compile time (one compile per K and F): every step's loads can
+    # be in flight at once instead of one step's (the down stage is a chain of K dependent steps); replaces prefetch
+    unroll_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
     # activation words and code sums by 16-byte loads where the PTX path runs (blocks.load4), per stage; always
     # aligned: quant_q8_k's outputs are fresh contiguous tensors whose rows hold whole Q8_K blocks (64 code words,
@@ -364,14 +367,45 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 
 
 @triton.jit
+def _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr, stride_hq,
+                  stride_hd, stride_hs, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr):
+    """Flat step j of a Q2_K down program, loaded and dotted: the unreduced terms [BN, KSTEP, 4]."""
+    kk = tl.arange(0, KSTEP)[None, :, None]
+    i, b0 = _down_step(j, n_steps, KSTEP)
+    slot = (t * KSEL + i).to(tl.int64)
+    q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
+        w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
+    dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+    return _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+
+
+@triton.jit
+def _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr, stride_hq,
+                  stride_hd, stride_hs, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr,
+                  SV: tl.constexpr):
+    """Flat step j of a Q4_K down program, loaded and dotted: (scale terms [BN, KSTEP, 4, 8], min terms
+    [BN, KSTEP, 4, 1])."""
+    kk = tl.arange(0, KSTEP)[None, :, None, None]
+    i, b0 = _down_step(j, n_steps, KSTEP)
+    slot = (t * KSEL + i).to(tl.int64)
+    q, s0, s1, s2, dd = _q4_k_raw(
+        w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS, SV)
+    dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+    return _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+
+
+@triton.jit
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                       PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                      SV: tl.constexpr = False):
+                      SV: tl.constexpr = False, STEPS: tl.constexpr = 0):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
-    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes."""
+    (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. STEPS
+    (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so every step's loads can be issued at once."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -387,21 +421,25 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
             q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
-        for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
-            i, b0 = _down_step(j, n_steps, KSTEP)
-            slot = (t * KSEL + i).to(tl.int64)
-            if PF:
+        if STEPS > 0:
+            for j in tl.static_range(STEPS):
+                acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
+                                     stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV)
+        elif PF:
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
+                i, b0 = _down_step(j, n_steps, KSTEP)
+                slot = (t * KSEL + i).to(tl.int64)
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq0, nq1, nq2, nq3, nc0, nc1, ndd = _q2_k_raw(
                     w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
-            else:
-                q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
-                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
-            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                             hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
-            if PF:
+                dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+                acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                 hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
+        else:
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):
+                acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
+                                     stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV)
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
         kk = tl.arange(0, KSTEP)[None, :, None, None]
@@ -412,23 +450,31 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
             q, s0, s1, s2, dd = _q4_k_raw(
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
         blocks.pdl_wait(PDL)
-        for j in tl.range(0, KSEL * n_steps, num_stages=1):
-            i, b0 = _down_step(j, n_steps, KSTEP)
-            slot = (t * KSEL + i).to(tl.int64)
-            if PF:
+        if STEPS > 0:
+            for j in tl.static_range(STEPS):
+                part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
+                                            hs_ptr, stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV, SV)
+                acc += part
+                acc_min += mpart
+        elif PF:
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):
+                i, b0 = _down_step(j, n_steps, KSTEP)
+                slot = (t * KSEL + i).to(tl.int64)
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
                 nq, ns0, ns1, ns2, ndd = _q4_k_raw(
                     w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
-            else:
-                q, s0, s1, s2, dd = _q4_k_raw(
-                    w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS, SV)
-            dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
-            part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                    hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
-            acc += part
-            acc_min += mpart
-            if PF:
+                dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
+                part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
+                                        hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+                acc += part
+                acc_min += mpart
                 q, s0, s1, s2, dd = nq, ns0, ns1, ns2, ndd
+        else:
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):
+                part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
+                                            hs_ptr, stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV, SV)
+                acc += part
+                acc_min += mpart
         total = (tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
                  - tl.sum(tl.sum(tl.sum(acc_min, axis=3), axis=2), axis=1))
     tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
@@ -560,11 +606,12 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
+    kstep = _kstep(F // QK, cfg.kstep_down)
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=_kstep(F // QK, cfg.kstep_down), ASM=asm,
-        PF=cfg.prefetch_down, PDL=pdl, XV=cfg.x_vec_down and asm,
+        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
+        PF=cfg.prefetch_down and not cfg.unroll_down, PDL=pdl, XV=cfg.x_vec_down and asm,
         SV=cfg.scale_vec_down and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
         num_warps=cfg.warps_down, **pdl_launch(pdl))
     return out

@@ -221,6 +221,19 @@ def test_x_vec_bitwise(recipe, poison, poison_i32):
     assert torch.equal(y0.view(torch.int32), y2.view(torch.int32))
 
 
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_unroll_down_bitwise(recipe, poison, poison_i32):
+    """unroll_down runs the same (slot, K step) terms in the same order as the down loop, unrolled: the output
+    is bitwise the looped one (and finite); K = 3 slots, two K steps each."""
+    (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 512, 512, 2, 3, seed=72)
+    dev = detect_device(DEVICE)
+    base = replace(moe_int8.TUNED[gate.fmt], kstep_down=1)
+    y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base)
+    y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, replace(base, unroll_down=True))
+    assert torch.isfinite(y0).all()
+    assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
+
+
 def test_other_formats_fall_back(poison):
     """Q8_0 experts are not taken: the call is moe.fused_blockdot's, bit for bit."""
     (gate, up, down, u, sel, wts), _ = make_problem("q8", 3, 64, 64, 2, 2, seed=80)
@@ -260,7 +273,7 @@ gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr=
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr",
-          PF="constexpr", PDL="constexpr", XV="constexpr", SV="constexpr")
+          PF="constexpr", PDL="constexpr", XV="constexpr", SV="constexpr", STEPS="constexpr")
 c = m.Int8MoeConfig()
 out = {
     "quant": comp(m._q8k_quant_kernel, dict(x_ptr="*fp32", q_ptr="*i32", d_ptr="*fp32", s_ptr="*i32",
@@ -273,9 +286,9 @@ out = {
                         KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True,
                         SV=True)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=False)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=False, STEPS=0)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
-                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=True)),
+                     ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=True, STEPS=0)),
 }
 print("RESULT" + json.dumps(out))
 """
