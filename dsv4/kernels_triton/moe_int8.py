@@ -621,13 +621,14 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
 # Tuned per gate/up format on the H200 (tools/results/h200_decode/: tools/probe_decode.py moe_sweep, pdl, xv,
 # xv_sweep): IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched (its activation words as
 # 16-byte loads: faster alone, 2 us slower behind the Q8_K launch, 22/23; on Triton 3.6 that kernel takes 96
-# registers instead of 64, so a token's 3072 programs no longer fit the SMs at once); Q2_K down 4 rows x 4 warps
-# with 16-byte activation loads (the whole q2 call 36.0 -> 32.4-32.7 us, 22); Q4_K gate/up 32 rows x 4 warps,
+# registers instead of 64, so a token's 3072 programs no longer fit the SMs at once); Q2_K down 4 rows with
+# 16-byte activation loads (4 warps: the whole q2 call 36.0 -> 32.4-32.7 us, 22; see below); Q4_K gate/up 32 rows x 4 warps,
 # Q4_K down 2 rows, 1 warp, prefetched; Q4_K gate/up's scale words by 16-byte loads (h200_decode/36: gate/up
-# 25.8 -> 24.3 us; the down stage 0.4 us slower with them).
+# 25.8 -> 24.3 us; the down stage 0.4 us slower with them); Q2_K down unrolled over the K slots, 4 rows x 1 warp
+# (h200_decode/37: quant h + down 13.8-13.9 -> 12.9 us; Q4_K down gains nothing from it).
 TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
-                                       block_n_down=4, kstep_down=8, warps_down=4, x_vec_down=True),
+                                       block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True),
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
                                     scale_vec_gate_up=True),
@@ -650,7 +651,8 @@ from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
-            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 4 warps, 16-byte activation loads; Q4_K "
+            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
+            "activation loads; Q4_K "
             "32 rows x 4 warps with its scale words by 16-byte loads / 2 rows, 1 warp, prefetch), programmatic "
             "dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
