@@ -57,8 +57,9 @@ class Int8MoeConfig:
     warps_down: int = 2
     prefetch_gate_up: bool = False  # register double buffer: the next K step's words load while this one computes
     prefetch_down: bool = False
-    # the down loop over (slot, K step) unrolled at compile time (one compile per K and F): every step's loads can
-    # be in flight at once instead of one step's (the down stage is a chain of K dependent steps); replaces prefetch
+    # the down loop over (slot, K step) unrolled at compile time (one compile per K and F): ptxas then issues later
+    # steps' loads between earlier steps' dots instead of one step per loop trip (the down stage is a chain of K
+    # dependent steps; sm_90a keeps about two in flight); replaces prefetch
     unroll_down: bool = False
     pdl: bool = True  # programmatic dependent launch where configs.use_pdl allows it (sm_90+)
     # activation words and code sums by 16-byte loads where the PTX path runs (blocks.load4), per stage; always
@@ -405,7 +406,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. STEPS
-    (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so every step's loads can be issued at once."""
+    (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so later steps' loads need not wait a loop trip."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -437,7 +438,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                                  hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
         else:
-            for j in tl.range(0, KSEL * n_steps, num_stages=1):
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
                                      stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV)
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -470,7 +471,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                 acc_min += mpart
                 q, s0, s1, s2, dd = nq, ns0, ns1, ns2, ndd
         else:
-            for j in tl.range(0, KSEL * n_steps, num_stages=1):
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
                                             hs_ptr, stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV, SV)
                 acc += part
@@ -622,10 +623,10 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
 # xv_sweep): IQ2_XXS gate/up wants many 1-warp programs with the next step prefetched (its activation words as
 # 16-byte loads: faster alone, 2 us slower behind the Q8_K launch, 22/23; on Triton 3.6 that kernel takes 96
 # registers instead of 64, so a token's 3072 programs no longer fit the SMs at once); Q2_K down 4 rows with
-# 16-byte activation loads (4 warps: the whole q2 call 36.0 -> 32.4-32.7 us, 22; see below); Q4_K gate/up 32 rows x 4 warps,
-# Q4_K down 2 rows, 1 warp, prefetched; Q4_K gate/up's scale words by 16-byte loads (h200_decode/36: gate/up
-# 25.8 -> 24.3 us; the down stage 0.4 us slower with them); Q2_K down unrolled over the K slots, 4 rows x 1 warp
-# (h200_decode/37: quant h + down 13.8-13.9 -> 12.9 us; Q4_K down gains nothing from it).
+# 16-byte activation loads (4 warps: the whole q2 call 36.0 -> 32.4-32.7 us, 22), since h200_decode/37 1 warp
+# unrolled over the K slots (quant h + down 13.8-13.9 -> 12.9 us; Q4_K down gains nothing from unrolling); Q4_K
+# gate/up 32 rows x 4 warps with its scale words by 16-byte loads (h200_decode/36: 25.8 -> 24.3 us; the down stage
+# is 0.4 us slower with them), Q4_K down 2 rows, 1 warp, prefetched.
 TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True),
