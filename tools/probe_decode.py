@@ -145,6 +145,17 @@ def chain_gate_up_ms(u, gate, up, sels, wts, cfg) -> float:
                                                             True, cfg, True) for s in sels])
 
 
+def whole_ms(u, gate, up, down, sels, wts, dev, cfg) -> float:
+    """Graph time of the whole moe_int8 call (its four launches) over the rotating selections."""
+    return graph_time_ms([lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels])
+
+
+def bitwise_note(ref, u, gate, up, down, sel, wts, dev, cfg) -> str:
+    """' (bitwise equal)' or ' (DIFFERS)': cfg's whole call on sel against ref."""
+    same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, cfg))
+    return " (bitwise equal)" if same else " (DIFFERS)"
+
+
 def chain_down_ms(hs, down, sels, cfg) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
     return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg,
@@ -271,9 +282,8 @@ def main(argv=None) -> int:
             for name, cfg in PDL_MOE.items():
                 for pdl in (False, True):
                     c = replace(cfg, pdl=pdl)
-                    row(f"moe_{recipe}", f"{name}{' pdl' if pdl else ''}", "whole", graph_time_ms(
-                        [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, c) for s in sels]),
-                        nbytes)
+                    row(f"moe_{recipe}", f"{name}{' pdl' if pdl else ''}", "whole",
+                        whole_ms(u, gate, up, down, sels, wts, dev, c), nbytes)
             del gate, up, down
     if "moe" in args.parts or "moe_sweep" in args.parts:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
@@ -304,9 +314,7 @@ def main(argv=None) -> int:
                         dn_bytes)
                 if name.startswith(("gu_", "dn_", "pf_gu_", "pf_dn_")) and name not in MOE_CONFIGS:
                     continue
-                row(case, name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
-                    gu_bytes + dn_bytes)
+                row(case, name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg), gu_bytes + dn_bytes)
             del gate, up, down
 
     if "xv" in args.parts:
@@ -326,8 +334,7 @@ def main(argv=None) -> int:
                 if "block_n_down" in kw:  # another tile sums in another fp32 order: no bitwise check
                     note = ""
                 else:
-                    same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                    note = " (bitwise equal)" if same else " (DIFFERS)"
+                    note = bitwise_note(ref, u, gate, up, down, sels[0], wts, dev, cfg)
                 name = f"tuned{label}{note}"
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
                 hqs = [moe_int8.quant_q8_k(h) for h in hs]
@@ -339,12 +346,10 @@ def main(argv=None) -> int:
                     dn_bytes)
                 row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
-                row(f"moe_{recipe}", name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
-                row(f"moe_{recipe}", name, "whole, no PDL", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, replace(cfg, pdl=False))
-                     for s in sels]), gu_bytes + dn_bytes)
+                row(f"moe_{recipe}", name, "whole, no PDL",
+                    whole_ms(u, gate, up, down, sels, wts, dev, replace(cfg, pdl=False)), gu_bytes + dn_bytes)
             del gate, up, down
 
     if "sv" in args.parts:  # Q4_K scale words by one 16-byte load (Int8MoeConfig.scale_vec_*), q4 recipe
@@ -360,12 +365,10 @@ def main(argv=None) -> int:
                    " sv gate_up": dict(scale_vec_gate_up=True, scale_vec_down=False)}
             for label, kw in list(svs.items()) * 2:  # interleaved twice: drift shows as a difference between runs
                 cfg = replace(tuned, **kw)
-                same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                name = f"tuned{label}{' (bitwise equal)' if same else ' (DIFFERS)'}"
+                name = f"tuned{label}{bitwise_note(ref, u, gate, up, down, sels[0], wts, dev, cfg)}"
                 row(f"moe_{recipe}", name, "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
-                row(f"moe_{recipe}", name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
             for bn, ks, w, pf in GATE_UP_TILES:
                 cfg = replace(tuned, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
@@ -387,11 +390,9 @@ def main(argv=None) -> int:
             ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned)
             for un in (False, True, False, True):  # interleaved twice: drift shows as a difference between runs
                 cfg = replace(tuned, unroll_down=un)
-                same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg))
-                name = f"tuned{' unroll' if un else ''}{' (bitwise equal)' if same else ' (DIFFERS)'}"
+                name = f"tuned{' unroll' if un else ''}{bitwise_note(ref, u, gate, up, down, sels[0], wts, dev, cfg)}"
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
-                row(f"moe_{recipe}", name, "whole", graph_time_ms(
-                    [lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels]),
+                row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
             for bn, w in UNROLL_DOWN_TILES:
                 for xv in (False, True):
