@@ -24,6 +24,9 @@ median; % of the streaming read measured in this run). Two parts:
   * `unroll`: moe_int8's tuned configs with the down loop unrolled at compile time (Int8MoeConfig.unroll_down:
     all K slots' loads can be in flight together) and without, interleaved twice (bitwise check), then down
     tiles with it, each behind its Q8_K launch;
+  * `limb`: moe_int8 on fp32-grade activations (limbs=3: three int8 planes, the CUDA auto decode MoE): the tuned
+    tiles' whole call with 1 and 3 planes interleaved twice, then every moe_sweep gate/up and down tile and the
+    unrolled down tiles with and without 16-byte activation loads, each behind its quantizer launch;
   * `xv_sweep`: the moe_sweep tiles of each stage with and without the 16-byte activation loads, each
     timed behind its Q8_K launch (as in the whole call; moe_sweep timed each stage alone);
   * `q8st`: gemv_rows with its K loop software-pipelined by Triton (`stages` > 1: the code words and scales
@@ -138,16 +141,17 @@ def stage_bytes(fgu, fdn) -> tuple[int, int]:
     return K_USED * 2 * F_EXP * fgu.row_bytes(D), K_USED * D * fdn.row_bytes(F_EXP)
 
 
-def chain_gate_up_ms(u, gate, up, sels, wts, cfg) -> float:
+def chain_gate_up_ms(u, gate, up, sels, wts, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's first two launches (Q8_K of u, then gate/up), as in the whole call."""
     iq2 = moe_int8.uses_iq2_order(gate)
-    return graph_time_ms([lambda s=s: moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, iq2, True), gate, up, s, wts, CLAMP,
-                                                            True, cfg, True) for s in sels])
+    return graph_time_ms([lambda s=s: moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, iq2, True, limbs), gate, up, s, wts,
+                                                            CLAMP, True, cfg, True) for s in sels])
 
 
-def whole_ms(u, gate, up, down, sels, wts, dev, cfg) -> float:
+def whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs: int = 1) -> float:
     """Graph time of the whole moe_int8 call (its four launches) over the rotating selections."""
-    return graph_time_ms([lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg) for s in sels])
+    return graph_time_ms([lambda s=s: moe_int8.fused_int8(u, gate, up, down, s, wts, CLAMP, dev, cfg, limbs)
+                          for s in sels])
 
 
 def bitwise_note(ref, u, gate, up, down, sel, wts, dev, cfg) -> str:
@@ -156,10 +160,10 @@ def bitwise_note(ref, u, gate, up, down, sel, wts, dev, cfg) -> str:
     return " (bitwise equal)" if same else " (DIFFERS)"
 
 
-def chain_down_ms(hs, down, sels, cfg) -> float:
+def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
-    return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True), down, s, True, cfg,
-                                                              True) for s, h in zip(sels, hs)])
+    return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s,
+                                                              True, cfg, True) for s, h in zip(sels, hs)])
 
 
 def q8_problem(d, device):
@@ -266,7 +270,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, "
-                         "ceil, xv, xv_sweep")
+                         "ceil, xv, xv_sweep, limb")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -400,6 +404,35 @@ def main(argv=None) -> int:
                                   x_vec_down=xv, unroll_down=True)
                     row(f"moe_{recipe}", f"unroll dn_{bn}_8_{w}{' xv' if xv else ''}", "quant h + down",
                         chain_down_ms(hs, down, sels, cfg), dn_bytes)
+            del gate, up, down
+
+    if "limb" in args.parts:  # fp32-grade activations as three int8 planes (fused_int8(limbs=3), the auto decode)
+        L = moe_int8.LIMBS_FP32
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            tuned = moe_int8.TUNED[gate.fmt]
+            for limbs in (1, L, 1, L):  # interleaved twice
+                row(f"moe_{recipe}", f"tuned limbs={limbs}", "whole",
+                    whole_ms(u, gate, up, down, sels, wts, dev, tuned, limbs), gu_bytes + dn_bytes)
+            uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=L)
+            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
+            for bn, ks, w, pf in GATE_UP_TILES:
+                for xv in (False, True):
+                    cfg = replace(tuned, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
+                                  x_vec_gate_up=xv)
+                    row(f"moe_{recipe}", f"limb3 {'pf_' if pf else ''}gu_{bn}_{ks}_{w}{' xv' if xv else ''}",
+                        "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg, L), gu_bytes)
+            for bn, ks, w, pf in DOWN_TILES:
+                for xv in (False, True):
+                    cfg = replace(tuned, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv,
+                                  unroll_down=False)
+                    row(f"moe_{recipe}", f"limb3 {'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}",
+                        "quant h + down", chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
+            for bn, w in UNROLL_DOWN_TILES:
+                for xv in (False, True):
+                    cfg = replace(tuned, block_n_down=bn, kstep_down=8, warps_down=w, prefetch_down=False,
+                                  x_vec_down=xv, unroll_down=True)
+                    row(f"moe_{recipe}", f"limb3 unroll dn_{bn}_8_{w}{' xv' if xv else ''}", "quant h + down",
+                        chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from . import blocks
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits, dequant_tile
-from .configs import DeviceInfo, DotDtype, MoeConfig, select_moe
+from .configs import DeviceInfo, DotDtype, MoeConfig, Vendor, select_moe
 from .qmatmul import dot, tl_dot_dtype
 
 
@@ -527,11 +527,18 @@ def moe_float(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8
 
 
 def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
-    """fused_blockdot for few tokens; above, moe_prefill's grouped GEMM with per-group decoding and its
-    per-format tiles (H200, 2026-11-28, T=2048: 4.2 / 3.5 ms for q2 / q4, tools/results/h200_final5; `grouped`:
-    19.6 / 20.8 ms), which hands formats it does not decode to moe_float."""
+    """Few tokens: moe_int8 on fp32-grade activations (three int8 planes, variant int8_limb3; H200, graph replay,
+    T=1: q2 46.1 / q4 57.5 us against fused_blockdot's 88.9 / 92.0, tools/results/h200_decode/38), which hands
+    formats and shapes it does not take to fused_blockdot; on ROCm fused_blockdot (the dp4a path is PTX, the
+    plain-Triton byte products there are unmeasured). Above: moe_prefill's grouped GEMM with per-group decoding
+    and its per-format tiles (H200, 2026-11-28, T=2048: 4.2 / 3.5 ms for q2 / q4, tools/results/h200_final5;
+    `grouped`: 19.6 / 20.8 ms), which hands formats it does not decode to moe_float."""
     if u.shape[0] <= decode_max_t:
-        return fused_blockdot(u, gate, up, down, sel, weights, clamp, dev)
+        if dev.vendor == Vendor.AMD:
+            return fused_blockdot(u, gate, up, down, sel, weights, clamp, dev)
+        from . import moe_int8  # late: moe_int8 builds on this module
+
+        return moe_int8.fused_int8(u, gate, up, down, sel, weights, clamp, dev, limbs=moe_int8.LIMBS_FP32)
     from .moe_prefill import grouped_v2_default  # late: moe_prefill builds on this module
 
     return grouped_v2_default(u, gate, up, down, sel, weights, clamp, dev)
@@ -554,7 +561,8 @@ def moe_auto_ieee(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int
 from ..quant.formats import QuantFormat  # noqa: E402
 from .registry import AUTO, KernelOp, register  # noqa: E402
 
-register(KernelOp.MOE, AUTO, moe_auto, doc="fused_blockdot for T <= 8, moe_prefill.grouped_v2 (TUNED tiles) above")
+register(KernelOp.MOE, AUTO, moe_auto, doc="moe_int8 on three int8 activation planes (fp32-grade; ROCm: "
+         "fused_blockdot) for T <= 8, moe_prefill.grouped_v2 (TUNED tiles) above")
 register(KernelOp.MOE, "fused_decode", fused_decode, max_t=64,
          doc="gate+up+SwiGLU+route weight per (slot, F block), then down summed over K in order")
 register(KernelOp.MOE, "fused_blockdot", fused_blockdot, formats=(QuantFormat.IQ2_XXS, QuantFormat.Q4_K), max_t=64,

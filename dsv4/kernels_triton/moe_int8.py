@@ -40,6 +40,10 @@ SUMS_PER_BLOCK: tl.constexpr = tl.constexpr(QK // SUM_GROUP)
 QK_C: tl.constexpr = tl.constexpr(QK)
 # 1.5 * 2^23: (y + M) - M rounds |y| < 2^22 to the nearest integer, ties to even (torch.round)
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+# fp32-grade activations as three int8 planes (quant_q8_k(limbs=3)): |q| <= 2^22 - 1 keeps the rounding above exact
+# and the hi plane within +-64; q resolves 2^-22 of the block's max|x| (fp32 resolves 2^-24 of each element)
+LIMBS_FP32 = 3
+LIMB_MAX_F: tl.constexpr = tl.constexpr(4194303.0)
 MAX_T = 8  # decode only: tokens per call (prefill keeps the grouped float kernels)
 GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
@@ -92,11 +96,29 @@ def _dp4a(a, b, c, ASM: tl.constexpr):
 
 
 @triton.jit
-def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s,
-                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False):
+def _pack_words(q, IQ2_ORDER: tl.constexpr):
+    """[256] int32 codes in -128..127 -> [64] int32 words, 4 codes each (little-endian; IQ2_ORDER: per 8 codes
+    words [c0 c4 c1 c5], [c2 c6 c3 c7], the IQ2_XXS selector order)."""
+    i = tl.arange(0, QK_C)
+    if IQ2_ORDER:
+        v = (q & 255) << (8 * (2 * (i & 1) + ((i >> 2) & 1)))
+        first = ((i >> 1) & 1) == 0
+        wa = tl.sum(tl.reshape(tl.where(first, v, 0), (Q8K_WORDS // 2, 8)), axis=1)
+        wb = tl.sum(tl.reshape(tl.where(first, 0, v), (Q8K_WORDS // 2, 8)), axis=1)
+        return tl.reshape(tl.join(wa, wb), (Q8K_WORDS,))
+    else:
+        return tl.sum(tl.reshape((q & 255) << (8 * (i & 3)), (Q8K_WORDS, 4)), axis=1)  # disjoint: sum == or
+
+
+@triton.jit
+def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
+                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False, LIMBS: tl.constexpr = 1):
     """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k: max = the first element of
     largest |x| (torch.argmax picks the first of ties), iscale = -127/max, q = min(127, rint(iscale x)),
-    d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host."""
+    d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host.
+    LIMBS = 3 (fp32-grade activations): q = rint(x * LIMB_MAX / max|x|), |q| <= LIMB_MAX < 2^22, stored as
+    three signed byte planes q = 65536 hi + 256 mid + lo (plane l at q_ptr + l stride_ql: hi, mid, lo), d the
+    scale of the hi plane (max|x| * 65536 / LIMB_MAX), the sums of q per 16 as fp32 in hi-plane units (bits)."""
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     i = tl.arange(0, QK_C)
@@ -104,25 +126,40 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
     x = tl.load(x_ptr + r * stride_x + b * QK_C + i).to(tl.float32)
     ax = tl.abs(x)
     amax = tl.max(ax, axis=0)
-    first = tl.min(tl.where(ax == amax, i, QK_C), axis=0)
-    mx = tl.sum(tl.where(i == first, x, 0.0), axis=0)
-    nz = mx != 0.0
-    iscale = tl.where(nz, tl.math.div_rn(-127.0, tl.where(nz, mx, 1.0)), 0.0)
-    y = iscale * x
-    q = tl.minimum((y + ROUND_MAGIC) - ROUND_MAGIC, 127.0).to(tl.int32)
-    d = tl.where(nz, tl.math.div_rn(1.0, tl.where(nz, iscale, 1.0)), 0.0)
-    if IQ2_ORDER:  # per 8 codes: words [c0 c4 c1 c5], [c2 c6 c3 c7] (the IQ2_XXS selector order)
-        v = (q & 255) << (8 * (2 * (i & 1) + ((i >> 2) & 1)))
-        first = ((i >> 1) & 1) == 0
-        wa = tl.sum(tl.reshape(tl.where(first, v, 0), (Q8K_WORDS // 2, 8)), axis=1)
-        wb = tl.sum(tl.reshape(tl.where(first, 0, v), (Q8K_WORDS // 2, 8)), axis=1)
-        words = tl.reshape(tl.join(wa, wb), (Q8K_WORDS,))
+    qp = q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS)
+    sp = s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK)
+    if LIMBS == 1:
+        first = tl.min(tl.where(ax == amax, i, QK_C), axis=0)
+        mx = tl.sum(tl.where(i == first, x, 0.0), axis=0)
+        nz = mx != 0.0
+        iscale = tl.where(nz, tl.math.div_rn(-127.0, tl.where(nz, mx, 1.0)), 0.0)
+        y = iscale * x
+        q = tl.minimum((y + ROUND_MAGIC) - ROUND_MAGIC, 127.0).to(tl.int32)
+        d = tl.where(nz, tl.math.div_rn(1.0, tl.where(nz, iscale, 1.0)), 0.0)
+        tl.store(qp, _pack_words(q, IQ2_ORDER))
+        tl.store(sp, tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1))
     else:
-        words = tl.sum(tl.reshape((q & 255) << (8 * (i & 3)), (Q8K_WORDS, 4)), axis=1)  # disjoint: sum == or
-    sums = tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1)
-    tl.store(q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS), words)
-    tl.store(s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK), sums)
+        nz = amax != 0.0
+        iscale = tl.where(nz, tl.math.div_rn(LIMB_MAX_F, tl.where(nz, amax, 1.0)), 0.0)
+        y = iscale * x  # |y| <= LIMB_MAX (1 + 2^-23) < 2^22: the magic-number rounding is exact
+        q = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -LIMB_MAX_F), LIMB_MAX_F).to(tl.int32)
+        lo = ((q + 128) & 255) - 128
+        r1 = (q - lo) >> 8  # exact: q - lo is a multiple of 256
+        mid = ((r1 + 128) & 255) - 128
+        hi = (r1 - mid) >> 8  # |hi| <= 64
+        tl.store(qp, _pack_words(hi, IQ2_ORDER))
+        tl.store(qp + stride_ql, _pack_words(mid, IQ2_ORDER))
+        tl.store(qp + 2 * stride_ql, _pack_words(lo, IQ2_ORDER))
+        sums = tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1).to(tl.float32) * (1.0 / 65536.0)
+        tl.store(sp, sums.to(tl.int32, bitcast=True))
+        d = tl.where(nz, tl.math.div_rn(65536.0, tl.where(nz, iscale, 1.0)), 0.0)
     tl.store(d_ptr + r * stride_d + b, d)
+
+
+@triton.jit
+def _limb_sum(hi, mid, lo):
+    """fp32 hi + mid / 256 + lo / 65536 of three exact integer dot terms (LIMBS = 3), in hi-plane units."""
+    return hi.to(tl.float32) + mid.to(tl.float32) * (1.0 / 256.0) + lo.to(tl.float32) * (1.0 / 65536.0)
 
 
 @triton.jit
@@ -137,7 +174,7 @@ def _iq2_pair_raw(base):
 
 @triton.jit
 def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr,
-                  XV: tl.constexpr = False):
+                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0):
     """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
     bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
     quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
@@ -146,27 +183,41 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     in nibble n(j) = 2 (j % 4) + j // 4, bit 2 set where it is negative), and one prmt per 4 coordinates
     reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte k of the low
     word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]. XV: the 8 activation words of each
-    group as two 16-byte loads (blocks.load4)."""
+    group as two 16-byte loads (blocks.load4). LIMBS = 3: the activation planes at xl and 2 xl words too (each
+    decoded word dotted three times); the returned term is then fp32, hi + mid / 256 + lo / 65536."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
     xv = blocks.load4(xb, XV) + blocks.load4(xb + 4, XV)  # the group's 8 activation words
     isum = tl.zeros(aux0.shape, dtype=tl.int32)
+    if LIMBS > 1:
+        xm = blocks.load4(xb + xl, XV) + blocks.load4(xb + xl + 4, XV)
+        xo = blocks.load4(xb + 2 * xl, XV) + blocks.load4(xb + 2 * xl + 4, XV)
+        isum_m = isum
+        isum_o = isum
     for k in tl.static_range(4):
         lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
                                    blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
         isum = _dp4a(lo, xv[2 * k], isum, ASM)
         isum = _dp4a(hi, xv[2 * k + 1], isum, ASM)
-    return _f16_from_bits(dbits), isum * (2 * ((aux1 >> 28) & 15) + 1)
+        if LIMBS > 1:
+            isum_m = _dp4a(hi, xm[2 * k + 1], _dp4a(lo, xm[2 * k], isum_m, ASM), ASM)
+            isum_o = _dp4a(hi, xo[2 * k + 1], _dp4a(lo, xo[2 * k], isum_o, ASM), ASM)
+    ls = 2 * ((aux1 >> 28) & 15) + 1
+    if LIMBS > 1:  # each (limb sum) * ls < 2^23: exact in fp32
+        term = _limb_sum(isum * ls, isum_m * ls, isum_o * ls)
+    else:
+        term = isum * ls
+    return _f16_from_bits(dbits), term
 
 
 @triton.jit
 def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr,
-                  XV: tl.constexpr = False):
+                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0):
     """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
     d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
     da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
-                           sel16_ptr, x_ptr, xw, 0, ASM, XV)
-    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV)
+                           sel16_ptr, x_ptr, xw, 0, ASM, XV, LIMBS, xl)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV, LIMBS, xl)
     return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
@@ -185,28 +236,42 @@ def _q4_k_raw(base, SV: tl.constexpr = False):
 
 
 @triton.jit
-def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False):
+def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False,
+              LIMBS: tl.constexpr = 1, xl=0):
     """Q4_K super-blocks from _q4_k_raw's words against activation words x_ptr + xw [1, KB, 1, 1]
     (64 per block), code sums s_ptr + sw (16 per block), scales dx [1, KB, 1, 1]. Returns the unreduced
     terms (quant.md §1.5): scale part [BN, KB, 4, 8] = d dx (sc_2c isum_lo + sc_2c+1 isum_hi) per qs
     word of sub-block pair c, and min part [BN, KB, 4, 1] = dmin dx (m xsum). XV: each sub-block pair's four
-    code sums by one 16-byte load (the codes' own loads are already 16-byte)."""
+    code sums by one 16-byte load (the codes' own loads are already 16-byte). LIMBS = 3: the planes at xl and
+    2 xl dotted too, the code sums fp32 (bits), both parts in fp32 from exact integer terms."""
     c = tl.arange(0, 4)[None, None, :, None]  # sub-block pair (2c, 2c+1) = qs words 8c .. 8c+7
     w = tl.arange(0, 8)[None, None, None, :]
     xq = x_ptr + xw + 16 * c + w
     zero = tl.zeros(q.shape, dtype=tl.int32)
     p_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq), zero, ASM)  # sub-block 2c: low nibbles
     p_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 8), zero, ASM)  # 2c + 1: high nibbles
+    if LIMBS > 1:
+        pm_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq + xl), zero, ASM)
+        pm_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + xl + 8), zero, ASM)
+        po_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq + 2 * xl), zero, ASM)
+        po_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 2 * xl + 8), zero, ASM)
     # 6-bit scales/mins, four per word (j < 4 | j >= 4), from the 12 packed bytes
     sh = 16 * (c & 1)
     scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
     mnw = tl.where(c < 2, s1 & 0x3F3F3F3F, ((s2 >> 4) & 0x0F0F0F0F) | ((s1 >> 2) & 0x30303030))
-    it = p_lo * ((scw >> sh) & 255) + p_hi * ((scw >> (sh + 8)) & 255)
+    sc_lo, sc_hi = (scw >> sh) & 255, (scw >> (sh + 8)) & 255
+    m_lo, m_hi = (mnw >> sh) & 255, (mnw >> (sh + 8)) & 255
+    it = p_lo * sc_lo + p_hi * sc_hi
     # code sums of 16: sub-block 2c has sums 4c and 4c+1, sub-block 2c+1 has 4c+2 and 4c+3
     xs0, xs1, xs2, xs3 = blocks.load4(s_ptr + sw + 4 * c, XV)
-    mins = ((mnw >> sh) & 255) * (xs0 + xs1) + ((mnw >> (sh + 8)) & 255) * (xs2 + xs3)
-    return ((_f16_from_bits(dd) * dx) * it.to(tl.float32),
-            (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32))
+    if LIMBS > 1:  # per-lane limb terms < 2^20 (6-bit scales x 4 codes x 15 x 128): exact in fp32
+        itf = _limb_sum(it, pm_lo * sc_lo + pm_hi * sc_hi, po_lo * sc_lo + po_hi * sc_hi)
+        minf = (m_lo.to(tl.float32) * (xs0.to(tl.float32, bitcast=True) + xs1.to(tl.float32, bitcast=True))
+                + m_hi.to(tl.float32) * (xs2.to(tl.float32, bitcast=True) + xs3.to(tl.float32, bitcast=True)))
+    else:
+        itf = it.to(tl.float32)
+        minf = (m_lo * (xs0 + xs1) + m_hi * (xs2 + xs3)).to(tl.float32)
+    return (_f16_from_bits(dd) * dx) * itf, (_f16_from_bits(dd >> 16) * dx) * minf
 
 
 @triton.jit
@@ -222,13 +287,15 @@ def _q2_k_raw(base):
 
 
 @triton.jit
-def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False):
+def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV: tl.constexpr = False,
+              LIMBS: tl.constexpr = 1, xl=0):
     """Q2_K super-blocks from _q2_k_raw's words against activation words x_ptr + xw [1, KB, 1], code
     sums s_ptr + sw, scales dx [1, KB, 1]. Weight 128h + 32s + 4w' + b (w' < 8) is bits 2s of byte b of
     qs word 8h + w', sub-block j = 8h + 2s + (w' >= 4); tile lane he = 2h + (w' >= 4) holds the 4 words
     w = w' & 3 of sub-blocks 8h + 2s + (he & 1), so each 16-weight dot is one dp4a chain in one thread.
     Returns the unreduced terms [BN, KB, 4] = d dx sum_s sc_j isum_j - dmin dx sum_s m_j xsum_j
-    (quant.md §1.4). XV: activation words and code sums by 16-byte loads (blocks.load4)."""
+    (quant.md §1.4). XV: activation words and code sums by 16-byte loads (blocks.load4). LIMBS = 3: the planes
+    at xl and 2 xl dotted too, the code sums fp32 (bits)."""
     he = tl.arange(0, 4)[None, None, :]
     h = he >> 1
     e = he & 1
@@ -236,6 +303,10 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
     zero = tl.zeros(q0.shape, dtype=tl.int32)
     it = zero
     mins = zero
+    if LIMBS > 1:
+        it_m = zero
+        it_o = zero
+        minf = tl.zeros(q0.shape, dtype=tl.float32)
     if XV:  # code sums 8h .. 8h + 7 as two 16-byte loads; sub-block 8h + 2s + e's is word 2s + e of them
         cs_lo = blocks.load4(s_ptr + sw + 8 * h, XV)
         cs_hi = blocks.load4(s_ptr + sw + 8 * h + 4, XV)
@@ -243,20 +314,36 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
         scw = sc0 if sp == 0 else sc1  # scale bytes 4 (2h + sp) .. +3
         for s2 in tl.static_range(2):
             s = 2 * sp + s2
-            x0, x1, x2, x3 = blocks.load4(xb + 8 * s, XV)
-            p = _dp4a((q0 >> (2 * s)) & 0x03030303, x0, zero, ASM)
-            p = _dp4a((q1 >> (2 * s)) & 0x03030303, x1, p, ASM)
-            p = _dp4a((q2 >> (2 * s)) & 0x03030303, x2, p, ASM)
-            p = _dp4a((q3 >> (2 * s)) & 0x03030303, x3, p, ASM)
+            p = _q2_k_chain(q0, q1, q2, q3, s, blocks.load4(xb + 8 * s, XV), ASM)
             byte = (scw >> (8 * (2 * s2 + e))) & 255
             it += (byte & 15) * p
+            if LIMBS > 1:
+                it_m += (byte & 15) * _q2_k_chain(q0, q1, q2, q3, s, blocks.load4(xb + xl + 8 * s, XV), ASM)
+                it_o += (byte & 15) * _q2_k_chain(q0, q1, q2, q3, s, blocks.load4(xb + 2 * xl + 8 * s, XV), ASM)
             if XV:
                 cs = cs_lo if sp == 0 else cs_hi
                 csum = tl.where(e == 0, cs[2 * s2], cs[2 * s2 + 1])
             else:
                 csum = tl.load(s_ptr + sw + 8 * h + 2 * s + e)
-            mins += (byte >> 4) * csum
-    return (_f16_from_bits(dd) * dx) * it.to(tl.float32) - (_f16_from_bits(dd >> 16) * dx) * mins.to(tl.float32)
+            if LIMBS > 1:
+                minf += (byte >> 4).to(tl.float32) * csum.to(tl.float32, bitcast=True)
+            else:
+                mins += (byte >> 4) * csum
+    if LIMBS > 1:  # per-lane limb terms < 2^19 (4-bit scales x 16 codes x 3 x 128): exact in fp32
+        itf = _limb_sum(it, it_m, it_o)
+    else:
+        itf = it.to(tl.float32)
+        minf = mins.to(tl.float32)
+    return (_f16_from_bits(dd) * dx) * itf - (_f16_from_bits(dd >> 16) * dx) * minf
+
+
+@triton.jit
+def _q2_k_chain(q0, q1, q2, q3, s: tl.constexpr, xs, ASM: tl.constexpr):
+    """One 16-weight Q2_K dot (shift 2 s of the four qs words) against the four activation words xs."""
+    p = _dp4a((q0 >> (2 * s)) & 0x03030303, xs[0], tl.zeros(q0.shape, dtype=tl.int32), ASM)
+    p = _dp4a((q1 >> (2 * s)) & 0x03030303, xs[1], p, ASM)
+    p = _dp4a((q2 >> (2 * s)) & 0x03030303, xs[2], p, ASM)
+    return _dp4a((q3 >> (2 * s)) & 0x03030303, xs[3], p, ASM)
 
 
 # ---- kernels ------------------------------------------------------------------------------------
@@ -265,15 +352,16 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
 
 @triton.jit
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
-                         F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
+                         F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                          PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         SV: tl.constexpr = False):
+                         SV: tl.constexpr = False, LIMBS: tl.constexpr = 1):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
-    before this step computes (register double buffer; the last step re-reads itself)."""
+    before this step computes (register double buffer; the last step re-reads itself). LIMBS = 3: u as
+    quant_q8_k(limbs=3)'s planes (stride_xl words apart), fp32-grade."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -304,8 +392,10 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
             else:
                 g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
                 u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
-            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
-            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV)
+            acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, LIMBS,
+                                   stride_xl)
+            acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, LIMBS,
+                                   stride_xl)
             if PF:
                 g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
                 u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
@@ -336,8 +426,8 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
                 bw = (b0 + kk) * Q4K_WORDS
                 gq, gs0, gs1, gs2, gdd = _q4_k_raw(gb + bw, SV)
                 uq, us0, us1, us2, udd = _q4_k_raw(ub + bw, SV)
-            pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
-            pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV)
+            pg, mg = _q4_k_dot(gq, gs0, gs1, gs2, gdd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV, LIMBS, stride_xl)
+            pu, mu = _q4_k_dot(uq, us0, us1, us2, udd, xq_ptr, xw, xs_ptr, sw, dx, ASM, XV, LIMBS, stride_xl)
             acc_g += pg
             acc_u += pu
             min_g += mg
@@ -369,7 +459,8 @@ def _down_rows(sel_ptr, slot, rc, D, stride_w):
 
 @triton.jit
 def _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr, stride_hq,
-                  stride_hd, stride_hs, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr):
+                  stride_hd, stride_hs, stride_hl, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr,
+                  LIMBS: tl.constexpr):
     """Flat step j of a Q2_K down program, loaded and dotted: the unreduced terms [BN, KSTEP, 4]."""
     kk = tl.arange(0, KSTEP)[None, :, None]
     i, b0 = _down_step(j, n_steps, KSTEP)
@@ -378,13 +469,13 @@ def _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, 
         w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None] + (b0 + kk) * Q2K_WORDS)
     dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
     return _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV, LIMBS, stride_hl)
 
 
 @triton.jit
 def _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr, stride_hq,
-                  stride_hd, stride_hs, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr,
-                  SV: tl.constexpr):
+                  stride_hd, stride_hs, stride_hl, KSTEP: tl.constexpr, ASM: tl.constexpr, XV: tl.constexpr,
+                  SV: tl.constexpr, LIMBS: tl.constexpr):
     """Flat step j of a Q4_K down program, loaded and dotted: (scale terms [BN, KSTEP, 4, 8], min terms
     [BN, KSTEP, 4, 1])."""
     kk = tl.arange(0, KSTEP)[None, :, None, None]
@@ -394,19 +485,20 @@ def _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, 
         w_ptr + _down_rows(sel_ptr, slot, rc, D, stride_w)[:, None, None, None] + (b0 + kk) * Q4K_WORDS, SV)
     dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
     return _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+                     hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV, LIMBS, stride_hl)
 
 
 @triton.jit
 def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
-                      stride_w, stride_hq, stride_hd, stride_hs, stride_ot,
+                      stride_w, stride_hq, stride_hd, stride_hs, stride_ot, stride_hl,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                       PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                      SV: tl.constexpr = False, STEPS: tl.constexpr = 0):
+                      SV: tl.constexpr = False, STEPS: tl.constexpr = 0, LIMBS: tl.constexpr = 1):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. STEPS
-    (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so later steps' loads need not wait a loop trip."""
+    (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so later steps' loads need not wait a loop trip.
+    LIMBS = 3: h as quant_q8_k(limbs=3)'s planes (stride_hl words apart), fp32-grade."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -425,7 +517,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         if STEPS > 0:
             for j in tl.static_range(STEPS):
                 acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
-                                     stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV)
+                                     stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, LIMBS)
         elif PF:
             for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 i, b0 = _down_step(j, n_steps, KSTEP)
@@ -435,12 +527,13 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                     w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
                 dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
                 acc += _q2_k_dot(q0, q1, q2, q3, c0, c1, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                 hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+                                 hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV, LIMBS,
+                                 stride_hl)
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
         else:
             for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
-                                     stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV)
+                                     stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, LIMBS)
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
     else:  # Q4_K: tile [BN, KSTEP, 4 sub-block pairs, 8 words]
         kk = tl.arange(0, KSTEP)[None, :, None, None]
@@ -454,7 +547,8 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
         if STEPS > 0:
             for j in tl.static_range(STEPS):
                 part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
-                                            hs_ptr, stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV, SV)
+                                            hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, SV,
+                                            LIMBS)
                 acc += part
                 acc_min += mpart
         elif PF:
@@ -466,14 +560,16 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSE
                     w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
                 dx = tl.load(hd_ptr + slot * stride_hd + b0 + kk)
                 part, mpart = _q4_k_dot(q, s0, s1, s2, dd, hq_ptr, slot * stride_hq + (b0 + kk) * Q8K_WORDS,
-                                        hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV)
+                                        hs_ptr, slot * stride_hs + (b0 + kk) * SUMS_PER_BLOCK, dx, ASM, XV, LIMBS,
+                                        stride_hl)
                 acc += part
                 acc_min += mpart
                 q, s0, s1, s2, dd = nq, ns0, ns1, ns2, ndd
         else:
             for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
-                                            hs_ptr, stride_hq, stride_hd, stride_hs, KSTEP, ASM, XV, SV)
+                                            hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, SV,
+                                            LIMBS)
                 acc += part
                 acc_min += mpart
         total = (tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
@@ -492,29 +588,46 @@ def empty_i32(shape, device):
 QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
 
 
-def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False):
+def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
     scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
-    the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7])."""
+    the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7]).
+    limbs=3 (LIMBS_FP32): fp32-grade activations, codes [3, R, C/4] (hi, mid, lo planes), sums as fp32 bits
+    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape."""
     R, C = x.shape
     if C % QK:
         raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
+    if limbs not in (1, LIMBS_FP32):
+        raise ValueError(f"limbs must be 1 or {LIMBS_FP32}, got {limbs}")
     x = x if x.stride(-1) == 1 else x.contiguous()
-    q = empty_i32((R, C // 4), x.device)
+    q = empty_i32((R, C // 4) if limbs == 1 else (limbs, R, C // 4), x.device)
     s = empty_i32((R, C // SUM_GROUP), x.device)
     d = blocks.empty((R, C // QK), x.device)
     if R:
-        _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(0), d.stride(0), s.stride(0),
-                                        IQ2_ORDER=iq2_order, PDL=pdl, **QUANT_LAUNCH,
-                                        **pdl_launch(pdl))
+        _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
+                                        _plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs,
+                                        **QUANT_LAUNCH, **pdl_launch(pdl))
     return q, d, s
+
+
+def _limbs(q) -> int:
+    """Activation planes of quant_q8_k's codes (1: Q8_K; 3: codes [3, R, C/4])."""
+    return q.shape[0] if q.dim() == 3 else 1
+
+
+def _plane_stride(q) -> int:
+    return q.stride(0) if q.dim() == 3 else 0
 
 
 IQ2_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # byte position (within 8) of code j in iq2_order
 
 
 def dequant_q8_k(q, d, iq2_order: bool = False):
-    """fp32 [R, C] codes * scale of quant_q8_k's output (tests, debugging)."""
+    """fp32 [R, C] codes * scale of quant_q8_k's output (tests, debugging); limbs=3 codes in hi-plane units."""
+    if q.dim() == 3:
+        planes = [dequant_q8_k(q[i], torch.ones_like(d), iq2_order).double() for i in range(q.shape[0])]
+        total = planes[0] + planes[1] / 256 + planes[2] / 65536
+        return (total.view(d.shape[0], -1, QK) * d[:, :, None].double()).reshape(d.shape[0], -1).float()
     codes = q.contiguous().view(torch.int8).to(torch.float32)
     if iq2_order:
         codes = codes.reshape(codes.shape[0], -1, 8)[:, :, list(IQ2_ORDER)].reshape(codes.shape[0], -1)
@@ -552,9 +665,10 @@ def use_asm(dev: DeviceInfo, x) -> bool:
 
 
 def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel, weights, clamp: float,
-               dev: DeviceInfo, cfg: Int8MoeConfig | None = None):
+               dev: DeviceInfo, cfg: Int8MoeConfig | None = None, limbs: int = 1):
     """Routed MoE for few tokens with Q8_K activations: u [T, D], sel/weights [T, K] -> [T, D] fp32.
-    Formats or shapes it does not take (gate/up other than IQ2_XXS/Q4_K, down other than Q2_K/Q4_K,
+    limbs=3 (LIMBS_FP32): u and h as three int8 planes each (fp32-grade: the float op's semantics, not ds4's
+    rounding). Formats or shapes it does not take (gate/up other than IQ2_XXS/Q4_K, down other than Q2_K/Q4_K,
     IQ2_XXS with D % 512) run moe.fused_blockdot, which keeps float activations."""
     cfg = cfg or TUNED.get(gate.fmt, Int8MoeConfig())
     cpu = dev.vendor == Vendor.CPU
@@ -569,9 +683,9 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
         return blocks.empty((0, D), u.device)
     asm = use_asm(dev, u)
     pdl = cfg.pdl and use_pdl(dev, u)
-    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl), gate, up, sel, weights, clamp,
-                     asm, cfg, pdl)
-    return down_int8(quant_q8_k(h, pdl=pdl), down, sel, asm, cfg, pdl)
+    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs), gate, up, sel, weights,
+                     clamp, asm, cfg, pdl)
+    return down_int8(quant_q8_k(h, pdl=pdl, limbs=limbs), down, sel, asm, cfg, pdl)
 
 
 def uses_iq2_order(gate: DeviceWeight) -> bool:
@@ -592,7 +706,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     h = blocks.empty((T * K, F), xq.device)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
         xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
-        xq.stride(0), xd.stride(0), xs.stride(0), h.stride(0),
+        xq.stride(-2), xd.stride(0), xs.stride(0), h.stride(0), _plane_stride(xq), LIMBS=_limbs(xq),
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm,
         SV=cfg.scale_vec_gate_up and asm and gate.fmt == QuantFormat.Q4_K and _aligned16(gw, stride_w)
@@ -610,8 +724,8 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     kstep = _kstep(F // QK, cfg.kstep_down)
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
-        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
+        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
+        _plane_stride(hq), LIMBS=_limbs(hq), FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
         PF=cfg.prefetch_down and not cfg.unroll_down, PDL=pdl, XV=cfg.x_vec_down and asm,
         SV=cfg.scale_vec_down and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
         num_warps=cfg.warps_down, **pdl_launch(pdl))
@@ -642,9 +756,9 @@ CONFIGS = {
 }
 
 
-def _variant(cfg: Int8MoeConfig | None):
+def _variant(cfg: Int8MoeConfig | None, limbs: int = 1):
     def fn(u, gate, up, down, sel, weights, clamp, dev):
-        return fused_int8(u, gate, up, down, sel, weights, clamp, dev, cfg)
+        return fused_int8(u, gate, up, down, sel, weights, clamp, dev, cfg, limbs)
     return fn
 
 
@@ -663,3 +777,7 @@ _DOCS = {
 for _name, _cfg in CONFIGS.items():
     register(KernelOp.MOE, _name, _variant(_cfg), formats=GATE_UP_FORMATS, max_t=MAX_T, doc=_DOCS[_name],
              act_quant=True)
+# float semantics (act_quant False): u and h as three int8 planes, 2^-22 of each 256-block's max
+register(KernelOp.MOE, "int8_limb3", _variant(None, LIMBS_FP32), formats=GATE_UP_FORMATS, max_t=MAX_T,
+         doc="int8's kernels and TUNED tiles on fp32-grade activations: u and h as three int8 planes (hi, mid, lo "
+             "of a 22-bit code per 256-block), three dp4a per decoded weight word")

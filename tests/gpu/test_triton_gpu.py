@@ -148,17 +148,20 @@ def _moe_reference(raws, u, sel, wts, q8k: bool = False):
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
 @pytest.mark.parametrize("t,path", [(1, "decode"), (4, "decode"), (1, "blockdot"), (4, "blockdot"), (96, "grouped"),
-                                    (96, "grouped_v2"), (1, "int8"), (4, "int8")])
+                                    (96, "grouped_v2"), (1, "int8"), (4, "int8"), (1, "int8_limb3"),
+                                    (4, "int8_limb3")])
 def test_moe_flash_shapes(recipe, t, path, poison):
     from dsv4.kernels_triton import moe, moe_int8, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     fn = {"decode": moe.fused_decode, "blockdot": moe.fused_blockdot, "grouped": moe.grouped,
-          "grouped_v2": moe_prefill.grouped_v2_default, "int8": moe_int8.fused_int8}[path]
+          "grouped_v2": moe_prefill.grouped_v2_default, "int8": moe_int8.fused_int8,
+          "int8_limb3": _limb3(moe_int8)}[path]
     y = fn(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"))
     op, kind = {"grouped": ("triton_moe", "grouped"), "grouped_v2": ("triton_moe", "grouped_v2"),
-                "int8": ("triton_moe_int8", "end_to_end")}.get(path, ("triton_moe", "decode"))
+                "int8": ("triton_moe_int8", "end_to_end"),
+                "int8_limb3": ("triton_moe_int8", "limb3")}.get(path, ("triton_moe", "decode"))
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=path == "int8"), op, kind, f"moe {recipe} {path} T={t}")
 
 
@@ -175,14 +178,21 @@ def test_moe_prefill_registered_tiles(recipe, name, poison):
     _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} {name} T=96")
 
 
-@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_v2", "int8"])
+def _limb3(moe_int8):
+    """moe_int8 on fp32-grade activations (three int8 planes; the int8_limb3 variant)."""
+    def fn(u, gate, up, down, sel, wts, clamp, dev):
+        return moe_int8.fused_int8(u, gate, up, down, sel, wts, clamp, dev, limbs=moe_int8.LIMBS_FP32)
+    return fn
+
+
+@pytest.mark.parametrize("path", ["decode", "grouped", "grouped_v2", "int8", "int8_limb3"])
 def test_moe_bitwise_reproducible(path):
     from dsv4.kernels_triton import moe, moe_int8, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
     _, (gate, up, down), u, sel, wts = _moe_problem("q2", 300 if "grouped" in path else 3, seed=4)
     fn = {"decode": moe.fused_decode, "grouped": moe.grouped, "grouped_v2": moe_prefill.grouped_v2_default,
-          "int8": moe_int8.fused_int8}[path]
+          "int8": moe_int8.fused_int8, "int8_limb3": _limb3(moe_int8)}[path]
     dev = detect_device("cuda")
     a = fn(u, gate, up, down, sel, wts, CLAMP, dev)
     b = fn(u, gate, up, down, sel, wts, CLAMP, dev)

@@ -198,6 +198,32 @@ def test_tiny_model_tritonops_matches_reference(tiny_q2_path, poison):
         assert int(np.argmax(g)) == int(np.argmax(r)) or np.sort(r)[-1] - np.sort(r)[-2] < 1e-2 * scale
 
 
+@pytest.mark.slow
+def test_tiny_q4_model_limb3_moe_matches_reference(tiny_q4_path, poison, monkeypatch):
+    """The default decode MoE on CUDA (moe_int8 on three int8 activation planes) inside the model: the tiny q4
+    experts (Q4_K, D = F = 256) are shapes it takes (the tiny q2 IQ2_XXS rows are too short for it, D % 512), so
+    TritonOps with it as the MoE kernel, fp32 GEMMs elsewhere, matches the reference logits; every MoE call of the
+    run went through it with limbs=3."""
+    from dsv4.kernels_triton import moe_int8
+
+    calls = []
+    orig = moe_int8.fused_int8
+
+    def spy(*a, **kw):
+        calls.append((a[0].shape[0], kw.get("limbs", a[9] if len(a) > 9 else 1)))
+        return orig(*a, **kw)
+
+    monkeypatch.setattr(moe_int8, "fused_int8", spy)
+    ref = _run(tiny_q4_path, "torch")
+    got = _run(tiny_q4_path, "triton", kernels={"qmatmul": "auto_ieee", "moe": "int8_limb3"})
+    assert calls and all(limbs == moe_int8.LIMBS_FP32 for _, limbs in calls), calls
+    assert {t for t, _ in calls} >= {1, len(PROMPT)}  # the prefill and the decode step
+    for step, (g, r) in enumerate(zip(got, ref)):
+        scale = float(np.abs(r).max())
+        assert np.isfinite(g).all(), f"step {step}: non-finite logits"
+        assert_close(g / scale, r / scale, "triton_model", "logits", f"tiny q4 int8_limb3 logits step {step}")
+
+
 @pytest.mark.parametrize("recipe,t,small", [("q2", 1, False), ("q2", 2, True), ("q4", 1, False), ("q4", 2, True)])
 def test_fused_blockdot(recipe, t, small, poison):
     """Group-wise decode variant (IQ2_XXS per 8 weights, Q2_K per 16, Q4_K per 32); small tiles: several
