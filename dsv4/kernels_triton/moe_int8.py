@@ -670,7 +670,7 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     limbs=3 (LIMBS_FP32): u and h as three int8 planes each (fp32-grade: the float op's semantics, not ds4's
     rounding). Formats or shapes it does not take (gate/up other than IQ2_XXS/Q4_K, down other than Q2_K/Q4_K,
     IQ2_XXS with D % 512) run moe.fused_blockdot, which keeps float activations."""
-    cfg = cfg or TUNED.get(gate.fmt, Int8MoeConfig())
+    cfg = cfg or (TUNED if limbs == 1 else TUNED_LIMB3).get(gate.fmt, Int8MoeConfig())
     cpu = dev.vendor == Vendor.CPU
     if cpu and cfg.cpu_widen:
         cfg = replace(cfg, block_n_gate_up=max(cfg.block_n_gate_up, CPU_BLOCK_N_GATE_UP),
@@ -748,6 +748,17 @@ TUNED = {
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
                                     scale_vec_gate_up=True),
 }
+# The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
+# h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
+# loads (25.6 -> 22.9 us); Q2_K down unrolled, 4 rows x 4 warps, 16-byte loads (19.5 -> 17.3); Q4_K gate/up as
+# TUNED (31.9); Q4_K down unrolled, 8 rows x 2 warps, 16-byte loads (25.2 -> 21.7).
+TUNED_LIMB3 = {
+    QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
+                                       x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
+                                       x_vec_down=True, unroll_down=True),
+    QuantFormat.Q4_K: replace(TUNED[QuantFormat.Q4_K], block_n_down=8, warps_down=2, prefetch_down=False,
+                              x_vec_down=True, unroll_down=True),
+}
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
     "int8_base": Int8MoeConfig(),
@@ -779,5 +790,5 @@ for _name, _cfg in CONFIGS.items():
              act_quant=True)
 # float semantics (act_quant False): u and h as three int8 planes, 2^-22 of each 256-block's max
 register(KernelOp.MOE, "int8_limb3", _variant(None, LIMBS_FP32), formats=GATE_UP_FORMATS, max_t=MAX_T,
-         doc="int8's kernels and TUNED tiles on fp32-grade activations: u and h as three int8 planes (hi, mid, lo "
-             "of a 22-bit code per 256-block), three dp4a per decoded weight word")
+         doc="int8's kernels on fp32-grade activations: u and h as three int8 planes (hi, mid, lo of a 22-bit code "
+             "per 256-block), three dp4a per decoded weight word; tiles TUNED_LIMB3 (H200 sweep)")
