@@ -12,8 +12,12 @@ TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-perm
 magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent
 launch: weight words (and the expert ids, two launches old) are loaded before griddepcontrol.wait, activations
 after it. Activation words can be read by 16-byte loads (blocks.load4: Triton keeps four word loads of one thread
-apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps). Knows
-block layouts, not the model.
+apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps).
+fp32-grade activations (`limbs=3`, variant int8_limb3, the CUDA decode default of moe.moe_auto): u and h become a
+22-bit integer per value and one scale per 256 (2^-22 of the block's max|x|), stored as three signed byte planes
+(hi, mid, lo); every decoded weight word is dotted with each plane (three exact dp4a sums, combined in fp32 as
+hi + mid/256 + lo/65536), and the code sums turn fp32. The float op's semantics within its fp32 tolerance at about
+half the float kernel's time; tiles TUNED_LIMB3. Knows block layouts, not the model.
 """
 from __future__ import annotations
 
@@ -725,7 +729,8 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     out = blocks.empty((T, D), hq.device)
     _down_int8_kernel[(T, triton.cdiv(D, bn))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
-        _plane_stride(hq), LIMBS=_limbs(hq), FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm, STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
+        _plane_stride(hq), LIMBS=_limbs(hq), FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
+        STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
         PF=cfg.prefetch_down and not cfg.unroll_down, PDL=pdl, XV=cfg.x_vec_down and asm,
         SV=cfg.scale_vec_down and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
         num_warps=cfg.warps_down, **pdl_launch(pdl))
