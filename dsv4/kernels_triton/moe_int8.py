@@ -252,13 +252,15 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV
     w = tl.arange(0, 8)[None, None, None, :]
     xq = x_ptr + xw + 16 * c + w
     zero = tl.zeros(q.shape, dtype=tl.int32)
-    p_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq), zero, ASM)  # sub-block 2c: low nibbles
-    p_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 8), zero, ASM)  # 2c + 1: high nibbles
+    q_lo = q & 0x0F0F0F0F  # sub-block 2c: low nibbles
+    q_hi = (q >> 4) & 0x0F0F0F0F  # 2c + 1: high nibbles
+    p_lo = _dp4a(q_lo, tl.load(xq), zero, ASM)
+    p_hi = _dp4a(q_hi, tl.load(xq + 8), zero, ASM)
     if LIMBS > 1:
-        pm_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq + xl), zero, ASM)
-        pm_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + xl + 8), zero, ASM)
-        po_lo = _dp4a(q & 0x0F0F0F0F, tl.load(xq + 2 * xl), zero, ASM)
-        po_hi = _dp4a((q >> 4) & 0x0F0F0F0F, tl.load(xq + 2 * xl + 8), zero, ASM)
+        pm_lo = _dp4a(q_lo, tl.load(xq + xl), zero, ASM)
+        pm_hi = _dp4a(q_hi, tl.load(xq + xl + 8), zero, ASM)
+        po_lo = _dp4a(q_lo, tl.load(xq + 2 * xl), zero, ASM)
+        po_hi = _dp4a(q_hi, tl.load(xq + 2 * xl + 8), zero, ASM)
     # 6-bit scales/mins, four per word (j < 4 | j >= 4), from the 12 packed bytes
     sh = 16 * (c & 1)
     scw = tl.where(c < 2, s0 & 0x3F3F3F3F, (s2 & 0x0F0F0F0F) | ((s0 >> 2) & 0x30303030))
@@ -268,7 +270,7 @@ def _q4_k_dot(q, s0, s1, s2, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.constexpr, XV
     it = p_lo * sc_lo + p_hi * sc_hi
     # code sums of 16: sub-block 2c has sums 4c and 4c+1, sub-block 2c+1 has 4c+2 and 4c+3
     xs0, xs1, xs2, xs3 = blocks.load4(s_ptr + sw + 4 * c, XV)
-    if LIMBS > 1:  # per-lane limb terms < 2^20 (6-bit scales x 4 codes x 15 x 128): exact in fp32
+    if LIMBS > 1:  # per-lane limb terms < 2^20 (2 sub-blocks x 6-bit scale x 4 codes x 15 x 128): exact in fp32
         itf = _limb_sum(it, pm_lo * sc_lo + pm_hi * sc_hi, po_lo * sc_lo + po_hi * sc_hi)
         minf = (m_lo.to(tl.float32) * (xs0.to(tl.float32, bitcast=True) + xs1.to(tl.float32, bitcast=True))
                 + m_hi.to(tl.float32) * (xs2.to(tl.float32, bitcast=True) + xs3.to(tl.float32, bitcast=True)))
@@ -333,7 +335,7 @@ def _q2_k_dot(q0, q1, q2, q3, sc0, sc1, dd, x_ptr, xw, s_ptr, sw, dx, ASM: tl.co
                 minf += (byte >> 4).to(tl.float32) * csum.to(tl.float32, bitcast=True)
             else:
                 mins += (byte >> 4) * csum
-    if LIMBS > 1:  # per-lane limb terms < 2^19 (4-bit scales x 16 codes x 3 x 128): exact in fp32
+    if LIMBS > 1:  # per-lane limb terms < 2^19 (4 sub-blocks x 4-bit scale x 16 codes x 3 x 128): exact in fp32
         itf = _limb_sum(it, it_m, it_o)
     else:
         itf = it.to(tl.float32)

@@ -62,7 +62,11 @@ def q8k(x: torch.Tensor) -> np.ndarray:
 
 def ref_h(u, wg, wu, sel, wts, clamp) -> np.ndarray:
     """float64 h [T*K, F] of TorchOps(act_quant=True).moe: gate/up on Q8_K(u), SwiGLU, route weight."""
-    ua = q8k(u)
+    return swiglu_h(q8k(u), wg, wu, sel, wts, clamp)
+
+
+def swiglu_h(ua: np.ndarray, wg, wu, sel, wts, clamp) -> np.ndarray:
+    """float64 h [T*K, F]: gate/up of each slot's expert on the activations ua [T, D], SwiGLU, route weight."""
     sel, wts = sel.cpu().numpy(), wts.detach().cpu().double().numpy()
     T, K = sel.shape
     h = np.zeros((T * K, wg.shape[1]))
@@ -280,16 +284,7 @@ def test_limb_quantizer_exact(iq2_order, poison, poison_i32):
 
 def ref_float(u, wg, wu, wd, sel, wts, clamp):
     """float64 (h [T*K, F], out [T, D]) of the float MoE (no activation rounding)."""
-    uf = u.detach().cpu().double().numpy()
-    sel_n, wts_n = sel.cpu().numpy(), wts.detach().cpu().double().numpy()
-    T, K = sel_n.shape
-    h = np.zeros((T * K, wg.shape[1]))
-    for t in range(T):
-        for i in range(K):
-            e = sel_n[t, i]
-            g = np.minimum(wg[e] @ uf[t], clamp)
-            up = np.clip(wu[e] @ uf[t], -clamp, clamp)
-            h[t * K + i] = g / (1.0 + np.exp(-np.clip(g, -700, None))) * up * wts_n[t, i]
+    h = swiglu_h(u.detach().cpu().double().numpy(), wg, wu, sel, wts, clamp)
     return h, ref_down(h, wd, sel)
 
 
