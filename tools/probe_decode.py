@@ -166,6 +166,27 @@ def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
                                                               True, cfg, True) for s, h in zip(sels, hs)])
 
 
+def gate_up_tile(base, tile, **kw):
+    """(row name, config) of a moe_sweep gate/up tile (rows, K step, warps, prefetch) on base, kw set too."""
+    bn, ks, w, pf = tile
+    return (f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w}",
+            replace(base, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf, **kw))
+
+
+def down_tile(base, tile, **kw):
+    """(row name, config) of a moe_sweep down tile (rows, K step, warps, prefetch) on base, looped (not unrolled)."""
+    bn, ks, w, pf = tile
+    return (f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}",
+            replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, unroll_down=False, **kw))
+
+
+def unroll_down_tile(base, tile, **kw):
+    """(row name, config) of an UNROLL_DOWN_TILES tile (rows, warps): 8 super-blocks per step, unrolled."""
+    bn, w = tile
+    return (f"unroll dn_{bn}_8_{w}",
+            replace(base, block_n_down=bn, kstep_down=8, warps_down=w, prefetch_down=False, unroll_down=True, **kw))
+
+
 def q8_problem(d, device):
     """Enough copies of a Q8_0 matrix of DENSE shape d to defeat L2, and one token of x."""
     ws = [blocks.to_device(blocks.synthetic_raw(d.fmt, (d.n, d.k), device=device, seed=1 + i), d.fmt, (d.n, d.k),
@@ -293,12 +314,8 @@ def main(argv=None) -> int:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             configs = dict(MOE_CONFIGS) if "moe" in args.parts else {}
             if "moe_sweep" in args.parts:
-                configs.update({f"pf_gu_{bn}_{ks}_{w}" if pf else f"gu_{bn}_{ks}_{w}":
-                                C(block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf)
-                                for bn, ks, w, pf in GATE_UP_TILES})
-                configs.update({f"pf_dn_{bn}_{ks}_{w}" if pf else f"dn_{bn}_{ks}_{w}":
-                                C(block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf)
-                                for bn, ks, w, pf in DOWN_TILES})
+                configs.update(gate_up_tile(C(), t) for t in GATE_UP_TILES)
+                configs.update(down_tile(C(), t) for t in DOWN_TILES)
             for name, cfg in configs.items():
                 uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate))
                 hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg) for s in sels]
@@ -374,16 +391,13 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
                 row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
-            for bn, ks, w, pf in GATE_UP_TILES:
-                cfg = replace(tuned, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
-                              scale_vec_gate_up=True)
-                row(f"moe_{recipe}", f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w} sv", "quant u + gate_up",
-                    chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
-            for bn, ks, w, pf in DOWN_TILES:
-                cfg = replace(tuned, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf,
-                              scale_vec_down=True)
-                row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w} sv", "quant h + down",
-                    chain_down_ms(hs, down, sels, cfg), dn_bytes)
+            for tile in GATE_UP_TILES:
+                name, cfg = gate_up_tile(tuned, tile, scale_vec_gate_up=True)
+                row(f"moe_{recipe}", f"{name} sv", "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg),
+                    gu_bytes)
+            for tile in DOWN_TILES:
+                name, cfg = down_tile(tuned, tile, scale_vec_down=True)
+                row(f"moe_{recipe}", f"{name} sv", "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "unroll" in args.parts:  # the down loop unrolled at compile time (Int8MoeConfig.unroll_down)
@@ -398,11 +412,10 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
                 row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
-            for bn, w in UNROLL_DOWN_TILES:
+            for tile in UNROLL_DOWN_TILES:
                 for xv in (False, True):
-                    cfg = replace(tuned, block_n_down=bn, kstep_down=8, warps_down=w, prefetch_down=False,
-                                  x_vec_down=xv, unroll_down=True)
-                    row(f"moe_{recipe}", f"unroll dn_{bn}_8_{w}{' xv' if xv else ''}", "quant h + down",
+                    name, cfg = unroll_down_tile(tuned, tile, x_vec_down=xv)
+                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant h + down",
                         chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
@@ -415,24 +428,17 @@ def main(argv=None) -> int:
                     whole_ms(u, gate, up, down, sels, wts, dev, tuned, limbs), gu_bytes + dn_bytes)
             uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=L)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-            for bn, ks, w, pf in GATE_UP_TILES:
+            for tile in GATE_UP_TILES:
                 for xv in (False, True):
-                    cfg = replace(tuned, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
-                                  x_vec_gate_up=xv)
-                    row(f"moe_{recipe}", f"limb3 {'pf_' if pf else ''}gu_{bn}_{ks}_{w}{' xv' if xv else ''}",
-                        "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg, L), gu_bytes)
-            for bn, ks, w, pf in DOWN_TILES:
-                for xv in (False, True):
-                    cfg = replace(tuned, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv,
-                                  unroll_down=False)
-                    row(f"moe_{recipe}", f"limb3 {'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}",
-                        "quant h + down", chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
-            for bn, w in UNROLL_DOWN_TILES:
-                for xv in (False, True):
-                    cfg = replace(tuned, block_n_down=bn, kstep_down=8, warps_down=w, prefetch_down=False,
-                                  x_vec_down=xv, unroll_down=True)
-                    row(f"moe_{recipe}", f"limb3 unroll dn_{bn}_8_{w}{' xv' if xv else ''}", "quant h + down",
-                        chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
+                    name, cfg = gate_up_tile(tuned, tile, x_vec_gate_up=xv)
+                    row(f"moe_{recipe}", f"limb3 {name}{' xv' if xv else ''}", "quant u + gate_up",
+                        chain_gate_up_ms(u, gate, up, sels, wts, cfg, L), gu_bytes)
+            for make, tiles in ((down_tile, DOWN_TILES), (unroll_down_tile, UNROLL_DOWN_TILES)):
+                for tile in tiles:
+                    for xv in (False, True):
+                        name, cfg = make(tuned, tile, x_vec_down=xv)
+                        row(f"moe_{recipe}", f"limb3 {name}{' xv' if xv else ''}", "quant h + down",
+                            chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:
@@ -440,17 +446,16 @@ def main(argv=None) -> int:
             base = moe_int8.TUNED[gate.fmt]
             hs = [moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, moe_int8.uses_iq2_order(gate)), gate, up, s, wts, CLAMP,
                                         True, base) for s in sels]
-            for bn, ks, w, pf in GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA:
+            for tile in GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA:
                 for xv in (False, True):
-                    cfg = replace(base, block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w, prefetch_gate_up=pf,
-                                  x_vec_gate_up=xv)
-                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}gu_{bn}_{ks}_{w}{' xv' if xv else ''}",
-                        "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
-            for bn, ks, w, pf in DOWN_TILES:
+                    name, cfg = gate_up_tile(base, tile, x_vec_gate_up=xv)
+                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant u + gate_up",
+                        chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
+            for tile in DOWN_TILES:
                 for xv in (False, True):
-                    cfg = replace(base, block_n_down=bn, kstep_down=ks, warps_down=w, prefetch_down=pf, x_vec_down=xv)
-                    row(f"moe_{recipe}", f"{'pf_' if pf else ''}dn_{bn}_{ks}_{w}{' xv' if xv else ''}",
-                        "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
+                    name, cfg = down_tile(base, tile, x_vec_down=xv)
+                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant h + down",
+                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "ceil" in args.parts:

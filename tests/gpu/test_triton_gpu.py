@@ -157,7 +157,7 @@ def test_moe_flash_shapes(recipe, t, path, poison):
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     fn = {"decode": moe.fused_decode, "blockdot": moe.fused_blockdot, "grouped": moe.grouped,
           "grouped_v2": moe_prefill.grouped_v2_default, "int8": moe_int8.fused_int8,
-          "int8_limb3": _limb3(moe_int8)}[path]
+          "int8_limb3": _limb3()}[path]
     y = fn(u, gate, up, down, sel, wts, CLAMP, detect_device("cuda"))
     op, kind = {"grouped": ("triton_moe", "grouped"), "grouped_v2": ("triton_moe", "grouped_v2"),
                 "int8": ("triton_moe_int8", "end_to_end"),
@@ -178,11 +178,11 @@ def test_moe_prefill_registered_tiles(recipe, name, poison):
     _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} {name} T=96")
 
 
-def _limb3(moe_int8):
-    """moe_int8 on fp32-grade activations (three int8 planes; the int8_limb3 variant)."""
-    def fn(u, gate, up, down, sel, wts, clamp, dev):
-        return moe_int8.fused_int8(u, gate, up, down, sel, wts, clamp, dev, limbs=moe_int8.LIMBS_FP32)
-    return fn
+def _limb3():
+    """The registered int8_limb3 variant: moe_int8 on fp32-grade activations (three int8 planes)."""
+    from dsv4.kernels_triton import registry
+
+    return registry.get(registry.KernelOp.MOE, "int8_limb3").fn
 
 
 @pytest.mark.parametrize("path", ["decode", "grouped", "grouped_v2", "int8", "int8_limb3"])
@@ -192,7 +192,7 @@ def test_moe_bitwise_reproducible(path):
 
     _, (gate, up, down), u, sel, wts = _moe_problem("q2", 300 if "grouped" in path else 3, seed=4)
     fn = {"decode": moe.fused_decode, "grouped": moe.grouped, "grouped_v2": moe_prefill.grouped_v2_default,
-          "int8": moe_int8.fused_int8, "int8_limb3": _limb3(moe_int8)}[path]
+          "int8": moe_int8.fused_int8, "int8_limb3": _limb3()}[path]
     dev = detect_device("cuda")
     a = fn(u, gate, up, down, sel, wts, CLAMP, dev)
     b = fn(u, gate, up, down, sel, wts, CLAMP, dev)
