@@ -62,10 +62,17 @@ def test_gemv_rows_split(poison):
     # the in-kernel reduction resets its arrival counters: a second call gives the same bits
     y2 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
     assert torch.equal(y.cpu(), y2.cpu())
-    # the relaxed counter reset and the two-launch sum add the slices in the same order: the same bits again
-    for split_sum in (1, 2, 1):
-        y3 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64, split_sum=split_sum)
-        assert torch.equal(y.cpu(), y3.cpu()), split_sum
+    # the relaxed counter reset, the two-launch sum and the sentinel poll add the slices in the same order: the
+    # same bits again, also after a call on other activations
+    x_other = make_x(2, 512) * -3.0
+    y_other = q8_gemv.gemv_rows(x_other, dw, SMALL_GPU, 1, block_k=64)
+    for split_sum, xs, want in [(1, x, y), (2, x, y), (3, x, y), (3, x_other, y_other), (3, x, y), (1, x, y)]:
+        y3 = q8_gemv.gemv_rows(xs, dw, SMALL_GPU, 1, block_k=64, split_sum=split_sum)
+        assert torch.equal(want.cpu(), y3.cpu()), split_sum
+    # the sentinel poll leaves its partial slots and its counters as it found them
+    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][-2] == 3]
+    assert torch.equal(launch.sentinels.view(torch.int32).cpu(),
+                       torch.full(launch.sentinels.shape, q8_gemv.SPLIT_SENTINEL.value, dtype=torch.int32))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the L2 prefetch is inline PTX (NVIDIA sm_90+); the "
