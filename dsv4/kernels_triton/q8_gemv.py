@@ -112,10 +112,8 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             if k_lo + j * BLOCK_K < k_hi:
                 blocks.l2_prefetch_line(codes_row + k_lo + j * BLOCK_K)
     blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
-    if SPLIT > 1 and SPLIT_SUM == 3:  # the ticket now, its value read only after the K loop (latency hidden)
-        lane = tl.arange(0, BLOCK_N)
-        ticket = tl.atomic_add(cnt_ptr + pid_n + lane * 0, tl.full([BLOCK_N], 1, tl.int32), mask=lane == 0,
-                               sem="relaxed")
+    if SPLIT > 1 and SPLIT_SUM == 3:  # the tile's arrival ticket at the start (a tensor atomic would leave its
+        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="relaxed")  # value undefined in replicated lanes)
     if XPF:
         xv_next = _x_words(x_base, k_lo, NB)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
@@ -175,8 +173,8 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     if SPLIT > 1 and SPLIT_SUM == 3:
-        _split_sum_sentinel(out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, tl.max(tl.where(lane == 0, ticket, -1), axis=0),
-                            acc_t, rt, rn, ok, stride_os, stride_ot, BLOCK_T, BLOCK_N, SPLIT)
+        _split_sum_sentinel(out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, ticket, acc_t, rt, rn, ok, stride_os, stride_ot,
+                            BLOCK_T, BLOCK_N, SPLIT)
     else:
         tl.store(out, acc_t, mask=ok)
     if SPLIT > 1 and SPLIT_SUM < 2:
