@@ -227,6 +227,12 @@ def _split_sum_sentinel(out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, ticket, part, rt,
             while tl.max(tl.where(v == SPLIT_SENTINEL, 1, 0)) > 0:
                 v = tl.load(p.to(tl.pointer_type(tl.int32)), mask=other, other=0, volatile=True)
             total += tl.where(pid_k == sk, part, v.to(tl.float32, bitcast=True))
+        # every thread has seen every partial before any slot is reset: threads holding copies of one element poll
+        # on their own, and a copy still polling would spin forever on a sentinel put back by the storing thread
+        tl.debug_barrier()
+        for sk in tl.static_range(SPLIT):
+            p = out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :]
+            other = ok & (tl.full([BLOCK_T, BLOCK_N], sk, tl.int32) != pid_k)
             tl.store(p.to(tl.pointer_type(tl.int32)), tl.full([BLOCK_T, BLOCK_N], SPLIT_SENTINEL, tl.int32), mask=other)
         tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
         tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
