@@ -36,9 +36,6 @@ median; % of the streaming read measured in this run). Two parts:
     step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
     interleaved; the stage column gives the largest difference from the auto tile's output (without the
     prefetch: the LM head's auto tile has one);
-  * `q8ss`: split-K tiles of attn_output_a/b (and the auto tiles of the small split matrices) with the slices
-    summed by the last program to arrive (split_sum 1) or by the sentinel poll (3), twice interleaved; the
-    stage column gives the largest difference from the auto tile's output and whether 3 gives 1's bits;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -208,14 +205,6 @@ Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a
              "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
 
 
-# `q8ss`: split-K summed by the last program (split_sum 1) or by the sentinel poll (3), interleaved twice; the
-# unsplit auto tile of attn_output_a beside its split tiles; (rows, codes, warps, split below mp programs per SM)
-Q8SS_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (16, 256, 2, 8), (32, 256, 2, 8), (64, 128, 2, 8)],
-              "attn_output_a": [(16, 128, 1, 8), (32, 128, 1, 8), (16, 256, 2, 8), (16, 512, 4, 8), (8, 128, 1, 8),
-                                (16, 128, 1, 4), (32, 128, 1, 4)],
-              "attn_q_a": [], "attn_kv": [], "ffn_gate_shexp": []}  # the small ones: their auto (split) tile only
-
-
 # `q8i`: gemv_int8 tiles with 2..64 code words per thread per step; (rows, codes, warps, split below mp programs/SM)
 Q8I_TILES = [(bn, bk, w, mp) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4) for mp in (0, 8)
              if 2 <= bn * bk // (128 * w) <= 64]
@@ -301,7 +290,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8ss, q8r, q8i, q8seg, q8t, q8st, q8l2, "
+                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, "
                          "ceil, xv, xv_sweep, limb")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -592,24 +581,6 @@ def main(argv=None) -> int:
                          for w, _ in pairs]), nbytes)
                 del pairs
                 torch.cuda.empty_cache()
-        if "q8ss" in args.parts and d.name in Q8SS_TILES:
-            ws, x = q8_problem(d, device)
-            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
-            ss_cases = [("auto", auto)]
-            if auto.get("allow_split", True):
-                ss_cases.append(("auto sum3", dict(auto, split_sum=3)))
-            for bn, bk, w, mp in Q8SS_TILES[d.name]:
-                ss_cases += [(f"{bn}x{bk} w{w} mp{mp} sum{ss}", tile_kw(bn, bk, w, mp, split_sum=ss)) for ss in (1, 3)]
-            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **auto).clone()
-            for rep in range(2):
-                for label, kw in ss_cases:
-                    y = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw)
-                    diff = (y - ref).abs().max().item()
-                    same = torch.equal(y, q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **dict(kw, split_sum=1)))
-                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                    row(d.name, label, f"gemv_rows (diff {diff:.1e}, {'=' if same else '!='} sum1)", ms, ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
             ws, x = q8_problem(d, device)
             auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)

@@ -81,8 +81,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
     SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
-    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums);
-    3 the program with the last ticket polls for the others' partials (_split_sum_sentinel).
+    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums).
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
     prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32
@@ -112,8 +111,6 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             if k_lo + j * BLOCK_K < k_hi:
                 blocks.l2_prefetch_line(codes_row + k_lo + j * BLOCK_K)
     blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
-    if SPLIT > 1 and SPLIT_SUM == 3:  # the tile's arrival ticket at the start (a tensor atomic would leave its
-        ticket = tl.atomic_add(cnt_ptr + pid_n, 1, sem="relaxed")  # value undefined in replicated lanes)
     if XPF:
         xv_next = _x_words(x_base, k_lo, NB)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
@@ -172,11 +169,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
         acc_t = tl.sum(tl.sum(acc, axis=2), axis=1)[None, :]
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
-    if SPLIT > 1 and SPLIT_SUM == 3:
-        _split_sum_sentinel(out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, ticket, acc_t, rt, rn, ok, stride_os, stride_ot,
-                            BLOCK_T, BLOCK_N, SPLIT)
-    else:
-        tl.store(out, acc_t, mask=ok)
+    tl.store(out, acc_t, mask=ok)
     if SPLIT > 1 and SPLIT_SUM < 2:
         _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, stride_ot, BLOCK_T, BLOCK_N, SPLIT,
                         SPLIT_SUM == 1)
@@ -202,40 +195,6 @@ def _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, strid
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
         else:
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-SPLIT_SENTINEL: tl.constexpr = tl.constexpr(-0x452453)  # 0xFFBADBAD: a signalling NaN, which fp32 arithmetic never yields (its NaNs are quiet)
-
-
-@triton.jit
-def _split_sum_sentinel(out_ptr, y_ptr, cnt_ptr, pid_n, pid_k, ticket, part, rt, rn, ok, stride_os, stride_ot,
-                        BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT: tl.constexpr):
-    """Split-K without a fence: the partial slots hold SPLIT_SENTINEL between calls. Every program but one
-    stores its partial and exits; the program that took the tile's last ticket (at its start, so every other
-    program of the tile is already running: the wait below cannot deadlock) polls the other slots until none
-    holds the sentinel, sums the SPLIT partials in slice order (as _split_sum_last: the same bits), writes y and
-    puts the sentinels and the counter back. Each fp32 store is single-copy atomic, so a polled value is either
-    the sentinel or the whole partial."""
-    if ticket != SPLIT - 1:
-        tl.store(out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :], part, mask=ok)
-    else:
-        total = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
-        for sk in tl.static_range(SPLIT):
-            p = out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :]
-            other = ok & (tl.full([BLOCK_T, BLOCK_N], sk, tl.int32) != pid_k)  # not this program's own slot
-            v = tl.load(p.to(tl.pointer_type(tl.int32)), mask=other, other=0, volatile=True)
-            while tl.max(tl.where(v == SPLIT_SENTINEL, 1, 0)) > 0:
-                v = tl.load(p.to(tl.pointer_type(tl.int32)), mask=other, other=0, volatile=True)
-            total += tl.where(pid_k == sk, part, v.to(tl.float32, bitcast=True))
-        # every thread has seen every partial before any slot is reset: threads holding copies of one element poll
-        # on their own, and a copy still polling would spin forever on a sentinel put back by the storing thread
-        tl.debug_barrier()
-        for sk in tl.static_range(SPLIT):
-            p = out_ptr + sk * stride_os + rt[:, None] * stride_ot + rn[None, :]
-            other = ok & (tl.full([BLOCK_T, BLOCK_N], sk, tl.int32) != pid_k)
-            tl.store(p.to(tl.pointer_type(tl.int32)), tl.full([BLOCK_T, BLOCK_N], SPLIT_SENTINEL, tl.int32), mask=other)
-        tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], total, mask=ok)
-        tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
 
 
 @triton.jit
@@ -336,8 +295,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     x_mode: how x reaches the four byte lanes: 0 loaded in order and split in registers (Triton moves it
     through shared memory), 1 a word-permuted copy made first (one more launch), 2 four stride-4 gathers
     (L1 hits). split_sum: how split-K slices are summed (_q8_rows_kernel's SPLIT_SUM; 2 adds a second launch; the
-    default 1, the relaxed counter reset, is 0.3-0.5 us faster than 0 on every split Flash shape, h200_decode/28;
-    3: the ticket taken at the start and the partials polled for, no fence: _split_sum_sentinel).
+    default 1, the relaxed counter reset, is 0.3-0.5 us faster than 0 on every split Flash shape, h200_decode/28).
     l2_prefetch: L2 prefetch distance in K steps (_q8_rows_kernel's L2PF; NVIDIA sm_90+ only, else ignored).
     Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
@@ -358,7 +316,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         def launch(x):
             if x_mode == 1:  # xw[.., 32b + 8j + i] = x[.., 32b + 4i + j]
                 x = x.float().reshape(*lead, dw.k // 32, 8, 4).transpose(-1, -2).contiguous()
-            out = sentinels if split > 1 and split_sum == 3 else blocks.empty((split, T, N), x.device)
+            out = blocks.empty((split, T, N), x.device)
             y = blocks.empty((T, N), x.device) if split > 1 else out
             _q8_rows_kernel[(n_row_tiles, split)](
                 x, dw.w, dw.s, out, y, counters, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
@@ -373,10 +331,6 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
             return y if split > 1 else out[0]
         # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
         counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
-        # split_sum 3: partial slots that hold the sentinel between calls (the summing program restores it)
-        sentinels = (torch.full((split, T, N), SPLIT_SENTINEL.value, device=x.device, dtype=torch.int32)
-                     .view(torch.float32) if split > 1 and split_sum == 3 else None)
-        launch.sentinels = sentinels  # for the tests
         return launch
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
