@@ -36,6 +36,8 @@ median; % of the streaming read measured in this run). Two parts:
     step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
     interleaved; the stage column gives the largest difference from the auto tile's output (without the
     prefetch: the LM head's auto tile has one);
+  * `reg`: moe_int8's tuned stages (one plane and three) under register caps (`maxnreg_gate_up` /
+    `maxnreg_down`), each behind its quantizer, twice interleaved;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -205,6 +207,9 @@ Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a
              "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
 
 
+# `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
+REG_CAPS = (0, 64, 80, 96, 128)
+
 # `q8i`: gemv_int8 tiles with 2..64 code words per thread per step; (rows, codes, warps, split below mp programs/SM)
 Q8I_TILES = [(bn, bk, w, mp) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4) for mp in (0, 8)
              if 2 <= bn * bk // (128 * w) <= 64]
@@ -291,7 +296,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, "
-                         "ceil, xv, xv_sweep, limb")
+                         "ceil, xv, xv_sweep, limb, reg")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -439,6 +444,21 @@ def main(argv=None) -> int:
                         name, cfg = make(tuned, tile, x_vec_down=xv)
                         row(f"moe_{recipe}", f"limb3 {name}{' xv' if xv else ''}", "quant h + down",
                             chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
+            del gate, up, down
+
+    if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
+                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, base) for s in sels]
+                for rep in range(2):
+                    for cap in REG_CAPS:
+                        cfg = replace(base, maxnreg_gate_up=cap)
+                        row(f"moe_{recipe}", f"limbs={limbs} gate_up maxnreg {cap}", "quant u + gate_up",
+                            chain_gate_up_ms(u, gate, up, sels, wts, cfg, limbs), gu_bytes)
+                        cfg = replace(base, maxnreg_down=cap)
+                        row(f"moe_{recipe}", f"limbs={limbs} down maxnreg {cap}", "quant h + down",
+                            chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:

@@ -79,6 +79,9 @@ class Int8MoeConfig:
     # runs and the rows are 16-byte aligned (Q4_K blocks are 144 bytes, so every block is when its row is)
     scale_vec_gate_up: bool = False
     scale_vec_down: bool = False
+    # > 0: register cap of the stage's kernel (PTX .maxnreg, NVIDIA): more resident programs per SM, maybe spills
+    maxnreg_gate_up: int = 0
+    maxnreg_down: int = 0
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -717,7 +720,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm,
         SV=cfg.scale_vec_gate_up and asm and gate.fmt == QuantFormat.Q4_K and _aligned16(gw, stride_w)
         and _aligned16(uw, stride_w),
-        num_warps=cfg.warps_gate_up, **pdl_launch(pdl))
+        num_warps=cfg.warps_gate_up, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_gate_up, asm))
     return h
 
 
@@ -735,8 +738,13 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
         STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
         PF=cfg.prefetch_down and not cfg.unroll_down, PDL=pdl, XV=cfg.x_vec_down and asm,
         SV=cfg.scale_vec_down and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
-        num_warps=cfg.warps_down, **pdl_launch(pdl))
+        num_warps=cfg.warps_down, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_down, asm))
     return out
+
+
+def _maxnreg(cap: int, asm: bool) -> dict:
+    """Launch option of a register cap (only on the NVIDIA path: the interpreter and ROCm take none)."""
+    return {"maxnreg": cap} if cap and asm else {}
 
 
 # ---- registered variants (op "moe"; signature fn(u, gate, up, down, sel, weights, clamp, dev)) ---
