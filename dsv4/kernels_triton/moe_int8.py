@@ -757,8 +757,11 @@ def _maxnreg(cap: int, asm: bool) -> dict:
 # gate/up 32 rows x 4 warps with its scale words by 16-byte loads (h200_decode/36: 25.8 -> 24.3 us; the down stage
 # is 0.4 us slower with them), Q4_K down 2 rows, 1 warp, prefetched.
 TUNED = {
+    # the unrolled Q2_K down kernel capped at 128 registers: quant h + down 13.0 -> 12.1 us (h200_decode/41; caps
+    # on every other tuned stage measured slower)
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
-                                       block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True),
+                                       block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
+                                       maxnreg_down=128),
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
                                     scale_vec_gate_up=True),
@@ -793,7 +796,7 @@ from .registry import KernelOp, register  # noqa: E402
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
             "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
-            "activation loads; Q4_K "
+            "activation loads, at most 128 registers; Q4_K "
             "32 rows x 4 warps with its scale words by 16-byte loads / 2 rows, 1 warp, prefetch), programmatic "
             "dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "

@@ -26,6 +26,7 @@ import triton.language as tl  # noqa: E402
 
 from dsv4.kernels_triton import moe, moe_int8, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
+from dsv4.quant.formats import QuantFormat  # noqa: E402
 from dsv4.reference import TorchOps  # noqa: E402
 from tests.kernels.test_triton_moe import CLAMP, make_problem  # noqa: E402
 from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, poison  # noqa: E402,F401
@@ -376,6 +377,12 @@ for name in ("gate_up_iq2", "gate_up_q4k", "down_q2k", "down_q4k"):  # the same 
     else:
         cx.update(BLOCK_N=c.block_n_down, KSTEP=c.kstep_down, PF=c.prefetch_down, STEPS=0)
     out[name + "_limb3"] = comp(fn, sig, cx)
+t = m.TUNED[m.QuantFormat.IQ2_XXS]  # the tuned Q2_K down kernel under its register cap
+k = triton.compile(ASTSource(fn=m._down_int8_kernel, signature=dn, constexprs=dict(
+    FMT=10, BLOCK_N=t.block_n_down, KSTEP=t.kstep_down, ASM=True, PF=False, PDL=True, XV=t.x_vec_down, SV=False,
+    STEPS=6 * 2048 // (256 * t.kstep_down), LIMBS=1)), target=GPUTarget("cuda", 90, 32),  # Flash: 6 slots, F 2048
+    options={"num_warps": t.warps_down, **m._maxnreg(t.maxnreg_down, True)})
+out["down_q2k_tuned_maxnreg"] = [int(x) for x in k.asm["ptx"].split(".maxnreg")[1].split()[:1]] if ".maxnreg" in k.asm["ptx"] else []
 print("RESULT" + json.dumps(out))
 """
 
@@ -399,6 +406,8 @@ def test_ptx_path_compiles_for_sm90():
                        timeout=300, cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.split("RESULT", 1)[1])
+    # the tuned Q2_K down kernel carries its register cap into the PTX (.maxnreg)
+    assert res.pop("down_q2k_tuned_maxnreg") == [moe_int8.TUNED[QuantFormat.IQ2_XXS].maxnreg_down] == [128]
     c = moe_int8.Int8MoeConfig()
     threads = 4 * 32
     per_thread = {  # dp4a per thread per K step: elements / threads x dots per element
