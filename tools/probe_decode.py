@@ -306,6 +306,13 @@ def main(argv=None) -> int:
         gbs = gb_s(nbytes, ms)
         table.add(case, cfg, stage, f"{ms * 1e3:.1f}", f"{nbytes / 1e6:.1f}", f"{gbs:.0f}", f"{100 * gbs / bw:.1f}")
 
+    def xv_rows(case, stage, tiles, make, base, xv_field, time_ms, nbytes, label=""):
+        """A row per tile, without and with the 16-byte activation loads: make(base, tile, **{xv_field: xv})."""
+        for tile in tiles:
+            for xv in (False, True):
+                name, cfg = make(base, tile, **{xv_field: xv})
+                row(case, f"{label}{name}{' xv' if xv else ''}", stage, time_ms(cfg), nbytes)
+
     if "pdl" in args.parts:
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             nbytes = gu_bytes + dn_bytes
@@ -417,11 +424,8 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", name, "quant h + down", chain_down_ms(hs, down, sels, cfg), dn_bytes)
                 row(f"moe_{recipe}", name, "whole", whole_ms(u, gate, up, down, sels, wts, dev, cfg),
                     gu_bytes + dn_bytes)
-            for tile in UNROLL_DOWN_TILES:
-                for xv in (False, True):
-                    name, cfg = unroll_down_tile(tuned, tile, x_vec_down=xv)
-                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant h + down",
-                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
+            xv_rows(f"moe_{recipe}", "quant h + down", UNROLL_DOWN_TILES, unroll_down_tile, tuned, "x_vec_down",
+                    lambda cfg: chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "limb" in args.parts:  # fp32-grade activations as three int8 planes (fused_int8(limbs=3), the auto decode)
@@ -433,17 +437,11 @@ def main(argv=None) -> int:
                     whole_ms(u, gate, up, down, sels, wts, dev, tuned, limbs), gu_bytes + dn_bytes)
             uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=L)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-            for tile in GATE_UP_TILES:
-                for xv in (False, True):
-                    name, cfg = gate_up_tile(tuned, tile, x_vec_gate_up=xv)
-                    row(f"moe_{recipe}", f"limb3 {name}{' xv' if xv else ''}", "quant u + gate_up",
-                        chain_gate_up_ms(u, gate, up, sels, wts, cfg, L), gu_bytes)
+            xv_rows(f"moe_{recipe}", "quant u + gate_up", GATE_UP_TILES, gate_up_tile, tuned, "x_vec_gate_up",
+                    lambda cfg: chain_gate_up_ms(u, gate, up, sels, wts, cfg, L), gu_bytes, "limb3 ")
             for make, tiles in ((down_tile, DOWN_TILES), (unroll_down_tile, UNROLL_DOWN_TILES)):
-                for tile in tiles:
-                    for xv in (False, True):
-                        name, cfg = make(tuned, tile, x_vec_down=xv)
-                        row(f"moe_{recipe}", f"limb3 {name}{' xv' if xv else ''}", "quant h + down",
-                            chain_down_ms(hs, down, sels, cfg, L), dn_bytes)
+                xv_rows(f"moe_{recipe}", "quant h + down", tiles, make, tuned, "x_vec_down",
+                        lambda cfg: chain_down_ms(hs, down, sels, cfg, L), dn_bytes, "limb3 ")
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice
@@ -466,16 +464,10 @@ def main(argv=None) -> int:
             base = moe_int8.TUNED[gate.fmt]
             hs = [moe_int8.gate_up_int8(moe_int8.quant_q8_k(u, moe_int8.uses_iq2_order(gate)), gate, up, s, wts, CLAMP,
                                         True, base) for s in sels]
-            for tile in GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA:
-                for xv in (False, True):
-                    name, cfg = gate_up_tile(base, tile, x_vec_gate_up=xv)
-                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant u + gate_up",
-                        chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
-            for tile in DOWN_TILES:
-                for xv in (False, True):
-                    name, cfg = down_tile(base, tile, x_vec_down=xv)
-                    row(f"moe_{recipe}", f"{name}{' xv' if xv else ''}", "quant h + down",
-                        chain_down_ms(hs, down, sels, cfg), dn_bytes)
+            xv_rows(f"moe_{recipe}", "quant u + gate_up", GATE_UP_TILES + XV_SWEEP_GATE_UP_EXTRA, gate_up_tile, base,
+                    "x_vec_gate_up", lambda cfg: chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
+            xv_rows(f"moe_{recipe}", "quant h + down", DOWN_TILES, down_tile, base, "x_vec_down",
+                    lambda cfg: chain_down_ms(hs, down, sels, cfg), dn_bytes)
             del gate, up, down
 
     if "ceil" in args.parts:
