@@ -22,7 +22,6 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 from dsv4.kernels_triton import registry  # noqa: E402
