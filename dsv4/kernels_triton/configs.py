@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, replace
+from typing import Optional
 
 from ..quant.formats import QuantFormat
 
@@ -229,17 +230,36 @@ def select_gemv(fmt: QuantFormat, n_rows: int, k: int, dev: DeviceInfo, allow_sp
     return cfg
 
 
-def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceInfo) -> GemmConfig:
-    if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS:
+FP8_MIN_SM = 89  # NVIDIA: fp8 (e4m3) tensor-core dots from Ada / Hopper on
+
+
+def fp8_dot(dev: DeviceInfo) -> Optional[DotDtype]:
+    """The fp8 flavour this device's matrix cores take, or None: AMD per kernels_hip (CDNA3 e4m3fnuz, CDNA4 /
+    RDNA4 OCP e4m3, RDNA 3.5 none), NVIDIA e4m3 from sm_89, the interpreter e4m3 (tests)."""
+    if dev.vendor == Vendor.AMD:
+        from ..kernels_hip.configs import fp8_dtype
+
+        return fp8_dtype(dev.arch)
+    if dev.vendor == Vendor.NVIDIA:
+        sm = dev.arch[3:] if dev.arch.startswith("sm_") else ""
+        return DotDtype.FP8_E4M3 if sm.isdigit() and int(sm) >= FP8_MIN_SM else None
+    return DotDtype.FP8_E4M3
+
+
+def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceInfo, fp8: bool = False) -> GemmConfig:
+    """fp8: the device's fp8 dot flavour where it has one (fp8_dot; the tuned fp16 tiles are then not used)."""
+    if dev.vendor == Vendor.NVIDIA and dev.arch in TUNED_ARCHS and not fp8:
         tuned = TUNED_GEMM.get((QuantFormat(fmt), n_rows, k, _bucket(tokens)))
         if tuned is not None:
             return tuned
     if dev.vendor == Vendor.AMD:
         from ..kernels_hip.configs import hip_gemm
 
-        cfg = hip_gemm(fmt, dev.arch, tokens)
+        cfg = hip_gemm(fmt, dev.arch, tokens, use_fp8=fp8)
     else:
         cfg = _CUDA_GEMM_SMALL_M if tokens <= 64 else _CUDA_GEMM
+        if fp8 and fp8_dot(dev) is not None:
+            cfg = replace(cfg, dot=fp8_dot(dev))
     if dev.vendor == Vendor.CPU:  # interpreter: tl.dot needs >= 16 per dim; small tiles stay cheap
         cfg = replace(cfg, block_m=32, block_n=CPU_BLOCK_N // 2, num_stages=1)
     return replace(cfg, block_n=max(16, min(cfg.block_n, _next_pow2(n_rows))),

@@ -30,7 +30,7 @@ _TL_DOT = {DotDtype.FP16: tl.float16, DotDtype.BF16: tl.bfloat16, DotDtype.FP32_
 def tl_dot_dtype(d: DotDtype):
     if d in _TL_DOT:
         return _TL_DOT[d]
-    return getattr(tl, d.value)  # fp8 flavours (tl.float8e4nv / tl.float8e4b8)
+    return tl.dtype(d.value)  # fp8 flavours by Triton's dtype name (fp8e4nv = tl.float8e4nv, fp8e4b8 = tl.float8e4b8)
 
 
 @triton.jit
@@ -118,18 +118,30 @@ def _q8_0_gemv_blocked_kernel(x_ptr, w_ptr, s_ptr, out_ptr,
 
 
 @triton.jit
+def _round_e4m3(v):
+    """fp32 v rounded to 3 mantissa bits, to nearest even, in fp32 (normal range): every value is then exact in
+    e4m3, so the cast to either fp8 flavour rounds nothing and the result does not depend on how a backend
+    converts (the interpreter's fp32 -> fp8 cast mis-rounds, e.g. 127 -> 64)."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFFF + ((b >> 20) & 1)) & -0x100000  # drop the low 20 of fp32's 23 mantissa bits, ties to even
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
 def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                   T, N, R, K,
                   stride_xt, stride_xg, stride_ot,
                   stride_w, stride_s, off_s,
                   FMT: tl.constexpr, DOT: tl.constexpr, IEEE: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, Q8_FAST: tl.constexpr = False,
-                  stride_os=0):
+                  stride_os=0, XS: tl.constexpr = False, xs_ptr=None):
     """out[s, t, n] = sum_{k in slice s} x[t, g(n), k] * dequant(w)[n, k]; tiles of dequantized weights in
     DOT dtype through tl.dot, fp32 accumulation (IEEE: fp32 operands without tf32 rounding). K is the
     length of one split-K slice (program axis 1). Token tiles vary fastest so a weight tile is reused
     from L2. Also the decode path for Q8_0 (BLOCK_M = 16): its pipelined loads keep more bytes in
-    flight than the FMA GEMV."""
+    flight than the FMA GEMV. XS (Q8_FAST, fp8 DOT): x arrives scaled per token into the fp8 range; the codes
+    go to DOT as they are (exact up to |q| = 16), each 32-wide chunk's dot is scaled by its d afterwards, and the
+    result by xs[t] (the inverse of token t's power-of-two scale)."""
     k_start = tl.program_id(1) * K
     out_ptr += tl.program_id(1) * stride_os
     x_ptr += k_start
@@ -158,7 +170,10 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
                 x = tl.load(x_c + kc, mask=m_ok[:, None], other=0.0).to(DOT)
                 q = tl.load(w_col + kc).to(tl.float32)
                 d = tl.load(s_col + (kc >> 5)).to(tl.float32)
-                acc += dot(x, (q * d[None, :]).to(DOT), IEEE)
+                if XS:
+                    acc += dot(x, _round_e4m3(q).to(DOT), IEEE) * d[None, :]
+                else:
+                    acc += dot(x, (q * d[None, :]).to(DOT), IEEE)
     else:
         for k0 in range(0, K, BLOCK_K):
             rk = k0 + tl.arange(0, BLOCK_K)
@@ -167,6 +182,8 @@ def _qgemm_kernel(x_ptr, w_ptr, s_ptr, g_ptr, out_ptr,
             w = dequant_tile(w_ptr, s_ptr, g_ptr, rn[None, :], k_start + rk[:, None], n_ok[None, :] & k_ok[:, None],
                              stride_w, stride_s, off_s, FMT).to(DOT)  # [BLOCK_K, BLOCK_N]
             acc += dot(x, w, IEEE)
+    if XS:
+        acc = acc * tl.load(xs_ptr + rm, mask=m_ok, other=0.0)[:, None]
     out = out_ptr + rm[:, None].to(tl.int64) * stride_ot + rn[None, :]
     tl.store(out, acc, mask=m_ok[:, None] & n_ok[None, :])
 
@@ -275,14 +292,36 @@ def gemv_q8_0_blocked(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg
     return _plan("gemv_q8blk", x, dw, groups, cfg, build)(x)
 
 
+# the fp8 dot flavours gemm takes: torch's dtype and the largest finite value
+FP8_FLAVOURS = {DotDtype.FP8_E4M3: ("float8_e4m3fn", 448.0), DotDtype.FP8_E4M3_FNUZ: ("float8_e4m3fnuz", 240.0)}
+
+
+def _fp8_scaled(x, dot: DotDtype):
+    """x [T, ...] -> (x * 2^e_t in `dot`'s fp8 flavour, fp32 2^-e_t per token): the largest power of two that
+    keeps token t's max |x| within the flavour's range, so scaling is exact and only the fp8 rounding is lost."""
+    import torch
+
+    name, fmax = FP8_FLAVOURS[dot]
+    amax = x.detach().abs().reshape(x.shape[0], -1).amax(1).float()
+    scale = torch.where(amax > 0, torch.exp2(torch.floor(torch.log2(fmax / amax.clamp_min(1e-30)))),
+                        torch.ones_like(amax))
+    xq = (x.float() * scale.view(-1, *([1] * (x.dim() - 1)))).to(getattr(torch, name))
+    return xq, (1.0 / scale).contiguous()
+
+
 def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig | None = None, split_k: int = 1):
     """Prefill-shaped qmatmul: x [T, K] (or [T, G, K]) -> [T, N] fp32 via tl.dot on dequantized tiles.
-    fp32 activations are rounded to the dot dtype once up front (the kernel would round them per tile).
+    fp32 activations are rounded to the dot dtype once up front (the kernel would round them per tile); with an
+    fp8 dot (gemm_fp8; Q8_0 in whole 32-code chunks only) they are first scaled per token (_fp8_scaled).
     split_k > 1 (K a multiple of split_k * BLOCK_K): K slices in parallel, summed after in fixed order."""
     import torch
 
     c0 = cfg or select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev)
-    if x.dtype == torch.float32 and c0.dot in (DotDtype.FP16, DotDtype.BF16) and x.shape[0] > DOT_GEMV_M:
+    fp8 = c0.dot in FP8_FLAVOURS
+    xs = None
+    if fp8:
+        x, xs = _fp8_scaled(x, c0.dot)
+    elif x.dtype == torch.float32 and c0.dot in (DotDtype.FP16, DotDtype.BF16) and x.shape[0] > DOT_GEMV_M:
         x = x.to(torch.float16 if c0.dot == DotDtype.FP16 else torch.bfloat16)
     elif x.stride(-1) != 1:
         x = x.contiguous()
@@ -295,20 +334,34 @@ def gemm(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemmConfig 
         split = split_k if dw.k % (split_k * c.block_k) == 0 else 1
         k_slice = dw.k // split
         q8_fast = dw.fmt.name == "Q8_0" and c.block_k % 32 == 0 and k_slice % c.block_k == 0
+        if fp8 and not q8_fast:
+            raise ValueError(f"an fp8 dot takes Q8_0 rows in whole 32-code chunks, not {dw.fmt.name} K={dw.k} "
+                             f"at BLOCK_K={c.block_k}")
         grid = (triton.cdiv(T, c.block_m) * triton.cdiv(N, block_n), split)
         kern = _qgemm_kernel[grid]
         stride_xt, fmt, dot_t, ieee = x.stride(0), int(dw.fmt), tl_dot_dtype(c.dot), c.dot == DotDtype.FP32_IEEE
 
-        def launch(x):
+        def launch(x, xs=None):
             out = blocks.empty((split, T, N), x.device)
             kern(x, dw.w, dw.s, dw.g, out, T, N, R, k_slice, stride_xt, stride_xg, N,
                  dw.stride_w, dw.stride_s, dw.off_s, FMT=fmt, DOT=dot_t, IEEE=ieee,
                  BLOCK_M=c.block_m, BLOCK_N=block_n, BLOCK_K=c.block_k, Q8_FAST=q8_fast, stride_os=T * N,
-                 num_warps=c.num_warps, num_stages=c.num_stages)
+                 XS=fp8, xs_ptr=xs, num_warps=c.num_warps, num_stages=c.num_stages)
             return _reduce_split(out, split)
         return launch
 
-    return _plan("gemm", x, dw, groups, (c0, split_k), build)(x)
+    return _plan("gemm", x, dw, groups, (c0, split_k), build)(x, xs)
+
+
+def gemm_fp8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
+    """Prefill with an fp8 dot (opt-in, lossy; `kernels_hip`'s fp8 flavours, e4m3 from sm_89): Q8_0 codes as
+    fp8 (exact up to |q| = 16, 3 mantissa bits above), x scaled per token by a power of two into the fp8 range,
+    fp32 accumulation, the block scales applied after each 32-wide dot. Decode-sized T, other formats and devices
+    without fp8 dots run the auto variant."""
+    c = select_gemm(dw.fmt, x.shape[0], dw.n_rows, dw.k, dev, fp8=True)
+    if dw.fmt.name != "Q8_0" or c.dot not in FP8_FLAVOURS or x.shape[0] <= DECODE_MAX_T or dw.k % 32:
+        return qmatmul_auto(x, dw, dev, groups)
+    return gemm(x, dw, dev, groups, replace(c, block_k=max(32, c.block_k)))
 
 
 def gemv_dot(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, cfg: GemvConfig | None = None):
@@ -434,6 +487,10 @@ register(KernelOp.QMATMUL, "gemv_dot", gemv_dot, formats=(QuantFormat.Q8_0,), ma
 register(KernelOp.QMATMUL, "gemm", gemm, doc="tl.dot on dequantized fp16 tiles, fp32 accumulation")
 register(KernelOp.QMATMUL, "gemm_dequant", gemm_dequant,
          doc="per-call transient fp16 dequant of row chunks + torch.matmul (not yet measured on GPU)")
+register(KernelOp.QMATMUL, "gemm_fp8", gemm_fp8, formats=(QuantFormat.Q8_0,),
+         doc="prefill through an fp8 dot (opt-in, lossy): Q8_0 codes and per-token power-of-two-scaled x in the "
+             "device's fp8 flavour (CDNA3 e4m3fnuz, OCP e4m3 on CDNA4/RDNA4/sm_89+), block scales after each "
+             "32-wide dot; auto where the device has no fp8 dot and for decode")
 register(KernelOp.QMATMUL, "gemm_ieee", gemm_ieee, doc="tl.dot on fp32 tiles with IEEE products (accurate, slower)")
 register(KernelOp.QMATMUL, "auto_ieee", qmatmul_auto_ieee, doc=f"gemv for T <= {DECODE_MAX_T}, gemm_ieee above")
 register(KernelOp.QMATMUL, "dequant_torch", qmatmul_dequant_torch,

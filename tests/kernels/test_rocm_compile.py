@@ -1,11 +1,12 @@
 """The ROCm path, compiled for AMD targets on the CPU (no AMD GPU here).
 
-The default variants (and the ds4-exact int8 MoE decode) run in the interpreter with an AMD DeviceInfo, so every
-launch carries the tiles dsv4.kernels_hip picks for that architecture; each distinct launch (kernel, constexprs,
-argument types, warps, stages) is recorded and then compiled through Triton's AMD backend, in a subprocess without
-the interpreter, for CDNA3 (gfx942, wave64) and RDNA 3.5 (gfx1151, wave32). This catches what only a ROCm build
-would: NVIDIA-only inline assembly on the AMD path, layouts a wave64 target rejects, dot shapes its matrix cores
-do not take. It says nothing about speed or numerics on AMD hardware, which stay unverified.
+The default variants (also the ds4-exact int8 MoE decode and the opt-in fp8 prefill GEMM) run in the interpreter
+with an AMD DeviceInfo, so every launch carries the tiles dsv4.kernels_hip picks for that architecture; each distinct
+launch (kernel, constexprs, argument types, warps, stages) is recorded and then compiled through Triton's AMD
+backend, in a subprocess without the interpreter, for CDNA3 (gfx942, wave64) and RDNA 3.5 (gfx1151, wave32). This
+catches what only a ROCm build would: NVIDIA-only inline assembly on the AMD path, layouts a wave64 target rejects,
+dot shapes or dtypes its matrix cores do not take. It says nothing about speed or numerics on AMD hardware, which
+stay unverified.
 """
 from __future__ import annotations
 
@@ -43,7 +44,8 @@ MOE_TOKENS = (1, 9)  # decode and the grouped prefill
 MOE_DS4_EXACT = ("int8", "int8_limb3")  # moe_int8 on ROCm runs its plain-Triton dp4a emulation
 LAUNCH_OPTIONS = ("num_warps", "num_stages")
 _TT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.int8: "i8", torch.uint8: "u8",
-       torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
+       torch.int16: "i16", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1",
+       torch.float8_e4m3fn: "fp8e4nv", torch.float8_e4m3fnuz: "fp8e4b8"}
 
 
 def _launch_record(fn, arg_names, args, kwargs) -> str:
@@ -92,6 +94,7 @@ def _record_amd_launches(dev: DeviceInfo, monkeypatch) -> list:
                 auto.fn(make_x(t, k), dw, dev, 1)
         dw, _ = make_weight(Q.Q8_0, (48, 256), seed=3)
         auto.fn(make_x(1, 256, 2), dw, dev, 2)  # grouped (attn_output_a's form)
+        registry.get(KernelOp.QMATMUL, "gemm_fp8").fn(make_x(TOKENS[-1], 256), dw, dev, 1)  # CDNA3: e4m3fnuz dots
         for recipe in ("q2", "q4"):
             for t in MOE_TOKENS:
                 (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 256, 256, t, 2, seed=t)
@@ -146,6 +149,9 @@ def test_rocm_launches_compile_for_amd(arch, monkeypatch):
     # the ROCm tables reach the launches: a decode GEMV block keeps CUDA's 128 threads in wavefronts of this arch
     gemv_warps = {rec[4]["num_warps"] for rec in launches if rec[1] == "_qgemv_kernel"}
     assert gemv_warps == {128 // dev.wave}, gemv_warps
+    # the fp8 GEMM where the arch has fp8 dots (gfx942: CDNA3's e4m3fnuz), the fp16 one where it has none
+    dots = {rec[3]["DOT"]["tl_dtype"] for rec in launches if rec[1] == "_qgemm_kernel"}
+    assert dots == ({"fp16", "fp8e4b8"} if arch == "gfx942" else {"fp16"}), dots
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_AMD], input=json.dumps([arch, dev.wave, launches]),

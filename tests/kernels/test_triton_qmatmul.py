@@ -168,7 +168,9 @@ def test_every_registered_variant(poison):
         # gemv_dot / gemm_dequant / gemm_f16w* feed tl.dot or cuBLAS with fp16 operands at every T
         fp16_always = v.name in ("gemv_dot", "gemm_dequant") or v.name.startswith("gemm_f16w")
         kind = "fp16dot" if (t > qmatmul.DECODE_MAX_T and v.name in ("auto", "gemm")) or fp16_always else "fp32"
-        op = "triton_gemm" if kind == "fp16dot" else "triton_gemv"
+        if v.name == "gemm_fp8" and t > qmatmul.DECODE_MAX_T:  # e4m3 operands (tests/kernels/test_triton_fp8.py)
+            kind = "fp8"
+        op = "triton_gemm" if kind in ("fp16dot", "fp8") else "triton_gemv"
         if v.act_quant:  # ds4's int8 scheme: x rounded to Q8_0 as TorchOps(act_quant=True) does
             x, op, kind = TorchOps.quant_q8_0(x.cpu()).to(DEVICE), "triton_q8_int8", "gemv"
         assert_matches(y, reference(x, w_ref), op, kind, f"variant {v.name}")
