@@ -91,13 +91,14 @@ TOLERANCES: dict[tuple[str, str], Tol] = {
     ("triton_gemm", "fp16dot"): Tol(3e-3, 0.0, "weights and activations rounded to fp16 (2^-11 relative each) "
                                                "before tl.dot with fp32 accumulation; random rounding errors over "
                                                "K terms grow ~sqrt(K)*2^-11 of a typical output; measured <= 8e-4"),
-    ("triton_gemm", "fp8_emulated"): Tol(2e-5, 0.0, "qmatmul.gemm_fp8 against a float64 product of the same fp8 "
+    ("triton_gemm", "fp8_emulated"): Tol(1e-6, 0.0, "qmatmul.gemm_fp8 against a float64 product of the same fp8 "
                                                     "operands (torch's round-to-nearest-even casts of the codes and "
                                                     "of the power-of-two-scaled x): only the fp32 accumulation of "
-                                                    "<= 256 exact products per chunk and the fp32 scalings differ"),
+                                                    "<= 256 exact products and the fp32 scalings differ; measured "
+                                                    "<= 9.4e-8 of the largest output"),
     ("triton_gemm", "fp8"): Tol(8e-2, 0.0, "qmatmul.gemm_fp8 against the exact float64 product: codes and x keep "
                                            "3 mantissa bits (e4m3: 2^-4 relative each, codes exact up to 16); "
-                                           "measured 3.9e-2 of the largest output at K=256"),
+                                           "measured 3.5e-2 to 4.4e-2 of the largest output at K = 128 to 256"),
     ("triton_moe", "decode"): Tol(2e-5, 0.0, "two fp32 GEMV stages (gate/up, down) on exactly decoded weights with "
                                              "an fp32 SwiGLU between; measured ~2e-7 of the largest output"),
     ("triton_moe", "grouped"): Tol(5e-3, 0.0, "two fp16 tl.dot stages (u and h rounded to fp16, weights rounded to "
