@@ -258,8 +258,8 @@ def select_gemm(fmt: QuantFormat, tokens: int, n_rows: int, k: int, dev: DeviceI
         cfg = hip_gemm(fmt, dev.arch, tokens, use_fp8=fp8)
     else:
         cfg = _CUDA_GEMM_SMALL_M if tokens <= 64 else _CUDA_GEMM
-        if fp8 and fp8_dot(dev) is not None:
-            cfg = replace(cfg, dot=fp8_dot(dev))
+        if fp8 and (f8 := fp8_dot(dev)) is not None:
+            cfg = replace(cfg, dot=f8)
     if dev.vendor == Vendor.CPU:  # interpreter: tl.dot needs >= 16 per dim; small tiles stay cheap
         cfg = replace(cfg, block_m=32, block_n=CPU_BLOCK_N // 2, num_stages=1)
     return replace(cfg, block_n=max(16, min(cfg.block_n, _next_pow2(n_rows))),

@@ -41,6 +41,7 @@ FP8_MAX = {DotDtype.FP8_E4M3: 448.0, DotDtype.FP8_E4M3_FNUZ: 240.0}
 def fp8_reference(x: torch.Tensor, dw, dot: DotDtype, groups: int = 1) -> np.ndarray:
     """float64 sum over 32-code chunks of d * (x8 . q8), times each token's inverse scale: x8 = x * 2^e_t cast to
     fp8 (e_t: the largest power of two keeping max |x_t| within the flavour's range), q8 = codes cast to fp8."""
+    x = x.detach().cpu()
     rows, k = dw.n_rows, dw.k
     nb = k // 32
     # the repacked Q8_0 rows the kernel reads: k code bytes (w), then the block scales at off_s (s, fp16)
