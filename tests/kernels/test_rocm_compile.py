@@ -13,9 +13,6 @@ from __future__ import annotations
 import inspect
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -29,6 +26,7 @@ from dsv4.kernels_triton import registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor  # noqa: E402
 from dsv4.kernels_triton.registry import AUTO, KernelOp  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
+from tests.kernels.offline_compile import run_compile_script  # noqa: E402
 from tests.kernels.test_triton_moe import CLAMP, make_problem  # noqa: E402
 from tests.kernels.test_triton_qmatmul import make_weight, make_x  # noqa: E402
 
@@ -153,11 +151,7 @@ def test_rocm_launches_compile_for_amd(arch, monkeypatch):
     dots = {rec[3]["DOT"]["tl_dtype"] for rec in launches if rec[1] == "_qgemm_kernel"}
     assert dots == ({"fp16", "fp8e4b8"} if arch == "gfx942" else {"fp16"}), dots
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _COMPILE_FOR_AMD], input=json.dumps([arch, dev.wave, launches]),
-                       env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).resolve().parents[2])
-    assert r.returncode == 0, r.stderr[-3000:]
-    results = json.loads(r.stdout.split("RESULT", 1)[1])
+    results = run_compile_script(_COMPILE_FOR_AMD, stdin=json.dumps([arch, dev.wave, launches]), timeout=900)
     assert len(results) == len(launches)
     failed = [f"{name}: {err}" for name, size, err in results if err or size == 0]
     assert not failed, f"{len(failed)} of {len(results)} launches do not compile for {arch}:\n" + "\n".join(failed)

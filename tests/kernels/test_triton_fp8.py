@@ -8,13 +8,8 @@ offline (wgmma on e4m3). NaN-poisoned outputs.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,6 +25,7 @@ from dsv4.kernels_triton import qmatmul, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, DotDtype, Vendor, detect_device, fp8_dot, select_gemm  # noqa: E402
 from dsv4.kernels_triton.registry import KernelOp  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
+from tests.kernels.offline_compile import require_ptxas, run_compile_script  # noqa: E402
 from tests.kernels.test_triton_qmatmul import (  # noqa: E402,F401
     DEVICE, assert_matches, make_weight, make_x, poison, reference)
 
@@ -148,12 +144,6 @@ print("RESULT" + json.dumps(sorted(set(re.findall(r"wgmma\.mma_async\S*", k.asm[
 
 def test_fp8_gemm_compiles_to_e4m3_wgmma_for_sm90():
     """The NVIDIA path of the fp8 GEMM through Triton and ptxas for sm_90 (no GPU needed): Hopper's fp8 wgmma."""
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas to compile the NVIDIA path")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SM90_FP8], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])
-    assert r.returncode == 0, r.stderr[-3000:]
-    mmas = json.loads(r.stdout.split("RESULT", 1)[1])
+    require_ptxas()
+    mmas = run_compile_script(_SM90_FP8)
     assert mmas and all(".e4m3.e4m3" in op for op in mmas), mmas

@@ -28,6 +28,7 @@ from dsv4.kernels_triton import moe, moe_int8, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
 from dsv4.reference import TorchOps  # noqa: E402
+from tests.kernels.offline_compile import require_ptxas, run_compile_script  # noqa: E402
 from tests.kernels.test_triton_moe import CLAMP, make_problem  # noqa: E402
 from tests.kernels.test_triton_qmatmul import DEVICE, assert_matches, poison  # noqa: E402,F401
 from tests.tolerances import assert_close  # noqa: E402
@@ -392,21 +393,8 @@ def test_ptx_path_compiles_for_sm90():
     """The NVIDIA path (inline dp4a, prmt) through Triton and ptxas for sm_90 in a subprocess without the
     interpreter: every dp4a asm block is exactly one instruction, the quantizer has IEEE divisions and no
     FMA contraction (rint must see the rounded product, as torch does)."""
-    import json
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() and shutil.which("ptxas") is None:
-        pytest.skip("no ptxas to compile the NVIDIA path")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True,
-                       timeout=300, cwd=Path(__file__).resolve().parents[2])
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    require_ptxas()
+    res = run_compile_script(_SM90_COMPILE, env_extra={"TRITON_DEFAULT_FP_FUSION": "1"})
     # the tuned Q2_K down kernel carries its register cap into the PTX (.maxnreg)
     assert res.pop("down_q2k_tuned_maxnreg") == moe_int8.TUNED[QuantFormat.IQ2_XXS].maxnreg_down == 128
     c = moe_int8.Int8MoeConfig()

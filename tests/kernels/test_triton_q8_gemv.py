@@ -19,6 +19,7 @@ from tests.kernels.test_triton_qmatmul import (  # noqa: E402,F401
 from dsv4.kernels_triton import blocks, q8_gemv, registry  # noqa: E402
 from dsv4.kernels_triton.configs import DeviceInfo, Vendor, detect_device  # noqa: E402
 from dsv4.quant.formats import QuantFormat  # noqa: E402
+from tests.kernels.offline_compile import require_ptxas, run_compile_script  # noqa: E402
 
 Q8 = QuantFormat.Q8_0
 SMALL_GPU = DeviceInfo(Vendor.NVIDIA, "sm_90", n_sm=2)  # only sizes the grid: few SMs -> split-K
@@ -201,23 +202,8 @@ def test_pdl_kernel_orders_loads_for_sm90():
     """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
     launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it; the
     split-sum variants' atomics and loads; the L2 prefetch on both sides of the wait."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import triton
-
-    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-    if not ptxas.exists() and not shutil.which("ptxas"):
-        pytest.skip("no ptxas to compile the NVIDIA path")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run([sys.executable, "-c", _SM90_PDL], env=env, capture_output=True, text=True, timeout=300,
-                       cwd=Path(__file__).resolve().parents[2])
-    assert r.returncode == 0, r.stderr[-3000:]
-    res = json.loads(r.stdout.split("RESULT", 1)[1])
+    require_ptxas()
+    res = run_compile_script(_SM90_PDL)
     assert res["wait"] == 1 and res["dependents"] == 1, res
     assert res["loads_before"] >= 2 and res["atomics_before"] == 0, res
     # split-K: arrival and reset are acq_rel; SPLIT_SUM=1 keeps only the arrival's; the sum kernel loads after the wait

@@ -1,0 +1,33 @@
+"""Compile Triton kernels for a GPU target on the CPU: a script run in a subprocess without the interpreter
+(Triton's bundled ptxas for NVIDIA, its AMD backend for ROCm) prints its JSON result after "RESULT"."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def require_ptxas() -> None:
+    """Skip the calling test when no ptxas can compile the NVIDIA path."""
+    import triton
+
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    if not bundled.exists() and not shutil.which("ptxas"):
+        pytest.skip("no ptxas to compile the NVIDIA path")
+
+
+def run_compile_script(script: str, stdin: str | None = None, env_extra: dict | None = None, timeout: int = 300):
+    """The JSON value `script` prints after "RESULT" (run from the repository root, TRITON_INTERPRET unset)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(env_extra or {})
+    r = subprocess.run([sys.executable, "-c", script], input=stdin, env=env, capture_output=True, text=True,
+                       timeout=timeout, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.split("RESULT", 1)[1])
