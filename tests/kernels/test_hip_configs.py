@@ -1,6 +1,6 @@
 """ROCm config selection (dsv4.kernels_hip.configs) and the CUDA/CPU selection around it, tested on
 CPU by passing the vendor and arch explicitly: arch families, wave64-aware thread counts, fp8
-flavours, split-K decisions at Flash shapes."""
+flavours, split-K decisions at Flash shapes; and detect_device on a HIP build of torch (faked)."""
 from __future__ import annotations
 
 import pytest
@@ -71,3 +71,21 @@ def test_block_k_divides_row_length():
 
 def test_cpu_device_is_the_interpreter():
     assert detect_device("cpu").vendor == Vendor.CPU
+
+
+@pytest.mark.parametrize("hip,props,want", [
+    # ROCm builds of torch set torch.version.hip; the arch comes from gcnArchName without its feature suffix
+    ("6.2.41133", dict(gcnArchName="gfx942:sramecc+:xnack-", multi_processor_count=304), MI300X),
+    ("6.2.41133", dict(gcnArchName="gfx1151", multi_processor_count=40), STRIX_HALO),
+    (None, dict(major=9, minor=0, multi_processor_count=132), H200),
+])
+def test_detect_device_picks_rocm_when_torch_is_a_hip_build(hip, props, want, monkeypatch):
+    """The entry to the ROCm tables: a 'cuda' device of a HIP build of torch is an AMD DeviceInfo with the arch's
+    wave width (the select_* above then delegate to dsv4.kernels_hip); a CUDA build gives the NVIDIA sm_XY."""
+    import types
+
+    import torch
+
+    monkeypatch.setattr(torch.version, "hip", hip, raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda dev: types.SimpleNamespace(**props))
+    assert detect_device("cuda") == want
