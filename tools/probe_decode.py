@@ -36,6 +36,10 @@ median; % of the streaming read measured in this run). Two parts:
     step s + D's codes, bytes in flight without registers) over D, on the four large Q8_0 matrices, twice
     interleaved; the stage column gives the largest difference from the auto tile's output (without the
     prefetch: the LM head's auto tile has one);
+  * `q8xs`: split tiles of attn_output_a/b (split 2/4/8) and the auto tiles of the small split matrices with the
+    slices summed by the last program (split_sum 1) or by the exchange tree (4: the partials travel in atomic
+    exchanges, no fence), twice interleaved; the stage column gives the largest difference from the auto tile's
+    output and whether a second call of the tree repeats its bits;
   * `reg`: moe_int8's tuned stages (one plane and three) under register caps (`maxnreg_gate_up` /
     `maxnreg_down`), each behind its quantizer, twice interleaved;
 Prints a markdown table and writes it to --out.
@@ -207,6 +211,14 @@ Q8S_TILES = {"attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8)], "attn_output_a
              "attn_q_a": [(16, 256, 2, 8)], "attn_kv": [(16, 256, 2, 8)], "ffn_gate_shexp": [(16, 256, 2, 8)]}
 
 
+# `q8xs`: (rows, codes, warps, split below mp programs per SM): the split each gives is in the row label
+Q8XS_TILES = {"attn_output_b": [(32, 128, 1, 1), (32, 128, 1, 2), (32, 128, 1, 8), (16, 128, 1, 2), (16, 128, 1, 4),
+                                (16, 128, 1, 8), (32, 256, 2, 8), (16, 256, 1, 2), (64, 128, 2, 8)],
+              "attn_output_a": [(32, 128, 1, 2), (32, 128, 1, 8), (16, 128, 1, 8), (8, 128, 1, 8), (16, 256, 2, 8),
+                                (8, 256, 1, 8)],
+              "attn_q_a": [], "attn_kv": [], "ffn_gate_shexp": []}  # the small ones: their auto (split) tile only
+
+
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
 
@@ -295,7 +307,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8r, q8i, q8seg, q8t, q8st, q8l2, "
+                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, q8l2, "
                          "ceil, xv, xv_sweep, limb, reg")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -593,6 +605,25 @@ def main(argv=None) -> int:
                          for w, _ in pairs]), nbytes)
                 del pairs
                 torch.cuda.empty_cache()
+        if "q8xs" in args.parts and d.name in Q8XS_TILES:
+            ws, x = q8_problem(d, device)
+            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
+            xs_cases = [(f"auto sum{ss}", dict(auto, split_sum=ss)) for ss in (1, 4)]
+            for bn, bk, w, mp in Q8XS_TILES[d.name]:
+                kw = tile_kw(bn, bk, w, mp)
+                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, True, max(mp, 1))
+                xs_cases += [(f"{bn}x{bk} w{w} split{split} sum{ss}", dict(kw, split_sum=ss)) for ss in (1, 4)]
+            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **auto).clone()
+            for rep in range(2):
+                for label, kw in xs_cases:
+                    y = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw).clone()
+                    diff = (y - ref).abs().max().item()
+                    again = torch.equal(y, q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw))
+                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                    row(d.name, label, f"gemv_rows (diff {diff:.1e}, {'repeats' if again else 'DIFFERS on repeat'})",
+                        ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
             ws, x = q8_problem(d, device)
             auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)

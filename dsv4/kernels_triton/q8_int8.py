@@ -8,8 +8,8 @@ TorchOps.quant_q8_0); `_q8_int8_rows_kernel` runs gemv_rows' tiling (q8_gemv) on
 32-code block eight dp4a of the weight words with x's words, exact, then one fp32 `isum * d_w * d_x`.
 Against the float GEMV this removes the per-code decode and FMA (one dp4a per four codes) and x's byte
 lanes (x arrives as words in the layout of the weight words), and reads 1.125 bytes of x per code
-instead of 4. Split-K, the in-kernel fixed-order sum and programmatic dependent launch are as in
-gemv_rows. Tiles per Flash shape: ROWS_INT8_T1 (H200 sweep, tools/probe_decode.py q8i).
+instead of 4. Split-K, the in-kernel fixed-order sum (the exchange tree) and programmatic dependent launch
+are as in gemv_rows. Tiles per Flash shape: ROWS_INT8_T1 (H200 sweep, tools/probe_decode.py q8i).
 Measured (H200, tools/results/h200_decode/17, CUDA-graph replay, quantizer launch included): not faster
 than the float gemv_rows: attn_q_b 12.4 us (gemv_rows 11.3), attn_output_a/b 15.3 / 16.0 (12.9 / 13.3),
 LM head 170 (159); it does beat rounding x first and then running gemv_rows on the small matrices
@@ -30,7 +30,7 @@ from .configs import DeviceInfo, pdl_launch, use_pdl
 from .moe_int8 import QUANT_LAUNCH, ROUND_MAGIC, _dp4a, use_asm
 from .qmatmul import DECODE_MAX_T, _plan, gemv
 from .qmatmul_fast import q8_tiles
-from .q8_gemv import _row_tile, _rows_split, _split_sum_last, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
+from .q8_gemv import _row_tile, _rows_split, _split_sum_xchg, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
 
 Q8_0_BLOCK = 32
 QUANT_BLOCKS = 32  # 32-value blocks per quantizer program (1024 values)
@@ -85,14 +85,14 @@ def dequant_q8_0(q, d):
 
 
 @triton.jit
-def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, K, k_split,
-                         stride_xqt, stride_xdt, stride_os, stride_ot, stride_w_words, stride_s, off_s,
+def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, T, N, R, K, k_split,
+                         stride_xqt, stride_xdt, stride_ot, stride_w_words, stride_s, off_s,
                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUPED: tl.constexpr,
                          ASM: tl.constexpr, PREFETCH: tl.constexpr = True, SPLIT: tl.constexpr = 1,
                          PDL: tl.constexpr = False, X_FULL: tl.constexpr = True):
-    """out[split, t, n] = sum over the split's 32-blocks b of d_w[n, b] * d_x[t, g(n), b] * (sum of the 32
-    code products), g(n) = n // R; with SPLIT > 1 also y[t, n] = the SPLIT partials summed in order
-    (written by the tile's last program). Each 32-code block is read as two 16-byte halves [BLOCK_N, NB, 4]
+    """y[t, n] = sum over the 32-blocks b of d_w[n, b] * d_x[t, g(n), b] * (sum of the 32 code products),
+    g(n) = n // R; with SPLIT > 1 each program takes one K slice and the partials are summed pairwise in a
+    fixed tree order (q8_gemv._split_sum_xchg). Each 32-code block is read as two 16-byte halves [BLOCK_N, NB, 4]
     of the same layout, so its eight dp4a chain in one thread (no cross-lane sum). X_FULL: x's words and
     scales are loaded through pointers of the weight tile's shape (each thread reads the x of its own
     blocks: L1 hits, no layout conversion); else as [1, NB, 4] and broadcast. Rows past N are clamped to
@@ -123,7 +123,7 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, 
     acc = tl.zeros([BLOCK_N, NB], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     zero = tl.zeros([BLOCK_N, NB, 4], dtype=tl.int32)
-    blocks.pdl_wait(PDL)  # x's words and scales (and the split counters) only after the quantizer is done
+    blocks.pdl_wait(PDL)  # x's words and scales (and the split slots) only after the quantizer is done
     for k0 in range(k_lo, k_hi, BLOCK_K):
         if PREFETCH:
             lo = lo_next
@@ -154,12 +154,11 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, 
                 acc_t += tl.where(rt[:, None] == t, tl.sum(v, axis=1)[None, :], 0.0)
     if BLOCK_T == 1:
         acc_t = tl.sum(acc, axis=1)[None, :]
-    out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
-    tl.store(out, acc_t, mask=ok)
-    if SPLIT > 1:  # as gemv_rows: the tile's last program sums the partials in slice order
-        _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, stride_ot, BLOCK_T, BLOCK_N, SPLIT,
-                        False)
+    if SPLIT > 1:  # as gemv_rows: pairwise by atomic exchanges
+        _split_sum_xchg(slot_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
+    else:
+        tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], acc_t, mask=ok)
 
 
 def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = 16, block_k: int = 256,
@@ -168,7 +167,7 @@ def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               pdl: bool | None = None, x_full: bool = True):
     """Q8_0 decode GEMV with Q8_0 activations (TorchOps(act_quant=True).qmatmul's semantics): x [T, K] (or
     [T, G, K]) float -> [T, N] fp32, T <= DECODE_MAX_T. Two launches (quantizer, GEMV); narrow matrices
-    split K over programs, summed in fixed order by the last program of each row tile (deterministic).
+    split K over programs, summed pairwise in a fixed order by atomic exchanges (deterministic).
     Rows that are not 4-byte aligned (K % 128 != 0 in the repacked layout) take qmatmul.gemv on the rounded x."""
     if dw.fmt.name != "Q8_0":
         raise ValueError(f"gemv_int8 takes Q8_0 weights, got {dw.fmt.name}")
@@ -186,18 +185,19 @@ def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         k_split = dw.k // split
         use = use_pdl(dev, x) and pdl is not False
         asm = use_asm(dev, x)
-        counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
+        # split-K: one int64 slot per tree node and output, zero between calls (q8_gemv._split_sum_xchg)
+        slots = torch.zeros((max(split - 1, 1), T, N), device=x.device, dtype=torch.int64)
 
         def launch(x):
             xq, xd = quant_q8_0(x.reshape(T, groups * dw.k), pdl=use)
-            out = blocks.empty((split, T, N), x.device)
-            y = blocks.empty((T, N), x.device) if split > 1 else out
+            y = blocks.empty((T, N), x.device)
             _q8_int8_rows_kernel[(n_row_tiles, split)](
-                xq, xd, dw.w, dw.s, out, y, counters, T, N, R, dw.k, k_split, xq.stride(0), xd.stride(0), T * N, N,
+                xq, xd, dw.w, dw.s, y, slots, T, N, R, dw.k, k_split, xq.stride(0), xd.stride(0), N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk,
                 GROUPED=groups > 1, ASM=asm, PREFETCH=prefetch and k_split > bk, SPLIT=split, PDL=use, X_FULL=x_full,
                 num_warps=num_warps, num_stages=1, **pdl_launch(use))
-            return y if split > 1 else out[0]
+            return y
+        launch.slots = slots  # for the tests
         return launch
 
     x = x if x.is_contiguous() else x.contiguous()

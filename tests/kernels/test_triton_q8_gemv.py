@@ -53,20 +53,28 @@ def test_gemv_rows(n, k, t, groups, block_n, block_k, prefetch, x_mode, poison):
 
 
 def test_gemv_rows_split(poison):
-    """A 'GPU' with 2 SMs: 3 row tiles of 8 -> split-K 8 over 512 codes; the last program of each tile
-    sums the partials in fixed order."""
+    """A 'GPU' with 2 SMs: 3 row tiles of 8 -> split-K 8 over 512 codes. By default (split_sum 4) the partials
+    are summed pairwise in a fixed tree order by atomic exchanges; 0-2 add them in slice order."""
     dw, w_ref = make_weight(Q8, (24, 512), seed=5)
     x = make_x(2, 512)
+    x_other = make_x(2, 512) * -3.0
     assert q8_gemv._rows_split(3, 512, 64, SMALL_GPU, True) == 8
     y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
-    assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", "gemv_rows split-K")
-    # the in-kernel reduction resets its arrival counters: a second call gives the same bits
-    y2 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64)
-    assert torch.equal(y.cpu(), y2.cpu())
-    # the relaxed counter reset and the two-launch sum add the slices in the same order: the same bits again
-    for split_sum in (1, 2, 1):
-        y3 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64, split_sum=split_sum)
-        assert torch.equal(y.cpu(), y3.cpu()), split_sum
+    assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", "gemv_rows split-K, exchange tree")
+    y_other = q8_gemv.gemv_rows(x_other, dw, SMALL_GPU, 1, block_k=64)
+    assert_matches(y_other, reference(x_other, w_ref), "triton_gemv", "fp32", "exchange tree, other x")
+    # the tree's slots are zero again after each call: a second call, after one on other activations, repeats
+    assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64).cpu())
+    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][-2] == 4]
+    assert launch.slots.shape == (7, 2, 24) and not launch.slots.any()
+    # the last program's sum (acq_rel or relaxed counter reset) and the two-launch sum: slice order, the same bits
+    # as each other, on every call (the counters are reset)
+    y0 = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64, split_sum=0)
+    assert_matches(y0, reference(x, w_ref), "triton_gemv", "fp32", "gemv_rows split-K, slice order")
+    for split_sum, xs in [(1, x), (2, x), (0, x_other), (1, x), (0, x)]:
+        y3 = q8_gemv.gemv_rows(xs, dw, SMALL_GPU, 1, block_k=64, split_sum=split_sum)
+        if xs is x:
+            assert torch.equal(y0.cpu(), y3.cpu()), split_sum
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the L2 prefetch is inline PTX (NVIDIA sm_90+); the "
@@ -186,6 +194,7 @@ def ptx_of(fn, const, types, warps=1):
 ptx = ptx_of(m._q8_rows_kernel, const, types)
 body = ptx.split("griddepcontrol.wait")
 relaxed = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=1), types)
+xchg = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=4), dict(types, cnt_ptr="*i64")).split("griddepcontrol.wait")
 l2pf = ptx_of(m._q8_rows_kernel, dict(const, L2PF=3), types).split("griddepcontrol.wait")
 sums = ptx_of(m._sum_splits_kernel, dict(SPLIT=8, BLOCK=512, PDL=True), dict(out_ptr="*fp32", y_ptr="*fp32"), 4)
 print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("griddepcontrol.launch_dependents"),
@@ -194,20 +203,27 @@ print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("gri
                              "sum_loads_before": sums.split("griddepcontrol.wait")[0].count("ld.global"),
                              "l2pf_before": l2pf[0].count("prefetch.global.L2"),
                              "l2pf_after": l2pf[1].count("prefetch.global.L2"),
-                             "l2pf_loads_before": l2pf[0].count("ld.global")}))
+                             "l2pf_loads_before": l2pf[0].count("ld.global"),
+                             "xchg_after": xchg[1].count("atom.global.gpu.relaxed.exch.b64"),
+                             "xchg_atomics_before": xchg[0].count("atom."),
+                             "xchg_ordering": sum(xchg[1].count(op) for op in (".acq_rel", ".release", ".acquire",
+                                                                               "fence.", "membar."))}))
 """
 
 
 def test_pdl_kernel_orders_loads_for_sm90():
     """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
     launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it; the
-    split-sum variants' atomics and loads; the L2 prefetch on both sides of the wait."""
+    split-sum variants' atomics and loads (the exchange tree's relaxed exchanges); the L2 prefetch on both sides
+    of the wait."""
     require_ptxas()
     res = run_compile_script(_SM90_PDL)
     assert res["wait"] == 1 and res["dependents"] == 1, res
     assert res["loads_before"] >= 2 and res["atomics_before"] == 0, res
     # split-K: arrival and reset are acq_rel; SPLIT_SUM=1 keeps only the arrival's; the sum kernel loads after the wait
     assert res["acq_rel"] == 2 and res["acq_rel_relaxed_reset"] == 1 and res["sum_loads_before"] == 0, res
+    # SPLIT_SUM=4 (split 8): one relaxed 64-bit exchange per tree level (3) after the wait, no fence or ordered atomic
+    assert res["xchg_after"] == 3 and res["xchg_atomics_before"] == 0 and res["xchg_ordering"] == 0, res
     # L2PF=3: step 2's lines are asked for before the wait (weights), step s + 3's in the loop; no other load moves
     assert res["l2pf_before"] >= 1 and res["l2pf_after"] >= 1 and res["l2pf_loads_before"] == res["loads_before"], res
 

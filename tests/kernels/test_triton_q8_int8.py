@@ -95,14 +95,20 @@ def test_gemv_int8_x_broadcast(t, groups, poison, poison_i32):
 
 
 def test_gemv_int8_split_is_fixed_order(poison, poison_i32):
-    """2 'SMs': 3 row tiles of 8 -> split-K 8 over 512 codes; the last program of each tile sums the
-    partials in slice order and resets its counter, so a second call gives the same bits."""
+    """2 'SMs': 3 row tiles of 8 -> split-K 8 over 512 codes; the partials are summed pairwise by atomic
+    exchanges in a fixed tree order and the exchange slots are zero again after each call, so a second call
+    (also after one on other activations) gives the same bits."""
     dw, w_ref = make_weight(Q8, (24, 512), seed=6)
     x = make_x(2, 512)
     y = q8_int8.gemv_int8(x, dw, SMALL_GPU, 1, block_n=8, block_k=64)
     assert_matches(y, reference(rounded(x), w_ref), "triton_q8_int8", "gemv", "gemv_int8 split-K")
+    x_other = make_x(2, 512) * -3.0
+    y_other = q8_int8.gemv_int8(x_other, dw, SMALL_GPU, 1, block_n=8, block_k=64)
+    assert_matches(y_other, reference(rounded(x_other), w_ref), "triton_q8_int8", "gemv", "split-K, other x")
     y2 = q8_int8.gemv_int8(x, dw, SMALL_GPU, 1, block_n=8, block_k=64)
     assert torch.equal(y.cpu(), y2.cpu())
+    (launch,) = dw.plans.values()
+    assert launch.slots.shape == (7, 2, 24) and not launch.slots.any()
 
 
 def test_extreme_codes_exact(poison, poison_i32):
