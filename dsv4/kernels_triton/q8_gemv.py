@@ -209,6 +209,7 @@ def _split_sum_xchg(slot_ptr, y_ptr, pid_k, part, rt, rn, ok, T, N, stride_ot, S
     Per element, a program swaps (tag 1 | fp32 bits) into its node: got zero -> it came first and is done; got a
     partial -> it adds left + right (fixed order), zeroes the slot and carries the sum one level up; the carrier
     of the root writes y. The order of the additions is the tree's whatever the arrival order: deterministic."""
+    tl.static_assert(SPLIT <= 64, "the exchange tree has at most 6 levels")
     v = part
     live = ok
     idx = rt[:, None] * stride_ot + rn[None, :]
@@ -348,8 +349,10 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         def launch(x):
             if x_mode == 1:  # xw[.., 32b + 8j + i] = x[.., 32b + 4i + j]
                 x = x.float().reshape(*lead, dw.k // 32, 8, 4).transpose(-1, -2).contiguous()
-            out = blocks.empty((split, T, N), x.device)
-            y = blocks.empty((T, N), x.device) if split > 1 else out
+            y = blocks.empty((T, N), x.device) if split > 1 else None
+            # the exchange tree keeps no partials in memory: out is only a placeholder argument then
+            out = y[None] if split > 1 and split_sum == 4 else blocks.empty((split, T, N), x.device)
+            y = out[0] if y is None else y
             _q8_rows_kernel[(n_row_tiles, split)](
                 x, dw.w, dw.s, out, y, sync, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
@@ -360,12 +363,13 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
             if split > 1 and split_sum == 2:
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
                     out, y, T * N, SPLIT=split, BLOCK=SUM_SPLITS_BLOCK, PDL=use, num_warps=4, **pdl_launch(use))
-            return y if split > 1 else out[0]
+            return y
         # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
         counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
         # split_sum 4: one int64 slot per tree node and output, zero between calls (each node's carrier resets it)
-        slots = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64) if split > 1 and split_sum == 4 else None
-        sync = slots if slots is not None else counters
+        tree = split > 1 and split_sum == 4
+        slots = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64) if tree else None
+        sync = slots if tree else counters
         launch.slots = slots  # for the tests
         return launch
 

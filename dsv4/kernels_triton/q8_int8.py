@@ -186,13 +186,14 @@ def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         use = use_pdl(dev, x) and pdl is not False
         asm = use_asm(dev, x)
         # split-K: one int64 slot per tree node and output, zero between calls (q8_gemv._split_sum_xchg)
-        slots = torch.zeros((max(split - 1, 1), T, N), device=x.device, dtype=torch.int64)
+        slots = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64) if split > 1 else None
 
         def launch(x):
             xq, xd = quant_q8_0(x.reshape(T, groups * dw.k), pdl=use)
             y = blocks.empty((T, N), x.device)
             _q8_int8_rows_kernel[(n_row_tiles, split)](
-                xq, xd, dw.w, dw.s, y, slots, T, N, R, dw.k, k_split, xq.stride(0), xd.stride(0), N,
+                xq, xd, dw.w, dw.s, y, y if slots is None else slots,  # no split: a pointer the kernel never reads
+                T, N, R, dw.k, k_split, xq.stride(0), xd.stride(0), N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk,
                 GROUPED=groups > 1, ASM=asm, PREFETCH=prefetch and k_split > bk, SPLIT=split, PDL=use, X_FULL=x_full,
                 num_warps=num_warps, num_stages=1, **pdl_launch(use))
