@@ -184,6 +184,34 @@ def pdl_wait(PDL: tl.constexpr):
 
 
 @triton.jit
+def split_sum_xchg(slot_ptr, y_ptr, pid_k, part, rt, rn, ok, T, N, stride_ot, SPLIT: tl.constexpr):
+    """A sum over SPLIT programs (split-K, split slots), pairwise, without a fence, a counter or a load of
+    another program's partial: each partial travels inside an atomic exchange. This program holds slice pid_k's
+    part [BLOCK_T, BLOCK_N] of y[rt, rn] (row stride stride_ot, T x N elements). Slot (node, t, n) (int64, zero
+    between calls) belongs to node `node` of a binary tree over the SPLIT slices; slice s meets its sibling at
+    level l in node SPLIT - (SPLIT >> l) + (s >> l+1). Per element, a program swaps (tag 1 | fp32 bits) into its
+    node: got zero -> it came first and is done; got a partial -> it adds left + right (fixed order), zeroes the
+    slot and carries the sum one level up; the carrier of the root writes y. The additions follow the tree
+    whatever the arrival order: deterministic. SPLIT a power of two."""
+    tl.static_assert(SPLIT <= 64, "the exchange tree has at most 6 levels")
+    v = part
+    live = ok
+    idx = rt[:, None] * stride_ot + rn[None, :]
+    for lvl in tl.static_range(6):
+        if (2 << lvl) <= SPLIT:
+            node = SPLIT - (SPLIT >> lvl) + (pid_k >> (lvl + 1))
+            p = slot_ptr + node.to(tl.int64) * T * N + idx
+            packed = v.to(tl.uint32, bitcast=True).to(tl.int64) + 4294967296  # tag 1 in the high word
+            old = tl.atomic_xchg(p, packed, mask=live, sem="relaxed")
+            second = live & ((old >> 32) != 0)
+            other = old.to(tl.uint32).to(tl.float32, bitcast=True)
+            v = tl.where(((pid_k >> lvl) & 1) == 0, v + other, other + v)
+            tl.store(p, tl.zeros_like(old), mask=second)
+            live = second
+    tl.store(y_ptr + idx, v, mask=live)
+
+
+@triton.jit
 def l2_prefetch_line(p):
     """Ask L2 to fetch the line holding each element's address (PTX prefetch.global.L2; a per-lane hint)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p.to(tl.int64)],

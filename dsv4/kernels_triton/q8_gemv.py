@@ -82,7 +82,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
     SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
     (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums);
-    4 pairwise by atomic exchanges that carry the partials (_split_sum_xchg; cnt_ptr: its int64 slots).
+    4 pairwise by atomic exchanges that carry the partials (blocks.split_sum_xchg; cnt_ptr: its int64 slots).
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
     prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32
@@ -171,7 +171,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     out = out_ptr + pid_k * stride_os + rt[:, None] * stride_ot + rn[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     if SPLIT > 1 and SPLIT_SUM == 4:
-        _split_sum_xchg(cnt_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
+        blocks.split_sum_xchg(cnt_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
     else:
         tl.store(out, acc_t, mask=ok)
     if SPLIT > 1 and SPLIT_SUM < 2:
@@ -199,32 +199,6 @@ def _split_sum_last(out_ptr, y_ptr, cnt_ptr, pid_n, rt, rn, ok, stride_os, strid
             tl.atomic_xchg(cnt_ptr + pid_n, 0, sem="relaxed")
         else:
             tl.atomic_xchg(cnt_ptr + pid_n, 0)
-
-
-@triton.jit
-def _split_sum_xchg(slot_ptr, y_ptr, pid_k, part, rt, rn, ok, T, N, stride_ot, SPLIT: tl.constexpr):
-    """Split-K summed pairwise, without a fence, a counter or a load of another program's partial: the partial
-    travels inside an atomic exchange. Slot (node, t, n) (int64, zero between calls) belongs to node `node` of a
-    binary tree over the SPLIT slices; slice s meets its sibling at level l in node SPLIT - (SPLIT >> l) + (s >> l+1).
-    Per element, a program swaps (tag 1 | fp32 bits) into its node: got zero -> it came first and is done; got a
-    partial -> it adds left + right (fixed order), zeroes the slot and carries the sum one level up; the carrier
-    of the root writes y. The order of the additions is the tree's whatever the arrival order: deterministic."""
-    tl.static_assert(SPLIT <= 64, "the exchange tree has at most 6 levels")
-    v = part
-    live = ok
-    idx = rt[:, None] * stride_ot + rn[None, :]
-    for lvl in tl.static_range(6):
-        if (2 << lvl) <= SPLIT:
-            node = SPLIT - (SPLIT >> lvl) + (pid_k >> (lvl + 1))
-            p = slot_ptr + node.to(tl.int64) * T * N + idx
-            packed = v.to(tl.uint32, bitcast=True).to(tl.int64) + 4294967296  # tag 1 in the high word
-            old = tl.atomic_xchg(p, packed, mask=live, sem="relaxed")
-            second = live & ((old >> 32) != 0)
-            other = old.to(tl.uint32).to(tl.float32, bitcast=True)
-            v = tl.where(((pid_k >> lvl) & 1) == 0, v + other, other + v)
-            tl.store(p, tl.zeros_like(old), mask=second)
-            live = second
-    tl.store(y_ptr + idx, v, mask=live)
 
 
 @triton.jit

@@ -30,7 +30,7 @@ from .configs import DeviceInfo, pdl_launch, use_pdl
 from .moe_int8 import QUANT_LAUNCH, ROUND_MAGIC, _dp4a, use_asm
 from .qmatmul import DECODE_MAX_T, _plan, gemv
 from .qmatmul_fast import q8_tiles
-from .q8_gemv import _row_tile, _rows_split, _split_sum_xchg, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
+from .q8_gemv import _row_tile, _rows_split, ROWS_MAX_SPLIT, ROWS_MIN_PROGRAMS_PER_SM
 
 Q8_0_BLOCK = 32
 QUANT_BLOCKS = 32  # 32-value blocks per quantizer program (1024 values)
@@ -92,7 +92,7 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, T, N, R,
                          PDL: tl.constexpr = False, X_FULL: tl.constexpr = True):
     """y[t, n] = sum over the 32-blocks b of d_w[n, b] * d_x[t, g(n), b] * (sum of the 32 code products),
     g(n) = n // R; with SPLIT > 1 each program takes one K slice and the partials are summed pairwise in a
-    fixed tree order (q8_gemv._split_sum_xchg). Each 32-code block is read as two 16-byte halves [BLOCK_N, NB, 4]
+    fixed tree order (blocks.split_sum_xchg). Each 32-code block is read as two 16-byte halves [BLOCK_N, NB, 4]
     of the same layout, so its eight dp4a chain in one thread (no cross-lane sum). X_FULL: x's words and
     scales are loaded through pointers of the weight tile's shape (each thread reads the x of its own
     blocks: L1 hits, no layout conversion); else as [1, NB, 4] and broadcast. Rows past N are clamped to
@@ -156,7 +156,7 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, T, N, R,
         acc_t = tl.sum(acc, axis=1)[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
     if SPLIT > 1:  # as gemv_rows: pairwise by atomic exchanges
-        _split_sum_xchg(slot_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
+        blocks.split_sum_xchg(slot_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
     else:
         tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], acc_t, mask=ok)
 
@@ -185,7 +185,7 @@ def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         k_split = dw.k // split
         use = use_pdl(dev, x) and pdl is not False
         asm = use_asm(dev, x)
-        # split-K: one int64 slot per tree node and output, zero between calls (q8_gemv._split_sum_xchg)
+        # split-K: one int64 slot per tree node and output, zero between calls (blocks.split_sum_xchg)
         slots = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64) if split > 1 else None
 
         def launch(x):
