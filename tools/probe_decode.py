@@ -40,9 +40,6 @@ median; % of the streaming read measured in this run). Two parts:
     slices summed by the last program (split_sum 1) or by the exchange tree (4: the partials travel in atomic
     exchanges, no fence), twice interleaved; the stage column gives the largest difference from the auto tile's
     output and whether a second call of the tree repeats its bits;
-  * `dsplit`: moe_int8's down stage with its (slot, K step)s cut over 2-8 programs per row tile and the parts
-    summed by the exchange tree (`split_down`), one and three planes, the tuned tile at K steps of 8/4/2
-    super-blocks and twice its rows, each behind its quantizer, then the whole call, twice interleaved;
   * `reg`: moe_int8's tuned stages (one plane and three) under register caps (`maxnreg_gate_up` /
     `maxnreg_down`), each behind its quantizer, twice interleaved;
 Prints a markdown table and writes it to --out.
@@ -222,10 +219,6 @@ Q8XS_TILES = {"attn_output_b": [(32, 128, 1, 1), (32, 128, 1, 2), (32, 128, 1, 8
               "attn_q_a": [], "attn_kv": [], "ffn_gate_shexp": []}  # the small ones: their auto (split) tile only
 
 
-# `dsplit`: (K step, rows x, split_down) of the down stage on the tuned tile (rows x: block_n_down multiplied by)
-DSPLIT_CASES = [(8, 1, 1), (8, 1, 2), (4, 1, 1), (4, 1, 2), (4, 1, 4), (2, 1, 4), (2, 1, 8), (4, 2, 2), (4, 2, 4)]
-
-
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
 
@@ -314,7 +307,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, sv, unroll, dsplit, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, q8l2, "
+                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, q8l2, "
                          "ceil, xv, xv_sweep, limb, reg")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
@@ -476,25 +469,6 @@ def main(argv=None) -> int:
                         cfg = replace(base, maxnreg_down=cap)
                         row(f"moe_{recipe}", f"limbs={limbs} down maxnreg {cap}", "quant h + down",
                             chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
-            del gate, up, down
-
-    if "dsplit" in args.parts:  # the down stage split over programs, summed by the exchange tree
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
-                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, base) for s in sels]
-                ref = moe_int8.down_int8(moe_int8.quant_q8_k(hs[0], limbs=limbs), down, sels[0], True, base).clone()
-                for rep in range(2):
-                    for ks, rx, sp in DSPLIT_CASES:
-                        cfg = replace(base, kstep_down=ks, block_n_down=base.block_n_down * rx, split_down=sp)
-                        y = moe_int8.down_int8(moe_int8.quant_q8_k(hs[0], limbs=limbs), down, sels[0], True, cfg)
-                        diff = (y - ref).abs().max().item() / max(ref.abs().max().item(), 1e-30)
-                        row(f"moe_{recipe}", f"limbs={limbs} down ks{ks} rows{cfg.block_n_down} split{sp}",
-                            f"quant h + down (rel diff {diff:.1e})", chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
-                    for sp in (1, 2):
-                        row(f"moe_{recipe}", f"limbs={limbs} whole split_down {sp}", "whole",
-                            whole_ms(u, gate, up, down, sels, wts, dev, replace(base, split_down=sp), limbs),
-                            gu_bytes + dn_bytes)
             del gate, up, down
 
     if "xv_sweep" in args.parts:

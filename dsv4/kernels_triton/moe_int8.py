@@ -82,9 +82,6 @@ class Int8MoeConfig:
     # > 0: register cap of the stage's kernel (PTX .maxnreg, NVIDIA): more resident programs per SM, maybe spills
     maxnreg_gate_up: int = 0
     maxnreg_down: int = 0
-    # the down stage's (slot, K step)s over this many programs per row tile, their sums added by an exchange tree
-    # (blocks.split_sum_xchg): a power of two that divides K * F / (256 kstep_down), else 1
-    split_down: int = 1
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -501,42 +498,37 @@ def _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, 
 
 
 @triton.jit
-def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, tree_ptr, w_ptr, F, D, KSEL,
+def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL,
                       stride_w, stride_hq, stride_hd, stride_hs, stride_ot, stride_hl,
                       FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                       PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                      SV: tl.constexpr = False, STEPS: tl.constexpr = 0, LIMBS: tl.constexpr = 1,
-                      SPLIT: tl.constexpr = 1):
+                      SV: tl.constexpr = False, STEPS: tl.constexpr = 0, LIMBS: tl.constexpr = 1):
     """out[t, d] = sum over i < KSEL of down[sel[t*KSEL+i]][d, :] @ h[t*KSEL+i, :] with h as Q8_K
     (codes hq, scales hd, sums hs); KSTEP super-blocks per K step, slots in order. One flat loop over
     (slot, K step); PF: the next (slot, step)'s weight words are loaded before this one computes. STEPS
     (= KSEL * F / (256 KSTEP), > 0): that loop unrolled, so later steps' loads need not wait a loop trip.
-    LIMBS = 3: h as quant_q8_k(limbs=3)'s planes (stride_hl words apart), fp32-grade. SPLIT > 1: the loop's
-    (slot, step)s cut into SPLIT equal runs over program axis 2 (STEPS then counts one run), the runs' sums added
-    by blocks.split_sum_xchg (tree_ptr: its int64 slots): more programs for the same rows, another fixed order."""
+    LIMBS = 3: h as quant_q8_k(limbs=3)'s planes (stride_hl words apart), fp32-grade."""
     t = tl.program_id(0)
     pid_n = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rc = tl.minimum(rn, D - 1)
     n_steps = F // (QK_C * KSTEP)
-    run = KSEL * n_steps // SPLIT
-    j0 = tl.program_id(2) * run  # this program's first flat step
-    last = j0 + run - 1
+    last = KSEL * n_steps - 1
     sel_t = sel_ptr + t * KSEL  # the token's expert ids
     if FMT == FMT_Q2_K:  # tile [BN, KSTEP, 4 sub-rows]
         kk = tl.arange(0, KSTEP)[None, :, None]
         acc = tl.zeros([BLOCK_N, KSTEP, 4], dtype=tl.float32)
         if PF:
-            i_p, b_p = _down_step(j0, n_steps, KSTEP)
+            i_p, b_p = _down_step(0, n_steps, KSTEP)
             q0, q1, q2, q3, c0, c1, dd = _q2_k_raw(
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None] + (b_p + kk) * Q2K_WORDS)
         blocks.pdl_wait(PDL)  # h's codes come from the previous kernel (sel and weights are older)
         if STEPS > 0:
-            for jj in tl.static_range(STEPS):
-                acc += _q2_down_part(j0 + jj, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
-                                     hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, LIMBS)
+            for j in tl.static_range(STEPS):
+                acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
+                                     stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, LIMBS)
         elif PF:
-            for j in tl.range(j0, j0 + run, num_stages=1):  # no cp.async pipelining (measured slower)
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 i, b0 = _down_step(j, n_steps, KSTEP)
                 slot = (t * KSEL + i).to(tl.int64)
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
@@ -548,7 +540,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, tree_ptr, w_ptr,
                                  stride_hl)
                 q0, q1, q2, q3, c0, c1, dd = nq0, nq1, nq2, nq3, nc0, nc1, ndd
         else:
-            for j in tl.range(j0, j0 + run, num_stages=1):  # no cp.async pipelining (measured slower)
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 acc += _q2_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr, hs_ptr,
                                      stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, LIMBS)
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -557,19 +549,19 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, tree_ptr, w_ptr,
         acc = tl.zeros([BLOCK_N, KSTEP, 4, 8], dtype=tl.float32)
         acc_min = tl.zeros([BLOCK_N, KSTEP, 4, 1], dtype=tl.float32)
         if PF:
-            i_p, b_p = _down_step(j0, n_steps, KSTEP)
+            i_p, b_p = _down_step(0, n_steps, KSTEP)
             q, s0, s1, s2, dd = _q4_k_raw(
                 w_ptr + _down_rows(sel_t, i_p, rc, D, stride_w)[:, None, None, None] + (b_p + kk) * Q4K_WORDS, SV)
         blocks.pdl_wait(PDL)
         if STEPS > 0:
-            for jj in tl.static_range(STEPS):
-                part, mpart = _q4_down_part(j0 + jj, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr,
-                                            hd_ptr, hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM,
-                                            XV, SV, LIMBS)
+            for j in tl.static_range(STEPS):
+                part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
+                                            hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, SV,
+                                            LIMBS)
                 acc += part
                 acc_min += mpart
         elif PF:
-            for j in tl.range(j0, j0 + run, num_stages=1):
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):
                 i, b0 = _down_step(j, n_steps, KSTEP)
                 slot = (t * KSEL + i).to(tl.int64)
                 i_p, b_p = _down_step(tl.minimum(j + 1, last), n_steps, KSTEP)
@@ -583,7 +575,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, tree_ptr, w_ptr,
                 acc_min += mpart
                 q, s0, s1, s2, dd = nq, ns0, ns1, ns2, ndd
         else:
-            for j in tl.range(j0, j0 + run, num_stages=1):  # no cp.async pipelining (measured slower)
+            for j in tl.range(0, KSEL * n_steps, num_stages=1):  # no cp.async pipelining (measured slower)
                 part, mpart = _q4_down_part(j, n_steps, t, KSEL, sel_ptr, w_ptr, rc, D, stride_w, hq_ptr, hd_ptr,
                                             hs_ptr, stride_hq, stride_hd, stride_hs, stride_hl, KSTEP, ASM, XV, SV,
                                             LIMBS)
@@ -591,11 +583,7 @@ def _down_int8_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, tree_ptr, w_ptr,
                 acc_min += mpart
         total = (tl.sum(tl.sum(tl.sum(acc, axis=3), axis=2), axis=1)
                  - tl.sum(tl.sum(tl.sum(acc_min, axis=3), axis=2), axis=1))
-    if SPLIT > 1:
-        blocks.split_sum_xchg(tree_ptr, out_ptr, tl.program_id(2), total[None, :], t + tl.arange(0, 1), rn,
-                              (rn < D)[None, :], tl.num_programs(0), D, stride_ot, SPLIT)
-    else:
-        tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
+    tl.store(out_ptr + t * stride_ot + rn, total, mask=rn < D)
 
 
 # ---- host side ------------------------------------------------------------------------------------
@@ -744,29 +732,14 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     bn = cfg.block_n_down
     kstep = _kstep(F // QK, cfg.kstep_down)
     out = blocks.empty((T, D), hq.device)
-    steps = K * F // (QK * kstep)
-    split = cfg.split_down if steps % cfg.split_down == 0 else 1
-    if split & (split - 1):
-        raise ValueError(f"split_down must be a power of two (the exchange tree), got {split}")
-    tree = _tree_slots(down, split, T, D, hq.device) if split > 1 else out  # out: a pointer never read
-    _down_int8_kernel[(T, triton.cdiv(D, bn), split)](
-        hq, hd, hs, sel, out, tree, dw, F, D, K, stride_d, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
+    _down_int8_kernel[(T, triton.cdiv(D, bn))](
+        hq, hd, hs, sel, out, dw, F, D, K, stride_d, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
         _plane_stride(hq), LIMBS=_limbs(hq), FMT=int(down.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
-        STEPS=steps // split if cfg.unroll_down else 0, SPLIT=split,
+        STEPS=K * F // (QK * kstep) if cfg.unroll_down else 0,
         PF=cfg.prefetch_down and not cfg.unroll_down, PDL=pdl, XV=cfg.x_vec_down and asm,
         SV=cfg.scale_vec_down and asm and down.fmt == QuantFormat.Q4_K and _aligned16(dw, stride_d),
         num_warps=cfg.warps_down, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_down, asm))
     return out
-
-
-def _tree_slots(w: DeviceWeight, split: int, T: int, N: int, device):
-    """The exchange tree's int64 slots for a split sum into [T, N] (zero between calls: each node's carrier resets
-    it), kept with the weight so a decode step allocates and clears nothing."""
-    key = ("tree_slots", split, T, N, str(device))
-    slots = w.plans.get(key)
-    if slots is None:
-        slots = w.plans[key] = torch.zeros((split - 1, T, N), device=device, dtype=torch.int64)
-    return slots
 
 
 def _maxnreg(cap: int, asm: bool) -> dict:

@@ -240,32 +240,6 @@ def test_unroll_down_bitwise(recipe, poison, poison_i32):
     assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
 
 
-@pytest.mark.parametrize("loop,split", [("unrolled", 2), ("prefetched", 4), ("plain", 2)])
-@pytest.mark.parametrize("recipe", ["q2", "q4"])
-def test_split_down(recipe, loop, split, poison, poison_i32, capture_h):
-    """split_down: the down stage's (slot, K step)s cut over 2 or 4 programs per row tile, their sums added by the
-    exchange tree. Stage by stage within the table of the float64 reference, for each form of the down loop; a
-    second call (after one on other activations) repeats the bits, and the tree's slots are zero after each call."""
-    base = replace(moe_int8.TUNED[moe_int8.QuantFormat.IQ2_XXS if recipe == "q2" else moe_int8.QuantFormat.Q4_K],
-                   unroll_down=loop == "unrolled", prefetch_down=loop == "prefetched", split_down=split)
-    y, ref = run_staged(recipe, 4, 256, 512, 2, 4, seed=73, captured=capture_h, cfg=base)
-    assert_matches(y, ref, "triton_moe_int8", "end_to_end", f"{recipe} split_down={split} {loop}")
-    (gate, up, down, u, sel, wts), _ = make_problem(recipe, 4, 256, 512, 2, 4, seed=73)
-    dev = detect_device(DEVICE)
-    moe_int8.fused_int8(u * -2.0, gate, up, down, sel, wts, CLAMP, dev, base)
-    y2 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base)
-    assert torch.equal(y.view(torch.int32), y2.view(torch.int32))
-    (slots,) = [v for key, v in down.plans.items() if key[0] == "tree_slots"]
-    assert slots.shape == (split - 1, 2, 512) and not slots.any()
-
-
-def test_split_down_must_be_a_power_of_two(poison, poison_i32):
-    (gate, up, down, u, sel, wts), _ = make_problem("q2", 4, 512, 512, 1, 3, seed=74)
-    with pytest.raises(ValueError, match="power of two"):
-        moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, detect_device(DEVICE),
-                            replace(moe_int8.TUNED[gate.fmt], split_down=3))
-
-
 # ---- fp32-grade activations: three int8 planes (limbs=3, variant int8_limb3) ----------------------------
 
 def torch_limb_parts(x: torch.Tensor):
