@@ -10,7 +10,8 @@ handling costs ~20 % (a no-x diagnostic ran at 61 % / 91 % of bandwidth where th
 49 % / 71 %). Tiles per Flash shape (ROWS_T1, from tools/results/h200_decode/): small one-warp programs
 win (for T > 1 too: ROWS_TN, one warp x 32 rows x 128 codes); on sm_90+ launches use programmatic dependent launch
 (the first weight tile loads before griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph
-replay. Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N
+replay; split-K partials are summed inside the kernel by a tree of atomic exchanges (blocks.split_sum_xchg: no
+fence, counter or second launch, deterministic). Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N
 axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the
 defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
 """
@@ -76,7 +77,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
                     XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 0, L2PF: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
-    SPLIT > 1 also y[t, n] = sum over the SPLIT partials in order (written by the tile's last program).
+    SPLIT > 1 also y[t, n] = the SPLIT partials summed in a fixed order inside the kernel (SPLIT_SUM).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
