@@ -11,8 +11,8 @@ handling costs ~20 % (a no-x diagnostic ran at 61 % / 91 % of bandwidth where th
 win (for T > 1 too: ROWS_TN, one warp x 32 rows x 128 codes); on sm_90+ launches use programmatic dependent launch
 (the first weight tile loads before griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph
 replay; split-K partials are summed inside the kernel by a tree of atomic exchanges (blocks.split_sum_xchg: no
-fence, counter or second launch, deterministic). Also here: `gemv_mma` (tensor-core decode, codes to fp16 by byte permutes, per-block sums as the dot's N
-axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the
+fence, counter or second launch, deterministic). Also here: `gemv_mma` (tensor-core decode, codes to fp16 by
+byte permutes, per-block sums as the dot's N axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the
 defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
 """
 from __future__ import annotations
@@ -320,14 +320,19 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
         use = use_pdl(dev, x) and pdl is not False
         l2pf = l2_prefetch if hopper_plus(dev, x) and bk >= 128 else 0  # whole 128-byte lines per row and step
         stride_xt, stride_xg_k = (x.stride(0), stride_xg) if x_mode != 1 else (groups * dw.k, dw.k if groups > 1 else 0)
+        tree = split > 1 and split_sum == 4  # the exchange tree sums the slices
 
         def launch(x):
             if x_mode == 1:  # xw[.., 32b + 8j + i] = x[.., 32b + 4i + j]
                 x = x.float().reshape(*lead, dw.k // 32, 8, 4).transpose(-1, -2).contiguous()
-            y = blocks.empty((T, N), x.device) if split > 1 else None
-            # the exchange tree keeps no partials in memory: out is only a placeholder argument then
-            out = y[None] if split > 1 and split_sum == 4 else blocks.empty((split, T, N), x.device)
-            y = out[0] if y is None else y
+            if split == 1:
+                out = blocks.empty((1, T, N), x.device)
+                y = out[0]
+            elif tree:  # the tree keeps no partials in memory: out is only a placeholder argument
+                y = blocks.empty((T, N), x.device)
+                out = y[None]
+            else:
+                out, y = blocks.empty((split, T, N), x.device), blocks.empty((T, N), x.device)
             _q8_rows_kernel[(n_row_tiles, split)](
                 x, dw.w, dw.s, out, y, sync, T, N, R, k_split, stride_xt, stride_xg_k, T * N, N,
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
@@ -339,13 +344,11 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
                     out, y, T * N, SPLIT=split, BLOCK=SUM_SPLITS_BLOCK, PDL=use, num_warps=4, **pdl_launch(use))
             return y
-        # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
-        counters = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
-        # split_sum 4: one int64 slot per tree node and output, zero between calls (each node's carrier resets it)
-        tree = split > 1 and split_sum == 4
-        slots = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64) if tree else None
-        sync = slots if tree else counters
-        launch.slots = slots  # for the tests
+        if tree:  # one int64 slot per tree node and output, zero between calls (each node's carrier resets it)
+            sync = torch.zeros((split - 1, T, N), device=x.device, dtype=torch.int64)
+        else:  # one arrival counter per row tile, zero between calls (the last program of a tile resets it)
+            sync = torch.zeros(n_row_tiles if split > 1 else 1, device=x.device, dtype=torch.int32)
+        launch.slots = sync if tree else None  # for the tests
         return launch
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
