@@ -40,10 +40,6 @@ median; % of the streaming read measured in this run). Two parts:
     slices summed by the last program (split_sum 1) or by the exchange tree (4: the partials travel in atomic
     exchanges, no fence), twice interleaved; the stage column gives the largest difference from the auto tile's
     output and whether a second call of the tree repeats its bits;
-  * `tab`: the q2 recipe's IQ2_XXS gate/up with the grid selectors from a bank-replicated shared-memory table
-    per program (Int8MoeConfig.smem_table_gate_up) over TAB_TILES, one plane and three, each behind its
-    quantizer, beside the tuned tile without it (interleaved twice); then the whole call with the fastest
-    table tile against the tuned config, interleaved twice, with a bitwise check;
   * `reg`: moe_int8's tuned stages (one plane and three) under register caps (`maxnreg_gate_up` /
     `maxnreg_down`), each behind its quantizer, twice interleaved;
 Prints a markdown table and writes it to --out.
@@ -225,10 +221,6 @@ Q8XS_TILES = {"attn_output_b": [(32, 128, 1, 1), (32, 128, 1, 2), (32, 128, 1, 8
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
-# `tab`: gate/up tiles (rows, K step, warps, prefetch) for the 32 KB shared table per program (at most 7 programs
-# per SM: several warps per program)
-TAB_TILES = [(8, 2, 2, True), (16, 1, 4, True), (16, 2, 4, True), (16, 2, 4, False), (32, 1, 4, True),
-             (32, 2, 4, True), (32, 1, 8, True), (32, 2, 8, True), (64, 2, 8, True), (64, 1, 8, True)]
 
 # `q8i`: gemv_int8 tiles with 2..64 code words per thread per step; (rows, codes, warps, split below mp programs/SM)
 Q8I_TILES = [(bn, bk, w, mp) for bn in (8, 16, 32, 64) for bk in (128, 256, 512) for w in (1, 2, 4) for mp in (0, 8)
@@ -316,7 +308,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, q8l2, "
-                         "ceil, xv, xv_sweep, limb, reg, tab")
+                         "ceil, xv, xv_sweep, limb, reg")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -462,33 +454,6 @@ def main(argv=None) -> int:
             for make, tiles in ((down_tile, DOWN_TILES), (unroll_down_tile, UNROLL_DOWN_TILES)):
                 xv_rows(f"moe_{recipe}", "quant h + down", tiles, make, tuned, "x_vec_down",
                         lambda cfg: chain_down_ms(hs, down, sels, cfg, L), dn_bytes, "limb3 ")
-            del gate, up, down
-
-    if "tab" in args.parts:  # IQ2_XXS selectors from a bank-replicated shared-memory table
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            if not moe_int8.uses_iq2_order(gate):
-                continue
-            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                best = None
-                for rep in range(2):
-                    row(f"moe_{recipe}", f"limbs={limbs} tuned", "quant u + gate_up",
-                        chain_gate_up_ms(u, gate, up, sels, wts, base, limbs), gu_bytes)
-                    for tile in TAB_TILES:
-                        for xv in (False, True):
-                            name, cfg = gate_up_tile(base, tile, x_vec_gate_up=xv, smem_table_gate_up=True)
-                            ms = chain_gate_up_ms(u, gate, up, sels, wts, cfg, limbs)
-                            row(f"moe_{recipe}", f"limbs={limbs} tab {name}{' xv' if xv else ''}", "quant u + gate_up",
-                                ms, gu_bytes)
-                            best = min(best or (ms, cfg), (ms, cfg), key=lambda b: b[0])
-                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
-                same = torch.equal(ref, moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, best[1], limbs))
-                for rep in range(2):
-                    row(f"moe_{recipe}", f"limbs={limbs} tuned", "whole",
-                        whole_ms(u, gate, up, down, sels, wts, dev, base, limbs), gu_bytes + dn_bytes)
-                    row(f"moe_{recipe}", f"limbs={limbs} best tab gu_{best[1].block_n_gate_up}_{best[1].kstep_gate_up}_"
-                        f"{best[1].warps_gate_up}{' pf' if best[1].prefetch_gate_up else ''}"
-                        f"{' xv' if best[1].x_vec_gate_up else ''}" + (" (bitwise equal)" if same else " (DIFFERS)"),
-                        "whole", whole_ms(u, gate, up, down, sels, wts, dev, best[1], limbs), gu_bytes + dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

@@ -257,39 +257,6 @@ def iq2_levels(sel16_ptr, gi):
     return (v | (v << 14)) & 0x33333333
 
 
-# The level selectors in shared memory, one copy per bank (NVIDIA): word 32 e + lane holds iq2_levels' value of
-# record e, so the 32 random indices of a warp's gather read 32 distinct banks (one wavefront; from the 512-byte
-# global table a gather touches up to four 128-byte lines). 32 KB per program: a static .shared array declared
-# by inline PTX (Triton's own shared memory is the dynamic window; ptxas places the two apart).
-IQ2_TAB_ENTRIES = 256
-IQ2_TAB_FILL: tl.constexpr = tl.constexpr(IQ2_TAB_ENTRIES * 8)  # 16-byte stores: 8 per record (32 copies)
-IQ2_TAB_CHUNK: tl.constexpr = tl.constexpr(256)
-
-
-@triton.jit
-def iq2_tab_fill(sel16_ptr, anchor):
-    """Declare this program's bank-replicated level table (static shared memory, once per kernel: `anchor` is
-    a scalar, so the declaring asm is emitted once) and fill it from iq2_sel16's table; ends with a barrier.
-    Weights only: may run before griddepcontrol.wait. NVIDIA PTX only."""
-    tl.inline_asm_elementwise(".shared .align 16 .b32 dsv4_iq2_tab[8192];\nmov.u32 $0, $1;", "=r,r", [anchor],
-                              dtype=tl.int32, is_pure=False, pack=1)
-    for c in range(0, IQ2_TAB_FILL, IQ2_TAB_CHUNK):  # a loop, not unrolled: few registers for one-warp programs
-        j = c + tl.arange(0, IQ2_TAB_CHUNK)
-        v = iq2_levels(sel16_ptr, j >> 3)
-        tl.inline_asm_elementwise("{ .reg .u32 a; mov.u32 a, dsv4_iq2_tab; mad.lo.u32 a, $1, 16, a;"
-                                  " st.shared.v4.b32 [a], {$2, $2, $2, $2}; mov.u32 $0, 0; }", "=r,r,r", [j, v],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    tl.debug_barrier()
-
-
-@triton.jit
-def iq2_levels_tab(gi):
-    """iq2_levels of records gi (int32 0..255, any shape) from iq2_tab_fill's table: the lane's own bank."""
-    return tl.inline_asm_elementwise("{ .reg .u32 a, l; mov.u32 l, %laneid; mov.u32 a, dsv4_iq2_tab;"
-                                     " mad.lo.u32 a, $1, 128, a; mad.lo.u32 a, l, 4, a; ld.shared.b32 $0, [a]; }",
-                                     "=r,r", [gi], dtype=tl.int32, is_pure=True, pack=1)
-
-
 @triton.jit
 def iq2_signs(sidx):
     """Bit 2 of nibble n(j) set where coordinate j is negative, from the 7-bit sign indices sidx (int32): the

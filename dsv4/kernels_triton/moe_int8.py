@@ -82,9 +82,6 @@ class Int8MoeConfig:
     # > 0: register cap of the stage's kernel (PTX .maxnreg, NVIDIA): more resident programs per SM, maybe spills
     maxnreg_gate_up: int = 0
     maxnreg_down: int = 0
-    # IQ2_XXS gate/up (NVIDIA): the grid selectors from a bank-replicated 32 KB shared-memory table per program
-    # (one wavefront per gather instead of up to four) rather than the 512-byte global one
-    smem_table_gate_up: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -184,7 +181,7 @@ def _iq2_pair_raw(base):
 
 @triton.jit
 def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM: tl.constexpr,
-                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0, TAB: tl.constexpr = False):
+                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0):
     """One super-block of an IQ2_XXS pair, from its aux words [BN, KP, 8] (grid indices | sign and scale
     bits) and its fp16 d (low half of dbits), against activation words x_ptr + xw [1, KP, 1] in
     quant_q8_k's iq2_order. Returns (d [BN, KP, 1] fp32, (2 ls + 1) * isum [BN, KP, 8] int32 per
@@ -194,8 +191,7 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
     reads the signed magnitude from the byte pair {8, 25, 43} / {-8, -25, -43}. Output byte k of the low
     word is coordinate (0, 4, 1, 5)[k], of the high word (2, 6, 3, 7)[k]. XV: the 8 activation words of each
     group as two 16-byte loads (blocks.load4). LIMBS = 3: the activation planes at xl and 2 xl words too (each
-    decoded word dotted three times); the returned term is then fp32, hi + mid / 256 + lo / 65536. TAB: the
-    selectors from the program's bank-replicated shared-memory table (blocks.iq2_tab_fill) instead of global."""
+    decoded word dotted three times); the returned term is then fp32, hi + mid / 256 + lo / 65536."""
     ib = tl.arange(0, 8)[None, None, :]
     xb = x_ptr + xw + B * Q8K_WORDS + 8 * ib
     xv = blocks.load4(xb, XV) + blocks.load4(xb + 4, XV)  # the group's 8 activation words
@@ -206,9 +202,8 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
         isum_m = isum
         isum_o = isum
     for k in tl.static_range(4):
-        gi = (aux0 >> (8 * k)) & 255
-        lv = blocks.iq2_levels_tab(gi) if TAB else blocks.iq2_levels(sel16_ptr, gi)
-        lo, hi = blocks.iq2_signed(lv, (aux1 >> (7 * k)) & 127, blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
+        lo, hi = blocks.iq2_signed(blocks.iq2_levels(sel16_ptr, (aux0 >> (8 * k)) & 255), (aux1 >> (7 * k)) & 127,
+                                   blocks.IQ2_POS_BYTES, blocks.IQ2_NEG_BYTES, ASM)
         isum = _dp4a(lo, xv[2 * k], isum, ASM)
         isum = _dp4a(hi, xv[2 * k + 1], isum, ASM)
         if LIMBS > 1:
@@ -224,12 +219,12 @@ def _iq2_half_sel(aux0, aux1, dbits, sel16_ptr, x_ptr, xw, B: tl.constexpr, ASM:
 
 @triton.jit
 def _iq2_pair_sel(w0, w1, w2, a0, a1, d0, d1, sel16_ptr, x_ptr, xw, dx0, dx1, ASM: tl.constexpr,
-                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0, TAB: tl.constexpr = False):
+                  XV: tl.constexpr = False, LIMBS: tl.constexpr = 1, xl=0):
     """Both super-blocks of IQ2_XXS pairs from _iq2_pair_raw's words: sum over the pair of
     d * d_x * (2 ls + 1) * isum per (row, pair, ib) [BN, KP, 8] fp32 (the /8 is applied by the caller)."""
     da, ta = _iq2_half_sel(((w0 >> 16) & 0xFFFF) | (w1 << 16), ((w1 >> 16) & 0xFFFF) | (w2 << 16), d0,
-                           sel16_ptr, x_ptr, xw, 0, ASM, XV, LIMBS, xl, TAB)
-    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV, LIMBS, xl, TAB)
+                           sel16_ptr, x_ptr, xw, 0, ASM, XV, LIMBS, xl)
+    db, tb = _iq2_half_sel(a0, a1, d1 >> 16, sel16_ptr, x_ptr, xw, 1, ASM, XV, LIMBS, xl)
     return (da * dx0) * ta.to(tl.float32) + (db * dx1) * tb.to(tl.float32)
 
 
@@ -369,14 +364,13 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                          PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         SV: tl.constexpr = False, LIMBS: tl.constexpr = 1, TAB: tl.constexpr = False):
+                         SV: tl.constexpr = False, LIMBS: tl.constexpr = 1):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
     before this step computes (register double buffer; the last step re-reads itself). LIMBS = 3: u as
-    quant_q8_k(limbs=3)'s planes (stride_xl words apart), fp32-grade. TAB (IQ2_XXS, NVIDIA): the grid selectors
-    from a bank-replicated copy in shared memory (blocks.iq2_tab_fill), filled before griddepcontrol.wait."""
+    quant_q8_k(limbs=3)'s planes (stride_xl words apart), fp32-grade."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -394,8 +388,6 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
         if PF:
             g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + kk * IQ2_PAIR_WORDS)
             u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + kk * IQ2_PAIR_WORDS)
-        if TAB:
-            blocks.iq2_tab_fill(sel16_ptr, pid_n)
         blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and weights are older)
         for p0 in tl.range(0, n_pairs, KSTEP, num_stages=1):  # no cp.async pipelining (measured slower)
             pw = (p0 + kk) * IQ2_PAIR_WORDS
@@ -410,9 +402,9 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
                 g0, g1, g2, g3, g4, g5, g6 = _iq2_pair_raw(gb + pw)
                 u0, u1, u2, u3, u4, u5, u6 = _iq2_pair_raw(ub + pw)
             acc_g += _iq2_pair_sel(g0, g1, g2, g3, g4, g5, g6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, LIMBS,
-                                   stride_xl, TAB)
+                                   stride_xl)
             acc_u += _iq2_pair_sel(u0, u1, u2, u3, u4, u5, u6, sel16_ptr, xq_ptr, xw, dx0, dx1, ASM, XV, LIMBS,
-                                   stride_xl, TAB)
+                                   stride_xl)
             if PF:
                 g0, g1, g2, g3, g4, g5, g6 = ng0, ng1, ng2, ng3, ng4, ng5, ng6
                 u0, u1, u2, u3, u4, u5, u6 = nu0, nu1, nu2, nu3, nu4, nu5, nu6
@@ -727,7 +719,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm,
         SV=cfg.scale_vec_gate_up and asm and gate.fmt == QuantFormat.Q4_K and _aligned16(gw, stride_w)
-        and _aligned16(uw, stride_w), TAB=cfg.smem_table_gate_up and asm and uses_iq2_order(gate),
+        and _aligned16(uw, stride_w),
         num_warps=cfg.warps_gate_up, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_gate_up, asm))
     return h
 

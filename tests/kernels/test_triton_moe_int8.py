@@ -227,25 +227,6 @@ def test_x_vec_bitwise(recipe, poison, poison_i32):
     assert torch.equal(y0.view(torch.int32), y2.view(torch.int32))
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="the shared-memory table is PTX (blocks.iq2_tab_fill): the interpreter "
-                    "reads the global table, the path every other test runs")
-@pytest.mark.parametrize("limbs", [1, moe_int8.LIMBS_FP32])
-@pytest.mark.parametrize("tile", [(16, 2, 4, True), (32, 1, 8, False), (4, 2, 1, True)])
-def test_smem_table_bitwise(limbs, tile, poison, poison_i32):
-    """smem_table_gate_up reads the same selectors from the bank-replicated shared-memory copy: with the same
-    tiles the output is bitwise the global-table output (and finite); T=2, K=3 with an expert twice."""
-    (gate, up, down, u, sel, wts), _ = make_problem("q2", 4, 256, 1024, 2, 3, seed=73)
-    sel[1] = torch.tensor([2, 0, 2], device=sel.device)
-    dev = detect_device(DEVICE)
-    bn, ks, w, pf = tile
-    base = replace(moe_int8.TUNED[gate.fmt], block_n_gate_up=bn, kstep_gate_up=ks, warps_gate_up=w,
-                   prefetch_gate_up=pf)
-    y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, base, limbs)
-    y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, replace(base, smem_table_gate_up=True), limbs)
-    assert torch.isfinite(y0).all()
-    assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
-
-
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
 def test_unroll_down_bitwise(recipe, poison, poison_i32):
     """unroll_down runs the same (slot, K step) terms in the same order as the down loop, unrolled: the output
@@ -348,7 +329,6 @@ from triton.compiler import ASTSource
 from dsv4.kernels_triton import moe_int8 as m
 
 def comp(fn, sig, const, options=None):
-    const = dict(const, TAB=const.get("TAB", False)) if "TAB" in sig else const
     attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v.startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=const, attrs=attrs)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options or {"num_warps": 4})
@@ -359,15 +339,14 @@ def comp(fn, sig, const, options=None):
             "fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"), "cubin": len(k.asm["cubin"]),
             "prmt_asm": sum(c.count(";") == 1 for c in code if "prmt.b32" in c),
             "gdc": ptx.count("griddepcontrol.wait") + ptx.count("griddepcontrol.launch_dependents"),
-            "v4": ptx.count("ld.global.v4.b32"), "tab_decl": ptx.count(".shared .align 16 .b32 dsv4_iq2_tab"),
-            "tab_lds": ptx.count("ld.shared.b32 %r"), "tab_sts": ptx.count("st.shared.v4.b32 [a]")}
+            "v4": ptx.count("ld.global.v4.b32")}
 
 i32, f32 = "i32", "fp32"
 gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
           gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
           stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, stride_xl=i32, FMT="constexpr",
           BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", PF="constexpr",
-          PDL="constexpr", XV="constexpr", SV="constexpr", LIMBS="constexpr", TAB="constexpr")
+          PDL="constexpr", XV="constexpr", SV="constexpr", LIMBS="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32, stride_hl=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr",
@@ -399,8 +378,6 @@ for name in ("gate_up_iq2", "gate_up_q4k", "down_q2k", "down_q4k"):  # the same 
     else:
         cx.update(BLOCK_N=c.block_n_down, KSTEP=c.kstep_down, PF=c.prefetch_down, STEPS=0)
     out[name + "_limb3"] = comp(fn, sig, cx)
-out["gate_up_iq2_tab"] = comp(m._gate_up_int8_kernel, gu, dict(
-    FMT=16, BLOCK_N=16, KSTEP=2, ASM=True, PF=True, PDL=True, XV=False, SV=False, LIMBS=1, TAB=True))
 t = m.TUNED[m.QuantFormat.IQ2_XXS]  # the tuned Q2_K down kernel under its register cap
 k = triton.compile(ASTSource(fn=m._down_int8_kernel, signature=dn, constexprs=dict(
     FMT=10, BLOCK_N=t.block_n_down, KSTEP=t.kstep_down, ASM=True, PF=False, PDL=True, XV=t.x_vec_down, SV=False,
@@ -428,12 +405,6 @@ def test_ptx_path_compiles_for_sm90():
         "down_q2k": c.block_n_down * c.kstep_down * 16 // threads * 4,
         "down_q4k": c.block_n_down * c.kstep_down * 32 // threads * 2,
     }
-    # the shared-memory selector table: declared once, filled by 16-byte stores, one ld.shared per gather (the
-    # IQ2_XXS decode gathers once per dp4a pair: 4 per 32-weight group)
-    tab = res.pop("gate_up_iq2_tab")
-    assert tab["tab_decl"] == 1 and tab["tab_sts"] > 0, tab
-    assert tab["tab_lds"] == 16 * 2 * 8 * 2 * 2 // threads * 4 and tab["dp4a"] == 2 * tab["tab_lds"], tab
-    assert all(r["tab_decl"] == 0 for r in res.values())
     for name, n in per_thread.items():
         assert res[name]["dp4a"] == res[name]["asm_blocks"] == n, (name, res[name])
         assert res[name + "_limb3"]["dp4a"] == res[name + "_limb3"]["asm_blocks"] == 3 * n, (name, res[name + "_limb3"])
