@@ -75,13 +75,13 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 0, L2PF: tl.constexpr = 0):
+                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = the SPLIT partials summed in a fixed order inside the kernel (SPLIT_SUM).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
-    SPLIT_SUM (SPLIT > 1): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
+    SPLIT_SUM (SPLIT > 1; 4 by default, as gemv_rows): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
     (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums);
     4 pairwise by atomic exchanges that carry the partials (blocks.split_sum_xchg; cnt_ptr: its int64 slots).
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
