@@ -7,7 +7,8 @@
 #   bench_kernels.log  benchmark console output / tracebacks     e2e.md          decode tok/s, triton vs torch
 #   e2e.log            make-tiny + bench_e2e output              summary.txt     one line per step: status, seconds
 # Every step has a timeout and its failure is recorded without stopping the next; the whole script
-# stays within ~9.5 minutes. Wheels for missing packages (gguf, tokenizers, ...) go in .whl/ (no index).
+# stays within ~9.5 minutes. Wheels for missing packages (gguf, tokenizers, ...) go in .whl/ (no index), pytest-xdist
+# and execnet among them: pyproject's pytest options name -n (the GPU tests run with -n 0, in one process).
 set -u
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
@@ -59,7 +60,7 @@ MAKE_PID=$!
 # ---- GPU tests (native, no interpreter) ------------------------------------------------------------
 # -v: each result is logged as it happens, so a timeout still leaves a per-test record
 step gpu_tests 470 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernels -m "cuda or not cuda" \
-  -v --tb=short -rfE --durations=15 -p no:cacheprovider
+  -n 0 -v --tb=short -rfE --durations=15 -p no:cacheprovider
 
 # ---- kernel benchmark ---------------------------------------------------------------------------------
 # All shapes x T in {1, 4, 2048} with `auto`; every variant listed in BENCH_VARIANTS on the target shapes
