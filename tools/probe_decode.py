@@ -307,8 +307,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
-                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, q8l2, "
-                         "ceil, xv, xv_sweep, limb, reg")
+                    help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
+                         "q8l2, ceil, xv, xv_sweep, limb, reg")
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)

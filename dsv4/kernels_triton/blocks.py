@@ -192,7 +192,7 @@ def split_sum_xchg(slot_ptr, y_ptr, pid_k, part, rt, rn, ok, T, N, stride_ot, SP
     level l in node SPLIT - (SPLIT >> l) + (s >> l+1). Per element, a program swaps (tag 1 | fp32 bits) into its
     node: got zero -> it came first and is done; got a partial -> it adds left + right (fixed order), zeroes the
     slot and carries the sum one level up; the carrier of the root writes y. The additions follow the tree
-    whatever the arrival order: deterministic. SPLIT a power of two."""
+    whatever the arrival order: deterministic. SPLIT a power of two; SPLIT 1 stores part in y (no slot read)."""
     tl.static_assert(SPLIT <= 64, "the exchange tree has at most 6 levels")
     v = part
     live = ok

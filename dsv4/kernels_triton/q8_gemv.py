@@ -12,8 +12,9 @@ win (for T > 1 too: ROWS_TN, one warp x 32 rows x 128 codes); on sm_90+ launches
 (the first weight tile loads before griddepcontrol.wait, x after it), worth 0.5-1.6 us per GEMV in CUDA-graph
 replay; split-K partials are summed inside the kernel by a tree of atomic exchanges (blocks.split_sum_xchg: no
 fence, counter or second launch, deterministic). Also here: `gemv_mma` (tensor-core decode, codes to fp16 by
-byte permutes, per-block sums as the dot's N axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot reading fp32 x), all measured slower than the
-defaults and kept for comparison. Knows the repacked Q8_0 row layout, not the model.
+byte permutes, per-block sums as the dot's N axis), a persistent variant, and `gemm_f16w` (fp16 dequant + tl.dot
+reading fp32 x), all measured slower than the defaults and kept for comparison. Knows the repacked Q8_0 row
+layout, not the model.
 """
 from __future__ import annotations
 
@@ -81,9 +82,10 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
     are clamped to N-1 (not stored). PREFETCH: 1 (or True) loads step s+1's codes and scales while step s
     computes, 2 steps s+1 and s+2. XPF (one token, natural x): x of step s+1 is loaded during step s too.
-    SPLIT_SUM (SPLIT > 1; 4 by default, as gemv_rows): 0 the last program sums, counter reset acq_rel; 1 the same with a relaxed reset
-    (the next launch is ordered by the kernel boundary); 2 only the partials (a _sum_splits_kernel launch sums);
-    4 pairwise by atomic exchanges that carry the partials (blocks.split_sum_xchg; cnt_ptr: its int64 slots).
+    SPLIT_SUM (SPLIT > 1; 4 by default, as gemv_rows): 0 the last program sums, counter reset acq_rel; 1 the
+    same with a relaxed reset (the next launch is ordered by the kernel boundary); 2 only the partials (a
+    _sum_splits_kernel launch sums); 4 pairwise by atomic exchanges that carry the partials
+    (blocks.split_sum_xchg; cnt_ptr: its int64 slots).
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
     prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32

@@ -155,10 +155,8 @@ def _q8_int8_rows_kernel(xq_ptr, xd_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, T, N, R,
     if BLOCK_T == 1:
         acc_t = tl.sum(acc, axis=1)[None, :]
     ok = (rt[:, None] < T) & (rn < N)[None, :]
-    if SPLIT > 1:  # as gemv_rows: pairwise by atomic exchanges
-        blocks.split_sum_xchg(slot_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
-    else:
-        tl.store(y_ptr + rt[:, None] * stride_ot + rn[None, :], acc_t, mask=ok)
+    # as gemv_rows: split partials summed pairwise by atomic exchanges (SPLIT 1: stored as they are)
+    blocks.split_sum_xchg(slot_ptr, y_ptr, pid_k, acc_t, rt, rn, ok, T, N, stride_ot, SPLIT)
 
 
 def gemv_int8(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: int = 16, block_k: int = 256,
