@@ -88,6 +88,9 @@ FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "me
 L2_BYTES = 60 << 20  # H200 L2 is 50 MiB; decode timings rotate over enough weight copies to defeat it
 ROTATE_MAX = 8
 GRAPH_REPS = 20
+# Decode graphs hold the rotation this many times over (each copy's next use stays > L2 away): one graph start
+# and its first call's un-overlapped ramp per GRAPH_CYCLES * copies calls (--graph-cycles)
+GRAPH_CYCLES = 1
 LAUNCH = None  # Launch.COUNTED under --count-launch; None: by call (default_launch)
 L2_FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench zeroes between calls (> L2; ~0.1 ms of GPU work)
 SPIN_CYCLES = 200_000  # ~0.1 ms at H200 clocks: longer than the host takes to submit a graph
@@ -125,6 +128,7 @@ def graph_time_ms(calls, launch: Launch | None = None) -> float:
     COUNTED: as before 2026-11-29 (tools/results/h200_q8/12_*)."""
     launch = launch or default_launch(prefill=False)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if launch == Launch.FLUSH else None
+    calls = list(calls) * (GRAPH_CYCLES if launch == Launch.SPIN else 1)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -248,7 +252,8 @@ class Report:
         lines = [f"# Triton kernel benchmark ({h['machine']})", "",
                  f"date {h['date']} · commit {h['commit']} · torch {h['torch']} · triton {h['triton']} · "
                  f"read bandwidth {h['bw']:.0f} GB/s (sum over 4 GiB fp16, same run)", "",
-                 "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time",
+                 "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time"
+                 + (f"; decode graphs hold the rotation {GRAPH_CYCLES} times over" if GRAPH_CYCLES > 1 else ""),
                  "without launch overhead; decode will be graph-captured, the kernel targets are judged on it;",
                  ("the host's graph submission hidden: a GPU spin queued before the start event, or for prefill an"
                   " L2 flush as do_bench does for the bf16 reference);" if LAUNCH is None else
@@ -444,6 +449,7 @@ def commit_id() -> str:
 
 
 def main(argv=None) -> int:
+    global LAUNCH, GRAPH_CYCLES
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-md", default="bench_kernels.md")
     ap.add_argument("--out-csv", default="bench_kernels.csv")
@@ -457,11 +463,13 @@ def main(argv=None) -> int:
                     help="also time the auto variant on every shape and token count (outside --ops/--T/--variants)")
     ap.add_argument("--ieee", action="store_true", help="also time the slow fp32-IEEE variants")
     ap.add_argument("--tuned", default=None, help="JSON of tools/tune_kernels.py merged into the config tables")
+    ap.add_argument("--graph-cycles", type=int, default=GRAPH_CYCLES,
+                    help="decode graphs hold the rotation of copies this many times over")
     ap.add_argument("--count-launch", action="store_true",
                     help="graph timing as before: the host's graph submission counted into each replay")
     args = ap.parse_args(argv)
-    global LAUNCH
     LAUNCH = Launch.COUNTED if args.count_launch else None
+    GRAPH_CYCLES = max(1, args.graph_cycles)
     if not torch.cuda.is_available():
         print("bench_kernels: no CUDA/ROCm device", file=sys.stderr)
         return 2
