@@ -2,7 +2,8 @@
 
 Weights are random GGUF blocks generated on the GPU (values do not change speed). Each case is timed
 twice: `graph` = CUDA-graph replay of calls over rotating weight copies / expert selections (kernel
-time without launch overhead and without L2 reuse; the kernel targets are judged on it) and `eager`
+time without launch overhead and without L2 reuse, decode graphs holding the rotation GRAPH_CYCLES times over:
+the steady state of a long decode graph; the kernel targets are judged on it) and `eager`
 = triton.testing.do_bench around the Python call (adds host launch cost). Reported: achieved GB/s
 (weight + activation bytes read once) and % of the streaming-read bandwidth measured in this run, and
 for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this run (for the MoE: the dense
@@ -10,7 +11,7 @@ for T >= 256 TFLOP/s and % of a same-shape bf16 torch.matmul measured in this ru
 same expert groups, as a reference of what unquantized weights reach there). Markdown + CSV, flushed per row. Usage:
     python tools/bench_kernels.py --out-md r.md --out-csv r.csv [--time-limit 300] [--quick]
         [--ops output moe_q2] [--T 1 2048] [--variants auto gemv_dot] [--auto-everywhere] [--ieee]
-        [--tuned tuned.json]
+        [--tuned tuned.json] [--graph-cycles 8]
 """
 from __future__ import annotations
 
@@ -88,9 +89,11 @@ FIELDS = ["machine", "date", "commit", "op", "shape", "fmt", "T", "variant", "me
 L2_BYTES = 60 << 20  # H200 L2 is 50 MiB; decode timings rotate over enough weight copies to defeat it
 ROTATE_MAX = 8
 GRAPH_REPS = 20
-# Decode graphs hold the rotation this many times over (each copy's next use stays > L2 away): one graph start
-# and its first call's un-overlapped ramp per GRAPH_CYCLES * copies calls (--graph-cycles)
-GRAPH_CYCLES = 1
+# Decode graphs hold the rotation of copies this many times over (each copy's next use stays more than L2 away):
+# the graph's first kernel, which nothing before it overlaps, then counts once per GRAPH_CYCLES * copies calls, as
+# in a decode step's graph of hundreds of kernels. With one rotation it added 0.4-0.6 µs to each call of the 35.7 MB
+# Q8_0 matrices (tools/results/h200_decode/45a); 1 times as before 2026-11-29 21:00 UTC (--graph-cycles 1).
+GRAPH_CYCLES = 8
 LAUNCH = None  # Launch.COUNTED under --count-launch; None: by call (default_launch)
 L2_FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench zeroes between calls (> L2; ~0.1 ms of GPU work)
 SPIN_CYCLES = 200_000  # ~0.1 ms at H200 clocks: longer than the host takes to submit a graph
@@ -120,7 +123,8 @@ def default_launch(prefill: bool) -> Launch:
 
 def graph_time_ms(calls, launch: Launch | None = None) -> float:
     """Kernel time without launch overhead: the calls (one per rotating input set) are captured once
-    in a CUDA graph; median over GRAPH_REPS replays timed with CUDA events, divided by len(calls).
+    in a CUDA graph (decode calls: GRAPH_CYCLES times over); median over GRAPH_REPS replays timed with CUDA
+    events, divided by the calls in the graph.
     Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on.
     launch (default: default_launch(prefill=False)): SPIN for decode calls (they rotate over weight copies,
     so L2 is cold anyway; a flush would leave dirty lines whose write-back lands in a 10 µs kernel), FLUSH

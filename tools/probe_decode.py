@@ -230,15 +230,6 @@ Q8CYC_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 256, 2, 0), (32, 256, 2, 
                                  (16, 512, 4, 0), (32, 256, 2, 0)],
                "attn_q_b": [(16, 128, 1, 0), (32, 128, 1, 0), (8, 128, 1, 0)]}
 Q8CYC_CYCLES = (1, 8)
-# `q8reg`: register caps (PTX .maxnreg) on gemv_rows tiles of the 35.7 MB matrices: fewer registers per program
-# leave room for the next kernel's programs to start (programmatic dependent launch) while this one runs
-Q8REG_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 128, 1, 8)], "attn_output_b": [(32, 128, 1, 8), (64, 128, 2, 8)],
-               "attn_q_b": [(16, 128, 1, 0)]}
-Q8REG_CAPS = (0, 64, 80, 96, 128, 168)
-# `q8pro`: L2 prefetch of the first K steps only, before griddepcontrol.wait (no prefetch in the loop): a program
-# started early by programmatic dependent launch asks for more of its bytes while the previous kernel finishes
-Q8PRO_TILES = {"attn_output_a": [(16, 512, 4, 0)], "attn_output_b": [(32, 128, 1, 8)], "attn_q_b": [(16, 128, 1, 0)]}
-Q8PRO_DIST = (0, 2, 3, 4, 6, 8)
 
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
@@ -330,7 +321,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8reg, q8pro, ceil, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, ceil, xv, xv_sweep, limb, reg")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
                     help="decode graphs hold the rotation of copies this many times over (bench_kernels)")
     args = ap.parse_args(argv)
@@ -663,39 +654,6 @@ def main(argv=None) -> int:
                                             for w in ws])
                         row(d.name, label, f"gemv_rows, {len(ws)} x {cycles} calls per graph", ms, ws[0].nbytes)
             bench_kernels.GRAPH_CYCLES = args.graph_cycles
-            del ws
-            torch.cuda.empty_cache()
-        if "q8pro" in args.parts and d.name in Q8PRO_TILES:
-            ws, x = q8_problem(d, device)
-            pro_cases = []
-            for bn, bk, w, mp in Q8PRO_TILES[d.name]:
-                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
-                pro_cases += [(f"{bn}x{bk} w{w} split{split} l2pf{dist}{'' if loop else ' prologue only'}",
-                               tile_kw(bn, bk, w, mp, l2_prefetch=dist, l2_prefetch_loop=loop))
-                              for dist in Q8PRO_DIST for loop in (True, False) if dist or loop]
-            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **pro_cases[0][1]).clone()
-            for rep in range(2):
-                for label, kw in pro_cases:
-                    diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
-                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                    row(d.name, label, f"gemv_rows (diff {diff:.1e}), {len(ws)} x {bench_kernels.GRAPH_CYCLES} calls",
-                        ms, ws[0].nbytes)
-            del ws
-            torch.cuda.empty_cache()
-        if "q8reg" in args.parts and d.name in Q8REG_TILES:
-            ws, x = q8_problem(d, device)
-            reg_cases = []
-            for bn, bk, w, mp in Q8REG_TILES[d.name]:
-                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
-                reg_cases += [(f"{bn}x{bk} w{w} split{split} maxnreg{cap}", tile_kw(bn, bk, w, mp, maxnreg=cap))
-                              for cap in Q8REG_CAPS]
-            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **reg_cases[0][1]).clone()
-            for rep in range(2):
-                for label, kw in reg_cases:
-                    diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
-                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                    row(d.name, label, f"gemv_rows (diff {diff:.1e}), {len(ws)} x {bench_kernels.GRAPH_CYCLES} calls",
-                        ms, ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices

@@ -76,8 +76,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0,
-                    L2PF_LOOP: tl.constexpr = True):
+                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = the SPLIT partials summed in a fixed order inside the kernel (SPLIT_SUM).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
@@ -88,8 +87,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     _sum_splits_kernel launch sums); 4 pairwise by atomic exchanges that carry the partials
     (blocks.split_sum_xchg; cnt_ptr: its int64 slots).
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
-    prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers.
-    L2PF_LOOP False: only steps 1 .. L2PF - 1, before griddepcontrol.wait (nothing in the loop)."""
+    prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32
     pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b3 = tl.arange(0, NB)[None, :, None]
@@ -113,15 +111,14 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     if L2PF > 1:  # the lines of steps 2 .. L2PF - 1 (step 1 is the register prefetch's); weights only
         lines = tl.arange(0, BLOCK_K // 128)[None, :] * 128
         codes_row = (w32 + r * stride_w_words).to(tl.pointer_type(tl.int8))[:, None] + lines
-        for j in tl.static_range(1, L2PF):
-            if j > 1 or not L2PF_LOOP:
-                if k_lo + j * BLOCK_K < k_hi:
-                    blocks.l2_prefetch_line(codes_row + k_lo + j * BLOCK_K)
+        for j in tl.static_range(2, L2PF):
+            if k_lo + j * BLOCK_K < k_hi:
+                blocks.l2_prefetch_line(codes_row + k_lo + j * BLOCK_K)
     blocks.pdl_wait(PDL)  # x (and the split counters) only after the previous kernel is done
     if XPF:
         xv_next = _x_words(x_base, k_lo, NB)
     for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES):
-        if L2PF > 1 and L2PF_LOOP:
+        if L2PF > 1:
             if k0 + L2PF * BLOCK_K < k_hi:
                 blocks.l2_prefetch_line(codes_row + k0 + L2PF * BLOCK_K)
         if PREFETCH == 2:
@@ -298,7 +295,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
               max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False,
-              split_sum: int = 4, l2_prefetch: int = 0, maxnreg: int = 0, l2_prefetch_loop: bool = True):
+              split_sum: int = 4, l2_prefetch: int = 0):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs whose partials are
     summed in a fixed order inside the kernel (deterministic, no second launch).
@@ -343,9 +340,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
                 PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
-                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2pf, L2PF_LOOP=l2_prefetch_loop,
-                num_warps=num_warps,
-                num_stages=1, **pdl_launch(use), **({"maxnreg": maxnreg} if maxnreg and prmt else {}))
+                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2pf, num_warps=num_warps,
+                num_stages=1, **pdl_launch(use))
             if split > 1 and split_sum == 2:
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
                     out, y, T * N, SPLIT=split, BLOCK=SUM_SPLITS_BLOCK, PDL=use, num_warps=4, **pdl_launch(use))
@@ -359,7 +355,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl, x_prefetch, split_sum, l2_prefetch, maxnreg, l2_prefetch_loop)
+           max_split, pdl, x_prefetch, split_sum, l2_prefetch)
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

@@ -65,7 +65,7 @@ def test_gemv_rows_split(poison):
     assert_matches(y_other, reference(x_other, w_ref), "triton_gemv", "fp32", "exchange tree, other x")
     # the tree's slots are zero again after each call: a second call, after one on other activations, repeats
     assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64).cpu())
-    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][12] == 4]
+    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][-2] == 4]
     assert launch.slots.shape == (7, 2, 24) and not launch.slots.any()
     # the last program's sum (acq_rel or relaxed counter reset) and the two-launch sum: slice order, the same bits
     # as each other, on every call (the counters are reset)
@@ -183,7 +183,7 @@ from dsv4.kernels_triton import q8_gemv as m
 names = m._q8_rows_kernel.arg_names
 types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
 const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
-             PDL=True, XPF=True, L2PF=0, L2PF_LOOP=True, SPLIT_SUM=0)  # the counter sum (the tree's variant below)
+             PDL=True, XPF=True, L2PF=0, SPLIT_SUM=0)  # the counter sum (the tree's variant below)
 
 def ptx_of(fn, const, types, warps=1):
     names = fn.arg_names
