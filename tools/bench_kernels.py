@@ -91,8 +91,8 @@ ROTATE_MAX = 8
 GRAPH_REPS = 20
 # Decode graphs hold the rotation of copies this many times over (each copy's next use stays more than L2 away):
 # the graph's first kernel, which nothing before it overlaps, then counts once per GRAPH_CYCLES * copies calls, as
-# in a decode step's graph of hundreds of kernels. With one rotation it added 0.4-0.6 µs to each call of the 35.7 MB
-# Q8_0 matrices (tools/results/h200_decode/45a); 1 times as before 2026-11-29 21:00 UTC (--graph-cycles 1).
+# in a decode step's graph of hundreds of kernels. One rotation (--graph-cycles 1, the timing before 2026-11-29
+# 21:00 UTC) added 0.4-0.6 µs to each call of the 35.7 MB Q8_0 matrices (tools/results/h200_decode/45a).
 GRAPH_CYCLES = 8
 LAUNCH = None  # Launch.COUNTED under --count-launch; None: by call (default_launch)
 L2_FLUSH_BYTES = 256 << 20  # what triton.testing.do_bench zeroes between calls (> L2; ~0.1 ms of GPU work)
@@ -121,10 +121,10 @@ def default_launch(prefill: bool) -> Launch:
     return LAUNCH or (Launch.FLUSH if prefill else Launch.SPIN)
 
 
-def graph_time_ms(calls, launch: Launch | None = None) -> float:
+def graph_time_ms(calls, launch: Launch | None = None, cycles: int | None = None) -> float:
     """Kernel time without launch overhead: the calls (one per rotating input set) are captured once
-    in a CUDA graph (decode calls: GRAPH_CYCLES times over); median over GRAPH_REPS replays timed with CUDA
-    events, divided by the calls in the graph.
+    in a CUDA graph (decode calls: `cycles`, default GRAPH_CYCLES, times over); median over GRAPH_REPS replays
+    timed with CUDA events, divided by the calls in the graph.
     Decode will run CUDA-graph captured, so this is the figure the kernel targets are judged on.
     launch (default: default_launch(prefill=False)): SPIN for decode calls (they rotate over weight copies,
     so L2 is cold anyway; a flush would leave dirty lines whose write-back lands in a 10 µs kernel), FLUSH
@@ -132,7 +132,7 @@ def graph_time_ms(calls, launch: Launch | None = None) -> float:
     COUNTED: as before 2026-11-29 (tools/results/h200_q8/12_*)."""
     launch = launch or default_launch(prefill=False)
     flush = torch.empty(L2_FLUSH_BYTES, dtype=torch.int8, device="cuda") if launch == Launch.FLUSH else None
-    calls = list(calls) * (GRAPH_CYCLES if launch == Launch.SPIN else 1)
+    calls = list(calls) * (max(1, cycles or GRAPH_CYCLES) if launch == Launch.SPIN else 1)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -256,9 +256,9 @@ class Report:
         lines = [f"# Triton kernel benchmark ({h['machine']})", "",
                  f"date {h['date']} · commit {h['commit']} · torch {h['torch']} · triton {h['triton']} · "
                  f"read bandwidth {h['bw']:.0f} GB/s (sum over 4 GiB fp16, same run)", "",
-                 "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time"
-                 + (f"; decode graphs hold the rotation {GRAPH_CYCLES} times over" if GRAPH_CYCLES > 1 else ""),
+                 "Timing: `graph µs` = CUDA-graph replay over rotating weight copies / expert sets (kernel time",
                  "without launch overhead; decode will be graph-captured, the kernel targets are judged on it;",
+                 f"decode graphs hold the rotation {GRAPH_CYCLES} times over: the steady state of a long decode graph;",
                  ("the host's graph submission hidden: a GPU spin queued before the start event, or for prefill an"
                   " L2 flush as do_bench does for the bf16 reference);" if LAUNCH is None else
                   "--count-launch: the host's graph submission counted in, as before 2026-11-29 06:40 UTC);"),

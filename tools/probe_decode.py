@@ -649,11 +649,9 @@ def main(argv=None) -> int:
             for rep in range(2):
                 for label, kw in cyc_cases:
                     for cycles in Q8CYC_CYCLES:
-                        bench_kernels.GRAPH_CYCLES = cycles
                         ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw)
-                                            for w in ws])
+                                            for w in ws], cycles=cycles)
                         row(d.name, label, f"gemv_rows, {len(ws)} x {cycles} calls per graph", ms, ws[0].nbytes)
-            bench_kernels.GRAPH_CYCLES = args.graph_cycles
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
