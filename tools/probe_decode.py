@@ -230,6 +230,12 @@ Q8CYC_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 256, 2, 0), (32, 256, 2, 
                                  (16, 512, 4, 0), (32, 256, 2, 0)],
                "attn_q_b": [(16, 128, 1, 0), (32, 128, 1, 0), (8, 128, 1, 0)]}
 Q8CYC_CYCLES = (1, 8)
+# `q8xm`: x read as four stride-4 gathers (x_mode 2: L1 hits, no conversion through shared memory, so no CTA barrier
+# per K step in multi-warp programs) against natural order split in registers (x_mode 0), per tile
+Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0), (16, 1024, 8, 0), (16, 128, 1, 8),
+                                (32, 256, 4, 0)],
+              "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 256, 2, 8), (16, 512, 4, 8), (32, 512, 4, 8)],
+              "attn_q_b": [(16, 128, 1, 0), (16, 512, 4, 0)], "output": [(32, 128, 1, 0)]}
 
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
@@ -321,7 +327,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, ceil, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, ceil, xv, xv_sweep, limb, reg")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
                     help="decode graphs hold the rotation of copies this many times over (bench_kernels)")
     args = ap.parse_args(argv)
@@ -652,6 +658,21 @@ def main(argv=None) -> int:
                         ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw)
                                             for w in ws], cycles=cycles)
                         row(d.name, label, f"gemv_rows, {len(ws)} x {cycles} calls per graph", ms, ws[0].nbytes)
+            del ws
+            torch.cuda.empty_cache()
+        if "q8xm" in args.parts and d.name in Q8XM_TILES:
+            ws, x = q8_problem(d, device)
+            xm_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            for bn, bk, w, mp in Q8XM_TILES[d.name]:
+                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
+                xm_cases += [(f"{bn}x{bk} w{w} split{split} x_mode{xm}", tile_kw(bn, bk, w, mp, x_mode=xm))
+                             for xm in (0, 2)]
+            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **xm_cases[0][1]).clone()
+            for rep in range(2):
+                for label, kw in xm_cases:
+                    diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
+                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
+                    row(d.name, label, f"gemv_rows (diff {diff:.1e})", ms, ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
