@@ -316,6 +316,26 @@ XV_SWEEP_GATE_UP_EXTRA = [(16, 2, 2, False), (16, 2, 2, True), (8, 2, 2, True), 
                           (32, 1, 4, True), (16, 2, 4, True)]
 
 
+def split_label(d, dev, bn: int, bk: int, warps: int, mp: int) -> str:
+    """A gemv_rows tile's row label with the split-K it gets on matrix d."""
+    split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
+    return f"{bn}x{bk} w{warps} split{split}"
+
+
+def time_q8_cases(row, d, ws, x, dev, cases, cycles=(None,)):
+    """Each (label, gemv_rows keywords) of `cases` twice, interleaved: its largest difference from the first case's
+    output, and its graph time with the rotation over ws held each count of `cycles` times (None: bench_kernels')."""
+    ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **cases[0][1]).clone()
+    for _ in range(2):
+        for label, kw in cases:
+            diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
+            for c in cycles:
+                ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws],
+                                   cycles=c)
+                per_graph = f", {len(ws)} x {c} calls per graph" if c else ""
+                row(d.name, label, f"gemv_rows (diff {diff:.1e}){per_graph}", ms, ws[0].nbytes)
+
+
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -648,31 +668,17 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "q8cyc" in args.parts and d.name in Q8CYC_TILES:
             ws, x = q8_problem(d, device)
-            cyc_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            for bn, bk, w, mp in Q8CYC_TILES[d.name]:
-                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
-                cyc_cases.append((f"{bn}x{bk} w{w} split{split}", tile_kw(bn, bk, w, mp)))
-            for rep in range(2):
-                for label, kw in cyc_cases:
-                    for cycles in Q8CYC_CYCLES:
-                        ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw)
-                                            for w in ws], cycles=cycles)
-                        row(d.name, label, f"gemv_rows, {len(ws)} x {cycles} calls per graph", ms, ws[0].nbytes)
+            cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            cases += [(split_label(d, dev, *tile), tile_kw(*tile)) for tile in Q8CYC_TILES[d.name]]
+            time_q8_cases(row, d, ws, x, dev, cases, Q8CYC_CYCLES)
             del ws
             torch.cuda.empty_cache()
         if "q8xm" in args.parts and d.name in Q8XM_TILES:
             ws, x = q8_problem(d, device)
-            xm_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            for bn, bk, w, mp in Q8XM_TILES[d.name]:
-                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, mp > 0, max(mp, 1))
-                xm_cases += [(f"{bn}x{bk} w{w} split{split} x_mode{xm}", tile_kw(bn, bk, w, mp, x_mode=xm))
-                             for xm in (0, 2)]
-            ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **xm_cases[0][1]).clone()
-            for rep in range(2):
-                for label, kw in xm_cases:
-                    diff = (q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **kw) - ref).abs().max().item()
-                    ms = graph_time_ms([lambda w=w, kw=kw: q8_gemv.gemv_rows(x, w, dev, d.groups, **kw) for w in ws])
-                    row(d.name, label, f"gemv_rows (diff {diff:.1e})", ms, ws[0].nbytes)
+            cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            cases += [(f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
+                      for tile in Q8XM_TILES[d.name] for xm in (0, 2)]
+            time_q8_cases(row, d, ws, x, dev, cases)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
