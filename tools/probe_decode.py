@@ -668,17 +668,17 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()
         if "q8cyc" in args.parts and d.name in Q8CYC_TILES:
             ws, x = q8_problem(d, device)
-            cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            cases += [(split_label(d, dev, *tile), tile_kw(*tile)) for tile in Q8CYC_TILES[d.name]]
-            time_q8_cases(row, d, ws, x, dev, cases, Q8CYC_CYCLES)
+            cyc_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            cyc_cases += [(split_label(d, dev, *tile), tile_kw(*tile)) for tile in Q8CYC_TILES[d.name]]
+            time_q8_cases(row, d, ws, x, dev, cyc_cases, Q8CYC_CYCLES)
             del ws
             torch.cuda.empty_cache()
         if "q8xm" in args.parts and d.name in Q8XM_TILES:
             ws, x = q8_problem(d, device)
-            cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            cases += [(f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
-                      for tile in Q8XM_TILES[d.name] for xm in (0, 2)]
-            time_q8_cases(row, d, ws, x, dev, cases)
+            xm_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
+            xm_cases += [(f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
+                         for tile in Q8XM_TILES[d.name] for xm in (0, 2)]
+            time_q8_cases(row, d, ws, x, dev, xm_cases)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
