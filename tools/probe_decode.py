@@ -651,10 +651,8 @@ def main(argv=None) -> int:
             ws, x = q8_problem(d, device)
             auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
             xs_cases = [(f"auto sum{ss}", dict(auto, split_sum=ss)) for ss in (1, 4)]
-            for bn, bk, w, mp in Q8XS_TILES[d.name]:
-                kw = tile_kw(bn, bk, w, mp)
-                split = q8_gemv._rows_split(-(-d.n // bn), d.k, bk, dev, True, max(mp, 1))
-                xs_cases += [(f"{bn}x{bk} w{w} split{split} sum{ss}", dict(kw, split_sum=ss)) for ss in (1, 4)]
+            for tile in Q8XS_TILES[d.name]:  # every tile here splits (mp > 0)
+                xs_cases += [(f"{split_label(d, dev, *tile)} sum{ss}", tile_kw(*tile, split_sum=ss)) for ss in (1, 4)]
             ref = q8_gemv.gemv_rows(x, ws[0], dev, d.groups, **auto).clone()
             for rep in range(2):
                 for label, kw in xs_cases:

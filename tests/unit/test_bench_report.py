@@ -6,10 +6,8 @@ import csv
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-bench_kernels = pytest.importorskip("bench_kernels")
+import bench_kernels  # noqa: E402  (tools/ is not a package; an import error must fail, not skip)
 
 HEADER = {"machine": "test GPU", "date": "2026-11-29 00:00 UTC", "commit": "abc1234", "torch": "x", "triton": "y",
           "bw": 4000.0, "host": "h"}
