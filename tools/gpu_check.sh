@@ -69,7 +69,7 @@ step gpu_tests 470 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernel
 # (the large Q8_0 matrices and the routed MoE) at T = 1 and 2048. The remaining registered variants
 # were timed in earlier runs (tools/results/); all of them at once do not fit one device call.
 BENCH_VARIANTS="${BENCH_VARIANTS:-auto gemv_rows gemv_rows_pf gemv_rows_pf_w2 gemv_rows_x1 gemv_rows_x2 gemv_rows_persist \
-  q8_int8 gemv_mma gemv_dot gemv_persist gemv_q8blk gemm_hybrid gemm_f16w gemm gemm_fp8 fused_blockdot fused_dot_pxs32 \
+  gemv_gluon q8_int8 gemv_mma gemv_dot gemv_persist gemv_q8blk gemm_hybrid gemm_f16w gemm gemm_fp8 fused_blockdot fused_dot_pxs32 \
   int8 int8_limb3 int8_n8 int8_base grouped grouped_v2 grouped_v2_f32 grouped_v2_m128 grouped_v2_n64}"
 step bench_kernels 270 "$OUT/bench_kernels.log" python3 tools/bench_kernels.py \
   --out-md "$OUT/bench_kernels.md" --out-csv "$OUT/bench_kernels.csv" --time-limit 240 --commit "$COMMIT" \

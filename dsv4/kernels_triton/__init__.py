@@ -25,3 +25,4 @@ def __getattr__(name):
 from . import qmatmul_fast  # noqa: E402,F401 - registers gemv_persist, gemm_hybrid
 from . import q8_gemv  # noqa: E402,F401 - registers gemv_rows*, gemm_f16w*
 from . import q8_int8  # noqa: E402,F401 - registers q8_int8 (Q8_0 activations, dp4a; the ds4-exact mode's decode)
+from . import q8_gluon  # noqa: E402,F401 - registers gemv_gluon (Q8_0 one-token GEMV in Gluon, sm_90+)

@@ -418,10 +418,11 @@ def qmatmul_auto(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
                 # H200 (2026-11-28, tools/results/h200_decode, h200_final4): gemv_rows with per-shape tiles
                 # and PDL runs at 58-81 % of read bandwidth on the large matrices at T=1 vs 28-45 % for the
                 # block-dot / tl.dot kernels (and is fp32-exact); for 2..8 tokens the tuned table may still
-                # send a shape (the LM head) to the tl.dot kernel
-                from .q8_gemv import gemv_rows_default  # late: q8_gemv builds on this module
+                # send a shape (the LM head) to the tl.dot kernel. One token on sm_90+: the Gluon kernel where
+                # its table has the shape (q8_gluon.TUNED_T1)
+                from .q8_gluon import gemv_q8_t1  # late: q8_gemv / q8_gluon build on this module
 
-                return gemv_rows_default(x, dw, dev, groups)
+                return gemv_q8_t1(x, dw, dev, groups)
             if c.dot_m:
                 return gemv_dot(x, dw, dev, groups, c)
             return gemv_q8_0_blocked(x, dw, dev, groups)
