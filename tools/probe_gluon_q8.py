@@ -30,17 +30,9 @@ from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 SHAPES = ("attn_q_b", "attn_output_a", "attn_output_b", "output")
 
 
-def tiles_for(name: str, part: str) -> list[GluonTile]:
-    """The sweep per matrix. part `lanes1`: one lane per block pair (512 codes per warp step): rows x warps x
-    split-K (split only where the row tiles are few), prefetched, and a few unprefetched one-warp tiles.
-    part `rowlanes`: 2 or 4 lanes side by side over rows (256 / 128 codes per warp step, gemv_rows' tile
-    shapes), prefetched, on the 35.7 MB matrices."""
-    if part == "rowlanes":
-        if name == "output":
-            return []
-        splits = {"attn_q_b": (1,), "attn_output_a": (1, 2, 4), "attn_output_b": (1, 2, 4, 8)}[name]
-        return [GluonTile(r, w, True, sp, rl) for rl in (2, 4) for r in (8, 16, 32) for w in (1, 2) for sp in splits
-                if r // rl <= 8 and not (w == 2 and sp == 8)]
+def tiles_for(name: str) -> list[GluonTile]:
+    """The sweep per matrix: rows x warps x split-K (split only where the row tiles are few), prefetched, and
+    a few unprefetched one-warp tiles."""
     if name == "output":  # 129280 rows: the grid fills the GPU many times over; no split
         return [GluonTile(r, 1, pf) for r in (4, 8, 16) for pf in (True, False)]
     if name == "attn_q_b":  # 32768 rows, K = 1024 (two 512-code steps at one warp)
@@ -55,7 +47,6 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="probe_gluon_q8.md")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=SHAPES)
-    ap.add_argument("--part", default="lanes1", choices=("lanes1", "rowlanes"))
     args = ap.parse_args(argv)
     device = torch.device("cuda")
     dev = detect_device(device)
@@ -72,7 +63,7 @@ def main(argv=None) -> int:
             continue
         ws, x = q8_problem(d, device)
         ref = q8_gemv.gemv_rows_default(x, ws[0], dev, d.groups)
-        cases = [("gemv_rows (tuned)", None)] + [(str(t), t) for t in tiles_for(d.name, args.part)
+        cases = [("gemv_rows (tuned)", None)] + [(str(t), t) for t in tiles_for(d.name)
                                                   if q8_gluon.supports(x, ws[0], dev, d.groups, t)]
         for rep in range(2):  # two interleaved passes
             for label, t in cases:

@@ -47,17 +47,15 @@ if HAVE_GLUON:
     @gluon.jit
     def _q8_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, N, R, k_split, stride_xg, stride_w_words, stride_s,
                          off_s, BN: gl.constexpr, WARPS: gl.constexpr, PF: gl.constexpr, SPLIT: gl.constexpr,
-                         PDL: gl.constexpr, RL: gl.constexpr = 1):
+                         PDL: gl.constexpr):
         """y[n] = sum_k x[g(n), k] * d[n, k // 32] * q[n, k] for rows pid*BN .. +BN, g(n) = n // R; program
-        axis 1 takes K slice pid_k of k_split codes. Step tile [BN rows, 16/RL*WARPS blocks, 8 words]; RL lanes
-        of a warp side by side over rows (each holds BN/RL rows; they read the same x words: one L1 wavefront)."""
-        L4: gl.constexpr = gl.BlockedLayout([BN // RL, 1, 4, 4], [RL, 16 // RL, 2, 1], [1, WARPS, 1, 1],
-                                            [3, 2, 1, 0])
+        axis 1 takes K slice pid_k of k_split codes. Step tile [BN rows, 16*WARPS blocks, 8 words]."""
+        L4: gl.constexpr = gl.BlockedLayout([BN, 1, 4, 4], [1, 16, 2, 1], [1, WARPS, 1, 1], [3, 2, 1, 0])
         L3: gl.constexpr = gl.SliceLayout(3, L4)  # [BN, NB, 8] code words
         LX: gl.constexpr = gl.SliceLayout(0, L4)  # [NB, 8, 4] x
         LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, NB] scales
         LR: gl.constexpr = gl.SliceLayout(1, LS)  # [BN] rows
-        NB: gl.constexpr = 16 // RL * WARPS
+        NB: gl.constexpr = 16 * WARPS
         BK: gl.constexpr = NB * 32
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
@@ -132,19 +130,17 @@ if HAVE_GLUON:
 
 @dataclass(frozen=True)
 class GluonTile:
-    """One program's work: `rows` rows x 512/`row_lanes`*`warps` codes per step; `prefetch`: next step's
-    weights in registers; `split`: K slices over programs (a power of two); `row_lanes`: lanes side by side
-    over rows (1, 2 or 4)."""
+    """One program's work: `rows` rows x 512*`warps` codes per step; `prefetch`: next step's weights in
+    registers; `split`: K slices over programs (a power of two)."""
 
     rows: int
     warps: int = 1
     prefetch: bool = True
     split: int = 1
-    row_lanes: int = 1
 
     @property
     def block_k(self) -> int:
-        return CODES_PER_WARP_STEP // self.row_lanes * self.warps
+        return CODES_PER_WARP_STEP * self.warps
 
 
 def supports(x, dw: DeviceWeight, dev: DeviceInfo, groups: int, tile: GluonTile) -> bool:
@@ -154,8 +150,6 @@ def supports(x, dw: DeviceWeight, dev: DeviceInfo, groups: int, tile: GluonTile)
         return False
     n, k = dw.n_rows, dw.k
     if tile.split < 1 or tile.split & (tile.split - 1) or tile.split > MAX_SPLIT:
-        return False
-    if tile.row_lanes not in (1, 2, 4) or tile.rows % tile.row_lanes:
         return False
     if k % (tile.block_k * tile.split) or dw.stride_w % 16 or (groups > 1 and (n // groups) % tile.rows):
         return False
@@ -186,7 +180,7 @@ def gemv_gluon(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, tile: Gluo
             _q8_gluon_kernel[(tiles, tile.split)](
                 x, dw.w, dw.s, y, slots, N, R, dw.k // tile.split, stride_xg, dw.stride_w // 4, dw.stride_s,
                 dw.off_s, BN=tile.rows, WARPS=tile.warps, PF=tile.prefetch and dw.k // tile.split > tile.block_k,
-                SPLIT=tile.split, PDL=use, RL=tile.row_lanes, num_warps=tile.warps, **pdl_launch(use))
+                SPLIT=tile.split, PDL=use, num_warps=tile.warps, **pdl_launch(use))
             return y
         launch.slots = slots  # for the tests: zero after every call
         return launch
