@@ -12,8 +12,8 @@ Split-K partials are summed pairwise by atomic exchanges (blocks.split_sum_xchg'
 layouts): deterministic, one launch.
 
 Gluon does not run under TRITON_INTERPRET, so this kernel is checked on the GPU only
-(tests/kernels/test_q8_gluon_gpu.py) and compiled for sm_90 offline in the CPU suite; gemv_rows stays the
-portable kernel and the fallback everywhere else.
+(tests/gpu/test_q8_gluon_gpu.py) and compiled for sm_90 offline in the CPU suite
+(tests/kernels/test_q8_gluon_compile.py); gemv_rows stays the portable kernel and the fallback everywhere else.
 """
 from __future__ import annotations
 
