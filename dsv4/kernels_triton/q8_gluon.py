@@ -189,12 +189,16 @@ def gemv_gluon(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, tile: Gluo
 
 
 # One token on sm_90: the Gluon tile per (rows, K, groups) of a Flash Q8_0 matrix where it beat gemv_rows' tuned
-# tile in the H200 sweep (tools/results/h200_decode/50: probe_gluon_q8, CUDA-graph replay of 8 rotations, two
+# tile in the H200 sweeps (tools/results/h200_decode/50, 51: probe_gluon_q8, CUDA-graph replay of 8 rotations, two
 # interleaved passes). The LM head: 4 rows, one warp, no prefetch 129.4-129.5 us (101 % of the same-run streaming
-# read) against gemv_rows' 148.5-148.7 us (88 %). On attn_q_b and attn_output_a/b every Gluon tile was slower
-# (best 12.3, 12.4 and 13.8 us against 10.6, 12.2 and 12.0): those stay on gemv_rows.
+# read) against gemv_rows' 148.5-148.7 us (88 %); attn_q_a 3.0-3.1 against 3.6 us; ffn_down_shexp 4.7 against
+# 5.0 us. On attn_q_b and attn_output_a/b every Gluon tile was slower (best 12.3, 12.4 and 13.8 us against 10.6,
+# 12.2 and 12.0), on attn_kv and ffn_gate_shexp the best ties (2.6 / 5.2 against 2.7 / 5.3): those stay on
+# gemv_rows.
 TUNED_T1: dict[tuple[int, int, int], GluonTile] = {
     (129280, 4096, 1): GluonTile(4, prefetch=False),  # output (LM head)
+    (1024, 4096, 1): GluonTile(4, warps=2, split=2),  # attn_q_a
+    (4096, 2048, 1): GluonTile(8, warps=2),  # ffn_down_shexp
 }
 
 
