@@ -2,10 +2,10 @@
 
 The kernel started here (tools/results/h200_decode/15, 16: hand-laid registers, no programmatic dependent
 launch then); it now lives in dsv4 with PDL and the exchange-tree split-K sum. This probe times its tiles
-on the four large Flash Q8_0 matrices beside gemv_rows' tuned tile (qmatmul's choice before the Gluon
-kernel), interleaved: every case twice, in two passes. GPU only (Gluon does not run under TRITON_INTERPRET).
-Times as tools/bench_kernels.py (CUDA-graph replay over rotating weight copies, GRAPH_CYCLES rotations per
-graph, % of the same-run streaming read); outputs compared with gemv_rows'. 
+on the Flash Q8_0 matrices (by default the four large ones) beside gemv_rows' tuned tile (qmatmul's choice
+before the Gluon kernel), interleaved: every case twice, in two passes. GPU only (Gluon does not run under
+TRITON_INTERPRET). Times as tools/bench_kernels.py (CUDA-graph replay over rotating weight copies, GRAPH_CYCLES
+rotations per graph, % of the same-run streaming read); outputs compared with gemv_rows'.
 Usage: python tools/probe_gluon_q8.py [--out probe_gluon_q8.md] [--shapes attn_output_a ...]
 """
 from __future__ import annotations
