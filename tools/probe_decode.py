@@ -237,6 +237,9 @@ Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0
               "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 256, 2, 8), (16, 512, 4, 8), (32, 512, 4, 8)],
               "attn_q_b": [(16, 128, 1, 0), (16, 512, 4, 0)], "output": [(32, 128, 1, 0)]}
 
+# `q8wc`: the L1 policy of gemv_rows' weight loads (q8_gemv.WeightCache: default, .cg = L2 only, L1 evict_first) on
+# the tuned tile of every Q8_0 shape and on the next-best tiles of attn_output_a/b
+Q8WC_TILES = {"attn_output_a": [(16, 128, 1, 8)], "attn_output_b": [(16, 128, 1, 8)]}
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -347,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, ceil, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, ceil, xv, xv_sweep, limb, reg")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
                     help="decode graphs hold the rotation of copies this many times over (bench_kernels)")
     args = ap.parse_args(argv)
@@ -677,6 +680,15 @@ def main(argv=None) -> int:
             xm_cases += [(f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
                          for tile in Q8XM_TILES[d.name] for xm in (0, 2)]
             time_q8_cases(row, d, ws, x, dev, xm_cases)
+            del ws
+            torch.cuda.empty_cache()
+        if "q8wc" in args.parts and d.fmt == moe_int8.QuantFormat.Q8_0:
+            ws, x = q8_problem(d, device)
+            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
+            wc_cases = [(f"auto {wc.name}", dict(auto, w_cache=wc)) for wc in q8_gemv.WeightCache]
+            wc_cases += [(f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc))
+                         for tile in Q8WC_TILES.get(d.name, []) for wc in q8_gemv.WeightCache]
+            time_q8_cases(row, d, ws, x, dev, wc_cases)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices

@@ -18,6 +18,8 @@ layout, not the model.
 """
 from __future__ import annotations
 
+import enum
+
 import triton
 import triton.language as tl
 
@@ -56,6 +58,25 @@ def _x_split(xv, NB: tl.constexpr):
     return x0[None], x1[None], x2[None], x3[None]
 
 
+class WeightCache(enum.IntEnum):
+    """How gemv_rows' code and scale loads use the SMs' L1 (x is always read the default way)."""
+
+    DEFAULT = 0  # ld.global: the weight lines are allocated in L1 like x's
+    L2_ONLY = 1  # .cg: the weight stream bypasses L1 (each line is read once), leaving L1 to x
+    EVICT_FIRST = 2  # L1::evict_first: allocated, first to go
+
+
+@triton.jit
+def _wload(p, mask, other, WCACHE: tl.constexpr):
+    """A weight load (codes or scales) with the L1 policy WCACHE (WeightCache)."""
+    if WCACHE == 1:
+        return tl.load(p, mask=mask, other=other, cache_modifier=".cg")
+    elif WCACHE == 2:
+        return tl.load(p, mask=mask, other=other, eviction_policy="evict_first")
+    else:
+        return tl.load(p, mask=mask, other=other)
+
+
 @triton.jit
 def _row_tile(w_ptr, N, R, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
     """The row tile of a (rows, K slice) GEMV program: (pid_n, pid_k, w_ptr as int32 words, rows [BLOCK_N],
@@ -76,7 +97,8 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr,
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
-                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0):
+                    XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0,
+                    WCACHE: tl.constexpr = 0):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = the SPLIT partials summed in a fixed order inside the kernel (SPLIT_SUM).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
@@ -101,13 +123,13 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     sp = s_ptr + r[:, None] * stride_s + off_s + (k_lo >> 5) + tl.arange(0, NB)[None, :]
     k_hi = k_lo + k_split
     if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
-        u_next = tl.load(wp)
-        d_next = tl.load(sp)
+        u_next = _wload(wp, None, None, WCACHE)
+        d_next = _wload(sp, None, None, WCACHE)
         if PREFETCH == 2:
             more2 = (tl.full([1, NB, 1], 0, tl.int32) + k_lo + BLOCK_K) < k_hi
-            u_next2 = tl.load(wp + (BLOCK_K >> 2), mask=more2, other=0)
-            d_next2 = tl.load(sp + (BLOCK_K >> 5), mask=(tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi,
-                              other=0.0)
+            u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
+            d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi, 0.0,
+                             WCACHE)
     if L2PF > 1:  # the lines of steps 2 .. L2PF - 1 (step 1 is the register prefetch's); weights only
         lines = tl.arange(0, BLOCK_K // 128)[None, :] * 128
         codes_row = (w32 + r * stride_w_words).to(tl.pointer_type(tl.int8))[:, None] + lines
@@ -129,21 +151,21 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
             more2 = (tl.full([1, NB, 1], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi
-            u_next2 = tl.load(wp + (BLOCK_K >> 2), mask=more2, other=0)
-            d_next2 = tl.load(sp + (BLOCK_K >> 5), mask=(tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi,
-                              other=0.0)
+            u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
+            d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi, 0.0,
+                             WCACHE)
         elif PREFETCH:
             u = u_next ^ Q8_BIAS
             d = d_next.to(tl.float32)
             more = (tl.full([1, NB, 1], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: vectorized
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
-            u_next = tl.load(wp, mask=more, other=0)
+            u_next = _wload(wp, more, 0, WCACHE)
             more_d = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split
-            d_next = tl.load(sp, mask=more_d, other=0.0)
+            d_next = _wload(sp, more_d, 0.0, WCACHE)
         else:
-            u = tl.load(wp) ^ Q8_BIAS
-            d = tl.load(sp).to(tl.float32)
+            u = _wload(wp, None, None, WCACHE) ^ Q8_BIAS
+            d = _wload(sp, None, None, WCACHE).to(tl.float32)
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
         d = d[:, :, None]
@@ -295,7 +317,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
               max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False,
-              split_sum: int = 4, l2_prefetch: int = 0):
+              split_sum: int = 4, l2_prefetch: int = 0, w_cache: int = WeightCache.DEFAULT):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs whose partials are
     summed in a fixed order inside the kernel (deterministic, no second launch).
@@ -307,6 +329,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     reload of the others' partials, 0.1-0.4 us faster than 1 on every split Flash shape and faster on every split
     tile tried (h200_decode/42).
     l2_prefetch: L2 prefetch distance in K steps (_q8_rows_kernel's L2PF; NVIDIA sm_90+ only, else ignored).
+    w_cache: the L1 policy of the weight loads (WeightCache).
     Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
         return gemv(x, dw, dev, groups)
@@ -340,7 +363,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 dw.stride_w // 4, dw.stride_s, dw.off_s, F32_MAGIC_BITS.value,
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
                 PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
-                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2pf, num_warps=num_warps,
+                XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2pf,
+                WCACHE=int(w_cache), num_warps=num_warps,
                 num_stages=1, **pdl_launch(use))
             if split > 1 and split_sum == 2:
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
@@ -355,7 +379,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl, x_prefetch, split_sum, l2_prefetch)
+           max_split, pdl, x_prefetch, split_sum, l2_prefetch, int(w_cache))
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

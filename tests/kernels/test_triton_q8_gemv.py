@@ -65,7 +65,7 @@ def test_gemv_rows_split(poison):
     assert_matches(y_other, reference(x_other, w_ref), "triton_gemv", "fp32", "exchange tree, other x")
     # the tree's slots are zero again after each call: a second call, after one on other activations, repeats
     assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, block_k=64).cpu())
-    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][-2] == 4]
+    (launch,) = [f for key, f in dw.plans.items() if key[-1][0] == "gemv_rows" and key[-1][12] == 4]  # split_sum
     assert launch.slots.shape == (7, 2, 24) and not launch.slots.any()
     # the last program's sum (acq_rel or relaxed counter reset) and the two-launch sum: slice order, the same bits
     # as each other, on every call (the counters are reset)
