@@ -350,7 +350,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, ceil, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, ceil, xv, xv_sweep, limb, reg")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
                     help="decode graphs hold the rotation of copies this many times over (bench_kernels)")
     args = ap.parse_args(argv)
@@ -689,6 +689,16 @@ def main(argv=None) -> int:
             wc_cases += [(f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc))
                          for tile in Q8WC_TILES.get(d.name, []) for wc in q8_gemv.WeightCache]
             time_q8_cases(row, d, ws, x, dev, wc_cases)
+            del ws
+            torch.cuda.empty_cache()
+        if "q8wcs" in args.parts and d.name in Q8CYC_TILES:  # q8wc over q8cyc's tiles: default and evict_first
+            ws, x = q8_problem(d, device)
+            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
+            ef = q8_gemv.WeightCache.EVICT_FIRST
+            wcs_cases = [("auto DEFAULT", auto), ("auto EVICT_FIRST", dict(auto, w_cache=ef))]
+            wcs_cases += [(f"{split_label(d, dev, *tile)} EVICT_FIRST", tile_kw(*tile, w_cache=ef))
+                          for tile in Q8CYC_TILES[d.name]]
+            time_q8_cases(row, d, ws, x, dev, wcs_cases)
             del ws
             torch.cuda.empty_cache()
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
