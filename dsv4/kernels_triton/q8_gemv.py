@@ -426,16 +426,21 @@ ROWS_TN_FEW_ROWS = 1024  # at most this many rows: DEFAULT_ROWS_WIDE
 # (tools/results/h200_decode/: probe_decode q8, pdl, q8x, q8o; CUDA-graph replay with programmatic dependent
 # launch). allow_split=False: the row tiles alone fill the GPU (or splitting measured slower).
 _ONE_WARP = dict(block_k=128, num_warps=1, prefetch=True)
+# attn_output_a/b and ffn_gate_shexp: the weight loads L1/L2 evict_first (WeightCache.EVICT_FIRST), 0.1-0.2 us
+# faster on the 35.7 MB matrices and 0.4 us on ffn_gate_shexp in two runs of two interleaved passes, slower on
+# attn_q_b and the LM head (tools/results/h200_decode/52, 52b)
+_EF = dict(w_cache=WeightCache.EVICT_FIRST)
+ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
 ROWS_T1 = {
     (32768, 1024, 1): dict(_ONE_WARP, block_n=16),  # attn_q_b: 2048 one-warp programs
-    (4096, 8192, 1): dict(_ONE_WARP, block_n=32),  # attn_output_b: split-K 8
-    (8192, 4096, 8): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False),  # attn_output_a
+    (4096, 8192, 1): dict(_ONE_WARP, block_n=32, **_EF),  # attn_output_b: split-K 8
+    (8192, 4096, 8): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False, **_EF),  # out_a
     # LM head: also an L2 prefetch two steps ahead (85.3-85.4 % against 82.3-82.5 % without, h200_decode/26b; it
     # slows the 35.7 MB matrices, whose split tiles are latency-bound, not issue-bound)
     (129280, 4096, 1): dict(_ONE_WARP, block_n=32, allow_split=False, l2_prefetch=2),
     (4096, 2048, 1): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False),  # ffn_down_shexp
+    (2048, 4096, 1): dict(ROWS_T1_WIDE_K, **_EF),  # ffn_gate_shexp: the wide-K tile, evict_first
 }
-ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
 
 
 def rows_config(t: int, n_rows: int, k: int, groups: int) -> dict:

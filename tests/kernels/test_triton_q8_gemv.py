@@ -197,6 +197,7 @@ relaxed = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=1), types)
 xchg = ptx_of(m._q8_rows_kernel, dict(const, SPLIT_SUM=4), dict(types, cnt_ptr="*i64")).split("griddepcontrol.wait")
 l2pf = ptx_of(m._q8_rows_kernel, dict(const, L2PF=3), types).split("griddepcontrol.wait")
 sums = ptx_of(m._sum_splits_kernel, dict(SPLIT=8, BLOCK=512, PDL=True), dict(out_ptr="*fp32", y_ptr="*fp32"), 4)
+wc = {c.name: ptx_of(m._q8_rows_kernel, dict(const, WCACHE=int(c)), types) for c in m.WeightCache}
 print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("griddepcontrol.launch_dependents"),
                              "loads_before": body[0].count("ld.global"), "atomics_before": body[0].count("atom."),
                              "acq_rel": ptx.count(".acq_rel."), "acq_rel_relaxed_reset": relaxed.count(".acq_rel."),
@@ -207,7 +208,9 @@ print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("gri
                              "xchg_after": xchg[1].count("atom.global.gpu.relaxed.exch.b64"),
                              "xchg_atomics_before": xchg[0].count("atom."),
                              "xchg_ordering": sum(xchg[1].count(op) for op in (".acq_rel", ".release", ".acquire",
-                                                                               "fence.", "membar."))}))
+                                                                               "fence.", "membar.")),
+                             "wc": {k: {"ef": v.count("ld.global.L1::evict_first"), "cg": v.count("ld.global.cg"),
+                                        "ld": v.count("ld.global")} for k, v in wc.items()}}))
 """
 
 
@@ -215,7 +218,7 @@ def test_pdl_kernel_orders_loads_for_sm90():
     """The PTX of gemv_rows with PDL (compiled offline for sm_90): one griddepcontrol.wait and one
     launch_dependents; the first weight tile is loaded before the wait, the split-K atomics after it; the
     split-sum variants' atomics and loads (the exchange tree's relaxed exchanges); the L2 prefetch on both sides
-    of the wait."""
+    of the wait; the weight loads' L1 policy (w_cache)."""
     require_ptxas()
     res = run_compile_script(_SM90_PDL)
     assert res["wait"] == 1 and res["dependents"] == 1, res
@@ -226,6 +229,13 @@ def test_pdl_kernel_orders_loads_for_sm90():
     assert res["xchg_after"] == 3 and res["xchg_atomics_before"] == 0 and res["xchg_ordering"] == 0, res
     # L2PF=3: step 2's lines are asked for before the wait (weights), step s + 3's in the loop; no other load moves
     assert res["l2pf_before"] >= 1 and res["l2pf_after"] >= 1 and res["l2pf_loads_before"] == res["loads_before"], res
+    # w_cache: the code and scale loads take the policy, the same loads in each form; x's and the split-sum's
+    # (.cg, SPLIT_SUM=0) do not change
+    wc = res["wc"]
+    assert wc["DEFAULT"]["ef"] == 0 and wc["EVICT_FIRST"]["ef"] > 0 and wc["L2_ONLY"]["ef"] == 0, wc
+    assert wc["EVICT_FIRST"]["cg"] == wc["DEFAULT"]["cg"] < wc["L2_ONLY"]["cg"], wc
+    assert wc["L2_ONLY"]["cg"] - wc["DEFAULT"]["cg"] == wc["EVICT_FIRST"]["ef"], wc  # the same weight loads
+    assert wc["EVICT_FIRST"]["ld"] == wc["L2_ONLY"]["ld"] == wc["DEFAULT"]["ld"], wc
 
 
 def test_rows_config_table():
@@ -237,6 +247,22 @@ def test_rows_config_table():
     assert rc(1, 8192, 4096, 8)["num_warps"] == 4 and rc(1, 8192, 4096, 8)["allow_split"] is False
     assert rc(1, 1024, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K and rc(1, 512, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K
     assert rc(1, 64, 1024, 1) is q8_gemv.DEFAULT_ROWS
+    # the weight loads evict_first on attn_output_a/b and ffn_gate_shexp only (h200_decode/52, 52b)
+    ef = q8_gemv.WeightCache.EVICT_FIRST
+    assert [s for s, kw in q8_gemv.ROWS_T1.items() if kw.get("w_cache") == ef] == [
+        (4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
     assert rc(4, 32768, 1024, 1) is q8_gemv.ROWS_TN and rc(8, 8192, 4096, 8) is q8_gemv.ROWS_TN
     assert rc(4, 129280, 4096, 1) is q8_gemv.ROWS_TN and rc(2, 4096, 8192, 1) is q8_gemv.ROWS_TN
     assert rc(4, 1024, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE and rc(8, 512, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE
+
+
+@pytest.mark.parametrize("w_cache", list(q8_gemv.WeightCache))
+def test_gemv_rows_weight_cache_policy(w_cache, poison):
+    """w_cache only changes how the weight loads use L1 and L2: the same result as the default policy (the PTX
+    side is checked in test_pdl_kernel_orders_loads_for_sm90), prefetched and not, split-K and not."""
+    dw, w_ref = make_weight(Q8, (40, 1024), seed=11)
+    x = make_x(1, 1024)
+    for kw in (dict(block_k=128, prefetch=True), dict(block_k=256, prefetch=False, allow_split=False)):
+        y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, w_cache=w_cache, **kw)
+        assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", f"w_cache {w_cache.name} {kw}")
+        assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, **kw).cpu())
