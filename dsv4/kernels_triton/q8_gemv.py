@@ -37,16 +37,20 @@ ROWS_MAX_SPLIT = 8
 
 
 @triton.jit
-def _x_words(x_ptr, k0, NB: tl.constexpr):
-    """x[k0 + 32b + 4i + j] as one [NB, 8, 4] tensor, in natural order (16-byte runs)."""
-    return tl.load(x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4
-                   + tl.arange(0, 4)[None, None, :])
+def _x_words(x_ptr, k0, NB: tl.constexpr, XLAST: tl.constexpr = False):
+    """x[k0 + 32b + 4i + j] as one [NB, 8, 4] tensor, in natural order (16-byte runs); XLAST: evict_last."""
+    p = x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4 + tl.arange(0, 4)[
+        None, None, :]
+    if XLAST:
+        return tl.load(p, eviction_policy="evict_last")
+    else:
+        return tl.load(p)
 
 
 @triton.jit
-def _x_lanes(x_ptr, k0, NB: tl.constexpr):
+def _x_lanes(x_ptr, k0, NB: tl.constexpr, XLAST: tl.constexpr = False):
     """x[k0 + 32b + 4i + j] as four [1, NB, 8] tensors (lane j = byte j of code word i of block b)."""
-    return _x_split(_x_words(x_ptr, k0, NB), NB)
+    return _x_split(_x_words(x_ptr, k0, NB, XLAST), NB)
 
 
 @triton.jit
@@ -59,11 +63,13 @@ def _x_split(xv, NB: tl.constexpr):
 
 
 class WeightCache(enum.IntEnum):
-    """How gemv_rows' code and scale loads use the SMs' L1 (x is always read the default way)."""
+    """How gemv_rows' code and scale loads (and, for the last two, x's) use the SMs' L1 and L2."""
 
     DEFAULT = 0  # ld.global: the weight lines are allocated in L1 like x's
     L2_ONLY = 1  # .cg: the weight stream bypasses L1 (each line is read once), leaving L1 to x
-    EVICT_FIRST = 2  # L1::evict_first: allocated, first to go
+    EVICT_FIRST = 2  # L1::evict_first (and an L2 evict_first cache policy): allocated, first to go
+    EVICT_FIRST_X_LAST = 3  # EVICT_FIRST, and x's loads evict_last
+    EVICT_FIRST_CODES = 4  # EVICT_FIRST on the code words only (the scales as DEFAULT)
 
 
 @triton.jit
@@ -71,7 +77,7 @@ def _wload(p, mask, other, WCACHE: tl.constexpr):
     """A weight load (codes or scales) with the L1 policy WCACHE (WeightCache)."""
     if WCACHE == 1:
         return tl.load(p, mask=mask, other=other, cache_modifier=".cg")
-    elif WCACHE == 2:
+    elif WCACHE == 2 or WCACHE == 3 or WCACHE == 4:
         return tl.load(p, mask=mask, other=other, eviction_policy="evict_first")
     else:
         return tl.load(p, mask=mask, other=other)
@@ -111,6 +117,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
     prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32
+    SCACHE: tl.constexpr = 0 if WCACHE == 4 else WCACHE  # EVICT_FIRST_CODES: the scales as DEFAULT
     pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b3 = tl.arange(0, NB)[None, :, None]
     i3 = tl.arange(0, 8)[None, None, :]
@@ -124,12 +131,12 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     k_hi = k_lo + k_split
     if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
         u_next = _wload(wp, None, None, WCACHE)
-        d_next = _wload(sp, None, None, WCACHE)
+        d_next = _wload(sp, None, None, SCACHE)
         if PREFETCH == 2:
             more2 = (tl.full([1, NB, 1], 0, tl.int32) + k_lo + BLOCK_K) < k_hi
             u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
             d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi, 0.0,
-                             WCACHE)
+                             SCACHE)
     if L2PF > 1:  # the lines of steps 2 .. L2PF - 1 (step 1 is the register prefetch's); weights only
         lines = tl.arange(0, BLOCK_K // 128)[None, :] * 128
         codes_row = (w32 + r * stride_w_words).to(tl.pointer_type(tl.int8))[:, None] + lines
@@ -153,7 +160,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             more2 = (tl.full([1, NB, 1], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi
             u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
             d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi, 0.0,
-                             WCACHE)
+                             SCACHE)
         elif PREFETCH:
             u = u_next ^ Q8_BIAS
             d = d_next.to(tl.float32)
@@ -162,10 +169,10 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             sp += BLOCK_K >> 5
             u_next = _wload(wp, more, 0, WCACHE)
             more_d = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split
-            d_next = _wload(sp, more_d, 0.0, WCACHE)
+            d_next = _wload(sp, more_d, 0.0, SCACHE)
         else:
             u = _wload(wp, None, None, WCACHE) ^ Q8_BIAS
-            d = _wload(sp, None, None, WCACHE).to(tl.float32)
+            d = _wload(sp, None, None, SCACHE).to(tl.float32)
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
         d = d[:, :, None]
@@ -188,7 +195,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                 x0, x1, x2, x3 = _x_split(xv_next, NB)
                 xv_next = _x_words(x_base, tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K), NB)
             else:
-                x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
+                x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB, WCACHE == 3)
             p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
             acc, acc_t = _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T)
     if BLOCK_T == 1:

@@ -183,7 +183,7 @@ from dsv4.kernels_triton import q8_gemv as m
 names = m._q8_rows_kernel.arg_names
 types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
 const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
-             PDL=True, XPF=True, L2PF=0, SPLIT_SUM=0)  # the counter sum (the tree's variant below)
+             PDL=True, XPF=True, L2PF=0, SPLIT_SUM=0, WCACHE=0)  # the counter sum (the tree's variant below)
 
 def ptx_of(fn, const, types, warps=1):
     names = fn.arg_names
