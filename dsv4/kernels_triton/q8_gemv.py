@@ -433,10 +433,11 @@ ROWS_TN_FEW_ROWS = 1024  # at most this many rows: DEFAULT_ROWS_WIDE
 # (tools/results/h200_decode/: probe_decode q8, pdl, q8x, q8o; CUDA-graph replay with programmatic dependent
 # launch). allow_split=False: the row tiles alone fill the GPU (or splitting measured slower).
 _ONE_WARP = dict(block_k=128, num_warps=1, prefetch=True)
-# attn_output_a/b and ffn_gate_shexp: the weight loads L1/L2 evict_first (WeightCache.EVICT_FIRST), 0.1-0.2 us
-# faster on the 35.7 MB matrices and 0.4 us on ffn_gate_shexp in two runs of two interleaved passes, slower on
-# attn_q_b and the LM head (tools/results/h200_decode/52, 52b)
-_EF = dict(w_cache=WeightCache.EVICT_FIRST)
+# attn_output_a/b and ffn_gate_shexp: the code-word loads L1/L2 evict_first, the scales as before
+# (WeightCache.EVICT_FIRST_CODES): attn_output_a 12.3 -> 12.0 us (68.4-68.7 -> 70.1-70.2 %), attn_output_b 12.2 ->
+# 11.8 us (69.1-69.2 -> 71.1-71.2 %), ffn_gate_shexp 5.3 -> 4.9 us, two interleaved passes; evict_first on the
+# scales too gains half as much; slower on attn_q_b and the LM head (tools/results/h200_decode/52, 52b, 52c)
+_EF = dict(w_cache=WeightCache.EVICT_FIRST_CODES)
 ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
 ROWS_T1 = {
     (32768, 1024, 1): dict(_ONE_WARP, block_n=16),  # attn_q_b: 2048 one-warp programs

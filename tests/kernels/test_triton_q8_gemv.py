@@ -236,6 +236,8 @@ def test_pdl_kernel_orders_loads_for_sm90():
     assert wc["EVICT_FIRST"]["cg"] == wc["DEFAULT"]["cg"] < wc["L2_ONLY"]["cg"], wc
     assert wc["L2_ONLY"]["cg"] - wc["DEFAULT"]["cg"] == wc["EVICT_FIRST"]["ef"], wc  # the same weight loads
     assert wc["EVICT_FIRST"]["ld"] == wc["L2_ONLY"]["ld"] == wc["DEFAULT"]["ld"], wc
+    # the codes only: fewer evict_first loads (the scales' are default); with x evict_last: the same weight loads
+    assert 0 < wc["EVICT_FIRST_CODES"]["ef"] < wc["EVICT_FIRST"]["ef"] == wc["EVICT_FIRST_X_LAST"]["ef"], wc
 
 
 def test_rows_config_table():
@@ -247,8 +249,8 @@ def test_rows_config_table():
     assert rc(1, 8192, 4096, 8)["num_warps"] == 4 and rc(1, 8192, 4096, 8)["allow_split"] is False
     assert rc(1, 1024, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K and rc(1, 512, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K
     assert rc(1, 64, 1024, 1) is q8_gemv.DEFAULT_ROWS
-    # the weight loads evict_first on attn_output_a/b and ffn_gate_shexp only (h200_decode/52, 52b)
-    ef = q8_gemv.WeightCache.EVICT_FIRST
+    # the code-word loads evict_first on attn_output_a/b and ffn_gate_shexp only (h200_decode/52, 52b, 52c)
+    ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
     assert [s for s, kw in q8_gemv.ROWS_T1.items() if kw.get("w_cache") == ef] == [
         (4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
     assert rc(4, 32768, 1024, 1) is q8_gemv.ROWS_TN and rc(8, 8192, 4096, 8) is q8_gemv.ROWS_TN
