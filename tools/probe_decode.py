@@ -351,6 +351,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, ceil, xv, xv_sweep, limb, reg")
+    ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
+                    help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
                     help="decode graphs hold the rotation of copies this many times over (bench_kernels)")
     args = ap.parse_args(argv)
@@ -691,12 +693,12 @@ def main(argv=None) -> int:
             time_q8_cases(row, d, ws, x, dev, wc_cases)
             del ws
             torch.cuda.empty_cache()
-        if "q8wcs" in args.parts and d.name in Q8CYC_TILES:  # q8wc over q8cyc's tiles: default and evict_first
+        if "q8wcs" in args.parts and d.name in Q8CYC_TILES:  # q8wc over q8cyc's tiles: default and --wcs-policy
             ws, x = q8_problem(d, device)
             auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
-            ef = q8_gemv.WeightCache.EVICT_FIRST
-            wcs_cases = [("auto DEFAULT", auto), ("auto EVICT_FIRST", dict(auto, w_cache=ef))]
-            wcs_cases += [(f"{split_label(d, dev, *tile)} EVICT_FIRST", tile_kw(*tile, w_cache=ef))
+            ef = q8_gemv.WeightCache(args.wcs_policy)
+            wcs_cases = [("auto DEFAULT", dict(auto, w_cache=0)), (f"auto {ef.name}", dict(auto, w_cache=ef))]
+            wcs_cases += [(f"{split_label(d, dev, *tile)} {ef.name}", tile_kw(*tile, w_cache=ef))
                           for tile in Q8CYC_TILES[d.name]]
             time_q8_cases(row, d, ws, x, dev, wcs_cases)
             del ws
