@@ -237,8 +237,8 @@ Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0
               "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 256, 2, 8), (16, 512, 4, 8), (32, 512, 4, 8)],
               "attn_q_b": [(16, 128, 1, 0), (16, 512, 4, 0)], "output": [(32, 128, 1, 0)]}
 
-# `q8wc`: the L1 policy of gemv_rows' weight loads (q8_gemv.WeightCache: default, .cg = L2 only, evict_first, and with x evict_last or on the codes only) on
-# the tuned tile of every Q8_0 shape and on the next-best tiles of attn_output_a/b
+# `q8wc`: the L1 policy of gemv_rows' weight loads (q8_gemv.WeightCache: default, .cg = L2 only, evict_first, evict_first
+# on the codes only) on the tuned tile of every Q8_0 shape and on the next-best tiles of attn_output_a/b
 Q8WC_TILES = {"attn_output_a": [(16, 128, 1, 8)], "attn_output_b": [(16, 128, 1, 8)]}
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none

@@ -37,20 +37,16 @@ ROWS_MAX_SPLIT = 8
 
 
 @triton.jit
-def _x_words(x_ptr, k0, NB: tl.constexpr, XLAST: tl.constexpr = False):
-    """x[k0 + 32b + 4i + j] as one [NB, 8, 4] tensor, in natural order (16-byte runs); XLAST: evict_last."""
-    p = x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4 + tl.arange(0, 4)[
-        None, None, :]
-    if XLAST:
-        return tl.load(p, eviction_policy="evict_last")
-    else:
-        return tl.load(p)
+def _x_words(x_ptr, k0, NB: tl.constexpr):
+    """x[k0 + 32b + 4i + j] as one [NB, 8, 4] tensor, in natural order (16-byte runs)."""
+    return tl.load(x_ptr + k0 + tl.arange(0, NB)[:, None, None] * 32 + tl.arange(0, 8)[None, :, None] * 4
+                   + tl.arange(0, 4)[None, None, :])
 
 
 @triton.jit
-def _x_lanes(x_ptr, k0, NB: tl.constexpr, XLAST: tl.constexpr = False):
+def _x_lanes(x_ptr, k0, NB: tl.constexpr):
     """x[k0 + 32b + 4i + j] as four [1, NB, 8] tensors (lane j = byte j of code word i of block b)."""
-    return _x_split(_x_words(x_ptr, k0, NB, XLAST), NB)
+    return _x_split(_x_words(x_ptr, k0, NB), NB)
 
 
 @triton.jit
@@ -63,12 +59,12 @@ def _x_split(xv, NB: tl.constexpr):
 
 
 class WeightCache(enum.IntEnum):
-    """How gemv_rows' code and scale loads (and, for the last two, x's) use the SMs' L1 and L2."""
+    """How gemv_rows' code and scale loads use the SMs' L1 and L2 (x's loads: always the default). Measured in
+    tools/results/h200_decode/52-52d; value 3 (x's loads evict_last on top of EVICT_FIRST, no gain) was dropped."""
 
     DEFAULT = 0  # ld.global: the weight lines are allocated in L1 like x's
     L2_ONLY = 1  # .cg: the weight stream bypasses L1 (each line is read once), leaving L1 to x
     EVICT_FIRST = 2  # L1::evict_first (and an L2 evict_first cache policy): allocated, first to go
-    EVICT_FIRST_X_LAST = 3  # EVICT_FIRST, and x's loads evict_last
     EVICT_FIRST_CODES = 4  # EVICT_FIRST on the code words only (the scales as DEFAULT)
 
 
@@ -77,7 +73,7 @@ def _wload(p, mask, other, WCACHE: tl.constexpr):
     """A weight load (codes or scales) with the L1 policy WCACHE (WeightCache)."""
     if WCACHE == 1:
         return tl.load(p, mask=mask, other=other, cache_modifier=".cg")
-    elif WCACHE == 2 or WCACHE == 3 or WCACHE == 4:
+    elif WCACHE == 2 or WCACHE == 4:
         return tl.load(p, mask=mask, other=other, eviction_policy="evict_first")
     else:
         return tl.load(p, mask=mask, other=other)
@@ -195,7 +191,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                 x0, x1, x2, x3 = _x_split(xv_next, NB)
                 xv_next = _x_words(x_base, tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K), NB)
             else:
-                x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB, WCACHE == 3)
+                x0, x1, x2, x3 = _x_lanes(x_base + t_row.to(tl.int64) * stride_xt, k0, NB)
             p = q0 * x0 + q1 * x1 + q2 * x2 + q3 * x3
             acc, acc_t = _q8_accumulate(acc, acc_t, p, d, t, rt, BLOCK_T)
     if BLOCK_T == 1:
