@@ -68,12 +68,18 @@ class WeightCache(enum.IntEnum):
     EVICT_FIRST_CODES = 4  # EVICT_FIRST on the code words only (the scales as DEFAULT)
 
 
+_WC_DEFAULT: tl.constexpr = tl.constexpr(int(WeightCache.DEFAULT))
+_WC_L2_ONLY: tl.constexpr = tl.constexpr(int(WeightCache.L2_ONLY))
+_WC_EVICT_FIRST: tl.constexpr = tl.constexpr(int(WeightCache.EVICT_FIRST))
+_WC_EVICT_FIRST_CODES: tl.constexpr = tl.constexpr(int(WeightCache.EVICT_FIRST_CODES))
+
+
 @triton.jit
 def _wload(p, mask, other, WCACHE: tl.constexpr):
     """A weight load (codes or scales) with the L1 policy WCACHE (WeightCache)."""
-    if WCACHE == 1:
+    if WCACHE == _WC_L2_ONLY:
         return tl.load(p, mask=mask, other=other, cache_modifier=".cg")
-    elif WCACHE == 2 or WCACHE == 4:
+    elif WCACHE == _WC_EVICT_FIRST or WCACHE == _WC_EVICT_FIRST_CODES:
         return tl.load(p, mask=mask, other=other, eviction_policy="evict_first")
     else:
         return tl.load(p, mask=mask, other=other)
@@ -113,7 +119,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     L2PF > 1 (NVIDIA sm_90+): step s also asks L2 for the 128-byte lines of step s + L2PF's codes (one
     prefetch.global.L2 per line; steps 2 .. L2PF - 1 before griddepcontrol.wait): bytes in flight without registers."""
     NB: tl.constexpr = BLOCK_K // 32
-    SCACHE: tl.constexpr = 0 if WCACHE == 4 else WCACHE  # EVICT_FIRST_CODES: the scales as DEFAULT
+    SCACHE: tl.constexpr = _WC_DEFAULT if WCACHE == _WC_EVICT_FIRST_CODES else WCACHE  # the scales as DEFAULT
     pid_n, pid_k, w32, rn, r, g = _row_tile(w_ptr, N, R, BLOCK_N, GROUPED)
     b3 = tl.arange(0, NB)[None, :, None]
     i3 = tl.arange(0, 8)[None, None, :]

@@ -24,6 +24,7 @@ import triton
 from . import blocks
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch, use_pdl
+from .qmatmul_fast import F32_MAGIC_BITS, F32_MAGIC_OFFSET, Q8_BIAS
 
 try:  # Gluon ships with Triton >= 3.5; without it the variant falls back to gemv_rows
     from triton.experimental import gluon
@@ -39,10 +40,7 @@ CODES_PER_WARP_STEP = LANES_PER_BLOCK_ROW * 32
 MAX_SPLIT = 64  # the exchange tree's depth limit (6 levels)
 
 if HAVE_GLUON:
-    # 2^23 + 128: (0x4B0000 << 8 | (code ^ 0x80)) read as fp32, minus this, is the signed code
-    _MAGIC_OFFSET = gl.constexpr(8388736.0)
-    _BIAS = gl.constexpr(-2139062144)  # 0x80808080: each code byte + 128
-    _HIGH = gl.constexpr(0x4B000000)  # the exponent byte of 2^23
+    # (F32_MAGIC_BITS | (code ^ 0x80)) read as fp32, minus F32_MAGIC_OFFSET (2^23 + 128), is the signed code
 
     @gluon.jit
     def _q8_gluon_kernel(x_ptr, w_ptr, s_ptr, y_ptr, slot_ptr, N, R, k_split, stride_xg, stride_w_words, stride_s,
@@ -81,7 +79,7 @@ if HAVE_GLUON:
         jj = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4))))
         zero4 = gl.full([BN, NB, 8, 4], 0, gl.int32, layout=L4)
         sel = gl.expand_dims(gl.expand_dims(gl.expand_dims(jj | 0x7540, 0), 1), 2) + zero4
-        high = gl.full([BN, NB, 8, 4], _HIGH, gl.int32, layout=L4)
+        high = gl.full([BN, NB, 8, 4], F32_MAGIC_BITS, gl.int32, layout=L4)
         acc = gl.zeros([BN, NB, 8], gl.float32, layout=L3)
         if PF:  # the first step's weights are in flight before the previous kernel has finished
             u_next = gl.load(wp)
@@ -103,10 +101,10 @@ if HAVE_GLUON:
             wp += BK // 4
             sp += BK // 32
             x = gl.load(xp + k0).to(gl.float32)
-            u4 = gl.expand_dims(u ^ _BIAS, 3) + zero4
+            u4 = gl.expand_dims(u ^ Q8_BIAS, 3) + zero4
             bits = gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [u4, high, sel],
                                              dtype=gl.int32, is_pure=True, pack=1)
-            q = bits.to(gl.float32, bitcast=True) - _MAGIC_OFFSET
+            q = bits.to(gl.float32, bitcast=True) - F32_MAGIC_OFFSET
             p = gl.sum(q * gl.expand_dims(x, 0), axis=3)
             acc += p * gl.expand_dims(d.to(gl.float32), 2)
         tot = gl.sum(gl.sum(acc, axis=2), axis=1)
@@ -208,7 +206,7 @@ def gemv_q8_t1(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
     from .q8_gemv import gemv_rows_default
 
     tile = TUNED_T1.get((dw.n_rows, dw.k, groups)) if x.shape[0] == 1 else None
-    if tile is not None and supports(x, dw, dev, groups, tile):
+    if tile is not None:  # gemv_gluon checks supports() itself and falls back to gemv_rows_default
         return gemv_gluon(x, dw, dev, groups, tile)
     return gemv_rows_default(x, dw, dev, groups)
 
