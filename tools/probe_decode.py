@@ -339,6 +339,14 @@ def time_q8_cases(row, d, ws, x, dev, cases, cycles=(None,)):
                 row(d.name, label, f"gemv_rows (diff {diff:.1e}){per_graph}", ms, ws[0].nbytes)
 
 
+def q8_part(row, d, dev, device, cases, cycles=(None,)):
+    """A probe part over gemv_rows cases of matrix d: its rotating weight copies made, time_q8_cases, freed."""
+    ws, x = q8_problem(d, device)
+    time_q8_cases(row, d, ws, x, dev, cases, cycles)
+    del ws
+    torch.cuda.empty_cache()
+
+
 def tile_kw(bn: int, bk: int, warps: int, mp: int, **extra) -> dict:
     """gemv_rows keywords of a tile: rows, codes per step, warps, split K below mp programs per SM (0: never)."""
     return dict(dict(block_n=bn, block_k=bk, num_warps=warps, prefetch=True, allow_split=mp > 0,
@@ -669,43 +677,25 @@ def main(argv=None) -> int:
                         ms, ws[0].nbytes)
             del ws
             torch.cuda.empty_cache()
+        auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
         if "q8cyc" in args.parts and d.name in Q8CYC_TILES:
-            ws, x = q8_problem(d, device)
-            cyc_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            cyc_cases += [(split_label(d, dev, *tile), tile_kw(*tile)) for tile in Q8CYC_TILES[d.name]]
-            time_q8_cases(row, d, ws, x, dev, cyc_cases, Q8CYC_CYCLES)
-            del ws
-            torch.cuda.empty_cache()
+            q8_part(row, d, dev, device, [("auto", auto)] + [(split_label(d, dev, *tile), tile_kw(*tile))
+                                                            for tile in Q8CYC_TILES[d.name]], Q8CYC_CYCLES)
         if "q8xm" in args.parts and d.name in Q8XM_TILES:
-            ws, x = q8_problem(d, device)
-            xm_cases = [("auto", q8_gemv.rows_config(1, d.n, d.k, d.groups))]
-            xm_cases += [(f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
-                         for tile in Q8XM_TILES[d.name] for xm in (0, 2)]
-            time_q8_cases(row, d, ws, x, dev, xm_cases)
-            del ws
-            torch.cuda.empty_cache()
+            q8_part(row, d, dev, device, [("auto", auto)] + [
+                (f"{split_label(d, dev, *tile)} x_mode{xm}", tile_kw(*tile, x_mode=xm))
+                for tile in Q8XM_TILES[d.name] for xm in (0, 2)])
         if "q8wc" in args.parts and d.fmt == moe_int8.QuantFormat.Q8_0:
-            ws, x = q8_problem(d, device)
-            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
-            wc_cases = [(f"auto {wc.name}", dict(auto, w_cache=wc)) for wc in q8_gemv.WeightCache]
-            wc_cases += [(f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc))
-                         for tile in Q8WC_TILES.get(d.name, []) for wc in q8_gemv.WeightCache]
-            time_q8_cases(row, d, ws, x, dev, wc_cases)
-            del ws
-            torch.cuda.empty_cache()
+            q8_part(row, d, dev, device, [(f"auto {wc.name}", dict(auto, w_cache=wc)) for wc in q8_gemv.WeightCache] + [
+                (f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc))
+                for tile in Q8WC_TILES.get(d.name, []) for wc in q8_gemv.WeightCache])
         if "q8wcs" in args.parts and d.name in Q8CYC_TILES:  # q8wc over q8cyc's tiles: default and --wcs-policy
-            ws, x = q8_problem(d, device)
-            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
-            ef = q8_gemv.WeightCache(args.wcs_policy)
-            wcs_cases = [("auto DEFAULT", dict(auto, w_cache=0)), (f"auto {ef.name}", dict(auto, w_cache=ef))]
-            wcs_cases += [(f"{split_label(d, dev, *tile)} {ef.name}", tile_kw(*tile, w_cache=ef))
-                          for tile in Q8CYC_TILES[d.name]]
-            time_q8_cases(row, d, ws, x, dev, wcs_cases)
-            del ws
-            torch.cuda.empty_cache()
+            wc, default = q8_gemv.WeightCache(args.wcs_policy), q8_gemv.WeightCache.DEFAULT
+            q8_part(row, d, dev, device, [(f"auto {default.name}", dict(auto, w_cache=default)),
+                                          (f"auto {wc.name}", dict(auto, w_cache=wc))] + [
+                (f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc)) for tile in Q8CYC_TILES[d.name]])
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
             ws, x = q8_problem(d, device)
-            auto = q8_gemv.rows_config(1, d.n, d.k, d.groups)
             l2_cases = [(f"auto l2pf{dist}", dict(auto, l2_prefetch=dist)) for dist in Q8L2_AUTO_DIST]
             l2_cases += [(f"{bn}x{bk} w{w} mp{mp} l2pf{dist}", tile_kw(bn, bk, w, mp, l2_prefetch=dist))
                          for bn, bk, w, mp in q8l2_tiles(d) for dist in Q8L2_DIST]
