@@ -167,6 +167,11 @@ def bitwise_note(ref, u, gate, up, down, sel, wts, dev, cfg) -> str:
     return " (bitwise equal)" if same else " (DIFFERS)"
 
 
+def rel_diff(y, ref) -> float:
+    """max |y - ref| / max |ref|."""
+    return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
 def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
     return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s,
@@ -240,6 +245,16 @@ Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0
 # `q8wc`: the L1 policy of gemv_rows' weight loads (q8_gemv.WeightCache: default, .cg = L2 only, evict_first, evict_first
 # on the codes only) on the tuned tile of every Q8_0 shape and on the next-best tiles of attn_output_a/b
 Q8WC_TILES = {"attn_output_a": [(16, 128, 1, 8)], "attn_output_b": [(16, 128, 1, 8)]}
+
+# `q8pfe`: the 35.7 MB matrices' tiles with evict_first on the code words (their tuned policy) and 1 or 2 K steps
+# of codes in flight in registers (prefetch=2 also puts two steps' loads before griddepcontrol.wait)
+Q8PFE_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 256, 2, 0), (8, 512, 2, 0), (32, 256, 2, 0), (32, 512, 4, 0),
+                                 (16, 1024, 4, 0)],
+               "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 256, 2, 8), (16, 256, 2, 8)]}
+
+# `qh`: h quantized inside the gate/up kernel (Int8MoeConfig.fuse_quant_h: three launches instead of four) on the
+# tuned configs and on these gate/up tiles (rows, K step, warps, prefetch), one plane and three
+QH_GATE_UP_TILES = [(4, 2, 1, True), (8, 1, 1, True), (8, 2, 1, True), (16, 2, 2, True), (32, 2, 4, False)]
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -358,7 +373,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, ceil, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh, xv, xv_sweep, limb, reg")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -511,6 +526,21 @@ def main(argv=None) -> int:
                         lambda cfg: chain_down_ms(hs, down, sels, cfg, L), dn_bytes, "limb3 ")
             del gate, up, down
 
+    if "qh" in args.parts:  # the fused h quantizer, whole calls interleaved twice, outputs compared bitwise
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                cases = [("tuned", base), ("tuned fuse_quant_h", replace(base, fuse_quant_h=True))] + [
+                    (f"{name} fuse_quant_h", cfg) for name, cfg in
+                    (gate_up_tile(base, tile, fuse_quant_h=True) for tile in QH_GATE_UP_TILES)]
+                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
+                for rep in range(2):
+                    for name, cfg in cases:
+                        y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
+                        same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
+                        row(f"moe_{recipe}", f"limbs={limbs} {name}", f"whole ({same})",
+                            whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
+            del gate, up, down
+
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
@@ -556,6 +586,9 @@ def main(argv=None) -> int:
             row(case, "plain reads + 2 Q8_K", "both, 4 launches", graph_time_ms(
                 [lambda a=a, b=b: (moe_int8.quant_q8_k(u, pdl=True), plain_read(a, out), moe_int8.quant_q8_k(h, pdl=True),
                                    plain_read(b, out)) for a, b in zip(gus, dns)]), gu_bytes + dn_bytes)
+            row(case, "plain reads + Q8_K of u", "both, 3 launches", graph_time_ms(
+                [lambda a=a, b=b: (moe_int8.quant_q8_k(u, pdl=True), plain_read(a, out), plain_read(b, out))
+                 for a, b in zip(gus, dns)]), gu_bytes + dn_bytes)
             del gus, dns
             torch.cuda.empty_cache()
 
@@ -694,6 +727,11 @@ def main(argv=None) -> int:
             q8_part(row, d, dev, device, [(f"auto {default.name}", dict(auto, w_cache=default)),
                                           (f"auto {wc.name}", dict(auto, w_cache=wc))] + [
                 (f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc)) for tile in Q8CYC_TILES[d.name]])
+        if "q8pfe" in args.parts and d.name in Q8PFE_TILES:
+            ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
+            q8_part(row, d, dev, device, [("auto", auto)] + [
+                (f"{split_label(d, dev, *tile)} pf{pf} {ef.name}", tile_kw(*tile, prefetch=pf, w_cache=ef))
+                for tile in Q8PFE_TILES[d.name] for pf in (1, 2)])
         if "q8l2" in args.parts and d.name in Q8ST_SHAPES:  # the four large matrices
             ws, x = q8_problem(d, device)
             l2_cases = [(f"auto l2pf{dist}", dict(auto, l2_prefetch=dist)) for dist in Q8L2_AUTO_DIST]

@@ -82,6 +82,9 @@ class Int8MoeConfig:
     # > 0: register cap of the stage's kernel (PTX .maxnreg, NVIDIA): more resident programs per SM, maybe spills
     maxnreg_gate_up: int = 0
     maxnreg_down: int = 0
+    # h quantized inside the gate/up kernel by the last program of each 256-block (an arrival counter per block)
+    # instead of by a quantizer launch between the stages; needs block_n_gate_up to divide 256 (else the launch)
+    fuse_quant_h: bool = False
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -118,29 +121,35 @@ def _pack_words(q, IQ2_ORDER: tl.constexpr):
 
 
 @triton.jit
-def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
-                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False, LIMBS: tl.constexpr = 1):
-    """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k: max = the first element of
-    largest |x| (torch.argmax picks the first of ties), iscale = -127/max, q = min(127, rint(iscale x)),
-    d = 1/iscale (0 for an all-zero block). Divisions are IEEE (div_rn) as on the host.
-    LIMBS = 3 (fp32-grade activations): q = rint(x * LIMB_MAX / max|x|), |q| <= LIMB_MAX < 2^22, stored as
-    three signed byte planes q = 65536 hi + 256 mid + lo (plane l at q_ptr + l stride_ql: hi, mid, lo), d the
+def _mul_rn(a, b, ASM: tl.constexpr):
+    """fp32 a * b rounded on its own, never contracted into an FMA with the add after it: PTX mul.rn where ASM (so
+    the kernel around it keeps FP fusion); a plain product otherwise (such kernels launch with fusion off)."""
+    if ASM:
+        return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=tl.float32,
+                                         is_pure=True, pack=1)
+    else:
+        return a * b
+
+
+@triton.jit
+def _q8k_block(x, qp, dp, sp, stride_ql, IQ2_ORDER: tl.constexpr, LIMBS: tl.constexpr, ASM: tl.constexpr):
+    """Quantize one Q8_K block x [256] fp32: its code words at qp (plane l at qp + l stride_ql), scale at dp,
+    code sums at sp. LIMBS = 1: max = the first element of largest |x| (torch.argmax picks the first of ties),
+    iscale = -127/max, q = min(127, rint(iscale x)), d = 1/iscale (0 for an all-zero block); IEEE divisions
+    (div_rn) as on the host. LIMBS = 3 (fp32-grade activations): q = rint(x * LIMB_MAX / max|x|),
+    |q| <= LIMB_MAX < 2^22, stored as three signed byte planes q = 65536 hi + 256 mid + lo (hi, mid, lo), d the
     scale of the hi plane (max|x| * 65536 / LIMB_MAX), the sums of q per 16 as fp32 in hi-plane units (bits)."""
-    r = tl.program_id(0).to(tl.int64)
-    b = tl.program_id(1)
     i = tl.arange(0, QK_C)
-    blocks.pdl_wait(PDL)
-    x = tl.load(x_ptr + r * stride_x + b * QK_C + i).to(tl.float32)
     ax = tl.abs(x)
     amax = tl.max(ax, axis=0)
-    qp = q_ptr + r * stride_q + b * Q8K_WORDS + tl.arange(0, Q8K_WORDS)
-    sp = s_ptr + r * stride_s + b * SUMS_PER_BLOCK + tl.arange(0, SUMS_PER_BLOCK)
+    qp = qp + tl.arange(0, Q8K_WORDS)
+    sp = sp + tl.arange(0, SUMS_PER_BLOCK)
     if LIMBS == 1:
         first = tl.min(tl.where(ax == amax, i, QK_C), axis=0)
         mx = tl.sum(tl.where(i == first, x, 0.0), axis=0)
         nz = mx != 0.0
         iscale = tl.where(nz, tl.math.div_rn(-127.0, tl.where(nz, mx, 1.0)), 0.0)
-        y = iscale * x
+        y = _mul_rn(iscale, x, ASM)
         q = tl.minimum((y + ROUND_MAGIC) - ROUND_MAGIC, 127.0).to(tl.int32)
         d = tl.where(nz, tl.math.div_rn(1.0, tl.where(nz, iscale, 1.0)), 0.0)
         tl.store(qp, _pack_words(q, IQ2_ORDER))
@@ -148,7 +157,7 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
     else:
         nz = amax != 0.0
         iscale = tl.where(nz, tl.math.div_rn(LIMB_MAX_F, tl.where(nz, amax, 1.0)), 0.0)
-        y = iscale * x  # |y| <= LIMB_MAX (1 + 2^-23) < 2^22: the magic-number rounding is exact
+        y = _mul_rn(iscale, x, ASM)  # |y| <= LIMB_MAX (1 + 2^-23) < 2^22: the magic-number rounding is exact
         q = tl.minimum(tl.maximum((y + ROUND_MAGIC) - ROUND_MAGIC, -LIMB_MAX_F), LIMB_MAX_F).to(tl.int32)
         lo = ((q + 128) & 255) - 128
         r1 = (q - lo) >> 8  # exact: q - lo is a multiple of 256
@@ -160,7 +169,36 @@ def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, 
         sums = tl.sum(tl.reshape(q, (SUMS_PER_BLOCK, 16)), axis=1).to(tl.float32) * (1.0 / 65536.0)
         tl.store(sp, sums.to(tl.int32, bitcast=True))
         d = tl.where(nz, tl.math.div_rn(65536.0, tl.where(nz, iscale, 1.0)), 0.0)
-    tl.store(d_ptr + r * stride_d + b, d)
+    tl.store(dp, d)
+
+
+@triton.jit
+def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
+                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False, LIMBS: tl.constexpr = 1):
+    """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k (_q8k_block; launched with FP
+    fusion off, QUANT_LAUNCH)."""
+    r = tl.program_id(0).to(tl.int64)
+    b = tl.program_id(1)
+    blocks.pdl_wait(PDL)
+    x = tl.load(x_ptr + r * stride_x + b * QK_C + tl.arange(0, QK_C)).to(tl.float32)
+    _q8k_block(x, q_ptr + r * stride_q + b * Q8K_WORDS, d_ptr + r * stride_d + b, s_ptr + r * stride_s
+               + b * SUMS_PER_BLOCK, stride_ql, IQ2_ORDER, LIMBS, False)
+
+
+@triton.jit
+def _quant_h_last(h_row, q_row, d_row, s_row, cnt_row, pid_n, stride_ql, BLOCK_N: tl.constexpr,
+                  LIMBS: tl.constexpr, ASM: tl.constexpr):
+    """After a gate/up program stored its BLOCK_N values of an h row (256 % BLOCK_N == 0): the program that
+    stores the last of a 256-block quantizes that block (_q8k_block) and resets its arrival counter, so that h
+    needs no quantizer launch. Which program does it changes nothing in the result. The barrier orders every
+    thread's h stores before the one-thread release; the block is read past L1."""
+    b = (pid_n * BLOCK_N) // QK_C
+    tl.debug_barrier()
+    arrived = tl.atomic_add(cnt_row + b, 1, sem="acq_rel")
+    if arrived == QK_C // BLOCK_N - 1:
+        x = tl.load(h_row + b * QK_C + tl.arange(0, QK_C), cache_modifier=".cg")
+        _q8k_block(x, q_row + b * Q8K_WORDS, d_row + b, s_row + b * SUMS_PER_BLOCK, stride_ql, False, LIMBS, ASM)
+        tl.atomic_xchg(cnt_row + b, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
 
 
 @triton.jit
@@ -361,16 +399,20 @@ def _q2_k_chain(q0, q1, q2, q3, s: tl.constexpr, xs, ASM: tl.constexpr):
 
 @triton.jit
 def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr,
+                         hq_ptr, hd_ptr, hs_ptr, cnt_ptr,
                          F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl,
+                         stride_hq, stride_hd, stride_hs, stride_hl,
                          FMT: tl.constexpr, BLOCK_N: tl.constexpr, KSTEP: tl.constexpr, ASM: tl.constexpr,
                          PF: tl.constexpr = False, PDL: tl.constexpr = False, XV: tl.constexpr = False,
-                         SV: tl.constexpr = False, LIMBS: tl.constexpr = 1):
+                         SV: tl.constexpr = False, LIMBS: tl.constexpr = 1, QH: tl.constexpr = False):
     """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] with u as Q8_K (codes xq, scales
     xd, sums xs; IQ2_XXS: in quant_q8_k's iq2_order); slot = t * KSEL + i, e = sel[slot]. KSTEP block
     pairs (IQ2_XXS, grid as blocks.iq2_sel16's table) or blocks (Q4_K) per K step. Rows past F are
     clamped to F - 1 (valid reads, results not stored). PF: the next step's weight words are loaded
     before this step computes (register double buffer; the last step re-reads itself). LIMBS = 3: u as
-    quant_q8_k(limbs=3)'s planes (stride_xl words apart), fp32-grade."""
+    quant_q8_k(limbs=3)'s planes (stride_xl words apart), fp32-grade. QH: h is also quantized to Q8_K here with
+    LIMBS planes (hq, hd, hs as quant_q8_k's outputs; cnt_ptr: F / 256 arrival counters per slot, zero between
+    calls), by the last program of each 256-block (_quant_h_last)."""
     slot = tl.program_id(0)
     pid_n = tl.program_id(1)
     t = (slot // KSEL).to(tl.int64)
@@ -450,6 +492,9 @@ def _gate_up_int8_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr
                 - tl.sum(tl.sum(tl.sum(min_u, axis=3), axis=2), axis=1))
     h = moe._swiglu_route(gsum, usum, wt, clamp)
     tl.store(h_ptr + slot * stride_ht + rn, h, mask=rn < F)
+    if QH:
+        _quant_h_last(h_ptr + slot * stride_ht, hq_ptr + slot * stride_hq, hd_ptr + slot * stride_hd,
+                      hs_ptr + slot * stride_hs, cnt_ptr + slot * (F // QK_C), pid_n, stride_hl, BLOCK_N, LIMBS, ASM)
 
 
 @triton.jit
@@ -692,9 +737,33 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
         return blocks.empty((0, D), u.device)
     asm = use_asm(dev, u)
     pdl = cfg.pdl and use_pdl(dev, u)
-    h = gate_up_int8(quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs), gate, up, sel, weights,
-                     clamp, asm, cfg, pdl)
-    return down_int8(quant_q8_k(h, pdl=pdl, limbs=limbs), down, sel, asm, cfg, pdl)
+    uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs)
+    if fuses_quant_h(cfg):
+        hq3 = gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, quant_h=limbs)
+    else:
+        hq3 = quant_q8_k(gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl), pdl=pdl, limbs=limbs)
+    return down_int8(hq3, down, sel, asm, cfg, pdl)
+
+
+def fuses_quant_h(cfg: Int8MoeConfig) -> bool:
+    """Whether fused_int8 quantizes h inside the gate/up kernel (cfg.fuse_quant_h and a tile dividing 256)."""
+    return cfg.fuse_quant_h and QK % cfg.block_n_gate_up == 0
+
+
+_COUNTERS: dict = {}  # device -> int32 arrival counters of _quant_h_last, zero between calls
+COUNTERS_MIN = 4096  # Flash at T = 8: 8 tokens x 6 slots x 2048 / 256 = 384
+
+
+def block_counters(device, n: int):
+    """n zeroed int32 arrival counters on device, kept across calls (each block's last program resets its own;
+    one stream at a time, as every decode kernel here). Allocated on the first (eager) call, before any graph
+    capture."""
+    key = torch.device(device)
+    c = _COUNTERS.get(key)
+    if c is None or c.numel() < n:
+        c = torch.zeros(max(n, COUNTERS_MIN), device=key, dtype=torch.int32)
+        _COUNTERS[key] = c
+    return c
 
 
 def uses_iq2_order(gate: DeviceWeight) -> bool:
@@ -703,9 +772,10 @@ def uses_iq2_order(gate: DeviceWeight) -> bool:
 
 
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
-                 cfg: Int8MoeConfig, pdl: bool = False):
+                 cfg: Int8MoeConfig, pdl: bool = False, quant_h: int = 0):
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
-    (SwiGLU of the slot's expert, routed)."""
+    (SwiGLU of the slot's expert, routed); quant_h = 1 or 3 (needs fuses_quant_h(cfg)): instead
+    quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
@@ -713,15 +783,29 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     kstep = _kstep(D // (IQ2_PAIR if uses_iq2_order(gate) else QK), cfg.kstep_gate_up)
     bn = cfg.block_n_gate_up
     h = blocks.empty((T * K, F), xq.device)
+    if quant_h:
+        if not fuses_quant_h(cfg) or quant_h not in (1, LIMBS_FP32):
+            raise ValueError(f"quant_h={quant_h} needs limbs 1 or {LIMBS_FP32} and fuse_quant_h with a tile "
+                             f"dividing {QK} (block_n_gate_up={bn})")
+        hq = empty_i32((T * K, F // 4) if quant_h == 1 else (quant_h, T * K, F // 4), xq.device)
+        hs = empty_i32((T * K, F // SUM_GROUP), xq.device)
+        hd = blocks.empty((T * K, F // QK), xq.device)
+        cnt = block_counters(xq.device, T * K * (F // QK))
+        qh_args = (hq, hd, hs, cnt)
+        qh_strides = (hq.stride(-2), hd.stride(0), hs.stride(0), _plane_stride(hq))
+    else:
+        qh_args, qh_strides = (h, h, h, h), (0, 0, 0, 0)
     _gate_up_int8_kernel[(T * K, triton.cdiv(F, bn))](
-        xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w,
-        xq.stride(-2), xd.stride(0), xs.stride(0), h.stride(0), _plane_stride(xq), LIMBS=_limbs(xq),
-        FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
+        xq, xd, xs, sel, weights, h, gw, uw, gate.sel16, *qh_args, F, D, K, float(clamp), stride_w,
+        xq.stride(-2), xd.stride(0), xs.stride(0), h.stride(0), _plane_stride(xq), *qh_strides, LIMBS=_limbs(xq),
+        QH=bool(quant_h), FMT=int(gate.fmt), BLOCK_N=bn, KSTEP=kstep, ASM=asm,
         PF=cfg.prefetch_gate_up, PDL=pdl, XV=cfg.x_vec_gate_up and asm,
         SV=cfg.scale_vec_gate_up and asm and gate.fmt == QuantFormat.Q4_K and _aligned16(gw, stride_w)
         and _aligned16(uw, stride_w),
-        num_warps=cfg.warps_gate_up, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_gate_up, asm))
-    return h
+        num_warps=cfg.warps_gate_up, **pdl_launch(pdl), **_maxnreg(cfg.maxnreg_gate_up, asm),
+        # the fused quantizer's rint must see the rounded product: off the PTX path, no FMA contraction at all
+        **({"enable_fp_fusion": False} if quant_h and not asm else {}))
+    return (hq, hd, hs) if quant_h else h
 
 
 def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False):
@@ -762,9 +846,11 @@ TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
+    # h quantized by the gate/up kernel (three launches): the whole q4 call 41.3 -> 39.3 us, bitwise equal
+    # (h200_decode/54); on the q2 tiles (3072 one-warp programs) and on three planes it measured slower
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
-                                    scale_vec_gate_up=True),
+                                    scale_vec_gate_up=True, fuse_quant_h=True),
 }
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
@@ -775,7 +861,7 @@ TUNED_LIMB3 = {
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True),
     QuantFormat.Q4_K: replace(TUNED[QuantFormat.Q4_K], block_n_down=8, warps_down=2, prefetch_down=False,
-                              x_vec_down=True, unroll_down=True),
+                              x_vec_down=True, unroll_down=True, fuse_quant_h=False),
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
@@ -797,8 +883,8 @@ _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
             "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
             "activation loads, at most 128 registers; Q4_K "
-            "32 rows x 4 warps with its scale words by 16-byte loads / 2 rows, 1 warp, prefetch), programmatic "
-            "dependent launch on sm_90+",
+            "32 rows x 4 warps with its scale words by 16-byte loads, h quantized in that kernel / 2 rows, 1 warp, "
+            "prefetch), programmatic dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",

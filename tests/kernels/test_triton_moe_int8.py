@@ -46,15 +46,24 @@ def poison_i32(monkeypatch):
 
 @pytest.fixture
 def capture_h(monkeypatch):
-    """Records every input of moe_int8.quant_q8_k: [u, h] for one fused_int8 call."""
+    """Records every input of moe_int8.quant_q8_k: [u, h] for one fused_int8 call. Where the gate/up kernel
+    quantizes h itself (fuse_quant_h), h is the same kernel's output with quant_h off (the same tile and sums:
+    test_fused_quant_h_exact checks that its Q8_K equals quant_q8_k of that h bit for bit)."""
     seen = []
     orig = moe_int8.quant_q8_k
+    orig_gate_up = moe_int8.gate_up_int8
 
     def rec(x, **kw):
         seen.append(x.detach().clone())
         return orig(x, **kw)
 
+    def rec_gate_up(*args, quant_h=0, **kw):
+        if quant_h:
+            seen.append(orig_gate_up(*args, **kw).detach().clone())
+        return orig_gate_up(*args, quant_h=quant_h, **kw)
+
     monkeypatch.setattr(moe_int8, "quant_q8_k", rec)
+    monkeypatch.setattr(moe_int8, "gate_up_int8", rec_gate_up)
     return seen
 
 
@@ -240,6 +249,48 @@ def test_unroll_down_bitwise(recipe, poison, poison_i32):
     assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
 
 
+@pytest.mark.parametrize("recipe,limbs", [("q2", 1), ("q4", 1), ("q2", 3), ("q4", 3)])
+def test_fused_quant_h_exact(recipe, limbs, poison, poison_i32):
+    """fuse_quant_h: with two gate/up programs per 256-block (the later one quantizes), the kernel's own Q8_K of h
+    (codes, scales, sums; one plane and three) is quant_q8_k of its h bit for bit, the arrival counters are back
+    at zero after each call, and the whole call is bitwise the unfused one, twice."""
+    (gate, up, down, u, sel, wts), _ = make_problem(recipe, 3, 256, 512, 1, 2, seed=73)
+    dev = detect_device(DEVICE)
+    asm = moe_int8.use_asm(dev, u)
+    cfg = moe_int8.Int8MoeConfig(block_n_gate_up=128, kstep_gate_up=1, warps_gate_up=4, block_n_down=256,
+                                 kstep_down=1, cpu_widen=False)
+    fused = replace(cfg, fuse_quant_h=True)
+    assert moe_int8.fuses_quant_h(fused) and not moe_int8.fuses_quant_h(cfg)
+    uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
+    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, asm, cfg)
+    assert torch.isfinite(h).all()
+    counters = moe_int8.block_counters(u.device, 1)
+    for _ in range(2):
+        got = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, asm, fused, quant_h=limbs)
+        want = moe_int8.quant_q8_k(h, limbs=limbs)
+        for name, g, w in zip(("codes", "scales", "sums"), got, want):
+            assert g.shape == w.shape and torch.equal(g.view(torch.int32), w.view(torch.int32)), name
+        assert not counters.any(), "every 256-block's last program resets its counter"
+    y0 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, cfg, limbs)
+    assert torch.isfinite(y0).all()
+    for _ in range(2):
+        y1 = moe_int8.fused_int8(u, gate, up, down, sel, wts, CLAMP, dev, fused, limbs)
+        assert torch.equal(y0.view(torch.int32), y1.view(torch.int32))
+
+
+def test_fused_quant_h_needs_a_dividing_tile():
+    """A gate/up tile that does not divide 256 keeps the quantizer launch (fused_int8) and is refused by name
+    where the caller asks gate_up_int8 for the fused quantizer."""
+    (gate, up, down, u, sel, wts), _ = make_problem("q4", 3, 256, 256, 1, 2, seed=74)
+    cfg = moe_int8.Int8MoeConfig(block_n_gate_up=512, fuse_quant_h=True, cpu_widen=False)
+    assert not moe_int8.fuses_quant_h(cfg)
+    uq = moe_int8.quant_q8_k(u)
+    with pytest.raises(ValueError, match="fuse_quant_h"):
+        moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, False, cfg, quant_h=1)
+    with pytest.raises(ValueError, match="limbs"):
+        moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, False, replace(cfg, block_n_gate_up=128), quant_h=2)
+
+
 # ---- fp32-grade activations: three int8 planes (limbs=3, variant int8_limb3) ----------------------------
 
 def torch_limb_parts(x: torch.Tensor):
@@ -339,14 +390,17 @@ def comp(fn, sig, const, options=None):
             "fma": ptx.count("fma.rn.f32"), "div_rn": ptx.count("div.rn.f32"), "cubin": len(k.asm["cubin"]),
             "prmt_asm": sum(c.count(";") == 1 for c in code if "prmt.b32" in c),
             "gdc": ptx.count("griddepcontrol.wait") + ptx.count("griddepcontrol.launch_dependents"),
+            "mul_rn": sum(c.count(";") == 1 for c in code if "mul.rn.f32" in c), "atom": ptx.count("atom."),
             "v4": ptx.count("ld.global.v4.b32")}
 
 i32, f32 = "i32", "fp32"
 gu = dict(xq_ptr="*i32", xd_ptr="*fp32", xs_ptr="*i32", sel_ptr="*i64", wts_ptr="*fp32", h_ptr="*fp32",
-          gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
-          stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, stride_xl=i32, FMT="constexpr",
+          gw_ptr="*i32", uw_ptr="*i32", sel16_ptr="*i16", hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32",
+          cnt_ptr="*i32", F=i32, D=i32, KSEL=i32, clamp=f32, stride_w=i32,
+          stride_xq=i32, stride_xd=i32, stride_xs=i32, stride_ht=i32, stride_xl=i32, stride_hq=i32, stride_hd=i32,
+          stride_hs=i32, stride_hl=i32, FMT="constexpr",
           BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr", PF="constexpr",
-          PDL="constexpr", XV="constexpr", SV="constexpr", LIMBS="constexpr")
+          PDL="constexpr", XV="constexpr", SV="constexpr", LIMBS="constexpr", QH="constexpr")
 dn = dict(hq_ptr="*i32", hd_ptr="*fp32", hs_ptr="*i32", sel_ptr="*i64", out_ptr="*fp32", w_ptr="*i32", F=i32,
           D=i32, KSEL=i32, stride_w=i32, stride_hq=i32, stride_hd=i32, stride_hs=i32, stride_ot=i32, stride_hl=i32,
           FMT="constexpr", BLOCK_N="constexpr", KSTEP="constexpr", ASM="constexpr",
@@ -359,10 +413,10 @@ out = {
     "quant_limb3": comp(m._q8k_quant_kernel, qt, dict(IQ2_ORDER=True, PDL=True, LIMBS=3), m.QUANT_LAUNCH),
     "gate_up_iq2": comp(m._gate_up_int8_kernel, gu, dict(FMT=16, BLOCK_N=c.block_n_gate_up,
                         KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True,
-                        SV=False, LIMBS=1)),
+                        SV=False, LIMBS=1, QH=False)),
     "gate_up_q4k": comp(m._gate_up_int8_kernel, gu, dict(FMT=12, BLOCK_N=c.block_n_gate_up,
                         KSTEP=c.kstep_gate_up, ASM=True, PF=c.prefetch_gate_up, PDL=True, XV=True,
-                        SV=True, LIMBS=1)),
+                        SV=True, LIMBS=1, QH=False)),
     "down_q2k": comp(m._down_int8_kernel, dn, dict(FMT=10, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
                      ASM=True, PF=c.prefetch_down, PDL=True, XV=True, SV=False, STEPS=0, LIMBS=1)),
     "down_q4k": comp(m._down_int8_kernel, dn, dict(FMT=12, BLOCK_N=c.block_n_down, KSTEP=c.kstep_down,
@@ -374,10 +428,14 @@ for name in ("gate_up_iq2", "gate_up_q4k", "down_q2k", "down_q4k"):  # the same 
     cx = dict(FMT={"gate_up_iq2": 16, "gate_up_q4k": 12, "down_q2k": 10, "down_q4k": 12}[name], ASM=True, PDL=True,
               XV=True, SV=name.endswith("q4k"), LIMBS=3)
     if name.startswith("gate"):
-        cx.update(BLOCK_N=c.block_n_gate_up, KSTEP=c.kstep_gate_up, PF=c.prefetch_gate_up)
+        cx.update(BLOCK_N=c.block_n_gate_up, KSTEP=c.kstep_gate_up, PF=c.prefetch_gate_up, QH=False)
     else:
         cx.update(BLOCK_N=c.block_n_down, KSTEP=c.kstep_down, PF=c.prefetch_down, STEPS=0)
     out[name + "_limb3"] = comp(fn, sig, cx)
+for limbs in (1, 3):  # h quantized in the gate/up kernel (fuse_quant_h): its products by mul.rn, never contracted
+    out[f"gate_up_iq2_qh{limbs}"] = comp(m._gate_up_int8_kernel, gu, dict(
+        FMT=16, BLOCK_N=4, KSTEP=2, ASM=True, PF=True, PDL=True, XV=False, SV=False, LIMBS=limbs, QH=True),
+        {"num_warps": 1})
 t = m.TUNED[m.QuantFormat.IQ2_XXS]  # the tuned Q2_K down kernel under its register cap
 k = triton.compile(ASTSource(fn=m._down_int8_kernel, signature=dn, constexprs=dict(
     FMT=10, BLOCK_N=t.block_n_down, KSTEP=t.kstep_down, ASM=True, PF=False, PDL=True, XV=t.x_vec_down, SV=False,
@@ -411,6 +469,12 @@ def test_ptx_path_compiles_for_sm90():
         assert res[name]["cubin"] > 0 and res[name + "_limb3"]["cubin"] > 0
     for q in ("quant", "quant_limb3"):
         assert res[q]["fma"] == 0 and res[q]["div_rn"] >= 2 and res[q]["asm_blocks"] == 0, res[q]
+    # the fused h quantizer: its 256 products per block (8 per lane of the one warp) as single mul.rn asm blocks,
+    # IEEE divisions, the arrival counter's add and reset; the unfused kernels have neither
+    for limbs in (1, 3):
+        qh = res.pop(f"gate_up_iq2_qh{limbs}")
+        assert qh["mul_rn"] == 256 // 32 and qh["div_rn"] >= 2 and qh["atom"] >= 2 and qh["gdc"] == 2, qh
+    assert all(r["mul_rn"] == 0 and r["atom"] == 0 for r in res.values()), res
     # programmatic dependent launch: one wait and one launch_dependents per kernel
     assert all(r["gdc"] == 2 for r in res.values()), {k: r["gdc"] for k, r in res.items()}
     # the selector IQ2_XXS decode: one single-instruction prmt per dp4a (4 signed magnitudes each); three planes
