@@ -5,7 +5,9 @@ int32 word, one fp32 scale per 256, code sums per 16); `_gate_up_int8_kernel` (o
 BLOCK_N rows)) dots IQ2_XXS or Q4_K gate/up rows with those words (dp4a), applies block scales once per
 super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the same way; then
 `_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
-slots in order (no atomics: bitwise reproducible). Semantics are `TorchOps(act_quant=True).moe`: the
+slots in order (no atomics in any sum: bitwise reproducible). With `fuse_quant_h` (TUNED's Q4_K) the gate/up
+kernel quantizes h itself, three launches: the program that stores the last rows of a 256-block (an arrival
+counter per block) quantizes it, with the same result whichever program that is. Semantics are `TorchOps(act_quant=True).moe`: the
 integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
 TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 512-byte table of
 16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4 signed
@@ -756,8 +758,8 @@ COUNTERS_MIN = 4096  # Flash at T = 8: 8 tokens x 6 slots x 2048 / 256 = 384
 
 def block_counters(device, n: int):
     """n zeroed int32 arrival counters on device, kept across calls (each block's last program resets its own;
-    one stream at a time, as every decode kernel here). Allocated on the first (eager) call, before any graph
-    capture."""
+    one stream at a time, as every decode kernel here). Allocated by the first call that needs more, so a CUDA
+    graph should be captured after an eager call (as bench_kernels and the probes do)."""
     key = torch.device(device)
     c = _COUNTERS.get(key)
     if c is None or c.numel() < n:
