@@ -35,11 +35,15 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 WORD_GROUPS = 2  # a lane holds 4 of a block's 8 code words: two lanes per 32-code block
+WORDS_PER_LANE = 8 // WORD_GROUPS  # one 16-byte load
 LANES_PER_BLOCK_ROW = 32 // WORD_GROUPS  # blocks side by side in one warp's step
 CODES_PER_WARP_STEP = LANES_PER_BLOCK_ROW * 32
 MAX_SPLIT = 64  # the exchange tree's depth limit (6 levels)
 
 if HAVE_GLUON:
+    _WORD_GROUPS: gl.constexpr = gl.constexpr(WORD_GROUPS)
+    _WORDS_PER_LANE: gl.constexpr = gl.constexpr(WORDS_PER_LANE)
+    _LANES_PER_BLOCK_ROW: gl.constexpr = gl.constexpr(LANES_PER_BLOCK_ROW)
     # (F32_MAGIC_BITS | (code ^ 0x80)) read as fp32, minus F32_MAGIC_OFFSET (2^23 + 128), is the signed code
 
     @gluon.jit
@@ -47,13 +51,15 @@ if HAVE_GLUON:
                          off_s, BN: gl.constexpr, WARPS: gl.constexpr, PF: gl.constexpr, SPLIT: gl.constexpr,
                          PDL: gl.constexpr):
         """y[n] = sum_k x[g(n), k] * d[n, k // 32] * q[n, k] for rows pid*BN .. +BN, g(n) = n // R; program
-        axis 1 takes K slice pid_k of k_split codes. Step tile [BN rows, 16*WARPS blocks, 8 words]."""
-        L4: gl.constexpr = gl.BlockedLayout([BN, 1, 4, 4], [1, 16, 2, 1], [1, WARPS, 1, 1], [3, 2, 1, 0])
+        axis 1 takes K slice pid_k of k_split codes. Step tile [BN rows, 16*WARPS blocks, 8 words] (x: 4 bytes per
+        word): a lane holds WORDS_PER_LANE words of one block for every row, a warp LANES_PER_BLOCK_ROW blocks."""
+        L4: gl.constexpr = gl.BlockedLayout([BN, 1, _WORDS_PER_LANE, 4], [1, _LANES_PER_BLOCK_ROW, _WORD_GROUPS, 1],
+                                            [1, WARPS, 1, 1], [3, 2, 1, 0])
         L3: gl.constexpr = gl.SliceLayout(3, L4)  # [BN, NB, 8] code words
         LX: gl.constexpr = gl.SliceLayout(0, L4)  # [NB, 8, 4] x
         LS: gl.constexpr = gl.SliceLayout(2, L3)  # [BN, NB] scales
         LR: gl.constexpr = gl.SliceLayout(1, LS)  # [BN] rows
-        NB: gl.constexpr = 16 * WARPS
+        NB: gl.constexpr = _LANES_PER_BLOCK_ROW * WARPS
         BK: gl.constexpr = NB * 32
         pid = gl.program_id(0)
         pid_k = gl.program_id(1)
