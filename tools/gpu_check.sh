@@ -10,6 +10,14 @@
 # stays within ~9.5 minutes. Wheels for missing packages (gguf, tokenizers, ...) go in .whl/ (no index), pytest-xdist
 # and execnet among them: pyproject's pytest options name -n (the GPU tests run in 4 processes on the one GPU).
 set -u
+# The tree's own fingerprint (the box's copy of .git may be stale, so a commit name alone can be wrong): a digest
+# of the source files' contents. `bash tools/gpu_check.sh --digest` prints it here, on a checkout, to match a run.
+sources_digest() {
+  find dsv4 tools tests notebooks pyproject.toml -type f \( -name '*.py' -o -name '*.sh' -o -name '*.json' \
+    -o -name '*.toml' -o -name '*.ipynb' \) -not -path '*/results/*' -not -path '*/__pycache__/*' -print0 \
+    | LC_ALL=C sort -z | xargs -0 sha1sum | sha1sum | cut -c1-12
+}
+if [ "${1:-}" = "--digest" ]; then sources_digest; exit 0; fi
 OUT="${OUT:-/tmp/gpu_check_out}"
 mkdir -p "$OUT"
 START=$(date +%s)
@@ -37,6 +45,7 @@ step() {
 {
   echo "date: $(date -u)"; echo "host: $(hostname)"; echo "pwd: $PWD"
   echo "commit: $(cat COMMIT 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  echo "sources digest: $(sources_digest)  (bash tools/gpu_check.sh --digest on a checkout gives the same for the same tree)"
   nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem --format=csv 2>&1 || rocm-smi 2>&1 | head -20
   python3 -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'hip', getattr(torch.version, 'hip', None), 'triton', triton.__version__)" 2>&1
 } > "$OUT/env.txt" 2>&1
