@@ -255,6 +255,9 @@ Q8PFE_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 256, 2, 0), (8, 512, 2, 0
 # `qh`: h quantized inside the gate/up kernel (Int8MoeConfig.fuse_quant_h: three launches instead of four) on the
 # tuned configs and on these gate/up tiles (rows, K step, warps, prefetch), one plane and three
 QH_GATE_UP_TILES = [(4, 2, 1, True), (8, 1, 1, True), (8, 2, 1, True), (16, 2, 2, True), (32, 2, 4, False)]
+QH_REG_CAPS = (128, 168)  # the fused three-plane Q4_K gate/up kernel took 180 registers, 128 unfused (55)
+# `qh_reg`: register caps of the gate/up kernel above 128 (41 tried 64-128 only), with the h quantizer fused and not
+QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -373,7 +376,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, xv, xv_sweep, limb, reg")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -526,12 +529,16 @@ def main(argv=None) -> int:
                         lambda cfg: chain_down_ms(hs, down, sels, cfg, L), dn_bytes, "limb3 ")
             del gate, up, down
 
-    if "qh" in args.parts:  # the fused h quantizer, whole calls interleaved twice, outputs compared bitwise
+    if "qh" in args.parts or "qh_tuned" in args.parts:  # the fused h quantizer, whole calls interleaved twice, outputs compared bitwise
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                base = replace(base, fuse_quant_h=False)
                 cases = [("tuned", base), ("tuned fuse_quant_h", replace(base, fuse_quant_h=True))] + [
+                    (f"tuned fuse_quant_h maxnreg {cap}", replace(base, fuse_quant_h=True, maxnreg_gate_up=cap))
+                    for cap in QH_REG_CAPS] + [
                     (f"{name} fuse_quant_h", cfg) for name, cfg in
-                    (gate_up_tile(base, tile, fuse_quant_h=True) for tile in QH_GATE_UP_TILES)]
+                    (gate_up_tile(base, tile, fuse_quant_h=True) for tile in QH_GATE_UP_TILES)
+                    if "qh" in args.parts]
                 ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
                 for rep in range(2):
                     for name, cfg in cases:
@@ -539,6 +546,22 @@ def main(argv=None) -> int:
                         same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
                         row(f"moe_{recipe}", f"limbs={limbs} {name}", f"whole ({same})",
                             whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
+            del gate, up, down
+
+    if "qh_reg" in args.parts:  # whole calls, interleaved twice, outputs compared bitwise with the unfused uncapped call
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                base = replace(base, fuse_quant_h=False, maxnreg_gate_up=0)
+                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
+                for rep in range(2):
+                    for qh in (False, True):
+                        for cap in QH_REG_SWEEP:
+                            cfg = replace(base, fuse_quant_h=qh, maxnreg_gate_up=cap)
+                            y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
+                            same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
+                            row(f"moe_{recipe}", f"limbs={limbs}{' fuse_quant_h' if qh else ''} gate_up maxnreg {cap}",
+                                f"whole ({same})", whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs),
+                                gu_bytes + dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

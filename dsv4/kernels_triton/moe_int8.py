@@ -848,22 +848,27 @@ TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
-    # h quantized by the gate/up kernel (three launches): the whole q4 call 41.3 -> 39.3 us, bitwise equal
-    # (h200_decode/54); on the q2 tiles (3072 one-warp programs) and on three planes it measured slower
+    # h quantized by the gate/up kernel (three launches), that kernel capped at 168 registers (the most that keeps
+    # three 4-warp programs per SM; uncapped ptxas stays lower and schedules worse): the whole q4 call 40.8-41.0 ->
+    # 36.3 us, bitwise equal (h200_decode/54, 56, 57); on q2 (3072 one-warp programs) fusing measured slower: the
+    # fused kernel grows by more than the quantizer launch it saves (55)
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
-                                    scale_vec_gate_up=True, fuse_quant_h=True),
+                                    scale_vec_gate_up=True, fuse_quant_h=True, maxnreg_gate_up=168),
 }
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
 # loads (25.6 -> 22.9 us); Q2_K down unrolled, 4 rows x 4 warps, 16-byte loads (19.5 -> 17.3); Q4_K gate/up as
-# TUNED (31.9); Q4_K down unrolled, 8 rows x 2 warps, 16-byte loads (25.2 -> 21.7).
+# TUNED (31.9); Q4_K down unrolled, 8 rows x 2 warps, 16-byte loads (25.2 -> 21.7). h200_decode/57 (gate/up register
+# caps above 128, fused h quantizer or not): Q4_K as TUNED, h fused and 168 registers (whole call 57.1 -> 50.6 us,
+# without the cap the fused kernel takes 180 registers and is slower: 64.0); IQ2_XXS gate/up at 168 registers,
+# h not fused (40.8 -> 40.0-40.1 us; fused 40.5-40.7)
 TUNED_LIMB3 = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
-                                       x_vec_down=True, unroll_down=True),
+                                       x_vec_down=True, unroll_down=True, maxnreg_gate_up=168),
     QuantFormat.Q4_K: replace(TUNED[QuantFormat.Q4_K], block_n_down=8, warps_down=2, prefetch_down=False,
-                              x_vec_down=True, unroll_down=True, fuse_quant_h=False),
+                              x_vec_down=True, unroll_down=True),
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
@@ -885,8 +890,8 @@ _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
             "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
             "activation loads, at most 128 registers; Q4_K "
-            "32 rows x 4 warps with its scale words by 16-byte loads, h quantized in that kernel / 2 rows, 1 warp, "
-            "prefetch), programmatic dependent launch on sm_90+",
+            "32 rows x 4 warps with its scale words by 16-byte loads, h quantized in that kernel, at most 168 "
+            "registers / 2 rows, 1 warp, prefetch), programmatic dependent launch on sm_90+",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",
