@@ -258,6 +258,8 @@ QH_GATE_UP_TILES = [(4, 2, 1, True), (8, 1, 1, True), (8, 2, 1, True), (16, 2, 2
 QH_REG_CAPS = (128, 168)  # the fused three-plane Q4_K gate/up kernel took 180 registers, 128 unfused (55)
 # `qh_reg`: register caps of the gate/up kernel above 128 (41 tried 64-128 only), with the h quantizer fused and not
 QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
+# `dreg`: register caps of the down kernel above 128 on the tuned configs (the three-plane Q4_K down took 255, 55)
+DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -376,7 +378,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, xv, xv_sweep, limb, reg")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -562,6 +564,19 @@ def main(argv=None) -> int:
                             row(f"moe_{recipe}", f"limbs={limbs}{' fuse_quant_h' if qh else ''} gate_up maxnreg {cap}",
                                 f"whole ({same})", whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs),
                                 gu_bytes + dn_bytes)
+            del gate, up, down
+
+    if "dreg" in args.parts:  # whole calls, interleaved twice, outputs compared bitwise with the tuned call
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
+                for rep in range(2):
+                    for cap in DOWN_REG_SWEEP:
+                        cfg = replace(base, maxnreg_down=cap)
+                        y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
+                        same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
+                        row(f"moe_{recipe}", f"limbs={limbs} tuned, down maxnreg {cap}", f"whole ({same})",
+                            whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice
