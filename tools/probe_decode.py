@@ -172,6 +172,44 @@ def rel_diff(y, ref) -> float:
     return ((y - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
 
 
+def time_whole_cases(row, recipe, limbs, cases, problem, dev, nbytes):
+    """Each (label, Int8MoeConfig) of cases as whole moe_int8 calls on `limbs` activation planes, interleaved twice,
+    outputs compared bitwise with the first case's; problem = (u, gate, up, down, sels, wts) of moe_cases."""
+    u, gate, up, down, sels, wts = problem
+    ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cases[0][1], limbs)
+    for _ in range(2):
+        for label, cfg in cases:
+            y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
+            same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
+            row(f"moe_{recipe}", f"limbs={limbs} {label}", f"whole ({same})",
+                whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), nbytes)
+
+
+def qh_cases(tuned, tiles: bool = True):
+    """`qh`: the tuned config with the h quantizer launched, fused, fused under QH_REG_CAPS, and (tiles) fused on
+    QH_GATE_UP_TILES."""
+    base = replace(tuned, fuse_quant_h=False)
+    cases = [("tuned", base), ("tuned fuse_quant_h", replace(base, fuse_quant_h=True))]
+    cases += [(f"tuned fuse_quant_h maxnreg {cap}", replace(base, fuse_quant_h=True, maxnreg_gate_up=cap))
+              for cap in QH_REG_CAPS]
+    if tiles:
+        cases += [(f"{name} fuse_quant_h", cfg)
+                  for name, cfg in (gate_up_tile(base, tile, fuse_quant_h=True) for tile in QH_GATE_UP_TILES)]
+    return cases
+
+
+def qh_reg_cases(tuned):
+    """`qh_reg`: gate/up register caps QH_REG_SWEEP, with the h quantizer launched and fused."""
+    base = replace(tuned, fuse_quant_h=False, maxnreg_gate_up=0)
+    return [(f"{'fuse_quant_h ' if qh else ''}gate_up maxnreg {cap}",
+             replace(base, fuse_quant_h=qh, maxnreg_gate_up=cap)) for qh in (False, True) for cap in QH_REG_SWEEP]
+
+
+def dreg_cases(tuned):
+    """`dreg`: down-kernel register caps DOWN_REG_SWEEP on the tuned config."""
+    return [(f"tuned, down maxnreg {cap}", replace(tuned, maxnreg_down=cap)) for cap in DOWN_REG_SWEEP]
+
+
 def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
     return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s,
@@ -378,7 +416,8 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, xv, xv_sweep, limb, reg")
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
+                         "xv, xv_sweep, limb, reg")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -531,52 +570,15 @@ def main(argv=None) -> int:
                         lambda cfg: chain_down_ms(hs, down, sels, cfg, L), dn_bytes, "limb3 ")
             del gate, up, down
 
-    if "qh" in args.parts or "qh_tuned" in args.parts:  # the fused h quantizer, whole calls interleaved twice, outputs compared bitwise
+    whole_parts = {"qh": qh_cases, "qh_tuned": lambda tuned: qh_cases(tuned, tiles=False), "qh_reg": qh_reg_cases,
+                   "dreg": dreg_cases}
+    if any(part in args.parts for part in whole_parts):  # whole moe_int8 calls per recipe and plane count
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                base = replace(base, fuse_quant_h=False)
-                cases = [("tuned", base), ("tuned fuse_quant_h", replace(base, fuse_quant_h=True))] + [
-                    (f"tuned fuse_quant_h maxnreg {cap}", replace(base, fuse_quant_h=True, maxnreg_gate_up=cap))
-                    for cap in QH_REG_CAPS] + [
-                    (f"{name} fuse_quant_h", cfg) for name, cfg in
-                    (gate_up_tile(base, tile, fuse_quant_h=True) for tile in QH_GATE_UP_TILES)
-                    if "qh" in args.parts]
-                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
-                for rep in range(2):
-                    for name, cfg in cases:
-                        y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
-                        same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
-                        row(f"moe_{recipe}", f"limbs={limbs} {name}", f"whole ({same})",
-                            whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
-            del gate, up, down
-
-    if "qh_reg" in args.parts:  # whole calls, interleaved twice, outputs compared bitwise with the unfused uncapped call
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                base = replace(base, fuse_quant_h=False, maxnreg_gate_up=0)
-                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
-                for rep in range(2):
-                    for qh in (False, True):
-                        for cap in QH_REG_SWEEP:
-                            cfg = replace(base, fuse_quant_h=qh, maxnreg_gate_up=cap)
-                            y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
-                            same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
-                            row(f"moe_{recipe}", f"limbs={limbs}{' fuse_quant_h' if qh else ''} gate_up maxnreg {cap}",
-                                f"whole ({same})", whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs),
-                                gu_bytes + dn_bytes)
-            del gate, up, down
-
-    if "dreg" in args.parts:  # whole calls, interleaved twice, outputs compared bitwise with the tuned call
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, base in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, base, limbs)
-                for rep in range(2):
-                    for cap in DOWN_REG_SWEEP:
-                        cfg = replace(base, maxnreg_down=cap)
-                        y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
-                        same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
-                        row(f"moe_{recipe}", f"limbs={limbs} tuned, down maxnreg {cap}", f"whole ({same})",
-                            whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
+            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                for part, make_cases in whole_parts.items():
+                    if part in args.parts:
+                        time_whole_cases(row, recipe, limbs, make_cases(tuned), (u, gate, up, down, sels, wts), dev,
+                                         gu_bytes + dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice
