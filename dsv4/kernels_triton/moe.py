@@ -528,7 +528,7 @@ def moe_float(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8
 
 def moe_auto(u, gate, up, down, sel, weights, clamp, dev, decode_max_t: int = 8):
     """Few tokens: moe_int8 on fp32-grade activations (three int8 planes, variant int8_limb3, TUNED_LIMB3 tiles;
-    H200, graph replay, T=1: q2 39.1 / q4 56.3 us against fused_blockdot's 88.9 / 91.8, tools/results/h200_final16),
+    H200, graph replay, T=1: q2 40.0 / q4 50.2 us against fused_blockdot's 88.6 / 91.6, tools/results/h200_final27),
     which hands formats and shapes it does not take to fused_blockdot; on ROCm fused_blockdot (the dp4a path is
     PTX, the plain-Triton byte products there are unmeasured). Above: moe_prefill's grouped GEMM with per-group decoding
     and its per-format tiles (H200, 2026-11-28, T=2048: 4.2 / 3.5 ms for q2 / q4, tools/results/h200_final5;
