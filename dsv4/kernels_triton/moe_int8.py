@@ -5,16 +5,17 @@ int32 word, one fp32 scale per 256, code sums per 16); `_gate_up_int8_kernel` (o
 BLOCK_N rows)) dots IQ2_XXS or Q4_K gate/up rows with those words (dp4a), applies block scales once per
 super-block, then clamp/SwiGLU/route weight into h [T*K, F]; h is quantized the same way; then
 `_down_int8_kernel` (one program per (token, BLOCK_N rows)) dots Q2_K or Q4_K down rows and sums the K
-slots in order (no atomics in any sum: bitwise reproducible). With `fuse_quant_h` (TUNED's Q4_K) the gate/up
+slots in order (no atomics in any sum: bitwise reproducible). With `fuse_quant_h` (the Q4_K configs) the gate/up
 kernel quantizes h itself, three launches: the program that stores the last rows of a 256-block (an arrival
-counter per block) quantizes it, with the same result whichever program that is. Semantics are `TorchOps(act_quant=True).moe`: the
-integer sums are exact, only the fp32 epilogue order differs (so selecting this variant in a float-mode
-TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through byte-permute selectors: a 512-byte table of
-16-bit level records (blocks.iq2_sel16) spread to nibbles in registers, the 8 signs ORed in, one prmt per 4 signed
-magnitudes (u's codes are quantized in the matching byte order). On sm_90+ every launch uses programmatic dependent
-launch: weight words (and the expert ids, two launches old) are loaded before griddepcontrol.wait, activations
-after it. Activation words can be read by 16-byte loads (blocks.load4: Triton keeps four word loads of one thread
-apart, and each costs L1 wavefronts), per stage (x_vec_*). Tiles per gate/up format: TUNED (H200 sweeps).
+counter per block) quantizes it, with the same result whichever program that is.
+Semantics are `TorchOps(act_quant=True).moe`: the integer sums are exact, only the fp32 epilogue order differs (so
+selecting this variant in a float-mode TritonOps gives ds4's activation rounding). IQ2_XXS is decoded through
+byte-permute selectors: a 512-byte table of 16-bit level records (blocks.iq2_sel16) spread to nibbles in registers,
+the 8 signs ORed in, one prmt per 4 signed magnitudes (u's codes are quantized in the matching byte order). On
+sm_90+ every launch uses programmatic dependent launch: weight words (and the expert ids, two launches old) are
+loaded before griddepcontrol.wait, activations after it. Activation words can be read by 16-byte loads
+(blocks.load4: Triton keeps four word loads of one thread apart, and each costs L1 wavefronts), per stage (x_vec_*).
+Tiles per gate/up format: TUNED (H200 sweeps).
 fp32-grade activations (`limbs=3`, variant int8_limb3, the CUDA decode default of moe.moe_auto): u and h become a
 22-bit integer per value and one scale per 256 (2^-22 of the block's max|x|), stored as three signed byte planes
 (hi, mid, lo); every decoded weight word is dotted with each plane (three exact dp4a sums, combined in fp32 as
@@ -752,19 +753,18 @@ def fuses_quant_h(cfg: Int8MoeConfig) -> bool:
     return cfg.fuse_quant_h and QK % cfg.block_n_gate_up == 0
 
 
-_COUNTERS: dict = {}  # device -> int32 arrival counters of _quant_h_last, zero between calls
 COUNTERS_MIN = 4096  # Flash at T = 8: 8 tokens x 6 slots x 2048 / 256 = 384
+_COUNTERS_PLAN = ("moe_int8", "quant_h_counters")  # their key in the gate weight's plan cache
 
 
-def block_counters(device, n: int):
-    """n zeroed int32 arrival counters on device, kept across calls (each block's last program resets its own;
-    one stream at a time, as every decode kernel here). Allocated by the first call that needs more, so a CUDA
-    graph should be captured after an eager call (as bench_kernels and the probes do)."""
-    key = torch.device(device)
-    c = _COUNTERS.get(key)
+def block_counters(gate: DeviceWeight, n: int):
+    """n zeroed int32 arrival counters of _quant_h_last, kept in the gate weight's plan cache as the Q8_0 GEMVs keep
+    their split-K slots (zero between calls: each block's last program resets its own; one stream at a time).
+    Allocated by the first call that needs more, so a CUDA graph should be captured after an eager call (as
+    bench_kernels and the probes do)."""
+    c = gate.plans.get(_COUNTERS_PLAN)
     if c is None or c.numel() < n:
-        c = torch.zeros(max(n, COUNTERS_MIN), device=key, dtype=torch.int32)
-        _COUNTERS[key] = c
+        c = gate.plans[_COUNTERS_PLAN] = torch.zeros(max(n, COUNTERS_MIN), device=gate.buf.device, dtype=torch.int32)
     return c
 
 
@@ -792,7 +792,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
         hq = empty_i32((T * K, F // 4) if quant_h == 1 else (quant_h, T * K, F // 4), xq.device)
         hs = empty_i32((T * K, F // SUM_GROUP), xq.device)
         hd = blocks.empty((T * K, F // QK), xq.device)
-        cnt = block_counters(xq.device, T * K * (F // QK))
+        cnt = block_counters(gate, T * K * (F // QK))
         qh_args = (hq, hd, hs, cnt)
         qh_strides = (hq.stride(-2), hd.stride(0), hs.stride(0), _plane_stride(hq))
     else:

@@ -167,12 +167,12 @@ def gemv_gluon(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, tile: Gluo
     from .qmatmul import _check, _plan
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
-    if not supports(x, dw, dev, groups, tile):
-        return gemv_rows_default(x, dw, dev, groups)
 
-    def build():
+    def build():  # once per (T, groups, x strides, dtype, tile) of this weight: supports() is decided here too
         import torch
 
+        if not supports(x, dw, dev, groups, tile):
+            return lambda x: gemv_rows_default(x, dw, dev, groups)
         _x, _T, N, R, stride_xg, _t = _check(x, dw, groups)
         tiles = triton.cdiv(N, tile.rows)
         use = use_pdl(dev, x)

@@ -264,7 +264,7 @@ def test_fused_quant_h_exact(recipe, limbs, poison, poison_i32):
     uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
     h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, asm, cfg)
     assert torch.isfinite(h).all()
-    counters = moe_int8.block_counters(u.device, 1)
+    counters = moe_int8.block_counters(gate, 1)
     for _ in range(2):
         got = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, asm, fused, quant_h=limbs)
         want = moe_int8.quant_q8_k(h, limbs=limbs)
