@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import (CLAMP, D, F_EXP, K_USED, MOE, N_EXPERT, bf16_tflops, median_time_ms,  # noqa: E402
                            moe_weights)
 from probe_table import ProbeTable, utc_stamp  # noqa: E402
-from dsv4.kernels_triton import moe_prefill  # noqa: E402
+from dsv4.kernels_triton import moe, moe_gluon, moe_prefill  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
 T = 2048
@@ -48,6 +48,16 @@ GATE_UP = {
     "n64 w8 s3": replace(BASE, num_warps=8),
     "swap n64 w4 s3": replace(BASE, swap=True),
     "n64 k256 w4 s2": replace(BASE, block_k=256, num_stages=2),
+}
+# the Gluon gate/up with the decoded weights as wgmma's register A operand (IQ2_XXS only)
+REGA = {
+    "rega k128": moe_gluon.RegATile(64, 128),
+    "rega k128 nopf": moe_gluon.RegATile(64, 128, prefetch=False),
+    "rega k128 r128": moe_gluon.RegATile(64, 128, maxnreg=128),
+    "rega k64": moe_gluon.RegATile(64, 64),
+    "rega k64 nopf": moe_gluon.RegATile(64, 64, prefetch=False),
+    "rega k64 nopf r80": moe_gluon.RegATile(64, 64, prefetch=False, maxnreg=80),
+    "rega m32 k64": moe_gluon.RegATile(32, 64),
 }
 DOWN = {
     "n128 k256 w8 s3": BASE,
@@ -77,6 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", nargs="+", default=list(MOE))
     ap.add_argument("--gate-up", nargs="*", default=None, help="only these gate/up configs (none: skip)")
     ap.add_argument("--down", nargs="*", default=None, help="only these down configs (none: skip)")
+    ap.add_argument("--rega", nargs="*", default=[], help="these register-A Gluon gate/up tiles too (IQ2_XXS)")
     ap.add_argument("--once", action="store_true", help="one call per config instead of timing (for ncu)")
     args = ap.parse_args(argv)
     gate_up = {k: v for k, v in GATE_UP.items() if args.gate_up is None or k in args.gate_up}
@@ -116,6 +127,18 @@ def main(argv=None) -> int:
                 ref_h = h if ref_h is None else ref_h
                 row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
             except Exception as exc:  # a config that does not compile on this Triton: record and go on
+                table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
+        for name in args.rega:
+            t = REGA[name]
+            if not moe_gluon.supports(u, gate, up, dev, t):
+                continue
+            try:
+                tiles_r = moe.expert_tiles(sel, N_EXPERT, t.block_m)
+                fn = lambda t=t, tiles_r=tiles_r: moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles_r, K_USED, t)
+                h = fn()
+                diff = "" if ref_h is None else f"{(h.float() - ref_h.float()).abs().max().item():.3g}"
+                row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
+            except Exception as exc:
                 table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
         ref_y = None
         for name, cfg in downs.items():

@@ -20,17 +20,21 @@ ahead, grid records one). Options (PrefillConfig), measured in tools/results/h20
   * fuse: gate and up rows as one [2*BLOCK_N, BLOCK_K] tile, one dot and one wait per step;
   * swap / swap_down: the weights as the dot's A operand and the expert tile's tokens as its N;
   * Q4_K words by 16-byte loads (not in the fused tile: Triton 3.6 then converts layouts every step).
-`TUNED` holds the fastest per gate/up format; moe's auto variant uses it (`grouped_v2_default`).
+`TUNED` holds the fastest per gate/up format; moe's auto variant uses it (`grouped_v2_default`). For IQ2_XXS
+experts on NVIDIA sm_90+ its gate/up stage is moe_gluon's kernel (PrefillConfig.rega: the decoded weights as
+wgmma's register operand, never in shared memory; tools/results/h200_prefill/11); this file's kernels
+everywhere else, and for every down stage.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
-from . import blocks, moe
+from . import blocks, moe, moe_gluon
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight
 from .configs import DeviceInfo, Vendor
 from ..quant.formats import QuantFormat
@@ -88,6 +92,8 @@ class PrefillConfig:
     swap: bool = False  # gate/up dot with the weights as A ([2N or N, M] accumulators), tokens as the dot's N
     swap_down: bool = False  # the same for the down kernel
     num_stages_down: int = 0  # 0: num_stages
+    rega: Any = None  # a moe_gluon.RegATile: the gate/up by the Gluon kernel with the weights as wgmma's
+    # register operand where it runs (IQ2_XXS gate/up on NVIDIA sm_90+ with Gluon), this file's kernel elsewhere
 
 
 def empty_f16(shape, device):
@@ -681,7 +687,10 @@ def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     # h in fp16: the down GEMM's operand type anyway (rounding at the store equals rounding at the load),
     # half the traffic, and the tile loads go straight to shared memory with no per-program conversion.
     # |h| <= clamp^2 * route weight stays far inside fp16 range for the model's clamp.
-    h = gate_up_stage(x16, gate, up, weights, clamp, tiles, K, dev, cfg)
+    if cfg.rega is not None and cfg.rega.block_m == cfg.block_m and moe_gluon.supports(u, gate, up, dev, cfg.rega):
+        h = moe_gluon.gate_up_stage(x16, gate, up, weights, clamp, tiles, K, cfg.rega)
+    else:
+        h = gate_up_stage(x16, gate, up, weights, clamp, tiles, K, dev, cfg)
     y = down_stage(h, down, tiles, T, K, dev, cfg)
     return y.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
 
@@ -699,9 +708,12 @@ CONFIGS = {
 # Per gate/up format, the fastest measured tiles on the H200 at T=2048 (tools/results/h200_prefill/):
 # weight words one step ahead in registers, the down GEMM with the weights as the dot's A operand.
 # IQ2_XXS/Q2_K: gate and up as one tile; Q4_K: separate tiles (16-byte word loads) and 128-input down steps.
+TRITON_TUNED_IQ2 = PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True, block_n_down=64,
+                                 block_k_down=256, num_warps_down=4, num_stages_down=3)
 TUNED = {
-    QuantFormat.IQ2_XXS: PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True,
-                                       block_n_down=64, block_k_down=256, num_warps_down=4, num_stages_down=3),
+    # the gate/up by moe_gluon where it runs (64-input steps, words one step ahead: h200_prefill/11),
+    # TRITON_TUNED_IQ2's Triton tiles elsewhere
+    QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, 64, prefetch=False)),
     QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
                                     block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
 }
@@ -733,6 +745,9 @@ for _name, _cfg in CONFIGS.items():
              doc=f"prefill: expert-sorted grouped tl.dot, weights decoded once per tile per group in words "
                  f"(M{_cfg.block_m} N{_cfg.block_n} K{_cfg.block_k}, {_cfg.num_warps} warps, "
                  f"{'fp16' if _cfg.h2 else 'fp32'} scaling)")
+register(KernelOp.MOE, "grouped_v2_triton", _variant(TRITON_TUNED_IQ2), formats=(QuantFormat.IQ2_XXS,),
+         doc="prefill: grouped_v2 with TUNED's IQ2_XXS/Q2_K tiles, both stages as Triton kernels (the tuned "
+             "path before the Gluon register-operand gate/up)")
 register(KernelOp.MOE, "grouped_v2_tuned", grouped_v2_default, formats=_FMTS,
          doc="prefill: grouped_v2 with the per-format H200 tiles (TUNED: words prefetched in registers, "
              "swapped down dot); what auto uses above the decode sizes")

@@ -1,0 +1,290 @@
+"""Routed-MoE prefill gate/up for IQ2_XXS experts with the decoded weights as wgmma's register operand
+(Gluon: NVIDIA sm_90+ only).
+
+Why: in moe_prefill's Triton kernels every decoded weight goes to shared memory and back (a store of the
+fp16 tile, then the dot's operand read), and Nsight Compute puts those kernels at 77-88 % of the L1/shared
+pipe (tools/results/h200_prefill/). Hopper's wgmma can take its A operand from registers, so here the weights
+are decoded straight into A's register layout (the weights as A: [weight rows, BK inputs], the expert tile's
+tokens as N) and only the activations pass through shared memory (copied there by cp.async, no registers).
+
+The layout trick: in A's layout (fp16, k_width 2) a lane holds, of every 32 inputs, dot positions
+2c + {0, 1, 8, 9, 16, 17, 24, 25} (c = lane % 4). A dot sums over k in any order as long as both operands
+use the same one, so dot position p is made to read input kpos(p) (input_of_dot_pos below): then a lane
+holds 8 consecutive inputs, one IQ2_XXS grid record (8 weights), of one 32-weight group per row, and
+decodes it alone (one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs). The
+activations are permuted to the same order once per call (permuted_activations). No weight word is read
+twice and nothing is dequantized to memory.
+
+The decode is moe_prefill's H2 decode (the group scale rounded to fp16, q * s rounded to fp16 once), so
+the weights equal grouped_v2's bit for bit; the sums differ from it only by fp32 summation order.
+Gluon does not run under TRITON_INTERPRET: checked natively on the GPU (tests/gpu/test_moe_gluon_gpu.py) and
+compiled for sm_90 offline in the CPU suite (tests/kernels/test_moe_gluon_compile.py).
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import triton
+
+from . import blocks
+from .blocks import DeviceWeight
+from .configs import DeviceInfo, hopper_plus
+from ..quant.tables import IQ2XXS_LEVELS
+
+try:  # Gluon ships with Triton >= 3.5
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
+                                                                 warpgroup_mma_wait)
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+ROWS = 64  # gate rows (and as many up rows) per program: one warpgroup's wgmma M each
+WARPS = 8  # two warpgroups: gate, up
+
+
+def input_of_dot_pos(p: int) -> int:
+    """The input (within its 32) that dot position p reads: bits (0, 3, 4) of p are bits (0, 1, 2) of the
+    record coordinate, bits (1, 2) the record (lane c)."""
+    return (p & ~31) | (((p >> 1) & 3) << 3) | (((p >> 4) & 1) << 2) | (((p >> 3) & 1) << 1) | (p & 1)
+
+
+def group_layout(bk: int):
+    """The [2 ROWS, bk // 8] layout of the grid records (one per element) that makes each lane own the records
+    its A registers hold: record c of a 32-group in lane bits 0-1, rows 1/2/4 in lane bits 2-4, row 8 in a
+    register, rows 16/32/64 in the warps, the 32-groups in registers."""
+    regs = [[8, 0]] + [[0, 4 << i] for i in range((bk // 32).bit_length() - 1)]
+    return gl.DistributedLinearLayout(reg_bases=regs, lane_bases=[[0, 1], [0, 2], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16 << i, 0] for i in range(WARPS.bit_length() - 1)],
+                                      block_bases=[], shape=[16 * WARPS, bk // 8])
+
+
+if HAVE_GLUON:
+    _ROWS: gl.constexpr = gl.constexpr(ROWS)
+    _HW: gl.constexpr = gl.constexpr(blocks.IQ2_HALFWORDS)
+    # renamed after Triton 3.6 (the old names raise from 3.9 on)
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    # bit i (i < 4) of a sign index to bit 2 of nibble 2i: 4 * (1 + 2^7 + 2^14 + 2^21), no carries
+    _SIGN4: gl.constexpr = gl.constexpr(0x00810204)
+    # fp16 pair (q0 * s, q1 * s) from a pair selector (code, 3, code, 3): the byte permute of 128 + q for
+    # q = +8/+25/+43 (bytes 0-2 of p) and -8/-25/-43 (of n), 0x64 in byte 3, gives (1152 + q0, 1152 + q1); minus
+    # 1152 (exact), times the fp16 scale pair (one rounding): moe_prefill's H2 decode
+    _PAIR_ASM: gl.constexpr = gl.constexpr("""{
+.reg .b32 t, k, p, n;
+mov.b32 p, 0x64AB9988;
+mov.b32 n, 0x64556778;
+prmt.b32 t, p, n, $1;
+mov.b32 k, 0x64806480;
+sub.rn.f16x2 t, t, k;
+mul.rn.f16x2 $0, t, $2;
+}""")
+
+    @gluon.jit
+    def _asm1(asm: gl.constexpr, a):
+        return gl.inline_asm_elementwise(asm, "=r,r", [a], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _pair(sel, s2):
+        return gl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r", [sel, s2], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _iq2_words(w16, w8, g, c, k0):
+        """(grid index byte, aux1 low and high halves) of records g (c = g % 4) of step k0 (BK <= 256), as
+        loaded; w16 / w8 the rows' first half-word / byte ([ROWS, 1] pointers). The step's part of the offset
+        is one scalar (block and first sub-block), the record's a constant per register."""
+        sb0 = k0 // 32  # first sub-block of the step: a multiple of BK / 32, so the records stay in its block
+        step_hw = (sb0 >> 3) * _HW + 4 * (sb0 & 7) + 1  # aux0 of the step's first sub-block
+        hw = step_hw + 4 * (g >> 2)
+        return gl.load(w8 + (2 * hw + c)), gl.load(w16 + (hw + 2)), gl.load(w16 + (hw + 3))
+
+    @gluon.jit
+    def _iq2_sel(gi, lo, hi, d, c, psel_ptr):
+        """Stage 1 of the decode, per record: (pair selectors of coordinates 0-3 and 4-7 with the signs ORed
+        in, the fp16 scale pair) from the loaded words: one 8-byte gather (iq2_pair_selectors), the signs of
+        the 7-bit index and its parity."""
+        lv = gl.load(psel_ptr + gi.to(gl.int32))
+        a1 = lo.to(gl.int32) | (hi.to(gl.int32) << 16)
+        sidx = (a1 >> (7 * c)) & 127
+        par = _asm1("popc.b32 $0, $1;", sidx) & 1  # the 8th sign: an even count of minus signs
+        sel_a = lv.to(gl.int32) | (((sidx & 15) * _SIGN4) & 0x04040404)
+        sel_b = (lv >> 32).to(gl.int32) | ((((sidx >> 4) | (par << 3)) * _SIGN4) & 0x04040404)
+        db = (d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25).to(gl.float16)
+        sb = db.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return sel_a, sel_b, sb | (sb << 16)
+
+    @gluon.jit
+    def _iq2_a(sel_a, sel_b, s2, R: gl.constexpr, BK: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """Stage 2: A [R, BK] fp16 in A_LAYOUT (dot positions of input_of_dot_pos), four fp16 pairs per
+        record."""
+        z = gl.join(gl.join(_pair(sel_a, s2), _pair(sel_a >> 16, s2)),
+                    gl.join(_pair(sel_b, s2), _pair(sel_b >> 16, s2)))  # [R, G, j1, j2] fp16 pairs
+        z = gl.reshape(z, [R, BK // 32, 4, 2, 2])
+        z = gl.permute(z, [0, 1, 4, 3, 2])  # [R, BK/32, j2, j1, c] words: positions 32w + 16j2 + 8j1 + 2c
+        z = gl.reshape(z, [R, BK // 2])
+        # the words as fp16 pairs: joined with themselves, the two elements Triton packs into one register
+        # (the new, fastest dimension) are the word's low and high halves, so this is a register move
+        zz = gl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r,r", [gl.join(z, z)], dtype=gl.float16,
+                                       is_pure=True, pack=2)
+        return gl.convert_layout(gl.reshape(zz, [R, BK]), A_LAYOUT)
+
+    @gluon.jit
+    def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
+                        F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, BM: gl.constexpr,
+                        BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr, HL: gl.constexpr):
+        """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of tile program_id(1)
+        (expert e, pair p = order[r], token t = p // KSEL) and the ROWS rows f of program_id(0). x: the
+        activations in dot-position order (permuted_activations); stride_w and up_delta in int16 words.
+
+        Two warpgroups: the first decodes and multiplies the ROWS gate rows, the second the same up rows (one
+        [2 ROWS, BK] A operand); the halves meet in the epilogue. Per step, the pair stage of the decode makes
+        A and its MMA is issued; the selector stage of the next step (the gathers, the signs) runs while the
+        MMA does, and the step ends waiting for it: no A register is live across steps, so none can be
+        overwritten under an MMA still reading it. The activation tiles go global -> shared by cp.async into
+        three buffers: the one step i fills was last read by step i - 2's MMA, which both warpgroups waited
+        for before the barrier that ends step i - 1. PF: the weight words two steps ahead instead of one."""
+        R: gl.constexpr = 2 * _ROWS
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                      instr_shape=[16, BM, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        G: gl.constexpr = BK // 8
+        pid_n = gl.program_id(0)
+        tile = gl.program_id(1)
+        e = gl.load(tile_e_ptr + tile).to(gl.int64)
+        lo = gl.load(tile_lo_ptr + tile)
+        hi = gl.load(tile_hi_ptr + tile)
+        n_steps = gl.where(hi > lo, D // BK, 0)
+        # activation rows of the tile (rows past its end repeat a valid row: their columns are never stored)
+        rm_x = gl.maximum(gl.minimum(lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)), hi - 1), 0)
+        tok = (gl.load(order_ptr + rm_x) // KSEL).to(gl.int64)
+        xp = (x_ptr + gl.expand_dims(tok * stride_xt, 1)
+              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
+        # weight rows [R]: gate rows, then the same up rows; records [R, G]
+        r2 = gl.arange(0, R, layout=gl.SliceLayout(1, GL))
+        rr = gl.minimum(pid_n * _ROWS + (r2 % _ROWS), F - 1)
+        roff = gl.expand_dims((e * F + rr) * stride_w + gl.where(r2 >= _ROWS, up_delta, 0).to(gl.int64), 1)
+        w16 = gw_ptr.to(gl.pointer_type(gl.uint16)) + roff
+        w8 = w16.to(gl.pointer_type(gl.uint8))
+        g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
+        c = g & 3
+        x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
+        acc = gl.zeros([R, BM], gl.float32, MMA)
+        _async_load(x_s.index(0), xp)
+        async_copy.commit_group()
+        k1 = gl.minimum(BK, D - BK)
+        wgi, wlo, whi = _iq2_words(w16, w8, g, c, 0)
+        sa, sb, s2 = _iq2_sel(wgi, wlo, whi, gl.load(w16).to(gl.float16, bitcast=True).to(gl.float32), c, psel_ptr)
+        if PF:
+            wgi, wlo, whi = _iq2_words(w16, w8, g, c, k1)
+        async_copy.wait_group(0)
+        fence_async_shared()
+        _barrier()
+        for step in range(0, n_steps):
+            k0 = step * BK
+            kn = gl.minimum(k0 + BK, D - BK)
+            _async_load(x_s.index((step + 1) % 3), xp + kn)
+            async_copy.commit_group()
+            if PF:  # words of step + 2 (those of step + 1 arrived during the last step)
+                ngi, nlo, nhi = _iq2_words(w16, w8, g, c, gl.minimum(k0 + 2 * BK, D - BK))
+            else:
+                wgi, wlo, whi = _iq2_words(w16, w8, g, c, kn)
+            dn = gl.load(w16 + (kn // 256) * _HW).to(gl.float16, bitcast=True).to(gl.float32)
+            a = _iq2_a(sa, sb, s2, R, BK, A_L)
+            acc = warpgroup_mma(a, x_s.index(step % 3).permute((1, 0)), acc, is_async=True)
+            sa, sb, s2 = _iq2_sel(wgi, wlo, whi, dn, c, psel_ptr)  # the next step's, under this step's MMA
+            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+            if PF:
+                wgi, wlo, whi = ngi, nlo, nhi
+            async_copy.wait_group(0)
+            fence_async_shared()
+            _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
+        # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
+        gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
+        gacc, uacc = gl.split(gu)
+        EL: gl.constexpr = gacc.type.layout
+        rm = lo + gl.arange(0, BM, layout=gl.SliceLayout(0, EL))
+        m_ok = rm < hi
+        pair = gl.load(order_ptr + rm, mask=m_ok, other=0)
+        wt = gl.load(wts_ptr + pair, mask=m_ok, other=0.0)
+        gg = gl.minimum(gacc, clamp)
+        uu = gl.minimum(gl.maximum(uacc, -clamp), clamp)
+        zz = gl.exp(-gl.abs(gg))  # sigmoid without overflow (moe._swiglu_route)
+        sig = gl.where(gg >= 0, 1.0 / (1.0 + zz), zz / (1.0 + zz))
+        h = gg * sig * uu * gl.expand_dims(wt, 0)
+        rf = pid_n * _ROWS + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, EL))
+        hp = h_ptr + gl.expand_dims(rm.to(gl.int64) * stride_ht, 0) + gl.expand_dims(rf, 1)
+        gl.store(hp, h.to(gl.float16), mask=gl.expand_dims(m_ok, 0) & gl.expand_dims(rf < F, 1))
+
+@functools.lru_cache(maxsize=None)
+def iq2_pair_selectors(device):
+    """The IQ2_XXS grid as byte-permute pair selectors, int64 [256] (2 KiB, one copy per device): word 0 holds
+    coordinates 0-3, word 1 coordinates 4-7, coordinate j's level (0..2) in nibble 2 (j % 4) and 3 (the 0x64
+    byte of _POS) in the nibble above it, so that with the signs ORed into bit 2 of the level nibbles each
+    16-bit half selects one fp16 pair (1152 + q_j, 1152 + q_j+1)."""
+    lev = IQ2XXS_LEVELS.astype(np.int64)
+    sel = np.zeros(256, dtype=np.int64)
+    for j in range(8):
+        sel |= (lev[:, j] | (3 << 4)) << (8 * j)
+    return torch.from_numpy(sel).to(device)
+
+
+def permuted_activations(x16):
+    """x [T, D] fp16 in dot-position order: input 32w + 8c + 4j2 + 2j1 + j0 at position 32w + 16j2 + 8j1 + 2c
+    + j0 (input_of_dot_pos), one copy kernel."""
+    T, D = x16.shape
+    out = torch.empty_like(x16)
+    out.view(T, D // 32, 2, 2, 4, 2).copy_(x16.view(T, D // 32, 4, 2, 2, 2).permute(0, 1, 3, 4, 2, 5))
+    return out
+
+
+def x_layout(bm: int, bk: int):
+    """Activation tile [bm, bk] copies: 8 fp16 (16 bytes) per lane, a row over bk // 8 lanes."""
+    lanes_k = min(32, bk // 8)
+    return gl.BlockedLayout([1, 8], [32 // lanes_k, lanes_k], [WARPS, 1], [1, 0])
+
+
+def pair_layout():
+    """[ROWS, bm, 2] (gate, up) in the epilogue: the pair in one thread, lanes along the rows (h's contiguous
+    dimension)."""
+    return gl.BlockedLayout([2, 1, 2], [16, 2, 1], [1, WARPS, 1], [2, 0, 1])
+
+
+@dataclass(frozen=True)
+class RegATile:
+    block_m: int = 64  # tokens per expert tile (wgmma N)
+    block_k: int = 128  # inputs per step
+    prefetch: bool = True  # weight words two steps ahead instead of one
+    maxnreg: int = 0  # PTX register cap (0: none)
+
+
+def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile) -> bool:
+    from .moe_prefill import _up_delta
+
+    E, F, D = gate.shape
+    return (HAVE_GLUON and gate.fmt.name == "IQ2_XXS" and up.fmt == gate.fmt and hopper_plus(dev, u)
+            and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and tile.block_m % 8 == 0
+            and 8 <= tile.block_m <= 256 and _up_delta(gate, up) is not None
+            and (gate.stride_w * gate.w.element_size()) % 2 == 0)
+
+
+def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, tile: RegATile):
+    """h [T*K, F] fp16 in sorted-row order, as moe_prefill.gate_up_stage (IQ2_XXS experts, sm_90+: supports)."""
+    from .moe_prefill import _up_delta, empty_f16
+
+    order, te, lo, hi = tiles
+    E, F, D = gate.shape
+    h = empty_f16((x16.shape[0] * K, F), x16.device)
+    xp = permuted_activations(x16)
+    _gate_up_kernel[(F // ROWS, te.numel())](
+        xp, order, weights.reshape(-1), h, te, lo, hi, gate.w, iq2_pair_selectors(x16.device), F, D, K,
+        float(clamp), xp.stride(0), h.stride(0), gate.stride_w * gate.w.element_size() // 2, _up_delta(gate, up),
+        BM=tile.block_m, BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k),
+        XL=x_layout(tile.block_m, tile.block_k), HL=pair_layout(), num_warps=WARPS,
+        **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
+    return h
+

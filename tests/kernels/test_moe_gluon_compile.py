@@ -1,0 +1,59 @@
+"""The Gluon register-operand MoE gate/up (dsv4/kernels_triton/moe_gluon.py) compiled for sm_90 on the CPU.
+
+Gluon has no interpreter: its numerics run on the GPU (tests/gpu/test_moe_gluon_gpu.py) and its arithmetic is
+replayed in numpy (tests/kernels/test_moe_gluon_decode.py). Here the PTX Triton emits is checked for the
+properties the kernel exists for and the one its correctness rests on: every wgmma takes A from registers
+(the decoded weights never go to shared memory: no stmatrix), the activation tiles arrive by 16-byte cp.async
+(two per thread per 64 inputs), and every wgmma wait waits for all MMAs (count 0), so no A register can be
+live under an MMA still reading it after the code that owns it moves on (an earlier form that waited for
+one and kept A across steps raced on the H200).
+"""
+from __future__ import annotations
+
+import pytest
+
+from tests.kernels.offline_compile import require_ptxas, run_compile_script
+
+_COMPILE = r"""
+import json, re, triton
+from triton.backends.compiler import GPUTarget
+from triton.experimental.gluon._runtime import GluonASTSource
+from dsv4.kernels_triton import moe_gluon as m
+
+sig = dict(x_ptr="*fp16", order_ptr="*i32", wts_ptr="*fp32", h_ptr="*fp16", tile_e_ptr="*i32", tile_lo_ptr="*i32",
+           tile_hi_ptr="*i32", gw_ptr="*i16", psel_ptr="*i64", F="i32", D="i32", KSEL="i32", clamp="fp32",
+           stride_xt="i32", stride_ht="i32", stride_w="i32", up_delta="i64", BM="constexpr", BK="constexpr",
+           PF="constexpr", GL="constexpr", XL="constexpr", HL="constexpr")
+# the launcher's pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
+attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items())
+         if v.startswith("*") or n in ("F", "D", "stride_xt", "stride_ht", "stride_w")}
+out = {}
+for bm, bk, pf in [(64, 64, False), (64, 128, True), (32, 64, False)]:
+    src = GluonASTSource(fn=m._gate_up_kernel, signature=sig, attrs=attrs, constexprs=dict(
+        BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()))
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": m.WARPS})
+    ptx = k.asm["ptx"]
+    out[f"{bm}/{bk}/{pf}"] = {
+        "mma": ptx.count("wgmma.mma_async"),
+        "mma_reg_a": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16\s*\{[^}]*\},\s*\{[^}]*\}",
+                                    ptx)),
+        "waits": re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx),
+        "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*0x10, 0x10;", ptx)),
+        "stmatrix": ptx.count("stmatrix"), "local": ptx.count(".local"), "cubin": len(k.asm["cubin"])}
+print("RESULT", json.dumps(out))
+"""
+
+
+def test_gluon_gate_up_compiles_for_sm90():
+    pytest.importorskip("triton.experimental.gluon")
+    require_ptxas()
+    res = run_compile_script(_COMPILE)
+    for key, r in res.items():
+        bm, bk, pf = key.split("/")
+        bk = int(bk)
+        assert r["cubin"] > 0 and r["local"] == 0, (key, r)  # compiled, nothing spilled to local memory
+        assert r["mma"] == bk // 16 and r["mma_reg_a"] == r["mma"], (key, r)  # one k16 wgmma per 16 inputs, A in regs
+        assert r["waits"] and set(r["waits"]) == {"0"}, (key, r)
+        assert r["stmatrix"] == 0, (key, r)
+        # x: [bm, bk] fp16 per step in 16-byte copies over 256 threads, once before the loop and once in it
+        assert r["cp_async16"] == 2 * max(1, int(bm) * bk * 2 // 16 // 256), (key, r)

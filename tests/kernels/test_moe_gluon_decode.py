@@ -1,0 +1,112 @@
+"""The arithmetic of the Gluon register-operand gate/up (dsv4/kernels_triton/moe_gluon.py), emulated on the CPU.
+
+Gluon has no interpreter, so the kernel itself runs only on the GPU (tests/gpu/test_moe_gluon_gpu.py); what can be
+checked here exactly is every table and bit trick it relies on, replayed in numpy word for word as the kernel
+computes them: the pair-selector table (iq2_pair_selectors), the signs spread by one multiply with the parity
+bit from popc, the byte permute of each 16-bit selector half into an fp16 pair 1152 + q, then minus 1152 and
+times the fp16 group scale (moe_prefill's H2 decode). Against dsv4.quant's IQ2_XXS dequantization of random
+blocks (each weight rounded to fp16 with the scale rounded first: tolerance ('dequant', 'all'), exact). And the
+dot-position order the activations are permuted into (permuted_activations) against input_of_dot_pos.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import torch
+
+from dsv4.kernels_triton import blocks, moe_gluon
+from dsv4.quant.dequant import dequantize_np
+from dsv4.quant.formats import QuantFormat
+from tests.tolerances import assert_close
+
+# the kernel's own constants: the byte-permute sources and the bias from its pair asm, the sign spread multiplier
+_ASM = moe_gluon._PAIR_ASM.value
+POS, NEG = (int(re.search(rf"mov\.b32 {r}, (0x[0-9A-Fa-f]+);", _ASM).group(1), 16) for r in ("p", "n"))
+F16_1152 = float(np.array([int(re.search(r"mov\.b32 k, (0x[0-9A-Fa-f]+);", _ASM).group(1), 16) & 0xFFFF],
+                          np.uint16).view(np.float16)[0])
+SIGN4 = moe_gluon._SIGN4.value
+
+
+def _prmt(a: int, b: int, sel: np.ndarray) -> np.ndarray:
+    """PTX prmt.b32 (default mode) on uint32 arrays: byte k of the result is byte (sel >> 4k) & 7 of b:a."""
+    src = np.array([(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)], np.uint32)
+    out = np.zeros(sel.shape, np.uint32)
+    for k in range(4):
+        out |= src[(sel >> (4 * k)) & 7] << (8 * k)
+    return out
+
+
+def _random_blocks(n_blocks: int, seed: int) -> np.ndarray:
+    """IQ2_XXS blocks of random bytes (every byte pattern is a valid block) with a finite, moderate fp16 d."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n_blocks, 66), dtype=np.uint8)
+    d = (rng.random(n_blocks) * 2 - 1).astype(np.float16)
+    raw[:, :2] = d.view(np.uint8).reshape(n_blocks, 2)
+    return raw
+
+
+def _kernel_decode(raw: np.ndarray) -> np.ndarray:
+    """The weights of each block as the kernel's _iq2_sel + _iq2_a compute them, fp16 [n_blocks, 256]."""
+    psel = moe_gluon.iq2_pair_selectors("cpu").numpy().astype(np.uint64)
+    n = raw.shape[0]
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+    qs = raw[:, 2:].copy().view(np.uint32).reshape(n, 8, 2)  # per 32-group: aux0 (grid bytes), aux1
+    out = np.zeros((n, 256), np.float16)
+    for ib in range(8):
+        aux0, a1 = qs[:, ib, 0], qs[:, ib, 1]
+        db = (d * (0.5 + ((a1 >> 28) & 15).astype(np.float32)) * 0.25).astype(np.float16)
+        for c in range(4):  # the lane's record
+            gi = (aux0 >> (8 * c)) & 255
+            lv = psel[gi]
+            sidx = (a1 >> (7 * c)) & 127
+            par = np.array([bin(int(v)).count("1") & 1 for v in sidx], np.uint32)
+            sel_a = (lv & 0xFFFFFFFF).astype(np.uint32) | (((sidx & 15) * SIGN4) & 0x04040404)
+            sel_b = (lv >> 32).astype(np.uint32) | ((((sidx >> 4) | (par << 3)) * SIGN4) & 0x04040404)
+            for j, word in enumerate((sel_a & 0xFFFF, sel_a >> 16, sel_b & 0xFFFF, sel_b >> 16)):
+                pair = _prmt(POS, NEG, word)
+                for half in range(2):
+                    t = ((pair >> (16 * half)) & 0xFFFF).astype(np.uint16).view(np.float16)
+                    q = (t.astype(np.float32) - F16_1152).astype(np.float16)  # exact: small integers
+                    out[:, 32 * ib + 8 * c + 2 * j + half] = (q.astype(np.float32) * db.astype(np.float32)).astype(
+                        np.float16)
+    return out
+
+
+def _oracle(raw: np.ndarray) -> np.ndarray:
+    """dsv4.quant's dequantization with moe_prefill's H2 rounding: the group scale to fp16, then q * s to fp16."""
+    n = raw.shape[0]
+    w = dequantize_np(raw.reshape(-1), QuantFormat.IQ2_XXS, n * 256).reshape(n, 8, 32)
+    d = raw[:, :2].copy().view(np.float16).astype(np.float32)[:, 0]
+    ls = (raw[:, 2:].copy().view(np.uint32).reshape(n, 8, 2)[:, :, 1] >> 28).astype(np.float32)
+    db32 = d[:, None] * (0.5 + ls) * 0.25
+    q = np.rint(w / np.where(db32 == 0, 1, db32)[:, :, None])  # the signed grid values (+-8, 25, 43)
+    db16 = db32.astype(np.float16).astype(np.float32)
+    return (q * db16[:, :, None]).astype(np.float16).reshape(n, 256)
+
+
+def test_pair_selector_decode_matches_dequant():
+    raw = _random_blocks(512, seed=11)
+    got = _kernel_decode(raw)
+    ref = _oracle(raw)
+    assert_close(got.astype(np.float64), ref.astype(np.float64), "dequant", "all", "moe_gluon IQ2_XXS pair decode")
+
+
+def test_pair_selector_table_layout():
+    """Each entry: coordinate j's level (0..2) in nibble 2 (j % 4) of word j // 4, the 0x64 byte's index 3 above it,
+    bit 2 of every level nibble clear (where the kernel ORs the sign in)."""
+    psel = moe_gluon.iq2_pair_selectors("cpu").numpy().astype(np.uint64)
+    levels = np.array([[(int(v) >> (8 * j)) & 0xF for j in range(8)] for v in psel])
+    threes = np.array([[(int(v) >> (8 * j + 4)) & 0xF for j in range(8)] for v in psel])
+    assert (threes == 3).all()
+    grid = np.array(blocks.IQ2XXS_GRID, dtype=np.uint8).reshape(256, 8)
+    assert np.array_equal(np.array([8, 25, 43])[levels], grid)
+
+
+def test_permuted_activations_follow_the_dot_positions():
+    x = torch.arange(2 * 256, dtype=torch.float16).reshape(2, 256)
+    p = moe_gluon.permuted_activations(x)
+    order = torch.tensor([moe_gluon.input_of_dot_pos(i) for i in range(256)])
+    assert torch.equal(p, x[:, order])
+    assert sorted(order.tolist()) == list(range(256))  # a permutation, within each 32
+    assert all(order[i] // 32 == i // 32 for i in range(256))
