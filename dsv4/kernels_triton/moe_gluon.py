@@ -1,5 +1,6 @@
-"""Routed-MoE prefill gate/up for IQ2_XXS experts with the decoded weights as wgmma's register operand
-(Gluon: NVIDIA sm_90+ only).
+"""Routed-MoE prefill gate/up for IQ2_XXS (and Q4_K) experts with the decoded weights as wgmma's register
+operand (Gluon: NVIDIA sm_90+ only). moe_prefill's tuned path takes it for IQ2_XXS; for Q4_K it is slower than
+moe_prefill's Triton gate/up on the H200 (tools/results/h200_prefill/11f) and is registered for comparison only.
 
 Why: in moe_prefill's Triton kernels every decoded weight goes to shared memory and back (a store of the
 fp16 tile, then the dot's operand read), and Nsight Compute puts those kernels at 77-88 % of the L1/shared
@@ -11,11 +12,12 @@ The layout trick: in A's layout (fp16, k_width 2) a lane holds, of every 32 inpu
 2c + {0, 1, 8, 9, 16, 17, 24, 25} (c = lane % 4). A dot sums over k in any order as long as both operands
 use the same one, so dot position p is made to read input kpos(p) (input_of_dot_pos below): then a lane
 holds 8 consecutive inputs, one IQ2_XXS grid record (8 weights), of one 32-weight group per row, and
-decodes it alone (one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs). The
+decodes it alone (IQ2_XXS: one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs;
+Q4_K: two code words, the sub-block's 6-bit scale and min, four byte permutes and fp16 fmas). The
 activations are permuted to the same order once per call (permuted_activations). No weight word is read
 twice and nothing is dequantized to memory.
 
-The decode is moe_prefill's H2 decode (the group scale rounded to fp16, q * s rounded to fp16 once), so
+The decode is moe_prefill's H2 decode (scale and min rounded to fp16, q * s - m rounded to fp16 once), so
 the weights equal grouped_v2's bit for bit; the sums differ from it only by fp32 summation order.
 Gluon does not run under TRITON_INTERPRET: checked natively on the GPU (tests/gpu/test_moe_gluon_gpu.py) and
 compiled for sm_90 offline in the CPU suite (tests/kernels/test_moe_gluon_compile.py).
@@ -32,6 +34,7 @@ import triton
 from . import blocks
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus
+from ..quant.formats import QuantFormat
 from ..quant.tables import IQ2XXS_LEVELS
 
 try:  # Gluon ships with Triton >= 3.5
@@ -43,6 +46,7 @@ try:  # Gluon ships with Triton >= 3.5
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
+FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)  # gate/up formats the kernel decodes
 ROWS = 64  # gate rows (and as many up rows) per program: one warpgroup's wgmma M each
 WARPS = 8  # two warpgroups: gate, up
 
@@ -71,6 +75,27 @@ if HAVE_GLUON:
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # bit i (i < 4) of a sign index to bit 2 of nibble 2i: 4 * (1 + 2^7 + 2^14 + 2^21), no carries
     _SIGN4: gl.constexpr = gl.constexpr(0x00810204)
+    _IQ2: gl.constexpr = gl.constexpr(int(QuantFormat.IQ2_XXS))
+    _Q4K_WORDS: gl.constexpr = gl.constexpr(blocks.Q4K_WORDS)
+    # Q4_K: fp16 pair (q0 * s - m, q1 * s - m) from bytes 0-1 (SEL 0x4140) or 2-3 (0x4342) of a word of 4-bit
+    # codes: the codes into fp16 mantissas under 0x64 (1024 + q), minus 1024 (exact), one fma with the fp16
+    # scale pair and negated min pair: moe_prefill's H2 decode
+    _Q4_LO_ASM: gl.constexpr = gl.constexpr("""{
+.reg .b32 t, k, mg;
+mov.b32 mg, 0x64646464;
+prmt.b32 t, $1, mg, 0x4140;
+mov.b32 k, 0x64006400;
+sub.rn.f16x2 t, t, k;
+fma.rn.f16x2 $0, t, $2, $3;
+}""")
+    _Q4_HI_ASM: gl.constexpr = gl.constexpr("""{
+.reg .b32 t, k, mg;
+mov.b32 mg, 0x64646464;
+prmt.b32 t, $1, mg, 0x4342;
+mov.b32 k, 0x64006400;
+sub.rn.f16x2 t, t, k;
+fma.rn.f16x2 $0, t, $2, $3;
+}""")
     # fp16 pair (q0 * s, q1 * s) from a pair selector (code, 3, code, 3): the byte permute of 128 + q for
     # q = +8/+25/+43 (bytes 0-2 of p) and -8/-25/-43 (of n), 0x64 in byte 3, gives (1152 + q0, 1152 + q1); minus
     # 1152 (exact), times the fp16 scale pair (one rounding): moe_prefill's H2 decode
@@ -91,6 +116,50 @@ mul.rn.f16x2 $0, t, $2;
     @gluon.jit
     def _pair(sel, s2):
         return gl.inline_asm_elementwise(_PAIR_ASM, "=r,r,r", [sel, s2], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _q4_pair(w, s2, m2, ASM: gl.constexpr):
+        return gl.inline_asm_elementwise(ASM, "=r,r,r,r", [w, s2, m2], dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _f16_pair(v):
+        """fp32 -> its fp16 value in both halves of an int32 (an f16x2 operand)."""
+        b = v.to(gl.float16).to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
+        return b | (b << 16)
+
+    @gluon.jit
+    def _q4_words(w32, g, c, k0):
+        """The two code words of records g (c = g % 4) of step k0 (lane c: bytes 8c..8c+7 of its sub-block's
+        32 in the pair's 32-byte run, both nibbles), and the header words of the records' block (d|dmin and the
+        12 scale bytes), as loaded; w32: the rows' first word ([ROWS, 1] pointers)."""
+        sb = k0 // 32 + (g >> 2)  # global sub-block
+        cw = (sb >> 3) * _Q4K_WORDS + 4 + 8 * ((sb & 7) >> 1) + 2 * c
+        return gl.load(w32 + cw), gl.load(w32 + (cw + 1))
+
+    @gluon.jit
+    def _q4_head(w32, k0):
+        """The header words (d|dmin, scale bytes 0-3, 4-7, 8-11) of step k0's block, [ROWS, 1] each."""
+        hb = (k0 // 256) * _Q4K_WORDS
+        return gl.load(w32 + hb), gl.load(w32 + (hb + 1)), gl.load(w32 + (hb + 2)), gl.load(w32 + (hb + 3))
+
+    @gluon.jit
+    def _q4_sel(q0, q1, hd, hlo, hmid, hhi, g, k0):
+        """Stage 1 for Q4_K records: (the codes of the record's nibble in the low nibbles of two words, the fp16
+        scale pair, the negated fp16 min pair), the 6-bit scale/min of the sub-block as moe_prefill._q4_scale."""
+        jj = (k0 // 32 + (g >> 2)) & 7
+        sh = 4 * (jj & 1)
+        n0 = (q0 >> sh) & 0x0F0F0F0F
+        n1 = (q1 >> sh) & 0x0F0F0F0F
+        jm = 8 * (jj & 3)
+        a = (hlo >> jm) & 255
+        b = (hmid >> jm) & 255
+        cc = (hhi >> jm) & 255
+        low = jj < 4
+        sc = gl.where(low, a & 63, (cc & 15) | ((a >> 6) << 4))
+        mn = gl.where(low, b & 63, (cc >> 4) | ((b >> 6) << 4))
+        d = (hd & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        dmin = ((hd >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
+        return n0, n1, _f16_pair(d * sc.to(gl.float32)), _f16_pair(-(dmin * mn.to(gl.float32)))
 
     @gluon.jit
     def _iq2_words(w16, w8, g, c, k0):
@@ -118,11 +187,15 @@ mul.rn.f16x2 $0, t, $2;
         return sel_a, sel_b, sb | (sb << 16)
 
     @gluon.jit
-    def _iq2_a(sel_a, sel_b, s2, R: gl.constexpr, BK: gl.constexpr, A_LAYOUT: gl.constexpr):
-        """Stage 2: A [R, BK] fp16 in A_LAYOUT (dot positions of input_of_dot_pos), four fp16 pairs per
-        record."""
-        z = gl.join(gl.join(_pair(sel_a, s2), _pair(sel_a >> 16, s2)),
-                    gl.join(_pair(sel_b, s2), _pair(sel_b >> 16, s2)))  # [R, G, j1, j2] fp16 pairs
+    def _stage2(s0, s1, s2, s3, FMT: gl.constexpr, R: gl.constexpr, BK: gl.constexpr, A_LAYOUT: gl.constexpr):
+        """Stage 2: A [R, BK] fp16 in A_LAYOUT (dot positions of input_of_dot_pos), four fp16 pairs per record
+        (coordinates 0-1, 2-3 from s0, 4-5, 6-7 from s1)."""
+        if FMT == _IQ2:  # s0, s1: pair selectors, s2: scale pair
+            z = gl.join(gl.join(_pair(s0, s2), _pair(s0 >> 16, s2)), gl.join(_pair(s1, s2), _pair(s1 >> 16, s2)))
+        else:  # Q4_K: s0, s1: code words, s2 / s3: scale / negated min pairs
+            z = gl.join(gl.join(_q4_pair(s0, s2, s3, _Q4_LO_ASM), _q4_pair(s0, s2, s3, _Q4_HI_ASM)),
+                        gl.join(_q4_pair(s1, s2, s3, _Q4_LO_ASM), _q4_pair(s1, s2, s3, _Q4_HI_ASM)))
+        # z: [R, G, j1, j2] fp16 pairs
         z = gl.reshape(z, [R, BK // 32, 4, 2, 2])
         z = gl.permute(z, [0, 1, 4, 3, 2])  # [R, BK/32, j2, j1, c] words: positions 32w + 16j2 + 8j1 + 2c
         z = gl.reshape(z, [R, BK // 2])
@@ -133,9 +206,30 @@ mul.rn.f16x2 $0, t, $2;
         return gl.convert_layout(gl.reshape(zz, [R, BK]), A_LAYOUT)
 
     @gluon.jit
+    def _words(wrow, g, c, k0, FMT: gl.constexpr):
+        """The per-record words of step k0 as loaded (three; Q4_K repeats its first)."""
+        if FMT == _IQ2:
+            return _iq2_words(wrow, wrow.to(gl.pointer_type(gl.uint8)), g, c, k0)
+        else:
+            q0, q1 = _q4_words(wrow, g, c, k0)
+            return q0, q1, q0
+
+    @gluon.jit
+    def _stage1(w0, w1, w2, wrow, g, c, k0, psel_ptr, FMT: gl.constexpr):
+        """Stage 1 of step k0's decode from its words (four values per record; IQ2_XXS repeats its scale)."""
+        if FMT == _IQ2:
+            d = gl.load(wrow + (k0 // 256) * _HW).to(gl.float16, bitcast=True).to(gl.float32)
+            sa, sb, s2 = _iq2_sel(w0, w1, w2, d, c, psel_ptr)
+            return sa, sb, s2, s2
+        else:
+            hd, hlo, hmid, hhi = _q4_head(wrow, k0)
+            return _q4_sel(w0, w1, hd, hlo, hmid, hhi, g, k0)
+
+    @gluon.jit
     def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
-                        F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, BM: gl.constexpr,
-                        BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr, HL: gl.constexpr):
+                        F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, FMT: gl.constexpr,
+                        BM: gl.constexpr, BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr,
+                        HL: gl.constexpr):
         """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of tile program_id(1)
         (expert e, pair p = order[r], token t = p // KSEL) and the ROWS rows f of program_id(0). x: the
         activations in dot-position order (permuted_activations); stride_w and up_delta in int16 words.
@@ -168,19 +262,20 @@ mul.rn.f16x2 $0, t, $2;
         r2 = gl.arange(0, R, layout=gl.SliceLayout(1, GL))
         rr = gl.minimum(pid_n * _ROWS + (r2 % _ROWS), F - 1)
         roff = gl.expand_dims((e * F + rr) * stride_w + gl.where(r2 >= _ROWS, up_delta, 0).to(gl.int64), 1)
-        w16 = gw_ptr.to(gl.pointer_type(gl.uint16)) + roff
-        w8 = w16.to(gl.pointer_type(gl.uint8))
+        if FMT == _IQ2:
+            wrow = gw_ptr.to(gl.pointer_type(gl.uint16)) + roff
+        else:
+            wrow = gw_ptr.to(gl.pointer_type(gl.int32)) + roff
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
         x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
         acc = gl.zeros([R, BM], gl.float32, MMA)
         _async_load(x_s.index(0), xp)
         async_copy.commit_group()
-        k1 = gl.minimum(BK, D - BK)
-        wgi, wlo, whi = _iq2_words(w16, w8, g, c, 0)
-        sa, sb, s2 = _iq2_sel(wgi, wlo, whi, gl.load(w16).to(gl.float16, bitcast=True).to(gl.float32), c, psel_ptr)
+        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT)
         if PF:
-            wgi, wlo, whi = _iq2_words(w16, w8, g, c, k1)
+            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, D - BK), FMT)
         async_copy.wait_group(0)
         fence_async_shared()
         _barrier()
@@ -190,16 +285,15 @@ mul.rn.f16x2 $0, t, $2;
             _async_load(x_s.index((step + 1) % 3), xp + kn)
             async_copy.commit_group()
             if PF:  # words of step + 2 (those of step + 1 arrived during the last step)
-                ngi, nlo, nhi = _iq2_words(w16, w8, g, c, gl.minimum(k0 + 2 * BK, D - BK))
+                n0, n1, n2 = _words(wrow, g, c, gl.minimum(k0 + 2 * BK, D - BK), FMT)
             else:
-                wgi, wlo, whi = _iq2_words(w16, w8, g, c, kn)
-            dn = gl.load(w16 + (kn // 256) * _HW).to(gl.float16, bitcast=True).to(gl.float32)
-            a = _iq2_a(sa, sb, s2, R, BK, A_L)
+                w0, w1, w2 = _words(wrow, g, c, kn, FMT)
+            a = _stage2(s0, s1, s2, s3, FMT, R, BK, A_L)
             acc = warpgroup_mma(a, x_s.index(step % 3).permute((1, 0)), acc, is_async=True)
-            sa, sb, s2 = _iq2_sel(wgi, wlo, whi, dn, c, psel_ptr)  # the next step's, under this step's MMA
+            s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, kn, psel_ptr, FMT)  # the next step's, under the MMA
             acc, a = warpgroup_mma_wait(0, deps=[acc, a])
             if PF:
-                wgi, wlo, whi = ngi, nlo, nhi
+                w0, w1, w2 = n0, n1, n2
             async_copy.wait_group(0)
             fence_async_shared()
             _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
@@ -266,14 +360,14 @@ def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: Reg
     from .moe_prefill import _up_delta
 
     E, F, D = gate.shape
-    return (HAVE_GLUON and gate.fmt.name == "IQ2_XXS" and up.fmt == gate.fmt and hopper_plus(dev, u)
+    return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u)
             and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and tile.block_m % 8 == 0
-            and 8 <= tile.block_m <= 256 and _up_delta(gate, up) is not None
-            and (gate.stride_w * gate.w.element_size()) % 2 == 0)
+            and 8 <= tile.block_m <= 256 and _up_delta(gate, up) is not None)
 
 
 def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, tile: RegATile):
-    """h [T*K, F] fp16 in sorted-row order, as moe_prefill.gate_up_stage (IQ2_XXS experts, sm_90+: supports)."""
+    """h [T*K, F] fp16 in sorted-row order, as moe_prefill.gate_up_stage (IQ2_XXS or Q4_K experts, sm_90+:
+    supports)."""
     from .moe_prefill import _up_delta, empty_f16
 
     order, te, lo, hi = tiles
@@ -282,8 +376,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
     xp = permuted_activations(x16)
     _gate_up_kernel[(F // ROWS, te.numel())](
         xp, order, weights.reshape(-1), h, te, lo, hi, gate.w, iq2_pair_selectors(x16.device), F, D, K,
-        float(clamp), xp.stride(0), h.stride(0), gate.stride_w * gate.w.element_size() // 2, _up_delta(gate, up),
-        BM=tile.block_m, BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k),
+        float(clamp), xp.stride(0), h.stride(0), gate.stride_w, _up_delta(gate, up), FMT=int(gate.fmt), BM=tile.block_m, BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k),
         XL=x_layout(tile.block_m, tile.block_k), HL=pair_layout(), num_warps=WARPS,
         **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
     return h

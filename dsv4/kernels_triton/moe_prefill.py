@@ -23,7 +23,7 @@ ahead, grid records one). Options (PrefillConfig), measured in tools/results/h20
 `TUNED` holds the fastest per gate/up format; moe's auto variant uses it (`grouped_v2_default`). For IQ2_XXS
 experts on NVIDIA sm_90+ its gate/up stage is moe_gluon's kernel (PrefillConfig.rega: the decoded weights as
 wgmma's register operand, never in shared memory; tools/results/h200_prefill/11); this file's kernels
-everywhere else, and for every down stage.
+everywhere else, for Q4_K (where moe_gluon's Q4_K decode is slower: 11f) and for every down stage.
 """
 from __future__ import annotations
 
@@ -745,6 +745,11 @@ for _name, _cfg in CONFIGS.items():
              doc=f"prefill: expert-sorted grouped tl.dot, weights decoded once per tile per group in words "
                  f"(M{_cfg.block_m} N{_cfg.block_n} K{_cfg.block_k}, {_cfg.num_warps} warps, "
                  f"{'fp16' if _cfg.h2 else 'fp32'} scaling)")
+register(KernelOp.MOE, "grouped_v2_rega", _variant(replace(TUNED[QuantFormat.Q4_K],
+                                                         rega=moe_gluon.RegATile(64, 64, prefetch=False))),
+         formats=(QuantFormat.Q4_K,),
+         doc="prefill: grouped_v2 with TUNED's Q4_K tiles and the gate/up by moe_gluon (the weights as wgmma's "
+             "register operand) where it runs: slower than the Triton gate/up for Q4_K (h200_prefill/11f)")
 register(KernelOp.MOE, "grouped_v2_triton", _variant(TRITON_TUNED_IQ2), formats=(QuantFormat.IQ2_XXS,),
          doc="prefill: grouped_v2 with TUNED's IQ2_XXS/Q2_K tiles, both stages as Triton kernels (the tuned "
              "path before the Gluon register-operand gate/up)")

@@ -4,7 +4,7 @@ Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the
 for sm_90 offline (tests/kernels/test_moe_gluon_compile.py). The routed MoE at Flash shapes (q2 recipe: IQ2_XXS
 gate/up) with this gate/up and moe_prefill's down, against the float64 reference of the dequantized experts
 (tolerance `grouped_v2`: the same fp16 weights and activations, another fp32 summation order), with h
-NaN-poisoned before the kernel writes it; T = 37 (partial expert tiles), 96 and 300, a repeated expert id in a
+NaN-poisoned before the kernel writes it; T = 37 (partial expert tiles) and 300, a repeated expert id in a
 token's selection and an expert with no tokens (_moe_problem); the same bits on a second call. A race between
 an MMA and the registers or shared buffers it reads would show as wrong or unrepeatable sums here and in
 tools/probe_prefill.py's T=2048 comparison (an earlier form that kept A registers across steps did).
@@ -34,52 +34,61 @@ def poison(monkeypatch):
 TILES = [(64, 128, True), (64, 128, False), (64, 64, True), (32, 64, False), (64, 256, False)]
 
 
-@pytest.mark.parametrize("t", [37, 96, 300])
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("t", [37, 300])
 @pytest.mark.parametrize("bm,bk,pf", TILES, ids=[f"m{m}k{k}{'pf' if p else ''}" for m, k, p in TILES])
-def test_rega_moe_flash_shapes(t, bm, bk, pf, poison, monkeypatch):
+def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
     from dataclasses import replace
 
     from dsv4.kernels_triton import moe_gluon, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
-    raws, (gate, up, down), u, sel, wts = _moe_problem("q2", t)
+    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     dev = detect_device("cuda")
     tile = moe_gluon.RegATile(bm, bk, prefetch=pf)
     assert moe_gluon.supports(u, gate, up, dev, tile)
-    cfg = replace(moe_prefill.TRITON_TUNED_IQ2, block_m=bm, rega=tile)
+    cfg = replace(moe_prefill.TUNED[gate.fmt], block_m=bm, rega=tile)
 
     def no_triton_gate_up(*args, **kwargs):
         raise AssertionError("the Triton gate/up ran instead of the Gluon one")
 
     monkeypatch.setattr(moe_prefill, "gate_up_stage", no_triton_gate_up)
     y = moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
-    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe q2 rega {tile} T={t}")
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} rega {tile} T={t}")
     assert torch.equal(y, moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)), "not reproducible"
 
 
-def test_tuned_prefill_takes_the_gluon_gate_up():
-    """moe's auto path above the decode sizes (grouped_v2_default) runs this kernel for IQ2_XXS experts here."""
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_tuned_prefill_takes_the_gluon_gate_up(recipe):
+    """moe's auto path above the decode sizes (grouped_v2_default) runs this kernel for IQ2_XXS experts here; for
+    Q4_K the Triton gate/up stays (faster on the H200: tools/results/h200_prefill/11f)."""
     from dsv4.kernels_triton import moe_gluon, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
-    _, (gate, up, _down), u, _sel, _wts = _moe_problem("q2", 8)
+    _, (gate, up, _down), u, _sel, _wts = _moe_problem(recipe, 8)
     cfg = moe_prefill.tuned_config(gate)
+    if recipe == "q4":
+        assert cfg.rega is None
+        return
     assert cfg.rega is not None and cfg.rega.block_m == cfg.block_m
     assert moe_gluon.supports(u, gate, up, detect_device("cuda"), cfg.rega)
 
 
-def test_rega_h_equals_triton_weights():
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_rega_h_equals_triton_weights(recipe):
     """h of the Gluon gate/up against moe_prefill's gate/up stage (the same fp16 weights: the two differ only in
     fp32 summation order, so far below the end-to-end tolerance)."""
+    from dataclasses import replace
+
     from dsv4.kernels_triton import moe, moe_gluon, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
-    _, (gate, up, _down), u, sel, wts = _moe_problem("q2", 96)
+    _, (gate, up, _down), u, sel, wts = _moe_problem(recipe, 96)
     dev = detect_device("cuda")
     x16 = u.to(torch.float16)
-    cfg = moe_prefill.tuned_config(gate)
+    cfg = replace(moe_prefill.tuned_config(gate), rega=None)
     tiles = moe.expert_tiles(sel, gate.shape[0], cfg.block_m)
     ref = moe_prefill.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], dev, cfg).float()
     h = moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], moe_gluon.RegATile()).float()
     assert torch.isfinite(h).all()
-    _assert(h, ref.double(), "triton_moe", "rega_h", "rega h vs moe_prefill h, q2 T=96")
+    _assert(h, ref.double(), "triton_moe", "rega_h", f"rega h vs moe_prefill h, {recipe} T=96")

@@ -125,24 +125,24 @@ def _moe_problem(recipe, t, seed=0):
 
 
 def _moe_reference(raws, u, sel, wts, q8k: bool = False):
-    """float64; q8k: u and each h row go through the Q8_K round trip first (TorchOps(act_quant=True))."""
+    """float64; q8k: u and each h row go through the Q8_K round trip first (TorchOps(act_quant=True)). One expert
+    dequantized at a time (200 MB in float64 at Flash shapes; all of them at once would be ~50 GB, and the GPU tests
+    run in 4 processes on one GPU)."""
     from dsv4.reference import TorchOps
 
     rg, ru, rd, qg, qd = raws
     out = torch.zeros((u.shape[0], D), dtype=torch.float64, device="cuda")
-    cache = {}
-    for e in torch.unique(sel).tolist():
-        cache[e] = (_dequant64(rg[e], qg, D), _dequant64(ru[e], qg, D), _dequant64(rd[e], qd, F_EXP))
     u64 = (TorchOps.quant_q8_k(u.float()) if q8k else u).double()
-    for t in range(u.shape[0]):
-        for i in range(K_USED):
-            wg, wu, wd = cache[int(sel[t, i])]
-            g = torch.clamp(wg @ u64[t], max=CLAMP)
-            up = torch.clamp(wu @ u64[t], -CLAMP, CLAMP)
-            h = torch.nn.functional.silu(g) * up * float(wts[t, i])
-            if q8k:
-                h = TorchOps.quant_q8_k(h.float()).double()
-            out[t] += wd @ h
+    for e in torch.unique(sel).tolist():
+        wg, wu, wd = _dequant64(rg[e], qg, D), _dequant64(ru[e], qg, D), _dequant64(rd[e], qd, F_EXP)
+        rows, slots = (sel == e).nonzero(as_tuple=True)
+        x = u64[rows]
+        g = torch.clamp(x @ wg.T, max=CLAMP)
+        up = torch.clamp(x @ wu.T, -CLAMP, CLAMP)
+        h = torch.nn.functional.silu(g) * up * wts[rows, slots, None].double()
+        if q8k:
+            h = TorchOps.quant_q8_k(h.float()).double()
+        out.index_add_(0, rows, h @ wd.T)
     return out
 
 

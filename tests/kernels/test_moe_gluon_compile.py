@@ -1,4 +1,5 @@
-"""The Gluon register-operand MoE gate/up (dsv4/kernels_triton/moe_gluon.py) compiled for sm_90 on the CPU.
+"""The Gluon register-operand MoE gate/up (dsv4/kernels_triton/moe_gluon.py) compiled for sm_90 on the CPU, for
+both formats it decodes (IQ2_XXS, Q4_K).
 
 Gluon has no interpreter: its numerics run on the GPU (tests/gpu/test_moe_gluon_gpu.py) and its arithmetic is
 replayed in numpy (tests/kernels/test_moe_gluon_decode.py). Here the PTX Triton emits is checked for the
@@ -20,23 +21,25 @@ from triton.backends.compiler import GPUTarget
 from triton.experimental.gluon._runtime import GluonASTSource
 from dsv4.kernels_triton import moe_gluon as m
 
-sig = dict(x_ptr="*fp16", order_ptr="*i32", wts_ptr="*fp32", h_ptr="*fp16", tile_e_ptr="*i32", tile_lo_ptr="*i32",
-           tile_hi_ptr="*i32", gw_ptr="*i16", psel_ptr="*i64", F="i32", D="i32", KSEL="i32", clamp="fp32",
-           stride_xt="i32", stride_ht="i32", stride_w="i32", up_delta="i64", BM="constexpr", BK="constexpr",
-           PF="constexpr", GL="constexpr", XL="constexpr", HL="constexpr")
-# the launcher's pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
-attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items())
-         if v.startswith("*") or n in ("F", "D", "stride_xt", "stride_ht", "stride_w")}
 out = {}
-for bm, bk, pf in [(64, 64, False), (64, 128, True), (32, 64, False)]:
+for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, False), (12, 64, 64, False),
+                        (12, 64, 128, True)]:
+    sig = dict(x_ptr="*fp16", order_ptr="*i32", wts_ptr="*fp32", h_ptr="*fp16", tile_e_ptr="*i32",
+               tile_lo_ptr="*i32", tile_hi_ptr="*i32", gw_ptr="*i16" if fmt == 16 else "*i32", psel_ptr="*i64",
+               F="i32", D="i32", KSEL="i32", clamp="fp32", stride_xt="i32", stride_ht="i32", stride_w="i32",
+               up_delta="i64", FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr",
+               XL="constexpr", HL="constexpr")
+    # the launcher's pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items())
+             if v.startswith("*") or n in ("F", "D", "stride_xt", "stride_ht", "stride_w")}
     src = GluonASTSource(fn=m._gate_up_kernel, signature=sig, attrs=attrs, constexprs=dict(
-        BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()))
+        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()))
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": m.WARPS})
     ptx = k.asm["ptx"]
-    out[f"{bm}/{bk}/{pf}"] = {
+    out[f"{fmt}/{bm}/{bk}/{pf}"] = {
         "mma": ptx.count("wgmma.mma_async"),
-        "mma_reg_a": len(re.findall(r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16\s*\{[^}]*\},\s*\{[^}]*\}",
-                                    ptx)),
+        "mma_reg_a": len(re.findall(
+            r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16\s*\{[^}]*\},\s*\{[^}]*\}", ptx)),
         "waits": re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx),
         "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*0x10, 0x10;", ptx)),
         "stmatrix": ptx.count("stmatrix"), "local": ptx.count(".local"), "cubin": len(k.asm["cubin"])}
@@ -49,7 +52,7 @@ def test_gluon_gate_up_compiles_for_sm90():
     require_ptxas()
     res = run_compile_script(_COMPILE)
     for key, r in res.items():
-        bm, bk, pf = key.split("/")
+        fmt, bm, bk, pf = key.split("/")  # fmt: QuantFormat 16 IQ2_XXS, 12 Q4_K
         bk = int(bk)
         assert r["cubin"] > 0 and r["local"] == 0, (key, r)  # compiled, nothing spilled to local memory
         assert r["mma"] == bk // 16 and r["mma_reg_a"] == r["mma"], (key, r)  # one k16 wgmma per 16 inputs, A in regs

@@ -110,3 +110,69 @@ def test_permuted_activations_follow_the_dot_positions():
     assert torch.equal(p, x[:, order])
     assert sorted(order.tolist()) == list(range(256))  # a permutation, within each 32
     assert all(order[i] // 32 == i // 32 for i in range(256))
+
+
+def _random_q4_k(n_blocks: int, seed: int) -> np.ndarray:
+    """Q4_K blocks of random bytes with finite, moderate fp16 d and dmin."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n_blocks, 144), dtype=np.uint8)
+    dd = (rng.random((n_blocks, 2)) * 0.02).astype(np.float16)
+    raw[:, :4] = dd.view(np.uint8).reshape(n_blocks, 4)
+    return raw
+
+
+def _q4_kernel_decode(raw: np.ndarray) -> np.ndarray:
+    """Q4_K weights as _q4_words, _q4_head, _q4_sel and the Q4_K pair asm compute them, fp16 [n_blocks, 256]."""
+    n = raw.shape[0]
+    words = raw.view("<i4").reshape(n, 36).astype(np.int64) & 0xFFFFFFFF
+    hd, hlo, hmid, hhi = words[:, 0], words[:, 1], words[:, 2], words[:, 3]
+    d = (hd & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
+    dmin = (hd >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
+    lo_sel, hi_sel = (int(re.search(r"prmt\.b32 t, \$1, mg, (0x[0-9A-Fa-f]+);", a.value).group(1), 16)
+                      for a in (moe_gluon._Q4_LO_ASM, moe_gluon._Q4_HI_ASM))
+    out = np.zeros((n, 256), np.float16)
+    for jj in range(8):
+        jm = 8 * (jj & 3)
+        a, b, cc = (hlo >> jm) & 255, (hmid >> jm) & 255, (hhi >> jm) & 255
+        sc = np.where(jj < 4, a & 63, (cc & 15) | ((a >> 6) << 4))
+        mn = np.where(jj < 4, b & 63, (cc >> 4) | ((b >> 6) << 4))
+        s16 = (d * sc.astype(np.float32)).astype(np.float16).astype(np.float64)
+        m16 = (-(dmin * mn.astype(np.float32))).astype(np.float16).astype(np.float64)
+        for c in range(4):
+            cw = 4 + 8 * (jj >> 1) + 2 * c
+            for half, w in enumerate((words[:, cw], words[:, cw + 1])):
+                nib = (w >> (4 * (jj & 1))) & 0x0F0F0F0F
+                for p, sel in enumerate((lo_sel, hi_sel)):
+                    pair = _prmt_words(nib, 0x64646464, sel)
+                    for e in range(2):
+                        t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+                        q = t - 1024.0  # exact
+                        out[:, 32 * jj + 8 * c + 4 * half + 2 * p + e] = (q * s16 + m16).astype(np.float16)
+    return out
+
+
+def _prmt_words(a: np.ndarray, b: int, sel: int) -> np.ndarray:
+    """prmt.b32 with a per-element first source and a constant second source and selector."""
+    src = [(a >> (8 * i)) & 255 for i in range(4)] + [np.full_like(a, (b >> (8 * i)) & 255) for i in range(4)]
+    out = np.zeros_like(a)
+    for k in range(4):
+        out |= src[(sel >> (4 * k)) & 7] << (8 * k)
+    return out
+
+
+def test_q4_k_decode_matches_dequant():
+    """The Q4_K stages against the GGUF layout: codes from qs (sub-block 2p + n: nibble n of bytes 32p..32p+31),
+    scales and mins from dsv4.quant's unpacking, scale and min rounded to fp16 then one fp16 fma (H2): exact."""
+    from dsv4.quant.dequant import q4_k_scale_min_np
+
+    raw = _random_q4_k(256, seed=5)
+    n = raw.shape[0]
+    d = raw[:, 0:2].copy().view(np.float16).astype(np.float32)
+    dmin = raw[:, 2:4].copy().view(np.float16).astype(np.float32)
+    sc, m = q4_k_scale_min_np(raw[:, 4:16])
+    s16 = (d * sc.astype(np.float32)).astype(np.float16).astype(np.float64)  # [n, 8]
+    m16 = (dmin * m.astype(np.float32)).astype(np.float16).astype(np.float64)
+    q = ((raw[:, 16:].reshape(n, 4, 1, 32) >> np.array([0, 4], np.uint8).reshape(1, 1, 2, 1)) & 15).reshape(n, 8, 32)
+    ref = (q * s16[:, :, None] - m16[:, :, None]).astype(np.float16).reshape(n, 256)
+    assert_close(_q4_kernel_decode(raw).astype(np.float64), ref.astype(np.float64), "dequant", "all",
+                 "moe_gluon Q4_K pair decode")
