@@ -280,6 +280,20 @@ def iq2_signed(lv, sidx, POS: tl.constexpr, NEG: tl.constexpr, ASM: tl.constexpr
 
 
 @triton.jit
+def q4_k_scale_min(lo, mid, hi, dd, j):
+    """(d * sc_j, dmin * m_j) fp32 of Q4_K sub-blocks j (0..7, a tensor) from the 12 packed 6-bit scale bytes
+    (words lo/mid/hi) and the d|dmin word dd: both packings computed, the one for j selected."""
+    jm = 8 * (j & 3)
+    a = (lo >> jm) & 255
+    b = (mid >> jm) & 255
+    c = (hi >> jm) & 255
+    low = j < 4
+    sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
+    mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
+    return _f16_from_bits(dd) * sc.to(tl.float32), _f16_from_bits(dd >> 16) * mn.to(tl.float32)
+
+
+@triton.jit
 def _f16_from_bits(b):
     """Low 16 bits of an int32 tensor as an fp16 value, widened to fp32."""
     return (b & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)

@@ -10,7 +10,7 @@ tokens as N) and only the activations pass through shared memory (copied there b
 
 The layout trick: in A's layout (fp16, k_width 2) a lane holds, of every 32 inputs, dot positions
 2c + {0, 1, 8, 9, 16, 17, 24, 25} (c = lane % 4). A dot sums over k in any order as long as both operands
-use the same one, so dot position p is made to read input kpos(p) (input_of_dot_pos below): then a lane
+use the same one, so dot position p is made to read input input_of_dot_pos(p): then a lane
 holds 8 consecutive inputs, one IQ2_XXS grid record (8 weights), of one 32-weight group per row, and
 decodes it alone (IQ2_XXS: one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs;
 Q4_K: two code words, the sub-block's 6-bit scale and min, four byte permutes and fp16 fmas). The
@@ -51,6 +51,17 @@ ROWS = 64  # gate rows (and as many up rows) per program: one warpgroup's wgmma 
 WARPS = 8  # two warpgroups: gate, up
 
 
+# Q4_K pair asm ({sel}: which two bytes of the code word; see _Q4_LO_ASM)
+_Q4_PAIR_ASM = """{{
+.reg .b32 t, k, mg;
+mov.b32 mg, 0x64646464;
+prmt.b32 t, $1, mg, {sel};
+mov.b32 k, 0x64006400;
+sub.rn.f16x2 t, t, k;
+fma.rn.f16x2 $0, t, $2, $3;
+}}"""
+
+
 def input_of_dot_pos(p: int) -> int:
     """The input (within its 32) that dot position p reads: bits (0, 3, 4) of p are bits (0, 1, 2) of the
     record coordinate, bits (1, 2) the record (lane c)."""
@@ -80,22 +91,8 @@ if HAVE_GLUON:
     # Q4_K: fp16 pair (q0 * s - m, q1 * s - m) from bytes 0-1 (SEL 0x4140) or 2-3 (0x4342) of a word of 4-bit
     # codes: the codes into fp16 mantissas under 0x64 (1024 + q), minus 1024 (exact), one fma with the fp16
     # scale pair and negated min pair: moe_prefill's H2 decode
-    _Q4_LO_ASM: gl.constexpr = gl.constexpr("""{
-.reg .b32 t, k, mg;
-mov.b32 mg, 0x64646464;
-prmt.b32 t, $1, mg, 0x4140;
-mov.b32 k, 0x64006400;
-sub.rn.f16x2 t, t, k;
-fma.rn.f16x2 $0, t, $2, $3;
-}""")
-    _Q4_HI_ASM: gl.constexpr = gl.constexpr("""{
-.reg .b32 t, k, mg;
-mov.b32 mg, 0x64646464;
-prmt.b32 t, $1, mg, 0x4342;
-mov.b32 k, 0x64006400;
-sub.rn.f16x2 t, t, k;
-fma.rn.f16x2 $0, t, $2, $3;
-}""")
+    _Q4_LO_ASM: gl.constexpr = gl.constexpr(_Q4_PAIR_ASM.format(sel="0x4140"))
+    _Q4_HI_ASM: gl.constexpr = gl.constexpr(_Q4_PAIR_ASM.format(sel="0x4342"))
     # fp16 pair (q0 * s, q1 * s) from a pair selector (code, 3, code, 3): the byte permute of 128 + q for
     # q = +8/+25/+43 (bytes 0-2 of p) and -8/-25/-43 (of n), 0x64 in byte 3, gives (1152 + q0, 1152 + q1); minus
     # 1152 (exact), times the fp16 scale pair (one rounding): moe_prefill's H2 decode
@@ -145,21 +142,13 @@ mul.rn.f16x2 $0, t, $2;
     @gluon.jit
     def _q4_sel(q0, q1, hd, hlo, hmid, hhi, g, k0):
         """Stage 1 for Q4_K records: (the codes of the record's nibble in the low nibbles of two words, the fp16
-        scale pair, the negated fp16 min pair), the 6-bit scale/min of the sub-block as moe_prefill._q4_scale."""
+        scale pair, the negated fp16 min pair) of the sub-block's 6-bit scale and min (blocks.q4_k_scale_min)."""
         jj = (k0 // 32 + (g >> 2)) & 7
         sh = 4 * (jj & 1)
         n0 = (q0 >> sh) & 0x0F0F0F0F
         n1 = (q1 >> sh) & 0x0F0F0F0F
-        jm = 8 * (jj & 3)
-        a = (hlo >> jm) & 255
-        b = (hmid >> jm) & 255
-        cc = (hhi >> jm) & 255
-        low = jj < 4
-        sc = gl.where(low, a & 63, (cc & 15) | ((a >> 6) << 4))
-        mn = gl.where(low, b & 63, (cc >> 4) | ((b >> 6) << 4))
-        d = (hd & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-        dmin = ((hd >> 16) & 0xFFFF).to(gl.int16).to(gl.float16, bitcast=True).to(gl.float32)
-        return n0, n1, _f16_pair(d * sc.to(gl.float32)), _f16_pair(-(dmin * mn.to(gl.float32)))
+        s, m = blocks.q4_k_scale_min(hlo, hmid, hhi, hd, jj)
+        return n0, n1, _f16_pair(s), _f16_pair(-m)
 
     @gluon.jit
     def _iq2_words(w16, w8, g, c, k0):

@@ -343,20 +343,6 @@ def _q2_k_decode(wd, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: tl.co
 
 
 @triton.jit
-def _q4_scale(lo, mid, hi, dd, j):
-    """(d * sc_j, dmin * m_j) [BN, P] of sub-blocks j (0..7, a tensor) from the 12 packed 6-bit scale
-    bytes (words lo/mid/hi): both packings computed, the one for j selected."""
-    jm = 8 * (j & 3)
-    a = (lo >> jm) & 255
-    b = (mid >> jm) & 255
-    c = (hi >> jm) & 255
-    low = j < 4
-    sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
-    mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
-    return blocks._f16_from_bits(dd) * sc.to(tl.float32), blocks._f16_from_bits(dd >> 16) * mn.to(tl.float32)
-
-
-@triton.jit
 def _q4_word(w):
     """The 2 biased nibble words of a Q4_K code word, [..., n]: low nibbles, high."""
     return tl.join(w & 0x0F0F0F0F, (w >> 4) & 0x0F0F0F0F) ^ BYTE_BIAS
@@ -392,8 +378,8 @@ def _q4_k_decode(wd, k0, PRMT: tl.constexpr, H2: tl.constexpr, magic, BLOCK_N: t
     P: tl.constexpr = BLOCK_K // 64
     pp = _group_ids(k0, 64, P, GF) & 3
     dd, lo, mid, hi = wd[0], wd[1], wd[2], wd[3]
-    s0, m0 = _q4_scale(lo, mid, hi, dd, 2 * pp)
-    s1, m1 = _q4_scale(lo, mid, hi, dd, 2 * pp + 1)
+    s0, m0 = blocks.q4_k_scale_min(lo, mid, hi, dd, 2 * pp)
+    s1, m1 = blocks.q4_k_scale_min(lo, mid, hi, dd, 2 * pp + 1)
     wb = _join8(_q4_word(wd[4]), _q4_word(wd[5]), _q4_word(wd[6]), _q4_word(wd[7]),
                 _q4_word(wd[8]), _q4_word(wd[9]), _q4_word(wd[10]), _q4_word(wd[11]))
     w = _scaled4(wb, _rep8(tl.join(s0, s1)), _rep8(tl.join(m0, m1)), PRMT, H2, magic)

@@ -14,21 +14,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_triton_gpu import CLAMP, _assert, _moe_problem, _moe_reference
+from tests.gpu.test_triton_gpu import CLAMP, NVIDIA_SM90, _assert, _moe_problem, _moe_reference, poison  # noqa: F401
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available() or torch.version.hip is not None
-                                 or torch.cuda.get_device_capability() < (9, 0), reason="needs an NVIDIA sm_90+ GPU")]
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    from dsv4.kernels_triton import blocks, moe_prefill
-
-    monkeypatch.setattr(blocks, "empty", lambda shape, device: torch.full(tuple(shape), float("nan"), device=device))
-    monkeypatch.setattr(moe_prefill, "empty_f16",
-                        lambda shape, device: torch.full(tuple(shape), float("nan"), device=device,
-                                                         dtype=torch.float16))
+pytestmark = NVIDIA_SM90
 
 
 TILES = [(64, 128, True), (64, 128, False), (64, 64, True), (32, 64, False), (64, 256, False)]

@@ -11,18 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.gpu.test_triton_gpu import Q8_DENSE, _assert, _dense_reference, _dequant64, _weight
+from tests.gpu.test_triton_gpu import (NVIDIA_SM90, Q8_DENSE, _assert, _dense_reference, _dequant64, _weight,  # noqa: F401
+                                      poison)
 
-pytestmark = [pytest.mark.cuda,
-              pytest.mark.skipif(not torch.cuda.is_available() or torch.version.hip is not None
-                                 or torch.cuda.get_device_capability() < (9, 0), reason="needs an NVIDIA sm_90+ GPU")]
-
-
-@pytest.fixture
-def poison(monkeypatch):
-    from dsv4.kernels_triton import blocks
-
-    monkeypatch.setattr(blocks, "empty", lambda shape, device: torch.full(tuple(shape), float("nan"), device=device))
+pytestmark = NVIDIA_SM90
 
 
 def _tiles():

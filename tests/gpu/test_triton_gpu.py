@@ -14,6 +14,10 @@ import torch
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA/ROCm GPU")]
+# the Gluon kernels' test files (q8_gluon, moe_gluon): NVIDIA sm_90+ only
+NVIDIA_SM90 = [pytest.mark.cuda,
+               pytest.mark.skipif(not torch.cuda.is_available() or torch.version.hip is not None
+                                  or torch.cuda.get_device_capability() < (9, 0), reason="needs an NVIDIA sm_90+ GPU")]
 
 D, F_EXP, N_EXPERT, K_USED = 4096, 2048, 256, 6
 CLAMP = 10.0
@@ -29,9 +33,12 @@ DENSE = [  # name, format, out, in, groups
 
 @pytest.fixture
 def poison(monkeypatch):
-    from dsv4.kernels_triton import blocks
+    """NaN in every fp32 output / scratch buffer of the launchers, and in moe_prefill's fp16 h."""
+    from dsv4.kernels_triton import blocks, moe_prefill
 
     monkeypatch.setattr(blocks, "empty", lambda shape, device: torch.full(tuple(shape), float("nan"), device=device))
+    monkeypatch.setattr(moe_prefill, "empty_f16", lambda shape, device: torch.full(
+        tuple(shape), float("nan"), device=device, dtype=torch.float16))
 
 
 def _weight(fmt_name, shape, seed):
