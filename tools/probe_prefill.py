@@ -50,14 +50,14 @@ GATE_UP = {
     "n64 k256 w4 s2": replace(BASE, block_k=256, num_stages=2),
 }
 # the Gluon gate/up with the decoded weights as wgmma's register A operand (IQ2_XXS only)
-REGA = {
-    "rega k128": moe_gluon.RegATile(64, 128),
-    "rega k128 nopf": moe_gluon.RegATile(64, 128, prefetch=False),
-    "rega k128 r128": moe_gluon.RegATile(64, 128, maxnreg=128),
-    "rega k64": moe_gluon.RegATile(64, 64),
-    "rega k64 nopf": moe_gluon.RegATile(64, 64, prefetch=False),
-    "rega k64 nopf r80": moe_gluon.RegATile(64, 64, prefetch=False, maxnreg=80),
-    "rega m32 k64": moe_gluon.RegATile(32, 64),
+REGA = {  # name: (expert tile height, tile)
+    "rega k128": (64, moe_gluon.RegATile(128)),
+    "rega k128 nopf": (64, moe_gluon.RegATile(128, prefetch=False)),
+    "rega k128 r128": (64, moe_gluon.RegATile(128, maxnreg=128)),
+    "rega k64": (64, moe_gluon.RegATile(64)),
+    "rega k64 nopf": (64, moe_gluon.RegATile(64, prefetch=False)),
+    "rega k64 nopf r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
+    "rega m32 k64": (32, moe_gluon.RegATile(64)),
 }
 DOWN = {
     "n128 k256 w8 s3": BASE,
@@ -87,7 +87,7 @@ def main(argv=None) -> int:
     ap.add_argument("--recipes", nargs="+", default=list(MOE))
     ap.add_argument("--gate-up", nargs="*", default=None, help="only these gate/up configs (none: skip)")
     ap.add_argument("--down", nargs="*", default=None, help="only these down configs (none: skip)")
-    ap.add_argument("--rega", nargs="*", default=[], help="these register-A Gluon gate/up tiles too (IQ2_XXS)")
+    ap.add_argument("--rega", nargs="*", default=[], help="these register-A Gluon gate/up tiles too (moe_gluon)")
     ap.add_argument("--once", action="store_true", help="one call per config instead of timing (for ncu)")
     args = ap.parse_args(argv)
     gate_up = {k: v for k, v in GATE_UP.items() if args.gate_up is None or k in args.gate_up}
@@ -118,27 +118,23 @@ def main(argv=None) -> int:
         row(recipe, "sort", "expert_tiles", timed(lambda: moe_prefill.expert_rows(sel, N_EXPERT, BASE)), 0)
         x16 = u.to(torch.float16)
         row(recipe, "cast", "u -> fp16", timed(lambda: u.to(torch.float16)), 0)
+        # (name, h of the stage, whether it may be the reference): the Triton configs, then the Gluon tiles
+        runs = [(name, lambda cfg=cfg: moe_prefill.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, K_USED, dev, cfg),
+                 True) for name, cfg in gate_up.items()]
+        for name in args.rega:
+            bm, t = REGA[name]
+            if moe_gluon.supports(u, gate, up, dev, t, bm):
+                tiles_r = moe.expert_tiles(sel, N_EXPERT, bm)
+                runs.append((name, lambda bm=bm, t=t, tiles_r=tiles_r: moe_gluon.gate_up_stage(
+                    x16, gate, up, wts, CLAMP, tiles_r, K_USED, bm, t), False))
         ref_h = None
-        for name, cfg in gate_up.items():
+        for name, fn, may_ref in runs:
             try:
-                fn = lambda cfg=cfg: moe_prefill.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, K_USED, dev, cfg)
                 h = fn()
                 diff = "" if ref_h is None else f"{(h.float() - ref_h.float()).abs().max().item():.3g}"
-                ref_h = h if ref_h is None else ref_h
+                ref_h = h if ref_h is None and may_ref else ref_h
                 row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
             except Exception as exc:  # a config that does not compile on this Triton: record and go on
-                table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
-        for name in args.rega:
-            t = REGA[name]
-            if not moe_gluon.supports(u, gate, up, dev, t):
-                continue
-            try:
-                tiles_r = moe.expert_tiles(sel, N_EXPERT, t.block_m)
-                fn = lambda t=t, tiles_r=tiles_r: moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles_r, K_USED, t)
-                h = fn()
-                diff = "" if ref_h is None else f"{(h.float() - ref_h.float()).abs().max().item():.3g}"
-                row(recipe, "gate/up", name, timed(fn), 2 * pair_flops, diff)
-            except Exception as exc:
                 table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
         ref_y = None
         for name, cfg in downs.items():

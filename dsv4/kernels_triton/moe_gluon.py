@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import triton
 
-from . import blocks
+from . import blocks, moe
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus
 from ..quant.formats import QuantFormat
@@ -171,9 +171,7 @@ mul.rn.f16x2 $0, t, $2;
         par = _asm1("popc.b32 $0, $1;", sidx) & 1  # the 8th sign: an even count of minus signs
         sel_a = lv.to(gl.int32) | (((sidx & 15) * _SIGN4) & 0x04040404)
         sel_b = (lv >> 32).to(gl.int32) | ((((sidx >> 4) | (par << 3)) * _SIGN4) & 0x04040404)
-        db = (d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25).to(gl.float16)
-        sb = db.to(gl.int16, bitcast=True).to(gl.int32) & 0xFFFF
-        return sel_a, sel_b, sb | (sb << 16)
+        return sel_a, sel_b, _f16_pair(d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25)
 
     @gluon.jit
     def _stage2(s0, s1, s2, s3, FMT: gl.constexpr, R: gl.constexpr, BK: gl.constexpr, A_LAYOUT: gl.constexpr):
@@ -221,7 +219,8 @@ mul.rn.f16x2 $0, t, $2;
                         HL: gl.constexpr):
         """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of tile program_id(1)
         (expert e, pair p = order[r], token t = p // KSEL) and the ROWS rows f of program_id(0). x: the
-        activations in dot-position order (permuted_activations); stride_w and up_delta in int16 words.
+        activations in dot-position order (permuted_activations); stride_w and up_delta in the weight view's words
+        (int16 for IQ2_XXS, int32 for Q4_K).
 
         Two warpgroups: the first decodes and multiplies the ROWS gate rows, the second the same up rows (one
         [2 ROWS, BK] A operand); the halves meet in the epilogue. Per step, the pair stage of the decode makes
@@ -294,21 +293,18 @@ mul.rn.f16x2 $0, t, $2;
         m_ok = rm < hi
         pair = gl.load(order_ptr + rm, mask=m_ok, other=0)
         wt = gl.load(wts_ptr + pair, mask=m_ok, other=0.0)
-        gg = gl.minimum(gacc, clamp)
-        uu = gl.minimum(gl.maximum(uacc, -clamp), clamp)
-        zz = gl.exp(-gl.abs(gg))  # sigmoid without overflow (moe._swiglu_route)
-        sig = gl.where(gg >= 0, 1.0 / (1.0 + zz), zz / (1.0 + zz))
-        h = gg * sig * uu * gl.expand_dims(wt, 0)
+        h = moe._swiglu_route(gacc, uacc, gl.expand_dims(wt, 0), clamp)
         rf = pid_n * _ROWS + gl.arange(0, _ROWS, layout=gl.SliceLayout(1, EL))
         hp = h_ptr + gl.expand_dims(rm.to(gl.int64) * stride_ht, 0) + gl.expand_dims(rf, 1)
         gl.store(hp, h.to(gl.float16), mask=gl.expand_dims(m_ok, 0) & gl.expand_dims(rf < F, 1))
 
+
 @functools.lru_cache(maxsize=None)
 def iq2_pair_selectors(device):
     """The IQ2_XXS grid as byte-permute pair selectors, int64 [256] (2 KiB, one copy per device): word 0 holds
-    coordinates 0-3, word 1 coordinates 4-7, coordinate j's level (0..2) in nibble 2 (j % 4) and 3 (the 0x64
-    byte of _POS) in the nibble above it, so that with the signs ORed into bit 2 of the level nibbles each
-    16-bit half selects one fp16 pair (1152 + q_j, 1152 + q_j+1)."""
+    coordinates 0-3, word 1 coordinates 4-7, coordinate j's level (0..2) in nibble 2 (j % 4) and 3 (the index of
+    the 0x64 byte of _PAIR_ASM's permute sources) in the nibble above it, so that with the signs ORed into bit 2
+    of the level nibbles each 16-bit half selects one fp16 pair (1152 + q_j, 1152 + q_j+1)."""
     lev = IQ2XXS_LEVELS.astype(np.int64)
     sel = np.zeros(256, dtype=np.int64)
     for j in range(8):
@@ -339,34 +335,38 @@ def pair_layout():
 
 @dataclass(frozen=True)
 class RegATile:
-    block_m: int = 64  # tokens per expert tile (wgmma N)
+    """Tiles of the kernel beside the expert tiles' height (the wgmma N), which the caller's expert sort fixes."""
+
     block_k: int = 128  # inputs per step
     prefetch: bool = True  # weight words two steps ahead instead of one
     maxnreg: int = 0  # PTX register cap (0: none)
 
 
-def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile) -> bool:
+def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_m: int) -> bool:
+    """Whether the kernel takes these experts with expert tiles of block_m pairs."""
     from .moe_prefill import _up_delta
 
-    E, F, D = gate.shape
+    _E, F, D = gate.shape
     return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u)
-            and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and tile.block_m % 8 == 0
-            and 8 <= tile.block_m <= 256 and _up_delta(gate, up) is not None)
+            and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0
+            and 8 <= block_m <= 256 and _up_delta(gate, up) is not None)
 
 
-def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, tile: RegATile):
+def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, block_m: int,
+                  tile: RegATile):
     """h [T*K, F] fp16 in sorted-row order, as moe_prefill.gate_up_stage (IQ2_XXS or Q4_K experts, sm_90+:
-    supports)."""
+    supports); tiles: moe.expert_tiles of block_m pairs."""
     from .moe_prefill import _up_delta, empty_f16
 
     order, te, lo, hi = tiles
-    E, F, D = gate.shape
+    _E, F, D = gate.shape
     h = empty_f16((x16.shape[0] * K, F), x16.device)
     xp = permuted_activations(x16)
     _gate_up_kernel[(F // ROWS, te.numel())](
         xp, order, weights.reshape(-1), h, te, lo, hi, gate.w, iq2_pair_selectors(x16.device), F, D, K,
-        float(clamp), xp.stride(0), h.stride(0), gate.stride_w, _up_delta(gate, up), FMT=int(gate.fmt), BM=tile.block_m, BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k),
-        XL=x_layout(tile.block_m, tile.block_k), HL=pair_layout(), num_warps=WARPS,
+        float(clamp), xp.stride(0), h.stride(0), gate.stride_w, _up_delta(gate, up), FMT=int(gate.fmt), BM=block_m,
+        BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k), XL=x_layout(block_m, tile.block_k),
+        HL=pair_layout(), num_warps=WARPS,
         **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
     return h
 

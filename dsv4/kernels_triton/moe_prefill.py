@@ -93,7 +93,7 @@ class PrefillConfig:
     swap_down: bool = False  # the same for the down kernel
     num_stages_down: int = 0  # 0: num_stages
     rega: Any = None  # a moe_gluon.RegATile: the gate/up by the Gluon kernel with the weights as wgmma's
-    # register operand where it runs (IQ2_XXS gate/up on NVIDIA sm_90+ with Gluon), this file's kernel elsewhere
+    # register operand (expert tiles of block_m pairs) where it runs (NVIDIA sm_90+ with Gluon), this file's elsewhere
 
 
 def empty_f16(shape, device):
@@ -673,8 +673,8 @@ def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     # h in fp16: the down GEMM's operand type anyway (rounding at the store equals rounding at the load),
     # half the traffic, and the tile loads go straight to shared memory with no per-program conversion.
     # |h| <= clamp^2 * route weight stays far inside fp16 range for the model's clamp.
-    if cfg.rega is not None and cfg.rega.block_m == cfg.block_m and moe_gluon.supports(u, gate, up, dev, cfg.rega):
-        h = moe_gluon.gate_up_stage(x16, gate, up, weights, clamp, tiles, K, cfg.rega)
+    if cfg.rega is not None and moe_gluon.supports(u, gate, up, dev, cfg.rega, cfg.block_m):
+        h = moe_gluon.gate_up_stage(x16, gate, up, weights, clamp, tiles, K, cfg.block_m, cfg.rega)
     else:
         h = gate_up_stage(x16, gate, up, weights, clamp, tiles, K, dev, cfg)
     y = down_stage(h, down, tiles, T, K, dev, cfg)
@@ -699,7 +699,7 @@ TRITON_TUNED_IQ2 = PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=Tru
 TUNED = {
     # the gate/up by moe_gluon where it runs (64-input steps, words one step ahead: h200_prefill/11),
     # TRITON_TUNED_IQ2's Triton tiles elsewhere
-    QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, 64, prefetch=False)),
+    QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, prefetch=False)),
     QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
                                     block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
 }
@@ -732,7 +732,7 @@ for _name, _cfg in CONFIGS.items():
                  f"(M{_cfg.block_m} N{_cfg.block_n} K{_cfg.block_k}, {_cfg.num_warps} warps, "
                  f"{'fp16' if _cfg.h2 else 'fp32'} scaling)")
 register(KernelOp.MOE, "grouped_v2_rega", _variant(replace(TUNED[QuantFormat.Q4_K],
-                                                         rega=moe_gluon.RegATile(64, 64, prefetch=False))),
+                                                         rega=moe_gluon.RegATile(64, prefetch=False))),
          formats=(QuantFormat.Q4_K,),
          doc="prefill: grouped_v2 with TUNED's Q4_K tiles and the gate/up by moe_gluon (the weights as wgmma's "
              "register operand) where it runs: slower than the Triton gate/up for Q4_K (h200_prefill/11f)")

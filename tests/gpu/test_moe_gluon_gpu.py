@@ -33,8 +33,8 @@ def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
 
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     dev = detect_device("cuda")
-    tile = moe_gluon.RegATile(bm, bk, prefetch=pf)
-    assert moe_gluon.supports(u, gate, up, dev, tile)
+    tile = moe_gluon.RegATile(bk, prefetch=pf)
+    assert moe_gluon.supports(u, gate, up, dev, tile, bm)
     cfg = replace(moe_prefill.TUNED[gate.fmt], block_m=bm, rega=tile)
 
     def no_triton_gate_up(*args, **kwargs):
@@ -58,8 +58,8 @@ def test_tuned_prefill_takes_the_gluon_gate_up(recipe):
     if recipe == "q4":
         assert cfg.rega is None
         return
-    assert cfg.rega is not None and cfg.rega.block_m == cfg.block_m
-    assert moe_gluon.supports(u, gate, up, detect_device("cuda"), cfg.rega)
+    assert cfg.rega is not None  # with cfg.block_m: the expert tiles' height is the config's one field now
+    assert moe_gluon.supports(u, gate, up, detect_device("cuda"), cfg.rega, cfg.block_m)
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
@@ -77,6 +77,7 @@ def test_rega_h_equals_triton_weights(recipe):
     cfg = replace(moe_prefill.tuned_config(gate), rega=None)
     tiles = moe.expert_tiles(sel, gate.shape[0], cfg.block_m)
     ref = moe_prefill.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], dev, cfg).float()
-    h = moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], moe_gluon.RegATile()).float()
+    h = moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], cfg.block_m,
+                                moe_gluon.RegATile()).float()
     assert torch.isfinite(h).all()
     _assert(h, ref.double(), "triton_moe", "rega_h", f"rega h vs moe_prefill h, {recipe} T=96")

@@ -28,12 +28,15 @@ F16_1152 = float(np.array([int(re.search(r"mov\.b32 k, (0x[0-9A-Fa-f]+);", _ASM)
 SIGN4 = moe_gluon._SIGN4.value
 
 
-def _prmt(a: int, b: int, sel: np.ndarray) -> np.ndarray:
-    """PTX prmt.b32 (default mode) on uint32 arrays: byte k of the result is byte (sel >> 4k) & 7 of b:a."""
-    src = np.array([(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)], np.uint32)
-    out = np.zeros(sel.shape, np.uint32)
+def _prmt(a, b, sel):
+    """PTX prmt.b32 (default mode) on uint32 values or arrays (broadcast): byte k of the result is byte
+    (sel >> 4k) & 7 of b:a."""
+    a, b, sel = np.broadcast_arrays(*(np.asarray(v, dtype=np.int64) for v in (a, b, sel)))
+    src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
+    out = np.zeros(sel.shape, np.int64)
     for k in range(4):
-        out |= src[(sel >> (4 * k)) & 7] << (8 * k)
+        nib = (sel >> (4 * k)) & 7
+        out |= np.choose(nib, src) << (8 * k)
     return out
 
 
@@ -143,20 +146,11 @@ def _q4_kernel_decode(raw: np.ndarray) -> np.ndarray:
             for half, w in enumerate((words[:, cw], words[:, cw + 1])):
                 nib = (w >> (4 * (jj & 1))) & 0x0F0F0F0F
                 for p, sel in enumerate((lo_sel, hi_sel)):
-                    pair = _prmt_words(nib, 0x64646464, sel)
+                    pair = _prmt(nib, 0x64646464, sel)
                     for e in range(2):
                         t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
                         q = t - 1024.0  # exact
                         out[:, 32 * jj + 8 * c + 4 * half + 2 * p + e] = (q * s16 + m16).astype(np.float16)
-    return out
-
-
-def _prmt_words(a: np.ndarray, b: int, sel: int) -> np.ndarray:
-    """prmt.b32 with a per-element first source and a constant second source and selector."""
-    src = [(a >> (8 * i)) & 255 for i in range(4)] + [np.full_like(a, (b >> (8 * i)) & 255) for i in range(4)]
-    out = np.zeros_like(a)
-    for k in range(4):
-        out |= src[(sel >> (4 * k)) & 7] << (8 * k)
     return out
 
 
