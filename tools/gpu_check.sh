@@ -79,7 +79,7 @@ step gpu_tests 470 "$OUT/gpu_tests.log" python3 -m pytest tests/gpu tests/kernel
 # were timed in earlier runs (tools/results/); all of them at once do not fit one device call.
 BENCH_VARIANTS="${BENCH_VARIANTS:-auto gemv_rows gemv_rows_pf gemv_rows_pf_w2 gemv_rows_x1 gemv_rows_x2 gemv_rows_persist \
   gemv_gluon q8_int8 gemv_mma gemv_dot gemv_persist gemv_q8blk gemm_hybrid gemm_f16w gemm gemm_fp8 fused_blockdot fused_dot_pxs32 \
-  int8 int8_limb3 int8_n8 int8_base grouped grouped_v2 grouped_v2_f32 grouped_v2_m128 grouped_v2_n64 grouped_v2_triton grouped_v2_rega}"
+  int8 int8_triton int8_limb3 int8_n8 int8_base grouped grouped_v2 grouped_v2_f32 grouped_v2_m128 grouped_v2_n64 grouped_v2_triton grouped_v2_rega}"
 step bench_kernels 270 "$OUT/bench_kernels.log" python3 tools/bench_kernels.py \
   --out-md "$OUT/bench_kernels.md" --out-csv "$OUT/bench_kernels.csv" --time-limit 240 --commit "$COMMIT" \
   --ops attn_q_b attn_output_a attn_output_b output moe_q2 moe_q4 --T 1 2048 --variants $BENCH_VARIANTS \

@@ -42,6 +42,9 @@ median; % of the streaming read measured in this run). Two parts:
     output and whether a second call of the tree repeats its bits;
   * `reg`: moe_int8's tuned stages (one plane and three) under register caps (`maxnreg_gate_up` /
     `maxnreg_down`), each behind its quantizer, twice interleaved;
+  * `gq4`: q4 whole calls (one plane) with the Q4_K stages on moe_int8_gluon's kernels (gq4_cases), beside the
+    tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
+    u quantizer and each down tile behind the h quantizer, twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -210,6 +213,28 @@ def dreg_cases(tuned):
     return [(f"tuned, down maxnreg {cap}", replace(tuned, maxnreg_down=cap)) for cap in DOWN_REG_SWEEP]
 
 
+def gq4_label(tile) -> str:
+    rows, wk, pf, wr, *unroll = tile
+    return f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}{' unroll' if any(unroll) else ''}"
+
+
+def gq4_cases(tuned):
+    """`gq4` whole calls: the tuned config (Triton stages, h quantizer fused) with the h quantizer launched too,
+    each GQ4_GATE_UP tile (h fused and launched) and each GQ4_DOWN tile on their own, and GQ4_CROSS's pairs."""
+    tile = moe_int8.Q4GluonTile
+    cases = [("tuned", tuned), ("tuned, h launched", replace(tuned, fuse_quant_h=False))]
+    for t in GQ4_GATE_UP:
+        for fused in (True, False):
+            cases.append((f"gluon gate/up {gq4_label(t)}{'' if fused else ', h launched'}",
+                          replace(tuned, gluon_gate_up=tile(*t), fuse_quant_h=fused)))
+    cases += [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=tile(*t))) for t in GQ4_DOWN]
+    for gu, fused in GQ4_CROSS[0]:
+        for dn in GQ4_CROSS[1]:
+            cases.append((f"gluon gate/up {gq4_label(gu)}{'' if fused else ', h launched'} + down {gq4_label(dn)}",
+                          replace(tuned, gluon_gate_up=tile(*gu), gluon_down=tile(*dn), fuse_quant_h=fused)))
+    return cases
+
+
 def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
     return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s,
@@ -298,6 +323,12 @@ QH_REG_CAPS = (128, 168)  # the fused three-plane Q4_K gate/up kernel took 180 r
 QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 # `dreg`: register caps of the down kernel above 128 on the tuned configs (the three-plane Q4_K down took 255, 55)
 DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
+
+# `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles (rows, warps along K, prefetch, warps along rows[, unroll])
+GQ4_GATE_UP = [(4, 1, True, 1)]
+GQ4_DOWN = [(4, 2, False, 1, True), (8, 2, False, 1, True), (8, 2, False, 2, True), (4, 2, False, 2, True),
+            (16, 2, False, 4, True), (8, 2, False, 4, True), (2, 2, False, 1)]
+GQ4_CROSS = ([((4, 1, True, 1), False)], GQ4_DOWN)
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -417,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg")
+                         "xv, xv_sweep, limb, reg, gq4")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -579,6 +610,30 @@ def main(argv=None) -> int:
                     if part in args.parts:
                         time_whole_cases(row, recipe, limbs, make_cases(tuned), (u, gate, up, down, sels, wts), dev,
                                          gu_bytes + dn_bytes)
+            del gate, up, down
+
+    if "gq4" in args.parts:  # q4 (one plane): the tuned Triton stages against moe_int8_gluon's tiles
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            if recipe != "q4":
+                continue
+            tuned = moe_int8.TUNED[gate.fmt]
+            time_whole_cases(row, recipe, 1, gq4_cases(tuned), (u, gate, up, down, sels, wts), dev,
+                             gu_bytes + dn_bytes)
+            uq = moe_int8.quant_q8_k(u)
+            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
+            base = replace(tuned, fuse_quant_h=False)
+            for _ in range(2):
+                row(f"moe_{recipe}", "tuned", "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, base),
+                    gu_bytes)
+                for t in GQ4_GATE_UP:
+                    cfg = replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t))
+                    row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant u + gate_up",
+                        chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
+                row(f"moe_{recipe}", "tuned", "quant h + down", chain_down_ms(hs, down, sels, base), dn_bytes)
+                for t in GQ4_DOWN:
+                    cfg = replace(base, gluon_down=moe_int8.Q4GluonTile(*t))
+                    row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant h + down", chain_down_ms(hs, down, sels, cfg),
+                        dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

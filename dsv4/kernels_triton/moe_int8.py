@@ -15,7 +15,8 @@ the 8 signs ORed in, one prmt per 4 signed magnitudes (u's codes are quantized i
 sm_90+ every launch uses programmatic dependent launch: weight words (and the expert ids, two launches old) are
 loaded before griddepcontrol.wait, activations after it. Activation words can be read by 16-byte loads
 (blocks.load4: Triton keeps four word loads of one thread apart, and each costs L1 wavefronts), per stage (x_vec_*).
-Tiles per gate/up format: TUNED (H200 sweeps).
+Tiles per gate/up format: TUNED (H200 sweeps). On sm_90+ the Q4_K stages run on moe_int8_gluon's Gluon kernels
+(Int8MoeConfig.gluon_gate_up / gluon_down: the same integer dots in hand-chosen register layouts).
 fp32-grade activations (`limbs=3`, variant int8_limb3, the CUDA decode default of moe.moe_auto): u and h become a
 22-bit integer per value and one scale per 256 (2^-22 of the block's max|x|), stored as three signed byte planes
 (hi, mid, lo); every decoded weight word is dotted with each plane (three exact dp4a sums, combined in fp32 as
@@ -32,7 +33,7 @@ import triton.language as tl
 
 from . import blocks, moe
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight, _f16_from_bits
-from .configs import DeviceInfo, Vendor, pdl_launch, use_pdl
+from .configs import DeviceInfo, Vendor, detect_device, pdl_launch, use_pdl
 from ..quant.formats import QuantFormat
 
 QK = 256  # super-block (Q8_K, Q2_K, Q4_K, IQ2_XXS)
@@ -54,6 +55,27 @@ LIMB_MAX_F: tl.constexpr = tl.constexpr(4194303.0)
 MAX_T = 8  # decode only: tokens per call (prefill keeps the grouped float kernels)
 GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
+
+
+@dataclass(frozen=True)
+class Q4GluonTile:
+    """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
+    over `warps_rows` warps; `warps_k` warps side by side along K (4 super-blocks each per step); `prefetch`: the
+    next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step) unrolled."""
+
+    rows: int = 4
+    warps_k: int = 1
+    prefetch: bool = False
+    warps_rows: int = 1
+    unroll: bool = False
+
+    @property
+    def block_k(self) -> int:
+        return 4 * QK * self.warps_k
+
+    @property
+    def warps(self) -> int:
+        return self.warps_k * self.warps_rows
 
 
 @dataclass(frozen=True)
@@ -88,6 +110,9 @@ class Int8MoeConfig:
     # h quantized inside the gate/up kernel by the last program of each 256-block (an arrival counter per block)
     # instead of by a quantizer launch between the stages; needs block_n_gate_up to divide 256 (else the launch)
     fuse_quant_h: bool = False
+    # Q4_K stages on moe_int8_gluon's Gluon kernels (one activation plane, NVIDIA sm_90+; elsewhere the Triton ones)
+    gluon_gate_up: Q4GluonTile | None = None
+    gluon_down: Q4GluonTile | None = None
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -742,10 +767,11 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     pdl = cfg.pdl and use_pdl(dev, u)
     uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs)
     if fuses_quant_h(cfg):
-        hq3 = gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, quant_h=limbs)
+        hq3 = gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, quant_h=limbs, dev=dev)
     else:
-        hq3 = quant_q8_k(gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl), pdl=pdl, limbs=limbs)
-    return down_int8(hq3, down, sel, asm, cfg, pdl)
+        hq3 = quant_q8_k(gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, dev=dev), pdl=pdl,
+                         limbs=limbs)
+    return down_int8(hq3, down, sel, asm, cfg, pdl, dev)
 
 
 def fuses_quant_h(cfg: Int8MoeConfig) -> bool:
@@ -774,11 +800,17 @@ def uses_iq2_order(gate: DeviceWeight) -> bool:
 
 
 def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, asm: bool,
-                 cfg: Int8MoeConfig, pdl: bool = False, quant_h: int = 0):
+                 cfg: Int8MoeConfig, pdl: bool = False, quant_h: int = 0, dev: DeviceInfo | None = None):
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
     (SwiGLU of the slot's expert, routed); quant_h = 1 or 3 (needs fuses_quant_h(cfg)): instead
-    quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel."""
+    quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel. cfg.gluon_gate_up: the Gluon kernel
+    where moe_int8_gluon.supports it (dev: xq's device, detected when not given)."""
     xq, xd, xs = uq
+    if cfg.gluon_gate_up is not None and asm and _limbs(xq) == 1:
+        from . import moe_int8_gluon
+
+        if moe_int8_gluon.supports(gate, up, dev or detect_device(xq.device), xq, cfg.gluon_gate_up, quant_h):
+            return moe_int8_gluon.gate_up(uq, gate, up, sel, weights, clamp, cfg.gluon_gate_up, pdl, quant_h)
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
@@ -810,9 +842,16 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     return (hq, hd, hs) if quant_h else h
 
 
-def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False):
-    """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order."""
+def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: bool = False,
+              dev: DeviceInfo | None = None):
+    """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order.
+    cfg.gluon_down: the Gluon kernel where moe_int8_gluon.supports_down it (dev: detected when not given)."""
     hq, hd, hs = hq3
+    if cfg.gluon_down is not None and asm and _limbs(hq) == 1:
+        from . import moe_int8_gluon
+
+        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, cfg.gluon_down):
+            return moe_int8_gluon.down(hq3, down, sel, cfg.gluon_down, pdl)
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
@@ -848,14 +887,22 @@ TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
-    # h quantized by the gate/up kernel (three launches), that kernel capped at 168 registers (the most that keeps
-    # three 4-warp programs per SM; uncapped ptxas stays lower and schedules worse): the whole q4 call 40.8-41.0 ->
-    # 36.3 us, bitwise equal (h200_decode/54, 56, 57); on q2 (3072 one-warp programs) fusing measured slower: the
-    # fused kernel grows by more than the quantizer launch it saves (55)
+    # the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp prefetched (h quantized by its own launch: fused
+    # there it measured slower), down 16 rows over 4 warps x 2 warps along K, unrolled over (slot, K step); the whole q4
+    # call 36.5-36.7 -> 33.2 us (h200_decode/59); TRITON_Q4 below is the Triton-only config (other GPUs)
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
-                                    scale_vec_gate_up=True, fuse_quant_h=True, maxnreg_gate_up=168),
+                                    scale_vec_gate_up=True, maxnreg_gate_up=168,
+                                    gluon_gate_up=Q4GluonTile(4, prefetch=True),
+                                    gluon_down=Q4GluonTile(16, warps_k=2, warps_rows=4, unroll=True)),
 }
+# Q4_K on the Triton kernels alone (the tuned config before h200_decode/59, registered as int8_triton): h quantized by
+# the gate/up kernel (three launches), that kernel capped at 168 registers (the most that keeps three 4-warp programs
+# per SM; uncapped ptxas stays lower and schedules worse): the whole q4 call 40.8-41.0 -> 36.3 us, bitwise equal
+# (h200_decode/54, 56, 57); on q2 (3072 one-warp programs) fusing measured slower: the fused kernel grows by more than
+# the quantizer launch it saves (55)
+TRITON_Q4 = replace(TUNED[QuantFormat.Q4_K], gluon_gate_up=None, gluon_down=None, fuse_quant_h=True)
+TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
 # loads (25.6 -> 22.9 us); Q2_K down unrolled, 4 rows x 4 warps, 16-byte loads (19.5 -> 17.3); Q4_K gate/up as
@@ -867,20 +914,23 @@ TUNED_LIMB3 = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True, maxnreg_gate_up=168),
-    QuantFormat.Q4_K: replace(TUNED[QuantFormat.Q4_K], block_n_down=8, warps_down=2, prefetch_down=False,
+    QuantFormat.Q4_K: replace(TRITON_Q4, block_n_down=8, warps_down=2, prefetch_down=False,
                               x_vec_down=True, unroll_down=True),
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
+    "int8_triton": TUNED_TRITON,
     "int8_base": Int8MoeConfig(),
     "int8_n8": Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=4, warps_gate_up=2,
                              block_n_down=4, kstep_down=8, warps_down=1),
 }
 
 
-def _variant(cfg: Int8MoeConfig | None, limbs: int = 1):
+def _variant(cfg: Int8MoeConfig | dict | None, limbs: int = 1):
+    """cfg: one config, one per gate/up format (dict), or None (TUNED / TUNED_LIMB3)."""
     def fn(u, gate, up, down, sel, weights, clamp, dev):
-        return fused_int8(u, gate, up, down, sel, weights, clamp, dev, cfg, limbs)
+        c = cfg.get(gate.fmt) if isinstance(cfg, dict) else cfg
+        return fused_int8(u, gate, up, down, sel, weights, clamp, dev, c, limbs)
     return fn
 
 
@@ -890,8 +940,10 @@ _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
             "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
             "activation loads, at most 128 registers; Q4_K "
-            "32 rows x 4 warps with its scale words by 16-byte loads, h quantized in that kernel, at most 168 "
-            "registers / 2 rows, 1 warp, prefetch), programmatic dependent launch on sm_90+",
+            "on sm_90+ the Gluon kernels of moe_int8_gluon (gate/up 4 rows, 1 warp, prefetch; down 16 rows x 8 warps, "
+            "unrolled), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
+    "int8_triton": "int8 on the Triton kernels alone (Q4_K: the tuned config before the Gluon stages, h quantized in "
+                   "the gate/up kernel; IQ2_XXS as int8)",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",

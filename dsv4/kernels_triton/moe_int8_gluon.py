@@ -1,0 +1,354 @@
+"""moe_int8's gate/up stage for Q4_K experts written in Gluon (Triton's layout-explicit dialect): NVIDIA sm_90+.
+
+Why: the Triton kernel (moe_int8._gate_up_int8_kernel) leaves the register layout of its [rows, blocks, 4, 8]
+word tiles to the compiler; Nsight Compute puts it at 18 % of the warp slots with DRAM 45 % busy
+(tools/results/h200_decode/12, 55). Here one layout is chosen by hand: a Q4_K super-block's 32 code words are 8
+lanes x 4 words (one 16-byte load each), a warp covers 4 super-blocks, its warps the next ones along K, and a
+lane holds those words for every row of the tile. So a lane reads the 8 activation words its codes multiply
+(two 16-byte loads) once per step for all rows, the 16-code sums it needs are exactly one Q8_K "bsum" per
+sub-block half, and no value crosses lanes until the final reduction.
+
+Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots (dp4a) and the 6-bit scale and min
+products are exact, then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
+order. With `quant_h` the program that stores the last rows of a 256-block of h quantizes it to Q8_K (an arrival
+counter per block, moe_int8.block_counters): the same fp32 operations as moe_int8._q8k_block, so the codes equal
+quant_q8_k's of the same h bit for bit.
+
+Gluon does not run under TRITON_INTERPRET: checked on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py) and compiled
+for sm_90 offline in the CPU suite (tests/kernels/test_moe_int8_gluon_compile.py).
+"""
+from __future__ import annotations
+
+import triton
+
+from . import blocks, moe, moe_int8
+from .blocks import DeviceWeight
+from .configs import DeviceInfo, hopper_plus, pdl_launch
+from .moe_int8 import QK, SUM_GROUP, Q4GluonTile
+from ..quant.formats import QuantFormat
+
+try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - older Triton
+    HAVE_GLUON = False
+
+Q4K_WORDS = 36  # int32 words per Q4_K super-block: d|dmin, three scale words, 32 code words
+LANES_PER_BLOCK = 8  # a super-block's 32 code words as 8 lanes x 4 words
+BLOCKS_PER_WARP = 32 // LANES_PER_BLOCK
+Q8K_WORDS = QK // 4
+SUMS_PER_BLOCK = QK // SUM_GROUP
+
+if HAVE_GLUON:
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after Triton 3.6
+    _Q4K_WORDS: gl.constexpr = gl.constexpr(Q4K_WORDS)
+    _Q8K_WORDS: gl.constexpr = gl.constexpr(Q8K_WORDS)
+    _SUMS: gl.constexpr = gl.constexpr(SUMS_PER_BLOCK)
+    _QK: gl.constexpr = gl.constexpr(QK)
+    _ROUND_MAGIC: gl.constexpr = gl.constexpr(12582912.0)  # as moe_int8.ROUND_MAGIC
+
+    @gluon.jit
+    def _div_rn(a, b):
+        """IEEE fp32 a / b (Triton's `/` is approximate), as moe_int8._q8k_block's tl.math.div_rn."""
+        return gl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _quant_block(x_ptr, q_ptr, d_ptr, s_ptr, WARPS: gl.constexpr):
+        """One Q8_K block of 256 fp32 at x_ptr (read past L1) -> code words q_ptr[64], sums s_ptr[16], scale
+        d_ptr: moe_int8._q8k_block (LIMBS = 1) in an explicit layout [16 sums, 4 words, 4 bytes]."""
+        QL: gl.constexpr = gl.BlockedLayout([max(1, 2 // WARPS), 1, 4], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
+        g1 = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, QL)))
+        g2 = gl.expand_dims(g1, 1)
+        w2 = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, QL))), 0)
+        g = gl.expand_dims(g2, 2)
+        w = gl.expand_dims(w2, 2)
+        b = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, QL))), 0), 1)
+        idx = 16 * g + 4 * w + b
+        x = gl.load(x_ptr + idx, cache_modifier=".cg")
+        ax = gl.abs(x)
+        amax = gl.max(gl.max(gl.max(ax, axis=2), axis=1), axis=0)
+        first = gl.min(gl.min(gl.min(gl.where(ax == amax, idx, _QK), axis=2), axis=1), axis=0)
+        mx = gl.sum(gl.sum(gl.sum(gl.where(idx == first, x, 0.0), axis=2), axis=1), axis=0)
+        mxb = x * 0.0 + mx  # the block's scale math per element (identical in every thread)
+        nz = mxb != 0.0
+        iscale = gl.where(nz, _div_rn(x * 0.0 - 127.0, gl.where(nz, mxb, 1.0)), 0.0)
+        y = moe_int8._mul_rn(iscale, x, True)
+        q = gl.minimum((y + _ROUND_MAGIC) - _ROUND_MAGIC, 127.0).to(gl.int32)
+        d = gl.where(nz, _div_rn(x * 0.0 + 1.0, gl.where(nz, iscale, 1.0)), 0.0)
+        gl.store(q_ptr + 4 * g2 + w2, gl.sum((q & 255) << (8 * b), axis=2))  # little-endian words: sum == or
+        gl.store(s_ptr + g1, gl.sum(gl.sum(q, axis=2), axis=1))
+        gl.store(d_ptr, gl.max(gl.max(gl.max(d, axis=2), axis=1), axis=0))
+
+    @gluon.jit
+    def _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4):
+        """One K step of one matrix: codes q [R, NB, 8, 4] and header words hw [R, NB, 1, 4] (d|dmin, scales) of
+        its super-blocks against the activation words xl / xh (sub-blocks j, j + 1 of each lane) [R, NB, 8, 4],
+        their code sums sl / sh and scales dx [1, NB, 8]; adds d dx isum to acc and dmin dx msum to accm."""
+        p_lo = gl.sum(moe_int8._dp4a(q & 0x0F0F0F0F, xl, zero4, True), axis=3)
+        p_hi = gl.sum(moe_int8._dp4a((q >> 4) & 0x0F0F0F0F, xh, zero4, True), axis=3)
+        dd = gl.sum(gl.where(i4 == 0, hw, 0), axis=3)
+        s0 = gl.sum(gl.where(i4 == 1, hw, 0), axis=3)
+        s1 = gl.sum(gl.where(i4 == 2, hw, 0), axis=3)
+        s2 = gl.sum(gl.where(i4 == 3, hw, 0), axis=3)
+        sc_lo, m_lo = blocks.q4_k_scale_min_int(s0, s1, s2, j)
+        sc_hi, m_hi = blocks.q4_k_scale_min_int(s0, s1, s2, j + 1)
+        it = p_lo * sc_lo + p_hi * sc_hi
+        mn = m_lo * sl + m_hi * sh
+        acc += (blocks._f16_from_bits(dd) * dx) * it.to(gl.float32)
+        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn.to(gl.float32)
+        return acc, accm
+
+    @gluon.jit
+    def _lane_offsets(L4: gl.constexpr, NB: gl.constexpr):
+        """Word offsets within one K step (NB super-blocks) of a lane's data, as tensors in L4 or its slices:
+        weight codes wq [1, NB, 8, 4] and header words wh [1, NB, 1, 4] from the row start; activation code words
+        xo [NB, 8, 4] (lane v = 2c + hf multiplies sub-block 2c with its low nibbles, 2c + 1 with its high ones:
+        words 16c + 4hf .. +3 and 8 more), their code sums so [NB, 8] (the low half's; the high one's is 2 more) and
+        scale index bo [NB, 8] from the step's first super-block; j [1, NB, 8]: the low-nibble sub-block."""
+        L3: gl.constexpr = gl.SliceLayout(3, L4)
+        LX: gl.constexpr = gl.SliceLayout(0, L4)
+        LX2: gl.constexpr = gl.SliceLayout(0, L3)
+        b3 = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
+        v3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
+        i4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))), 0), 1), 2)
+        wq = gl.expand_dims(b3 * _Q4K_WORDS + 4 + 4 * v3, 3) + i4
+        wh = gl.expand_dims(b3 * _Q4K_WORDS, 3) + i4
+        bx = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
+        vx = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
+        ix = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
+        xo = bx * _Q8K_WORDS + 16 * (vx >> 1) + 4 * (vx & 1) + ix
+        bs = gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, LX2)), 1)
+        vs = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LX2)), 0)
+        so = bs * _SUMS + 4 * (vs >> 1) + (vs & 1)
+        bo = bs + vs * 0
+        j = gl.expand_dims(2 * (vs >> 1), 0)
+        return wq, wh, xo, so, bo, j, i4
+
+    @gluon.jit
+    def _rows4(roff):
+        """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1] (to add to _lane_offsets' weight offsets)."""
+        return gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3)
+
+    @gluon.jit
+    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero4):
+        """A slot's activations for the step at super-block kb: low / high code words (broadcast to the tile),
+        their code sums and the scales [1, NB, 8]."""
+        xl = gl.expand_dims(gl.load(xq_row + kb * _Q8K_WORDS + xo), 0) + zero4
+        xh = gl.expand_dims(gl.load(xq_row + kb * _Q8K_WORDS + 8 + xo), 0) + zero4
+        sl = gl.expand_dims(gl.load(xs_row + kb * _SUMS + so), 0)
+        sh = gl.expand_dims(gl.load(xs_row + kb * _SUMS + 2 + so), 0)
+        dx = gl.expand_dims(gl.load(xd_row + kb + bo), 0)
+        return xl, xh, sl, sh, dx
+
+    @gluon.jit
+    def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
+                           cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
+                           stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
+                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr):
+        """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
+        (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
+        words, stride_w per row. Rows past F read row F - 1 (not stored). PF: the next step's weight words load
+        before this step computes. QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
+        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, 4, 8, 1], [WARPS_ROWS, WARPS_K, 1, 1],
+                                            [3, 2, 1, 0])  # [ROWS, NB super-blocks, 8 lanes, 4 words]
+        L3: gl.constexpr = gl.SliceLayout(3, L4)  # [ROWS, NB, 8]: per lane and row
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))  # [ROWS]
+        NB: gl.constexpr = 4 * WARPS_K
+        slot = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        t = (slot // KSEL).to(gl.int64)
+        e = gl.load(sel_ptr + slot).to(gl.int64)
+        wt = gl.load(wts_ptr + slot).to(gl.float32)
+        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=LR)
+        wq, wh, xo, so, bo, j, i4 = _lane_offsets(L4, NB)
+        r4 = _rows4((e * F + gl.minimum(rn, F - 1)) * stride_w)
+        qoff = r4 + wq
+        hoff = r4 + wh
+        zero4 = gl.full([ROWS, NB, 8, 4], 0, gl.int32, layout=L4)
+        acc_g = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        acc_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        min_g = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        min_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        n_blocks = D // _QK
+        if PF:  # the first step's weights are in flight before the previous kernel has finished
+            gq_n = gl.load(gw_ptr + qoff)
+            gh_n = gl.load(gw_ptr + hoff)
+            uq_n = gl.load(uw_ptr + qoff)
+            uh_n = gl.load(uw_ptr + hoff)
+        if PDL:
+            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
+            gdc_launch_dependents()
+        for kb in range(0, n_blocks, NB):
+            if PF:
+                gq, gh, uq, uh = gq_n, gh_n, uq_n, uh_n
+                nxt = gl.minimum(kb + NB, n_blocks - NB) * _Q4K_WORDS  # the last step re-reads itself
+                gq_n = gl.load(gw_ptr + qoff + nxt)
+                gh_n = gl.load(gw_ptr + hoff + nxt)
+                uq_n = gl.load(uw_ptr + qoff + nxt)
+                uh_n = gl.load(uw_ptr + hoff + nxt)
+            else:
+                gq = gl.load(gw_ptr + qoff + kb * _Q4K_WORDS)
+                gh = gl.load(gw_ptr + hoff + kb * _Q4K_WORDS)
+                uq = gl.load(uw_ptr + qoff + kb * _Q4K_WORDS)
+                uh = gl.load(uw_ptr + hoff + kb * _Q4K_WORDS)
+            xl, xh, sl, sh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd, kb,
+                                       xo, so, bo, zero4)
+            acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4)
+            acc_u, min_u = _q4_step(uq, uh, xl, xh, sl, sh, dx, j, acc_u, min_u, zero4, i4)
+        g = gl.sum(gl.sum(acc_g, axis=2), axis=1) - gl.sum(gl.sum(min_g, axis=2), axis=1)
+        u = gl.sum(gl.sum(acc_u, axis=2), axis=1) - gl.sum(gl.sum(min_u, axis=2), axis=1)
+        h = moe._swiglu_route(g, u, wt, clamp)
+        h_row = h_ptr + slot.to(gl.int64) * stride_ht
+        gl.store(h_row + rn, h, mask=rn < F)
+        if QH:  # the program storing a 256-block's last rows quantizes it (moe_int8._quant_h_last)
+            cnt = cnt_ptr + slot.to(gl.int64) * (F // _QK) + (pid_n * ROWS) // _QK
+            _barrier()  # every thread's h stores before the release below
+            arrived = gl.atomic_add(cnt, 1, sem="acq_rel")
+            if arrived == _QK // ROWS - 1:
+                b = (pid_n * ROWS) // _QK
+                s64 = slot.to(gl.int64)
+                _quant_block(h_row + b * _QK, hq_ptr + s64 * stride_hq + b * _Q8K_WORDS, hd_ptr + s64 * stride_hd + b,
+                             hs_ptr + s64 * stride_hs + b * _SUMS, WARPS_K * WARPS_ROWS)
+                gl.atomic_xchg(cnt, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
+
+    @gluon.jit
+    def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
+                        stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
+                        PF: gl.constexpr, PDL: gl.constexpr, STEPS: gl.constexpr = 0):
+        """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
+        quant_q8_k's (codes hq, scales hd, sums hs): one flat loop over (slot, K step) in order, every term in its
+        lane until the final reduction (deterministic). PF: the next (slot, step)'s weight words load first.
+        STEPS (= KSEL F / (256 NB), > 0): that loop unrolled instead, so that every step's loads can issue before
+        the first dot (each step's rows depend on a load of its expert id: a loop trip would wait for it)."""
+        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, 4, 8, 1], [WARPS_ROWS, WARPS_K, 1, 1],
+                                            [3, 2, 1, 0])  # [ROWS, NB super-blocks, 8 lanes, 4 words]
+        L3: gl.constexpr = gl.SliceLayout(3, L4)
+        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
+        NB: gl.constexpr = 4 * WARPS_K
+        t = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=LR)
+        rc = gl.minimum(rn, D - 1)
+        wq, wh, xo, so, bo, j, i4 = _lane_offsets(L4, NB)
+        zero4 = gl.full([ROWS, NB, 8, 4], 0, gl.int32, layout=L4)
+        acc = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        accm = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
+        n_steps = F // (_QK * NB)
+        last = KSEL * n_steps - 1
+        sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
+        if PF and STEPS == 0:
+            r4 = _rows4((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
+            q_n = gl.load(w_ptr + r4 + wq)
+            h_n = gl.load(w_ptr + r4 + wh)
+        if STEPS > 0:  # the first step's weights before the wait, then every step in one block
+            r4 = _rows4((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
+            q0 = gl.load(w_ptr + r4 + wq)
+            h0 = gl.load(w_ptr + r4 + wh)
+            if PDL:
+                gdc_wait()  # h's codes come from the previous kernel
+                gdc_launch_dependents()
+            for step in gl.static_range(STEPS):
+                i = step // n_steps
+                kb = (step % n_steps) * NB
+                if step == 0:
+                    q, hw = q0, h0
+                else:
+                    r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * _Q4K_WORDS)
+                    q = gl.load(w_ptr + r4 + wq)
+                    hw = gl.load(w_ptr + r4 + wh)
+                slot = t.to(gl.int64) * KSEL + i
+                xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
+                                           hd_ptr + slot * stride_hd, kb, xo, so, bo, zero4)
+                acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4)
+        elif PDL:
+            gdc_wait()  # h's codes come from the previous kernel
+            gdc_launch_dependents()
+        for step in range(0, last + 1 if STEPS == 0 else 0):
+            i = step // n_steps
+            kb = (step % n_steps) * NB
+            if PF:
+                q, hw = q_n, h_n
+                sn = gl.minimum(step + 1, last)
+                r4 = _rows4((gl.load(sel_t + sn // n_steps).to(gl.int64) * D + rc) * stride_w
+                            + (sn % n_steps) * NB * _Q4K_WORDS)
+                q_n = gl.load(w_ptr + r4 + wq)
+                h_n = gl.load(w_ptr + r4 + wh)
+            else:
+                r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * _Q4K_WORDS)
+                q = gl.load(w_ptr + r4 + wq)
+                hw = gl.load(w_ptr + r4 + wh)
+            slot = t.to(gl.int64) * KSEL + i
+            xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
+                                       kb, xo, so, bo, zero4)
+            acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4)
+        total = gl.sum(gl.sum(acc, axis=2), axis=1) - gl.sum(gl.sum(accm, axis=2), axis=1)
+        gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
+
+
+def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
+    return (tile.rows % tile.warps_rows == 0 and (tile.rows // tile.warps_rows) & (tile.rows // tile.warps_rows - 1)
+            == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
+
+
+def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile, quant_h: int) -> bool:
+    """Whether the Gluon gate/up kernel takes this stage: Q4_K on CUDA sm_90+, one activation plane, K a whole
+    number of steps, F of row tiles (dividing 256 where h is quantized here), rows 16-byte aligned."""
+    E, F, D = gate.shape
+    if not HAVE_GLUON or gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt or not hopper_plus(dev, x):
+        return False
+    if quant_h not in (0, 1) or (quant_h and QK % tile.rows):
+        return False
+    gw, stride_w = moe_int8._words(gate)
+    uw, _ = moe_int8._words(up)
+    return _tile_ok(tile, F, D) and moe_int8._aligned16(gw, stride_w) and moe_int8._aligned16(uw, stride_w)
+
+
+def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
+    """Whether the Gluon down kernel takes this stage: Q4_K on CUDA sm_90+, one activation plane, F a whole number
+    of steps, D of row tiles, rows 16-byte aligned."""
+    E, D, F = down.shape
+    if not HAVE_GLUON or down.fmt != QuantFormat.Q4_K or not hopper_plus(dev, x):
+        return False
+    dw, stride_w = moe_int8._words(down)
+    return _tile_ok(tile, D, F) and moe_int8._aligned16(dw, stride_w)
+
+
+def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool,
+            quant_h: int = 0):
+    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold): h [T*K, F] fp32, or with quant_h = 1
+    quant_q8_k(h)'s (codes, scales, sums) made in the same kernel."""
+    xq, xd, xs = uq
+    (T, K), (_, F, D) = sel.shape, gate.shape
+    gw, stride_w = moe_int8._words(gate)
+    uw, _ = moe_int8._words(up)
+    h = blocks.empty((T * K, F), xq.device)
+    if quant_h:
+        hq = moe_int8.empty_i32((T * K, F // 4), xq.device)
+        hs = moe_int8.empty_i32((T * K, F // SUM_GROUP), xq.device)
+        hd = blocks.empty((T * K, F // QK), xq.device)
+        cnt = moe_int8.block_counters(gate, T * K * (F // QK))
+        qh_args, qh_strides = (hq, hd, hs, cnt), (hq.stride(0), hd.stride(0), hs.stride(0))
+    else:
+        qh_args, qh_strides = (h, h, h, h), (0, 0, 0)
+    _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
+        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0), xd.stride(0),
+        xs.stride(0), h.stride(0), *qh_strides, ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
+        PF=tile.prefetch and D > tile.block_k, PDL=pdl, QH=bool(quant_h), num_warps=tile.warps, **pdl_launch(pdl))
+    return (hq, hd, hs) if quant_h else h
+
+
+def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
+    """moe_int8.down_int8 on the Gluon kernel (supports_down() must hold): out [T, D] fp32, slots summed in order."""
+    hq, hd, hs = hq3
+    (T, K), (_, D, F) = sel.shape, down_w.shape
+    dw, stride_w = moe_int8._words(down_w)
+    out = blocks.empty((T, D), hq.device)
+    _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
+        hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, STEPS=K * F // tile.block_k if tile.unroll else 0,
+        PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, PDL=pdl, num_warps=tile.warps, **pdl_launch(pdl))
+    return out

@@ -1,0 +1,139 @@
+"""moe_int8's Gluon Q4_K gate/up and down (dsv4/kernels_triton/moe_int8_gluon.py) natively on an NVIDIA sm_90+ GPU.
+
+Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel for
+sm_90 offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, 256 experts, a repeated
+expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles: h against float64 on the same
+Q8_K activations (tolerance `stage`), the h quantized inside the kernel against quant_q8_k of that h (bit for bit:
+the same fp32 operations), the down stage against float64 on the same Q8_K h (`stage`), the whole moe_int8 call against TorchOps(act_quant=True) in float64 (`end_to_end`),
+the same bits on a second call and the arrival counters back at zero. Every output and scratch buffer is poisoned
+(NaN floats, 0x7F7F7F7F words) before the kernel writes it.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.gpu.test_triton_gpu import (CLAMP, D, F_EXP, NVIDIA_SM90, _assert, _dequant64, _moe_problem,  # noqa: F401
+                                       _moe_reference, poison)
+
+pytestmark = NVIDIA_SM90
+
+# (rows, warps along K, prefetch, warps along rows)
+TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 2, False, 1), (16, 4, False, 1), (16, 1, True, 4),
+         (8, 1, True, 2)]
+# (..., unrolled over (slot, K step))
+DOWN_TILES = [(2, 1, True, 1), (4, 1, True, 1), (1, 1, True, 1), (2, 2, False, 1), (8, 1, True, 4), (4, 2, True, 2),
+              (2, 2, False, 1, True), (2, 1, False, 1, True), (4, 2, False, 2, True)]
+
+
+def _ids(tiles):
+    return [f"r{r}k{k}{f'w{w}' if w > 1 else ''}{'pf' if p else ''}{'u' if any(u) else ''}" for r, k, p, w, *u in tiles]
+
+
+@pytest.fixture
+def poison_words(monkeypatch):
+    from dsv4.kernels_triton import moe_int8
+
+    monkeypatch.setattr(moe_int8, "empty_i32", lambda shape, device: torch.full(
+        tuple(shape), 0x7F7F7F7F, device=device, dtype=torch.int32))
+
+
+def _cfg(tile, fused: bool, down=None):
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.quant.formats import QuantFormat
+
+    return replace(moe_int8.TUNED[QuantFormat.Q4_K], gluon_gate_up=tile and moe_int8.Q4GluonTile(*tile),
+                   gluon_down=down and moe_int8.Q4GluonTile(*down), fuse_quant_h=fused)
+
+
+def _h_reference(raws, uq, sel, wts):
+    """float64 h [T*K, F] of the Q8_K activations uq (dequantized) through the selected experts' gate/up."""
+    from dsv4.kernels_triton import moe_int8
+
+    rg, ru, _, qg, _ = raws
+    x = moe_int8.dequant_q8_k(uq[0], uq[1]).double()
+    T, K = sel.shape
+    h = torch.empty((T * K, F_EXP), dtype=torch.float64, device="cuda")
+    for t in range(T):
+        for i in range(K):
+            e = int(sel[t, i])
+            g = torch.clamp(x[t] @ _dequant64(rg[e], qg, D).T, max=CLAMP)
+            u = torch.clamp(x[t] @ _dequant64(ru[e], qg, D).T, -CLAMP, CLAMP)
+            h[t * K + i] = torch.nn.functional.silu(g) * u * float(wts[t, i])
+    return h
+
+
+class _NoLaunch:
+    """Stands in for a Triton kernel that must not run (the Gluon one must take the stage)."""
+
+    def __getitem__(self, grid):
+        raise AssertionError("a Triton kernel ran instead of the Gluon one")
+
+
+def _no_triton(monkeypatch, *names):
+    from dsv4.kernels_triton import moe_int8
+
+    for name in names:
+        monkeypatch.setattr(moe_int8, name, _NoLaunch())
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("tile", TILES, ids=_ids(TILES))
+def test_gluon_gate_up_h_and_fused_quant(t, tile, poison, poison_words, monkeypatch):
+    from dsv4.kernels_triton import moe_int8
+
+    raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
+    uq = moe_int8.quant_q8_k(u)
+    _no_triton(monkeypatch, "_gate_up_int8_kernel")
+    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
+    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile}")
+    hq, hd, hs = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=True), pdl=True,
+                                       quant_h=1)
+    rq, rd, rs = moe_int8.quant_q8_k(h)
+    assert torch.equal(hq, rq) and torch.equal(hs, rs) and torch.equal(hd, rd), "fused Q8_K of h differs"
+    assert not moe_int8.block_counters(gate, 1).any(), "arrival counters not reset"
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("tile", DOWN_TILES, ids=_ids(DOWN_TILES))
+def test_gluon_down(t, tile, poison, poison_words, monkeypatch):
+    from dsv4.kernels_triton import moe_int8
+
+    raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
+    _, _, rd, _, qd = raws
+    h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
+    hq3 = moe_int8.quant_q8_k(h)
+    _no_triton(monkeypatch, "_down_int8_kernel")
+    y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
+    x = moe_int8.dequant_q8_k(hq3[0], hq3[1]).double().view(t, sel.shape[1], F_EXP)
+    ref = torch.zeros((t, D), dtype=torch.float64, device="cuda")
+    for e in torch.unique(sel).tolist():  # one expert dequantized at a time
+        w = _dequant64(rd[e], qd, F_EXP)
+        for tt, i in (sel == e).nonzero().tolist():
+            ref[tt] += w @ x[tt, i]
+    _assert(y, ref, "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile}")
+
+
+END_TO_END = [((4, 1, True, 1), (2, 1, True, 1), False), ((16, 1, True, 4), (8, 1, True, 4), True),
+              ((4, 1, True, 1), (2, 2, False, 1, True), False), ((16, 1, True, 4), (2, 2, False, 1, True), True),
+              ((4, 1, True, 1), (4, 1, True, 1), True), (None, (2, 1, True, 1), True)]
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("gate_up,down,fused", END_TO_END,
+                         ids=[f"{_ids([g])[0] if g else 'triton'}-{_ids([d])[0]}{'-qh' if f else ''}"
+                              for g, d, f in END_TO_END])
+def test_gluon_moe_int8_end_to_end(t, gate_up, down, fused, poison, poison_words, monkeypatch):
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q4", t)
+    _no_triton(monkeypatch, "_down_int8_kernel", *(["_gate_up_int8_kernel"] if gate_up else []))
+    cfg = _cfg(gate_up, fused, down)
+    dev = detect_device("cuda")
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg)
+    _assert(y, _moe_reference(raws, u, sel, wts, q8k=True), "triton_moe_int8", "end_to_end",
+            f"gluon moe q4 T={t} {gate_up} {down}")
+    assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg))
