@@ -2,7 +2,9 @@
 
 qmatmul.py (dequant GEMV/GEMM), qmatmul_fast.py / q8_gemv.py (the Q8_0 decode GEMVs and prefill GEMMs),
 q8_int8.py (Q8_0 decode on dp4a with Q8_0 activations: the ds4-exact mode), moe.py / moe_fast.py (fused routed
-MoE decode, float), moe_int8.py (MoE decode on dp4a with Q8_K activations), moe_prefill.py (grouped MoE prefill),
+MoE decode, float), moe_int8.py (MoE decode on dp4a with Q8_K activations; its Q4_K stages on sm_90+ in Gluon:
+moe_int8_gluon.py), moe_prefill.py (grouped MoE prefill; its IQ2_XXS gate/up on sm_90+ in Gluon: moe_gluon.py),
+q8_gluon.py (the Q8_0 one-token GEMV in Gluon),
 blocks.py (in-kernel block decoders and device layouts), configs.py (tile tables), registry.py (named variants,
 `use(...)` overrides).
 ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
