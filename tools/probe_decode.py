@@ -325,10 +325,9 @@ QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 
 # `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles (rows, warps along K, prefetch, warps along rows[, unroll])
-GQ4_GATE_UP = [(4, 1, True, 1)]
-GQ4_DOWN = [(4, 2, False, 1, True), (8, 2, False, 1, True), (8, 2, False, 2, True), (4, 2, False, 2, True),
-            (16, 2, False, 4, True), (8, 2, False, 4, True), (2, 2, False, 1)]
-GQ4_CROSS = ([((4, 1, True, 1), False)], GQ4_DOWN)
+GQ4_GATE_UP = [(4, 1, True, 1), (8, 1, True, 2), (16, 1, True, 4), (32, 1, True, 8)]
+GQ4_DOWN = [(4, 2, False, 1, True), (8, 2, False, 2, True), (16, 2, False, 4, True)]
+GQ4_CROSS = ([((16, 1, True, 4), True), ((32, 1, True, 8), True)], [(8, 2, False, 2, True)])
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)

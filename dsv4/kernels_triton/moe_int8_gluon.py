@@ -56,31 +56,39 @@ if HAVE_GLUON:
                                          is_pure=True, pack=1)
 
     @gluon.jit
+    def _to4(r):
+        """A per-block value [n] (the three inner axes of a 4-d tensor reduced) broadcast back to 4-d."""
+        return gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 1), 2), 3)
+
+    @gluon.jit
     def _quant_block(x_ptr, q_ptr, d_ptr, s_ptr, WARPS: gl.constexpr):
         """One Q8_K block of 256 fp32 at x_ptr (read past L1) -> code words q_ptr[64], sums s_ptr[16], scale
-        d_ptr: moe_int8._q8k_block (LIMBS = 1) in an explicit layout [16 sums, 4 words, 4 bytes]."""
-        QL: gl.constexpr = gl.BlockedLayout([max(1, 2 // WARPS), 1, 4], [8, 4, 1], [WARPS, 1, 1], [2, 1, 0])
-        g1 = gl.arange(0, 16, layout=gl.SliceLayout(1, gl.SliceLayout(2, QL)))
-        g2 = gl.expand_dims(g1, 1)
-        w2 = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, QL))), 0)
-        g = gl.expand_dims(g2, 2)
-        w = gl.expand_dims(w2, 2)
-        b = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, QL))), 0), 1)
-        idx = 16 * g + 4 * w + b
+        d_ptr: moe_int8._q8k_block (LIMBS = 1) in an explicit layout [1, 16 sums, 4 words, 4 bytes]; the leading
+        axis of one keeps the block's scale math on one-element tensors (IEEE divisions are long: once per thread,
+        not once per value)."""
+        QL: gl.constexpr = gl.BlockedLayout([1, max(1, 2 // WARPS), 1, 4], [1, 8, 4, 1], [1, WARPS, 1, 1],
+                                            [3, 2, 1, 0])
+        P3: gl.constexpr = gl.SliceLayout(3, QL)
+        P2: gl.constexpr = gl.SliceLayout(2, P3)
+        g2 = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, P2)), 0)  # [1, 16]
+        g3 = gl.expand_dims(g2, 2)
+        w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))), 0), 0)
+        b = gl.expand_dims(gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, QL)))), 0), 0), 0)
+        idx = 16 * gl.expand_dims(g3, 3) + 4 * gl.expand_dims(w3, 3) + b
         x = gl.load(x_ptr + idx, cache_modifier=".cg")
         ax = gl.abs(x)
-        amax = gl.max(gl.max(gl.max(ax, axis=2), axis=1), axis=0)
-        first = gl.min(gl.min(gl.min(gl.where(ax == amax, idx, _QK), axis=2), axis=1), axis=0)
-        mx = gl.sum(gl.sum(gl.sum(gl.where(idx == first, x, 0.0), axis=2), axis=1), axis=0)
-        mxb = x * 0.0 + mx  # the block's scale math per element (identical in every thread)
-        nz = mxb != 0.0
-        iscale = gl.where(nz, _div_rn(x * 0.0 - 127.0, gl.where(nz, mxb, 1.0)), 0.0)
-        y = moe_int8._mul_rn(iscale, x, True)
-        q = gl.minimum((y + _ROUND_MAGIC) - _ROUND_MAGIC, 127.0).to(gl.int32)
-        d = gl.where(nz, _div_rn(x * 0.0 + 1.0, gl.where(nz, iscale, 1.0)), 0.0)
-        gl.store(q_ptr + 4 * g2 + w2, gl.sum((q & 255) << (8 * b), axis=2))  # little-endian words: sum == or
-        gl.store(s_ptr + g1, gl.sum(gl.sum(q, axis=2), axis=1))
-        gl.store(d_ptr, gl.max(gl.max(gl.max(d, axis=2), axis=1), axis=0))
+        amax = _to4(gl.max(gl.max(gl.max(ax, axis=3), axis=2), axis=1))
+        first = _to4(gl.min(gl.min(gl.min(gl.where(ax == amax, idx, _QK), axis=3), axis=2), axis=1))
+        mx = gl.sum(gl.sum(gl.sum(gl.where(idx == first, x, 0.0), axis=3), axis=2), axis=1)  # [1]
+        nz = mx != 0.0
+        iscale = gl.where(nz, _div_rn(mx * 0.0 - 127.0, gl.where(nz, mx, 1.0)), 0.0)
+        d = gl.where(nz, _div_rn(mx * 0.0 + 1.0, gl.where(nz, iscale, 1.0)), 0.0)
+        q = gl.minimum((moe_int8._mul_rn(_to4(iscale) + x * 0.0, x, True) + _ROUND_MAGIC) - _ROUND_MAGIC,
+                       127.0).to(gl.int32)
+        gl.store(q_ptr + 4 * g3 + w3, gl.sum((q & 255) << (8 * b), axis=3))  # little-endian words: sum == or
+        gl.store(s_ptr + g2, gl.sum(gl.sum(q, axis=3), axis=2))
+        gl.store(d_ptr + gl.zeros_like(mx).to(gl.int32), d)
 
     @gluon.jit
     def _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4):
