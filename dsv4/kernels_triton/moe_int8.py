@@ -57,11 +57,15 @@ GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
 
 
+BLOCKS_PER_WARP = 4  # moe_int8_gluon: Q4_K super-blocks side by side in one warp's K step (8 lanes each)
+
+
 @dataclass(frozen=True)
 class Q4GluonTile:
     """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
-    over `warps_rows` warps; `warps_k` warps side by side along K (4 super-blocks each per step); `prefetch`: the
-    next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step) unrolled."""
+    over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per step);
+    `prefetch`: the next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step)
+    unrolled."""
 
     rows: int = 4
     warps_k: int = 1
@@ -71,7 +75,7 @@ class Q4GluonTile:
 
     @property
     def block_k(self) -> int:
-        return 4 * QK * self.warps_k
+        return BLOCKS_PER_WARP * QK * self.warps_k
 
     @property
     def warps(self) -> int:
@@ -887,21 +891,22 @@ TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
-    # the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp prefetched (h quantized by its own launch: fused
-    # there it measured slower), down 16 rows over 4 warps x 2 warps along K, unrolled over (slot, K step); the whole q4
-    # call 36.5-36.7 -> 33.2 us (h200_decode/59); TRITON_Q4 below is the Triton-only config (other GPUs)
+    # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp prefetched, down 16 rows over 4 warps
+    # x 2 warps along K, unrolled over (slot, K step): the whole q4 call 36.5-36.7 -> 33.2 us (h200_decode/59); h
+    # quantized in the gate/up kernel (the Gluon one with its block scale math once per thread: 32.6-32.7 us against
+    # 33.0 us with the quantizer launched, 59e, within the run's noise). Elsewhere the Triton fields (TRITON_Q4).
     QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
                                     block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
-                                    scale_vec_gate_up=True, maxnreg_gate_up=168,
+                                    scale_vec_gate_up=True, fuse_quant_h=True, maxnreg_gate_up=168,
                                     gluon_gate_up=Q4GluonTile(4, prefetch=True),
                                     gluon_down=Q4GluonTile(16, warps_k=2, warps_rows=4, unroll=True)),
 }
-# Q4_K on the Triton kernels alone (the tuned config before h200_decode/59, registered as int8_triton): h quantized by
+# Q4_K on the Triton kernels alone (registered as int8_triton; the tuned config before h200_decode/59): h quantized by
 # the gate/up kernel (three launches), that kernel capped at 168 registers (the most that keeps three 4-warp programs
 # per SM; uncapped ptxas stays lower and schedules worse): the whole q4 call 40.8-41.0 -> 36.3 us, bitwise equal
 # (h200_decode/54, 56, 57); on q2 (3072 one-warp programs) fusing measured slower: the fused kernel grows by more than
 # the quantizer launch it saves (55)
-TRITON_Q4 = replace(TUNED[QuantFormat.Q4_K], gluon_gate_up=None, gluon_down=None, fuse_quant_h=True)
+TRITON_Q4 = replace(TUNED[QuantFormat.Q4_K], gluon_gate_up=None, gluon_down=None)
 TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
@@ -940,8 +945,8 @@ _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
             "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
             "activation loads, at most 128 registers; Q4_K "
-            "on sm_90+ the Gluon kernels of moe_int8_gluon (gate/up 4 rows, 1 warp, prefetch; down 16 rows x 8 warps, "
-            "unrolled), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
+            "on sm_90+ the Gluon kernels of moe_int8_gluon (gate/up 4 rows, 1 warp, prefetch, h quantized there; down "
+            "16 rows x 8 warps, unrolled), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
     "int8_triton": "int8 on the Triton kernels alone (Q4_K: the tuned config before the Gluon stages, h quantized in "
                    "the gate/up kernel; IQ2_XXS as int8)",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "

@@ -1,12 +1,15 @@
-"""moe_int8's gate/up stage for Q4_K experts written in Gluon (Triton's layout-explicit dialect): NVIDIA sm_90+.
+"""moe_int8's two stages for Q4_K experts (gate/up, down) written in Gluon (Triton's layout-explicit dialect):
+NVIDIA sm_90+.
 
-Why: the Triton kernel (moe_int8._gate_up_int8_kernel) leaves the register layout of its [rows, blocks, 4, 8]
-word tiles to the compiler; Nsight Compute puts it at 18 % of the warp slots with DRAM 45 % busy
-(tools/results/h200_decode/12, 55). Here one layout is chosen by hand: a Q4_K super-block's 32 code words are 8
-lanes x 4 words (one 16-byte load each), a warp covers 4 super-blocks, its warps the next ones along K, and a
-lane holds those words for every row of the tile. So a lane reads the 8 activation words its codes multiply
-(two 16-byte loads) once per step for all rows, the 16-code sums it needs are exactly one Q8_K "bsum" per
-sub-block half, and no value crosses lanes until the final reduction.
+Why: the Triton kernels (moe_int8._gate_up_int8_kernel, _down_int8_kernel) leave the register layout of their
+[rows, blocks, 4, 8] word tiles to the compiler; Nsight Compute puts the gate/up at 18 % of the warp slots with
+DRAM 45 % busy and the down stage at 83 % of L1 (tools/results/h200_decode/12, 55). Here one layout is chosen by
+hand: a Q4_K super-block's 32 code words are LANES_PER_BLOCK lanes x 4 words (one 16-byte load each), a warp covers
+BLOCKS_PER_WARP super-blocks, warps sit side by side along K and/or over rows, and a lane holds those words for every
+row of its tile. So a lane reads the 8 activation words its codes multiply (two 16-byte loads) once per step for
+all its rows, the 16-code sums it needs are exactly one Q8_K "bsum" per sub-block half, and no value crosses
+lanes until the final reduction. The down kernel walks (slot, K step) in one flat loop, unrolled where the tile
+asks (every step's weight loads can then issue before the first dot), the slots summed in order in each lane.
 
 Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots (dp4a) and the 6-bit scale and min
 products are exact, then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
@@ -24,7 +27,7 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import QK, SUM_GROUP, Q4GluonTile
+from .moe_int8 import BLOCKS_PER_WARP, QK, SUM_GROUP, Q4GluonTile
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -36,8 +39,7 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 Q4K_WORDS = 36  # int32 words per Q4_K super-block: d|dmin, three scale words, 32 code words
-LANES_PER_BLOCK = 8  # a super-block's 32 code words as 8 lanes x 4 words
-BLOCKS_PER_WARP = 32 // LANES_PER_BLOCK
+LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 8 lanes x 4 words
 Q8K_WORDS = QK // 4
 SUMS_PER_BLOCK = QK // SUM_GROUP
 
@@ -47,6 +49,8 @@ if HAVE_GLUON:
     _Q8K_WORDS: gl.constexpr = gl.constexpr(Q8K_WORDS)
     _SUMS: gl.constexpr = gl.constexpr(SUMS_PER_BLOCK)
     _QK: gl.constexpr = gl.constexpr(QK)
+    _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
+    _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
     _ROUND_MAGIC: gl.constexpr = gl.constexpr(12582912.0)  # as moe_int8.ROUND_MAGIC
 
     @gluon.jit
@@ -161,11 +165,11 @@ if HAVE_GLUON:
         (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
         words, stride_w per row. Rows past F read row F - 1 (not stored). PF: the next step's weight words load
         before this step computes. QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
-        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, 4, 8, 1], [WARPS_ROWS, WARPS_K, 1, 1],
-                                            [3, 2, 1, 0])  # [ROWS, NB super-blocks, 8 lanes, 4 words]
+        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, _BPW, _LPB, 1],
+                                            [WARPS_ROWS, WARPS_K, 1, 1], [3, 2, 1, 0])  # [ROWS, NB, lanes, words]
         L3: gl.constexpr = gl.SliceLayout(3, L4)  # [ROWS, NB, 8]: per lane and row
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))  # [ROWS]
-        NB: gl.constexpr = 4 * WARPS_K
+        NB: gl.constexpr = _BPW * WARPS_K
         slot = gl.program_id(0)
         pid_n = gl.program_id(1)
         t = (slot // KSEL).to(gl.int64)
@@ -232,11 +236,11 @@ if HAVE_GLUON:
         lane until the final reduction (deterministic). PF: the next (slot, step)'s weight words load first.
         STEPS (= KSEL F / (256 NB), > 0): that loop unrolled instead, so that every step's loads can issue before
         the first dot (each step's rows depend on a load of its expert id: a loop trip would wait for it)."""
-        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, 4, 8, 1], [WARPS_ROWS, WARPS_K, 1, 1],
-                                            [3, 2, 1, 0])  # [ROWS, NB super-blocks, 8 lanes, 4 words]
+        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, _BPW, _LPB, 1],
+                                            [WARPS_ROWS, WARPS_K, 1, 1], [3, 2, 1, 0])  # [ROWS, NB, lanes, words]
         L3: gl.constexpr = gl.SliceLayout(3, L4)
         LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        NB: gl.constexpr = 4 * WARPS_K
+        NB: gl.constexpr = _BPW * WARPS_K
         t = gl.program_id(0)
         pid_n = gl.program_id(1)
         rn = pid_n * ROWS + gl.arange(0, ROWS, layout=LR)
@@ -357,6 +361,7 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
     out = blocks.empty((T, D), hq.device)
     _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, STEPS=K * F // tile.block_k if tile.unroll else 0,
+        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
+        STEPS=K * F // tile.block_k if tile.unroll else 0,
         PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, PDL=pdl, num_warps=tile.warps, **pdl_launch(pdl))
     return out

@@ -4,8 +4,9 @@ Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the
 sm_90 offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, 256 experts, a repeated
 expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles: h against float64 on the same
 Q8_K activations (tolerance `stage`), the h quantized inside the kernel against quant_q8_k of that h (bit for bit:
-the same fp32 operations), the down stage against float64 on the same Q8_K h (`stage`), the whole moe_int8 call against TorchOps(act_quant=True) in float64 (`end_to_end`),
-the same bits on a second call and the arrival counters back at zero. Every output and scratch buffer is poisoned
+the same fp32 operations), the down stage against float64 on the same Q8_K h (`stage`), the whole moe_int8 call
+against TorchOps(act_quant=True) in float64 (`end_to_end`), the same bits on a second call and the arrival counters
+back at zero. Every output and scratch buffer is poisoned
 (NaN floats, 0x7F7F7F7F words) before the kernel writes it.
 """
 from __future__ import annotations
