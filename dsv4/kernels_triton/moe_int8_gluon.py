@@ -27,7 +27,8 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import BLOCKS_PER_WARP, QK, SUM_GROUP, Q4GluonTile
+from .moe_int8 import (BLOCKS_PER_WARP, QK, QK_C, Q4K_WORDS, Q8K_WORDS, ROUND_MAGIC, SUM_GROUP, SUMS_PER_BLOCK,
+                       Q4GluonTile)
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -38,20 +39,12 @@ try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gat
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
-Q4K_WORDS = 36  # int32 words per Q4_K super-block: d|dmin, three scale words, 32 code words
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 8 lanes x 4 words
-Q8K_WORDS = QK // 4
-SUMS_PER_BLOCK = QK // SUM_GROUP
 
 if HAVE_GLUON:
-    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # renamed after Triton 3.6
-    _Q4K_WORDS: gl.constexpr = gl.constexpr(Q4K_WORDS)
-    _Q8K_WORDS: gl.constexpr = gl.constexpr(Q8K_WORDS)
-    _SUMS: gl.constexpr = gl.constexpr(SUMS_PER_BLOCK)
-    _QK: gl.constexpr = gl.constexpr(QK)
+    from .moe_gluon import gluon_barrier as _barrier
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
-    _ROUND_MAGIC: gl.constexpr = gl.constexpr(12582912.0)  # as moe_int8.ROUND_MAGIC
 
     @gluon.jit
     def _div_rn(a, b):
@@ -83,12 +76,12 @@ if HAVE_GLUON:
         x = gl.load(x_ptr + idx, cache_modifier=".cg")
         ax = gl.abs(x)
         amax = _to4(gl.max(gl.max(gl.max(ax, axis=3), axis=2), axis=1))
-        first = _to4(gl.min(gl.min(gl.min(gl.where(ax == amax, idx, _QK), axis=3), axis=2), axis=1))
+        first = _to4(gl.min(gl.min(gl.min(gl.where(ax == amax, idx, QK_C), axis=3), axis=2), axis=1))
         mx = gl.sum(gl.sum(gl.sum(gl.where(idx == first, x, 0.0), axis=3), axis=2), axis=1)  # [1]
         nz = mx != 0.0
         iscale = gl.where(nz, _div_rn(mx * 0.0 - 127.0, gl.where(nz, mx, 1.0)), 0.0)
         d = gl.where(nz, _div_rn(mx * 0.0 + 1.0, gl.where(nz, iscale, 1.0)), 0.0)
-        q = gl.minimum((moe_int8._mul_rn(_to4(iscale) + x * 0.0, x, True) + _ROUND_MAGIC) - _ROUND_MAGIC,
+        q = gl.minimum((moe_int8._mul_rn(_to4(iscale) + x * 0.0, x, True) + ROUND_MAGIC) - ROUND_MAGIC,
                        127.0).to(gl.int32)
         gl.store(q_ptr + 4 * g3 + w3, gl.sum((q & 255) << (8 * b), axis=3))  # little-endian words: sum == or
         gl.store(s_ptr + g2, gl.sum(gl.sum(q, axis=3), axis=2))
@@ -127,15 +120,15 @@ if HAVE_GLUON:
         v3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
         i4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(
             gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))), 0), 1), 2)
-        wq = gl.expand_dims(b3 * _Q4K_WORDS + 4 + 4 * v3, 3) + i4
-        wh = gl.expand_dims(b3 * _Q4K_WORDS, 3) + i4
+        wq = gl.expand_dims(b3 * Q4K_WORDS + 4 + 4 * v3, 3) + i4
+        wh = gl.expand_dims(b3 * Q4K_WORDS, 3) + i4
         bx = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
         vx = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
         ix = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-        xo = bx * _Q8K_WORDS + 16 * (vx >> 1) + 4 * (vx & 1) + ix
+        xo = bx * Q8K_WORDS + 16 * (vx >> 1) + 4 * (vx & 1) + ix
         bs = gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, LX2)), 1)
         vs = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LX2)), 0)
-        so = bs * _SUMS + 4 * (vs >> 1) + (vs & 1)
+        so = bs * SUMS_PER_BLOCK + 4 * (vs >> 1) + (vs & 1)
         bo = bs + vs * 0
         j = gl.expand_dims(2 * (vs >> 1), 0)
         return wq, wh, xo, so, bo, j, i4
@@ -149,10 +142,10 @@ if HAVE_GLUON:
     def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero4):
         """A slot's activations for the step at super-block kb: low / high code words (broadcast to the tile),
         their code sums and the scales [1, NB, 8]."""
-        xl = gl.expand_dims(gl.load(xq_row + kb * _Q8K_WORDS + xo), 0) + zero4
-        xh = gl.expand_dims(gl.load(xq_row + kb * _Q8K_WORDS + 8 + xo), 0) + zero4
-        sl = gl.expand_dims(gl.load(xs_row + kb * _SUMS + so), 0)
-        sh = gl.expand_dims(gl.load(xs_row + kb * _SUMS + 2 + so), 0)
+        xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero4
+        xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero4
+        sl = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + so), 0)
+        sh = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so), 0)
         dx = gl.expand_dims(gl.load(xd_row + kb + bo), 0)
         return xl, xh, sl, sh, dx
 
@@ -185,7 +178,7 @@ if HAVE_GLUON:
         acc_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
         min_g = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
         min_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        n_blocks = D // _QK
+        n_blocks = D // QK_C
         if PF:  # the first step's weights are in flight before the previous kernel has finished
             gq_n = gl.load(gw_ptr + qoff)
             gh_n = gl.load(gw_ptr + hoff)
@@ -197,16 +190,16 @@ if HAVE_GLUON:
         for kb in range(0, n_blocks, NB):
             if PF:
                 gq, gh, uq, uh = gq_n, gh_n, uq_n, uh_n
-                nxt = gl.minimum(kb + NB, n_blocks - NB) * _Q4K_WORDS  # the last step re-reads itself
+                nxt = gl.minimum(kb + NB, n_blocks - NB) * Q4K_WORDS  # the last step re-reads itself
                 gq_n = gl.load(gw_ptr + qoff + nxt)
                 gh_n = gl.load(gw_ptr + hoff + nxt)
                 uq_n = gl.load(uw_ptr + qoff + nxt)
                 uh_n = gl.load(uw_ptr + hoff + nxt)
             else:
-                gq = gl.load(gw_ptr + qoff + kb * _Q4K_WORDS)
-                gh = gl.load(gw_ptr + hoff + kb * _Q4K_WORDS)
-                uq = gl.load(uw_ptr + qoff + kb * _Q4K_WORDS)
-                uh = gl.load(uw_ptr + hoff + kb * _Q4K_WORDS)
+                gq = gl.load(gw_ptr + qoff + kb * Q4K_WORDS)
+                gh = gl.load(gw_ptr + hoff + kb * Q4K_WORDS)
+                uq = gl.load(uw_ptr + qoff + kb * Q4K_WORDS)
+                uh = gl.load(uw_ptr + hoff + kb * Q4K_WORDS)
             xl, xh, sl, sh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd, kb,
                                        xo, so, bo, zero4)
             acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4)
@@ -217,14 +210,14 @@ if HAVE_GLUON:
         h_row = h_ptr + slot.to(gl.int64) * stride_ht
         gl.store(h_row + rn, h, mask=rn < F)
         if QH:  # the program storing a 256-block's last rows quantizes it (moe_int8._quant_h_last)
-            cnt = cnt_ptr + slot.to(gl.int64) * (F // _QK) + (pid_n * ROWS) // _QK
+            cnt = cnt_ptr + slot.to(gl.int64) * (F // QK_C) + (pid_n * ROWS) // QK_C
             _barrier()  # every thread's h stores before the release below
             arrived = gl.atomic_add(cnt, 1, sem="acq_rel")
-            if arrived == _QK // ROWS - 1:
-                b = (pid_n * ROWS) // _QK
+            if arrived == QK_C // ROWS - 1:
+                b = (pid_n * ROWS) // QK_C
                 s64 = slot.to(gl.int64)
-                _quant_block(h_row + b * _QK, hq_ptr + s64 * stride_hq + b * _Q8K_WORDS, hd_ptr + s64 * stride_hd + b,
-                             hs_ptr + s64 * stride_hs + b * _SUMS, WARPS_K * WARPS_ROWS)
+                _quant_block(h_row + b * QK_C, hq_ptr + s64 * stride_hq + b * Q8K_WORDS, hd_ptr + s64 * stride_hd + b,
+                             hs_ptr + s64 * stride_hs + b * SUMS_PER_BLOCK, WARPS_K * WARPS_ROWS)
                 gl.atomic_xchg(cnt, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
 
     @gluon.jit
@@ -249,7 +242,7 @@ if HAVE_GLUON:
         zero4 = gl.full([ROWS, NB, 8, 4], 0, gl.int32, layout=L4)
         acc = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
         accm = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        n_steps = F // (_QK * NB)
+        n_steps = F // (QK_C * NB)
         last = KSEL * n_steps - 1
         sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
         if PF and STEPS == 0:
@@ -269,7 +262,7 @@ if HAVE_GLUON:
                 if step == 0:
                     q, hw = q0, h0
                 else:
-                    r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * _Q4K_WORDS)
+                    r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * Q4K_WORDS)
                     q = gl.load(w_ptr + r4 + wq)
                     hw = gl.load(w_ptr + r4 + wh)
                 slot = t.to(gl.int64) * KSEL + i
@@ -286,11 +279,11 @@ if HAVE_GLUON:
                 q, hw = q_n, h_n
                 sn = gl.minimum(step + 1, last)
                 r4 = _rows4((gl.load(sel_t + sn // n_steps).to(gl.int64) * D + rc) * stride_w
-                            + (sn % n_steps) * NB * _Q4K_WORDS)
+                            + (sn % n_steps) * NB * Q4K_WORDS)
                 q_n = gl.load(w_ptr + r4 + wq)
                 h_n = gl.load(w_ptr + r4 + wh)
             else:
-                r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * _Q4K_WORDS)
+                r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * Q4K_WORDS)
                 q = gl.load(w_ptr + r4 + wq)
                 hw = gl.load(w_ptr + r4 + wh)
             slot = t.to(gl.int64) * KSEL + i

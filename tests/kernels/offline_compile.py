@@ -31,3 +31,18 @@ def run_compile_script(script: str, stdin: str | None = None, env_extra: dict | 
                        timeout=timeout, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.split("RESULT", 1)[1])
+
+
+def compile_gluon_sm90(fn, signature: dict, constexprs: dict, divisible=(), num_warps: int = 4):
+    """Compile a Gluon kernel for sm_90 (for the scripts run_compile_script runs): signature maps every argument to
+    its type ("constexpr" for the constexprs' keys), divisible names the arguments Triton would specialize as
+    multiples of 16 at run time (pointers always are). Returns the CompiledKernel (asm["ptx"], asm["cubin"])."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    sig = {n: signature[n] for n in fn.arg_names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items())
+             if v.startswith("*") or n in divisible}
+    src = GluonASTSource(fn=fn, signature=sig, attrs=attrs, constexprs=constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})

@@ -16,10 +16,9 @@ import pytest
 from tests.kernels.offline_compile import require_ptxas, run_compile_script
 
 _COMPILE = r"""
-import json, re, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+import json, re
 from dsv4.kernels_triton import moe_gluon as m
+from tests.kernels.offline_compile import compile_gluon_sm90
 
 out = {}
 for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, False), (12, 64, 64, False),
@@ -30,11 +29,9 @@ for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, F
                up_delta="i64", FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr",
                XL="constexpr", HL="constexpr")
     # the launcher's pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items())
-             if v.startswith("*") or n in ("F", "D", "stride_xt", "stride_ht", "stride_w")}
-    src = GluonASTSource(fn=m._gate_up_kernel, signature=sig, attrs=attrs, constexprs=dict(
-        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()))
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": m.WARPS})
+    k = compile_gluon_sm90(m._gate_up_kernel, sig, dict(
+        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()),
+        ("F", "D", "stride_xt", "stride_ht", "stride_w"), m.WARPS)
     ptx = k.asm["ptx"]
     out[f"{fmt}/{bm}/{bk}/{pf}"] = {
         "mma": ptx.count("wgmma.mma_async"),

@@ -15,9 +15,8 @@ from tests.kernels.offline_compile import require_ptxas, run_compile_script
 
 _COMPILE = r"""
 import json, os, re, subprocess, tempfile, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
 from dsv4.kernels_triton import moe_int8_gluon as m
+from tests.kernels.offline_compile import compile_gluon_sm90
 
 INTS = ("F", "D", "KSEL", "stride_w", "stride_xq", "stride_xd", "stride_xs", "stride_ht", "stride_hq", "stride_hd",
         "stride_hs", "stride_ot")
@@ -38,10 +37,7 @@ for kind, rows, wk, pf, wr, qh in [("gu", 4, 1, True, 1, False), ("gu", 4, 1, Fa
     if kind == "gu":
         sig["clamp"] = "fp32"
     sig.update({k: "constexpr" for k in const})
-    sig = {n: sig[n] for n in fn.arg_names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, (n, v) in enumerate(sig.items()) if v.startswith("*") or n in DIV}
-    k = triton.compile(GluonASTSource(fn=fn, signature=sig, attrs=attrs, constexprs=const),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": wk * wr})
+    k = compile_gluon_sm90(fn, sig, const, DIV, wk * wr)
     ptx = k.asm["ptx"]
     stack = None
     if os.path.exists(CUOBJDUMP):

@@ -15,21 +15,19 @@ import torch
 from tests.kernels.offline_compile import require_ptxas, run_compile_script
 
 _COMPILE = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.experimental.gluon._runtime import GluonASTSource
+import json
 from dsv4.kernels_triton import q8_gluon as m
+from tests.kernels.offline_compile import compile_gluon_sm90
 
 sig = dict(x_ptr="*fp32", w_ptr="*i8", s_ptr="*fp16", y_ptr="*fp32", slot_ptr="*i64", N="i32", R="i32",
            k_split="i32", stride_xg="i32", stride_w_words="i32", stride_s="i32", off_s="i32", BN="constexpr",
            WARPS="constexpr", PF="constexpr", SPLIT="constexpr", PDL="constexpr")
 # the launcher's integers are multiples of 16 at every Flash shape (Triton specializes them so at run time)
-attrs = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(sig.values()) if v != "constexpr"}
+ints = [n for n, v in sig.items() if v == "i32"]
 out = {}
 for bn, warps, pf, split in [(4, 1, False, 1), (8, 1, True, 1), (4, 1, True, 8)]:
-    src = GluonASTSource(fn=m._q8_gluon_kernel, signature=sig,
-                         constexprs=dict(BN=bn, WARPS=warps, PF=pf, SPLIT=split, PDL=True), attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    k = compile_gluon_sm90(m._q8_gluon_kernel, sig, dict(BN=bn, WARPS=warps, PF=pf, SPLIT=split, PDL=True), ints,
+                           warps)
     ptx = k.asm["ptx"]
     out[f"{bn}/{warps}/{pf}/{split}"] = {
         "v4": ptx.count("ld.global.v4.b32"), "shared": ptx.count(".shared"), "prmt": ptx.count("prmt.b32"),
