@@ -33,6 +33,14 @@ def run_compile_script(script: str, stdin: str | None = None, env_extra: dict | 
     return json.loads(r.stdout.split("RESULT", 1)[1])
 
 
+def run_gluon_compile_script(script: str):
+    """run_compile_script for a script that compiles Gluon kernels (compile_gluon_sm90): skips the calling test
+    where this Triton has no Gluon or no ptxas."""
+    pytest.importorskip("triton.experimental.gluon")
+    require_ptxas()
+    return run_compile_script(script)
+
+
 def compile_gluon_sm90(fn, signature: dict, constexprs: dict, divisible=(), num_warps: int = 4):
     """Compile a Gluon kernel for sm_90 (for the scripts run_compile_script runs): signature maps every argument to
     its type ("constexpr" for the constexprs' keys), divisible names the arguments Triton would specialize as

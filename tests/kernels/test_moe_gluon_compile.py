@@ -11,9 +11,7 @@ one and kept A across steps raced on the H200).
 """
 from __future__ import annotations
 
-import pytest
-
-from tests.kernels.offline_compile import require_ptxas, run_compile_script
+from tests.kernels.offline_compile import run_gluon_compile_script
 
 _COMPILE = r"""
 import json, re
@@ -45,9 +43,7 @@ print("RESULT", json.dumps(out))
 
 
 def test_gluon_gate_up_compiles_for_sm90():
-    pytest.importorskip("triton.experimental.gluon")
-    require_ptxas()
-    res = run_compile_script(_COMPILE)
+    res = run_gluon_compile_script(_COMPILE)
     for key, r in res.items():
         fmt, bm, bk, pf = key.split("/")  # fmt: QuantFormat 16 IQ2_XXS, 12 Q4_K
         bk = int(bk)

@@ -9,9 +9,7 @@ quantized in the kernel, and (almost) nothing spilled (ptxas' stack frame, read 
 """
 from __future__ import annotations
 
-import pytest
-
-from tests.kernels.offline_compile import require_ptxas, run_compile_script
+from tests.kernels.offline_compile import run_gluon_compile_script
 
 _COMPILE = r"""
 import json, os, re, subprocess, tempfile, triton
@@ -57,9 +55,7 @@ MAX_STACK_BYTES = 8
 
 
 def test_q4_gluon_kernels_compile_for_sm90():
-    pytest.importorskip("triton.experimental.gluon")
-    require_ptxas()
-    res = run_compile_script(_COMPILE)
+    res = run_gluon_compile_script(_COMPILE)
     assert len(res) == 9
     for key, r in res.items():
         kind, rows, wk, pf, wr, qh = key.split("/")
