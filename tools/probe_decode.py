@@ -45,6 +45,7 @@ median; % of the streaming read measured in this run). Two parts:
   * `gq4`: q4 whole calls (one plane) with the Q4_K stages on moe_int8_gluon's kernels (gq4_cases), beside the
     tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
     u quantizer and each down tile behind the h quantizer, twice;
+  * `gq4p`: `gq4` over tiles with the paired Q4_K scale decode (Q4GluonTile.pairs: fewer instructions per step);
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -214,22 +215,24 @@ def dreg_cases(tuned):
 
 
 def gq4_label(tile) -> str:
-    rows, wk, pf, wr, *unroll = tile
-    return f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}{' unroll' if any(unroll) else ''}"
+    rows, wk, pf, wr, *flags = tile
+    unroll, pairs = (list(flags) + [False, False])[:2]
+    return (f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}{' unroll' if unroll else ''}"
+            f"{' pairs' if pairs else ''}")
 
 
-def gq4_cases(tuned):
-    """`gq4` whole calls: the tuned config (Triton stages, h quantizer fused) with the h quantizer launched too,
-    each GQ4_GATE_UP tile (h fused and launched) and each GQ4_DOWN tile on their own, and GQ4_CROSS's pairs."""
+def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
+    """`gq4` / `gq4p` whole calls: the tuned config with the h quantizer launched too, each gate/up tile (h fused
+    and launched) and each down tile on their own, and cross's pairs (gate/up tile, h fused) x down tile."""
     tile = moe_int8.Q4GluonTile
     cases = [("tuned", tuned), ("tuned, h launched", replace(tuned, fuse_quant_h=False))]
-    for t in GQ4_GATE_UP:
+    for t in gate_up_tiles:
         for fused in (True, False):
             cases.append((f"gluon gate/up {gq4_label(t)}{'' if fused else ', h launched'}",
                           replace(tuned, gluon_gate_up=tile(*t), fuse_quant_h=fused)))
-    cases += [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=tile(*t))) for t in GQ4_DOWN]
-    for gu, fused in GQ4_CROSS[0]:
-        for dn in GQ4_CROSS[1]:
+    cases += [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=tile(*t))) for t in down_tiles]
+    for gu, fused in cross[0]:
+        for dn in cross[1]:
             cases.append((f"gluon gate/up {gq4_label(gu)}{'' if fused else ', h launched'} + down {gq4_label(dn)}",
                           replace(tuned, gluon_gate_up=tile(*gu), gluon_down=tile(*dn), fuse_quant_h=fused)))
     return cases
@@ -328,6 +331,13 @@ DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 GQ4_GATE_UP = [(4, 1, True, 1), (8, 1, True, 2), (16, 1, True, 4), (32, 1, True, 8)]
 GQ4_DOWN = [(4, 2, False, 1, True), (8, 2, False, 2, True), (16, 2, False, 4, True)]
 GQ4_CROSS = ([((16, 1, True, 4), True), ((32, 1, True, 8), True)], [(8, 2, False, 2, True)])
+# `gq4p`: tiles with the paired scale decode (Q4GluonTile.pairs: byte-pair scales and mins, dp2a, dp4a chains)
+GQ4P_GATE_UP = [(4, 1, True, 1, False, True), (8, 1, True, 2, False, True), (2, 1, True, 1, False, True),
+                (8, 2, True, 2, False, True)]
+GQ4P_DOWN = [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True), (4, 2, False, 1, True, True),
+             (16, 1, False, 4, True, True)]
+GQ4P_CROSS = ([((4, 1, True, 1, False, True), True), ((8, 1, True, 2, False, True), True)],
+              [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True)])
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -447,7 +457,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4")
+                         "xv, xv_sweep, limb, reg, gq4, gq4p")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -611,25 +621,28 @@ def main(argv=None) -> int:
                                          gu_bytes + dn_bytes)
             del gate, up, down
 
-    if "gq4" in args.parts:  # q4 (one plane): the tuned Triton stages against moe_int8_gluon's tiles
+    for part, (gu_tiles, dn_tiles, cross) in (("gq4", (GQ4_GATE_UP, GQ4_DOWN, GQ4_CROSS)),
+                                              ("gq4p", (GQ4P_GATE_UP, GQ4P_DOWN, GQ4P_CROSS))):
+        if part not in args.parts:  # q4 (one plane): the tuned config against moe_int8_gluon's tiles
+            continue
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             if recipe != "q4":
                 continue
             tuned = moe_int8.TUNED[gate.fmt]
-            time_whole_cases(row, recipe, 1, gq4_cases(tuned), (u, gate, up, down, sels, wts), dev,
-                             gu_bytes + dn_bytes)
+            time_whole_cases(row, recipe, 1, gq4_cases(tuned, gu_tiles, dn_tiles, cross),
+                             (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
             uq = moe_int8.quant_q8_k(u)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
             base = replace(tuned, fuse_quant_h=False)
             for _ in range(2):
                 row(f"moe_{recipe}", "tuned", "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, base),
                     gu_bytes)
-                for t in GQ4_GATE_UP:
+                for t in gu_tiles:
                     cfg = replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant u + gate_up",
                         chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", "tuned", "quant h + down", chain_down_ms(hs, down, sels, base), dn_bytes)
-                for t in GQ4_DOWN:
+                for t in dn_tiles:
                     cfg = replace(base, gluon_down=moe_int8.Q4GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant h + down", chain_down_ms(hs, down, sels, cfg),
                         dn_bytes)

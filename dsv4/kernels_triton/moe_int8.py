@@ -65,13 +65,14 @@ class Q4GluonTile:
     """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
     over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per step);
     `prefetch`: the next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step)
-    unrolled."""
+    unrolled; `pairs`: each lane's two sub-blocks' scales and mins decoded as byte pairs, applied by dp2a."""
 
     rows: int = 4
     warps_k: int = 1
     prefetch: bool = False
     warps_rows: int = 1
     unroll: bool = False
+    pairs: bool = False
 
     @property
     def block_k(self) -> int:

@@ -88,20 +88,79 @@ if HAVE_GLUON:
         gl.store(d_ptr + gl.zeros_like(mx).to(gl.int32), d)
 
     @gluon.jit
-    def _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4):
+    def _pack16(a, b):
+        """The low 16 bits of a and of b as one int32 (a's in the low half): PTX prmt."""
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _dp2a(a, b):
+        """a.h0 b.b0 + a.h1 b.b1 (signed 16-bit halves of a, signed bytes 0 and 1 of b; exact): PTX dp2a.lo."""
+        return gl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _words(t):
+        """The four words of a thread's innermost axis ([..., 4], held in one thread) as four tensors [...]."""
+        a, b = gl.split(t.reshape(t.shape[:-1] + [2, 2]))
+        w0, w2 = gl.split(a)
+        w1, w3 = gl.split(b)
+        return w0, w1, w2, w3
+
+    @gluon.jit
+    def _dp4a_acc(a, b, c, ATYPE: gl.constexpr):
+        """c + the four byte products of a (signed or unsigned bytes: ATYPE "s32" / "u32") and b (signed)."""
+        return gl.inline_asm_elementwise("dp4a." + ATYPE + ".s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c],
+                                         dtype=gl.int32, is_pure=True, pack=1)
+
+    @gluon.jit
+    def _dot4(q, x, ATYPE: gl.constexpr):
+        """Sum over the innermost axis (4 words, one thread) of dp4a(q, x): one dp4a chain, no adds."""
+        q0, q1, q2, q3 = _words(q)
+        x0, x1, x2, x3 = _words(x)
+        p = _dp4a_acc(q3, x3, _dp4a_acc(q2, x2, _dp4a_acc(q1, x1, _dp4a_acc(q0, x0, q0 * 0, ATYPE), ATYPE),
+                                         ATYPE), ATYPE)
+        return gl.convert_layout(p, gl.SliceLayout(3, q.type.layout))  # the same registers: no data moves
+
+    @gluon.jit
+    def _scale_min_pairs(s0, s1, s2, j):
+        """The 6-bit scales of Q4_K sub-blocks j and j + 1 (j even, a tensor) as bytes 0 and 1 of one int32, and
+        their mins likewise, from the packed scale words s0, s1, s2: the two bytes of each pair sit side by side
+        in those words, so one shift and one mask (j < 4) or three (j >= 4) decode both (blocks.q4_k_scale_min_int
+        decodes one sub-block per call)."""
+        jm = 8 * (j & 3)
+        a = s0 >> jm
+        b = s1 >> jm
+        c = s2 >> jm
+        low = j < 4
+        sc2 = gl.where(low, a & 0x3F3F, (c & 0x0F0F) | ((a >> 2) & 0x3030))
+        m2 = gl.where(low, b & 0x3F3F, ((c >> 4) & 0x0F0F) | ((b >> 2) & 0x3030))
+        return sc2, m2
+
+    @gluon.jit
+    def _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS: gl.constexpr = False):
         """One K step of one matrix: codes q [R, NB, 8, 4] and header words hw [R, NB, 1, 4] (d|dmin, scales) of
         its super-blocks against the activation words xl / xh (sub-blocks j, j + 1 of each lane) [R, NB, 8, 4],
-        their code sums sl / sh and scales dx [1, NB, 8]; adds d dx isum to acc and dmin dx msum to accm."""
-        p_lo = gl.sum(moe_int8._dp4a(q & 0x0F0F0F0F, xl, zero4, True), axis=3)
-        p_hi = gl.sum(moe_int8._dp4a((q >> 4) & 0x0F0F0F0F, xh, zero4, True), axis=3)
+        their code sums sl / sh and scales dx [1, NB, 8]; adds d dx isum to acc and dmin dx msum to accm.
+        PAIRS: the two sub-blocks' scales and mins decoded as byte pairs and applied by dp2a (sl / sh then come
+        packed in sl, _pack16(sl, sh)); the same integers."""
         dd = gl.sum(gl.where(i4 == 0, hw, 0), axis=3)
         s0 = gl.sum(gl.where(i4 == 1, hw, 0), axis=3)
         s1 = gl.sum(gl.where(i4 == 2, hw, 0), axis=3)
         s2 = gl.sum(gl.where(i4 == 3, hw, 0), axis=3)
-        sc_lo, m_lo = blocks.q4_k_scale_min_int(s0, s1, s2, j)
-        sc_hi, m_hi = blocks.q4_k_scale_min_int(s0, s1, s2, j + 1)
-        it = p_lo * sc_lo + p_hi * sc_hi
-        mn = m_lo * sl + m_hi * sh
+        if PAIRS:
+            p_lo = _dot4(q & 0x0F0F0F0F, xl, "s32")
+            p_hi = _dot4(q & -252645136, xh, "u32") >> 4  # 0xF0F0F0F0: the high nibbles x 16, unsigned
+            sc2, m2 = _scale_min_pairs(s0, s1, s2, j)
+            it = _dp2a(_pack16(p_lo, p_hi), sc2)
+            mn = _dp2a(sl + gl.zeros_like(m2), m2)
+        else:
+            p_lo = gl.sum(moe_int8._dp4a(q & 0x0F0F0F0F, xl, zero4, True), axis=3)
+            p_hi = gl.sum(moe_int8._dp4a((q >> 4) & 0x0F0F0F0F, xh, zero4, True), axis=3)
+            sc_lo, m_lo = blocks.q4_k_scale_min_int(s0, s1, s2, j)
+            sc_hi, m_hi = blocks.q4_k_scale_min_int(s0, s1, s2, j + 1)
+            it = p_lo * sc_lo + p_hi * sc_hi
+            mn = m_lo * sl + m_hi * sh
         acc += (blocks._f16_from_bits(dd) * dx) * it.to(gl.float32)
         accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn.to(gl.float32)
         return acc, accm
@@ -139,21 +198,25 @@ if HAVE_GLUON:
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3)
 
     @gluon.jit
-    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero4):
+    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero4, PAIRS: gl.constexpr = False):
         """A slot's activations for the step at super-block kb: low / high code words (broadcast to the tile),
-        their code sums and the scales [1, NB, 8]."""
+        their code sums and the scales [1, NB, 8]. PAIRS: the two sums packed in one (_pack16), the second 0."""
         xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero4
         xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero4
         sl = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + so), 0)
         sh = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so), 0)
         dx = gl.expand_dims(gl.load(xd_row + kb + bo), 0)
+        if PAIRS:
+            sl = _pack16(sl, sh)
+            sh = sl * 0
         return xl, xh, sl, sh, dx
 
     @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
                            cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                            stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
-                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr):
+                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
+                           PAIRS: gl.constexpr = False):
         """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
         (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
         words, stride_w per row. Rows past F read row F - 1 (not stored). PF: the next step's weight words load
@@ -201,9 +264,9 @@ if HAVE_GLUON:
                 uq = gl.load(uw_ptr + qoff + kb * Q4K_WORDS)
                 uh = gl.load(uw_ptr + hoff + kb * Q4K_WORDS)
             xl, xh, sl, sh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd, kb,
-                                       xo, so, bo, zero4)
-            acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4)
-            acc_u, min_u = _q4_step(uq, uh, xl, xh, sl, sh, dx, j, acc_u, min_u, zero4, i4)
+                                       xo, so, bo, zero4, PAIRS)
+            acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4, PAIRS)
+            acc_u, min_u = _q4_step(uq, uh, xl, xh, sl, sh, dx, j, acc_u, min_u, zero4, i4, PAIRS)
         g = gl.sum(gl.sum(acc_g, axis=2), axis=1) - gl.sum(gl.sum(min_g, axis=2), axis=1)
         u = gl.sum(gl.sum(acc_u, axis=2), axis=1) - gl.sum(gl.sum(min_u, axis=2), axis=1)
         h = moe._swiglu_route(g, u, wt, clamp)
@@ -223,7 +286,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
                         stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
-                        PF: gl.constexpr, PDL: gl.constexpr, STEPS: gl.constexpr = 0):
+                        PF: gl.constexpr, PDL: gl.constexpr, STEPS: gl.constexpr = 0, PAIRS: gl.constexpr = False):
         """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
         quant_q8_k's (codes hq, scales hd, sums hs): one flat loop over (slot, K step) in order, every term in its
         lane until the final reduction (deterministic). PF: the next (slot, step)'s weight words load first.
@@ -267,8 +330,8 @@ if HAVE_GLUON:
                     hw = gl.load(w_ptr + r4 + wh)
                 slot = t.to(gl.int64) * KSEL + i
                 xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
-                                           hd_ptr + slot * stride_hd, kb, xo, so, bo, zero4)
-                acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4)
+                                           hd_ptr + slot * stride_hd, kb, xo, so, bo, zero4, PAIRS)
+                acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS)
         elif PDL:
             gdc_wait()  # h's codes come from the previous kernel
             gdc_launch_dependents()
@@ -288,8 +351,8 @@ if HAVE_GLUON:
                 hw = gl.load(w_ptr + r4 + wh)
             slot = t.to(gl.int64) * KSEL + i
             xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
-                                       kb, xo, so, bo, zero4)
-            acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4)
+                                       kb, xo, so, bo, zero4, PAIRS)
+            acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS)
         total = gl.sum(gl.sum(acc, axis=2), axis=1) - gl.sum(gl.sum(accm, axis=2), axis=1)
         gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
 
@@ -342,7 +405,8 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
         xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0), xd.stride(0),
         xs.stride(0), h.stride(0), *qh_strides, ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
-        PF=tile.prefetch and D > tile.block_k, PDL=pdl, QH=bool(quant_h), num_warps=tile.warps, **pdl_launch(pdl))
+        PF=tile.prefetch and D > tile.block_k, PDL=pdl, QH=bool(quant_h), PAIRS=tile.pairs, num_warps=tile.warps,
+        **pdl_launch(pdl))
     return (hq, hd, hs) if quant_h else h
 
 
@@ -356,5 +420,6 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
         ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
         STEPS=K * F // tile.block_k if tile.unroll else 0,
-        PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, PDL=pdl, num_warps=tile.warps, **pdl_launch(pdl))
+        PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, PDL=pdl, PAIRS=tile.pairs, num_warps=tile.warps,
+        **pdl_launch(pdl))
     return out
