@@ -46,6 +46,7 @@ median; % of the streaming read measured in this run). Two parts:
     tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
     u quantizer and each down tile behind the h quantizer, twice;
   * `gq4p`: `gq4` over tiles with the paired Q4_K scale decode (Q4GluonTile.pairs: fewer instructions per step);
+  * `gq4w`: `gq4` over the wide tiles (Q4GluonTile.wide), with the paired tiles among the crossed ones;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -216,9 +217,9 @@ def dreg_cases(tuned):
 
 def gq4_label(tile) -> str:
     rows, wk, pf, wr, *flags = tile
-    unroll, pairs = (list(flags) + [False, False])[:2]
+    unroll, pairs, wide = (list(flags) + [False] * 3)[:3]
     return (f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}{' unroll' if unroll else ''}"
-            f"{' pairs' if pairs else ''}")
+            f"{' pairs' if pairs else ''}{' wide' if wide else ''}")
 
 
 def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
@@ -338,6 +339,15 @@ GQ4P_DOWN = [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True), (4, 2,
              (16, 1, False, 4, True, True)]
 GQ4P_CROSS = ([((4, 1, True, 1, False, True), True), ((8, 1, True, 2, False, True), True)],
               [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True)])
+# `gq4w`: the wide tiles (Q4GluonTile.wide: 4 lanes per super-block, two 16-byte pieces each, steps unrolled)
+GQ4W_GATE_UP = [(2, 1, True, 1, False, False, True), (4, 1, False, 1, False, False, True),
+                (4, 1, True, 1, False, False, True), (8, 1, False, 2, False, False, True),
+                (2, 2, False, 1, False, False, True)]
+GQ4W_DOWN = [(16, 1, False, 4, False, False, True), (16, 1, True, 4, False, False, True),
+             (8, 1, True, 2, False, False, True), (8, 1, False, 2, False, False, True), (4, 1, True, 1, False, False, True)]
+GQ4W_CROSS = ([((4, 1, True, 1, False, True), True), ((2, 1, True, 1, False, False, True), True),
+               ((4, 1, False, 1, False, False, True), True)],
+              [(16, 2, False, 4, True, True), (16, 1, False, 4, False, False, True), (8, 1, True, 2, False, False, True)])
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -457,7 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4p")
+                         "xv, xv_sweep, limb, reg, gq4, gq4p, gq4w")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -622,7 +632,8 @@ def main(argv=None) -> int:
             del gate, up, down
 
     for part, (gu_tiles, dn_tiles, cross) in (("gq4", (GQ4_GATE_UP, GQ4_DOWN, GQ4_CROSS)),
-                                              ("gq4p", (GQ4P_GATE_UP, GQ4P_DOWN, GQ4P_CROSS))):
+                                              ("gq4p", (GQ4P_GATE_UP, GQ4P_DOWN, GQ4P_CROSS)),
+                                              ("gq4w", (GQ4W_GATE_UP, GQ4W_DOWN, GQ4W_CROSS))):
         if part not in args.parts:  # q4 (one plane): the tuned config against moe_int8_gluon's tiles
             continue
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):

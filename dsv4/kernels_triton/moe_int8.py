@@ -58,6 +58,7 @@ DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
 
 
 BLOCKS_PER_WARP = 4  # moe_int8_gluon: Q4_K super-blocks side by side in one warp's K step (8 lanes each)
+BLOCKS_PER_WARP_WIDE = 8  # its wide tile: 4 lanes each
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,9 @@ class Q4GluonTile:
     """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
     over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per step);
     `prefetch`: the next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step)
-    unrolled; `pairs`: each lane's two sub-blocks' scales and mins decoded as byte pairs, applied by dp2a."""
+    unrolled; `pairs`: each lane's two sub-blocks' scales and mins decoded as byte pairs, applied by dp2a; `wide`:
+    the wide tile (moe_int8_gluon._q4w_*: 4 lanes per super-block, two 16-byte pieces per lane, the steps unrolled;
+    pairs and unroll implied)."""
 
     rows: int = 4
     warps_k: int = 1
@@ -73,10 +76,11 @@ class Q4GluonTile:
     warps_rows: int = 1
     unroll: bool = False
     pairs: bool = False
+    wide: bool = False
 
     @property
     def block_k(self) -> int:
-        return BLOCKS_PER_WARP * QK * self.warps_k
+        return (BLOCKS_PER_WARP_WIDE if self.wide else BLOCKS_PER_WARP) * QK * self.warps_k
 
     @property
     def warps(self) -> int:

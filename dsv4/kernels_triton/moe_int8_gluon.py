@@ -40,11 +40,13 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 8 lanes x 4 words
+WIDE_LANES_PER_BLOCK = 4  # the wide tile: 4 lanes x 2 pieces x 4 words
 
 if HAVE_GLUON:
     from .moe_gluon import gluon_barrier as _barrier
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
+    _LW: gl.constexpr = gl.constexpr(WIDE_LANES_PER_BLOCK)
 
     @gluon.jit
     def _div_rn(a, b):
@@ -120,7 +122,7 @@ if HAVE_GLUON:
         x0, x1, x2, x3 = _words(x)
         p = _dp4a_acc(q3, x3, _dp4a_acc(q2, x2, _dp4a_acc(q1, x1, _dp4a_acc(q0, x0, q0 * 0, ATYPE), ATYPE),
                                          ATYPE), ATYPE)
-        return gl.convert_layout(p, gl.SliceLayout(3, q.type.layout))  # the same registers: no data moves
+        return gl.convert_layout(p, gl.SliceLayout(len(q.shape) - 1, q.type.layout))  # the same registers
 
     @gluon.jit
     def _scale_min_pairs(s0, s1, s2, j):
@@ -267,6 +269,15 @@ if HAVE_GLUON:
                                        xo, so, bo, zero4, PAIRS)
             acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4, PAIRS)
             acc_u, min_u = _q4_step(uq, uh, xl, xh, sl, sh, dx, j, acc_u, min_u, zero4, i4, PAIRS)
+        _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn,
+                     F, stride_ht, stride_hq, stride_hd, stride_hs, ROWS, WARPS_K * WARPS_ROWS, QH)
+
+    @gluon.jit
+    def _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn, F,
+                     stride_ht, stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS: gl.constexpr,
+                     QH: gl.constexpr):
+        """A gate/up program's end: the per-lane sums [ROWS, ...] reduced to rows, SwiGLU and route weight, h
+        stored, and with QH the 256-block's Q8_K made by the program that stores its last rows."""
         g = gl.sum(gl.sum(acc_g, axis=2), axis=1) - gl.sum(gl.sum(min_g, axis=2), axis=1)
         u = gl.sum(gl.sum(acc_u, axis=2), axis=1) - gl.sum(gl.sum(min_u, axis=2), axis=1)
         h = moe._swiglu_route(g, u, wt, clamp)
@@ -280,7 +291,7 @@ if HAVE_GLUON:
                 b = (pid_n * ROWS) // QK_C
                 s64 = slot.to(gl.int64)
                 _quant_block(h_row + b * QK_C, hq_ptr + s64 * stride_hq + b * Q8K_WORDS, hd_ptr + s64 * stride_hd + b,
-                             hs_ptr + s64 * stride_hs + b * SUMS_PER_BLOCK, WARPS_K * WARPS_ROWS)
+                             hs_ptr + s64 * stride_hs + b * SUMS_PER_BLOCK, WARPS)
                 gl.atomic_xchg(cnt, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
 
     @gluon.jit
@@ -357,6 +368,187 @@ if HAVE_GLUON:
         gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
 
 
+    # ---- the wide layout: 4 lanes per super-block, each lane two 16-byte pieces (chunks c and c + 2) ----
+
+    @gluon.constexpr_function
+    def _axis_layout(layout, rank, dim):
+        """The 1-d layout of axis `dim` of a rank-`rank` distributed layout."""
+        for d in range(rank - 1, dim, -1):
+            layout = gl.SliceLayout(d, layout)
+        for _ in range(dim):
+            layout = gl.SliceLayout(0, layout)
+        return layout
+
+    @gluon.jit
+    def _iota(N: gl.constexpr, DIM: gl.constexpr, RANK: gl.constexpr, L: gl.constexpr):
+        """arange(N) along axis DIM of the rank-RANK layout L, size 1 on the other axes."""
+        x = gl.arange(0, N, layout=_axis_layout(L, RANK, DIM))
+        for _ in gl.static_range(DIM):
+            x = gl.expand_dims(x, 0)
+        for d in gl.static_range(DIM + 1, RANK):
+            x = gl.expand_dims(x, d)
+        return x
+
+    @gluon.jit
+    def _w_offsets(L5: gl.constexpr, NB: gl.constexpr):
+        """Word offsets of one K step (NB super-blocks) in the wide tile [rows, NB, 4 lanes, 2 pieces, 4 words]:
+        lane u's piece p is code bytes 32c + 16hf .. +15 of its super-block, c = (u >> 1) + 2p, hf = u & 1 (low
+        nibbles: sub-block 2c, high: 2c + 1), so a lane's two pieces share one byte position in the scale words and
+        the piece decides the 6-bit packing at compile time. Returns the weight codes wq [1, NB, 4, 2, 4] and header
+        words wh [1, NB, 1, 1, 4] from the row start, the activation words xo [NB, 4, 2, 4] (the high nibbles' are
+        8 more), their code sums so [NB, 4, 2] (the high half's: 2 more), the scale index bo [NB, 4], the scale
+        byte shift jm [1, 1, 4, 1], the piece pc [1, 1, 1, 2] and the header word index i5 [1, 1, 1, 1, 4]."""
+        b = _iota(NB, 1, 5, L5)
+        u = _iota(_LW, 2, 5, L5)
+        i5 = _iota(4, 4, 5, L5)
+        wq = b * Q4K_WORDS + 4 + 16 * _iota(2, 3, 5, L5) + 4 * u + i5
+        wh = b * Q4K_WORDS + i5
+        LX: gl.constexpr = gl.SliceLayout(0, L5)
+        ux = _iota(_LW, 1, 4, LX)
+        xo = (_iota(NB, 0, 4, LX) * Q8K_WORDS + 16 * (ux >> 1) + 32 * _iota(2, 2, 4, LX) + 4 * (ux & 1)
+              + _iota(4, 3, 4, LX))
+        L4: gl.constexpr = gl.SliceLayout(4, L5)
+        LS: gl.constexpr = gl.SliceLayout(0, L4)
+        us = _iota(_LW, 1, 3, LS)
+        so = _iota(NB, 0, 3, LS) * SUMS_PER_BLOCK + 4 * (us >> 1) + 8 * _iota(2, 2, 3, LS) + (us & 1)
+        LB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, L4))
+        bo = _iota(NB, 0, 2, LB) + 0 * _iota(_LW, 1, 2, LB)
+        jm = 16 * (_iota(_LW, 2, 4, L4) >> 1)
+        return wq, wh, xo, so, bo, jm, _iota(2, 3, 4, L4), i5
+
+    @gluon.jit
+    def _w_acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero5):
+        """A slot's activations for the wide step at super-block kb: low / high code words (broadcast to the
+        tile), their code sums packed in pairs (_pack16) and the scales [1, NB, 4]."""
+        xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero5
+        xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero5
+        sums = _pack16(gl.load(xs_row + kb * SUMS_PER_BLOCK + so), gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so))
+        return xl, xh, gl.expand_dims(sums, 0), gl.expand_dims(gl.load(xd_row + kb + bo), 0)
+
+    @gluon.jit
+    def _w_step(q, hw, xl, xh, slh, dx, jm, pc, i5, acc, accm):
+        """One wide K step of one matrix: codes q [R, NB, 4, 2, 4] and header words hw [R, NB, 1, 1, 4] against
+        the activations (_w_acts); adds d dx isum to acc and dmin dx msum to accm [R, NB, 4] (each lane's four
+        sub-blocks summed in int32 first: one super-block, so one d and one dx)."""
+        p_lo = _dot4(q & 0x0F0F0F0F, xl, "s32")
+        p_hi = _dot4(q & -252645136, xh, "u32") >> 4  # 0xF0F0F0F0: the high nibbles x 16, unsigned
+        dd = gl.sum(gl.sum(gl.where(i5 == 0, hw, 0), axis=4), axis=3)
+        s0 = gl.sum(gl.where(i5 == 1, hw, 0), axis=4) >> jm
+        s1 = gl.sum(gl.where(i5 == 2, hw, 0), axis=4) >> jm
+        s2 = gl.sum(gl.where(i5 == 3, hw, 0), axis=4) >> jm
+        low = pc == 0  # piece 0: sub-blocks 0-3 (6 bits in place); piece 1: 4-7 (low 4 bits + 2 high ones)
+        sc2 = gl.where(low, s0 & 0x3F3F, (s2 & 0x0F0F) | ((s0 >> 2) & 0x3030))
+        m2 = gl.where(low, s1 & 0x3F3F, ((s2 >> 4) & 0x0F0F) | ((s1 >> 2) & 0x3030))
+        it = gl.sum(_dp2a(_pack16(p_lo, p_hi), sc2), axis=3)
+        mn = gl.sum(_dp2a(slh + gl.zeros_like(m2), m2), axis=3)
+        acc += (blocks._f16_from_bits(dd) * dx) * it.to(gl.float32)
+        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn.to(gl.float32)
+        return acc, accm
+
+    @gluon.jit
+    def _q4w_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
+                            cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
+                            stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
+                            WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
+                            STEPS: gl.constexpr):
+        """_q4_gate_up_kernel on the wide tile, its STEPS (= D / (256 NB)) K steps unrolled; PF: each step's
+        weight words load before the previous step computes (the first step's before the wait)."""
+        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, 32 // _LW, _LW, 1, 1],
+                                            [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
+        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
+        NB: gl.constexpr = (32 // _LW) * WARPS_K
+        slot = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        t = (slot // KSEL).to(gl.int64)
+        e = gl.load(sel_ptr + slot).to(gl.int64)
+        wt = gl.load(wts_ptr + slot).to(gl.float32)
+        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+        wq, wh, xo, so, bo, jm, pc, i5 = _w_offsets(L5, NB)
+        r5 = _rows5((e * F + gl.minimum(rn, F - 1)) * stride_w)
+        qoff = r5 + wq
+        hoff = r5 + wh
+        zero5 = gl.full([ROWS, NB, _LW, 2, 4], 0, gl.int32, layout=L5)
+        acc_g = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        acc_u = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        min_g = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        min_u = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        gq = gl.load(gw_ptr + qoff)
+        gh = gl.load(gw_ptr + hoff)
+        uq = gl.load(uw_ptr + qoff)
+        uh = gl.load(uw_ptr + hoff)
+        if PDL:
+            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
+            gdc_launch_dependents()
+        for step in gl.static_range(STEPS):
+            cgq, cgh, cuq, cuh = gq, gh, uq, uh
+            nxt = (step + 1) * NB * Q4K_WORDS
+            if PF and step + 1 < STEPS:
+                gq = gl.load(gw_ptr + qoff + nxt)
+                gh = gl.load(gw_ptr + hoff + nxt)
+                uq = gl.load(uw_ptr + qoff + nxt)
+                uh = gl.load(uw_ptr + hoff + nxt)
+            xl, xh, slh, dx = _w_acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd,
+                                      step * NB, xo, so, bo, zero5)
+            acc_g, min_g = _w_step(cgq, cgh, xl, xh, slh, dx, jm, pc, i5, acc_g, min_g)
+            acc_u, min_u = _w_step(cuq, cuh, xl, xh, slh, dx, jm, pc, i5, acc_u, min_u)
+            if not PF and step + 1 < STEPS:
+                gq = gl.load(gw_ptr + qoff + nxt)
+                gh = gl.load(gw_ptr + hoff + nxt)
+                uq = gl.load(uw_ptr + qoff + nxt)
+                uh = gl.load(uw_ptr + hoff + nxt)
+        _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn,
+                     F, stride_ht, stride_hq, stride_hd, stride_hs, ROWS, WARPS_K * WARPS_ROWS, QH)
+
+    @gluon.jit
+    def _rows5(roff):
+        """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1, 1]."""
+        return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3), 4)
+
+    @gluon.jit
+    def _q4w_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
+                         stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
+                         PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr, STEPS: gl.constexpr):
+        """_q4_down_kernel on the wide tile, its STEPS (= KSEL KSTEPS, KSTEPS = F / (256 NB)) (slot, K step) steps
+        unrolled; PF as _q4w_gate_up_kernel's."""
+        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, 32 // _LW, _LW, 1, 1],
+                                            [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
+        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
+        NB: gl.constexpr = (32 // _LW) * WARPS_K
+        t = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+        rc = gl.minimum(rn, D - 1)
+        wq, wh, xo, so, bo, jm, pc, i5 = _w_offsets(L5, NB)
+        zero5 = gl.full([ROWS, NB, _LW, 2, 4], 0, gl.int32, layout=L5)
+        acc = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        accm = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        n_steps: gl.constexpr = KSTEPS
+        sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
+        r5 = _rows5((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
+        q = gl.load(w_ptr + r5 + wq)
+        hw = gl.load(w_ptr + r5 + wh)
+        if PDL:
+            gdc_wait()  # h's codes come from the previous kernel
+            gdc_launch_dependents()
+        for step in gl.static_range(STEPS):
+            cq, chw = q, hw
+            if step + 1 < STEPS:
+                r5 = _rows5((gl.load(sel_t + (step + 1) // n_steps).to(gl.int64) * D + rc) * stride_w
+                            + ((step + 1) % n_steps) * NB * Q4K_WORDS)
+                if PF:
+                    q = gl.load(w_ptr + r5 + wq)
+                    hw = gl.load(w_ptr + r5 + wh)
+            slot = t.to(gl.int64) * KSEL + step // n_steps
+            xl, xh, slh, dx = _w_acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
+                                      (step % n_steps) * NB, xo, so, bo, zero5)
+            acc, accm = _w_step(cq, chw, xl, xh, slh, dx, jm, pc, i5, acc, accm)
+            if not PF and step + 1 < STEPS:
+                q = gl.load(w_ptr + r5 + wq)
+                hw = gl.load(w_ptr + r5 + wh)
+        total = gl.sum(gl.sum(acc, axis=2), axis=1) - gl.sum(gl.sum(accm, axis=2), axis=1)
+        gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
+
+
 def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
     return (tile.rows % tile.warps_rows == 0 and (tile.rows // tile.warps_rows) & (tile.rows // tile.warps_rows - 1)
             == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
@@ -402,11 +594,15 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
         qh_args, qh_strides = (hq, hd, hs, cnt), (hq.stride(0), hd.stride(0), hs.stride(0))
     else:
         qh_args, qh_strides = (h, h, h, h), (0, 0, 0)
-    _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
-        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0), xd.stride(0),
-        xs.stride(0), h.stride(0), *qh_strides, ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
-        PF=tile.prefetch and D > tile.block_k, PDL=pdl, QH=bool(quant_h), PAIRS=tile.pairs, num_warps=tile.warps,
-        **pdl_launch(pdl))
+    args = (xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0),
+            xd.stride(0), xs.stride(0), h.stride(0), *qh_strides)
+    common = dict(ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PDL=pdl, QH=bool(quant_h),
+                  num_warps=tile.warps, **pdl_launch(pdl))
+    grid = (T * K, triton.cdiv(F, tile.rows))
+    if tile.wide:
+        _q4w_gate_up_kernel[grid](*args, PF=tile.prefetch, STEPS=D // tile.block_k, **common)
+    else:
+        _q4_gate_up_kernel[grid](*args, PF=tile.prefetch and D > tile.block_k, PAIRS=tile.pairs, **common)
     return (hq, hd, hs) if quant_h else h
 
 
@@ -416,10 +612,14 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
     (T, K), (_, D, F) = sel.shape, down_w.shape
     dw, stride_w = moe_int8._words(down_w)
     out = blocks.empty((T, D), hq.device)
-    _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
-        hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
-        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
-        STEPS=K * F // tile.block_k if tile.unroll else 0,
-        PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, PDL=pdl, PAIRS=tile.pairs, num_warps=tile.warps,
-        **pdl_launch(pdl))
+    args = (hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0))
+    common = dict(ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PDL=pdl, num_warps=tile.warps,
+                  **pdl_launch(pdl))
+    grid = (T, triton.cdiv(D, tile.rows))
+    if tile.wide:
+        _q4w_down_kernel[grid](*args, PF=tile.prefetch, KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k,
+                               **common)
+    else:
+        _q4_down_kernel[grid](*args, STEPS=K * F // tile.block_k if tile.unroll else 0, PAIRS=tile.pairs,
+                              PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, **common)
     return out

@@ -21,18 +21,21 @@ from tests.gpu.test_triton_gpu import (CLAMP, D, F_EXP, NVIDIA_SM90, _assert, _d
 
 pytestmark = NVIDIA_SM90
 
-# (rows, warps along K, prefetch, warps along rows[, unrolled, paired scale decode])
+# (rows, warps along K, prefetch, warps along rows[, unrolled, paired scale decode, wide tile])
 TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 2, False, 1), (16, 4, False, 1), (16, 1, True, 4),
-         (8, 1, True, 2), (4, 1, True, 1, False, True), (8, 2, False, 1, False, True), (16, 1, True, 4, False, True)]
+         (8, 1, True, 2), (4, 1, True, 1, False, True), (8, 2, False, 1, False, True), (16, 1, True, 4, False, True),
+         (2, 1, True, 1, False, False, True), (4, 1, False, 1, False, False, True), (8, 1, True, 2, False, False, True),
+         (2, 2, False, 1, False, False, True)]
 # (..., unrolled over (slot, K step)[, paired])
 DOWN_TILES = [(2, 1, True, 1), (4, 1, True, 1), (1, 1, True, 1), (2, 2, False, 1), (8, 1, True, 4), (4, 2, True, 2),
               (2, 2, False, 1, True), (2, 1, False, 1, True), (4, 2, False, 2, True), (16, 2, False, 4, True, True),
-              (2, 1, True, 1, False, True), (4, 2, False, 2, False, True)]
+              (2, 1, True, 1, False, True), (4, 2, False, 2, False, True), (16, 1, False, 4, False, False, True),
+              (8, 1, True, 2, False, False, True), (4, 1, True, 1, False, False, True)]
 
 
 def _ids(tiles):
     return [f"r{r}k{k}{f'w{w}' if w > 1 else ''}{'pf' if p else ''}{'u' if f[:1] == [True] else ''}"
-            f"{'p' if f[1:2] == [True] else ''}" for r, k, p, w, *f in tiles]
+            f"{'p' if f[1:2] == [True] else ''}{'W' if f[2:3] == [True] else ''}" for r, k, p, w, *f in tiles]
 
 
 @pytest.fixture
@@ -123,7 +126,9 @@ END_TO_END = [((4, 1, True, 1), (2, 1, True, 1), False), ((16, 1, True, 4), (8, 
               ((4, 1, True, 1), (2, 2, False, 1, True), False), ((16, 1, True, 4), (2, 2, False, 1, True), True),
               ((4, 1, True, 1), (4, 1, True, 1), True), (None, (2, 1, True, 1), True),
               ((4, 1, True, 1, False, True), (16, 2, False, 4, True, True), True),
-              ((8, 2, False, 1, False, True), (2, 1, True, 1, False, True), False)]
+              ((8, 2, False, 1, False, True), (2, 1, True, 1, False, True), False),
+              ((2, 1, True, 1, False, False, True), (16, 1, False, 4, False, False, True), True),
+              ((4, 1, False, 1, False, False, True), (8, 1, True, 2, False, False, True), False)]
 
 
 @pytest.mark.parametrize("t", [1, 4])
