@@ -45,8 +45,6 @@ median; % of the streaming read measured in this run). Two parts:
   * `gq4`: q4 whole calls (one plane) with the Q4_K stages on moe_int8_gluon's kernels (gq4_cases), beside the
     tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
     u quantizer and each down tile behind the h quantizer, twice;
-  * `gq4p`: `gq4` over tiles with the paired Q4_K scale decode (Q4GluonTile.pairs: fewer instructions per step);
-  * `gq4w`: `gq4` over the wide tiles (Q4GluonTile.wide), with the paired tiles among the crossed ones;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -216,17 +214,15 @@ def dreg_cases(tuned):
 
 
 def gq4_label(tile) -> str:
-    rows, wk, pf, wr, *flags = tile
-    unroll, pairs, wide = (list(flags) + [False] * 3)[:3]
-    return (f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}{' unroll' if unroll else ''}"
-            f"{' pairs' if pairs else ''}{' wide' if wide else ''}")
+    rows, wk, pf, wr = tile
+    return f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}"
 
 
 def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
-    """`gq4` / `gq4p` whole calls: the tuned config with the h quantizer launched too, each gate/up tile (h fused
-    and launched) and each down tile on their own, and cross's pairs (gate/up tile, h fused) x down tile."""
+    """`gq4` whole calls: the tuned config with the h quantizer fused too, each gate/up tile (h fused and launched)
+    and each down tile on their own, and cross's pairs (gate/up tile, h fused) x down tile."""
     tile = moe_int8.Q4GluonTile
-    cases = [("tuned", tuned), ("tuned, h launched", replace(tuned, fuse_quant_h=False))]
+    cases = [("tuned", tuned), ("tuned, h fused", replace(tuned, fuse_quant_h=True))]
     for t in gate_up_tiles:
         for fused in (True, False):
             cases.append((f"gluon gate/up {gq4_label(t)}{'' if fused else ', h launched'}",
@@ -328,26 +324,11 @@ QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 # `dreg`: register caps of the down kernel above 128 on the tuned configs (the three-plane Q4_K down took 255, 55)
 DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 
-# `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles (rows, warps along K, prefetch, warps along rows[, unroll])
-GQ4_GATE_UP = [(4, 1, True, 1), (8, 1, True, 2), (16, 1, True, 4), (32, 1, True, 8)]
-GQ4_DOWN = [(4, 2, False, 1, True), (8, 2, False, 2, True), (16, 2, False, 4, True)]
-GQ4_CROSS = ([((16, 1, True, 4), True), ((32, 1, True, 8), True)], [(8, 2, False, 2, True)])
-# `gq4p`: tiles with the paired scale decode (Q4GluonTile.pairs: byte-pair scales and mins, dp2a, dp4a chains)
-GQ4P_GATE_UP = [(4, 1, True, 1, False, True), (8, 1, True, 2, False, True), (2, 1, True, 1, False, True),
-                (8, 2, True, 2, False, True)]
-GQ4P_DOWN = [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True), (4, 2, False, 1, True, True),
-             (16, 1, False, 4, True, True)]
-GQ4P_CROSS = ([((4, 1, True, 1, False, True), True), ((8, 1, True, 2, False, True), True)],
-              [(16, 2, False, 4, True, True), (8, 2, False, 2, True, True)])
-# `gq4w`: the wide tiles (Q4GluonTile.wide: 4 lanes per super-block, two 16-byte pieces each, steps unrolled)
-GQ4W_GATE_UP = [(2, 1, True, 1, False, False, True), (4, 1, False, 1, False, False, True),
-                (4, 1, True, 1, False, False, True), (8, 1, False, 2, False, False, True),
-                (2, 2, False, 1, False, False, True)]
-GQ4W_DOWN = [(16, 1, False, 4, False, False, True), (16, 1, True, 4, False, False, True),
-             (8, 1, True, 2, False, False, True), (8, 1, False, 2, False, False, True), (4, 1, True, 1, False, False, True)]
-GQ4W_CROSS = ([((4, 1, True, 1, False, True), True), ((2, 1, True, 1, False, False, True), True),
-               ((4, 1, False, 1, False, False, True), True)],
-              [(16, 2, False, 4, True, True), (16, 1, False, 4, False, False, True), (8, 1, True, 2, False, False, True)])
+# `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles moe_int8.Q4GluonTile(rows, warps along K, prefetch,
+# warps along rows)
+GQ4_GATE_UP = [(8, 1, False, 2), (4, 1, False, 1), (2, 1, True, 1), (16, 1, False, 4)]
+GQ4_DOWN = [(4, 1, True, 1), (2, 1, True, 1), (8, 1, False, 2)]
+GQ4_CROSS = ([((8, 1, False, 2), True), ((2, 1, True, 1), True)], [(4, 1, True, 1), (2, 1, True, 1)])
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -467,7 +448,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4p, gq4w")
+                         "xv, xv_sweep, limb, reg, gq4")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -631,16 +612,12 @@ def main(argv=None) -> int:
                                          gu_bytes + dn_bytes)
             del gate, up, down
 
-    for part, (gu_tiles, dn_tiles, cross) in (("gq4", (GQ4_GATE_UP, GQ4_DOWN, GQ4_CROSS)),
-                                              ("gq4p", (GQ4P_GATE_UP, GQ4P_DOWN, GQ4P_CROSS)),
-                                              ("gq4w", (GQ4W_GATE_UP, GQ4W_DOWN, GQ4W_CROSS))):
-        if part not in args.parts:  # q4 (one plane): the tuned config against moe_int8_gluon's tiles
-            continue
+    if "gq4" in args.parts:  # q4 (one plane): the tuned config against moe_int8_gluon's tiles
         for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
             if recipe != "q4":
                 continue
             tuned = moe_int8.TUNED[gate.fmt]
-            time_whole_cases(row, recipe, 1, gq4_cases(tuned, gu_tiles, dn_tiles, cross),
+            time_whole_cases(row, recipe, 1, gq4_cases(tuned, GQ4_GATE_UP, GQ4_DOWN, GQ4_CROSS),
                              (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
             uq = moe_int8.quant_q8_k(u)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
@@ -648,12 +625,12 @@ def main(argv=None) -> int:
             for _ in range(2):
                 row(f"moe_{recipe}", "tuned", "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, base),
                     gu_bytes)
-                for t in gu_tiles:
+                for t in GQ4_GATE_UP:
                     cfg = replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant u + gate_up",
                         chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", "tuned", "quant h + down", chain_down_ms(hs, down, sels, base), dn_bytes)
-                for t in dn_tiles:
+                for t in GQ4_DOWN:
                     cfg = replace(base, gluon_down=moe_int8.Q4GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant h + down", chain_down_ms(hs, down, sels, cfg),
                         dn_bytes)

@@ -57,30 +57,23 @@ GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
 
 
-BLOCKS_PER_WARP = 4  # moe_int8_gluon: Q4_K super-blocks side by side in one warp's K step (8 lanes each)
-BLOCKS_PER_WARP_WIDE = 8  # its wide tile: 4 lanes each
+BLOCKS_PER_WARP = 8  # moe_int8_gluon: Q4_K super-blocks side by side in one warp's K step (4 lanes each)
 
 
 @dataclass(frozen=True)
 class Q4GluonTile:
     """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
     over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per step);
-    `prefetch`: the next step's weight words in registers; `unroll` (down stage): the loop over (slot, K step)
-    unrolled; `pairs`: each lane's two sub-blocks' scales and mins decoded as byte pairs, applied by dp2a; `wide`:
-    the wide tile (moe_int8_gluon._q4w_*: 4 lanes per super-block, two 16-byte pieces per lane, the steps unrolled;
-    pairs and unroll implied)."""
+    `prefetch`: each step's weight words load before the previous step computes (the steps are unrolled)."""
 
     rows: int = 4
     warps_k: int = 1
     prefetch: bool = False
     warps_rows: int = 1
-    unroll: bool = False
-    pairs: bool = False
-    wide: bool = False
 
     @property
     def block_k(self) -> int:
-        return (BLOCKS_PER_WARP_WIDE if self.wide else BLOCKS_PER_WARP) * QK * self.warps_k
+        return BLOCKS_PER_WARP * QK * self.warps_k
 
     @property
     def warps(self) -> int:
@@ -890,28 +883,22 @@ def _maxnreg(cap: int, asm: bool) -> dict:
 # unrolled over the K slots (quant h + down 13.8-13.9 -> 12.9 us; Q4_K down gains nothing from unrolling); Q4_K
 # gate/up 32 rows x 4 warps with its scale words by 16-byte loads (h200_decode/36: 25.8 -> 24.3 us; the down stage
 # is 0.4 us slower with them), Q4_K down 2 rows, 1 warp, prefetched.
+# Q4_K elsewhere than NVIDIA sm_90+ (Triton kernels; h quantized in the gate/up kernel)
+TRITON_Q4 = Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4, block_n_down=2, kstep_down=8,
+                          warps_down=1, prefetch_down=True, scale_vec_gate_up=True, fuse_quant_h=True,
+                          maxnreg_gate_up=168)
 TUNED = {
     # the unrolled Q2_K down kernel capped at 128 registers: quant h + down 13.0 -> 12.1 us (h200_decode/41; caps
     # on every other tuned stage measured slower)
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
-    # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp prefetched, down 16 rows over 4 warps
-    # x 2 warps along K, unrolled over (slot, K step): the whole q4 call 36.5-36.7 -> 33.2 us (h200_decode/59); h
-    # quantized in the gate/up kernel (the Gluon one with its block scale math once per thread: 32.6-32.7 us against
-    # 33.0 us with the quantizer launched, 59e, within the run's noise). Elsewhere the Triton fields (TRITON_Q4).
-    QuantFormat.Q4_K: Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4,
-                                    block_n_down=2, kstep_down=8, warps_down=1, prefetch_down=True,
-                                    scale_vec_gate_up=True, fuse_quant_h=True, maxnreg_gate_up=168,
-                                    gluon_gate_up=Q4GluonTile(4, prefetch=True),
-                                    gluon_down=Q4GluonTile(16, warps_k=2, warps_rows=4, unroll=True)),
+    # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 8 rows over 2 warps, down 4 rows x 1 warp
+    # prefetched, h quantized by its own launch (h200_decode/64: the whole q4 call 33.4 -> 30.1 us against the
+    # previous tuned config in the same run; with h quantized in this gate/up kernel 31.3)
+    QuantFormat.Q4_K: replace(TRITON_Q4, fuse_quant_h=False, gluon_gate_up=Q4GluonTile(8, warps_rows=2),
+                              gluon_down=Q4GluonTile(4, prefetch=True)),
 }
-# Q4_K on the Triton kernels alone (registered as int8_triton; the tuned config before h200_decode/59): h quantized by
-# the gate/up kernel (three launches), that kernel capped at 168 registers (the most that keeps three 4-warp programs
-# per SM; uncapped ptxas stays lower and schedules worse): the whole q4 call 40.8-41.0 -> 36.3 us, bitwise equal
-# (h200_decode/54, 56, 57); on q2 (3072 one-warp programs) fusing measured slower: the fused kernel grows by more than
-# the quantizer launch it saves (55)
-TRITON_Q4 = replace(TUNED[QuantFormat.Q4_K], gluon_gate_up=None, gluon_down=None)
 TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation

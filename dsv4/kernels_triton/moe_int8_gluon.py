@@ -4,15 +4,20 @@ NVIDIA sm_90+.
 Why: the Triton kernels (moe_int8._gate_up_int8_kernel, _down_int8_kernel) leave the register layout of their
 [rows, blocks, 4, 8] word tiles to the compiler; Nsight Compute puts the gate/up at 18 % of the warp slots with
 DRAM 45 % busy and the down stage at 83 % of L1 (tools/results/h200_decode/12, 55). Here one layout is chosen by
-hand: a Q4_K super-block's 32 code words are LANES_PER_BLOCK lanes x 4 words (one 16-byte load each), a warp covers
-BLOCKS_PER_WARP super-blocks, warps sit side by side along K and/or over rows, and a lane holds those words for every
-row of its tile. So a lane reads the 8 activation words its codes multiply (two 16-byte loads) once per step for
-all its rows, the 16-code sums it needs are exactly one Q8_K "bsum" per sub-block half, and no value crosses
-lanes until the final reduction. The down kernel walks (slot, K step) in one flat loop, unrolled where the tile
-asks (every step's weight loads can then issue before the first dot), the slots summed in order in each lane.
+hand, [rows, super-blocks, LANES_PER_BLOCK lanes, 2 pieces, 4 words]: lane u's piece p is the 16 code bytes
+32c + 16hf .. +15 of its super-block, c = (u >> 1) + 2p, hf = u & 1 (one 16-byte load each; low nibbles: sub-block
+2c, high: 2c + 1). A warp covers BLOCKS_PER_WARP super-blocks, warps sit side by side along K and/or over rows,
+and a lane holds its words for every row of its tile, so it reads the activation words its codes multiply once
+per step for all its rows, the 16-code sums it needs are exactly Q8_K "bsums", and no value crosses lanes until
+the final reduction. The layout also cuts the instructions per weight (these stages were issue-bound,
+h200_decode/62-63): a lane's two pieces sit at one byte position of the packed 6-bit scale words and the piece
+picks the packing at compile time, so each pair of adjacent sub-blocks' scales (and mins) decodes in two to four
+instructions as byte pairs, applied by PTX dp2a; the nibble dots are dp4a chains (high nibbles masked in place,
+dp4a.u32.s32, one shift after); a lane's four sub-blocks share one super-block, so one d dx product per step.
+The K steps are unrolled (the down kernel's over (slot, K step)).
 
-Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots (dp4a) and the 6-bit scale and min
-products are exact, then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
+Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots and the 6-bit scale and min products
+are exact (int32), then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
 order. With `quant_h` the program that stores the last rows of a 256-block of h quantizes it to Q8_K (an arrival
 counter per block, moe_int8.block_counters): the same fp32 operations as moe_int8._q8k_block, so the codes equal
 quant_q8_k's of the same h bit for bit.
@@ -39,14 +44,12 @@ try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gat
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
-LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 8 lanes x 4 words
-WIDE_LANES_PER_BLOCK = 4  # the wide tile: 4 lanes x 2 pieces x 4 words
+LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
 
 if HAVE_GLUON:
     from .moe_gluon import gluon_barrier as _barrier
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
-    _LW: gl.constexpr = gl.constexpr(WIDE_LANES_PER_BLOCK)
 
     @gluon.jit
     def _div_rn(a, b):
@@ -125,154 +128,6 @@ if HAVE_GLUON:
         return gl.convert_layout(p, gl.SliceLayout(len(q.shape) - 1, q.type.layout))  # the same registers
 
     @gluon.jit
-    def _scale_min_pairs(s0, s1, s2, j):
-        """The 6-bit scales of Q4_K sub-blocks j and j + 1 (j even, a tensor) as bytes 0 and 1 of one int32, and
-        their mins likewise, from the packed scale words s0, s1, s2: the two bytes of each pair sit side by side
-        in those words, so one shift and one mask (j < 4) or three (j >= 4) decode both (blocks.q4_k_scale_min_int
-        decodes one sub-block per call)."""
-        jm = 8 * (j & 3)
-        a = s0 >> jm
-        b = s1 >> jm
-        c = s2 >> jm
-        low = j < 4
-        sc2 = gl.where(low, a & 0x3F3F, (c & 0x0F0F) | ((a >> 2) & 0x3030))
-        m2 = gl.where(low, b & 0x3F3F, ((c >> 4) & 0x0F0F) | ((b >> 2) & 0x3030))
-        return sc2, m2
-
-    @gluon.jit
-    def _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS: gl.constexpr = False):
-        """One K step of one matrix: codes q [R, NB, 8, 4] and header words hw [R, NB, 1, 4] (d|dmin, scales) of
-        its super-blocks against the activation words xl / xh (sub-blocks j, j + 1 of each lane) [R, NB, 8, 4],
-        their code sums sl / sh and scales dx [1, NB, 8]; adds d dx isum to acc and dmin dx msum to accm.
-        PAIRS: the two sub-blocks' scales and mins decoded as byte pairs and applied by dp2a (sl / sh then come
-        packed in sl, _pack16(sl, sh)); the same integers."""
-        dd = gl.sum(gl.where(i4 == 0, hw, 0), axis=3)
-        s0 = gl.sum(gl.where(i4 == 1, hw, 0), axis=3)
-        s1 = gl.sum(gl.where(i4 == 2, hw, 0), axis=3)
-        s2 = gl.sum(gl.where(i4 == 3, hw, 0), axis=3)
-        if PAIRS:
-            p_lo = _dot4(q & 0x0F0F0F0F, xl, "s32")
-            p_hi = _dot4(q & -252645136, xh, "u32") >> 4  # 0xF0F0F0F0: the high nibbles x 16, unsigned
-            sc2, m2 = _scale_min_pairs(s0, s1, s2, j)
-            it = _dp2a(_pack16(p_lo, p_hi), sc2)
-            mn = _dp2a(sl + gl.zeros_like(m2), m2)
-        else:
-            p_lo = gl.sum(moe_int8._dp4a(q & 0x0F0F0F0F, xl, zero4, True), axis=3)
-            p_hi = gl.sum(moe_int8._dp4a((q >> 4) & 0x0F0F0F0F, xh, zero4, True), axis=3)
-            sc_lo, m_lo = blocks.q4_k_scale_min_int(s0, s1, s2, j)
-            sc_hi, m_hi = blocks.q4_k_scale_min_int(s0, s1, s2, j + 1)
-            it = p_lo * sc_lo + p_hi * sc_hi
-            mn = m_lo * sl + m_hi * sh
-        acc += (blocks._f16_from_bits(dd) * dx) * it.to(gl.float32)
-        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn.to(gl.float32)
-        return acc, accm
-
-    @gluon.jit
-    def _lane_offsets(L4: gl.constexpr, NB: gl.constexpr):
-        """Word offsets within one K step (NB super-blocks) of a lane's data, as tensors in L4 or its slices:
-        weight codes wq [1, NB, 8, 4] and header words wh [1, NB, 1, 4] from the row start; activation code words
-        xo [NB, 8, 4] (lane v = 2c + hf multiplies sub-block 2c with its low nibbles, 2c + 1 with its high ones:
-        words 16c + 4hf .. +3 and 8 more), their code sums so [NB, 8] (the low half's; the high one's is 2 more) and
-        scale index bo [NB, 8] from the step's first super-block; j [1, NB, 8]: the low-nibble sub-block."""
-        L3: gl.constexpr = gl.SliceLayout(3, L4)
-        LX: gl.constexpr = gl.SliceLayout(0, L4)
-        LX2: gl.constexpr = gl.SliceLayout(0, L3)
-        b3 = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, L3))), 0), 2)
-        v3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, L3))), 0), 1)
-        i4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(
-            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, L4)))), 0), 1), 2)
-        wq = gl.expand_dims(b3 * Q4K_WORDS + 4 + 4 * v3, 3) + i4
-        wh = gl.expand_dims(b3 * Q4K_WORDS, 3) + i4
-        bx = gl.expand_dims(gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, gl.SliceLayout(2, LX))), 1), 2)
-        vx = gl.expand_dims(gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, LX))), 0), 2)
-        ix = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, LX))), 0), 1)
-        xo = bx * Q8K_WORDS + 16 * (vx >> 1) + 4 * (vx & 1) + ix
-        bs = gl.expand_dims(gl.arange(0, NB, layout=gl.SliceLayout(1, LX2)), 1)
-        vs = gl.expand_dims(gl.arange(0, 8, layout=gl.SliceLayout(0, LX2)), 0)
-        so = bs * SUMS_PER_BLOCK + 4 * (vs >> 1) + (vs & 1)
-        bo = bs + vs * 0
-        j = gl.expand_dims(2 * (vs >> 1), 0)
-        return wq, wh, xo, so, bo, j, i4
-
-    @gluon.jit
-    def _rows4(roff):
-        """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1] (to add to _lane_offsets' weight offsets)."""
-        return gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3)
-
-    @gluon.jit
-    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero4, PAIRS: gl.constexpr = False):
-        """A slot's activations for the step at super-block kb: low / high code words (broadcast to the tile),
-        their code sums and the scales [1, NB, 8]. PAIRS: the two sums packed in one (_pack16), the second 0."""
-        xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero4
-        xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero4
-        sl = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + so), 0)
-        sh = gl.expand_dims(gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so), 0)
-        dx = gl.expand_dims(gl.load(xd_row + kb + bo), 0)
-        if PAIRS:
-            sl = _pack16(sl, sh)
-            sh = sl * 0
-        return xl, xh, sl, sh, dx
-
-    @gluon.jit
-    def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
-                           cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
-                           stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
-                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
-                           PAIRS: gl.constexpr = False):
-        """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
-        (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
-        words, stride_w per row. Rows past F read row F - 1 (not stored). PF: the next step's weight words load
-        before this step computes. QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
-        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, _BPW, _LPB, 1],
-                                            [WARPS_ROWS, WARPS_K, 1, 1], [3, 2, 1, 0])  # [ROWS, NB, lanes, words]
-        L3: gl.constexpr = gl.SliceLayout(3, L4)  # [ROWS, NB, 8]: per lane and row
-        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))  # [ROWS]
-        NB: gl.constexpr = _BPW * WARPS_K
-        slot = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        t = (slot // KSEL).to(gl.int64)
-        e = gl.load(sel_ptr + slot).to(gl.int64)
-        wt = gl.load(wts_ptr + slot).to(gl.float32)
-        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=LR)
-        wq, wh, xo, so, bo, j, i4 = _lane_offsets(L4, NB)
-        r4 = _rows4((e * F + gl.minimum(rn, F - 1)) * stride_w)
-        qoff = r4 + wq
-        hoff = r4 + wh
-        zero4 = gl.full([ROWS, NB, 8, 4], 0, gl.int32, layout=L4)
-        acc_g = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        acc_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        min_g = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        min_u = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        n_blocks = D // QK_C
-        if PF:  # the first step's weights are in flight before the previous kernel has finished
-            gq_n = gl.load(gw_ptr + qoff)
-            gh_n = gl.load(gw_ptr + hoff)
-            uq_n = gl.load(uw_ptr + qoff)
-            uh_n = gl.load(uw_ptr + hoff)
-        if PDL:
-            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
-            gdc_launch_dependents()
-        for kb in range(0, n_blocks, NB):
-            if PF:
-                gq, gh, uq, uh = gq_n, gh_n, uq_n, uh_n
-                nxt = gl.minimum(kb + NB, n_blocks - NB) * Q4K_WORDS  # the last step re-reads itself
-                gq_n = gl.load(gw_ptr + qoff + nxt)
-                gh_n = gl.load(gw_ptr + hoff + nxt)
-                uq_n = gl.load(uw_ptr + qoff + nxt)
-                uh_n = gl.load(uw_ptr + hoff + nxt)
-            else:
-                gq = gl.load(gw_ptr + qoff + kb * Q4K_WORDS)
-                gh = gl.load(gw_ptr + hoff + kb * Q4K_WORDS)
-                uq = gl.load(uw_ptr + qoff + kb * Q4K_WORDS)
-                uh = gl.load(uw_ptr + hoff + kb * Q4K_WORDS)
-            xl, xh, sl, sh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd, kb,
-                                       xo, so, bo, zero4, PAIRS)
-            acc_g, min_g = _q4_step(gq, gh, xl, xh, sl, sh, dx, j, acc_g, min_g, zero4, i4, PAIRS)
-            acc_u, min_u = _q4_step(uq, uh, xl, xh, sl, sh, dx, j, acc_u, min_u, zero4, i4, PAIRS)
-        _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn,
-                     F, stride_ht, stride_hq, stride_hd, stride_hs, ROWS, WARPS_K * WARPS_ROWS, QH)
-
-    @gluon.jit
     def _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn, F,
                      stride_ht, stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS: gl.constexpr,
                      QH: gl.constexpr):
@@ -294,82 +149,6 @@ if HAVE_GLUON:
                              hs_ptr + s64 * stride_hs + b * SUMS_PER_BLOCK, WARPS)
                 gl.atomic_xchg(cnt, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
 
-    @gluon.jit
-    def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
-                        stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
-                        PF: gl.constexpr, PDL: gl.constexpr, STEPS: gl.constexpr = 0, PAIRS: gl.constexpr = False):
-        """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
-        quant_q8_k's (codes hq, scales hd, sums hs): one flat loop over (slot, K step) in order, every term in its
-        lane until the final reduction (deterministic). PF: the next (slot, step)'s weight words load first.
-        STEPS (= KSEL F / (256 NB), > 0): that loop unrolled instead, so that every step's loads can issue before
-        the first dot (each step's rows depend on a load of its expert id: a loop trip would wait for it)."""
-        L4: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 4], [1, _BPW, _LPB, 1],
-                                            [WARPS_ROWS, WARPS_K, 1, 1], [3, 2, 1, 0])  # [ROWS, NB, lanes, words]
-        L3: gl.constexpr = gl.SliceLayout(3, L4)
-        LR: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, L3))
-        NB: gl.constexpr = _BPW * WARPS_K
-        t = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=LR)
-        rc = gl.minimum(rn, D - 1)
-        wq, wh, xo, so, bo, j, i4 = _lane_offsets(L4, NB)
-        zero4 = gl.full([ROWS, NB, 8, 4], 0, gl.int32, layout=L4)
-        acc = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        accm = gl.zeros([ROWS, NB, 8], gl.float32, layout=L3)
-        n_steps = F // (QK_C * NB)
-        last = KSEL * n_steps - 1
-        sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
-        if PF and STEPS == 0:
-            r4 = _rows4((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
-            q_n = gl.load(w_ptr + r4 + wq)
-            h_n = gl.load(w_ptr + r4 + wh)
-        if STEPS > 0:  # the first step's weights before the wait, then every step in one block
-            r4 = _rows4((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
-            q0 = gl.load(w_ptr + r4 + wq)
-            h0 = gl.load(w_ptr + r4 + wh)
-            if PDL:
-                gdc_wait()  # h's codes come from the previous kernel
-                gdc_launch_dependents()
-            for step in gl.static_range(STEPS):
-                i = step // n_steps
-                kb = (step % n_steps) * NB
-                if step == 0:
-                    q, hw = q0, h0
-                else:
-                    r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * Q4K_WORDS)
-                    q = gl.load(w_ptr + r4 + wq)
-                    hw = gl.load(w_ptr + r4 + wh)
-                slot = t.to(gl.int64) * KSEL + i
-                xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
-                                           hd_ptr + slot * stride_hd, kb, xo, so, bo, zero4, PAIRS)
-                acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS)
-        elif PDL:
-            gdc_wait()  # h's codes come from the previous kernel
-            gdc_launch_dependents()
-        for step in range(0, last + 1 if STEPS == 0 else 0):
-            i = step // n_steps
-            kb = (step % n_steps) * NB
-            if PF:
-                q, hw = q_n, h_n
-                sn = gl.minimum(step + 1, last)
-                r4 = _rows4((gl.load(sel_t + sn // n_steps).to(gl.int64) * D + rc) * stride_w
-                            + (sn % n_steps) * NB * Q4K_WORDS)
-                q_n = gl.load(w_ptr + r4 + wq)
-                h_n = gl.load(w_ptr + r4 + wh)
-            else:
-                r4 = _rows4((gl.load(sel_t + i).to(gl.int64) * D + rc) * stride_w + kb * Q4K_WORDS)
-                q = gl.load(w_ptr + r4 + wq)
-                hw = gl.load(w_ptr + r4 + wh)
-            slot = t.to(gl.int64) * KSEL + i
-            xl, xh, sl, sh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
-                                       kb, xo, so, bo, zero4, PAIRS)
-            acc, accm = _q4_step(q, hw, xl, xh, sl, sh, dx, j, acc, accm, zero4, i4, PAIRS)
-        total = gl.sum(gl.sum(acc, axis=2), axis=1) - gl.sum(gl.sum(accm, axis=2), axis=1)
-        gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
-
-
-    # ---- the wide layout: 4 lanes per super-block, each lane two 16-byte pieces (chunks c and c + 2) ----
-
     @gluon.constexpr_function
     def _axis_layout(layout, rank, dim):
         """The 1-d layout of axis `dim` of a rank-`rank` distributed layout."""
@@ -390,35 +169,33 @@ if HAVE_GLUON:
         return x
 
     @gluon.jit
-    def _w_offsets(L5: gl.constexpr, NB: gl.constexpr):
-        """Word offsets of one K step (NB super-blocks) in the wide tile [rows, NB, 4 lanes, 2 pieces, 4 words]:
-        lane u's piece p is code bytes 32c + 16hf .. +15 of its super-block, c = (u >> 1) + 2p, hf = u & 1 (low
-        nibbles: sub-block 2c, high: 2c + 1), so a lane's two pieces share one byte position in the scale words and
-        the piece decides the 6-bit packing at compile time. Returns the weight codes wq [1, NB, 4, 2, 4] and header
+    def _lane_offsets(L5: gl.constexpr, NB: gl.constexpr):
+        """Word offsets of one K step (NB super-blocks) in the tile [rows, NB, 4 lanes, 2 pieces, 4 words] (module
+        docstring). Returns the weight codes wq [1, NB, 4, 2, 4] and header
         words wh [1, NB, 1, 1, 4] from the row start, the activation words xo [NB, 4, 2, 4] (the high nibbles' are
         8 more), their code sums so [NB, 4, 2] (the high half's: 2 more), the scale index bo [NB, 4], the scale
         byte shift jm [1, 1, 4, 1], the piece pc [1, 1, 1, 2] and the header word index i5 [1, 1, 1, 1, 4]."""
         b = _iota(NB, 1, 5, L5)
-        u = _iota(_LW, 2, 5, L5)
+        u = _iota(_LPB, 2, 5, L5)
         i5 = _iota(4, 4, 5, L5)
         wq = b * Q4K_WORDS + 4 + 16 * _iota(2, 3, 5, L5) + 4 * u + i5
         wh = b * Q4K_WORDS + i5
         LX: gl.constexpr = gl.SliceLayout(0, L5)
-        ux = _iota(_LW, 1, 4, LX)
+        ux = _iota(_LPB, 1, 4, LX)
         xo = (_iota(NB, 0, 4, LX) * Q8K_WORDS + 16 * (ux >> 1) + 32 * _iota(2, 2, 4, LX) + 4 * (ux & 1)
               + _iota(4, 3, 4, LX))
         L4: gl.constexpr = gl.SliceLayout(4, L5)
         LS: gl.constexpr = gl.SliceLayout(0, L4)
-        us = _iota(_LW, 1, 3, LS)
+        us = _iota(_LPB, 1, 3, LS)
         so = _iota(NB, 0, 3, LS) * SUMS_PER_BLOCK + 4 * (us >> 1) + 8 * _iota(2, 2, 3, LS) + (us & 1)
         LB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(3, L4))
-        bo = _iota(NB, 0, 2, LB) + 0 * _iota(_LW, 1, 2, LB)
-        jm = 16 * (_iota(_LW, 2, 4, L4) >> 1)
+        bo = _iota(NB, 0, 2, LB) + 0 * _iota(_LPB, 1, 2, LB)
+        jm = 16 * (_iota(_LPB, 2, 4, L4) >> 1)
         return wq, wh, xo, so, bo, jm, _iota(2, 3, 4, L4), i5
 
     @gluon.jit
-    def _w_acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero5):
-        """A slot's activations for the wide step at super-block kb: low / high code words (broadcast to the
+    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero5):
+        """A slot's activations for the step at super-block kb: low / high code words (broadcast to the
         tile), their code sums packed in pairs (_pack16) and the scales [1, NB, 4]."""
         xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero5
         xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero5
@@ -426,9 +203,9 @@ if HAVE_GLUON:
         return xl, xh, gl.expand_dims(sums, 0), gl.expand_dims(gl.load(xd_row + kb + bo), 0)
 
     @gluon.jit
-    def _w_step(q, hw, xl, xh, slh, dx, jm, pc, i5, acc, accm):
-        """One wide K step of one matrix: codes q [R, NB, 4, 2, 4] and header words hw [R, NB, 1, 1, 4] against
-        the activations (_w_acts); adds d dx isum to acc and dmin dx msum to accm [R, NB, 4] (each lane's four
+    def _q4_step(q, hw, xl, xh, slh, dx, jm, pc, i5, acc, accm):
+        """One K step of one matrix: codes q [R, NB, 4, 2, 4] and header words hw [R, NB, 1, 1, 4] against
+        the activations (_acts); adds d dx isum to acc and dmin dx msum to accm [R, NB, 4] (each lane's four
         sub-blocks summed in int32 first: one super-block, so one d and one dx)."""
         p_lo = _dot4(q & 0x0F0F0F0F, xl, "s32")
         p_hi = _dot4(q & -252645136, xh, "u32") >> 4  # 0xF0F0F0F0: the high nibbles x 16, unsigned
@@ -446,32 +223,35 @@ if HAVE_GLUON:
         return acc, accm
 
     @gluon.jit
-    def _q4w_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
+    def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
                             cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
                             stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
                             WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
                             STEPS: gl.constexpr):
-        """_q4_gate_up_kernel on the wide tile, its STEPS (= D / (256 NB)) K steps unrolled; PF: each step's
-        weight words load before the previous step computes (the first step's before the wait)."""
-        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, 32 // _LW, _LW, 1, 1],
+        """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
+        (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
+        words, stride_w per row. Rows past F read row F - 1 (not stored). The STEPS (= D / (256 NB)) K steps
+        unrolled; PF: each step's weight words load before the previous step computes (the first step's before the
+        wait in any case). QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
+        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, _BPW, _LPB, 1, 1],
                                             [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
         L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
-        NB: gl.constexpr = (32 // _LW) * WARPS_K
+        NB: gl.constexpr = _BPW * WARPS_K
         slot = gl.program_id(0)
         pid_n = gl.program_id(1)
         t = (slot // KSEL).to(gl.int64)
         e = gl.load(sel_ptr + slot).to(gl.int64)
         wt = gl.load(wts_ptr + slot).to(gl.float32)
         rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
-        wq, wh, xo, so, bo, jm, pc, i5 = _w_offsets(L5, NB)
+        wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
         r5 = _rows5((e * F + gl.minimum(rn, F - 1)) * stride_w)
         qoff = r5 + wq
         hoff = r5 + wh
-        zero5 = gl.full([ROWS, NB, _LW, 2, 4], 0, gl.int32, layout=L5)
-        acc_g = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
-        acc_u = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
-        min_g = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
-        min_u = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
+        acc_g = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
+        acc_u = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
+        min_g = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
+        min_u = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
         gq = gl.load(gw_ptr + qoff)
         gh = gl.load(gw_ptr + hoff)
         uq = gl.load(uw_ptr + qoff)
@@ -487,10 +267,10 @@ if HAVE_GLUON:
                 gh = gl.load(gw_ptr + hoff + nxt)
                 uq = gl.load(uw_ptr + qoff + nxt)
                 uh = gl.load(uw_ptr + hoff + nxt)
-            xl, xh, slh, dx = _w_acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd,
+            xl, xh, slh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd,
                                       step * NB, xo, so, bo, zero5)
-            acc_g, min_g = _w_step(cgq, cgh, xl, xh, slh, dx, jm, pc, i5, acc_g, min_g)
-            acc_u, min_u = _w_step(cuq, cuh, xl, xh, slh, dx, jm, pc, i5, acc_u, min_u)
+            acc_g, min_g = _q4_step(cgq, cgh, xl, xh, slh, dx, jm, pc, i5, acc_g, min_g)
+            acc_u, min_u = _q4_step(cuq, cuh, xl, xh, slh, dx, jm, pc, i5, acc_u, min_u)
             if not PF and step + 1 < STEPS:
                 gq = gl.load(gw_ptr + qoff + nxt)
                 gh = gl.load(gw_ptr + hoff + nxt)
@@ -505,23 +285,26 @@ if HAVE_GLUON:
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3), 4)
 
     @gluon.jit
-    def _q4w_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
+    def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
                          stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
                          PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr, STEPS: gl.constexpr):
-        """_q4_down_kernel on the wide tile, its STEPS (= KSEL KSTEPS, KSTEPS = F / (256 NB)) (slot, K step) steps
-        unrolled; PF as _q4w_gate_up_kernel's."""
-        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, 32 // _LW, _LW, 1, 1],
+        """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
+        quant_q8_k's (codes hq, scales hd, sums hs): the STEPS = KSEL KSTEPS (KSTEPS = F / (256 NB)) (slot, K step)
+        steps unrolled in order, every term in its lane until the final reduction (deterministic); PF as
+        _q4_gate_up_kernel's. Each step's rows depend on a load of its expert id: unrolled, no step waits for the
+        previous one's."""
+        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, _BPW, _LPB, 1, 1],
                                             [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
         L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
-        NB: gl.constexpr = (32 // _LW) * WARPS_K
+        NB: gl.constexpr = _BPW * WARPS_K
         t = gl.program_id(0)
         pid_n = gl.program_id(1)
         rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
         rc = gl.minimum(rn, D - 1)
-        wq, wh, xo, so, bo, jm, pc, i5 = _w_offsets(L5, NB)
-        zero5 = gl.full([ROWS, NB, _LW, 2, 4], 0, gl.int32, layout=L5)
-        acc = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
-        accm = gl.zeros([ROWS, NB, _LW], gl.float32, layout=L3)
+        wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
+        zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
+        acc = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
+        accm = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
         n_steps: gl.constexpr = KSTEPS
         sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
         r5 = _rows5((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
@@ -539,9 +322,9 @@ if HAVE_GLUON:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
             slot = t.to(gl.int64) * KSEL + step // n_steps
-            xl, xh, slh, dx = _w_acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
+            xl, xh, slh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
                                       (step % n_steps) * NB, xo, so, bo, zero5)
-            acc, accm = _w_step(cq, chw, xl, xh, slh, dx, jm, pc, i5, acc, accm)
+            acc, accm = _q4_step(cq, chw, xl, xh, slh, dx, jm, pc, i5, acc, accm)
             if not PF and step + 1 < STEPS:
                 q = gl.load(w_ptr + r5 + wq)
                 hw = gl.load(w_ptr + r5 + wh)
@@ -594,15 +377,11 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
         qh_args, qh_strides = (hq, hd, hs, cnt), (hq.stride(0), hd.stride(0), hs.stride(0))
     else:
         qh_args, qh_strides = (h, h, h, h), (0, 0, 0)
-    args = (xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0),
-            xd.stride(0), xs.stride(0), h.stride(0), *qh_strides)
-    common = dict(ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PDL=pdl, QH=bool(quant_h),
-                  num_warps=tile.warps, **pdl_launch(pdl))
-    grid = (T * K, triton.cdiv(F, tile.rows))
-    if tile.wide:
-        _q4w_gate_up_kernel[grid](*args, PF=tile.prefetch, STEPS=D // tile.block_k, **common)
-    else:
-        _q4_gate_up_kernel[grid](*args, PF=tile.prefetch and D > tile.block_k, PAIRS=tile.pairs, **common)
+    _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
+        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0), xd.stride(0),
+        xs.stride(0), h.stride(0), *qh_strides, ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
+        PF=tile.prefetch, PDL=pdl, QH=bool(quant_h), STEPS=D // tile.block_k, num_warps=tile.warps,
+        **pdl_launch(pdl))
     return (hq, hd, hs) if quant_h else h
 
 
@@ -612,14 +391,8 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
     (T, K), (_, D, F) = sel.shape, down_w.shape
     dw, stride_w = moe_int8._words(down_w)
     out = blocks.empty((T, D), hq.device)
-    args = (hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0))
-    common = dict(ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PDL=pdl, num_warps=tile.warps,
-                  **pdl_launch(pdl))
-    grid = (T, triton.cdiv(D, tile.rows))
-    if tile.wide:
-        _q4w_down_kernel[grid](*args, PF=tile.prefetch, KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k,
-                               **common)
-    else:
-        _q4_down_kernel[grid](*args, STEPS=K * F // tile.block_k if tile.unroll else 0, PAIRS=tile.pairs,
-                              PF=tile.prefetch and K * F > tile.block_k and not tile.unroll, **common)
+    _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
+        hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl,
+        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, num_warps=tile.warps, **pdl_launch(pdl))
     return out
