@@ -168,6 +168,17 @@ if HAVE_GLUON:
             x = gl.expand_dims(x, d)
         return x
 
+    @gluon.constexpr_function
+    def _tile_layout(rows, warps_k, warps_rows):
+        """The register layout of a tile [rows, super-blocks, lanes, 2 pieces, 4 words] (module docstring)."""
+        return gl.BlockedLayout([rows // warps_rows, 1, 1, 2, 4], [1, BLOCKS_PER_WARP, LANES_PER_BLOCK, 1, 1],
+                                [warps_rows, warps_k, 1, 1, 1], [4, 3, 2, 1, 0])
+
+    @gluon.jit
+    def _lane_sums(ROWS: gl.constexpr, NB: gl.constexpr, L5: gl.constexpr):
+        """A zeroed fp32 accumulator [ROWS, NB, lanes] (one per lane and row: _q4_step's acc / accm)."""
+        return gl.zeros([ROWS, NB, _LPB], gl.float32, layout=gl.SliceLayout(3, gl.SliceLayout(4, L5)))
+
     @gluon.jit
     def _lane_offsets(L5: gl.constexpr, NB: gl.constexpr):
         """Word offsets of one K step (NB super-blocks) in the tile [rows, NB, 4 lanes, 2 pieces, 4 words] (module
@@ -224,18 +235,16 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
-                            cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
-                            stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
-                            WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
-                            STEPS: gl.constexpr):
+                           cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
+                           stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
+                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
+                           STEPS: gl.constexpr):
         """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
         (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
         words, stride_w per row. Rows past F read row F - 1 (not stored). The STEPS (= D / (256 NB)) K steps
         unrolled; PF: each step's weight words load before the previous step computes (the first step's before the
         wait in any case). QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
-        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, _BPW, _LPB, 1, 1],
-                                            [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
-        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
+        L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
         slot = gl.program_id(0)
         pid_n = gl.program_id(1)
@@ -248,10 +257,10 @@ if HAVE_GLUON:
         qoff = r5 + wq
         hoff = r5 + wh
         zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
-        acc_g = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
-        acc_u = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
-        min_g = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
-        min_u = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
+        acc_g = _lane_sums(ROWS, NB, L5)
+        acc_u = _lane_sums(ROWS, NB, L5)
+        min_g = _lane_sums(ROWS, NB, L5)
+        min_u = _lane_sums(ROWS, NB, L5)
         gq = gl.load(gw_ptr + qoff)
         gh = gl.load(gw_ptr + hoff)
         uq = gl.load(uw_ptr + qoff)
@@ -268,7 +277,7 @@ if HAVE_GLUON:
                 uq = gl.load(uw_ptr + qoff + nxt)
                 uh = gl.load(uw_ptr + hoff + nxt)
             xl, xh, slh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd,
-                                      step * NB, xo, so, bo, zero5)
+                                    step * NB, xo, so, bo, zero5)
             acc_g, min_g = _q4_step(cgq, cgh, xl, xh, slh, dx, jm, pc, i5, acc_g, min_g)
             acc_u, min_u = _q4_step(cuq, cuh, xl, xh, slh, dx, jm, pc, i5, acc_u, min_u)
             if not PF and step + 1 < STEPS:
@@ -286,16 +295,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
-                         stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
-                         PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr, STEPS: gl.constexpr):
+                        stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
+                        PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr, STEPS: gl.constexpr):
         """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
         quant_q8_k's (codes hq, scales hd, sums hs): the STEPS = KSEL KSTEPS (KSTEPS = F / (256 NB)) (slot, K step)
         steps unrolled in order, every term in its lane until the final reduction (deterministic); PF as
         _q4_gate_up_kernel's. Each step's rows depend on a load of its expert id: unrolled, no step waits for the
         previous one's."""
-        L5: gl.constexpr = gl.BlockedLayout([ROWS // WARPS_ROWS, 1, 1, 2, 4], [1, _BPW, _LPB, 1, 1],
-                                            [WARPS_ROWS, WARPS_K, 1, 1, 1], [4, 3, 2, 1, 0])
-        L3: gl.constexpr = gl.SliceLayout(3, gl.SliceLayout(4, L5))
+        L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
         t = gl.program_id(0)
         pid_n = gl.program_id(1)
@@ -303,9 +310,8 @@ if HAVE_GLUON:
         rc = gl.minimum(rn, D - 1)
         wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
         zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
-        acc = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
-        accm = gl.zeros([ROWS, NB, _LPB], gl.float32, layout=L3)
-        n_steps: gl.constexpr = KSTEPS
+        acc = _lane_sums(ROWS, NB, L5)
+        accm = _lane_sums(ROWS, NB, L5)
         sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
         r5 = _rows5((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
         q = gl.load(w_ptr + r5 + wq)
@@ -316,14 +322,14 @@ if HAVE_GLUON:
         for step in gl.static_range(STEPS):
             cq, chw = q, hw
             if step + 1 < STEPS:
-                r5 = _rows5((gl.load(sel_t + (step + 1) // n_steps).to(gl.int64) * D + rc) * stride_w
-                            + ((step + 1) % n_steps) * NB * Q4K_WORDS)
+                r5 = _rows5((gl.load(sel_t + (step + 1) // KSTEPS).to(gl.int64) * D + rc) * stride_w
+                            + ((step + 1) % KSTEPS) * NB * Q4K_WORDS)
                 if PF:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
-            slot = t.to(gl.int64) * KSEL + step // n_steps
+            slot = t.to(gl.int64) * KSEL + step // KSTEPS
             xl, xh, slh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
-                                      (step % n_steps) * NB, xo, so, bo, zero5)
+                                    (step % KSTEPS) * NB, xo, so, bo, zero5)
             acc, accm = _q4_step(cq, chw, xl, xh, slh, dx, jm, pc, i5, acc, accm)
             if not PF and step + 1 < STEPS:
                 q = gl.load(w_ptr + r5 + wq)
