@@ -45,6 +45,8 @@ median; % of the streaming read measured in this run). Two parts:
   * `gq4`: q4 whole calls (one plane) with the Q4_K stages on moe_int8_gluon's kernels (gq4_cases), beside the
     tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
     u quantizer and each down tile behind the h quantizer, twice;
+  * `gq4l3`: the same on three activation planes (limbs=3): TUNED_LIMB3's Triton stages against the Gluon tiles
+    (h launched), whole calls and each stage behind its quantizer, twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -235,6 +237,19 @@ def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
     return cases
 
 
+def gq4l3_cases(tuned):
+    """`gq4l3` whole calls on three planes: the Triton config (TUNED_LIMB3, h fused), each GQ4L3_GATE_UP tile
+    and each GQ4L3_DOWN tile on their own (h launched), and every pair of the first two of each."""
+    tile, base = moe_int8.Q4GluonTile, replace(tuned, fuse_quant_h=False)
+    cases = [("tuned", tuned), ("tuned, h launched", base)]
+    cases += [(f"gluon gate/up {gq4_label(t)}", replace(base, gluon_gate_up=tile(*t))) for t in GQ4L3_GATE_UP]
+    cases += [(f"gluon down {gq4_label(t)}", replace(base, gluon_down=tile(*t))) for t in GQ4L3_DOWN]
+    cases += [(f"gluon gate/up {gq4_label(g)} + down {gq4_label(d)}",
+               replace(base, gluon_gate_up=tile(*g), gluon_down=tile(*d)))
+              for g in GQ4L3_GATE_UP[:2] for d in GQ4L3_DOWN[:2]]
+    return cases
+
+
 def chain_down_ms(hs, down, sels, cfg, limbs: int = 1) -> float:
     """Graph time of moe_int8's last two launches (Q8_K of h, then down) for the h of each selection."""
     return graph_time_ms([lambda s=s, h=h: moe_int8.down_int8(moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s,
@@ -329,6 +344,10 @@ DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 GQ4_GATE_UP = [(8, 1, False, 2), (4, 1, False, 1), (2, 1, True, 1), (16, 1, False, 4)]
 GQ4_DOWN = [(4, 1, True, 1), (2, 1, True, 1), (8, 1, False, 2)]
 GQ4_CROSS = ([((8, 1, False, 2), True), ((2, 1, True, 1), True)], [(4, 1, True, 1), (2, 1, True, 1)])
+
+# `gq4l3`: the same kernels on three activation planes (limbs=3, h launched)
+GQ4L3_GATE_UP = [(2, 1, True, 1), (4, 1, False, 2), (2, 1, False, 1), (8, 1, False, 4), (4, 1, False, 1)]
+GQ4L3_DOWN = [(4, 1, False, 2), (2, 1, False, 1), (2, 1, True, 1), (8, 1, False, 4), (4, 1, False, 1)]
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -448,7 +467,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -634,6 +653,29 @@ def main(argv=None) -> int:
                     cfg = replace(base, gluon_down=moe_int8.Q4GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant h + down", chain_down_ms(hs, down, sels, cfg),
                         dn_bytes)
+            del gate, up, down
+
+    if "gq4l3" in args.parts:  # q4 on three planes: TUNED_LIMB3 (Triton) against moe_int8_gluon's tiles
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            if recipe != "q4":
+                continue
+            L = moe_int8.LIMBS_FP32
+            tuned = moe_int8.TUNED_LIMB3[gate.fmt]
+            time_whole_cases(row, recipe, L, gq4l3_cases(tuned), (u, gate, up, down, sels, wts), dev,
+                             gu_bytes + dn_bytes)
+            base = replace(tuned, fuse_quant_h=False)
+            uq = moe_int8.quant_q8_k(u, limbs=L)
+            hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, base) for s in sels]
+            for _ in range(2):
+                row(f"moe_{recipe}", "limb3 tuned", "quant u + gate_up",
+                    chain_gate_up_ms(u, gate, up, sels, wts, base, L), gu_bytes)
+                for t in GQ4L3_GATE_UP:
+                    row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant u + gate_up", chain_gate_up_ms(
+                        u, gate, up, sels, wts, replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t)), L), gu_bytes)
+                row(f"moe_{recipe}", "limb3 tuned", "quant h + down", chain_down_ms(hs, down, sels, base, L), dn_bytes)
+                for t in GQ4L3_DOWN:
+                    row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant h + down", chain_down_ms(
+                        hs, down, sels, replace(base, gluon_down=moe_int8.Q4GluonTile(*t)), L), dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

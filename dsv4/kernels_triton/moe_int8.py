@@ -808,7 +808,7 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
     quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel. cfg.gluon_gate_up: the Gluon kernel
     where moe_int8_gluon.supports it (dev: xq's device, detected when not given)."""
     xq, xd, xs = uq
-    if cfg.gluon_gate_up is not None and asm and _limbs(xq) == 1:
+    if cfg.gluon_gate_up is not None and asm:
         from . import moe_int8_gluon
 
         if moe_int8_gluon.supports(gate, up, dev or detect_device(xq.device), xq, cfg.gluon_gate_up, quant_h):
@@ -849,7 +849,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     """Stage 2 of fused_int8: hq3 = quant_q8_k(h) -> out [T, D] fp32, the K slots summed in fixed order.
     cfg.gluon_down: the Gluon kernel where moe_int8_gluon.supports_down it (dev: detected when not given)."""
     hq, hd, hs = hq3
-    if cfg.gluon_down is not None and asm and _limbs(hq) == 1:
+    if cfg.gluon_down is not None and asm:
         from . import moe_int8_gluon
 
         if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, cfg.gluon_down):

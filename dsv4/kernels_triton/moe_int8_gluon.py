@@ -205,21 +205,42 @@ if HAVE_GLUON:
         return wq, wh, xo, so, bo, jm, _iota(2, 3, 4, L4), i5
 
     @gluon.jit
-    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero5):
-        """A slot's activations for the step at super-block kb: low / high code words (broadcast to the
-        tile), their code sums packed in pairs (_pack16) and the scales [1, NB, 4]."""
-        xl = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero5
-        xh = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero5
-        sums = _pack16(gl.load(xs_row + kb * SUMS_PER_BLOCK + so), gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so))
-        return xl, xh, gl.expand_dims(sums, 0), gl.expand_dims(gl.load(xd_row + kb + bo), 0)
+    def _acts(xq_row, xs_row, xd_row, kb, xo, so, bo, zero5, stride_l, LIMBS: gl.constexpr):
+        """A slot's activations for the step at super-block kb: each plane's low / high code words (broadcast to
+        the tile; LIMBS = 1: the three pairs are one), the code sums and the scales [1, NB, 4]. The sums: one
+        plane, the low and high halves' int sums packed in one word (_pack16), returned twice; three planes (fp32
+        bits), the two halves' fp32 values."""
+        xl0 = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + xo), 0) + zero5
+        xh0 = gl.expand_dims(gl.load(xq_row + kb * Q8K_WORDS + 8 + xo), 0) + zero5
+        xl1, xh1, xl2, xh2 = xl0, xh0, xl0, xh0
+        s_lo = gl.load(xs_row + kb * SUMS_PER_BLOCK + so)
+        s_hi = gl.load(xs_row + kb * SUMS_PER_BLOCK + 2 + so)
+        if LIMBS > 1:
+            xl1 = gl.expand_dims(gl.load(xq_row + stride_l + kb * Q8K_WORDS + xo), 0) + zero5
+            xh1 = gl.expand_dims(gl.load(xq_row + stride_l + kb * Q8K_WORDS + 8 + xo), 0) + zero5
+            xl2 = gl.expand_dims(gl.load(xq_row + 2 * stride_l + kb * Q8K_WORDS + xo), 0) + zero5
+            xh2 = gl.expand_dims(gl.load(xq_row + 2 * stride_l + kb * Q8K_WORDS + 8 + xo), 0) + zero5
+            s_a = gl.expand_dims(s_lo.to(gl.float32, bitcast=True), 0)
+            s_b = gl.expand_dims(s_hi.to(gl.float32, bitcast=True), 0)
+        else:
+            s_a = gl.expand_dims(_pack16(s_lo, s_hi), 0)
+            s_b = s_a
+        return xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, gl.expand_dims(gl.load(xd_row + kb + bo), 0)
 
     @gluon.jit
-    def _q4_step(q, hw, xl, xh, slh, dx, jm, pc, i5, acc, accm):
+    def _plane_isum(q_lo, q_hi, xl, xh, sc2):
+        """One activation plane's exact sum over a lane's pieces of sc_j isum_j (nibbles q_lo, q_hi x 16)."""
+        pair = _pack16(_dot4(q_lo, xl, "s32"), _dot4(q_hi, xh, "u32") >> 4)
+        return gl.sum(_dp2a(pair, sc2), axis=3)
+
+    @gluon.jit
+    def _q4_step(q, hw, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc, accm, LIMBS: gl.constexpr):
         """One K step of one matrix: codes q [R, NB, 4, 2, 4] and header words hw [R, NB, 1, 1, 4] against
         the activations (_acts); adds d dx isum to acc and dmin dx msum to accm [R, NB, 4] (each lane's four
-        sub-blocks summed in int32 first: one super-block, so one d and one dx)."""
-        p_lo = _dot4(q & 0x0F0F0F0F, xl, "s32")
-        p_hi = _dot4(q & -252645136, xh, "u32") >> 4  # 0xF0F0F0F0: the high nibbles x 16, unsigned
+        sub-blocks summed in int32 first: one super-block, so one d and one dx). LIMBS = 3: each plane's isum
+        exact (< 2^23), combined in fp32 as moe_int8._limb_sum; msum from the fp32 code sums."""
+        q_lo = q & 0x0F0F0F0F
+        q_hi = q & -252645136  # 0xF0F0F0F0: the high nibbles x 16, dotted unsigned
         dd = gl.sum(gl.sum(gl.where(i5 == 0, hw, 0), axis=4), axis=3)
         s0 = gl.sum(gl.where(i5 == 1, hw, 0), axis=4) >> jm
         s1 = gl.sum(gl.where(i5 == 2, hw, 0), axis=4) >> jm
@@ -227,23 +248,29 @@ if HAVE_GLUON:
         low = pc == 0  # piece 0: sub-blocks 0-3 (6 bits in place); piece 1: 4-7 (low 4 bits + 2 high ones)
         sc2 = gl.where(low, s0 & 0x3F3F, (s2 & 0x0F0F) | ((s0 >> 2) & 0x3030))
         m2 = gl.where(low, s1 & 0x3F3F, ((s2 >> 4) & 0x0F0F) | ((s1 >> 2) & 0x3030))
-        it = gl.sum(_dp2a(_pack16(p_lo, p_hi), sc2), axis=3)
-        mn = gl.sum(_dp2a(slh + gl.zeros_like(m2), m2), axis=3)
-        acc += (blocks._f16_from_bits(dd) * dx) * it.to(gl.float32)
-        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn.to(gl.float32)
+        it = _plane_isum(q_lo, q_hi, xl0, xh0, sc2).to(gl.float32)
+        if LIMBS > 1:
+            it = (it + _plane_isum(q_lo, q_hi, xl1, xh1, sc2).to(gl.float32) * (1.0 / 256.0)
+                  + _plane_isum(q_lo, q_hi, xl2, xh2, sc2).to(gl.float32) * (1.0 / 65536.0))
+            mn = gl.sum((m2 & 255).to(gl.float32) * s_a + (m2 >> 8).to(gl.float32) * s_b, axis=3)
+        else:
+            mn = gl.sum(_dp2a(s_a + gl.zeros_like(m2), m2), axis=3).to(gl.float32)
+        acc += (blocks._f16_from_bits(dd) * dx) * it
+        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn
         return acc, accm
 
     @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
                            cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
-                           stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
-                           WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, QH: gl.constexpr,
-                           STEPS: gl.constexpr):
+                           stride_hq, stride_hd, stride_hs, stride_xl, ROWS: gl.constexpr,
+                           WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr,
+                           QH: gl.constexpr, STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
         """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
         (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
         words, stride_w per row. Rows past F read row F - 1 (not stored). The STEPS (= D / (256 NB)) K steps
         unrolled; PF: each step's weight words load before the previous step computes (the first step's before the
-        wait in any case). QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's)."""
+        wait in any case). QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's; one
+        plane). LIMBS = 3: u as three planes, stride_xl words apart (quant_q8_k(limbs=3))."""
         L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
         slot = gl.program_id(0)
@@ -276,10 +303,13 @@ if HAVE_GLUON:
                 gh = gl.load(gw_ptr + hoff + nxt)
                 uq = gl.load(uw_ptr + qoff + nxt)
                 uh = gl.load(uw_ptr + hoff + nxt)
-            xl, xh, slh, dx = _acts(xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd,
-                                    step * NB, xo, so, bo, zero5)
-            acc_g, min_g = _q4_step(cgq, cgh, xl, xh, slh, dx, jm, pc, i5, acc_g, min_g)
-            acc_u, min_u = _q4_step(cuq, cuh, xl, xh, slh, dx, jm, pc, i5, acc_u, min_u)
+            xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx = _acts(
+                xq_ptr + t * stride_xq, xs_ptr + t * stride_xs, xd_ptr + t * stride_xd, step * NB, xo, so, bo, zero5,
+                stride_xl, LIMBS)
+            acc_g, min_g = _q4_step(cgq, cgh, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc_g, min_g,
+                                    LIMBS)
+            acc_u, min_u = _q4_step(cuq, cuh, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc_u, min_u,
+                                    LIMBS)
             if not PF and step + 1 < STEPS:
                 gq = gl.load(gw_ptr + qoff + nxt)
                 gh = gl.load(gw_ptr + hoff + nxt)
@@ -295,13 +325,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
-                        stride_hs, stride_ot, ROWS: gl.constexpr, WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr,
-                        PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr, STEPS: gl.constexpr):
+                        stride_hs, stride_ot, stride_hl, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
+                        WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr,
+                        STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
         """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
         quant_q8_k's (codes hq, scales hd, sums hs): the STEPS = KSEL KSTEPS (KSTEPS = F / (256 NB)) (slot, K step)
         steps unrolled in order, every term in its lane until the final reduction (deterministic); PF as
         _q4_gate_up_kernel's. Each step's rows depend on a load of its expert id: unrolled, no step waits for the
-        previous one's."""
+        previous one's. LIMBS = 3: h as three planes, stride_hl words apart."""
         L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
         t = gl.program_id(0)
@@ -328,9 +359,10 @@ if HAVE_GLUON:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
             slot = t.to(gl.int64) * KSEL + step // KSTEPS
-            xl, xh, slh, dx = _acts(hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
-                                    (step % KSTEPS) * NB, xo, so, bo, zero5)
-            acc, accm = _q4_step(cq, chw, xl, xh, slh, dx, jm, pc, i5, acc, accm)
+            xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx = _acts(
+                hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd, (step % KSTEPS) * NB,
+                xo, so, bo, zero5, stride_hl, LIMBS)
+            acc, accm = _q4_step(cq, chw, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc, accm, LIMBS)
             if not PF and step + 1 < STEPS:
                 q = gl.load(w_ptr + r5 + wq)
                 hw = gl.load(w_ptr + r5 + wh)
@@ -344,8 +376,8 @@ def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
 
 
 def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile, quant_h: int) -> bool:
-    """Whether the Gluon gate/up kernel takes this stage: Q4_K on CUDA sm_90+, one activation plane, K a whole
-    number of steps, F of row tiles (dividing 256 where h is quantized here), rows 16-byte aligned."""
+    """Whether the Gluon gate/up kernel takes this stage: Q4_K on CUDA sm_90+, K a whole number of steps, F of row
+    tiles (dividing 256 where h is quantized here: one plane only), rows 16-byte aligned."""
     E, F, D = gate.shape
     if not HAVE_GLUON or gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt or not hopper_plus(dev, x):
         return False
@@ -357,8 +389,8 @@ def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4G
 
 
 def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
-    """Whether the Gluon down kernel takes this stage: Q4_K on CUDA sm_90+, one activation plane, F a whole number
-    of steps, D of row tiles, rows 16-byte aligned."""
+    """Whether the Gluon down kernel takes this stage: Q4_K on CUDA sm_90+, F a whole number of steps, D of row
+    tiles, rows 16-byte aligned."""
     E, D, F = down.shape
     if not HAVE_GLUON or down.fmt != QuantFormat.Q4_K or not hopper_plus(dev, x):
         return False
@@ -368,8 +400,8 @@ def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> 
 
 def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool,
             quant_h: int = 0):
-    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold): h [T*K, F] fp32, or with quant_h = 1
-    quant_q8_k(h)'s (codes, scales, sums) made in the same kernel."""
+    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32,
+    or with quant_h = 1 quant_q8_k(h)'s (codes, scales, sums) made in the same kernel."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = moe_int8._words(gate)
@@ -384,21 +416,24 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
     else:
         qh_args, qh_strides = (h, h, h, h), (0, 0, 0)
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
-        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(0), xd.stride(0),
-        xs.stride(0), h.stride(0), *qh_strides, ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows,
-        PF=tile.prefetch, PDL=pdl, QH=bool(quant_h), STEPS=D // tile.block_k, num_warps=tile.warps,
-        **pdl_launch(pdl))
+        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
+        xs.stride(0), h.stride(0), *qh_strides, moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
+        WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, QH=bool(quant_h), STEPS=D // tile.block_k,
+        LIMBS=moe_int8._limbs(xq), num_warps=tile.warps, **pdl_launch(pdl))
     return (hq, hd, hs) if quant_h else h
 
 
 def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
-    """moe_int8.down_int8 on the Gluon kernel (supports_down() must hold): out [T, D] fp32, slots summed in order."""
+    """moe_int8.down_int8 on the Gluon kernel (supports_down() must hold), h one plane or three: out [T, D] fp32,
+    slots summed in order."""
     hq, hd, hs = hq3
     (T, K), (_, D, F) = sel.shape, down_w.shape
     dw, stride_w = moe_int8._words(down_w)
     out = blocks.empty((T, D), hq.device)
     _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
-        hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(0), hd.stride(0), hs.stride(0), out.stride(0),
+        hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
+        moe_int8._plane_stride(hq),
         ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl,
-        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, num_warps=tile.warps, **pdl_launch(pdl))
+        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq), num_warps=tile.warps,
+        **pdl_launch(pdl))
     return out

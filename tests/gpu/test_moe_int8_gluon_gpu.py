@@ -101,18 +101,57 @@ def test_gluon_down(t, tile, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
     raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
-    _, _, rd, _, qd = raws
     h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
     hq3 = moe_int8.quant_q8_k(h)
     _no_triton(monkeypatch, "_down_int8_kernel")
     y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
-    x = moe_int8.dequant_q8_k(hq3[0], hq3[1]).double().view(t, sel.shape[1], F_EXP)
-    ref = torch.zeros((t, D), dtype=torch.float64, device="cuda")
+    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile}")
+
+
+def _down_reference(raws, hq3, sel):
+    """float64 [T, D]: the selected experts' down projections of quant_q8_k's h (one plane or three)."""
+    from dsv4.kernels_triton import moe_int8
+
+    _, _, rd, _, qd = raws
+    T, K = sel.shape
+    x = moe_int8.dequant_q8_k(hq3[0], hq3[1]).double().view(T, K, F_EXP)
+    ref = torch.zeros((T, D), dtype=torch.float64, device="cuda")
     for e in torch.unique(sel).tolist():  # one expert dequantized at a time
         w = _dequant64(rd[e], qd, F_EXP)
         for tt, i in (sel == e).nonzero().tolist():
             ref[tt] += w @ x[tt, i]
-    _assert(y, ref, "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile}")
+    return ref
+
+
+LIMB3_TILES = [(2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
+LIMB3_DOWN_TILES = [(4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("tile", LIMB3_TILES, ids=_ids(LIMB3_TILES))
+def test_gluon_gate_up_three_planes(t, tile, poison, poison_words, monkeypatch):
+    """u as three int8 planes (quant_q8_k(limbs=3)): h against float64 on the same 22-bit activations."""
+    from dsv4.kernels_triton import moe_int8
+
+    raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
+    uq = moe_int8.quant_q8_k(u, limbs=moe_int8.LIMBS_FP32)
+    _no_triton(monkeypatch, "_gate_up_int8_kernel")
+    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
+    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 limb3 T={t} {tile}")
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("tile", LIMB3_DOWN_TILES, ids=_ids(LIMB3_DOWN_TILES))
+def test_gluon_down_three_planes(t, tile, poison, poison_words, monkeypatch):
+    """h as three int8 planes: the down stage against float64 on the same 22-bit h."""
+    from dsv4.kernels_triton import moe_int8
+
+    raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
+    h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
+    hq3 = moe_int8.quant_q8_k(h, limbs=moe_int8.LIMBS_FP32)
+    _no_triton(monkeypatch, "_down_int8_kernel")
+    y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
+    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 limb3 T={t} {tile}")
 
 
 END_TO_END = [((8, 1, False, 2), (4, 1, True, 1), False), ((8, 1, False, 2), (4, 1, True, 1), True),
@@ -150,3 +189,19 @@ def test_tuned_q4_runs_the_gluon_stages(poison, poison_words, monkeypatch):
     y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev)
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=True), "triton_moe_int8", "end_to_end", "tuned gluon moe q4")
     assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev))
+
+
+@pytest.mark.parametrize("t", [1, 4])
+def test_gluon_moe_three_planes_end_to_end(t, poison, poison_words, monkeypatch):
+    """moe_int8 on fp32-grade activations (limbs=3, the CUDA decode default) with both Q4_K stages on the Gluon
+    kernels: within the `limb3` tolerance of the float MoE in float64, and repeatable."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q4", t)
+    _no_triton(monkeypatch, "_down_int8_kernel", "_gate_up_int8_kernel")
+    cfg = _cfg((2, 1, True, 1), False, (4, 1, False, 2))
+    dev, L = detect_device("cuda"), moe_int8.LIMBS_FP32
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, L)
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe_int8", "limb3", f"gluon moe q4 limb3 T={t}")
+    assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, L))

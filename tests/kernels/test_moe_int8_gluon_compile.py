@@ -3,8 +3,8 @@
 Gluon has no interpreter: the kernels' numerics run on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py). Here the
 code Triton emits for the tiles the GPU tests and the probe use is checked for what the layout exists for: each
 lane's weight words arrive by 16-byte loads (two code pieces and the header per row and matrix and K step), one
-dp4a per code word and nibble half of every row the lane holds (no redundant dots), one dp2a per sub-block pair for
-the scales and one for the mins, the activations by 16-byte loads, the fused h quantizer's two atomics (arrival,
+dp4a per code word, nibble half and activation plane of every row the lane holds (no redundant dots), one dp2a per
+sub-block pair and plane for the scales and (one plane) one for the mins, the activations by 16-byte loads, the fused h quantizer's two atomics (arrival,
 reset) only where h is quantized in the kernel, and (almost) nothing spilled (ptxas' stack frame, read back by
 cuobjdump).
 """
@@ -18,22 +18,25 @@ from dsv4.kernels_triton import moe_int8_gluon as m
 from tests.kernels.offline_compile import compile_gluon_sm90
 
 INTS = ("F", "D", "KSEL", "stride_w", "stride_xq", "stride_xd", "stride_xs", "stride_ht", "stride_hq", "stride_hd",
-        "stride_hs", "stride_ot")
+        "stride_hs", "stride_ot", "stride_xl", "stride_hl")
 # the launchers' pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
-DIV = ("F", "D", "stride_w", "stride_xq", "stride_xs", "stride_ht", "stride_hq", "stride_hs", "stride_ot")
+DIV = ("F", "D", "stride_w", "stride_xq", "stride_xs", "stride_ht", "stride_hq", "stride_hs", "stride_ot", "stride_xl",
+       "stride_hl")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
-# (kind, rows, warps along K, prefetch, warps along rows, qh, steps): gate/up qh = h quantized in the kernel, steps
-# = D / (2048 warps_k) at D = 4096; down qh = K steps per slot (F / 2048: 1 at Flash, 2 at F = 4096), steps = 6 qh
-for kind, rows, wk, pf, wr, qh, st in [("gu", 8, 1, False, 2, False, 2), ("gu", 2, 1, True, 1, True, 2),
-                                       ("gu", 4, 1, True, 1, False, 2), ("gu", 16, 1, False, 4, True, 2),
-                                       ("gu", 2, 2, False, 1, False, 1), ("dn", 4, 1, True, 1, 1, 6),
-                                       ("dn", 2, 1, False, 1, 1, 6), ("dn", 16, 1, False, 4, 1, 6),
-                                       ("dn", 4, 1, True, 1, 2, 12)]:
+# (kind, rows, warps along K, prefetch, warps along rows, qh, steps, activation planes): gate/up qh = h quantized in
+# the kernel, steps = D / (2048 warps_k) at D = 4096; down qh = K steps per slot (F / 2048: 1 at Flash, 2 at
+# F = 4096), steps = 6 qh
+for kind, rows, wk, pf, wr, qh, st, lb in [("gu", 8, 1, False, 2, False, 2, 1), ("gu", 2, 1, True, 1, True, 2, 1),
+                                           ("gu", 4, 1, True, 1, False, 2, 1), ("gu", 16, 1, False, 4, True, 2, 1),
+                                           ("gu", 2, 2, False, 1, False, 1, 1), ("dn", 4, 1, True, 1, 1, 6, 1),
+                                           ("dn", 2, 1, False, 1, 1, 6, 1), ("dn", 16, 1, False, 4, 1, 6, 1),
+                                           ("dn", 4, 1, True, 1, 2, 12, 1), ("gu", 2, 1, True, 1, False, 2, 3),
+                                           ("dn", 4, 1, False, 2, 1, 6, 3)]:
     fn = m._q4_gate_up_kernel if kind == "gu" else m._q4_down_kernel
     sig = {n: ("i32" if n in INTS else "*i32") for n in fn.arg_names}
     sig.update({n: "*fp32" for n in ("xd_ptr", "wts_ptr", "h_ptr", "hd_ptr", "out_ptr") if n in sig})
-    const = dict(ROWS=rows, WARPS_K=wk, WARPS_ROWS=wr, PF=pf, PDL=True, STEPS=st,
+    const = dict(ROWS=rows, WARPS_K=wk, WARPS_ROWS=wr, PF=pf, PDL=True, STEPS=st, LIMBS=lb,
                  **({"QH": qh} if kind == "gu" else {"KSTEPS": qh}))
     if kind == "gu":
         sig["clamp"] = "fp32"
@@ -47,7 +50,7 @@ for kind, rows, wk, pf, wr, qh, st in [("gu", 8, 1, False, 2, False, 2), ("gu", 
             f.flush()
             res = subprocess.run([CUOBJDUMP, "-res-usage", f.name], capture_output=True, text=True).stdout
         stack = int(re.search(r"STACK:(\d+)", res).group(1))
-    out[f"{kind}/{rows}/{wk}/{pf}/{wr}/{qh}/{st}"] = {
+    out[f"{kind}/{rows}/{wk}/{pf}/{wr}/{qh}/{st}/{lb}"] = {
         "dp4a": len(re.findall(r"dp4a\.[su]32\.s32", ptx)), "dp2a": ptx.count("dp2a.lo.s32.s32"),
         "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)), "atom": len(re.findall(r"atom\.global", ptx)),
         "local": ptx.count(".local"), "stack": stack}
@@ -60,16 +63,18 @@ MAX_STACK_BYTES = 8
 
 def test_q4_gluon_kernels_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
-    assert len(res) == 9
+    assert len(res) == 11
     for key, r in res.items():
-        kind, rows, wk, pf, wr, qh, st = key.split("/")
+        kind, rows, wk, pf, wr, qh, st, lb = key.split("/")
         rpt, mats, steps = int(rows) // int(wr), 2 if kind == "gu" else 1, int(st)  # rows per thread; steps unrolled
+        planes = int(lb)
         # at most one register pair spilled (Triton 3.9's ptxas kept 8 bytes of stack in an earlier gate/up tile)
         assert r["local"] == 0 and (r["stack"] or 0) <= MAX_STACK_BYTES, (key, r)
-        # per row, matrix and step: 2 pieces x 4 code words x 2 nibble halves; 2 pieces x (scales, mins)
-        assert r["dp4a"] == rpt * mats * 16 * steps, (key, r)
-        assert r["dp2a"] == rpt * mats * 4 * steps, (key, r)
-        # 2 code pieces + the header per row, matrix and step; 4 activation loads per step (2 pieces x low/high);
-        # the fused quantizer reads h by 16-byte loads too
-        assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps, (key, r)
+        # per row, matrix, step and plane: 2 pieces x 4 code words x 2 nibble halves, 2 pieces' scales; the mins by
+        # dp2a on one plane (int sums), in fp32 on three
+        assert r["dp4a"] == rpt * mats * 16 * steps * planes, (key, r)
+        assert r["dp2a"] == rpt * mats * steps * (4 if planes == 1 else 2 * planes), (key, r)
+        # 2 code pieces + the header per row, matrix and step; 4 activation loads per step and plane (2 pieces x
+        # low/high); the fused quantizer reads h by 16-byte loads too
+        assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
         assert r["atom"] == (2 if qh == "True" else 0), (key, r)
