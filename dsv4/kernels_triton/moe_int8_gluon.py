@@ -228,9 +228,10 @@ if HAVE_GLUON:
         return xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, gl.expand_dims(gl.load(xd_row + kb + bo), 0)
 
     @gluon.jit
-    def _plane_isum(q_lo, q_hi, xl, xh, sc2):
-        """One activation plane's exact sum over a lane's pieces of sc_j isum_j (nibbles q_lo, q_hi x 16)."""
-        pair = _pack16(_dot4(q_lo, xl, "s32"), _dot4(q_hi, xh, "u32") >> 4)
+    def _plane_isum(q, xl, xh, sc2):
+        """One activation plane's exact sum over a lane's pieces of sc_j isum_j: the low nibbles of the code words
+        q against xl, the high ones (masked in place: x 16, dotted unsigned; 0xF0F0F0F0) against xh."""
+        pair = _pack16(_dot4(q & 0x0F0F0F0F, xl, "s32"), _dot4(q & -252645136, xh, "u32") >> 4)
         return gl.sum(_dp2a(pair, sc2), axis=3)
 
     @gluon.jit
@@ -239,8 +240,6 @@ if HAVE_GLUON:
         the activations (_acts); adds d dx isum to acc and dmin dx msum to accm [R, NB, 4] (each lane's four
         sub-blocks summed in int32 first: one super-block, so one d and one dx). LIMBS = 3: each plane's isum
         exact (< 2^23), combined in fp32 as moe_int8._limb_sum; msum from the fp32 code sums."""
-        q_lo = q & 0x0F0F0F0F
-        q_hi = q & -252645136  # 0xF0F0F0F0: the high nibbles x 16, dotted unsigned
         dd = gl.sum(gl.sum(gl.where(i5 == 0, hw, 0), axis=4), axis=3)
         s0 = gl.sum(gl.where(i5 == 1, hw, 0), axis=4) >> jm
         s1 = gl.sum(gl.where(i5 == 2, hw, 0), axis=4) >> jm
@@ -248,10 +247,10 @@ if HAVE_GLUON:
         low = pc == 0  # piece 0: sub-blocks 0-3 (6 bits in place); piece 1: 4-7 (low 4 bits + 2 high ones)
         sc2 = gl.where(low, s0 & 0x3F3F, (s2 & 0x0F0F) | ((s0 >> 2) & 0x3030))
         m2 = gl.where(low, s1 & 0x3F3F, ((s2 >> 4) & 0x0F0F) | ((s1 >> 2) & 0x3030))
-        it = _plane_isum(q_lo, q_hi, xl0, xh0, sc2).to(gl.float32)
+        it = _plane_isum(q, xl0, xh0, sc2).to(gl.float32)
         if LIMBS > 1:
-            it = (it + _plane_isum(q_lo, q_hi, xl1, xh1, sc2).to(gl.float32) * (1.0 / 256.0)
-                  + _plane_isum(q_lo, q_hi, xl2, xh2, sc2).to(gl.float32) * (1.0 / 65536.0))
+            it = (it + _plane_isum(q, xl1, xh1, sc2).to(gl.float32) * (1.0 / 256.0)
+                  + _plane_isum(q, xl2, xh2, sc2).to(gl.float32) * (1.0 / 65536.0))
             mn = gl.sum((m2 & 255).to(gl.float32) * s_a + (m2 >> 8).to(gl.float32) * s_b, axis=3)
         else:
             mn = gl.sum(_dp2a(s_a + gl.zeros_like(m2), m2), axis=3).to(gl.float32)
