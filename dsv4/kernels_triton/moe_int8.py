@@ -893,10 +893,11 @@ TUNED = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
-    # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 8 rows over 2 warps, down 4 rows x 1 warp
-    # prefetched, h quantized by its own launch (h200_decode/64: the whole q4 call 33.4 -> 30.1 us against the
-    # previous tuned config in the same run; with h quantized in this gate/up kernel 31.3)
-    QuantFormat.Q4_K: replace(TRITON_Q4, fuse_quant_h=False, gluon_gate_up=Q4GluonTile(8, warps_rows=2),
+    # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
+    # h quantized by its own launch (h200_decode/64: the whole q4 call 33.4 -> 30.1 us against the previous tuned
+    # config in the same run, 31.3 with h quantized in the gate/up kernel; 66: 4 gate/up rows x 1 warp 29.4 us
+    # against 8 rows x 2 warps 30.0-30.1, in 65 29.8-30.1 both)
+    QuantFormat.Q4_K: replace(TRITON_Q4, fuse_quant_h=False, gluon_gate_up=Q4GluonTile(4),
                               gluon_down=Q4GluonTile(4, prefetch=True)),
 }
 TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
@@ -911,8 +912,12 @@ TUNED_LIMB3 = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True, maxnreg_gate_up=168),
+    # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp, h launched
+    # (h200_decode/66: quant u + gate/up 28.0 -> 20.2 us, quant h + down 22.9 -> 12.8 us against the Triton
+    # stages; whole call 50.3 -> 34.1 us with the next-best pair of tiles)
     QuantFormat.Q4_K: replace(TRITON_Q4, block_n_down=8, warps_down=2, prefetch_down=False,
-                              x_vec_down=True, unroll_down=True),
+                              x_vec_down=True, unroll_down=True, gluon_gate_up=Q4GluonTile(2),
+                              gluon_down=Q4GluonTile(4)),
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)

@@ -123,8 +123,8 @@ def _down_reference(raws, hq3, sel):
     return ref
 
 
-LIMB3_TILES = [(2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
-LIMB3_DOWN_TILES = [(4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
+LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
+LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
 
 
 @pytest.mark.parametrize("t", [1, 4])
@@ -205,3 +205,15 @@ def test_gluon_moe_three_planes_end_to_end(t, poison, poison_words, monkeypatch)
     y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, L)
     _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe_int8", "limb3", f"gluon moe q4 limb3 T={t}")
     assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, L))
+
+
+def test_tuned_q4_three_planes_runs_the_gluon_stages(poison, poison_words, monkeypatch):
+    """The CUDA decode default's q4 call (TUNED_LIMB3, three planes) on sm_90+: both Q4_K stages on the Gluon
+    kernels, within `limb3` of the float MoE in float64."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q4", 1)
+    _no_triton(monkeypatch, "_down_int8_kernel", "_gate_up_int8_kernel")
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, detect_device("cuda"), limbs=moe_int8.LIMBS_FP32)
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe_int8", "limb3", "tuned gluon moe q4 limb3")
