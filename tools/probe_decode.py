@@ -45,8 +45,8 @@ median; % of the streaming read measured in this run). Two parts:
   * `gq4`: q4 whole calls (one plane) with the Q4_K stages on moe_int8_gluon's kernels (gq4_cases), beside the
     tuned Triton stages, twice interleaved (outputs against the first case's); then each gate/up tile behind the
     u quantizer and each down tile behind the h quantizer, twice;
-  * `gq4l3`: the same on three activation planes (limbs=3): TUNED_LIMB3's Triton stages against the Gluon tiles
-    (h launched), whole calls and each stage behind its quantizer, twice;
+  * `gq4l3`: the same on three activation planes (limbs=3): the Triton stages (TUNED_LIMB3's fields) against the
+    Gluon tiles, whole calls and each stage behind its quantizer, twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -221,27 +221,25 @@ def gq4_label(tile) -> str:
 
 
 def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
-    """`gq4` whole calls: the tuned config with the h quantizer fused too, each gate/up tile (h fused and launched)
-    and each down tile on their own, and cross's pairs (gate/up tile, h fused) x down tile."""
+    """`gq4` whole calls: the tuned config, each gate/up tile and each down tile on their own, and cross's pairs
+    (gate/up tiles x down tiles); h has its own launch behind a Gluon gate/up."""
     tile = moe_int8.Q4GluonTile
-    cases = [("tuned", tuned), ("tuned, h fused", replace(tuned, fuse_quant_h=True))]
-    for t in gate_up_tiles:
-        for fused in (True, False):
-            cases.append((f"gluon gate/up {gq4_label(t)}{'' if fused else ', h launched'}",
-                          replace(tuned, gluon_gate_up=tile(*t), fuse_quant_h=fused)))
+    cases = [("tuned", tuned)]
+    cases += [(f"gluon gate/up {gq4_label(t)}", replace(tuned, gluon_gate_up=tile(*t))) for t in gate_up_tiles]
     cases += [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=tile(*t))) for t in down_tiles]
-    for gu, fused in cross[0]:
-        for dn in cross[1]:
-            cases.append((f"gluon gate/up {gq4_label(gu)}{'' if fused else ', h launched'} + down {gq4_label(dn)}",
-                          replace(tuned, gluon_gate_up=tile(*gu), gluon_down=tile(*dn), fuse_quant_h=fused)))
+    cases += [(f"gluon gate/up {gq4_label(g)} + down {gq4_label(d)}",
+               replace(tuned, gluon_gate_up=tile(*g), gluon_down=tile(*d))) for g in cross[0] for d in cross[1]]
     return cases
 
 
 def gq4l3_cases(tuned):
-    """`gq4l3` whole calls on three planes: the Triton config (TUNED_LIMB3, h fused), each GQ4L3_GATE_UP tile
-    and each GQ4L3_DOWN tile on their own (h launched), and every pair of the first two of each."""
-    tile, base = moe_int8.Q4GluonTile, replace(tuned, fuse_quant_h=False)
-    cases = [("tuned", tuned), ("tuned, h launched", base)]
+    """`gq4l3` whole calls on three planes: the Triton stages (TUNED_LIMB3 without its Gluon tiles, h fused and
+    launched), each GQ4L3_GATE_UP tile and each GQ4L3_DOWN tile on their own, and every pair of the first two of
+    each."""
+    tile = moe_int8.Q4GluonTile
+    tuned = replace(tuned, gluon_gate_up=None, gluon_down=None)
+    base = replace(tuned, fuse_quant_h=False)
+    cases = [("triton", tuned), ("triton, h launched", base)]
     cases += [(f"gluon gate/up {gq4_label(t)}", replace(base, gluon_gate_up=tile(*t))) for t in GQ4L3_GATE_UP]
     cases += [(f"gluon down {gq4_label(t)}", replace(base, gluon_down=tile(*t))) for t in GQ4L3_DOWN]
     cases += [(f"gluon gate/up {gq4_label(g)} + down {gq4_label(d)}",
@@ -341,9 +339,9 @@ DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 
 # `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles moe_int8.Q4GluonTile(rows, warps along K, prefetch,
 # warps along rows)
-GQ4_GATE_UP = [(8, 1, False, 2), (4, 1, False, 1), (2, 1, True, 1), (16, 1, False, 4)]
+GQ4_GATE_UP = [(4, 1, False, 1), (8, 1, False, 2), (2, 1, True, 1), (16, 1, False, 4)]
 GQ4_DOWN = [(4, 1, True, 1), (2, 1, True, 1), (8, 1, False, 2)]
-GQ4_CROSS = ([((8, 1, False, 2), True), ((2, 1, True, 1), True)], [(4, 1, True, 1), (2, 1, True, 1)])
+GQ4_CROSS = ([(8, 1, False, 2), (2, 1, True, 1)], [(2, 1, True, 1)])
 
 # `gq4l3`: the same kernels on three activation planes (limbs=3, h launched)
 GQ4L3_GATE_UP = [(2, 1, True, 1), (4, 1, False, 2), (2, 1, False, 1), (8, 1, False, 4), (4, 1, False, 1)]
@@ -663,16 +661,16 @@ def main(argv=None) -> int:
             tuned = moe_int8.TUNED_LIMB3[gate.fmt]
             time_whole_cases(row, recipe, L, gq4l3_cases(tuned), (u, gate, up, down, sels, wts), dev,
                              gu_bytes + dn_bytes)
-            base = replace(tuned, fuse_quant_h=False)
+            base = replace(tuned, fuse_quant_h=False, gluon_gate_up=None, gluon_down=None)
             uq = moe_int8.quant_q8_k(u, limbs=L)
             hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, base) for s in sels]
             for _ in range(2):
-                row(f"moe_{recipe}", "limb3 tuned", "quant u + gate_up",
+                row(f"moe_{recipe}", "limb3 triton", "quant u + gate_up",
                     chain_gate_up_ms(u, gate, up, sels, wts, base, L), gu_bytes)
                 for t in GQ4L3_GATE_UP:
                     row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant u + gate_up", chain_gate_up_ms(
                         u, gate, up, sels, wts, replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t)), L), gu_bytes)
-                row(f"moe_{recipe}", "limb3 tuned", "quant h + down", chain_down_ms(hs, down, sels, base, L), dn_bytes)
+                row(f"moe_{recipe}", "limb3 triton", "quant h + down", chain_down_ms(hs, down, sels, base, L), dn_bytes)
                 for t in GQ4L3_DOWN:
                     row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant h + down", chain_down_ms(
                         hs, down, sels, replace(base, gluon_down=moe_int8.Q4GluonTile(*t)), L), dn_bytes)

@@ -768,12 +768,22 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
     asm = use_asm(dev, u)
     pdl = cfg.pdl and use_pdl(dev, u)
     uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs)
-    if fuses_quant_h(cfg):
+    # the Gluon gate/up never quantizes h (slower than its own launch there: h200_decode/63-65)
+    if fuses_quant_h(cfg) and not _gluon_gate_up(cfg, gate, up, dev, uq[0], asm):
         hq3 = gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, quant_h=limbs, dev=dev)
     else:
         hq3 = quant_q8_k(gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, dev=dev), pdl=pdl,
                          limbs=limbs)
     return down_int8(hq3, down, sel, asm, cfg, pdl, dev)
+
+
+def _gluon_gate_up(cfg: Int8MoeConfig, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, xq, asm: bool) -> bool:
+    """Whether gate_up_int8 (without quant_h) runs moe_int8_gluon's kernel for this stage."""
+    if cfg.gluon_gate_up is None or not asm:
+        return False
+    from . import moe_int8_gluon
+
+    return moe_int8_gluon.supports(gate, up, dev, xq, cfg.gluon_gate_up)
 
 
 def fuses_quant_h(cfg: Int8MoeConfig) -> bool:
@@ -805,14 +815,14 @@ def gate_up_int8(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: 
                  cfg: Int8MoeConfig, pdl: bool = False, quant_h: int = 0, dev: DeviceInfo | None = None):
     """Stage 1 of fused_int8: uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate)) -> h [T*K, F] fp32
     (SwiGLU of the slot's expert, routed); quant_h = 1 or 3 (needs fuses_quant_h(cfg)): instead
-    quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel. cfg.gluon_gate_up: the Gluon kernel
-    where moe_int8_gluon.supports it (dev: xq's device, detected when not given)."""
+    quant_q8_k(h, limbs=quant_h)'s outputs, quantized in the same kernel (always the Triton one). cfg.gluon_gate_up:
+    without quant_h, the Gluon kernel where moe_int8_gluon.supports it (dev: xq's device, detected when not
+    given)."""
     xq, xd, xs = uq
-    if cfg.gluon_gate_up is not None and asm:
+    if not quant_h and _gluon_gate_up(cfg, gate, up, dev or detect_device(xq.device), xq, asm):
         from . import moe_int8_gluon
 
-        if moe_int8_gluon.supports(gate, up, dev or detect_device(xq.device), xq, cfg.gluon_gate_up, quant_h):
-            return moe_int8_gluon.gate_up(uq, gate, up, sel, weights, clamp, cfg.gluon_gate_up, pdl, quant_h)
+        return moe_int8_gluon.gate_up(uq, gate, up, sel, weights, clamp, cfg.gluon_gate_up, pdl)
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = _words(gate)
     uw, _ = _words(up)
@@ -883,7 +893,7 @@ def _maxnreg(cap: int, asm: bool) -> dict:
 # unrolled over the K slots (quant h + down 13.8-13.9 -> 12.9 us; Q4_K down gains nothing from unrolling); Q4_K
 # gate/up 32 rows x 4 warps with its scale words by 16-byte loads (h200_decode/36: 25.8 -> 24.3 us; the down stage
 # is 0.4 us slower with them), Q4_K down 2 rows, 1 warp, prefetched.
-# Q4_K elsewhere than NVIDIA sm_90+ (Triton kernels; h quantized in the gate/up kernel)
+# Q4_K elsewhere than NVIDIA sm_90+ (Triton kernels; h quantized in the gate/up kernel); TUNED adds the Gluon tiles
 TRITON_Q4 = Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4, block_n_down=2, kstep_down=8,
                           warps_down=1, prefetch_down=True, scale_vec_gate_up=True, fuse_quant_h=True,
                           maxnreg_gate_up=168)
@@ -894,11 +904,10 @@ TUNED = {
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
                                        maxnreg_down=128),
     # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
-    # h quantized by its own launch (h200_decode/64: the whole q4 call 33.4 -> 30.1 us against the previous tuned
-    # config in the same run, 31.3 with h quantized in the gate/up kernel; 66: 4 gate/up rows x 1 warp 29.4 us
-    # against 8 rows x 2 warps 30.0-30.1, in 65 29.8-30.1 both)
-    QuantFormat.Q4_K: replace(TRITON_Q4, fuse_quant_h=False, gluon_gate_up=Q4GluonTile(4),
-                              gluon_down=Q4GluonTile(4, prefetch=True)),
+    # h quantized by its own launch there (fuse_quant_h is the Triton fallback's). h200_decode/64: the whole q4 call
+    # 33.4 -> 30.1 us against the previous tuned config in the same run, 31.3 with h quantized in that gate/up
+    # kernel; 66: 4 gate/up rows x 1 warp 29.4 us against 8 rows x 2 warps 30.0-30.1 (in 65 29.8-30.1 both)
+    QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Q4GluonTile(4), gluon_down=Q4GluonTile(4, prefetch=True)),
 }
 TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
@@ -912,7 +921,7 @@ TUNED_LIMB3 = {
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True, maxnreg_gate_up=168),
-    # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp, h launched
+    # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp (h launched)
     # (h200_decode/66: quant u + gate/up 28.0 -> 20.2 us, quant h + down 22.9 -> 12.8 us against the Triton
     # stages; whole call 50.3 -> 34.1 us with the next-best pair of tiles)
     QuantFormat.Q4_K: replace(TRITON_Q4, block_n_down=8, warps_down=2, prefetch_down=False,

@@ -18,9 +18,9 @@ The K steps are unrolled (the down kernel's over (slot, K step)).
 
 Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots and the 6-bit scale and min products
 are exact (int32), then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
-order. With `quant_h` the program that stores the last rows of a 256-block of h quantizes it to Q8_K (an arrival
-counter per block, moe_int8.block_counters): the same fp32 operations as moe_int8._q8k_block, so the codes equal
-quant_q8_k's of the same h bit for bit.
+order. Three activation planes (fp32-grade, quant_q8_k(limbs=3)): each plane's isum exact, combined in fp32 as
+moe_int8._limb_sum, the min term from the fp32 code sums. h is quantized by its own launch (quantizing it in the
+gate/up kernel, by the last program of each 256-block, was slower here: tools/results/h200_decode/63-65).
 
 Gluon does not run under TRITON_INTERPRET: checked on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py) and compiled
 for sm_90 offline in the CPU suite (tests/kernels/test_moe_int8_gluon_compile.py).
@@ -32,8 +32,7 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import (BLOCKS_PER_WARP, QK, QK_C, Q4K_WORDS, Q8K_WORDS, ROUND_MAGIC, SUM_GROUP, SUMS_PER_BLOCK,
-                       Q4GluonTile)
+from .moe_int8 import BLOCKS_PER_WARP, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Q4GluonTile
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -47,50 +46,8 @@ except ImportError:  # pragma: no cover - older Triton
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
 
 if HAVE_GLUON:
-    from .moe_gluon import gluon_barrier as _barrier
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
-
-    @gluon.jit
-    def _div_rn(a, b):
-        """IEEE fp32 a / b (Triton's `/` is approximate), as moe_int8._q8k_block's tl.math.div_rn."""
-        return gl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32,
-                                         is_pure=True, pack=1)
-
-    @gluon.jit
-    def _to4(r):
-        """A per-block value [n] (the three inner axes of a 4-d tensor reduced) broadcast back to 4-d."""
-        return gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 1), 2), 3)
-
-    @gluon.jit
-    def _quant_block(x_ptr, q_ptr, d_ptr, s_ptr, WARPS: gl.constexpr):
-        """One Q8_K block of 256 fp32 at x_ptr (read past L1) -> code words q_ptr[64], sums s_ptr[16], scale
-        d_ptr: moe_int8._q8k_block (LIMBS = 1) in an explicit layout [1, 16 sums, 4 words, 4 bytes]; the leading
-        axis of one keeps the block's scale math on one-element tensors (IEEE divisions are long: once per thread,
-        not once per value)."""
-        QL: gl.constexpr = gl.BlockedLayout([1, max(1, 2 // WARPS), 1, 4], [1, 8, 4, 1], [1, WARPS, 1, 1],
-                                            [3, 2, 1, 0])
-        P3: gl.constexpr = gl.SliceLayout(3, QL)
-        P2: gl.constexpr = gl.SliceLayout(2, P3)
-        g2 = gl.expand_dims(gl.arange(0, 16, layout=gl.SliceLayout(0, P2)), 0)  # [1, 16]
-        g3 = gl.expand_dims(g2, 2)
-        w3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, P3))), 0), 0)
-        b = gl.expand_dims(gl.expand_dims(gl.expand_dims(
-            gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, QL)))), 0), 0), 0)
-        idx = 16 * gl.expand_dims(g3, 3) + 4 * gl.expand_dims(w3, 3) + b
-        x = gl.load(x_ptr + idx, cache_modifier=".cg")
-        ax = gl.abs(x)
-        amax = _to4(gl.max(gl.max(gl.max(ax, axis=3), axis=2), axis=1))
-        first = _to4(gl.min(gl.min(gl.min(gl.where(ax == amax, idx, QK_C), axis=3), axis=2), axis=1))
-        mx = gl.sum(gl.sum(gl.sum(gl.where(idx == first, x, 0.0), axis=3), axis=2), axis=1)  # [1]
-        nz = mx != 0.0
-        iscale = gl.where(nz, _div_rn(mx * 0.0 - 127.0, gl.where(nz, mx, 1.0)), 0.0)
-        d = gl.where(nz, _div_rn(mx * 0.0 + 1.0, gl.where(nz, iscale, 1.0)), 0.0)
-        q = gl.minimum((moe_int8._mul_rn(_to4(iscale) + x * 0.0, x, True) + ROUND_MAGIC) - ROUND_MAGIC,
-                       127.0).to(gl.int32)
-        gl.store(q_ptr + 4 * g3 + w3, gl.sum((q & 255) << (8 * b), axis=3))  # little-endian words: sum == or
-        gl.store(s_ptr + g2, gl.sum(gl.sum(q, axis=3), axis=2))
-        gl.store(d_ptr + gl.zeros_like(mx).to(gl.int32), d)
 
     @gluon.jit
     def _pack16(a, b):
@@ -128,26 +85,12 @@ if HAVE_GLUON:
         return gl.convert_layout(p, gl.SliceLayout(len(q.shape) - 1, q.type.layout))  # the same registers
 
     @gluon.jit
-    def _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn, F,
-                     stride_ht, stride_hq, stride_hd, stride_hs, ROWS: gl.constexpr, WARPS: gl.constexpr,
-                     QH: gl.constexpr):
+    def _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_row, rn, F):
         """A gate/up program's end: the per-lane sums [ROWS, ...] reduced to rows, SwiGLU and route weight, h
-        stored, and with QH the 256-block's Q8_K made by the program that stores its last rows."""
+        stored."""
         g = gl.sum(gl.sum(acc_g, axis=2), axis=1) - gl.sum(gl.sum(min_g, axis=2), axis=1)
         u = gl.sum(gl.sum(acc_u, axis=2), axis=1) - gl.sum(gl.sum(min_u, axis=2), axis=1)
-        h = moe._swiglu_route(g, u, wt, clamp)
-        h_row = h_ptr + slot.to(gl.int64) * stride_ht
-        gl.store(h_row + rn, h, mask=rn < F)
-        if QH:  # the program storing a 256-block's last rows quantizes it (moe_int8._quant_h_last)
-            cnt = cnt_ptr + slot.to(gl.int64) * (F // QK_C) + (pid_n * ROWS) // QK_C
-            _barrier()  # every thread's h stores before the release below
-            arrived = gl.atomic_add(cnt, 1, sem="acq_rel")
-            if arrived == QK_C // ROWS - 1:
-                b = (pid_n * ROWS) // QK_C
-                s64 = slot.to(gl.int64)
-                _quant_block(h_row + b * QK_C, hq_ptr + s64 * stride_hq + b * Q8K_WORDS, hd_ptr + s64 * stride_hd + b,
-                             hs_ptr + s64 * stride_hs + b * SUMS_PER_BLOCK, WARPS)
-                gl.atomic_xchg(cnt, 0, sem="relaxed")  # the next call is ordered by the kernel boundaries
+        gl.store(h_row + rn, moe._swiglu_route(g, u, wt, clamp), mask=rn < F)
 
     @gluon.constexpr_function
     def _axis_layout(layout, rank, dim):
@@ -259,17 +202,15 @@ if HAVE_GLUON:
         return acc, accm
 
     @gluon.jit
-    def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, hq_ptr, hd_ptr, hs_ptr,
-                           cnt_ptr, F, D, KSEL, clamp, stride_w, stride_xq, stride_xd, stride_xs, stride_ht,
-                           stride_hq, stride_hd, stride_hs, stride_xl, ROWS: gl.constexpr,
+    def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, F, D, KSEL, clamp,
+                           stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl, ROWS: gl.constexpr,
                            WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr,
-                           QH: gl.constexpr, STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
+                           STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
         """h[slot, f] = swiglu(gate[e] @ u[t], up[e] @ u[t]) * wts[slot] for ROWS rows f of one slot
         (t = slot // KSEL, e = sel[slot]), u as quant_q8_k's (codes xq, scales xd, sums xs); weights as int32
         words, stride_w per row. Rows past F read row F - 1 (not stored). The STEPS (= D / (256 NB)) K steps
         unrolled; PF: each step's weight words load before the previous step computes (the first step's before the
-        wait in any case). QH: h also quantized here (hq, hd, hs, counters cnt as moe_int8.gate_up_int8's; one
-        plane). LIMBS = 3: u as three planes, stride_xl words apart (quant_q8_k(limbs=3))."""
+        wait in any case). LIMBS = 3: u as three planes, stride_xl words apart (quant_q8_k(limbs=3))."""
         L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
         slot = gl.program_id(0)
@@ -314,8 +255,7 @@ if HAVE_GLUON:
                 gh = gl.load(gw_ptr + hoff + nxt)
                 uq = gl.load(uw_ptr + qoff + nxt)
                 uh = gl.load(uw_ptr + hoff + nxt)
-        _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr, hq_ptr, hd_ptr, hs_ptr, cnt_ptr, slot, pid_n, rn,
-                     F, stride_ht, stride_hq, stride_hd, stride_hs, ROWS, WARPS_K * WARPS_ROWS, QH)
+        _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr + slot.to(gl.int64) * stride_ht, rn, F)
 
     @gluon.jit
     def _rows5(roff):
@@ -374,13 +314,11 @@ def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
             == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
 
 
-def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile, quant_h: int) -> bool:
+def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
     """Whether the Gluon gate/up kernel takes this stage: Q4_K on CUDA sm_90+, K a whole number of steps, F of row
-    tiles (dividing 256 where h is quantized here: one plane only), rows 16-byte aligned."""
+    tiles, rows 16-byte aligned."""
     E, F, D = gate.shape
     if not HAVE_GLUON or gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt or not hopper_plus(dev, x):
-        return False
-    if quant_h not in (0, 1) or (quant_h and QK % tile.rows):
         return False
     gw, stride_w = moe_int8._words(gate)
     uw, _ = moe_int8._words(up)
@@ -397,29 +335,19 @@ def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> 
     return _tile_ok(tile, D, F) and moe_int8._aligned16(dw, stride_w)
 
 
-def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool,
-            quant_h: int = 0):
-    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32,
-    or with quant_h = 1 quant_q8_k(h)'s (codes, scales, sums) made in the same kernel."""
+def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool):
+    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, stride_w = moe_int8._words(gate)
     uw, _ = moe_int8._words(up)
     h = blocks.empty((T * K, F), xq.device)
-    if quant_h:
-        hq = moe_int8.empty_i32((T * K, F // 4), xq.device)
-        hs = moe_int8.empty_i32((T * K, F // SUM_GROUP), xq.device)
-        hd = blocks.empty((T * K, F // QK), xq.device)
-        cnt = moe_int8.block_counters(gate, T * K * (F // QK))
-        qh_args, qh_strides = (hq, hd, hs, cnt), (hq.stride(0), hd.stride(0), hs.stride(0))
-    else:
-        qh_args, qh_strides = (h, h, h, h), (0, 0, 0)
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
-        xq, xd, xs, sel, weights, h, gw, uw, *qh_args, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
-        xs.stride(0), h.stride(0), *qh_strides, moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
-        WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, QH=bool(quant_h), STEPS=D // tile.block_k,
-        LIMBS=moe_int8._limbs(xq), num_warps=tile.warps, **pdl_launch(pdl))
-    return (hq, hd, hs) if quant_h else h
+        xq, xd, xs, sel, weights, h, gw, uw, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
+        xs.stride(0), h.stride(0), moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
+        WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, STEPS=D // tile.block_k, LIMBS=moe_int8._limbs(xq),
+        num_warps=tile.warps, **pdl_launch(pdl))
+    return h
 
 
 def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):

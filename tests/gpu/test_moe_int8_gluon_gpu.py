@@ -2,12 +2,12 @@
 
 Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel for
 sm_90 offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, 256 experts, a repeated
-expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles: h against float64 on the same
-Q8_K activations (tolerance `stage`), the h quantized inside the kernel against quant_q8_k of that h (bit for bit:
-the same fp32 operations), the down stage against float64 on the same Q8_K h (`stage`), the whole moe_int8 call
-against TorchOps(act_quant=True) in float64 (`end_to_end`), the same bits on a second call and the arrival counters
-back at zero. Every output and scratch buffer is poisoned
-(NaN floats, 0x7F7F7F7F words) before the kernel writes it.
+expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles, on one activation plane (Q8_K) and
+on three (fp32-grade): h against float64 on the same activations (tolerance `stage`), the down stage against
+float64 on the same h (`stage`), whole moe_int8 calls against TorchOps(act_quant=True) in float64 (`end_to_end`;
+three planes: the float MoE, `limb3`) and the same bits on a second call, the tuned configs included. A Triton
+kernel that runs where the Gluon one must fails the test. Every output and scratch buffer is poisoned (NaN floats,
+0x7F7F7F7F words) before the kernel writes it.
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def _no_triton(monkeypatch, *names):
 
 @pytest.mark.parametrize("t", [1, 4])
 @pytest.mark.parametrize("tile", TILES, ids=_ids(TILES))
-def test_gluon_gate_up_h_and_fused_quant(t, tile, poison, poison_words, monkeypatch):
+def test_gluon_gate_up_h(t, tile, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
     raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
@@ -88,11 +88,6 @@ def test_gluon_gate_up_h_and_fused_quant(t, tile, poison, poison_words, monkeypa
     _no_triton(monkeypatch, "_gate_up_int8_kernel")
     h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
     _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile}")
-    hq, hd, hs = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=True), pdl=True,
-                                       quant_h=1)
-    rq, rd, rs = moe_int8.quant_q8_k(h)
-    assert torch.equal(hq, rq) and torch.equal(hs, rs) and torch.equal(hd, rd), "fused Q8_K of h differs"
-    assert not moe_int8.block_counters(gate, 1).any(), "arrival counters not reset"
 
 
 @pytest.mark.parametrize("t", [1, 4])
@@ -154,6 +149,8 @@ def test_gluon_down_three_planes(t, tile, poison, poison_words, monkeypatch):
     _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 limb3 T={t} {tile}")
 
 
+# fused: cfg.fuse_quant_h, which only the Triton gate/up follows (with a Gluon gate/up h has its own launch: the
+# Triton gate/up kernel must not run)
 END_TO_END = [((8, 1, False, 2), (4, 1, True, 1), False), ((8, 1, False, 2), (4, 1, True, 1), True),
               ((2, 1, True, 1), (16, 1, False, 4), True), ((4, 1, False, 1), (2, 1, True, 1), False),
               (None, (4, 1, True, 1), True)]
