@@ -25,10 +25,19 @@ pytestmark = NVIDIA_SM90
 TILES = [(2, 1, True, 1), (4, 1, False, 1), (4, 1, True, 1), (8, 1, False, 2), (8, 1, True, 2), (2, 2, False, 1),
          (16, 1, False, 4), (1, 1, True, 1)]
 DOWN_TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (1, 1, False, 1), (8, 1, True, 2), (16, 1, False, 4)]
+# on three activation planes (quant_q8_k(limbs=3), 22-bit codes)
+LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
+LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
+GATE_UP_CASES = [(tile, 1) for tile in TILES] + [(tile, 3) for tile in LIMB3_TILES]
+DOWN_CASES = [(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
 
 
 def _ids(tiles):
     return [f"r{r}k{k}{f'w{w}' if w > 1 else ''}{'pf' if p else ''}" for r, k, p, w in tiles]
+
+
+def _case_ids(cases):
+    return [f"{_ids([tile])[0]}-l{limbs}" for tile, limbs in cases]
 
 
 @pytest.fixture
@@ -79,28 +88,28 @@ def _no_triton(monkeypatch, *names):
 
 
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile", TILES, ids=_ids(TILES))
-def test_gluon_gate_up_h(t, tile, poison, poison_words, monkeypatch):
+@pytest.mark.parametrize("tile,limbs", GATE_UP_CASES, ids=_case_ids(GATE_UP_CASES))
+def test_gluon_gate_up_h(t, tile, limbs, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
     raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
-    uq = moe_int8.quant_q8_k(u)
+    uq = moe_int8.quant_q8_k(u, limbs=limbs)
     _no_triton(monkeypatch, "_gate_up_int8_kernel")
     h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
-    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile}")
+    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile} {limbs}")
 
 
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile", DOWN_TILES, ids=_ids(DOWN_TILES))
-def test_gluon_down(t, tile, poison, poison_words, monkeypatch):
+@pytest.mark.parametrize("tile,limbs", DOWN_CASES, ids=_case_ids(DOWN_CASES))
+def test_gluon_down(t, tile, limbs, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
     raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
     h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
-    hq3 = moe_int8.quant_q8_k(h)
+    hq3 = moe_int8.quant_q8_k(h, limbs=limbs)
     _no_triton(monkeypatch, "_down_int8_kernel")
     y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
-    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile}")
+    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile} {limbs}")
 
 
 def _down_reference(raws, hq3, sel):
@@ -116,37 +125,6 @@ def _down_reference(raws, hq3, sel):
         for tt, i in (sel == e).nonzero().tolist():
             ref[tt] += w @ x[tt, i]
     return ref
-
-
-LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
-LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
-
-
-@pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile", LIMB3_TILES, ids=_ids(LIMB3_TILES))
-def test_gluon_gate_up_three_planes(t, tile, poison, poison_words, monkeypatch):
-    """u as three int8 planes (quant_q8_k(limbs=3)): h against float64 on the same 22-bit activations."""
-    from dsv4.kernels_triton import moe_int8
-
-    raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
-    uq = moe_int8.quant_q8_k(u, limbs=moe_int8.LIMBS_FP32)
-    _no_triton(monkeypatch, "_gate_up_int8_kernel")
-    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
-    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 limb3 T={t} {tile}")
-
-
-@pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile", LIMB3_DOWN_TILES, ids=_ids(LIMB3_DOWN_TILES))
-def test_gluon_down_three_planes(t, tile, poison, poison_words, monkeypatch):
-    """h as three int8 planes: the down stage against float64 on the same 22-bit h."""
-    from dsv4.kernels_triton import moe_int8
-
-    raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
-    h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
-    hq3 = moe_int8.quant_q8_k(h, limbs=moe_int8.LIMBS_FP32)
-    _no_triton(monkeypatch, "_down_int8_kernel")
-    y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
-    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 limb3 T={t} {tile}")
 
 
 # fused: cfg.fuse_quant_h, which only the Triton gate/up follows (with a Gluon gate/up h has its own launch: the
