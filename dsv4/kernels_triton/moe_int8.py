@@ -112,7 +112,8 @@ class Int8MoeConfig:
     # h quantized inside the gate/up kernel by the last program of each 256-block (an arrival counter per block)
     # instead of by a quantizer launch between the stages; needs block_n_gate_up to divide 256 (else the launch)
     fuse_quant_h: bool = False
-    # Q4_K stages on moe_int8_gluon's Gluon kernels (one activation plane, NVIDIA sm_90+; elsewhere the Triton ones)
+    # Q4_K stages on moe_int8_gluon's Gluon kernels (one or three activation planes, NVIDIA sm_90+; elsewhere the
+    # Triton ones). Behind a Gluon gate/up h has its own launch, whatever fuse_quant_h says
     gluon_gate_up: Q4GluonTile | None = None
     gluon_down: Q4GluonTile | None = None
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
