@@ -280,9 +280,9 @@ def iq2_signed(lv, sidx, POS: tl.constexpr, NEG: tl.constexpr, ASM: tl.constexpr
 
 
 @triton.jit
-def q4_k_scale_min_int(lo, mid, hi, j):
-    """(sc_j, m_j) int32 of Q4_K sub-blocks j (0..7, a tensor) from the 12 packed 6-bit scale bytes (words
-    lo/mid/hi): both packings computed, the one for j selected."""
+def q4_k_scale_min(lo, mid, hi, dd, j):
+    """(d * sc_j, dmin * m_j) fp32 of Q4_K sub-blocks j (0..7, a tensor) from the 12 packed 6-bit scale bytes
+    (words lo/mid/hi) and the d|dmin word dd: both packings computed, the one for j selected."""
     jm = 8 * (j & 3)
     a = (lo >> jm) & 255
     b = (mid >> jm) & 255
@@ -290,13 +290,6 @@ def q4_k_scale_min_int(lo, mid, hi, j):
     low = j < 4
     sc = tl.where(low, a & 63, (c & 15) | ((a >> 6) << 4))
     mn = tl.where(low, b & 63, (c >> 4) | ((b >> 6) << 4))
-    return sc, mn
-
-
-@triton.jit
-def q4_k_scale_min(lo, mid, hi, dd, j):
-    """(d * sc_j, dmin * m_j) fp32 of Q4_K sub-blocks j (q4_k_scale_min_int) with the d|dmin word dd."""
-    sc, mn = q4_k_scale_min_int(lo, mid, hi, j)
     return _f16_from_bits(dd) * sc.to(tl.float32), _f16_from_bits(dd >> 16) * mn.to(tl.float32)
 
 

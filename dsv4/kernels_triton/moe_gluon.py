@@ -82,7 +82,7 @@ if HAVE_GLUON:
     _ROWS: gl.constexpr = gl.constexpr(ROWS)
     _HW: gl.constexpr = gl.constexpr(blocks.IQ2_HALFWORDS)
     # renamed after Triton 3.6 (the old names raise from 3.9 on)
-    gluon_barrier = getattr(gl, "barrier", None) or gl.thread_barrier
+    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # bit i (i < 4) of a sign index to bit 2 of nibble 2i: 4 * (1 + 2^7 + 2^14 + 2^21), no carries
     _SIGN4: gl.constexpr = gl.constexpr(0x00810204)
@@ -266,7 +266,7 @@ mul.rn.f16x2 $0, t, $2;
             w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, D - BK), FMT)
         async_copy.wait_group(0)
         fence_async_shared()
-        gluon_barrier()
+        _barrier()
         for step in range(0, n_steps):
             k0 = step * BK
             kn = gl.minimum(k0 + BK, D - BK)
@@ -284,7 +284,7 @@ mul.rn.f16x2 $0, t, $2;
                 w0, w1, w2 = n0, n1, n2
             async_copy.wait_group(0)
             fence_async_shared()
-            gluon_barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
+            _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
         # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
         gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
         gacc, uacc = gl.split(gu)

@@ -314,33 +314,54 @@ def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
             == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
 
 
+def _words_plan(key, owner: DeviceWeight, build):
+    """owner.plans[key], made once by build() (the weights' word views and the static checks do not change)."""
+    if key not in owner.plans:
+        owner.plans[key] = build()
+    return owner.plans[key]
+
+
+def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Q4GluonTile):
+    """(gate words, up words, words per row) where the Gluon gate/up takes these weights and tile (Q4_K, K a whole
+    number of steps, F of row tiles, rows 16-byte aligned), else None; cached in gate's plans."""
+    def build():
+        E, F, D = gate.shape
+        if gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt:
+            return None
+        gw, stride_w = moe_int8._words(gate)
+        uw, _ = moe_int8._words(up)
+        ok = _tile_ok(tile, F, D) and moe_int8._aligned16(gw, stride_w) and moe_int8._aligned16(uw, stride_w)
+        return (gw, uw, stride_w) if ok else None
+    return _words_plan(("moe_int8_gluon", "gate_up", tile, up.buf.data_ptr()), gate, build)
+
+
+def _down_plan(down: DeviceWeight, tile: Q4GluonTile):
+    """(down words, words per row) where the Gluon down kernel takes this weight and tile (Q4_K, F a whole number
+    of steps, D of row tiles, rows 16-byte aligned), else None; cached in its plans."""
+    def build():
+        E, D, F = down.shape
+        if down.fmt != QuantFormat.Q4_K:
+            return None
+        dw, stride_w = moe_int8._words(down)
+        return (dw, stride_w) if _tile_ok(tile, D, F) and moe_int8._aligned16(dw, stride_w) else None
+    return _words_plan(("moe_int8_gluon", "down", tile), down, build)
+
+
 def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
-    """Whether the Gluon gate/up kernel takes this stage: Q4_K on CUDA sm_90+, K a whole number of steps, F of row
-    tiles, rows 16-byte aligned."""
-    E, F, D = gate.shape
-    if not HAVE_GLUON or gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt or not hopper_plus(dev, x):
-        return False
-    gw, stride_w = moe_int8._words(gate)
-    uw, _ = moe_int8._words(up)
-    return _tile_ok(tile, F, D) and moe_int8._aligned16(gw, stride_w) and moe_int8._aligned16(uw, stride_w)
+    """Whether the Gluon gate/up kernel takes this stage: CUDA sm_90+ and _gate_up_plan."""
+    return HAVE_GLUON and hopper_plus(dev, x) and _gate_up_plan(gate, up, tile) is not None
 
 
 def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
-    """Whether the Gluon down kernel takes this stage: Q4_K on CUDA sm_90+, F a whole number of steps, D of row
-    tiles, rows 16-byte aligned."""
-    E, D, F = down.shape
-    if not HAVE_GLUON or down.fmt != QuantFormat.Q4_K or not hopper_plus(dev, x):
-        return False
-    dw, stride_w = moe_int8._words(down)
-    return _tile_ok(tile, D, F) and moe_int8._aligned16(dw, stride_w)
+    """Whether the Gluon down kernel takes this stage: CUDA sm_90+ and _down_plan."""
+    return HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
 
 
 def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool):
     """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
-    gw, stride_w = moe_int8._words(gate)
-    uw, _ = moe_int8._words(up)
+    gw, uw, stride_w = _gate_up_plan(gate, up, tile)
     h = blocks.empty((T * K, F), xq.device)
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
         xq, xd, xs, sel, weights, h, gw, uw, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
@@ -355,7 +376,7 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
     slots summed in order."""
     hq, hd, hs = hq3
     (T, K), (_, D, F) = sel.shape, down_w.shape
-    dw, stride_w = moe_int8._words(down_w)
+    dw, stride_w = _down_plan(down_w, tile)
     out = blocks.empty((T, D), hq.device)
     _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),

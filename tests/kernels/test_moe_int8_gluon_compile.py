@@ -77,3 +77,38 @@ def test_q4_gluon_kernels_compile_for_sm90():
         # (Triton 3.6 loads the header once per piece: it is replicated along the in-thread piece axis)
         assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
         assert r["atom"] == 0, (key, r)  # no counters, no atomics (h is quantized by its own launch)
+
+
+def _q4_weight(fmt, rows: int, k: int, offset: int = 0):
+    """A zeroed DeviceWeight of 2 experts [rows, k] whose rows start `offset` bytes into their buffer."""
+    import torch
+
+    from dsv4.kernels_triton.blocks import DeviceWeight
+
+    row_bytes = k // 256 * 144
+    buf = torch.zeros(2 * rows * row_bytes + offset, dtype=torch.uint8)[offset:].view(2, rows, row_bytes)
+    return DeviceWeight(fmt=fmt, shape=(2, rows, k), buf=buf, w=None, s=None, g=None, sel16=None, stride_w=0,
+                        stride_s=0, off_s=0)
+
+
+def test_q4_gluon_plans_check_once_and_reject():
+    """The static half of supports()/supports_down() (format, tile, 16-byte rows) is decided once per weight and
+    tile and handed to the launcher with the word views; formats, tiles and alignments it cannot take give None,
+    and a CPU tensor is never taken."""
+    import torch
+
+    from dsv4.kernels_triton import moe_int8, moe_int8_gluon as m
+    from dsv4.kernels_triton.configs import detect_device
+    from dsv4.quant.formats import QuantFormat
+
+    gate, up = _q4_weight(QuantFormat.Q4_K, 2048, 4096), _q4_weight(QuantFormat.Q4_K, 2048, 4096)
+    tile = moe_int8.Q4GluonTile(4)
+    plan = m._gate_up_plan(gate, up, tile)
+    assert plan is m._gate_up_plan(gate, up, tile) and plan[2] == 4096 // 256 * 36  # words per row
+    assert m._gate_up_plan(_q4_weight(QuantFormat.Q2_K, 2048, 4096), up, tile) is None
+    assert m._gate_up_plan(gate, up, moe_int8.Q4GluonTile(3)) is None  # 3 rows per thread: not a power of two
+    assert m._gate_up_plan(gate, _q4_weight(QuantFormat.Q4_K, 2048, 4096, offset=4), tile) is None  # unaligned
+    down = _q4_weight(QuantFormat.Q4_K, 4096, 2048)
+    assert m._down_plan(down, tile)[1] == 2048 // 256 * 36
+    assert m._down_plan(down, moe_int8.Q4GluonTile(4, warps_k=2)) is None  # a 4096-wide step over F = 2048
+    assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)
