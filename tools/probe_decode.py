@@ -47,6 +47,9 @@ median; % of the streaming read measured in this run). Two parts:
     u quantizer and each down tile behind the h quantizer, twice;
   * `gq4l3`: the same on three activation planes (limbs=3): the Triton stages (TUNED_LIMB3's fields) against the
     Gluon tiles, whole calls and each stage behind its quantizer, twice;
+  * `gq2`: q2 whole calls with the Q2_K down stage on moe_int8_gluon's kernel (GQ2_DOWN tiles) beside the tuned
+    config, one plane (TUNED) and three (TUNED_LIMB3), twice interleaved; then each down tile behind the h
+    quantizer, twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -333,6 +336,16 @@ Q8PFE_TILES = {"attn_output_a": [(16, 512, 4, 0), (16, 256, 2, 0), (8, 512, 2, 0
 QH_GATE_UP_TILES = [(4, 2, 1, True), (8, 1, 1, True), (8, 2, 1, True), (16, 2, 2, True), (32, 2, 4, False)]
 QH_REG_CAPS = (128, 168)  # the fused three-plane Q4_K gate/up kernel took 180 registers, 128 unfused (55)
 # `qh_reg`: register caps of the gate/up kernel above 128 (41 tried 64-128 only), with the h quantizer fused and not
+def gq2_cases(tuned):
+    """`gq2` whole calls: the tuned config, then the tuned config with each GQ2_DOWN tile on the Gluon down kernel
+    and, where the tuned config has a Gluon down tile, the Triton down stage."""
+    cases = [("tuned", tuned)]
+    if tuned.gluon_down is not None:
+        cases.append(("triton down", replace(tuned, gluon_down=None)))
+    return cases + [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=moe_int8.Q4GluonTile(*t)))
+                    for t in GQ2_DOWN]
+
+
 QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 # `dreg`: register caps of the down kernel above 128 on the tuned configs (the three-plane Q4_K down took 255, 55)
 DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
@@ -346,6 +359,10 @@ GQ4_CROSS = ([(8, 1, False, 2), (2, 1, True, 1)], [(2, 1, True, 1)])
 # `gq4l3`: the same kernels on three activation planes (limbs=3, h launched)
 GQ4L3_GATE_UP = [(2, 1, True, 1), (4, 1, False, 2), (2, 1, False, 1), (8, 1, False, 4), (4, 1, False, 1)]
 GQ4L3_DOWN = [(4, 1, False, 2), (2, 1, False, 1), (2, 1, True, 1), (8, 1, False, 4), (4, 1, False, 1)]
+
+# `gq2`: the q2 recipe's Q2_K down on moe_int8_gluon's kernel (one plane and three)
+GQ2_DOWN = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 1, False, 2), (16, 1, False, 4), (1, 1, True, 1),
+            (8, 1, True, 2)]
 
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
@@ -465,7 +482,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4l3")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -674,6 +691,21 @@ def main(argv=None) -> int:
                 for t in GQ4L3_DOWN:
                     row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant h + down", chain_down_ms(
                         hs, down, sels, replace(base, gluon_down=moe_int8.Q4GluonTile(*t)), L), dn_bytes)
+            del gate, up, down
+
+    if "gq2" in args.parts:  # q2: the tuned Q2_K down stage against moe_int8_gluon's tiles, one plane and three
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            if recipe != "q2":
+                continue
+            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                cases = gq2_cases(tuned)
+                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
+                uq = moe_int8.quant_q8_k(u, iq2_order=True, limbs=limbs)
+                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
+                for _ in range(2):
+                    for label, cfg in cases:
+                        row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
+                            chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

@@ -32,7 +32,7 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import BLOCKS_PER_WARP, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Q4GluonTile
+from .moe_int8 import BLOCKS_PER_WARP, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Q4GluonTile
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -59,6 +59,18 @@ if HAVE_GLUON:
     def _dp2a(a, b):
         """a.h0 b.b0 + a.h1 b.b1 (signed 16-bit halves of a, signed bytes 0 and 1 of b; exact): PTX dp2a.lo."""
         return gl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _dp2a_acc(a, b, c):
+        """c + _dp2a(a, b)."""
+        return gl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.jit
+    def _prmt(a, sel):
+        """Bytes of a picked by the selector nibbles of sel (PTX prmt; sel may differ per lane)."""
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $1, $2;", "=r,r,r", [a, sel], dtype=gl.int32,
                                          is_pure=True, pack=1)
 
     @gluon.jit
@@ -112,8 +124,12 @@ if HAVE_GLUON:
         return x
 
     @gluon.constexpr_function
-    def _tile_layout(rows, warps_k, warps_rows):
-        """The register layout of a tile [rows, super-blocks, lanes, 2 pieces, 4 words] (module docstring)."""
+    def _tile_layout(rows, warps_k, warps_rows, q2=False):
+        """The register layout of a tile: Q4_K [rows, super-blocks, lanes, 2 pieces, 4 words] (module docstring);
+        q2: Q2_K [rows, super-blocks, 2 halves, 2 lanes, 4 words] (_q2_offsets)."""
+        if q2:
+            return gl.BlockedLayout([rows // warps_rows, 1, 1, 1, 4], [1, BLOCKS_PER_WARP, 2, LANES_PER_BLOCK // 2, 1],
+                                    [warps_rows, warps_k, 1, 1, 1], [4, 3, 2, 1, 0])
         return gl.BlockedLayout([rows // warps_rows, 1, 1, 2, 4], [1, BLOCKS_PER_WARP, LANES_PER_BLOCK, 1, 1],
                                 [warps_rows, warps_k, 1, 1, 1], [4, 3, 2, 1, 0])
 
@@ -202,6 +218,89 @@ if HAVE_GLUON:
         return acc, accm
 
     @gluon.jit
+    def _q2_offsets(L5: gl.constexpr, NB: gl.constexpr):
+        """Word offsets of one K step (NB Q2_K super-blocks) in the tile [rows, NB, 2 halves hf, 2 lanes e,
+        4 words]: lane (hf, e) holds qs words 8 hf + 4 e .. +3, i.e. for each shift j the 16 weights
+        128 hf + 32 j + 16 e .. +15, all of sub-block 8 hf + 2 j + e. Returns the codes wq [1, NB, 2, 2, 4], the
+        header words wh [1, NB, 2, 1, 4] (scale words 2 hf and 2 hf + 1, d|dmin twice), the activation words xo
+        [NB, 2, 2, 4] of shift 0 (shift j's: 8 j more), the code sums so [NB, 2, 2] of shift 0 (2 j more), the
+        scale index bo [NB, 1, 1], the byte selector pe [1, 1, 1, 2] that moves a scale word's bytes e and
+        2 + e (the sub-blocks of shifts 0 and 1, or 2 and 3) to bytes 0 and 1, and the word index i5."""
+        b = _iota(NB, 1, 5, L5)
+        hf = _iota(2, 2, 5, L5)
+        i5 = _iota(4, 4, 5, L5)
+        wq = b * Q2K_WORDS + 4 + 8 * hf + 4 * _iota(2, 3, 5, L5) + i5
+        wh = b * Q2K_WORDS + gl.where(i5 < 2, 2 * hf + i5, Q2K_WORDS - 1)
+        LX: gl.constexpr = gl.SliceLayout(0, L5)
+        xo = _iota(NB, 0, 4, LX) * Q8K_WORDS + 32 * _iota(2, 1, 4, LX) + 4 * _iota(2, 2, 4, LX) + _iota(4, 3, 4, LX)
+        LS: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(4, L5))
+        so = _iota(NB, 0, 3, LS) * SUMS_PER_BLOCK + 8 * _iota(2, 1, 3, LS) + _iota(2, 2, 3, LS)
+        pe = 0x20 + 0x11 * _iota(2, 3, 4, gl.SliceLayout(4, L5))
+        return wq, wh, xo, so, _iota(NB, 0, 3, LS), pe, i5
+
+    @gluon.constexpr_function
+    def _q2_mask(j):
+        """0x03030303 << 2 j as a signed int32 constant."""
+        m = 0x03030303 << (2 * j)
+        return m - (1 << 32) if m >= 1 << 31 else m
+
+    @gluon.jit
+    def _q2_shift_dot(q, x_row, xo, zero5, J: gl.constexpr):
+        """Each lane's 16-weight dot of shift J: the codes masked in place (x 4^J, unsigned bytes) dotted by one
+        dp4a chain, then shifted back (exact)."""
+        x = gl.expand_dims(gl.load(x_row + 8 * J + xo), 0) + zero5
+        return _dot4(q & _q2_mask(J), x, "u32") >> (2 * J)
+
+    @gluon.jit
+    def _q2_plane_isum(q, x_row, xo, zero5, sc01, sc23):
+        """One activation plane's exact sum over a lane's four sub-blocks of sc_j isum_j (two dp2a on pairs)."""
+        p01 = _pack16(_q2_shift_dot(q, x_row, xo, zero5, 0), _q2_shift_dot(q, x_row, xo, zero5, 1))
+        p23 = _pack16(_q2_shift_dot(q, x_row, xo, zero5, 2), _q2_shift_dot(q, x_row, xo, zero5, 3))
+        return _dp2a_acc(p23, sc23, _dp2a(p01, sc01))
+
+    @gluon.jit
+    def _q2_step(q, hw, x_row, s_row, d_row, kb, xo, so, bo, pe, i5, zero5, acc, accm, stride_l,
+                 LIMBS: gl.constexpr):
+        """One K step of Q2_K codes q [R, NB, 2, 2, 4] and header words hw [R, NB, 2, 1, 4] (_q2_offsets) against
+        the activations at super-block kb (codes x_row, sums s_row, scales d_row): adds d dx isum to acc and
+        dmin dx msum to accm [R, NB, 2, 2] (quant.md 1.4). LIMBS = 3: each plane's isum exact (< 2^17), combined
+        in fp32 as moe_int8._limb_sum; msum from the fp32 code sums."""
+        zero4 = gl.sum(zero5, axis=4)
+        t01 = _prmt(gl.sum(gl.where(i5 == 0, hw, 0), axis=4) + zero4, pe + zero4)
+        t23 = _prmt(gl.sum(gl.where(i5 == 1, hw, 0), axis=4) + zero4, pe + zero4)
+        dd = gl.sum(gl.where(i5 == 2, hw, 0), axis=4)
+        sc01, sc23 = t01 & 0x0F0F, t23 & 0x0F0F
+        m01, m23 = (t01 >> 4) & 0x0F0F, (t23 >> 4) & 0x0F0F
+        xr = x_row + kb * Q8K_WORDS
+        sp = s_row + kb * SUMS_PER_BLOCK + so
+        it = _q2_plane_isum(q, xr, xo, zero5, sc01, sc23).to(gl.float32)
+        s0 = gl.expand_dims(gl.load(sp), 0)
+        s1 = gl.expand_dims(gl.load(sp + 2), 0)
+        s2 = gl.expand_dims(gl.load(sp + 4), 0)
+        s3 = gl.expand_dims(gl.load(sp + 6), 0)
+        if LIMBS > 1:
+            it = (it + _q2_plane_isum(q, xr + stride_l, xo, zero5, sc01, sc23).to(gl.float32) * (1.0 / 256.0)
+                  + _q2_plane_isum(q, xr + 2 * stride_l, xo, zero5, sc01, sc23).to(gl.float32) * (1.0 / 65536.0))
+            mn = ((m01 & 255).to(gl.float32) * s0.to(gl.float32, bitcast=True)
+                  + (m01 >> 8).to(gl.float32) * s1.to(gl.float32, bitcast=True)
+                  + (m23 & 255).to(gl.float32) * s2.to(gl.float32, bitcast=True)
+                  + (m23 >> 8).to(gl.float32) * s3.to(gl.float32, bitcast=True))
+        else:
+            mn = _dp2a_acc(_pack16(s2 + zero4, s3 + zero4), m23, _dp2a(_pack16(s0 + zero4, s1 + zero4), m01))
+            mn = mn.to(gl.float32)
+        dx = gl.expand_dims(gl.load(d_row + kb + bo), 0)
+        acc += (blocks._f16_from_bits(dd) * dx) * it
+        accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn
+        return acc, accm
+
+    @gluon.jit
+    def _to_rows(acc):
+        """Sum a per-lane accumulator over every axis but the rows."""
+        for _ in gl.static_range(len(acc.shape) - 1):
+            acc = gl.sum(acc, axis=len(acc.shape) - 1)
+        return acc
+
+    @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, F, D, KSEL, clamp,
                            stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl, ROWS: gl.constexpr,
                            WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr,
@@ -263,25 +362,32 @@ if HAVE_GLUON:
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3), 4)
 
     @gluon.jit
-    def _q4_down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
-                        stride_hs, stride_ot, stride_hl, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
-                        WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr,
-                        STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
+    def _down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
+                     stride_hs, stride_ot, stride_hl, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
+                     WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr,
+                     STEPS: gl.constexpr, LIMBS: gl.constexpr = 1, Q2: gl.constexpr = False):
         """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
         quant_q8_k's (codes hq, scales hd, sums hs): the STEPS = KSEL KSTEPS (KSTEPS = F / (256 NB)) (slot, K step)
         steps unrolled in order, every term in its lane until the final reduction (deterministic); PF as
         _q4_gate_up_kernel's. Each step's rows depend on a load of its expert id: unrolled, no step waits for the
-        previous one's. LIMBS = 3: h as three planes, stride_hl words apart."""
-        L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
+        previous one's. LIMBS = 3: h as three planes, stride_hl words apart. Q2: Q2_K weights (_q2_offsets), else
+        Q4_K."""
+        L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS, Q2)
         NB: gl.constexpr = _BPW * WARPS_K
+        WORDS: gl.constexpr = Q2K_WORDS if Q2 else Q4K_WORDS
         t = gl.program_id(0)
         pid_n = gl.program_id(1)
         rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
         rc = gl.minimum(rn, D - 1)
-        wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
-        zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
-        acc = _lane_sums(ROWS, NB, L5)
-        accm = _lane_sums(ROWS, NB, L5)
+        if Q2:
+            wq, wh, xo, so, bo, pe, i5 = _q2_offsets(L5, NB)
+            acc = gl.zeros([ROWS, NB, 2, _LPB // 2], gl.float32, layout=gl.SliceLayout(4, L5))
+            zero5 = gl.full([ROWS, NB, 2, _LPB // 2, 4], 0, gl.int32, layout=L5)
+        else:
+            wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
+            acc = _lane_sums(ROWS, NB, L5)
+            zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
+        accm = gl.zeros_like(acc)
         sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
         r5 = _rows5((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
         q = gl.load(w_ptr + r5 + wq)
@@ -293,20 +399,25 @@ if HAVE_GLUON:
             cq, chw = q, hw
             if step + 1 < STEPS:
                 r5 = _rows5((gl.load(sel_t + (step + 1) // KSTEPS).to(gl.int64) * D + rc) * stride_w
-                            + ((step + 1) % KSTEPS) * NB * Q4K_WORDS)
+                            + ((step + 1) % KSTEPS) * NB * WORDS)
                 if PF:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
             slot = t.to(gl.int64) * KSEL + step // KSTEPS
-            xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx = _acts(
-                hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd, (step % KSTEPS) * NB,
-                xo, so, bo, zero5, stride_hl, LIMBS)
-            acc, accm = _q4_step(cq, chw, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc, accm, LIMBS)
+            if Q2:
+                acc, accm = _q2_step(cq, chw, hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
+                                     hd_ptr + slot * stride_hd, (step % KSTEPS) * NB, xo, so, bo, pe, i5, zero5, acc,
+                                     accm, stride_hl, LIMBS)
+            else:
+                xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx = _acts(
+                    hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
+                    (step % KSTEPS) * NB, xo, so, bo, zero5, stride_hl, LIMBS)
+                acc, accm = _q4_step(cq, chw, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc, accm,
+                                     LIMBS)
             if not PF and step + 1 < STEPS:
                 q = gl.load(w_ptr + r5 + wq)
                 hw = gl.load(w_ptr + r5 + wh)
-        total = gl.sum(gl.sum(acc, axis=2), axis=1) - gl.sum(gl.sum(accm, axis=2), axis=1)
-        gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, total, mask=rn < D)
+        gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, _to_rows(acc) - _to_rows(accm), mask=rn < D)
 
 
 def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
@@ -336,14 +447,16 @@ def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Q4GluonTile):
 
 
 def _down_plan(down: DeviceWeight, tile: Q4GluonTile):
-    """(down words, words per row) where the Gluon down kernel takes this weight and tile (Q4_K, F a whole number
-    of steps, D of row tiles, rows 16-byte aligned), else None; cached in its plans."""
+    """(down words, words per row) where the Gluon down kernel takes this weight and tile (Q2_K, or Q4_K with rows
+    16-byte aligned (its 16-byte code loads; Q2_K's are word loads); F a whole number of steps, D of row tiles),
+    else None; cached in its plans."""
     def build():
         E, D, F = down.shape
-        if down.fmt != QuantFormat.Q4_K:
+        if down.fmt not in (QuantFormat.Q2_K, QuantFormat.Q4_K):
             return None
         dw, stride_w = moe_int8._words(down)
-        return (dw, stride_w) if _tile_ok(tile, D, F) and moe_int8._aligned16(dw, stride_w) else None
+        aligned = down.fmt == QuantFormat.Q2_K or moe_int8._aligned16(dw, stride_w)
+        return (dw, stride_w) if _tile_ok(tile, D, F) and aligned else None
     return _words_plan(("moe_int8_gluon", "down", tile), down, build)
 
 
@@ -378,10 +491,10 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
     (T, K), (_, D, F) = sel.shape, down_w.shape
     dw, stride_w = _down_plan(down_w, tile)
     out = blocks.empty((T, D), hq.device)
-    _q4_down_kernel[(T, triton.cdiv(D, tile.rows))](
+    _down_kernel[(T, triton.cdiv(D, tile.rows))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
         moe_int8._plane_stride(hq),
         ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl,
-        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq), num_warps=tile.warps,
-        **pdl_launch(pdl))
+        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq),
+        Q2=down_w.fmt == QuantFormat.Q2_K, num_warps=tile.warps, **pdl_launch(pdl))
     return out

@@ -30,6 +30,9 @@ LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False
 LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
 GATE_UP_CASES = [(tile, 1) for tile in TILES] + [(tile, 3) for tile in LIMB3_TILES]
 DOWN_CASES = [(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
+# the Q2_K down stage (q2 recipe) on the same kernel, its own layout
+Q2_DOWN_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
+                 ((16, 1, False, 4), 1), ((4, 1, False, 1), 3), ((2, 1, True, 1), 3), ((8, 1, False, 4), 3)]
 
 
 def _ids(tiles):
@@ -48,11 +51,12 @@ def poison_words(monkeypatch):
         tuple(shape), 0x7F7F7F7F, device=device, dtype=torch.int32))
 
 
-def _cfg(tile, fused: bool, down=None):
+def _cfg(tile, fused: bool, down=None, recipe="q4"):
     from dsv4.kernels_triton import moe_int8
     from dsv4.quant.formats import QuantFormat
 
-    return replace(moe_int8.TUNED[QuantFormat.Q4_K], gluon_gate_up=tile and moe_int8.Q4GluonTile(*tile),
+    fmt = QuantFormat.Q4_K if recipe == "q4" else QuantFormat.IQ2_XXS
+    return replace(moe_int8.TUNED[fmt], gluon_gate_up=tile and moe_int8.Q4GluonTile(*tile),
                    gluon_down=down and moe_int8.Q4GluonTile(*down), fuse_quant_h=fused)
 
 
@@ -99,17 +103,23 @@ def test_gluon_gate_up_h(t, tile, limbs, poison, poison_words, monkeypatch):
     _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile} {limbs}")
 
 
+ALL_DOWN_CASES = [(tile, limbs, "q4") for tile, limbs in DOWN_CASES] + [(tile, limbs, "q2")
+                                                                       for tile, limbs in Q2_DOWN_CASES]
+
+
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile,limbs", DOWN_CASES, ids=_case_ids(DOWN_CASES))
-def test_gluon_down(t, tile, limbs, poison, poison_words, monkeypatch):
+@pytest.mark.parametrize("tile,limbs,recipe", ALL_DOWN_CASES,
+                         ids=[f"{recipe}-{_case_ids([(tile, limbs)])[0]}" for tile, limbs, recipe in ALL_DOWN_CASES])
+def test_gluon_down(t, tile, limbs, recipe, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
-    raws, (gate, up, down), u, sel, wts = _moe_problem("q4", t)
+    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     h = torch.randn((t * sel.shape[1], F_EXP), device="cuda") * 0.3
     hq3 = moe_int8.quant_q8_k(h, limbs=limbs)
     _no_triton(monkeypatch, "_down_int8_kernel")
-    y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile), pdl=True)
-    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage", f"gluon down q4 T={t} {tile} {limbs}")
+    y = moe_int8.down_int8(hq3, down, sel, True, _cfg(None, False, tile, recipe), pdl=True)
+    _assert(y, _down_reference(raws, hq3, sel), "triton_moe_int8", "stage",
+            f"gluon down {recipe} T={t} {tile} {limbs}")
 
 
 def _down_reference(raws, hq3, sel):
@@ -192,3 +202,21 @@ def test_tuned_q4_three_planes_runs_the_gluon_stages(poison, poison_words, monke
     _no_triton(monkeypatch, "_down_int8_kernel", "_gate_up_int8_kernel")
     y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, detect_device("cuda"), limbs=moe_int8.LIMBS_FP32)
     _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe_int8", "limb3", "tuned gluon moe q4 limb3")
+
+
+@pytest.mark.parametrize("t", [1, 4])
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_gluon_down_q2_end_to_end(t, limbs, poison, poison_words, monkeypatch):
+    """The q2 recipe's whole moe_int8 call with the Q2_K down stage on the Gluon kernel (the IQ2_XXS gate/up on
+    Triton's): one plane within `end_to_end` of TorchOps(act_quant=True) in float64, three planes within `limb3`
+    of the float MoE; repeatable."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q2", t)
+    _no_triton(monkeypatch, "_down_int8_kernel")
+    cfg, dev = _cfg(None, False, (4, 1, True, 1), "q2"), detect_device("cuda")
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs)
+    _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
+            "end_to_end" if limbs == 1 else "limb3", f"gluon down moe q2 T={t} limbs={limbs}")
+    assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs))

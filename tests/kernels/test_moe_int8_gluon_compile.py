@@ -1,10 +1,11 @@
-"""moe_int8's Gluon Q4_K kernels (dsv4/kernels_triton/moe_int8_gluon.py) compiled for sm_90 on the CPU.
+"""moe_int8's Gluon kernels (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K gate/up, Q4_K and Q2_K down) compiled for
+sm_90 on the CPU.
 
 Gluon has no interpreter: the kernels' numerics run on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py). Here the
 code Triton emits for the tiles the GPU tests and the probe use is checked for what the layout exists for: each
-lane's weight words arrive by 16-byte loads (two code pieces and the header per row and matrix and K step), one
-dp4a per code word, nibble half and activation plane of every row the lane holds (no redundant dots), one dp2a per
-sub-block pair and plane for the scales and (one plane) one for the mins, the activations by 16-byte loads, no
+lane's Q4_K weight words arrive by 16-byte loads (two code pieces and the header per row and matrix and K step; Q2_K's
+84-byte blocks allow word loads only), one dp4a per code word, nibble half (Q2_K: shift) and activation plane of
+every row the lane holds (no redundant dots), one dp2a per sub-block pair and plane for the scales and (one plane) one for the mins, the activations by 16-byte loads, no
 atomics, and (almost) nothing spilled (ptxas' stack frame, read back by cuobjdump).
 """
 from __future__ import annotations
@@ -30,16 +31,19 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
                                            ("gu", 2, 2, False, 1, 0, 1, 1), ("dn", 4, 1, True, 1, 1, 6, 1),
                                            ("dn", 2, 1, False, 1, 1, 6, 1), ("dn", 16, 1, False, 4, 1, 6, 1),
                                            ("dn", 4, 1, True, 1, 2, 12, 1), ("gu", 2, 1, False, 1, 0, 2, 3),
-                                           ("dn", 4, 1, False, 1, 1, 6, 3)]:
-    fn = m._q4_gate_up_kernel if kind == "gu" else m._q4_down_kernel
+                                           ("dn", 4, 1, False, 1, 1, 6, 3), ("d2", 4, 1, True, 1, 1, 6, 1),
+                                           ("d2", 4, 1, False, 1, 1, 6, 3), ("d2", 8, 1, False, 2, 1, 6, 1),
+                                           ("d2", 2, 1, True, 1, 2, 12, 3)]:
+    fn = m._q4_gate_up_kernel if kind == "gu" else m._down_kernel
     sig = {n: ("i32" if n in INTS else "*i32") for n in fn.arg_names}
     sig.update({n: "*fp32" for n in ("xd_ptr", "wts_ptr", "h_ptr", "hd_ptr", "out_ptr") if n in sig})
     const = dict(ROWS=rows, WARPS_K=wk, WARPS_ROWS=wr, PF=pf, PDL=True, STEPS=st, LIMBS=lb,
-                 **({} if kind == "gu" else {"KSTEPS": ks}))
+                 **({} if kind == "gu" else {"KSTEPS": ks, "Q2": kind == "d2"}))
     if kind == "gu":
         sig["clamp"] = "fp32"
     sig.update({k: "constexpr" for k in const})
-    k = compile_gluon_sm90(fn, sig, const, DIV, wk * wr)
+    # Q2_K rows are 168 words at Flash shapes: not a multiple of 16, so not specialized
+    k = compile_gluon_sm90(fn, sig, const, [n for n in DIV if not (kind == "d2" and n == "stride_w")], wk * wr)
     ptx = k.asm["ptx"]
     stack = None
     if os.path.exists(CUOBJDUMP):
@@ -50,7 +54,9 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
         stack = int(re.search(r"STACK:(\d+)", res).group(1))
     out[f"{kind}/{rows}/{wk}/{pf}/{wr}/{ks}/{st}/{lb}"] = {
         "dp4a": len(re.findall(r"dp4a\.[su]32\.s32", ptx)), "dp2a": ptx.count("dp2a.lo.s32.s32"),
-        "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)), "atom": len(re.findall(r"atom\.global", ptx)),
+        "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)),
+        "ld4": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.b32 ", ptx)), "prmt": ptx.count("prmt.b32"),
+        "atom": len(re.findall(r"atom\.global", ptx)),
         "local": ptx.count(".local"), "stack": stack}
 print("RESULT", json.dumps(out))
 """
@@ -59,9 +65,9 @@ print("RESULT", json.dumps(out))
 MAX_STACK_BYTES = 8
 
 
-def test_q4_gluon_kernels_compile_for_sm90():
+def test_gluon_kernels_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
-    assert len(res) == 11
+    assert len(res) == 15
     for key, r in res.items():
         kind, rows, wk, pf, wr, ks, st, lb = key.split("/")
         rpt, mats, steps = int(rows) // int(wr), 2 if kind == "gu" else 1, int(st)  # rows per thread; steps unrolled
@@ -72,10 +78,12 @@ def test_q4_gluon_kernels_compile_for_sm90():
         # dp2a on one plane (int sums), in fp32 on three
         assert r["dp4a"] == rpt * mats * 16 * steps * planes, (key, r)
         assert r["dp2a"] == rpt * mats * steps * (4 if planes == 1 else 2 * planes), (key, r)
-        # 2 code pieces + the header per row, matrix and step; 4 activation loads per step and plane (2 pieces x
-        # low/high)
-        # (Triton 3.6 loads the header once per piece: it is replicated along the in-thread piece axis)
-        assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
+        if kind == "d2":  # Q2_K: 84-byte blocks, so code and header words by word loads (4 + 3 per row and step);
+            # the activations by 16-byte loads, one per shift, step and plane
+            assert r["ld16"] == 4 * steps * planes and r["ld4"] >= rpt * steps * 7, (key, r)
+        else:  # Q4_K: 2 code pieces + the header per row, matrix and step; 4 activation loads per step and plane
+            # (2 pieces x low/high) (Triton 3.6 loads the header once per piece: replicated along the piece axis)
+            assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
         assert r["atom"] == 0, (key, r)  # no counters, no atomics (h is quantized by its own launch)
 
 
