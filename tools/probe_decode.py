@@ -226,7 +226,7 @@ def gq4_label(tile) -> str:
 def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
     """`gq4` whole calls: the tuned config, each gate/up tile and each down tile on their own, and cross's pairs
     (gate/up tiles x down tiles); h has its own launch behind a Gluon gate/up."""
-    tile = moe_int8.Q4GluonTile
+    tile = moe_int8.Int8GluonTile
     cases = [("tuned", tuned)]
     cases += [(f"gluon gate/up {gq4_label(t)}", replace(tuned, gluon_gate_up=tile(*t))) for t in gate_up_tiles]
     cases += [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=tile(*t))) for t in down_tiles]
@@ -239,7 +239,7 @@ def gq4l3_cases(tuned):
     """`gq4l3` whole calls on three planes: the Triton stages (TUNED_LIMB3 without its Gluon tiles, h fused and
     launched), each GQ4L3_GATE_UP tile and each GQ4L3_DOWN tile on their own, and every pair of the first two of
     each."""
-    tile = moe_int8.Q4GluonTile
+    tile = moe_int8.Int8GluonTile
     tuned = replace(tuned, gluon_gate_up=None, gluon_down=None)
     base = replace(tuned, fuse_quant_h=False)
     cases = [("triton", tuned), ("triton, h launched", base)]
@@ -342,7 +342,7 @@ def gq2_cases(tuned):
     cases = [("tuned", tuned)]
     if tuned.gluon_down is not None:
         cases.append(("triton down", replace(tuned, gluon_down=None)))
-    return cases + [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=moe_int8.Q4GluonTile(*t)))
+    return cases + [(f"gluon down {gq4_label(t)}", replace(tuned, gluon_down=moe_int8.Int8GluonTile(*t)))
                     for t in GQ2_DOWN]
 
 
@@ -350,7 +350,7 @@ QH_REG_SWEEP = (0, 144, 168, 192, 216, 255)
 # `dreg`: register caps of the down kernel above 128 on the tuned configs (the three-plane Q4_K down took 255, 55)
 DOWN_REG_SWEEP = (0, 128, 144, 168, 192, 216)
 
-# `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles moe_int8.Q4GluonTile(rows, warps along K, prefetch,
+# `gq4`: the q4 stages on moe_int8_gluon's kernels, tiles moe_int8.Int8GluonTile(rows, warps along K, prefetch,
 # warps along rows)
 GQ4_GATE_UP = [(4, 1, False, 1), (8, 1, False, 2), (2, 1, True, 1), (16, 1, False, 4)]
 GQ4_DOWN = [(4, 1, True, 1), (2, 1, True, 1), (8, 1, False, 2)]
@@ -660,12 +660,12 @@ def main(argv=None) -> int:
                 row(f"moe_{recipe}", "tuned", "quant u + gate_up", chain_gate_up_ms(u, gate, up, sels, wts, base),
                     gu_bytes)
                 for t in GQ4_GATE_UP:
-                    cfg = replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t))
+                    cfg = replace(base, gluon_gate_up=moe_int8.Int8GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant u + gate_up",
                         chain_gate_up_ms(u, gate, up, sels, wts, cfg), gu_bytes)
                 row(f"moe_{recipe}", "tuned", "quant h + down", chain_down_ms(hs, down, sels, base), dn_bytes)
                 for t in GQ4_DOWN:
-                    cfg = replace(base, gluon_down=moe_int8.Q4GluonTile(*t))
+                    cfg = replace(base, gluon_down=moe_int8.Int8GluonTile(*t))
                     row(f"moe_{recipe}", f"gluon {gq4_label(t)}", "quant h + down", chain_down_ms(hs, down, sels, cfg),
                         dn_bytes)
             del gate, up, down
@@ -686,11 +686,11 @@ def main(argv=None) -> int:
                     chain_gate_up_ms(u, gate, up, sels, wts, base, L), gu_bytes)
                 for t in GQ4L3_GATE_UP:
                     row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant u + gate_up", chain_gate_up_ms(
-                        u, gate, up, sels, wts, replace(base, gluon_gate_up=moe_int8.Q4GluonTile(*t)), L), gu_bytes)
+                        u, gate, up, sels, wts, replace(base, gluon_gate_up=moe_int8.Int8GluonTile(*t)), L), gu_bytes)
                 row(f"moe_{recipe}", "limb3 triton", "quant h + down", chain_down_ms(hs, down, sels, base, L), dn_bytes)
                 for t in GQ4L3_DOWN:
                     row(f"moe_{recipe}", f"limb3 gluon {gq4_label(t)}", "quant h + down", chain_down_ms(
-                        hs, down, sels, replace(base, gluon_down=moe_int8.Q4GluonTile(*t)), L), dn_bytes)
+                        hs, down, sels, replace(base, gluon_down=moe_int8.Int8GluonTile(*t)), L), dn_bytes)
             del gate, up, down
 
     if "gq2" in args.parts:  # q2: the tuned Q2_K down stage against moe_int8_gluon's tiles, one plane and three

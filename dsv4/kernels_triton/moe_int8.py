@@ -15,8 +15,9 @@ the 8 signs ORed in, one prmt per 4 signed magnitudes (u's codes are quantized i
 sm_90+ every launch uses programmatic dependent launch: weight words (and the expert ids, two launches old) are
 loaded before griddepcontrol.wait, activations after it. Activation words can be read by 16-byte loads
 (blocks.load4: Triton keeps four word loads of one thread apart, and each costs L1 wavefronts), per stage (x_vec_*).
-Tiles per gate/up format: TUNED (H200 sweeps). On sm_90+ the Q4_K stages run on moe_int8_gluon's Gluon kernels
-(Int8MoeConfig.gluon_gate_up / gluon_down: the same integer dots in hand-chosen register layouts).
+Tiles per gate/up format: TUNED (H200 sweeps). On sm_90+ the Q4_K stages and the Q2_K down stage run on
+moe_int8_gluon's Gluon kernels (Int8MoeConfig.gluon_gate_up / gluon_down: the same integer dots in hand-chosen
+register layouts).
 fp32-grade activations (`limbs=3`, variant int8_limb3, the CUDA decode default of moe.moe_auto): u and h become a
 22-bit integer per value and one scale per 256 (2^-22 of the block's max|x|), stored as three signed byte planes
 (hi, mid, lo); every decoded weight word is dotted with each plane (three exact dp4a sums, combined in fp32 as
@@ -57,14 +58,14 @@ GATE_UP_FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)
 DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
 
 
-BLOCKS_PER_WARP = 8  # moe_int8_gluon: Q4_K super-blocks side by side in one warp's K step (4 lanes each)
+BLOCKS_PER_WARP = 8  # moe_int8_gluon: super-blocks side by side in one warp's K step (4 lanes each)
 
 
 @dataclass(frozen=True)
-class Q4GluonTile:
-    """Tile of moe_int8_gluon's Q4_K kernels (gate/up, down): `rows` rows per program (of gate and of up), split
-    over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per step);
-    `prefetch`: each step's weight words load before the previous step computes (the steps are unrolled)."""
+class Int8GluonTile:
+    """Tile of moe_int8_gluon's kernels (Q4_K gate/up; Q4_K and Q2_K down): `rows` rows per program (of gate and of
+    up), split over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per
+    step); `prefetch`: each step's weight words load before the previous step computes (the steps are unrolled)."""
 
     rows: int = 4
     warps_k: int = 1
@@ -112,10 +113,10 @@ class Int8MoeConfig:
     # h quantized inside the gate/up kernel by the last program of each 256-block (an arrival counter per block)
     # instead of by a quantizer launch between the stages; needs block_n_gate_up to divide 256 (else the launch)
     fuse_quant_h: bool = False
-    # Q4_K stages on moe_int8_gluon's Gluon kernels (one or three activation planes, NVIDIA sm_90+; elsewhere the
-    # Triton ones). Behind a Gluon gate/up h has its own launch, whatever fuse_quant_h says
-    gluon_gate_up: Q4GluonTile | None = None
-    gluon_down: Q4GluonTile | None = None
+    # stages on moe_int8_gluon's Gluon kernels (gate/up: Q4_K; down: Q4_K, Q2_K; one or three activation planes,
+    # NVIDIA sm_90+; elsewhere the Triton ones). Behind a Gluon gate/up h has its own launch, whatever fuse_quant_h says
+    gluon_gate_up: Int8GluonTile | None = None
+    gluon_down: Int8GluonTile | None = None
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
 
 
@@ -900,17 +901,19 @@ TRITON_Q4 = Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4, 
                           maxnreg_gate_up=168)
 TUNED = {
     # the unrolled Q2_K down kernel capped at 128 registers: quant h + down 13.0 -> 12.1 us (h200_decode/41; caps
-    # on every other tuned stage measured slower)
+    # on every other tuned stage measured slower) where Gluon is not; on sm_90+ the Gluon Q2_K down, 4 rows x 1 warp
+    # (h200_decode/69: quant h + down 11.8 -> 9.6 us, whole q2 call 30.2-31.0 -> 28.6 us)
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
-                                       maxnreg_down=128),
+                                       maxnreg_down=128, gluon_down=Int8GluonTile(4)),
     # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
     # h quantized by its own launch there (fuse_quant_h is the Triton fallback's). h200_decode/64: the whole q4 call
     # 33.4 -> 30.1 us against the previous tuned config in the same run, 31.3 with h quantized in that gate/up
     # kernel; 66: 4 gate/up rows x 1 warp 29.4 us against 8 rows x 2 warps 30.0-30.1 (in 65 29.8-30.1 both)
-    QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Q4GluonTile(4), gluon_down=Q4GluonTile(4, prefetch=True)),
+    QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Int8GluonTile(4), gluon_down=Int8GluonTile(4, prefetch=True)),
 }
-TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
+TUNED_TRITON = {QuantFormat.IQ2_XXS: replace(TUNED[QuantFormat.IQ2_XXS], gluon_down=None),
+                QuantFormat.Q4_K: TRITON_Q4}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
 # loads (25.6 -> 22.9 us); Q2_K down unrolled, 4 rows x 4 warps, 16-byte loads (19.5 -> 17.3); Q4_K gate/up as
@@ -919,15 +922,18 @@ TUNED_TRITON = {**TUNED, QuantFormat.Q4_K: TRITON_Q4}
 # without the cap the fused kernel takes 180 registers and is slower: 64.0); IQ2_XXS gate/up at 168 registers,
 # h not fused (40.8 -> 40.0-40.1 us; fused 40.5-40.7)
 TUNED_LIMB3 = {
+    # on sm_90+ the Gluon Q2_K down on three planes, 4 rows x 1 warp prefetched (h200_decode/69: quant h + down
+    # 17.9-18.3 -> 12.7 us, whole q2 call 40.2 -> 34.6 us)
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
-                                       x_vec_down=True, unroll_down=True, maxnreg_gate_up=168),
+                                       x_vec_down=True, unroll_down=True, maxnreg_gate_up=168,
+                                       gluon_down=Int8GluonTile(4, prefetch=True)),
     # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp (h launched)
     # (h200_decode/66: quant u + gate/up 28.0 -> 20.2 us, quant h + down 22.9 -> 12.8 us against the Triton
     # stages; whole call 50.3 -> 34.1 us with the next-best pair of tiles)
     QuantFormat.Q4_K: replace(TRITON_Q4, block_n_down=8, warps_down=2, prefetch_down=False,
-                              x_vec_down=True, unroll_down=True, gluon_gate_up=Q4GluonTile(2),
-                              gluon_down=Q4GluonTile(4)),
+                              x_vec_down=True, unroll_down=True, gluon_gate_up=Int8GluonTile(2),
+                              gluon_down=Int8GluonTile(4)),
 }
 CONFIGS = {
     "int8": None,  # TUNED for the gate/up format (Int8MoeConfig() for others)
@@ -950,12 +956,12 @@ from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
-            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down 4 rows, 1 warp, unrolled over the K slots, 16-byte "
-            "activation loads, at most 128 registers; Q4_K "
-            "on sm_90+ the Gluon kernels of moe_int8_gluon (gate/up 4 rows, 1 warp, prefetch, h quantized there; down "
-            "16 rows x 8 warps, unrolled), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
+            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down on sm_90+ moe_int8_gluon's kernel, 4 rows x 1 "
+            "warp, elsewhere 4 rows, 1 warp, unrolled over the K slots, 16-byte activation loads, at most 128 "
+            "registers; Q4_K on sm_90+ moe_int8_gluon's kernels (gate/up 4 rows x 1 warp, h by its own launch; down "
+            "4 rows x 1 warp, prefetched), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
     "int8_triton": "int8 on the Triton kernels alone (Q4_K: the tuned config before the Gluon stages, h quantized in "
-                   "the gate/up kernel; IQ2_XXS as int8)",
+                   "the gate/up kernel; IQ2_XXS/Q2_K: int8's Triton tiles)",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "
                  "blocks, 2 warps",
     "int8_n8": "int8 with small programs: gate/up 8 rows x 4 pairs/blocks, 2 warps; down 4 rows, 1 warp",

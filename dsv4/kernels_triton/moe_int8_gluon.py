@@ -1,5 +1,5 @@
-"""moe_int8's two stages for Q4_K experts (gate/up, down) written in Gluon (Triton's layout-explicit dialect):
-NVIDIA sm_90+.
+"""moe_int8's stages written in Gluon (Triton's layout-explicit dialect), NVIDIA sm_90+: the Q4_K gate/up and the
+down stage for Q4_K and Q2_K experts.
 
 Why: the Triton kernels (moe_int8._gate_up_int8_kernel, _down_int8_kernel) leave the register layout of their
 [rows, blocks, 4, 8] word tiles to the compiler; Nsight Compute puts the gate/up at 18 % of the warp slots with
@@ -15,6 +15,13 @@ picks the packing at compile time, so each pair of adjacent sub-blocks' scales (
 instructions as byte pairs, applied by PTX dp2a; the nibble dots are dp4a chains (high nibbles masked in place,
 dp4a.u32.s32, one shift after); a lane's four sub-blocks share one super-block, so one d dx product per step.
 The K steps are unrolled (the down kernel's over (slot, K step)).
+
+Q2_K (84-byte blocks: only word-aligned, so word loads) has its own layout in the same down kernel, [rows,
+super-blocks, 2 halves, 2 lanes, 4 words] (_q2_offsets): a lane's four qs words hold, for each of the four 2-bit
+shifts, one whole 16-weight sub-block, so each sub-block is one dp4a chain (the codes masked in place, one shift
+after), the sub-blocks of shifts 0/1 and 2/3 pair up in one scale word (a byte permute with a per-lane selector
+puts the pair's bytes side by side) and both their scales and their mins apply by dp2a
+(tools/results/h200_decode/69: quant h + down 11.8 -> 9.6 us on one plane, 18 -> 12.7 us on three).
 
 Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots and the 6-bit scale and min products
 are exact (int32), then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
@@ -32,7 +39,7 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import BLOCKS_PER_WARP, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Q4GluonTile
+from .moe_int8 import BLOCKS_PER_WARP, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Int8GluonTile
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -420,7 +427,7 @@ if HAVE_GLUON:
         gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, _to_rows(acc) - _to_rows(accm), mask=rn < D)
 
 
-def _tile_ok(tile: Q4GluonTile, n_rows: int, k: int) -> bool:
+def _tile_ok(tile: Int8GluonTile, n_rows: int, k: int) -> bool:
     return (tile.rows % tile.warps_rows == 0 and (tile.rows // tile.warps_rows) & (tile.rows // tile.warps_rows - 1)
             == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
 
@@ -432,7 +439,7 @@ def _words_plan(key, owner: DeviceWeight, build):
     return owner.plans[key]
 
 
-def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Q4GluonTile):
+def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Int8GluonTile):
     """(gate words, up words, words per row) where the Gluon gate/up takes these weights and tile (Q4_K, K a whole
     number of steps, F of row tiles, rows 16-byte aligned), else None; cached in gate's plans."""
     def build():
@@ -446,7 +453,7 @@ def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Q4GluonTile):
     return _words_plan(("moe_int8_gluon", "gate_up", tile, up.buf.data_ptr()), gate, build)
 
 
-def _down_plan(down: DeviceWeight, tile: Q4GluonTile):
+def _down_plan(down: DeviceWeight, tile: Int8GluonTile):
     """(down words, words per row) where the Gluon down kernel takes this weight and tile (Q2_K, or Q4_K with rows
     16-byte aligned (its 16-byte code loads; Q2_K's are word loads); F a whole number of steps, D of row tiles),
     else None; cached in its plans."""
@@ -460,17 +467,17 @@ def _down_plan(down: DeviceWeight, tile: Q4GluonTile):
     return _words_plan(("moe_int8_gluon", "down", tile), down, build)
 
 
-def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
+def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:
     """Whether the Gluon gate/up kernel takes this stage: CUDA sm_90+ and _gate_up_plan."""
     return HAVE_GLUON and hopper_plus(dev, x) and _gate_up_plan(gate, up, tile) is not None
 
 
-def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Q4GluonTile) -> bool:
+def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:
     """Whether the Gluon down kernel takes this stage: CUDA sm_90+ and _down_plan."""
     return HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
 
 
-def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Q4GluonTile, pdl: bool):
+def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Int8GluonTile, pdl: bool):
     """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
@@ -484,7 +491,7 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
     return h
 
 
-def down(hq3, down_w: DeviceWeight, sel, tile: Q4GluonTile, pdl: bool):
+def down(hq3, down_w: DeviceWeight, sel, tile: Int8GluonTile, pdl: bool):
     """moe_int8.down_int8 on the Gluon kernel (supports_down() must hold), h one plane or three: out [T, D] fp32,
     slots summed in order."""
     hq, hd, hs = hq3

@@ -1,13 +1,14 @@
-"""moe_int8's Gluon Q4_K gate/up and down (dsv4/kernels_triton/moe_int8_gluon.py) natively on an NVIDIA sm_90+ GPU.
+"""moe_int8's Gluon stages (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K gate/up, Q4_K and Q2_K down) natively on an
+NVIDIA sm_90+ GPU.
 
-Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel for
-sm_90 offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, 256 experts, a repeated
-expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles, on one activation plane (Q8_K) and
-on three (fp32-grade): h against float64 on the same activations (tolerance `stage`), the down stage against
-float64 on the same h (`stage`), whole moe_int8 calls against TorchOps(act_quant=True) in float64 (`end_to_end`;
-three planes: the float MoE, `limb3`) and the same bits on a second call, the tuned configs included. A Triton
-kernel that runs where the Gluon one must fails the test. Every output and scratch buffer is poisoned (NaN floats,
-0x7F7F7F7F words) before the kernel writes it.
+Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel for sm_90
+offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, the q2 recipe for the Q2_K down; 256
+experts, a repeated expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles, on one activation
+plane (Q8_K) and on three (fp32-grade): h against float64 on the same activations (tolerance `stage`), the down stage
+against float64 on the same h (`stage`), whole moe_int8 calls against TorchOps(act_quant=True) in float64 (`end_to_end`;
+three planes: the float MoE, `limb3`) and the same bits on a second call, the tuned configs included. A Triton kernel
+that runs where the Gluon one must fails the test. Every output and scratch buffer is poisoned (NaN floats, 0x7F7F7F7F
+words) before the kernel writes it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tests.gpu.test_triton_gpu import (CLAMP, D, F_EXP, NVIDIA_SM90, _assert, _d
 
 pytestmark = NVIDIA_SM90
 
-# (rows, warps along K, prefetch, warps along rows): moe_int8.Q4GluonTile
+# (rows, warps along K, prefetch, warps along rows): moe_int8.Int8GluonTile
 TILES = [(2, 1, True, 1), (4, 1, False, 1), (4, 1, True, 1), (8, 1, False, 2), (8, 1, True, 2), (2, 2, False, 1),
          (16, 1, False, 4), (1, 1, True, 1)]
 DOWN_TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (1, 1, False, 1), (8, 1, True, 2), (16, 1, False, 4)]
@@ -56,8 +57,8 @@ def _cfg(tile, fused: bool, down=None, recipe="q4"):
     from dsv4.quant.formats import QuantFormat
 
     fmt = QuantFormat.Q4_K if recipe == "q4" else QuantFormat.IQ2_XXS
-    return replace(moe_int8.TUNED[fmt], gluon_gate_up=tile and moe_int8.Q4GluonTile(*tile),
-                   gluon_down=down and moe_int8.Q4GluonTile(*down), fuse_quant_h=fused)
+    return replace(moe_int8.TUNED[fmt], gluon_gate_up=tile and moe_int8.Int8GluonTile(*tile),
+                   gluon_down=down and moe_int8.Int8GluonTile(*down), fuse_quant_h=fused)
 
 
 def _h_reference(raws, uq, sel, wts):
@@ -220,3 +221,17 @@ def test_gluon_down_q2_end_to_end(t, limbs, poison, poison_words, monkeypatch):
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
             "end_to_end" if limbs == 1 else "limb3", f"gluon down moe q2 T={t} limbs={limbs}")
     assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs))
+
+
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_tuned_q2_runs_the_gluon_down(limbs, poison, poison_words, monkeypatch):
+    """moe_int8's default q2 calls on sm_90+ (TUNED one plane, TUNED_LIMB3 three): the Q2_K down stage on the Gluon
+    kernel, within `end_to_end` / `limb3` of the float64 reference."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q2", 1)
+    _no_triton(monkeypatch, "_down_int8_kernel")
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, detect_device("cuda"), limbs=limbs)
+    _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
+            "end_to_end" if limbs == 1 else "limb3", f"tuned gluon down moe q2 limbs={limbs}")

@@ -1,12 +1,12 @@
 """moe_int8's Gluon kernels (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K gate/up, Q4_K and Q2_K down) compiled for
 sm_90 on the CPU.
 
-Gluon has no interpreter: the kernels' numerics run on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py). Here the
-code Triton emits for the tiles the GPU tests and the probe use is checked for what the layout exists for: each
-lane's Q4_K weight words arrive by 16-byte loads (two code pieces and the header per row and matrix and K step; Q2_K's
-84-byte blocks allow word loads only), one dp4a per code word, nibble half (Q2_K: shift) and activation plane of
-every row the lane holds (no redundant dots), one dp2a per sub-block pair and plane for the scales and (one plane) one for the mins, the activations by 16-byte loads, no
-atomics, and (almost) nothing spilled (ptxas' stack frame, read back by cuobjdump).
+Gluon has no interpreter: the kernels' numerics run on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py). Here the code
+Triton emits for the tiles the GPU tests and the probe use is checked for what the layout exists for: each lane's Q4_K
+weight words arrive by 16-byte loads (two code pieces and the header per row and matrix and K step; Q2_K's 84-byte
+blocks allow word loads only), one dp4a per code word, nibble half (Q2_K: shift) and activation plane of every row the
+lane holds (no redundant dots), one dp2a per sub-block pair and plane for the scales and (one plane) one for the mins,
+the activations by 16-byte loads, no atomics, and (almost) nothing spilled (ptxas' stack frame, read back by cuobjdump).
 """
 from __future__ import annotations
 
@@ -110,13 +110,13 @@ def test_q4_gluon_plans_check_once_and_reject():
     from dsv4.quant.formats import QuantFormat
 
     gate, up = _q4_weight(QuantFormat.Q4_K, 2048, 4096), _q4_weight(QuantFormat.Q4_K, 2048, 4096)
-    tile = moe_int8.Q4GluonTile(4)
+    tile = moe_int8.Int8GluonTile(4)
     plan = m._gate_up_plan(gate, up, tile)
     assert plan is m._gate_up_plan(gate, up, tile) and plan[2] == 4096 // 256 * 36  # words per row
     assert m._gate_up_plan(_q4_weight(QuantFormat.Q2_K, 2048, 4096), up, tile) is None
-    assert m._gate_up_plan(gate, up, moe_int8.Q4GluonTile(3)) is None  # 3 rows per thread: not a power of two
+    assert m._gate_up_plan(gate, up, moe_int8.Int8GluonTile(3)) is None  # 3 rows per thread: not a power of two
     assert m._gate_up_plan(gate, _q4_weight(QuantFormat.Q4_K, 2048, 4096, offset=4), tile) is None  # unaligned
     down = _q4_weight(QuantFormat.Q4_K, 4096, 2048)
     assert m._down_plan(down, tile)[1] == 2048 // 256 * 36
-    assert m._down_plan(down, moe_int8.Q4GluonTile(4, warps_k=2)) is None  # a 4096-wide step over F = 2048
+    assert m._down_plan(down, moe_int8.Int8GluonTile(4, warps_k=2)) is None  # a 4096-wide step over F = 2048
     assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)
