@@ -104,11 +104,18 @@ if HAVE_GLUON:
         return gl.convert_layout(p, gl.SliceLayout(len(q.shape) - 1, q.type.layout))  # the same registers
 
     @gluon.jit
+    def _to_rows(acc):
+        """Sum a per-lane accumulator over every axis but the rows."""
+        for _ in gl.static_range(len(acc.shape) - 1):
+            acc = gl.sum(acc, axis=len(acc.shape) - 1)
+        return acc
+
+    @gluon.jit
     def _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_row, rn, F):
         """A gate/up program's end: the per-lane sums [ROWS, ...] reduced to rows, SwiGLU and route weight, h
         stored."""
-        g = gl.sum(gl.sum(acc_g, axis=2), axis=1) - gl.sum(gl.sum(min_g, axis=2), axis=1)
-        u = gl.sum(gl.sum(acc_u, axis=2), axis=1) - gl.sum(gl.sum(min_u, axis=2), axis=1)
+        g = _to_rows(acc_g) - _to_rows(min_g)
+        u = _to_rows(acc_u) - _to_rows(min_u)
         gl.store(h_row + rn, moe._swiglu_route(g, u, wt, clamp), mask=rn < F)
 
     @gluon.constexpr_function
@@ -270,7 +277,7 @@ if HAVE_GLUON:
                  LIMBS: gl.constexpr):
         """One K step of Q2_K codes q [R, NB, 2, 2, 4] and header words hw [R, NB, 2, 1, 4] (_q2_offsets) against
         the activations at super-block kb (codes x_row, sums s_row, scales d_row): adds d dx isum to acc and
-        dmin dx msum to accm [R, NB, 2, 2] (quant.md 1.4). LIMBS = 3: each plane's isum exact (< 2^17), combined
+        dmin dx msum to accm [R, NB, 2, 2] (quant.md 1.4). LIMBS = 3: each plane's isum exact (< 2^19), combined
         in fp32 as moe_int8._limb_sum; msum from the fp32 code sums."""
         zero4 = gl.sum(zero5, axis=4)
         t01 = _prmt(gl.sum(gl.where(i5 == 0, hw, 0), axis=4) + zero4, pe + zero4)
@@ -299,13 +306,6 @@ if HAVE_GLUON:
         acc += (blocks._f16_from_bits(dd) * dx) * it
         accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn
         return acc, accm
-
-    @gluon.jit
-    def _to_rows(acc):
-        """Sum a per-lane accumulator over every axis but the rows."""
-        for _ in gl.static_range(len(acc.shape) - 1):
-            acc = gl.sum(acc, axis=len(acc.shape) - 1)
-        return acc
 
     @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, F, D, KSEL, clamp,
