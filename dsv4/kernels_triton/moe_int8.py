@@ -912,8 +912,7 @@ TUNED = {
     # kernel; 66: 4 gate/up rows x 1 warp 29.4 us against 8 rows x 2 warps 30.0-30.1 (in 65 29.8-30.1 both)
     QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Int8GluonTile(4), gluon_down=Int8GluonTile(4, prefetch=True)),
 }
-TUNED_TRITON = {QuantFormat.IQ2_XXS: replace(TUNED[QuantFormat.IQ2_XXS], gluon_down=None),
-                QuantFormat.Q4_K: TRITON_Q4}
+TUNED_TRITON = {fmt: replace(cfg, gluon_gate_up=None, gluon_down=None) for fmt, cfg in TUNED.items()}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:
 # h200_decode/39 swept every tile again: IQ2_XXS gate/up 8 rows x 1 pair, 1 warp, prefetched, 16-byte activation
 # loads (25.6 -> 22.9 us); Q2_K down unrolled, 4 rows x 4 warps, 16-byte loads (19.5 -> 17.3); Q4_K gate/up as

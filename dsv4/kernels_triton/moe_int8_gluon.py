@@ -57,28 +57,27 @@ if HAVE_GLUON:
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
 
     @gluon.jit
-    def _pack16(a, b):
-        """The low 16 bits of a and of b as one int32 (a's in the low half): PTX prmt."""
-        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, 0x5410;", "=r,r,r", [a, b], dtype=gl.int32,
+    def _prmt(a, b, sel):
+        """Bytes of the 8-byte value b:a picked by the selector nibbles of sel (PTX prmt; sel may differ per lane,
+        a constant one is folded into the instruction)."""
+        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, sel], dtype=gl.int32,
                                          is_pure=True, pack=1)
 
     @gluon.jit
-    def _dp2a(a, b):
-        """a.h0 b.b0 + a.h1 b.b1 (signed 16-bit halves of a, signed bytes 0 and 1 of b; exact): PTX dp2a.lo."""
-        return gl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, 0;", "=r,r,r", [a, b], dtype=gl.int32,
-                                         is_pure=True, pack=1)
+    def _pack16(a, b):
+        """The low 16 bits of a and of b as one int32 (a's in the low half)."""
+        return _prmt(a, b, gl.full(a.shape, 0x5410, gl.int32, layout=a.type.layout))
 
     @gluon.jit
     def _dp2a_acc(a, b, c):
-        """c + _dp2a(a, b)."""
+        """c + a.h0 b.b0 + a.h1 b.b1 (signed 16-bit halves of a, signed bytes 0 and 1 of b; exact): PTX dp2a.lo."""
         return gl.inline_asm_elementwise("dp2a.lo.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, c], dtype=gl.int32,
                                          is_pure=True, pack=1)
 
     @gluon.jit
-    def _prmt(a, sel):
-        """Bytes of a picked by the selector nibbles of sel (PTX prmt; sel may differ per lane)."""
-        return gl.inline_asm_elementwise("prmt.b32 $0, $1, $1, $2;", "=r,r,r", [a, sel], dtype=gl.int32,
-                                         is_pure=True, pack=1)
+    def _dp2a(a, b):
+        """_dp2a_acc onto 0."""
+        return _dp2a_acc(a, b, gl.zeros_like(a))
 
     @gluon.jit
     def _words(t):
@@ -280,8 +279,10 @@ if HAVE_GLUON:
         dmin dx msum to accm [R, NB, 2, 2] (quant.md 1.4). LIMBS = 3: each plane's isum exact (< 2^19), combined
         in fp32 as moe_int8._limb_sum; msum from the fp32 code sums."""
         zero4 = gl.sum(zero5, axis=4)
-        t01 = _prmt(gl.sum(gl.where(i5 == 0, hw, 0), axis=4) + zero4, pe + zero4)
-        t23 = _prmt(gl.sum(gl.where(i5 == 1, hw, 0), axis=4) + zero4, pe + zero4)
+        s01 = gl.sum(gl.where(i5 == 0, hw, 0), axis=4) + zero4
+        s23 = gl.sum(gl.where(i5 == 1, hw, 0), axis=4) + zero4
+        t01 = _prmt(s01, s01, pe + zero4)
+        t23 = _prmt(s23, s23, pe + zero4)
         dd = gl.sum(gl.where(i5 == 2, hw, 0), axis=4)
         sc01, sc23 = t01 & 0x0F0F, t23 & 0x0F0F
         m01, m23 = (t01 >> 4) & 0x0F0F, (t23 >> 4) & 0x0F0F
