@@ -482,7 +482,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, l2dn")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -706,13 +706,6 @@ def main(argv=None) -> int:
                     for label, cfg in cases:
                         row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
                             chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
-            del gate, up, down
-
-    if "l2dn" in args.parts:  # the u quantizer asking L2 for the experts' rows (moe_int8.L2Prefetch), whole calls
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                cases = [(f"l2 {m.name.lower()}", replace(tuned, l2_prefetch=int(m))) for m in moe_int8.L2Prefetch]
-                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

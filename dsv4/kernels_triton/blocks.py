@@ -13,7 +13,6 @@ No dequantized copy of a weight is ever kept. Knows block layouts only, not the 
 from __future__ import annotations
 
 import functools
-from enum import IntEnum
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -217,33 +216,6 @@ def l2_prefetch_line(p):
     """Ask L2 to fetch the line holding each element's address (PTX prefetch.global.L2; a per-lane hint)."""
     tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p.to(tl.int64)],
                               dtype=tl.int32, is_pure=False, pack=1)
-
-
-class L2Ask(IntEnum):
-    """How a kernel asks L2 for bytes it will not read itself (l2_ask; NVIDIA sm_90+ PTX)."""
-    OFF = 0
-    LINES = 1  # prefetch.global.L2, one per 128-byte line
-    LINES_LAST = 2  # prefetch.global.L2::evict_last: kept over evict_normal lines while L2 fills
-    BULK = 3  # cp.async.bulk.prefetch.L2 of L2_ASK_BULK bytes per element (one TMA request)
-
-
-L2_LINE = 128
-L2_ASK_BULK = 4096
-
-
-@triton.jit
-def l2_ask(p, MODE: tl.constexpr):
-    """Ask L2 to fetch bytes at each element's address (uint8 pointers) without waiting for them: the 128-byte
-    line (LINES, LINES_LAST) or L2_ASK_BULK bytes (BULK: 16-byte aligned, inside the buffer)."""
-    if MODE == 1:
-        tl.inline_asm_elementwise("prefetch.global.L2 [$1];\nmov.u32 $0, 0;", "=r,l", [p.to(tl.int64)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
-    elif MODE == 2:
-        tl.inline_asm_elementwise("prefetch.global.L2::evict_last [$1];\nmov.u32 $0, 0;", "=r,l",
-                                  [p.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
-    elif MODE == 3:
-        tl.inline_asm_elementwise("cp.async.bulk.prefetch.L2.global [$1], 4096;\nmov.u32 $0, 0;", "=r,l",
-                                  [p.to(tl.int64)], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -27,7 +27,6 @@ half the float kernel's time; tiles TUNED_LIMB3. Knows block layouts, not the mo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from enum import IntEnum
 
 import torch
 import triton
@@ -119,7 +118,6 @@ class Int8MoeConfig:
     gluon_gate_up: Int8GluonTile | None = None
     gluon_down: Int8GluonTile | None = None
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
-    l2_prefetch: int = 0  # an L2Prefetch: the u quantizer asks L2 for the experts' rows (NVIDIA only)
 
 
 CPU_BLOCK_N_GATE_UP = 256
@@ -207,42 +205,16 @@ def _q8k_block(x, qp, dp, sp, stride_ql, IQ2_ORDER: tl.constexpr, LIMBS: tl.cons
 
 
 @triton.jit
-def _l2_ask_expert(w_ptr, e, ebytes, c, CHUNK: tl.constexpr, MODE: tl.constexpr):
-    """Ask L2 for chunk c (CHUNK bytes) of expert e's rows of w (ebytes per expert; blocks.l2_ask)."""
-    step: tl.constexpr = blocks.L2_ASK_BULK if MODE == 3 else blocks.L2_LINE
-    off = tl.minimum(c * CHUNK + tl.arange(0, CHUNK // step) * step, ebytes - step)
-    blocks.l2_ask(w_ptr + e.to(tl.int64) * ebytes + off, MODE)
-
-
-@triton.jit
 def _q8k_quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
-                      sel_ptr=None, pf_gate=None, pf_up=None, pf_down=None, eb_gate_up=0, eb_down=0, n_chunks=1,
-                      n_q=0, IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False, LIMBS: tl.constexpr = 1,
-                      PF: tl.constexpr = 0, PF_GATE_UP: tl.constexpr = False, PF_CHUNK: tl.constexpr = 65536):
+                      IQ2_ORDER: tl.constexpr = False, PDL: tl.constexpr = False, LIMBS: tl.constexpr = 1):
     """One Q8_K block (row, 256 columns) per program, as TorchOps.quant_q8_k (_q8k_block; launched with FP
-    fusion off, QUANT_LAUNCH). PF (a blocks.L2Ask): programs n_q.. of row 0 ask L2 for the selected experts'
-    down rows (and gate/up rows: PF_GATE_UP), one PF_CHUNK of one slot's expert each: moe_int8.L2Prefetch."""
+    fusion off, QUANT_LAUNCH)."""
     r = tl.program_id(0).to(tl.int64)
     b = tl.program_id(1)
     blocks.pdl_wait(PDL)
-    if PF == 0:
-        x = tl.load(x_ptr + r * stride_x + b * QK_C + tl.arange(0, QK_C)).to(tl.float32)
-        _q8k_block(x, q_ptr + r * stride_q + b * Q8K_WORDS, d_ptr + r * stride_d + b, s_ptr + r * stride_s
-                   + b * SUMS_PER_BLOCK, stride_ql, IQ2_ORDER, LIMBS, False)
-    elif b < n_q:
-        x = tl.load(x_ptr + r * stride_x + b * QK_C + tl.arange(0, QK_C)).to(tl.float32)
-        _q8k_block(x, q_ptr + r * stride_q + b * Q8K_WORDS, d_ptr + r * stride_d + b, s_ptr + r * stride_s
-                   + b * SUMS_PER_BLOCK, stride_ql, IQ2_ORDER, LIMBS, False)
-    elif r == 0:
-        j = b - n_q
-        e = tl.load(sel_ptr + j // n_chunks)
-        c = j % n_chunks
-        if c * PF_CHUNK < eb_down:
-            _l2_ask_expert(pf_down, e, eb_down, c, PF_CHUNK, PF)
-        if PF_GATE_UP:
-            if c * PF_CHUNK < eb_gate_up:
-                _l2_ask_expert(pf_gate, e, eb_gate_up, c, PF_CHUNK, PF)
-                _l2_ask_expert(pf_up, e, eb_gate_up, c, PF_CHUNK, PF)
+    x = tl.load(x_ptr + r * stride_x + b * QK_C + tl.arange(0, QK_C)).to(tl.float32)
+    _q8k_block(x, q_ptr + r * stride_q + b * Q8K_WORDS, d_ptr + r * stride_d + b, s_ptr + r * stride_s
+               + b * SUMS_PER_BLOCK, stride_ql, IQ2_ORDER, LIMBS, False)
 
 
 @triton.jit
@@ -702,13 +674,12 @@ def empty_i32(shape, device):
 QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
 
 
-def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1, l2=None):
+def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
     scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
     the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7]).
     limbs=3 (LIMBS_FP32): fp32-grade activations, codes [3, R, C/4] (hi, mid, lo planes), sums as fp32 bits
-    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape. l2: None, or
-    (L2Prefetch, gate, up, down, sel): the same launch asks L2 for the selected experts' rows (_l2_args)."""
+    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape."""
     R, C = x.shape
     if C % QK:
         raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
@@ -719,48 +690,10 @@ def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1, l2
     s = empty_i32((R, C // SUM_GROUP), x.device)
     d = blocks.empty((R, C // QK), x.device)
     if R:
-        pf_args, pf_kw, n_pf = _l2_args(l2, C // QK)
-        _q8k_quant_kernel[(R, C // QK + n_pf)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
-                                               _plane_stride(q), *pf_args, IQ2_ORDER=iq2_order, PDL=pdl,
-                                               LIMBS=limbs, **pf_kw, **QUANT_LAUNCH, **pdl_launch(pdl))
+        _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
+                                        _plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs,
+                                        **QUANT_LAUNCH, **pdl_launch(pdl))
     return q, d, s
-
-
-class L2Prefetch(IntEnum):
-    """What the u quantizer launch asks L2 for (Int8MoeConfig.l2_prefetch): the selected experts' down rows, or
-    their gate/up and down rows, by blocks.L2Ask lines / evict_last lines / bulk requests. The idea: the gate/up
-    stage leaves DRAM idle part of the time (the q2 one reads 26 MB in ~16 us), so the down rows can arrive in L2
-    before the down stage asks for them."""
-    OFF = 0
-    DOWN_LINES = 1
-    DOWN_LAST = 2
-    DOWN_BULK = 3
-    ALL_LINES = 4
-    ALL_BULK = 5
-
-    @property
-    def ask(self) -> blocks.L2Ask:
-        return {0: blocks.L2Ask.OFF, 1: blocks.L2Ask.LINES, 2: blocks.L2Ask.LINES_LAST, 3: blocks.L2Ask.BULK,
-                4: blocks.L2Ask.LINES, 5: blocks.L2Ask.BULK}[int(self)]
-
-
-L2_CHUNK = 65536  # bytes of one expert's rows per prefetching program
-
-
-def _l2_args(l2, n_q: int):
-    """(kernel args, constexprs, extra programs) of quant_q8_k's l2 option: one program per (slot, L2_CHUNK)."""
-    if l2 is None or l2[0] == L2Prefetch.OFF:
-        return (), {}, 0
-    mode, gate, up, down, sel = l2
-    eb_gu = gate.buf[0].numel()
-    eb_dn = down.buf[0].numel()
-    if (eb_gu | eb_dn) % blocks.L2_ASK_BULK or gate.buf.shape != up.buf.shape:
-        raise ValueError("L2 prefetch needs expert slices of a multiple of 4096 bytes and gate/up of one shape")
-    n_chunks = triton.cdiv(max(eb_gu, eb_dn), L2_CHUNK)
-    all_ = mode in (L2Prefetch.ALL_LINES, L2Prefetch.ALL_BULK)
-    flat = sel.reshape(-1)
-    args = (flat, gate.buf, up.buf, down.buf, eb_gu, eb_dn, n_chunks, n_q)
-    return args, dict(PF=int(mode.ask), PF_GATE_UP=all_, PF_CHUNK=L2_CHUNK), flat.numel() * n_chunks
 
 
 def _limbs(q) -> int:
@@ -836,8 +769,7 @@ def fused_int8(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
         return blocks.empty((0, D), u.device)
     asm = use_asm(dev, u)
     pdl = cfg.pdl and use_pdl(dev, u)
-    l2 = (L2Prefetch(cfg.l2_prefetch), gate, up, down, sel) if cfg.l2_prefetch and asm else None
-    uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs, l2=l2)
+    uq = quant_q8_k(u, iq2_order=uses_iq2_order(gate), pdl=pdl, limbs=limbs)
     # the Gluon gate/up never quantizes h (slower than its own launch there: h200_decode/63-65)
     if fuses_quant_h(cfg) and not _gluon_gate_up(cfg, gate, up, dev, uq[0], asm):
         hq3 = gate_up_int8(uq, gate, up, sel, weights, clamp, asm, cfg, pdl, quant_h=limbs, dev=dev)
