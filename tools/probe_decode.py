@@ -364,6 +364,13 @@ GQ4L3_DOWN = [(4, 1, False, 2), (2, 1, False, 1), (2, 1, True, 1), (8, 1, False,
 GQ2_DOWN = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 1, False, 2), (16, 1, False, 4), (1, 1, True, 1),
             (8, 1, True, 2)]
 
+# `gflat`: flat down tiles (two warps along the token's slots: a step takes two slots, 3 steps at K = 6)
+GFLAT_DOWN = [(4, 2, True, 1), (4, 2, False, 1), (2, 2, True, 1), (2, 2, False, 1), (8, 2, False, 2), (8, 2, True, 2),
+              (8, 2, False, 1)]
+
+# `gquant`: the flat down tiles that gained in `gflat` (one plane)
+GQUANT_FLAT = [(8, 2, False, 1), (4, 2, True, 1)]
+
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
 
@@ -482,7 +489,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, launches, qwarps, gflat, gquant")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -706,6 +713,88 @@ def main(argv=None) -> int:
                     for label, cfg in cases:
                         row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
                             chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
+            del gate, up, down
+
+    if "launches" in args.parts:  # the tuned calls with the Q8_K launches of u and/or h left out (given): what
+        # the launch boundaries cost (the floor of a call that quantizes u and h inside the GEMV kernels)
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, cfg in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                iq2 = moe_int8.uses_iq2_order(gate)
+                uq = moe_int8.quant_q8_k(u, iq2, limbs=limbs)
+                hqs = [moe_int8.quant_q8_k(moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cfg), limbs=limbs)
+                       for s in sels]
+
+                def gu(s, q=None):
+                    return moe_int8.gate_up_int8(q or moe_int8.quant_q8_k(u, iq2, True, limbs), gate, up, s, wts,
+                                                 CLAMP, True, cfg, True)
+
+                def dn(s, h=None, hq=None):
+                    return moe_int8.down_int8(hq or moe_int8.quant_q8_k(h, pdl=True, limbs=limbs), down, s, True, cfg,
+                                              True)
+                chains = {
+                    "4 launches (whole call)": [lambda s=s: dn(s, gu(s)) for s in sels],
+                    "3 launches (h given)": [lambda s=s, hq=hq: (gu(s), dn(s, hq=hq)) for s, hq in zip(sels, hqs)],
+                    "3 launches (u given)": [lambda s=s: dn(s, gu(s, uq)) for s in sels],
+                    "2 launches (u, h given)": [lambda s=s, hq=hq: (gu(s, uq), dn(s, hq=hq)) for s, hq in zip(sels, hqs)],
+                    "gate/up alone (u given)": [lambda s=s: gu(s, uq) for s in sels],
+                    "down alone (h given)": [lambda s=s, hq=hq: dn(s, hq=hq) for s, hq in zip(sels, hqs)],
+                }
+                for _ in range(2):
+                    for label, calls in chains.items():
+                        nb = gu_bytes if label.startswith("gate") else dn_bytes if label.startswith("down") else \
+                            gu_bytes + dn_bytes
+                        row(f"moe_{recipe}", f"limbs={limbs} tuned", label, graph_time_ms(calls), nb)
+            del gate, up, down
+
+    if "qwarps" in args.parts:  # warps of the Q8_K quantizer launches (moe_int8.QUANT_LAUNCH), whole tuned calls
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, cfg in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                base = dict(moe_int8.QUANT_LAUNCH)
+                for _ in range(2):
+                    for w in (2, 1, 4, 8):
+                        moe_int8.QUANT_LAUNCH.update(num_warps=w)
+                        row(f"moe_{recipe}", f"limbs={limbs} tuned, quantizer {w} warps", "whole",
+                            whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
+                moe_int8.QUANT_LAUNCH.update(base)
+            del gate, up, down
+
+    if "gflat" in args.parts:  # moe_int8_gluon's down kernel in FLAT mode (warps along the token's slots)
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                cases = [("tuned", tuned)] + [(f"flat down {gq4_label(t)}",
+                                               replace(tuned, gluon_down=moe_int8.Int8GluonTile(*t))) for t in GFLAT_DOWN]
+                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
+                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
+                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
+                for _ in range(2):
+                    for label, cfg in cases:
+                        row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
+                            chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
+            del gate, up, down
+
+    if "gquant" in args.parts:  # the Q8_K quantizer launches: Triton (2 warps, 1 warp) against moe_int8_gluon's,
+        # whole tuned calls, and with the best flat down tiles of `gflat` (h200_decode/78)
+        quant_triton = moe_int8._gluon_quant
+        base_launch = dict(moe_int8.QUANT_LAUNCH)
+        kernels = {"triton 2 warps": (lambda i: False, 2), "triton 1 warp": (lambda i: False, 1),
+                   "gluon": (quant_triton, base_launch["num_warps"])}
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
+                cfgs = {"tuned": tuned}
+                cfgs.update({f"flat down {gq4_label(t)}": replace(tuned, gluon_down=moe_int8.Int8GluonTile(*t))
+                             for t in GQUANT_FLAT})
+                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned, limbs)
+                for _ in range(2):
+                    for kname, (sel_fn, warps) in kernels.items():
+                        moe_int8._gluon_quant = sel_fn
+                        moe_int8.QUANT_LAUNCH.update(num_warps=warps)
+                        for cname, cfg in cfgs.items():
+                            y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
+                            same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
+                            row(f"moe_{recipe}", f"limbs={limbs} {cname}, quant {kname}", f"whole ({same})",
+                                whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
+                        moe_int8._gluon_quant = quant_triton
+                        moe_int8.QUANT_LAUNCH.update(base_launch)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

@@ -26,6 +26,7 @@ half the float kernel's time; tiles TUNED_LIMB3. Knows block layouts, not the mo
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -674,12 +675,13 @@ def empty_i32(shape, device):
 QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
 
 
-def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1):
+def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1, gluon: bool | None = None):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
     scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
     the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7]).
     limbs=3 (LIMBS_FP32): fp32-grade activations, codes [3, R, C/4] (hi, mid, lo planes), sums as fp32 bits
-    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape."""
+    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape. gluon: moe_int8_gluon's
+    kernel (the same values; None: where it runs, CUDA sm_90+)."""
     R, C = x.shape
     if C % QK:
         raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
@@ -689,11 +691,29 @@ def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1):
     q = empty_i32((R, C // 4) if limbs == 1 else (limbs, R, C // 4), x.device)
     s = empty_i32((R, C // SUM_GROUP), x.device)
     d = blocks.empty((R, C // QK), x.device)
+    if R and gluon is not False and x.is_cuda:
+        if _gluon_quant(x.device.index):
+            from . import moe_int8_gluon
+
+            moe_int8_gluon.quant(x, q, d, s, iq2_order, pdl, limbs)
+            return q, d, s
+        if gluon:
+            raise ValueError("the Gluon Q8_K quantizer needs CUDA sm_90+ with Gluon")
     if R:
         _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
                                         _plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs,
                                         **QUANT_LAUNCH, **pdl_launch(pdl))
     return q, d, s
+
+
+@functools.lru_cache(maxsize=None)
+def _gluon_quant(index: int) -> bool:
+    """Whether quant_q8_k runs moe_int8_gluon's kernel on CUDA device `index` (decided once per device)."""
+    import torch
+
+    from . import moe_int8_gluon
+
+    return moe_int8_gluon.supports_quant(detect_device(torch.device("cuda", index)), torch.empty(0, device="cuda"))
 
 
 def _limbs(q) -> int:
@@ -864,7 +884,8 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     if cfg.gluon_down is not None and asm:
         from . import moe_int8_gluon
 
-        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, cfg.gluon_down):
+        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, cfg.gluon_down,
+                                        sel.shape[1]):
             return moe_int8_gluon.down(hq3, down, sel, cfg.gluon_down, pdl)
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)

@@ -39,7 +39,7 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import BLOCKS_PER_WARP, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUMS_PER_BLOCK, Int8GluonTile
+from .moe_int8 import BLOCKS_PER_WARP, QK, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUM_GROUP, SUMS_PER_BLOCK, Int8GluonTile
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -364,22 +364,124 @@ if HAVE_GLUON:
                 uh = gl.load(uw_ptr + hoff + nxt)
         _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr + slot.to(gl.int64) * stride_ht, rn, F)
 
+    # One Q8_K block as [16 code-sum groups, 2 halves, 8 values]: a lane holds 8 consecutive values (two 16-byte
+    # loads, two code words per plane packed in its registers), two lanes make a 16-value sum group (one shuffle)
+    _QL: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 1, 8], [16, 2, 1], [1, 1, 1], [2, 1, 0]))
+    _QL2: gl.constexpr = gl.constexpr(gl.SliceLayout(2, _QL.value))
+
+    @gluon.jit
+    def _all3(v, OP: gl.constexpr):
+        """max (OP 0), min (1) or sum (2) of a [16, 2, 8] tensor."""
+        if OP == 0:
+            r = gl.max(gl.max(gl.max(v, axis=2), axis=1), axis=0)
+        elif OP == 1:
+            r = gl.min(gl.min(gl.min(v, axis=2), axis=1), axis=0)
+        else:
+            r = gl.sum(gl.sum(gl.sum(v, axis=2), axis=1), axis=0)
+        return r
+
+    @gluon.jit
+    def _store_codes(qp, c, j, w2, IQ2_ORDER: gl.constexpr):
+        """Pack int32 codes c [16, 2, 8] (-128..127) four per word in the lane's registers and store the words
+        (moe_int8._pack_words' order; w2 [16, 2]: each 8-value group's first word index)."""
+        if IQ2_ORDER:  # words [c0 c4 c1 c5] [c2 c6 c3 c7] per 8 values
+            first = ((j >> 1) & 1) == 0
+            v = (c & 255) << (8 * (2 * (j & 1) + (j >> 2)))
+        else:
+            first = j < 4
+            v = (c & 255) << (8 * (j & 3))
+        gl.store(qp + w2, gl.sum(gl.where(first, v, 0), axis=2))  # disjoint bytes: sum == or
+        gl.store(qp + w2 + 1, gl.sum(gl.where(first, 0, v), axis=2))
+
+    @gluon.jit
+    def _quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
+                      IQ2_ORDER: gl.constexpr, PDL: gl.constexpr, LIMBS: gl.constexpr):
+        """moe_int8._q8k_quant_kernel (one Q8_K block per one-warp program, the same values bit for bit) in the
+        _QL layout: no value crosses lanes but for the block's max (and on one plane the first index of it) and
+        the 16-value sums. Shorter dependent chain than the Triton kernel's (its packing shuffles bytes between
+        lanes), and the next kernel waits on this one (tools/results/h200_decode/79)."""
+        r = gl.program_id(0).to(gl.int64)
+        b = gl.program_id(1)
+        g = _iota(16, 0, 3, _QL)
+        j = _iota(8, 2, 3, _QL)
+        i = g * 16 + _iota(2, 1, 3, _QL) * 8 + j
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+        x = gl.load(x_ptr + r * stride_x + b * moe_int8.QK_C + i).to(gl.float32)
+        ax = gl.abs(x)
+        amax = _all3(ax, 0)
+        zero = gl.zeros_like(x)
+        qp = q_ptr + r * stride_q + b * Q8K_WORDS
+        w2 = _iota(16, 0, 2, _QL2) * 4 + _iota(2, 1, 2, _QL2) * 2
+        sp = s_ptr + r * stride_s + b * SUMS_PER_BLOCK + gl.arange(0, 16, layout=gl.SliceLayout(1, _QL2))
+        if LIMBS == 1:
+            first = _all3(gl.where(ax == amax, i, moe_int8.QK_C), 1)
+            mx = _all3(gl.where(i == first, x, 0.0), 2)
+            nz = mx != 0.0
+            iscale = gl.where(nz, gl.div_rn(-127.0, gl.where(nz, mx, 1.0)), 0.0)
+            y = _mul_rn(zero + iscale, x)
+            c = gl.minimum((y + moe_int8.ROUND_MAGIC) - moe_int8.ROUND_MAGIC, 127.0).to(gl.int32)
+            d = gl.where(nz, gl.div_rn(1.0, gl.where(nz, iscale, 1.0)), 0.0)
+            _store_codes(qp, c, j, w2, IQ2_ORDER)
+            gl.store(sp, gl.sum(gl.sum(c, axis=2), axis=1))
+        else:
+            nz = amax != 0.0
+            iscale = gl.where(nz, gl.div_rn(moe_int8.LIMB_MAX_F, gl.where(nz, amax, 1.0)), 0.0)
+            y = _mul_rn(zero + iscale, x)
+            c = gl.minimum(gl.maximum((y + moe_int8.ROUND_MAGIC) - moe_int8.ROUND_MAGIC, -moe_int8.LIMB_MAX_F),
+                           moe_int8.LIMB_MAX_F).to(gl.int32)
+            lo = ((c + 128) & 255) - 128
+            r1 = (c - lo) >> 8
+            mid = ((r1 + 128) & 255) - 128
+            _store_codes(qp, (r1 - mid) >> 8, j, w2, IQ2_ORDER)
+            _store_codes(qp + stride_ql, mid, j, w2, IQ2_ORDER)
+            _store_codes(qp + 2 * stride_ql, lo, j, w2, IQ2_ORDER)
+            sums = gl.sum(gl.sum(c, axis=2), axis=1).to(gl.float32) * (1.0 / 65536.0)
+            gl.store(sp, sums.to(gl.int32, bitcast=True))
+            d = gl.where(nz, gl.div_rn(65536.0, gl.where(nz, iscale, 1.0)), 0.0)
+        gl.store(d_ptr + r * stride_d + b, d)
+
+    @gluon.jit
+    def _mul_rn(a, b):
+        """fp32 a * b rounded on its own (never contracted into an FMA), as moe_int8._mul_rn."""
+        return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32,
+                                         is_pure=True, pack=1)
+
     @gluon.jit
     def _rows5(roff):
         """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1, 1]."""
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3), 4)
 
     @gluon.jit
+    def _down_rows(sel_t, rc, D, stride_w, step, L5: gl.constexpr, NB: gl.constexpr, WORDS: gl.constexpr,
+                   KSTEPS: gl.constexpr, FLAT: gl.constexpr):
+        """Word offsets [ROWS, 1 or NB, 1, 1, 1] of step `step`'s weight rows (plus the tile's b * WORDS: wq, wh).
+        KSTEPS steps per slot; FLAT (KSTEPS super-blocks per row): a step spans NB / KSTEPS slots, super-block b
+        of the step in slot (step NB + b) / KSTEPS."""
+        if FLAT:
+            g = step * NB + _iota(NB, 1, 5, L5)
+            e = gl.load(sel_t + g // KSTEPS).to(gl.int64)
+            r5 = _rows5(rc.to(gl.int64) * stride_w) + e * D * stride_w + (g % KSTEPS - (g - step * NB)) * WORDS
+        else:
+            r5 = (_rows5((gl.load(sel_t + step // KSTEPS).to(gl.int64) * D + rc) * stride_w)
+                  + (step % KSTEPS) * NB * WORDS)
+        return r5
+
+    @gluon.jit
     def _down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
                      stride_hs, stride_ot, stride_hl, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
                      WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr,
-                     STEPS: gl.constexpr, LIMBS: gl.constexpr = 1, Q2: gl.constexpr = False):
+                     STEPS: gl.constexpr, LIMBS: gl.constexpr = 1, Q2: gl.constexpr = False,
+                     FLAT: gl.constexpr = False):
         """out[t, d] = sum over i < KSEL of down[sel[t KSEL + i]][d, :] @ h[t KSEL + i, :] for ROWS rows d, h as
         quant_q8_k's (codes hq, scales hd, sums hs): the STEPS = KSEL KSTEPS (KSTEPS = F / (256 NB)) (slot, K step)
         steps unrolled in order, every term in its lane until the final reduction (deterministic); PF as
         _q4_gate_up_kernel's. Each step's rows depend on a load of its expert id: unrolled, no step waits for the
         previous one's. LIMBS = 3: h as three planes, stride_hl words apart. Q2: Q2_K weights (_q2_offsets), else
-        Q4_K."""
+        Q4_K. FLAT (NB a multiple of the F / 256 = KSTEPS super-blocks of a row; h's slot rows contiguous): the
+        token's slots as one K axis, a step takes NB / KSTEPS slots side by side (with WARPS_K warps, each warp its
+        own slots: fewer steps in each warp's chain), STEPS = KSEL KSTEPS / NB."""
         L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS, Q2)
         NB: gl.constexpr = _BPW * WARPS_K
         WORDS: gl.constexpr = Q2K_WORDS if Q2 else Q4K_WORDS
@@ -397,7 +499,7 @@ if HAVE_GLUON:
             zero5 = gl.full([ROWS, NB, _LPB, 2, 4], 0, gl.int32, layout=L5)
         accm = gl.zeros_like(acc)
         sel_t = sel_ptr + t * KSEL  # the token's expert ids (older than the previous kernel)
-        r5 = _rows5((gl.load(sel_t).to(gl.int64) * D + rc) * stride_w)
+        r5 = _down_rows(sel_t, rc, D, stride_w, 0, L5, NB, WORDS, KSTEPS, FLAT)
         q = gl.load(w_ptr + r5 + wq)
         hw = gl.load(w_ptr + r5 + wh)
         if PDL:
@@ -406,20 +508,24 @@ if HAVE_GLUON:
         for step in gl.static_range(STEPS):
             cq, chw = q, hw
             if step + 1 < STEPS:
-                r5 = _rows5((gl.load(sel_t + (step + 1) // KSTEPS).to(gl.int64) * D + rc) * stride_w
-                            + ((step + 1) % KSTEPS) * NB * WORDS)
+                r5 = _down_rows(sel_t, rc, D, stride_w, step + 1, L5, NB, WORDS, KSTEPS, FLAT)
                 if PF:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
-            slot = t.to(gl.int64) * KSEL + step // KSTEPS
+            if FLAT:  # the token's slot rows as one run of super-blocks
+                slot = t.to(gl.int64) * KSEL
+                kb = step * NB
+            else:
+                slot = t.to(gl.int64) * KSEL + step // KSTEPS
+                kb = (step % KSTEPS) * NB
             if Q2:
                 acc, accm = _q2_step(cq, chw, hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
-                                     hd_ptr + slot * stride_hd, (step % KSTEPS) * NB, xo, so, bo, pe, i5, zero5, acc,
+                                     hd_ptr + slot * stride_hd, kb, xo, so, bo, pe, i5, zero5, acc,
                                      accm, stride_hl, LIMBS)
             else:
                 xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx = _acts(
                     hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs, hd_ptr + slot * stride_hd,
-                    (step % KSTEPS) * NB, xo, so, bo, zero5, stride_hl, LIMBS)
+                    kb, xo, so, bo, zero5, stride_hl, LIMBS)
                 acc, accm = _q4_step(cq, chw, xl0, xh0, xl1, xh1, xl2, xh2, s_a, s_b, dx, jm, pc, i5, acc, accm,
                                      LIMBS)
             if not PF and step + 1 < STEPS:
@@ -464,8 +570,20 @@ def _down_plan(down: DeviceWeight, tile: Int8GluonTile):
             return None
         dw, stride_w = moe_int8._words(down)
         aligned = down.fmt == QuantFormat.Q2_K or moe_int8._aligned16(dw, stride_w)
-        return (dw, stride_w) if _tile_ok(tile, D, F) and aligned else None
+        return (dw, stride_w) if (_tile_ok(tile, D, F) or _flat_ok(tile, D, F)) and aligned else None
     return _words_plan(("moe_int8_gluon", "down", tile), down, build)
+
+
+def _flat_ok(tile: Int8GluonTile, n_rows: int, f: int) -> bool:
+    """Whether the down kernel's FLAT mode takes the tile: a step wider than a row of F inputs, a whole number of
+    rows (_tile_ok's row conditions; the slot count is checked per call: flat_steps)."""
+    return (tile.block_k > f and tile.block_k % f == 0 and f % QK == 0 and tile.rows % tile.warps_rows == 0
+            and n_rows % tile.rows == 0 and tile.warps_k & (tile.warps_k - 1) == 0)
+
+
+def flat_steps(tile: Int8GluonTile, f: int, k_sel: int) -> int:
+    """FLAT-mode steps for k_sel slots of F inputs, 0 when the slots are not a whole number of steps."""
+    return k_sel * f // tile.block_k if (k_sel * f) % tile.block_k == 0 else 0
 
 
 def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:
@@ -473,9 +591,25 @@ def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Int
     return HAVE_GLUON and hopper_plus(dev, x) and _gate_up_plan(gate, up, tile) is not None
 
 
-def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:
-    """Whether the Gluon down kernel takes this stage: CUDA sm_90+ and _down_plan."""
-    return HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
+def quant(x, q, d, s, iq2_order: bool, pdl: bool, limbs: int):
+    """moe_int8.quant_q8_k's launch on _quant_kernel (x [R, C] on CUDA sm_90+ with Gluon; outputs as there)."""
+    R, C = x.shape
+    _quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
+                                moe_int8._plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs, num_warps=1,
+                                **pdl_launch(pdl))
+
+
+def supports_quant(dev: DeviceInfo, x) -> bool:
+    """Whether moe_int8.quant_q8_k runs _quant_kernel: CUDA sm_90+ with Gluon."""
+    return HAVE_GLUON and hopper_plus(dev, x)
+
+
+def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile, k_sel: int) -> bool:
+    """Whether the Gluon down kernel takes this stage for k_sel slots per token: CUDA sm_90+, _down_plan, and for a
+    flat tile (a step wider than F) slots filling whole steps."""
+    F = down.shape[-1]
+    return (HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
+            and (tile.block_k <= F or flat_steps(tile, F, k_sel) > 0))
 
 
 def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Int8GluonTile, pdl: bool):
@@ -498,11 +632,16 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Int8GluonTile, pdl: bool):
     hq, hd, hs = hq3
     (T, K), (_, D, F) = sel.shape, down_w.shape
     dw, stride_w = _down_plan(down_w, tile)
+    flat = tile.block_k > F
+    if flat and not (flat_steps(tile, F, K) and hq.stride(-2) * 4 == F and hs.stride(0) * SUM_GROUP == F
+                     and hd.stride(0) * QK == F):
+        raise ValueError(f"the flat down tile {tile} needs {K} slots of {F} inputs to fill whole steps and h's slot "
+                         "rows contiguous")
     out = blocks.empty((T, D), hq.device)
     _down_kernel[(T, triton.cdiv(D, tile.rows))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
         moe_int8._plane_stride(hq),
         ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl,
-        KSTEPS=F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq),
-        Q2=down_w.fmt == QuantFormat.Q2_K, num_warps=tile.warps, **pdl_launch(pdl))
+        KSTEPS=F // QK if flat else F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq),
+        Q2=down_w.fmt == QuantFormat.Q2_K, FLAT=flat, num_warps=tile.warps, **pdl_launch(pdl))
     return out

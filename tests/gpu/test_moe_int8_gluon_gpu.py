@@ -25,15 +25,19 @@ pytestmark = NVIDIA_SM90
 # (rows, warps along K, prefetch, warps along rows): moe_int8.Int8GluonTile
 TILES = [(2, 1, True, 1), (4, 1, False, 1), (4, 1, True, 1), (8, 1, False, 2), (8, 1, True, 2), (2, 2, False, 1),
          (16, 1, False, 4), (1, 1, True, 1)]
-DOWN_TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (1, 1, False, 1), (8, 1, True, 2), (16, 1, False, 4)]
+# (.., 2 warps along K, ..): FLAT down tiles at F = 2048, each warp its own slots (a step takes two)
+DOWN_TILES = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (1, 1, False, 1), (8, 1, True, 2), (16, 1, False, 4),
+              (8, 2, False, 1), (4, 2, True, 1)]
 # on three activation planes (quant_q8_k(limbs=3), 22-bit codes)
 LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False, 4), (2, 2, False, 1)]
-LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4)]
+LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4),
+                    (8, 2, False, 1)]
 GATE_UP_CASES = [(tile, 1) for tile in TILES] + [(tile, 3) for tile in LIMB3_TILES]
 DOWN_CASES = [(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
 # the Q2_K down stage (q2 recipe) on the same kernel, its own layout
 Q2_DOWN_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
-                 ((16, 1, False, 4), 1), ((4, 1, False, 1), 3), ((2, 1, True, 1), 3), ((8, 1, False, 4), 3)]
+                 ((16, 1, False, 4), 1), ((4, 1, False, 1), 3), ((2, 1, True, 1), 3), ((8, 1, False, 4), 3),
+                 ((4, 2, True, 1), 1), ((4, 2, False, 1), 3)]
 
 
 def _ids(tiles):
