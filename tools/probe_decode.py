@@ -368,9 +368,6 @@ GQ2_DOWN = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 1, False, 2)
 GFLAT_DOWN = [(4, 2, True, 1), (4, 2, False, 1), (2, 2, True, 1), (2, 2, False, 1), (8, 2, False, 2), (8, 2, True, 2),
               (8, 2, False, 1)]
 
-# `gquant`: the flat down tiles that gained in `gflat` (one plane)
-GQUANT_FLAT = [(8, 2, False, 1), (4, 2, True, 1)]
-
 # `reg`: register caps (PTX .maxnreg) of the int8 MoE stages; 0 = none
 REG_CAPS = (0, 64, 80, 96, 128)
 
@@ -489,7 +486,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, launches, qwarps, gflat, gquant")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, launches, qwarps, gflat")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -770,31 +767,6 @@ def main(argv=None) -> int:
                     for label, cfg in cases:
                         row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
                             chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
-            del gate, up, down
-
-    if "gquant" in args.parts:  # the Q8_K quantizer launches: Triton (2 warps, 1 warp) against moe_int8_gluon's,
-        # whole tuned calls, and with the best flat down tiles of `gflat` (h200_decode/78)
-        quant_triton = moe_int8._gluon_quant
-        base_launch = dict(moe_int8.QUANT_LAUNCH)
-        kernels = {"triton 2 warps": (lambda i: False, 2), "triton 1 warp": (lambda i: False, 1),
-                   "gluon": (quant_triton, base_launch["num_warps"])}
-        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
-            for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                cfgs = {"tuned": tuned}
-                cfgs.update({f"flat down {gq4_label(t)}": replace(tuned, gluon_down=moe_int8.Int8GluonTile(*t))
-                             for t in GQUANT_FLAT})
-                ref = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, tuned, limbs)
-                for _ in range(2):
-                    for kname, (sel_fn, warps) in kernels.items():
-                        moe_int8._gluon_quant = sel_fn
-                        moe_int8.QUANT_LAUNCH.update(num_warps=warps)
-                        for cname, cfg in cfgs.items():
-                            y = moe_int8.fused_int8(u, gate, up, down, sels[0], wts, CLAMP, dev, cfg, limbs)
-                            same = "bitwise equal" if torch.equal(y, ref) else f"rel diff {rel_diff(y, ref):.1e}"
-                            row(f"moe_{recipe}", f"limbs={limbs} {cname}, quant {kname}", f"whole ({same})",
-                                whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), gu_bytes + dn_bytes)
-                        moe_int8._gluon_quant = quant_triton
-                        moe_int8.QUANT_LAUNCH.update(base_launch)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

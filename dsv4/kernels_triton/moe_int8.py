@@ -26,7 +26,6 @@ half the float kernel's time; tiles TUNED_LIMB3. Knows block layouts, not the mo
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, replace
 
 import torch
@@ -671,17 +670,19 @@ def empty_i32(shape, device):
     return torch.empty(tuple(shape), device=device, dtype=torch.int32)
 
 
-# No FMA contraction in the quantizer: rint must see the fp32-rounded product iscale * x, as torch does.
-QUANT_LAUNCH = dict(num_warps=2, enable_fp_fusion=False)
+# No FMA contraction in the quantizer: rint must see the fp32-rounded product iscale * x, as torch does. One warp: the
+# next kernel waits on this launch, and a warp's shuffles are quicker than two warps' barriers (h200_decode/77: the
+# whole q4 three-plane call 33.0 -> 32.1 us, q2 34.7 -> 34.0; 4 or 8 warps slower; a Gluon quantizer with half the
+# instructions, each lane packing its own 8 codes, gained at most 0.5 us more: 79, not taken)
+QUANT_LAUNCH = dict(num_warps=1, enable_fp_fusion=False)
 
 
-def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1, gluon: bool | None = None):
+def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1):
     """x [R, C] float (C % 256 == 0) -> (codes int32 [R, C/4] (4 int8 codes per word, little-endian),
     scales fp32 [R, C/256], code sums int32 [R, C/16]); the Q8_K of TorchOps.quant_q8_k. iq2_order:
     the codes of each 8 in the order the selector IQ2_XXS decode reads (words [c0 c4 c1 c5] [c2 c6 c3 c7]).
     limbs=3 (LIMBS_FP32): fp32-grade activations, codes [3, R, C/4] (hi, mid, lo planes), sums as fp32 bits
-    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape. gluon: moe_int8_gluon's
-    kernel (the same values; None: where it runs, CUDA sm_90+)."""
+    (see _q8k_quant_kernel); the kernels read the plane count from the codes' shape."""
     R, C = x.shape
     if C % QK:
         raise ValueError(f"Q8_K needs a multiple of {QK} columns, got {C}")
@@ -691,29 +692,11 @@ def quant_q8_k(x, iq2_order: bool = False, pdl: bool = False, limbs: int = 1, gl
     q = empty_i32((R, C // 4) if limbs == 1 else (limbs, R, C // 4), x.device)
     s = empty_i32((R, C // SUM_GROUP), x.device)
     d = blocks.empty((R, C // QK), x.device)
-    if R and gluon is not False and x.is_cuda:
-        if _gluon_quant(x.device.index):
-            from . import moe_int8_gluon
-
-            moe_int8_gluon.quant(x, q, d, s, iq2_order, pdl, limbs)
-            return q, d, s
-        if gluon:
-            raise ValueError("the Gluon Q8_K quantizer needs CUDA sm_90+ with Gluon")
     if R:
         _q8k_quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
                                         _plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs,
                                         **QUANT_LAUNCH, **pdl_launch(pdl))
     return q, d, s
-
-
-@functools.lru_cache(maxsize=None)
-def _gluon_quant(index: int) -> bool:
-    """Whether quant_q8_k runs moe_int8_gluon's kernel on CUDA device `index` (decided once per device)."""
-    import torch
-
-    from . import moe_int8_gluon
-
-    return moe_int8_gluon.supports_quant(detect_device(torch.device("cuda", index)), torch.empty(0, device="cuda"))
 
 
 def _limbs(q) -> int:
@@ -884,9 +867,9 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
     if cfg.gluon_down is not None and asm:
         from . import moe_int8_gluon
 
-        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, cfg.gluon_down,
-                                        sel.shape[1]):
-            return moe_int8_gluon.down(hq3, down, sel, cfg.gluon_down, pdl)
+        tile = moe_int8_gluon.down_tile(cfg.gluon_down, down.shape[-1], sel.shape[1])
+        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, tile):
+            return moe_int8_gluon.down(hq3, down, sel, tile, pdl)
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)
     bn = cfg.block_n_down
@@ -922,16 +905,18 @@ TRITON_Q4 = Int8MoeConfig(block_n_gate_up=32, kstep_gate_up=2, warps_gate_up=4, 
                           maxnreg_gate_up=168)
 TUNED = {
     # the unrolled Q2_K down kernel capped at 128 registers: quant h + down 13.0 -> 12.1 us (h200_decode/41; caps
-    # on every other tuned stage measured slower) where Gluon is not; on sm_90+ the Gluon Q2_K down, 4 rows x 1 warp
-    # (h200_decode/69: quant h + down 11.8 -> 9.6 us, whole q2 call 30.2-31.0 -> 28.6 us)
+    # on every other tuned stage measured slower) where Gluon is not; on sm_90+ the Gluon Q2_K down (h200_decode/69:
+    # quant h + down 11.8 -> 9.6 us, whole q2 call 30.2-31.0 -> 28.6 us), since 78-79 4 rows x 2 warps, each its own
+    # slots (FLAT), prefetched: quant h + down 9.5 -> 8.6-8.7 us, whole call 27.8-27.9 -> 27.3-27.4 us
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
-                                       maxnreg_down=128, gluon_down=Int8GluonTile(4)),
+                                       maxnreg_down=128, gluon_down=Int8GluonTile(4, warps_k=2, prefetch=True)),
     # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
     # h quantized by its own launch there (fuse_quant_h is the Triton fallback's). h200_decode/64: the whole q4 call
     # 33.4 -> 30.1 us against the previous tuned config in the same run, 31.3 with h quantized in that gate/up
-    # kernel; 66: 4 gate/up rows x 1 warp 29.4 us against 8 rows x 2 warps 30.0-30.1 (in 65 29.8-30.1 both)
-    QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Int8GluonTile(4), gluon_down=Int8GluonTile(4, prefetch=True)),
+    # kernel; 66: 4 gate/up rows x 1 warp 29.4 us against 8 rows x 2 warps 30.0-30.1 (in 65 29.8-30.1 both); 78-79:
+    # the down 8 rows x 2 warps, each its own slots (FLAT): whole call 28.9-29.0 -> 28.6 us
+    QuantFormat.Q4_K: replace(TRITON_Q4, gluon_gate_up=Int8GluonTile(4), gluon_down=Int8GluonTile(8, warps_k=2)),
 }
 TUNED_TRITON = {fmt: replace(cfg, gluon_gate_up=None, gluon_down=None) for fmt, cfg in TUNED.items()}
 # The same kernels on three activation planes (limbs=3) load three times the activation words per weight word:

@@ -14,7 +14,9 @@ h200_decode/62-63): a lane's two pieces sit at one byte position of the packed 6
 picks the packing at compile time, so each pair of adjacent sub-blocks' scales (and mins) decodes in two to four
 instructions as byte pairs, applied by PTX dp2a; the nibble dots are dp4a chains (high nibbles masked in place,
 dp4a.u32.s32, one shift after); a lane's four sub-blocks share one super-block, so one d dx product per step.
-The K steps are unrolled (the down kernel's over (slot, K step)).
+The K steps are unrolled (the down kernel's over (slot, K step)). A down tile with two warps along K at F = 2048
+runs FLAT: the token's slots as one K axis, each warp its own slots, half the steps in each warp's chain
+(tools/results/h200_decode/78: on one plane 0.4-0.9 us faster; on three planes slower, so not used there).
 
 Q2_K (84-byte blocks: only word-aligned, so word loads) has its own layout in the same down kernel, [rows,
 super-blocks, 2 halves, 2 lanes, 4 words] (_q2_offsets): a lane's four qs words hold, for each of the four 2-bit
@@ -33,6 +35,8 @@ Gluon does not run under TRITON_INTERPRET: checked on the GPU (tests/gpu/test_mo
 for sm_90 offline in the CPU suite (tests/kernels/test_moe_int8_gluon_compile.py).
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import triton
 
@@ -364,90 +368,6 @@ if HAVE_GLUON:
                 uh = gl.load(uw_ptr + hoff + nxt)
         _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr + slot.to(gl.int64) * stride_ht, rn, F)
 
-    # One Q8_K block as [16 code-sum groups, 2 halves, 8 values]: a lane holds 8 consecutive values (two 16-byte
-    # loads, two code words per plane packed in its registers), two lanes make a 16-value sum group (one shuffle)
-    _QL: gl.constexpr = gl.constexpr(gl.BlockedLayout([1, 1, 8], [16, 2, 1], [1, 1, 1], [2, 1, 0]))
-    _QL2: gl.constexpr = gl.constexpr(gl.SliceLayout(2, _QL.value))
-
-    @gluon.jit
-    def _all3(v, OP: gl.constexpr):
-        """max (OP 0), min (1) or sum (2) of a [16, 2, 8] tensor."""
-        if OP == 0:
-            r = gl.max(gl.max(gl.max(v, axis=2), axis=1), axis=0)
-        elif OP == 1:
-            r = gl.min(gl.min(gl.min(v, axis=2), axis=1), axis=0)
-        else:
-            r = gl.sum(gl.sum(gl.sum(v, axis=2), axis=1), axis=0)
-        return r
-
-    @gluon.jit
-    def _store_codes(qp, c, j, w2, IQ2_ORDER: gl.constexpr):
-        """Pack int32 codes c [16, 2, 8] (-128..127) four per word in the lane's registers and store the words
-        (moe_int8._pack_words' order; w2 [16, 2]: each 8-value group's first word index)."""
-        if IQ2_ORDER:  # words [c0 c4 c1 c5] [c2 c6 c3 c7] per 8 values
-            first = ((j >> 1) & 1) == 0
-            v = (c & 255) << (8 * (2 * (j & 1) + (j >> 2)))
-        else:
-            first = j < 4
-            v = (c & 255) << (8 * (j & 3))
-        gl.store(qp + w2, gl.sum(gl.where(first, v, 0), axis=2))  # disjoint bytes: sum == or
-        gl.store(qp + w2 + 1, gl.sum(gl.where(first, 0, v), axis=2))
-
-    @gluon.jit
-    def _quant_kernel(x_ptr, q_ptr, d_ptr, s_ptr, stride_x, stride_q, stride_d, stride_s, stride_ql,
-                      IQ2_ORDER: gl.constexpr, PDL: gl.constexpr, LIMBS: gl.constexpr):
-        """moe_int8._q8k_quant_kernel (one Q8_K block per one-warp program, the same values bit for bit) in the
-        _QL layout: no value crosses lanes but for the block's max (and on one plane the first index of it) and
-        the 16-value sums. Shorter dependent chain than the Triton kernel's (its packing shuffles bytes between
-        lanes), and the next kernel waits on this one (tools/results/h200_decode/79)."""
-        r = gl.program_id(0).to(gl.int64)
-        b = gl.program_id(1)
-        g = _iota(16, 0, 3, _QL)
-        j = _iota(8, 2, 3, _QL)
-        i = g * 16 + _iota(2, 1, 3, _QL) * 8 + j
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-        x = gl.load(x_ptr + r * stride_x + b * moe_int8.QK_C + i).to(gl.float32)
-        ax = gl.abs(x)
-        amax = _all3(ax, 0)
-        zero = gl.zeros_like(x)
-        qp = q_ptr + r * stride_q + b * Q8K_WORDS
-        w2 = _iota(16, 0, 2, _QL2) * 4 + _iota(2, 1, 2, _QL2) * 2
-        sp = s_ptr + r * stride_s + b * SUMS_PER_BLOCK + gl.arange(0, 16, layout=gl.SliceLayout(1, _QL2))
-        if LIMBS == 1:
-            first = _all3(gl.where(ax == amax, i, moe_int8.QK_C), 1)
-            mx = _all3(gl.where(i == first, x, 0.0), 2)
-            nz = mx != 0.0
-            iscale = gl.where(nz, gl.div_rn(-127.0, gl.where(nz, mx, 1.0)), 0.0)
-            y = _mul_rn(zero + iscale, x)
-            c = gl.minimum((y + moe_int8.ROUND_MAGIC) - moe_int8.ROUND_MAGIC, 127.0).to(gl.int32)
-            d = gl.where(nz, gl.div_rn(1.0, gl.where(nz, iscale, 1.0)), 0.0)
-            _store_codes(qp, c, j, w2, IQ2_ORDER)
-            gl.store(sp, gl.sum(gl.sum(c, axis=2), axis=1))
-        else:
-            nz = amax != 0.0
-            iscale = gl.where(nz, gl.div_rn(moe_int8.LIMB_MAX_F, gl.where(nz, amax, 1.0)), 0.0)
-            y = _mul_rn(zero + iscale, x)
-            c = gl.minimum(gl.maximum((y + moe_int8.ROUND_MAGIC) - moe_int8.ROUND_MAGIC, -moe_int8.LIMB_MAX_F),
-                           moe_int8.LIMB_MAX_F).to(gl.int32)
-            lo = ((c + 128) & 255) - 128
-            r1 = (c - lo) >> 8
-            mid = ((r1 + 128) & 255) - 128
-            _store_codes(qp, (r1 - mid) >> 8, j, w2, IQ2_ORDER)
-            _store_codes(qp + stride_ql, mid, j, w2, IQ2_ORDER)
-            _store_codes(qp + 2 * stride_ql, lo, j, w2, IQ2_ORDER)
-            sums = gl.sum(gl.sum(c, axis=2), axis=1).to(gl.float32) * (1.0 / 65536.0)
-            gl.store(sp, sums.to(gl.int32, bitcast=True))
-            d = gl.where(nz, gl.div_rn(65536.0, gl.where(nz, iscale, 1.0)), 0.0)
-        gl.store(d_ptr + r * stride_d + b, d)
-
-    @gluon.jit
-    def _mul_rn(a, b):
-        """fp32 a * b rounded on its own (never contracted into an FMA), as moe_int8._mul_rn."""
-        return gl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b], dtype=gl.float32,
-                                         is_pure=True, pack=1)
-
     @gluon.jit
     def _rows5(roff):
         """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1, 1]."""
@@ -591,25 +511,15 @@ def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Int
     return HAVE_GLUON and hopper_plus(dev, x) and _gate_up_plan(gate, up, tile) is not None
 
 
-def quant(x, q, d, s, iq2_order: bool, pdl: bool, limbs: int):
-    """moe_int8.quant_q8_k's launch on _quant_kernel (x [R, C] on CUDA sm_90+ with Gluon; outputs as there)."""
-    R, C = x.shape
-    _quant_kernel[(R, C // QK)](x, q, d, s, x.stride(0), q.stride(-2), d.stride(0), s.stride(0),
-                                moe_int8._plane_stride(q), IQ2_ORDER=iq2_order, PDL=pdl, LIMBS=limbs, num_warps=1,
-                                **pdl_launch(pdl))
+def down_tile(tile: Int8GluonTile, f: int, k_sel: int) -> Int8GluonTile:
+    """The tile the down stage runs for k_sel slots of F inputs: a flat tile (a step wider than F) whose steps the
+    slots do not fill becomes the same tile with one warp along K."""
+    return replace(tile, warps_k=1) if tile.block_k > f and not flat_steps(tile, f, k_sel) else tile
 
 
-def supports_quant(dev: DeviceInfo, x) -> bool:
-    """Whether moe_int8.quant_q8_k runs _quant_kernel: CUDA sm_90+ with Gluon."""
-    return HAVE_GLUON and hopper_plus(dev, x)
-
-
-def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile, k_sel: int) -> bool:
-    """Whether the Gluon down kernel takes this stage for k_sel slots per token: CUDA sm_90+, _down_plan, and for a
-    flat tile (a step wider than F) slots filling whole steps."""
-    F = down.shape[-1]
-    return (HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
-            and (tile.block_k <= F or flat_steps(tile, F, k_sel) > 0))
+def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:
+    """Whether the Gluon down kernel takes this stage (tile: down_tile's): CUDA sm_90+ and _down_plan."""
+    return HAVE_GLUON and hopper_plus(dev, x) and _down_plan(down, tile) is not None
 
 
 def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Int8GluonTile, pdl: bool):

@@ -60,19 +60,6 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
         "ld4": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.b32 ", ptx)), "prmt": ptx.count("prmt.b32"),
         "atom": len(re.findall(r"atom\.global", ptx)),
         "local": ptx.count(".local"), "stack": stack}
-# the Q8_K quantizer (one block per one-warp program)
-fn = m._quant_kernel
-for limbs in (1, 3):
-    for iq2 in (False, True):
-        sig = {n: ("i32" if n.startswith("stride") else "*i32") for n in fn.arg_names}
-        sig.update(x_ptr="*fp32", d_ptr="*fp32")
-        const = dict(IQ2_ORDER=iq2, PDL=True, LIMBS=limbs)
-        sig.update({k: "constexpr" for k in const})
-        ptx = compile_gluon_sm90(fn, sig, const, ["stride_x", "stride_q", "stride_s", "stride_ql"], 1).asm["ptx"]
-        out[f"quant/{limbs}/{iq2}"] = {
-            "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)), "bar": len(re.findall(r"bar\.sync|barrier", ptx)),
-            "shfl": len(re.findall(r"shfl\.sync", ptx)), "st": len(re.findall(r"st\.global", ptx)),
-            "shared": ptx.count(".shared"), "local": ptx.count(".local")}
 print("RESULT", json.dumps(out))
 """
 
@@ -82,17 +69,7 @@ MAX_STACK_BYTES = 8
 
 def test_gluon_kernels_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
-    quant = {k: res.pop(k) for k in [k for k in res if k.startswith("quant/")]}
-    assert len(res) == 19 and len(quant) == 4
-    for key, r in quant.items():
-        limbs = int(key.split("/")[1])
-        # a lane's 8 values by two 16-byte loads, its code words packed in its registers: no shared memory, no
-        # barrier; shuffles only for the block max (5 steps; one plane: also its first index and value, at most 15)
-        # and the 16-value sums (1; Triton 3.9 merges some of the one-plane ones: 12); stores: 2 words per plane, the
-        # sums, the scale
-        assert r["ld16"] == 2 and r["bar"] == 0 and r["shared"] == 0 and r["local"] == 0, (key, r)
-        assert 6 <= r["shfl"] <= (16 if limbs == 1 else 6), (key, r)
-        assert r["st"] == 2 * limbs + 2, (key, r)
+    assert len(res) == 19
     for key, r in res.items():
         kind, rows, wk, pf, wr, ks, st, lb = key.split("/")
         rpt, mats, steps = int(rows) // int(wr), 2 if kind == "gu" else 1, int(st)  # rows per thread; steps unrolled
@@ -146,5 +123,6 @@ def test_q4_gluon_plans_check_once_and_reject():
     flat = moe_int8.Int8GluonTile(4, warps_k=2)  # a 4096-wide step over F = 2048: FLAT (two slots per step)
     assert m._down_plan(down, flat)[1] == 2048 // 256 * 36
     assert m.flat_steps(flat, 2048, 6) == 3 and m.flat_steps(flat, 2048, 5) == 0  # 5 slots: no whole steps
+    assert m.down_tile(flat, 2048, 6) == flat and m.down_tile(flat, 2048, 5) == moe_int8.Int8GluonTile(4)
     assert m._down_plan(_q4_weight(QuantFormat.Q4_K, 4096, 3072), flat) is None  # 4096 not a multiple of F
     assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)

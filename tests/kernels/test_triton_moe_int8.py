@@ -130,13 +130,7 @@ def torch_q8k_parts(x: torch.Tensor):
     return q.reshape(x.shape[0], -1).to(torch.int64), d[:, :, 0]
 
 
-# quant_q8_k's kernels: the Triton one everywhere; on CUDA sm_90+ also moe_int8_gluon's (its default there)
-QUANT_KERNELS = [False] + ([None] if torch.cuda.is_available() and moe_int8._gluon_quant(0) else [])
-QUANT_IDS = ["triton", "gluon"][:len(QUANT_KERNELS)]
-
-
-@pytest.mark.parametrize("gluon", QUANT_KERNELS, ids=QUANT_IDS)
-def test_q8k_quantizer_bitexact(gluon, poison, poison_i32):
+def test_q8k_quantizer_bitexact(poison, poison_i32):
     gen = torch.Generator().manual_seed(5)
     x = torch.randn((3, 1024), generator=gen) * 4
     x[0, 256:512] = 0.0  # all-zero block: d = 0, codes 0
@@ -144,7 +138,7 @@ def test_q8k_quantizer_bitexact(gluon, poison, poison_i32):
     x[1, 300], x[1, 301] = -40.0, 40.0  # tie in block 1 led by the negative one
     x[2, 512:768] = torch.arange(256) * 0.5 - 64.0  # max -64 -> iscale 127/64: many exact .5 products
     x[2, 768:1024] = torch.tensor([-127.0] + [v + 0.5 for v in range(-127, 126)] + [0.5, 1.5])  # iscale 1: k+.5
-    q, d, s = moe_int8.quant_q8_k(x.to(DEVICE), gluon=gluon)
+    q, d, s = moe_int8.quant_q8_k(x.to(DEVICE))
     ref_q, ref_d = torch_q8k_parts(x)
     codes = q.cpu().contiguous().view(torch.int8).to(torch.int64)
     assert_close(codes.numpy(), ref_q.numpy(), "triton_moe_int8", "bitexact", "Q8_K codes")
@@ -312,9 +306,8 @@ def torch_limb_parts(x: torch.Tensor):
     return q.reshape(x.shape[0], -1).to(torch.int64), d[:, :, 0]
 
 
-@pytest.mark.parametrize("gluon", QUANT_KERNELS, ids=QUANT_IDS)
 @pytest.mark.parametrize("iq2_order", [False, True])
-def test_limb_quantizer_exact(iq2_order, gluon, poison, poison_i32):
+def test_limb_quantizer_exact(iq2_order, poison, poison_i32):
     """Three planes hi, mid, lo with q = 65536 hi + 256 mid + lo equal to the torch formula bit for bit, every
     plane a signed byte (hi within +-64), the sums of 16 as fp32 q sums / 65536, and the round trip within half a
     code (2^-23 of the block's max|x|) plus the fp32 rounding of the dequantized value; a zero block, a 2^90
@@ -324,7 +317,7 @@ def test_limb_quantizer_exact(iq2_order, gluon, poison, poison_i32):
     x[0, 256:512] = 0.0
     x[1, :256] *= torch.logspace(-9, 0, 256, base=2.0 ** 10).float()  # 2^-90 .. 1 in one block
     x[2, 512:768] = (torch.arange(256) - 128.0) * 0.5
-    q, d, s = moe_int8.quant_q8_k(x.to(DEVICE), iq2_order=iq2_order, limbs=3, gluon=gluon)
+    q, d, s = moe_int8.quant_q8_k(x.to(DEVICE), iq2_order=iq2_order, limbs=3)
     assert q.shape == (3, 3, 256)
     planes = [q[i].cpu().contiguous().view(torch.int8).to(torch.int64) for i in range(3)]
     if iq2_order:  # code j of each 8 is byte IQ2_ORDER[j]
