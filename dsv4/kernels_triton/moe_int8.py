@@ -868,7 +868,7 @@ def down_int8(hq3, down: DeviceWeight, sel, asm: bool, cfg: Int8MoeConfig, pdl: 
         from . import moe_int8_gluon
 
         tile = moe_int8_gluon.down_tile(cfg.gluon_down, down.shape[-1], sel.shape[1])
-        if moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, tile):
+        if tile is not None and moe_int8_gluon.supports_down(down, dev or detect_device(hq.device), hq, tile):
             return moe_int8_gluon.down(hq3, down, sel, tile, pdl)
     (T, K), (_, D, F) = sel.shape, down.shape
     dw, stride_d = _words(down)

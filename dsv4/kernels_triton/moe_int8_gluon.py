@@ -497,7 +497,8 @@ def _down_plan(down: DeviceWeight, tile: Int8GluonTile):
 def _flat_ok(tile: Int8GluonTile, n_rows: int, f: int) -> bool:
     """Whether the down kernel's FLAT mode takes the tile: a step wider than a row of F inputs, a whole number of
     rows (_tile_ok's row conditions; the slot count is checked per call: flat_steps)."""
-    return (tile.block_k > f and tile.block_k % f == 0 and f % QK == 0 and tile.rows % tile.warps_rows == 0
+    return (tile.warps_k > 1 and tile.block_k > f and tile.block_k % f == 0 and f % QK == 0
+            and tile.rows % tile.warps_rows == 0
             and n_rows % tile.rows == 0 and tile.warps_k & (tile.warps_k - 1) == 0)
 
 
@@ -511,10 +512,14 @@ def supports(gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, x, tile: Int
     return HAVE_GLUON and hopper_plus(dev, x) and _gate_up_plan(gate, up, tile) is not None
 
 
-def down_tile(tile: Int8GluonTile, f: int, k_sel: int) -> Int8GluonTile:
-    """The tile the down stage runs for k_sel slots of F inputs: a flat tile (a step wider than F) whose steps the
-    slots do not fill becomes the same tile with one warp along K."""
-    return replace(tile, warps_k=1) if tile.block_k > f and not flat_steps(tile, f, k_sel) else tile
+def down_tile(tile: Int8GluonTile, f: int, k_sel: int) -> Int8GluonTile | None:
+    """The tile the down stage runs for k_sel slots of F inputs: the tile itself where its steps fit F or (flat: two
+    or more warps along K, a step wider than F) the slots fill whole steps, else the same tile with one warp along K
+    where its step fits F, else None (the Triton kernel)."""
+    for t in (tile, replace(tile, warps_k=1)):
+        if t.block_k <= f or (t.warps_k > 1 and flat_steps(t, f, k_sel)):
+            return t
+    return None
 
 
 def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -> bool:

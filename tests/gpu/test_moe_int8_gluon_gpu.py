@@ -19,6 +19,7 @@ import torch
 
 from tests.gpu.test_triton_gpu import (CLAMP, D, F_EXP, NVIDIA_SM90, _assert, _dequant64, _moe_problem,  # noqa: F401
                                        _moe_reference, poison)
+from tests.kernels.test_triton_moe_int8 import capture_h  # noqa: F401  (a fixture)
 
 pytestmark = NVIDIA_SM90
 
@@ -239,3 +240,18 @@ def test_tuned_q2_runs_the_gluon_down(limbs, poison, poison_words, monkeypatch):
     y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, detect_device("cuda"), limbs=limbs)
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
             "end_to_end" if limbs == 1 else "limb3", f"tuned gluon down moe q2 limbs={limbs}")
+
+
+@pytest.mark.parametrize("recipe,f,k", [("q4", 256, 16), ("q2", 512, 8), ("q4", 1024, 8)])
+def test_gluon_flat_down_narrow_experts(recipe, f, k, poison, poison_words, capture_h, monkeypatch):
+    """A flat down tile (two warps along K: a 4096-input step) where F < 2048: one step spans 4096 / F slots
+    (KSTEPS = F / 256 super-blocks per slot row); each stage against float64 on its own inputs (run_staged),
+    the Triton down kernel must not run."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.quant.formats import QuantFormat
+    from tests.kernels.test_triton_moe_int8 import run_staged
+
+    fmt = QuantFormat.Q4_K if recipe == "q4" else QuantFormat.IQ2_XXS
+    cfg = replace(moe_int8.TUNED[fmt], gluon_gate_up=None, gluon_down=moe_int8.Int8GluonTile(4, warps_k=2))
+    _no_triton(monkeypatch, "_down_int8_kernel")
+    run_staged(recipe, k + 4, f, 512, 2, k, 31, capture_h, cfg)

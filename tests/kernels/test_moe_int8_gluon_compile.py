@@ -124,5 +124,8 @@ def test_q4_gluon_plans_check_once_and_reject():
     assert m._down_plan(down, flat)[1] == 2048 // 256 * 36
     assert m.flat_steps(flat, 2048, 6) == 3 and m.flat_steps(flat, 2048, 5) == 0  # 5 slots: no whole steps
     assert m.down_tile(flat, 2048, 6) == flat and m.down_tile(flat, 2048, 5) == moe_int8.Int8GluonTile(4)
+    # F = 256: only tiles with warps along K run flat; otherwise the stage is the Triton kernel's
+    assert m.down_tile(flat, 256, 16) == flat and m.down_tile(flat, 256, 4) is None
+    assert m._down_plan(_q4_weight(QuantFormat.Q4_K, 4096, 256), moe_int8.Int8GluonTile(4)) is None
     assert m._down_plan(_q4_weight(QuantFormat.Q4_K, 4096, 3072), flat) is None  # 4096 not a multiple of F
     assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)
