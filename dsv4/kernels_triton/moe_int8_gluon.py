@@ -495,11 +495,10 @@ def _down_plan(down: DeviceWeight, tile: Int8GluonTile):
 
 
 def _flat_ok(tile: Int8GluonTile, n_rows: int, f: int) -> bool:
-    """Whether the down kernel's FLAT mode takes the tile: a step wider than a row of F inputs, a whole number of
-    rows (_tile_ok's row conditions; the slot count is checked per call: flat_steps)."""
+    """Whether the down kernel's FLAT mode takes the tile: warps along K, a step a whole number of F-input rows wide
+    (more than one), _tile_ok's row conditions (the slot count is checked per call: flat_steps)."""
     return (tile.warps_k > 1 and tile.block_k > f and tile.block_k % f == 0 and f % QK == 0
-            and tile.rows % tile.warps_rows == 0
-            and n_rows % tile.rows == 0 and tile.warps_k & (tile.warps_k - 1) == 0)
+            and _tile_ok(tile, n_rows, tile.block_k))
 
 
 def flat_steps(tile: Int8GluonTile, f: int, k_sel: int) -> int:

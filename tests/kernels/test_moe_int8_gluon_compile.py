@@ -128,4 +128,6 @@ def test_q4_gluon_plans_check_once_and_reject():
     assert m.down_tile(flat, 256, 16) == flat and m.down_tile(flat, 256, 4) is None
     assert m._down_plan(_q4_weight(QuantFormat.Q4_K, 4096, 256), moe_int8.Int8GluonTile(4)) is None
     assert m._down_plan(_q4_weight(QuantFormat.Q4_K, 4096, 3072), flat) is None  # 4096 not a multiple of F
+    six = _q4_weight(QuantFormat.Q4_K, 4104, 2048)  # rows a multiple of 6
+    assert m._down_plan(six, moe_int8.Int8GluonTile(6, warps_k=2)) is None  # 6 rows per thread: not a power of two
     assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)
