@@ -193,6 +193,19 @@ def time_whole_cases(row, recipe, limbs, cases, problem, dev, nbytes):
                 whole_ms(u, gate, up, down, sels, wts, dev, cfg, limbs), nbytes)
 
 
+def time_whole_and_down(row, recipe, limbs, cases, problem, dev, gu_bytes, dn_bytes):
+    """time_whole_cases, then each case's quant h + down stage (interleaved twice) on the h of the first case's
+    gate/up (cases differ in their down tiles)."""
+    u, gate, up, down, sels, wts = problem
+    time_whole_cases(row, recipe, limbs, cases, problem, dev, gu_bytes + dn_bytes)
+    uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
+    hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, cases[0][1]) for s in sels]
+    for _ in range(2):
+        for label, cfg in cases:
+            row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down", chain_down_ms(hs, down, sels, cfg, limbs),
+                dn_bytes)
+
+
 def qh_cases(tuned, tiles: bool = True):
     """`qh`: the tuned config with the h quantizer launched, fused, fused under QH_REG_CAPS, and (tiles) fused on
     QH_GATE_UP_TILES."""
@@ -702,14 +715,8 @@ def main(argv=None) -> int:
             if recipe != "q2":
                 continue
             for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
-                cases = gq2_cases(tuned)
-                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
-                uq = moe_int8.quant_q8_k(u, iq2_order=True, limbs=limbs)
-                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-                for _ in range(2):
-                    for label, cfg in cases:
-                        row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
-                            chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
+                time_whole_and_down(row, recipe, limbs, gq2_cases(tuned), (u, gate, up, down, sels, wts), dev,
+                                    gu_bytes, dn_bytes)
             del gate, up, down
 
     if "launches" in args.parts:  # the tuned calls with the Q8_K launches of u and/or h left out (given): what
@@ -760,13 +767,7 @@ def main(argv=None) -> int:
             for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
                 cases = [("tuned", tuned)] + [(f"flat down {gq4_label(t)}",
                                                replace(tuned, gluon_down=moe_int8.Int8GluonTile(*t))) for t in GFLAT_DOWN]
-                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
-                uq = moe_int8.quant_q8_k(u, iq2_order=moe_int8.uses_iq2_order(gate), limbs=limbs)
-                hs = [moe_int8.gate_up_int8(uq, gate, up, s, wts, CLAMP, True, tuned) for s in sels]
-                for _ in range(2):
-                    for label, cfg in cases:
-                        row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant h + down",
-                            chain_down_ms(hs, down, sels, cfg, limbs), dn_bytes)
+                time_whole_and_down(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes, dn_bytes)
             del gate, up, down
 
     if "reg" in args.parts:  # register caps on the tuned stages (one and three planes), interleaved twice

@@ -380,9 +380,10 @@ if HAVE_GLUON:
         KSTEPS steps per slot; FLAT (KSTEPS super-blocks per row): a step spans NB / KSTEPS slots, super-block b
         of the step in slot (step NB + b) / KSTEPS."""
         if FLAT:
-            g = step * NB + _iota(NB, 1, 5, L5)
+            b = _iota(NB, 1, 5, L5)
+            g = step * NB + b  # the super-block's index in the token's run of slots
             e = gl.load(sel_t + g // KSTEPS).to(gl.int64)
-            r5 = _rows5(rc.to(gl.int64) * stride_w) + e * D * stride_w + (g % KSTEPS - (g - step * NB)) * WORDS
+            r5 = _rows5(rc.to(gl.int64) * stride_w) + e * D * stride_w + (g % KSTEPS - b) * WORDS
         else:
             r5 = (_rows5((gl.load(sel_t + step // KSTEPS).to(gl.int64) * D + rc) * stride_w)
                   + (step % KSTEPS) * NB * WORDS)
