@@ -12,9 +12,9 @@ The layout trick: in A's layout (fp16, k_width 2) a lane holds, of every 32 inpu
 2c + {0, 1, 8, 9, 16, 17, 24, 25} (c = lane % 4). A dot sums over k in any order as long as both operands
 use the same one, so dot position p is made to read input input_of_dot_pos(p): then a lane
 holds 8 consecutive inputs, one IQ2_XXS grid record (8 weights), of one 32-weight group per row, and
-decodes it alone (IQ2_XXS: one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs;
-Q4_K: two code words, the sub-block's 6-bit scale and min, four byte permutes and fp16 fmas). The
-activations are permuted to the same order once per call (permuted_activations). No weight word is read
+decodes it alone (IQ2_XXS: one 8-byte gather of pair selectors, the signs, four byte permutes to fp16 pairs
+and their scaling; Q4_K: two code words, the sub-block's 6-bit scale and min, four byte permutes and fp16 fmas).
+The activations are permuted to the same order once per call (permuted_activations). No weight word is read
 twice and nothing is dequantized to memory.
 
 The decode is moe_prefill's H2 decode (scale and min rounded to fp16, q * s - m rounded to fp16 once), so
@@ -49,6 +49,19 @@ except ImportError:  # pragma: no cover - older Triton
 FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)  # gate/up formats the kernel decodes
 ROWS = 64  # gate rows (and as many up rows) per program: one warpgroup's wgmma M each
 WARPS = 8  # two warpgroups: gate, up
+# per IQ2_XXS level (8, 25, 43): the byte-permute selector of its fp16's low byte (0x00, 0x40, 0x60) in _PAIR_ASM
+PAIR_LOW_SELECTORS = (0x8, 0x3, 0x7)
+# _PAIR_ASM's permute sources p, n (bytes 0-3, 4-7): the fp16 high bytes of +8 / 25 / 43 (0x48 0x4E 0x51), then
+# 0x40, those of -8 / -25 / -43 (0xC8 0xCE 0xD1), then 0x60; the low byte 0x00 of 8 is byte 0's sign (0) replicated
+# (selector nibble 8)
+PAIR_SOURCES = (0x40514E48, 0x60D1CEC8)
+_PAIR_ASM_TEXT = """{{
+.reg .b32 t, p, n;
+mov.b32 p, {p:#010x};
+mov.b32 n, {n:#010x};
+prmt.b32 t, p, n, $1;
+mul.rn.f16x2 $0, t, $2;
+}}"""
 
 
 # Q4_K pair asm ({sel}: which two bytes of the code word; see _Q4_LO_ASM)
@@ -84,8 +97,10 @@ if HAVE_GLUON:
     # renamed after Triton 3.6 (the old names raise from 3.9 on)
     _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
     _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
-    # bit i (i < 4) of a sign index to bit 2 of nibble 2i: 4 * (1 + 2^7 + 2^14 + 2^21), no carries
-    _SIGN4: gl.constexpr = gl.constexpr(0x00810204)
+    # bit i (i < 4) of a sign index to bit 2 of nibble 2i + 1 (the high byte's selector of coordinate i):
+    # 64 * (1 + 2^7 + 2^14 + 2^21), no carries; SIGN_BITS: those four bits
+    _SIGN4: gl.constexpr = gl.constexpr(0x08102040)
+    _SIGN_BITS: gl.constexpr = gl.constexpr(0x40404040)
     _IQ2: gl.constexpr = gl.constexpr(int(QuantFormat.IQ2_XXS))
     _Q4K_WORDS: gl.constexpr = gl.constexpr(blocks.Q4K_WORDS)
     # Q4_K: fp16 pair (q0 * s - m, q1 * s - m) from bytes 0-1 (SEL 0x4140) or 2-3 (0x4342) of a word of 4-bit
@@ -93,18 +108,11 @@ if HAVE_GLUON:
     # scale pair and negated min pair: moe_prefill's H2 decode
     _Q4_LO_ASM: gl.constexpr = gl.constexpr(_Q4_PAIR_ASM.format(sel="0x4140"))
     _Q4_HI_ASM: gl.constexpr = gl.constexpr(_Q4_PAIR_ASM.format(sel="0x4342"))
-    # fp16 pair (q0 * s, q1 * s) from a pair selector (code, 3, code, 3): the byte permute of 128 + q for
-    # q = +8/+25/+43 (bytes 0-2 of p) and -8/-25/-43 (of n), 0x64 in byte 3, gives (1152 + q0, 1152 + q1); minus
-    # 1152 (exact), times the fp16 scale pair (one rounding): moe_prefill's H2 decode
-    _PAIR_ASM: gl.constexpr = gl.constexpr("""{
-.reg .b32 t, k, p, n;
-mov.b32 p, 0x64AB9988;
-mov.b32 n, 0x64556778;
-prmt.b32 t, p, n, $1;
-mov.b32 k, 0x64806480;
-sub.rn.f16x2 t, t, k;
-mul.rn.f16x2 $0, t, $2;
-}""")
+    # fp16 pair (q0 * s, q1 * s) from a pair selector $1: the byte permute picks each fp16's bytes of +-8 / 25 / 43
+    # straight from the two source words (PAIR_SOURCES), then times the fp16 scale pair $2 (one rounding):
+    # moe_prefill's H2 decode bit for bit, without its minus-bias step. The sources as immediates: loaded into
+    # registers instead, the kernel was slower (h200_prefill/13)
+    _PAIR_ASM: gl.constexpr = gl.constexpr(_PAIR_ASM_TEXT.format(p=PAIR_SOURCES[0], n=PAIR_SOURCES[1]))
 
     @gluon.jit
     def _asm1(asm: gl.constexpr, a):
@@ -169,8 +177,8 @@ mul.rn.f16x2 $0, t, $2;
         a1 = lo.to(gl.int32) | (hi.to(gl.int32) << 16)
         sidx = (a1 >> (7 * c)) & 127
         par = _asm1("popc.b32 $0, $1;", sidx) & 1  # the 8th sign: an even count of minus signs
-        sel_a = lv.to(gl.int32) | (((sidx & 15) * _SIGN4) & 0x04040404)
-        sel_b = (lv >> 32).to(gl.int32) | ((((sidx >> 4) | (par << 3)) * _SIGN4) & 0x04040404)
+        sel_a = lv.to(gl.int32) | (((sidx & 15) * _SIGN4) & _SIGN_BITS)
+        sel_b = (lv >> 32).to(gl.int32) | ((((sidx >> 4) | (par << 3)) * _SIGN4) & _SIGN_BITS)
         return sel_a, sel_b, _f16_pair(d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25)
 
     @gluon.jit
@@ -301,14 +309,15 @@ mul.rn.f16x2 $0, t, $2;
 
 @functools.lru_cache(maxsize=None)
 def iq2_pair_selectors(device):
-    """The IQ2_XXS grid as byte-permute pair selectors, int64 [256] (2 KiB, one copy per device): word 0 holds
-    coordinates 0-3, word 1 coordinates 4-7, coordinate j's level (0..2) in nibble 2 (j % 4) and 3 (the index of
-    the 0x64 byte of _PAIR_ASM's permute sources) in the nibble above it, so that with the signs ORed into bit 2
-    of the level nibbles each 16-bit half selects one fp16 pair (1152 + q_j, 1152 + q_j+1)."""
+    """The IQ2_XXS grid as byte-permute pair selectors, int64 [256] (2 KiB, one copy per device): byte j of an entry
+    selects coordinate j's fp16, its low byte's selector in the low nibble (PAIR_LOW_SELECTORS), its level (0..2:
+    the high byte of +8 / 25 / 43) in the high one, whose bit 2 (clear here) the kernel sets for a minus sign (the
+    high byte from _PAIR_ASM's n). Each 16-bit half selects one fp16 pair (q_j, q_j+1)."""
     lev = IQ2XXS_LEVELS.astype(np.int64)
+    low = np.array(PAIR_LOW_SELECTORS, dtype=np.int64)
     sel = np.zeros(256, dtype=np.int64)
     for j in range(8):
-        sel |= (lev[:, j] | (3 << 4)) << (8 * j)
+        sel |= (low[lev[:, j]] | (lev[:, j] << 4)) << (8 * j)
     return torch.from_numpy(sel).to(device)
 
 

@@ -3,8 +3,8 @@
 Gluon has no interpreter, so the kernel itself runs only on the GPU (tests/gpu/test_moe_gluon_gpu.py); what can be
 checked here exactly is every table and bit trick it relies on, replayed in numpy word for word as the kernel
 computes them: the pair-selector table (iq2_pair_selectors), the signs spread by one multiply with the parity
-bit from popc, the byte permute of each 16-bit selector half into an fp16 pair 1152 + q, then minus 1152 and
-times the fp16 group scale (moe_prefill's H2 decode). Against dsv4.quant's IQ2_XXS dequantization of random
+bit from popc, the byte permute of each 16-bit selector half into the fp16 pair (q0, q1) (its sign-replicate
+mode included), then times the fp16 group scale (moe_prefill's H2 decode). Against dsv4.quant's IQ2_XXS dequantization of random
 blocks (each weight rounded to fp16 with the scale rounded first: tolerance ('dequant', 'all'), exact). And the
 dot-position order the activations are permuted into (permuted_activations) against input_of_dot_pos.
 """
@@ -20,23 +20,24 @@ from dsv4.quant.dequant import dequantize_np
 from dsv4.quant.formats import QuantFormat
 from tests.tolerances import assert_close
 
-# the kernel's own constants: the byte-permute sources and the bias from its pair asm, the sign spread multiplier
-_ASM = moe_gluon._PAIR_ASM.value
-POS, NEG = (int(re.search(rf"mov\.b32 {r}, (0x[0-9A-Fa-f]+);", _ASM).group(1), 16) for r in ("p", "n"))
-F16_1152 = float(np.array([int(re.search(r"mov\.b32 k, (0x[0-9A-Fa-f]+);", _ASM).group(1), 16) & 0xFFFF],
-                          np.uint16).view(np.float16)[0])
+# the kernel's own constants: the byte-permute sources of its pair asm, the sign spread multiplier and mask
+POS, NEG = (int(re.search(rf"mov\.b32 {r}, (0x[0-9A-Fa-f]+);", moe_gluon._PAIR_ASM.value).group(1), 16)
+            for r in ("p", "n"))
 SIGN4 = moe_gluon._SIGN4.value
+SIGN_BITS = moe_gluon._SIGN_BITS.value
 
 
 def _prmt(a, b, sel):
     """PTX prmt.b32 (default mode) on uint32 values or arrays (broadcast): byte k of the result is byte
-    (sel >> 4k) & 7 of b:a."""
+    (sel >> 4k) & 7 of b:a, or with bit 3 of that nibble set, that byte's sign bit replicated over all 8 bits."""
     a, b, sel = np.broadcast_arrays(*(np.asarray(v, dtype=np.int64) for v in (a, b, sel)))
     src = [(a >> (8 * i)) & 255 for i in range(4)] + [(b >> (8 * i)) & 255 for i in range(4)]
     out = np.zeros(sel.shape, np.int64)
     for k in range(4):
-        nib = (sel >> (4 * k)) & 7
-        out |= np.choose(nib, src) << (8 * k)
+        nib = (sel >> (4 * k)) & 15
+        byte = np.choose(nib & 7, src)
+        byte = np.where(nib & 8, np.where(byte & 128, 255, 0), byte)
+        out |= byte << (8 * k)
     return out
 
 
@@ -64,13 +65,12 @@ def _kernel_decode(raw: np.ndarray) -> np.ndarray:
             lv = psel[gi]
             sidx = (a1 >> (7 * c)) & 127
             par = np.array([bin(int(v)).count("1") & 1 for v in sidx], np.uint32)
-            sel_a = (lv & 0xFFFFFFFF).astype(np.uint32) | (((sidx & 15) * SIGN4) & 0x04040404)
-            sel_b = (lv >> 32).astype(np.uint32) | ((((sidx >> 4) | (par << 3)) * SIGN4) & 0x04040404)
+            sel_a = (lv & 0xFFFFFFFF).astype(np.uint32) | (((sidx & 15) * SIGN4) & SIGN_BITS)
+            sel_b = (lv >> 32).astype(np.uint32) | ((((sidx >> 4) | (par << 3)) * SIGN4) & SIGN_BITS)
             for j, word in enumerate((sel_a & 0xFFFF, sel_a >> 16, sel_b & 0xFFFF, sel_b >> 16)):
                 pair = _prmt(POS, NEG, word)
                 for half in range(2):
-                    t = ((pair >> (16 * half)) & 0xFFFF).astype(np.uint16).view(np.float16)
-                    q = (t.astype(np.float32) - F16_1152).astype(np.float16)  # exact: small integers
+                    q = ((pair >> (16 * half)) & 0xFFFF).astype(np.uint16).view(np.float16)
                     out[:, 32 * ib + 8 * c + 2 * j + half] = (q.astype(np.float32) * db.astype(np.float32)).astype(
                         np.float16)
     return out
@@ -96,14 +96,17 @@ def test_pair_selector_decode_matches_dequant():
 
 
 def test_pair_selector_table_layout():
-    """Each entry: coordinate j's level (0..2) in nibble 2 (j % 4) of word j // 4, the 0x64 byte's index 3 above it,
-    bit 2 of every level nibble clear (where the kernel ORs the sign in)."""
+    """Each entry: coordinate j's level (0..2) in the high nibble of byte j, bit 2 of it clear (where the kernel ORs
+    the sign in), and the low byte's selector of that level below it; the permute of a plain entry gives the
+    positive grid values as fp16."""
     psel = moe_gluon.iq2_pair_selectors("cpu").numpy().astype(np.uint64)
-    levels = np.array([[(int(v) >> (8 * j)) & 0xF for j in range(8)] for v in psel])
-    threes = np.array([[(int(v) >> (8 * j + 4)) & 0xF for j in range(8)] for v in psel])
-    assert (threes == 3).all()
+    levels = np.array([[(int(v) >> (8 * j + 4)) & 0xF for j in range(8)] for v in psel])
+    lows = np.array([[(int(v) >> (8 * j)) & 0xF for j in range(8)] for v in psel])
     grid = np.array(blocks.IQ2XXS_GRID, dtype=np.uint8).reshape(256, 8)
     assert np.array_equal(np.array([8, 25, 43])[levels], grid)
+    assert np.array_equal(np.array(moe_gluon.PAIR_LOW_SELECTORS)[levels], lows)
+    vals = np.stack([_prmt(POS, NEG, (psel >> (16 * i)) & 0xFFFF) for i in range(4)], 1).astype(np.uint32)
+    assert np.array_equal(vals.view(np.float16).reshape(256, 8).astype(np.float32), grid.astype(np.float32))
 
 
 def test_permuted_activations_follow_the_dot_positions():
