@@ -221,6 +221,24 @@ if HAVE_GLUON:
             return _q4_sel(w0, w1, hd, hlo, hmid, hhi, g, k0)
 
     @gluon.jit
+    def _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D, FMT: gl.constexpr,
+              R: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+        """One K step of _gate_up_kernel: copy x of the next step, make A from stage 1's values (s0..s3) and issue
+        its MMA, stage 1 of the next step from its words (w0..w2) under the MMA, wait for the MMA and the copy.
+        Returns (acc, the next step's stage-1 values)."""
+        kn = gl.minimum((step + 1) * BK, D - BK)
+        _async_load(x_s.index((step + 1) % 3), xp + kn)
+        async_copy.commit_group()
+        a = _stage2(s0, s1, s2, s3, FMT, R, BK, A_L)
+        acc = warpgroup_mma(a, x_s.index(step % 3).permute((1, 0)), acc, is_async=True)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, kn, psel_ptr, FMT)
+        acc, a = warpgroup_mma_wait(0, deps=[acc, a])
+        async_copy.wait_group(0)
+        fence_async_shared()
+        _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
+        return acc, s0, s1, s2, s3
+
+    @gluon.jit
     def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
                         F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, FMT: gl.constexpr,
                         BM: gl.constexpr, BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr,
@@ -236,7 +254,11 @@ if HAVE_GLUON:
         MMA does, and the step ends waiting for it: no A register is live across steps, so none can be
         overwritten under an MMA still reading it. The activation tiles go global -> shared by cp.async into
         three buffers: the one step i fills was last read by step i - 2's MMA, which both warpgroups waited
-        for before the barrier that ends step i - 1. PF: the weight words two steps ahead instead of one."""
+        for before the barrier that ends step i - 1. The weight words are loaded one step before their stage 1
+        (which runs one step before their MMA); PF: two steps before, the loop unrolled by two so that each load
+        writes the registers of the word set consumed just before it (a word set carried from one step to the
+        next instead is a register copy, which waits for the load: h200_prefill/14). PF needs an even number of
+        steps (D / BK)."""
         R: gl.constexpr = 2 * _ROWS
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
                                                       instr_shape=[16, BM, 16])
@@ -275,24 +297,19 @@ if HAVE_GLUON:
         async_copy.wait_group(0)
         fence_async_shared()
         _barrier()
-        for step in range(0, n_steps):
-            k0 = step * BK
-            kn = gl.minimum(k0 + BK, D - BK)
-            _async_load(x_s.index((step + 1) % 3), xp + kn)
-            async_copy.commit_group()
-            if PF:  # words of step + 2 (those of step + 1 arrived during the last step)
-                n0, n1, n2 = _words(wrow, g, c, gl.minimum(k0 + 2 * BK, D - BK), FMT)
-            else:
-                w0, w1, w2 = _words(wrow, g, c, kn, FMT)
-            a = _stage2(s0, s1, s2, s3, FMT, R, BK, A_L)
-            acc = warpgroup_mma(a, x_s.index(step % 3).permute((1, 0)), acc, is_async=True)
-            s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, kn, psel_ptr, FMT)  # the next step's, under the MMA
-            acc, a = warpgroup_mma_wait(0, deps=[acc, a])
-            if PF:
-                w0, w1, w2 = n0, n1, n2
-            async_copy.wait_group(0)
-            fence_async_shared()
-            _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
+        if PF:  # two steps per iteration, the word sets alternating (see the docstring)
+            for step in range(0, n_steps, 2):
+                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, D - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D,
+                                            FMT, R, BK, A_L)
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, D - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, psel_ptr,
+                                            D, FMT, R, BK, A_L)
+        else:
+            for step in range(0, n_steps):
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, D - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D,
+                                            FMT, R, BK, A_L)
         # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
         gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
         gacc, uacc = gl.split(gu)
@@ -358,6 +375,7 @@ def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: Reg
     _E, F, D = gate.shape
     return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u)
             and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0
+            and (not tile.prefetch or (D // tile.block_k) % 2 == 0)
             and 8 <= block_m <= 256 and _up_delta(gate, up) is not None)
 
 
