@@ -928,11 +928,12 @@ TUNED_TRITON = {fmt: replace(cfg, gluon_gate_up=None, gluon_down=None) for fmt, 
 # h not fused (40.8 -> 40.0-40.1 us; fused 40.5-40.7)
 TUNED_LIMB3 = {
     # on sm_90+ the Gluon Q2_K down on three planes, 4 rows x 1 warp prefetched (h200_decode/69: quant h + down
-    # 17.9-18.3 -> 12.7 us, whole q2 call 40.2 -> 34.6 us)
+    # 17.9-18.3 -> 12.7 us, whole q2 call 40.2 -> 34.6 us); since 82 8 rows x 2 warps, each its own slots (FLAT):
+    # quant h + down 12.3-12.4 -> 12.1 us, whole call 34.0-34.2 -> 33.5-33.7 us
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True, maxnreg_gate_up=168,
-                                       gluon_down=Int8GluonTile(4, prefetch=True)),
+                                       gluon_down=Int8GluonTile(8, warps_k=2)),
     # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp (h launched)
     # (h200_decode/66: quant u + gate/up 28.0 -> 20.2 us, quant h + down 22.9 -> 12.8 us against the Triton
     # stages; whole call 50.3 -> 34.1 us with the next-best pair of tiles)
