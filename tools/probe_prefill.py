@@ -8,8 +8,9 @@ useful FLOPs of the stage (not the padding of the expert tiles); % bf16 is again
 torch.matmul at the whole-MoE shape, as in tools/bench_kernels.py. Every config's output is compared
 with the first config's (max abs difference; fp32 accumulation order differs between tilings).
 Usage: python tools/probe_prefill.py [--out probe_prefill.md] [--recipes q2 q4] [--gate-up NAME ...]
-       [--down NAME ...] [--once]   (--once: one call per config, for Nsight Compute:
-       ncu --kernel-name regex:_gate_up_kernel --launch-skip 1 --launch-count 1 python tools/probe_prefill.py --once ...)
+       [--down NAME ...] [--rega NAME ...] [--rega-down NAME ...] [--once]
+       (--once: one call per config, for Nsight Compute:
+        ncu --kernel-name regex:_gate_up_kernel --launch-skip 1 --launch-count 1 python tools/probe_prefill.py --once ...)
 """
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ REGA = {  # name: (expert tile height, tile)
     "rega k64 nopf r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
     "rega m32 k64": (32, moe_gluon.RegATile(64)),
 }
+# the Gluon down with the decoded weights as wgmma's register A operand (Q2_K, Q4_K)
+REGA_DOWN = {  # name: (expert tile height, tile)
+    "rega down k128": (64, moe_gluon.RegATile(128, prefetch=False)),
+    "rega down k64": (64, moe_gluon.RegATile(64, prefetch=False)),
+    "rega down k128 pf": (64, moe_gluon.RegATile(128)),
+    "rega down k256": (64, moe_gluon.RegATile(256, prefetch=False)),
+}
 DOWN = {
     "n128 k256 w8 s3": BASE,
     "n64 k256 w4 s3": replace(BASE, block_n_down=64, num_warps_down=4),
@@ -88,6 +96,7 @@ def main(argv=None) -> int:
     ap.add_argument("--gate-up", nargs="*", default=None, help="only these gate/up configs (none: skip)")
     ap.add_argument("--down", nargs="*", default=None, help="only these down configs (none: skip)")
     ap.add_argument("--rega", nargs="*", default=[], help="these register-A Gluon gate/up tiles too (moe_gluon)")
+    ap.add_argument("--rega-down", nargs="*", default=[], help="these register-A Gluon down tiles too (moe_gluon)")
     ap.add_argument("--once", action="store_true", help="one call per config instead of timing (for ncu)")
     args = ap.parse_args(argv)
     gate_up = {k: v for k, v in GATE_UP.items() if args.gate_up is None or k in args.gate_up}
@@ -137,10 +146,17 @@ def main(argv=None) -> int:
             except Exception as exc:  # a config that does not compile on this Triton: record and go on
                 table.add(recipe, "gate/up", name, f"failed: {type(exc).__name__}: {str(exc)[:160]}", "", "", "")
         ref_y = None
-        for name, cfg in downs.items():
+        h_in = ref_h if ref_h is not None else torch.randn((T * K_USED, F_EXP), device=device).half()
+        druns = [(name, lambda cfg=cfg: moe_prefill.down_stage(h_in, down, tiles, T, K_USED, dev, cfg))
+                 for name, cfg in downs.items()]
+        for name in args.rega_down:
+            bm, t = REGA_DOWN[name]
+            if moe_gluon.supports_down(h_in, down, dev, t, bm):
+                tiles_r = moe.expert_tiles(sel, N_EXPERT, bm)  # the same rows as `tiles` where bm is BASE's
+                druns.append((name, lambda bm=bm, t=t, tiles_r=tiles_r: moe_gluon.down_stage(
+                    h_in, down, tiles_r, T, K_USED, bm, t)))
+        for name, fn in druns:
             try:
-                h_in = ref_h if ref_h is not None else torch.randn((T * K_USED, F_EXP), device=device).half()
-                fn = lambda cfg=cfg, h_in=h_in: moe_prefill.down_stage(h_in, down, tiles, T, K_USED, dev, cfg)
                 y = fn()
                 diff = "" if ref_y is None else f"{(y - ref_y).abs().max().item():.3g}"
                 ref_y = y if ref_y is None else ref_y
@@ -155,6 +171,12 @@ def main(argv=None) -> int:
             lambda: moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, BASE)), 3 * pair_flops)
         row(recipe, "whole", "grouped_v2_tuned (auto)", median_time_ms(
             lambda: moe_prefill.grouped_v2_default(u, gate, up, down, sel, wts, CLAMP, dev)), 3 * pair_flops)
+        y_auto = moe_prefill.grouped_v2_default(u, gate, up, down, sel, wts, CLAMP, dev)
+        for name in args.rega_down:  # the tuned call with this Gluon down tile
+            cfg = replace(moe_prefill.tuned_config(gate), rega_down=REGA_DOWN[name][1])
+            fn = lambda cfg=cfg: moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
+            diff = f"{(fn() - y_auto).abs().max().item():.3g}"
+            row(recipe, "whole", f"tuned + {name}", median_time_ms(fn), 3 * pair_flops, diff)
         del gate, up, down
         torch.cuda.empty_cache()
     return 0

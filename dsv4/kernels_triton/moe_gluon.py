@@ -1,6 +1,8 @@
-"""Routed-MoE prefill gate/up for IQ2_XXS (and Q4_K) experts with the decoded weights as wgmma's register
-operand (Gluon: NVIDIA sm_90+ only). moe_prefill's tuned path takes it for IQ2_XXS; for Q4_K it is slower than
-moe_prefill's Triton gate/up on the H200 (tools/results/h200_prefill/11f) and is registered for comparison only.
+"""Routed-MoE prefill gate/up for IQ2_XXS (and Q4_K) experts, and down for Q2_K (and Q4_K) experts, with the
+decoded weights as wgmma's register operand (Gluon: NVIDIA sm_90+ only). moe_prefill's tuned path takes both for
+the q2 recipe; for Q4_K they are slower than moe_prefill's Triton kernels on the H200 (tools/results/h200_prefill/
+11f, 15) and are registered or probed for comparison only. The down kernel (_down_kernel) is the gate/up's K loop
+with both warpgroups on their own output rows and h as the activations.
 
 Why: in moe_prefill's Triton kernels every decoded weight goes to shared memory and back (a store of the
 fp16 tile, then the dot's operand read), and Nsight Compute puts those kernels at 77-88 % of the L1/shared
@@ -103,6 +105,9 @@ if HAVE_GLUON:
     _SIGN_BITS: gl.constexpr = gl.constexpr(0x40404040)
     _IQ2: gl.constexpr = gl.constexpr(int(QuantFormat.IQ2_XXS))
     _Q4K_WORDS: gl.constexpr = gl.constexpr(blocks.Q4K_WORDS)
+    _Q2K: gl.constexpr = gl.constexpr(int(QuantFormat.Q2_K))
+    _Q2K_WORDS: gl.constexpr = gl.constexpr(blocks.Q2K_WORDS)
+    _Q2K_HEAD: gl.constexpr = gl.constexpr(blocks.Q2K_WORDS - 1)  # the d|dmin word, after scales and codes
     # Q4_K: fp16 pair (q0 * s - m, q1 * s - m) from bytes 0-1 (SEL 0x4140) or 2-3 (0x4342) of a word of 4-bit
     # codes: the codes into fp16 mantissas under 0x64 (1024 + q), minus 1024 (exact), one fma with the fp16
     # scale pair and negated min pair: moe_prefill's H2 decode
@@ -182,12 +187,39 @@ if HAVE_GLUON:
         return sel_a, sel_b, _f16_pair(d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25)
 
     @gluon.jit
+    def _q2_words(w32, g, c, k0):
+        """Q2_K: the two code words of records g (c = g % 4) of step k0 and the word holding their 16-weight
+        sub-block's scale byte, as loaded. A 32-group (index gg) is shift 2 (gg % 4) of half (gg // 4) % 2 of its
+        block: lane c's 8 inputs are bits 2 (gg % 4) of bytes 8c..8c+7 of the half's 32 code bytes (two words),
+        in sub-block 8 half + 2 (gg % 4) + c // 2."""
+        gg = k0 // 32 + (g >> 2)
+        blk = (gg >> 3) * _Q2K_WORDS
+        hh = (gg >> 2) & 1
+        cw = blk + 4 + 8 * hh + 2 * c
+        j = 8 * hh + 2 * (gg & 3) + (c >> 1)
+        return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), gl.load(w32 + (blk + (j >> 2)))
+
+    @gluon.jit
+    def _q2_sel(q0, q1, sw, hd, g, c, k0):
+        """Stage 1 for Q2_K records: (the codes of the record's shift in the low bits of the bytes of two words, the
+        fp16 scale pair d * (sc & 15), the negated fp16 min pair dmin * (sc >> 4)): moe_prefill's H2 decode, whose
+        pair asm here is the Q4_K one (codes < 16 in bytes)."""
+        gg = k0 // 32 + (g >> 2)
+        sh = 2 * (gg & 3)
+        j = 8 * ((gg >> 2) & 1) + 2 * (gg & 3) + (c >> 1)
+        sc = (sw >> (8 * (j & 3))) & 255
+        d = blocks._f16_from_bits(hd)
+        dmin = blocks._f16_from_bits(hd >> 16)
+        return ((q0 >> sh) & 0x03030303, (q1 >> sh) & 0x03030303, _f16_pair(d * (sc & 15).to(gl.float32)),
+                _f16_pair(-(dmin * (sc >> 4).to(gl.float32))))
+
+    @gluon.jit
     def _stage2(s0, s1, s2, s3, FMT: gl.constexpr, R: gl.constexpr, BK: gl.constexpr, A_LAYOUT: gl.constexpr):
         """Stage 2: A [R, BK] fp16 in A_LAYOUT (dot positions of input_of_dot_pos), four fp16 pairs per record
         (coordinates 0-1, 2-3 from s0, 4-5, 6-7 from s1)."""
         if FMT == _IQ2:  # s0, s1: pair selectors, s2: scale pair
             z = gl.join(gl.join(_pair(s0, s2), _pair(s0 >> 16, s2)), gl.join(_pair(s1, s2), _pair(s1 >> 16, s2)))
-        else:  # Q4_K: s0, s1: code words, s2 / s3: scale / negated min pairs
+        else:  # Q4_K, Q2_K: s0, s1: code words (codes in bytes), s2 / s3: scale / negated min pairs
             z = gl.join(gl.join(_q4_pair(s0, s2, s3, _Q4_LO_ASM), _q4_pair(s0, s2, s3, _Q4_HI_ASM)),
                         gl.join(_q4_pair(s1, s2, s3, _Q4_LO_ASM), _q4_pair(s1, s2, s3, _Q4_HI_ASM)))
         # z: [R, G, j1, j2] fp16 pairs
@@ -205,6 +237,8 @@ if HAVE_GLUON:
         """The per-record words of step k0 as loaded (three; Q4_K repeats its first)."""
         if FMT == _IQ2:
             return _iq2_words(wrow, wrow.to(gl.pointer_type(gl.uint8)), g, c, k0)
+        elif FMT == _Q2K:
+            return _q2_words(wrow, g, c, k0)
         else:
             q0, q1 = _q4_words(wrow, g, c, k0)
             return q0, q1, q0
@@ -216,6 +250,8 @@ if HAVE_GLUON:
             d = gl.load(wrow + (k0 // 256) * _HW).to(gl.float16, bitcast=True).to(gl.float32)
             sa, sb, s2 = _iq2_sel(w0, w1, w2, d, c, psel_ptr)
             return sa, sb, s2, s2
+        elif FMT == _Q2K:
+            return _q2_sel(w0, w1, w2, gl.load(wrow + ((k0 // 256) * _Q2K_WORDS + _Q2K_HEAD)), g, c, k0)
         else:
             hd, hlo, hmid, hhi = _q4_head(wrow, k0)
             return _q4_sel(w0, w1, hd, hlo, hmid, hhi, g, k0)
@@ -324,6 +360,67 @@ if HAVE_GLUON:
         gl.store(hp, h.to(gl.float16), mask=gl.expand_dims(m_ok, 0) & gl.expand_dims(rf < F, 1))
 
 
+    @gluon.jit
+    def _down_kernel(h_ptr, order_ptr, y_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, dw_ptr, F, D, stride_ht, stride_yp,
+                     stride_w, FMT: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, PF: gl.constexpr,
+                     GL: gl.constexpr, XL: gl.constexpr, YL: gl.constexpr):
+        """y[order[r], d] = down[e][d, :] @ h[r, :] for the sorted rows r of tile program_id(1) (expert e) and the
+        2 ROWS output rows d of program_id(0) (one writer per pair): _gate_up_kernel's K loop (the same steps,
+        stages and buffers) with both warpgroups on their own output rows, Q2_K or Q4_K weights (int32 words,
+        stride_w per row) and h's rows, in dot-position order (permuted_activations), as the activations."""
+        R: gl.constexpr = 2 * _ROWS
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                      instr_shape=[16, BM, 16])
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+        G: gl.constexpr = BK // 8
+        pid_n = gl.program_id(0)
+        tile = gl.program_id(1)
+        e = gl.load(tile_e_ptr + tile).to(gl.int64)
+        lo = gl.load(tile_lo_ptr + tile)
+        hi = gl.load(tile_hi_ptr + tile)
+        n_steps = gl.where(hi > lo, F // BK, 0)
+        # h rows of the tile (rows past its end repeat a valid row: their columns are never stored)
+        rm_x = gl.maximum(gl.minimum(lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)), hi - 1), 0)
+        xp = (h_ptr + gl.expand_dims(rm_x.to(gl.int64) * stride_ht, 1)
+              + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
+        r2 = gl.arange(0, R, layout=gl.SliceLayout(1, GL))
+        rd = gl.minimum(pid_n * R + r2, D - 1)
+        wrow = dw_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims((e * D + rd) * stride_w, 1)
+        g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
+        c = g & 3
+        x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
+        acc = gl.zeros([R, BM], gl.float32, MMA)
+        _async_load(x_s.index(0), xp)
+        async_copy.commit_group()
+        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, dw_ptr, FMT)
+        if PF:
+            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, F - BK), FMT)
+        async_copy.wait_group(0)
+        fence_async_shared()
+        _barrier()
+        if PF:  # as _gate_up_kernel's
+            for step in range(0, n_steps, 2):
+                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, F - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, dw_ptr, F,
+                                            FMT, R, BK, A_L)
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, F - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, dw_ptr,
+                                            F, FMT, R, BK, A_L)
+        else:
+            for step in range(0, n_steps):
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, F - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, dw_ptr, F,
+                                            FMT, R, BK, A_L)
+        y = gl.convert_layout(acc, YL)
+        rm = lo + gl.arange(0, BM, layout=gl.SliceLayout(0, YL))
+        m_ok = rm < hi
+        pair = gl.load(order_ptr + rm, mask=m_ok, other=0).to(gl.int64)
+        rs = pid_n * R + gl.arange(0, R, layout=gl.SliceLayout(1, YL))
+        gl.store(y_ptr + gl.expand_dims(pair * stride_yp, 0) + gl.expand_dims(rs, 1), y,
+                 mask=gl.expand_dims(m_ok, 0) & gl.expand_dims(rs < D, 1))
+
 @functools.lru_cache(maxsize=None)
 def iq2_pair_selectors(device):
     """The IQ2_XXS grid as byte-permute pair selectors, int64 [256] (2 KiB, one copy per device): byte j of an entry
@@ -357,6 +454,11 @@ def pair_layout():
     """[ROWS, bm, 2] (gate, up) in the epilogue: the pair in one thread, lanes along the rows (h's contiguous
     dimension)."""
     return gl.BlockedLayout([2, 1, 2], [16, 2, 1], [1, WARPS, 1], [2, 0, 1])
+
+
+def y_layout():
+    """[2 ROWS, bm] down outputs: lanes along the output rows (y's contiguous dimension), warps along the pairs."""
+    return gl.BlockedLayout([1, 1], [32, 1], [1, WARPS], [0, 1])
 
 
 @dataclass(frozen=True)
@@ -397,3 +499,30 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
         **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
     return h
 
+
+DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)  # down formats _down_kernel decodes
+
+
+def supports_down(h, down: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_m: int) -> bool:
+    """Whether _down_kernel takes these experts (h: the gate/up stage's output) with expert tiles of block_m pairs."""
+    _E, D, F = down.shape
+    return (HAVE_GLUON and down.fmt in DOWN_FORMATS and hopper_plus(dev, h) and D % (2 * ROWS) == 0
+            and F % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0 and 8 <= block_m <= 256
+            and (not tile.prefetch or (F // tile.block_k) % 2 == 0))
+
+
+def down_stage(h, down: DeviceWeight, tiles, T: int, K: int, block_m: int, tile: RegATile):
+    """y [T*K, D] fp32 in pair order (one writer per pair) from h [T*K, F] fp16 in sorted-row order, as
+    moe_prefill.down_stage (Q2_K or Q4_K experts, sm_90+: supports_down); tiles: moe.expert_tiles of block_m
+    pairs. h is permuted to dot-position order by one copy (0.07 ms at T=2048; writing it so from the gate/up
+    epilogue made that kernel 0.25 ms slower: h200_prefill/15b)."""
+    order, te, lo, hi = tiles
+    _E, D, F = down.shape
+    y = blocks.empty((T * K, D), h.device)
+    hp = permuted_activations(h)
+    _down_kernel[(D // (2 * ROWS), te.numel())](
+        hp, order, y, te, lo, hi, down.w, F, D, hp.stride(0), y.stride(0), down.stride_w, FMT=int(down.fmt),
+        BM=block_m, BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k),
+        XL=x_layout(block_m, tile.block_k), YL=y_layout(), num_warps=WARPS,
+        **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
+    return y

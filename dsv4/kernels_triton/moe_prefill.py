@@ -22,8 +22,9 @@ ahead, grid records one). Options (PrefillConfig), measured in tools/results/h20
   * Q4_K words by 16-byte loads (not in the fused tile: Triton 3.6 then converts layouts every step).
 `TUNED` holds the fastest per gate/up format; moe's auto variant uses it (`grouped_v2_default`). For IQ2_XXS
 experts on NVIDIA sm_90+ its gate/up stage is moe_gluon's kernel (PrefillConfig.rega: the decoded weights as
-wgmma's register operand, never in shared memory; tools/results/h200_prefill/11); this file's kernels
-everywhere else, for Q4_K (where moe_gluon's Q4_K decode is slower: 11f) and for every down stage.
+wgmma's register operand, never in shared memory; tools/results/h200_prefill/11), and so is its Q2_K down stage
+(PrefillConfig.rega_down, h200_prefill/15); this file's kernels everywhere else and for Q4_K (where moe_gluon's
+Q4_K decode is slower, gate/up and down: 11f, 15).
 """
 from __future__ import annotations
 
@@ -94,6 +95,7 @@ class PrefillConfig:
     num_stages_down: int = 0  # 0: num_stages
     rega: Any = None  # a moe_gluon.RegATile: the gate/up by the Gluon kernel with the weights as wgmma's
     # register operand (expert tiles of block_m pairs) where it runs (NVIDIA sm_90+ with Gluon), this file's elsewhere
+    rega_down: Any = None  # the same for the down stage (moe_gluon._down_kernel)
 
 
 def empty_f16(shape, device):
@@ -677,7 +679,10 @@ def grouped_v2(u, gate: DeviceWeight, up: DeviceWeight, down: DeviceWeight, sel,
         h = moe_gluon.gate_up_stage(x16, gate, up, weights, clamp, tiles, K, cfg.block_m, cfg.rega)
     else:
         h = gate_up_stage(x16, gate, up, weights, clamp, tiles, K, dev, cfg)
-    y = down_stage(h, down, tiles, T, K, dev, cfg)
+    if cfg.rega_down is not None and moe_gluon.supports_down(h, down, dev, cfg.rega_down, cfg.block_m):
+        y = moe_gluon.down_stage(h, down, tiles, T, K, cfg.block_m, cfg.rega_down)
+    else:
+        y = down_stage(h, down, tiles, T, K, dev, cfg)
     return y.view(T, K, D).sum(1)  # fixed reduction order for a given shape: deterministic
 
 
@@ -697,9 +702,11 @@ CONFIGS = {
 TRITON_TUNED_IQ2 = PrefillConfig(block_n=64, num_warps=4, num_stages=3, fuse=True, swap_down=True, block_n_down=64,
                                  block_k_down=256, num_warps_down=4, num_stages_down=3)
 TUNED = {
-    # the gate/up by moe_gluon where it runs (64-input steps, words one step ahead: h200_prefill/11),
+    # the gate/up by moe_gluon where it runs (64-input steps, words one step ahead: h200_prefill/11), and the Q2_K
+    # down too (64-input steps: 1.36 -> 1.21 ms, whole call 3.77-3.78 -> 3.59-3.60 ms, h200_prefill/15a-b),
     # TRITON_TUNED_IQ2's Triton tiles elsewhere
-    QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, prefetch=False)),
+    QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, prefetch=False),
+                                 rega_down=moe_gluon.RegATile(64, prefetch=False)),
     QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
                                     block_n_down=64, block_k_down=128, num_warps_down=4, num_stages_down=3),
 }

@@ -1,10 +1,12 @@
-"""The Gluon register-A MoE prefill gate/up (dsv4/kernels_triton/moe_gluon.py) natively on an NVIDIA sm_90+ GPU.
+"""The Gluon register-A MoE prefill gate/up and down (dsv4/kernels_triton/moe_gluon.py) natively on an NVIDIA sm_90+
+GPU.
 
 Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel
-for sm_90 offline (tests/kernels/test_moe_gluon_compile.py). The routed MoE at Flash shapes (q2 recipe: IQ2_XXS
-gate/up) with this gate/up and moe_prefill's down, against the float64 reference of the dequantized experts
-(tolerance `grouped_v2`: the same fp16 weights and activations, another fp32 summation order), with h
-NaN-poisoned before the kernel writes it; T = 37 (partial expert tiles) and 300, a repeated expert id in a
+for sm_90 offline (tests/kernels/test_moe_gluon_compile.py). The routed MoE at Flash shapes with this gate/up
+(then the tuned config's down: the Gluon one for the q2 recipe's Q2_K) or with this down (Q2_K and Q4_K, behind
+the tuned gate/up), against the float64 reference of the dequantized experts (tolerance `grouped_v2`: the same
+fp16 weights and activations, another fp32 summation order), with h and y NaN-poisoned before the kernels write
+them; T = 37 (partial expert tiles) and 300, a repeated expert id in a
 token's selection and an expert with no tokens (_moe_problem); the same bits on a second call. A race between
 an MMA and the registers or shared buffers it reads would show as wrong or unrepeatable sums here and in
 tools/probe_prefill.py's T=2048 comparison (an earlier form that kept A registers across steps did).
@@ -48,18 +50,21 @@ def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
 def test_tuned_prefill_takes_the_gluon_gate_up(recipe):
-    """moe's auto path above the decode sizes (grouped_v2_default) runs this kernel for IQ2_XXS experts here; for
-    Q4_K the Triton gate/up stays (faster on the H200: tools/results/h200_prefill/11f)."""
+    """moe's auto path above the decode sizes (grouped_v2_default) runs the Gluon gate/up and down for the q2 recipe
+    here; for Q4_K the Triton kernels stay (faster on the H200: tools/results/h200_prefill/11f, 15)."""
     from dsv4.kernels_triton import moe_gluon, moe_prefill
     from dsv4.kernels_triton.configs import detect_device
 
     _, (gate, up, _down), u, _sel, _wts = _moe_problem(recipe, 8)
     cfg = moe_prefill.tuned_config(gate)
     if recipe == "q4":
-        assert cfg.rega is None
+        assert cfg.rega is None and cfg.rega_down is None
         return
     assert cfg.rega is not None  # with cfg.block_m: the expert tiles' height is the config's one field now
     assert moe_gluon.supports(u, gate, up, detect_device("cuda"), cfg.rega, cfg.block_m)
+    h = torch.empty((1, _down.shape[2]), device="cuda", dtype=torch.float16)
+    assert cfg.rega_down is not None and moe_gluon.supports_down(h, _down, detect_device("cuda"), cfg.rega_down,
+                                                                 cfg.block_m)
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
@@ -81,3 +86,54 @@ def test_rega_h_equals_triton_weights(recipe):
                                 moe_gluon.RegATile()).float()
     assert torch.isfinite(h).all()
     _assert(h, ref.double(), "triton_moe", "rega_h", f"rega h vs moe_prefill h, {recipe} T=96")
+
+
+DOWN_TILES = [(64, 128, False), (64, 128, True), (64, 64, False), (32, 256, False)]
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("t", [37, 300])
+@pytest.mark.parametrize("bm,bk,pf", DOWN_TILES, ids=[f"m{m}k{k}{'pf' if p else ''}" for m, k, p in DOWN_TILES])
+def test_rega_down_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
+    """The Gluon down (Q2_K or Q4_K experts) behind the tuned gate/up, the whole MoE against float64 (tolerance
+    `grouped_v2`: the same fp16 weights as moe_prefill's down); y NaN-poisoned before the kernel writes it (the
+    poison fixture); moe_prefill's Triton down must not run; the same bits on a second call."""
+    from dataclasses import replace
+
+    from dsv4.kernels_triton import moe_gluon, moe_prefill
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
+    dev = detect_device("cuda")
+    tile = moe_gluon.RegATile(bk, prefetch=pf)
+    h_probe = torch.empty((1, down.shape[2]), device="cuda", dtype=torch.float16)
+    assert moe_gluon.supports_down(h_probe, down, dev, tile, bm)
+    cfg = replace(moe_prefill.tuned_config(gate), block_m=bm, rega_down=tile)
+
+    def no_triton_down(*args, **kwargs):
+        raise AssertionError("the Triton down ran instead of the Gluon one")
+
+    monkeypatch.setattr(moe_prefill, "down_stage", no_triton_down)
+    y = moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} rega down {tile} T={t}")
+    assert torch.equal(y, moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)), "not reproducible"
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+def test_rega_down_equals_triton_down(recipe):
+    """y of the Gluon down against moe_prefill's down stage on the same h (the same fp16 weights: the two differ
+    only in fp32 summation order)."""
+    from dsv4.kernels_triton import moe, moe_gluon, moe_prefill
+    from dsv4.kernels_triton.configs import detect_device
+
+    _, (gate, _up, down), u, sel, _wts = _moe_problem(recipe, 96)
+    dev = detect_device("cuda")
+    cfg = moe_prefill.tuned_config(gate)
+    tiles = moe.expert_tiles(sel, gate.shape[0], cfg.block_m)
+    T, K = sel.shape
+    h = (torch.randn((T * K, down.shape[2]), device="cuda") * 0.5).to(torch.float16)
+    ref = moe_prefill.down_stage(h, down, tiles, T, K, dev, cfg)
+    y = moe_gluon.down_stage(h, down, tiles, T, K, cfg.block_m, moe_gluon.RegATile(128, prefetch=False))
+    assert torch.isfinite(y).all()
+    _assert(y, ref.double(), "triton_moe", "rega_y", f"rega down y vs moe_prefill y, {recipe} T=96")
+

@@ -1,5 +1,5 @@
-"""The Gluon register-operand MoE gate/up (dsv4/kernels_triton/moe_gluon.py) compiled for sm_90 on the CPU, for
-both formats it decodes (IQ2_XXS, Q4_K).
+"""The Gluon register-operand MoE gate/up and down (dsv4/kernels_triton/moe_gluon.py) compiled for sm_90 on the
+CPU, for every format they decode (gate/up IQ2_XXS, Q4_K; down Q2_K, Q4_K).
 
 Gluon has no interpreter: its numerics run on the GPU (tests/gpu/test_moe_gluon_gpu.py) and its arithmetic is
 replayed in numpy (tests/kernels/test_moe_gluon_decode.py). Here the PTX Triton emits is checked for the
@@ -18,6 +18,19 @@ import json, re
 from dsv4.kernels_triton import moe_gluon as m
 from tests.kernels.offline_compile import compile_gluon_sm90
 
+
+
+def facts(k):
+    ptx = k.asm["ptx"]
+    return {
+        "mma": ptx.count("wgmma.mma_async"),
+        "mma_reg_a": len(re.findall(
+            r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16\s*\{[^}]*\},\s*\{[^}]*\}", ptx)),
+        "waits": re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx),
+        "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*0x10, 0x10;", ptx)),
+        "stmatrix": ptx.count("stmatrix"), "local": ptx.count(".local"), "cubin": len(k.asm["cubin"])}
+
+
 out = {}
 for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, False), (12, 64, 64, False),
                         (12, 64, 128, True)]:
@@ -30,28 +43,33 @@ for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, F
     k = compile_gluon_sm90(m._gate_up_kernel, sig, dict(
         FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()),
         ("F", "D", "stride_xt", "stride_ht", "stride_w"), m.WARPS)
-    ptx = k.asm["ptx"]
-    out[f"{fmt}/{bm}/{bk}/{pf}"] = {
-        "mma": ptx.count("wgmma.mma_async"),
-        "mma_reg_a": len(re.findall(
-            r"wgmma\.mma_async\.sync\.aligned\.m64n\d+k16\.f32\.f16\.f16\s*\{[^}]*\},\s*\{[^}]*\}", ptx)),
-        "waits": re.findall(r"wgmma\.wait_group\.sync\.aligned\s+(\d+)", ptx),
-        "cp_async16": len(re.findall(r"cp\.async\.c[ag]\.shared\.global[^;]*0x10, 0x10;", ptx)),
-        "stmatrix": ptx.count("stmatrix"), "local": ptx.count(".local"), "cubin": len(k.asm["cubin"])}
+    out[f"gate_up/{fmt}/{bm}/{bk}/{pf}"] = facts(k)
+# the down kernel: Q2_K (10) and Q4_K (12) experts, h as the activations
+for fmt, bm, bk, pf in [(10, 64, 64, False), (10, 64, 128, True), (10, 32, 256, False), (12, 64, 128, False)]:
+    sig = dict(h_ptr="*fp16", order_ptr="*i32", y_ptr="*fp32", tile_e_ptr="*i32", tile_lo_ptr="*i32",
+               tile_hi_ptr="*i32", dw_ptr="*i32", F="i32", D="i32", stride_ht="i32", stride_yp="i32",
+               stride_w="i32", FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr",
+               XL="constexpr", YL="constexpr")
+    k = compile_gluon_sm90(m._down_kernel, sig, dict(
+        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), YL=m.y_layout()),
+        ("F", "D", "stride_ht", "stride_yp", "stride_w"), m.WARPS)
+    out[f"down/{fmt}/{bm}/{bk}/{pf}"] = facts(k)
 print("RESULT", json.dumps(out))
 """
 
 
-def test_gluon_gate_up_compiles_for_sm90():
+def test_gluon_gate_up_and_down_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
     for key, r in res.items():
-        fmt, bm, bk, pf = key.split("/")  # fmt: QuantFormat 16 IQ2_XXS, 12 Q4_K
+        kernel, fmt, bm, bk, pf = key.split("/")  # fmt: QuantFormat 16 IQ2_XXS, 12 Q4_K, 10 Q2_K
         bk = int(bk)
         loop_steps = 2 if pf == "True" else 1  # the prefetching loop is unrolled by two
+        assert kernel in ("gate_up", "down")
         assert r["cubin"] > 0 and r["local"] == 0, (key, r)  # compiled, nothing spilled to local memory
         # one k16 wgmma per 16 inputs of each step in the loop, A in registers
         assert r["mma"] == loop_steps * bk // 16 and r["mma_reg_a"] == r["mma"], (key, r)
         assert r["waits"] and set(r["waits"]) == {"0"}, (key, r)
         assert r["stmatrix"] == 0, (key, r)
-        # x: [bm, bk] fp16 per step in 16-byte copies over 256 threads, once before the loop and once per step in it
+        # x (down: h): [bm, bk] fp16 per step in 16-byte copies over 256 threads, once before the loop and once
+        # per step in it
         assert r["cp_async16"] == (1 + loop_steps) * max(1, int(bm) * bk * 2 // 16 // 256), (key, r)

@@ -1,11 +1,13 @@
-"""The arithmetic of the Gluon register-operand gate/up (dsv4/kernels_triton/moe_gluon.py), emulated on the CPU.
+"""The arithmetic of the Gluon register-operand gate/up and down (dsv4/kernels_triton/moe_gluon.py), emulated on the
+CPU (IQ2_XXS, Q4_K and Q2_K records).
 
 Gluon has no interpreter, so the kernel itself runs only on the GPU (tests/gpu/test_moe_gluon_gpu.py); what can be
 checked here exactly is every table and bit trick it relies on, replayed in numpy word for word as the kernel
 computes them: the pair-selector table (iq2_pair_selectors), the signs spread by one multiply with the parity
 bit from popc, the byte permute of each 16-bit selector half into the fp16 pair (q0, q1) (its sign-replicate
-mode included), then times the fp16 group scale (moe_prefill's H2 decode). Against dsv4.quant's IQ2_XXS dequantization of random
-blocks (each weight rounded to fp16 with the scale rounded first: tolerance ('dequant', 'all'), exact). And the
+mode included), then times the fp16 group scale (moe_prefill's H2 decode). Against dsv4.quant's IQ2_XXS
+dequantization of random blocks (each weight rounded to fp16 with the scale rounded first: tolerance
+('dequant', 'all'), exact). And the
 dot-position order the activations are permuted into (permuted_activations) against input_of_dot_pos.
 """
 from __future__ import annotations
@@ -173,3 +175,61 @@ def test_q4_k_decode_matches_dequant():
     ref = (q * s16[:, :, None] - m16[:, :, None]).astype(np.float16).reshape(n, 256)
     assert_close(_q4_kernel_decode(raw).astype(np.float64), ref.astype(np.float64), "dequant", "all",
                  "moe_gluon Q4_K pair decode")
+
+
+def _random_q2_k(n_blocks: int, seed: int) -> np.ndarray:
+    """Q2_K blocks of random bytes (scales, codes) with finite, moderate fp16 d and dmin (bytes 80-83)."""
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(n_blocks, 84), dtype=np.uint8)
+    dd = (rng.random((n_blocks, 2)) * 0.02).astype(np.float16)
+    raw[:, 80:84] = dd.view(np.uint8).reshape(n_blocks, 4)
+    return raw
+
+
+def _q2_kernel_decode(raw: np.ndarray) -> np.ndarray:
+    """Q2_K weights as _q2_words, _q2_sel and the Q4_K pair asm compute them (a record: 32-group gg of the block,
+    lane c), fp16 [n_blocks, 256]."""
+    n = raw.shape[0]
+    words = raw.view("<i4").reshape(n, 21).astype(np.int64) & 0xFFFFFFFF
+    hd = words[:, 20]
+    d = (hd & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
+    dmin = (hd >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
+    lo_sel, hi_sel = (int(re.search(r"prmt\.b32 t, \$1, mg, (0x[0-9A-Fa-f]+);", a.value).group(1), 16)
+                      for a in (moe_gluon._Q4_LO_ASM, moe_gluon._Q4_HI_ASM))
+    out = np.zeros((n, 256), np.float16)
+    for gg in range(8):
+        hh, sh = (gg >> 2) & 1, 2 * (gg & 3)
+        for c in range(4):
+            cw = 4 + 8 * hh + 2 * c
+            j = 8 * hh + 2 * (gg & 3) + (c >> 1)
+            sc = (words[:, j >> 2] >> (8 * (j & 3))) & 255
+            s16 = (d * (sc & 15).astype(np.float32)).astype(np.float16).astype(np.float64)
+            nm16 = (-(dmin * (sc >> 4).astype(np.float32))).astype(np.float16).astype(np.float64)
+            for half, w in enumerate((words[:, cw], words[:, cw + 1])):
+                codes = (w >> sh) & 0x03030303
+                for p, sel in enumerate((lo_sel, hi_sel)):
+                    pair = _prmt(codes, 0x64646464, sel)
+                    for e in range(2):
+                        t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+                        out[:, 32 * gg + 8 * c + 4 * half + 2 * p + e] = ((t - 1024.0) * s16 + nm16).astype(np.float16)
+    return out
+
+
+def test_q2_k_decode_matches_dequant():
+    """The Q2_K stages of the down kernel against the GGUF layout: weight 128h + 32s + l is bits 2s of code byte
+    32h + l, in 16-weight sub-block (128h + 32s + l) // 16 (scale in the low nibble, min in the high one); that
+    reading checked against dsv4.quant's dequantization (fp32, exact), then scale and min rounded to fp16 and one
+    fp16 fma (H2) against the kernel's arithmetic: exact."""
+    raw = _random_q2_k(256, seed=7)
+    n = raw.shape[0]
+    d = raw[:, 80:82].copy().view(np.float16).astype(np.float32)
+    dmin = raw[:, 82:84].copy().view(np.float16).astype(np.float32)
+    k = np.arange(256)
+    q = (raw[:, 16 + 32 * (k // 128) + k % 32] >> (2 * ((k % 128) // 32))) & 3  # [n, 256]
+    sc = raw[:, k // 16]
+    s32, m32 = d * (sc & 15).astype(np.float32), dmin * (sc >> 4).astype(np.float32)
+    assert_close((s32 * q - m32).astype(np.float64), dequantize_np(raw.reshape(-1), QuantFormat.Q2_K, n * 256)
+                 .reshape(n, 256).astype(np.float64), "dequant", "all", "Q2_K layout reading")
+    ref = (q * s32.astype(np.float16).astype(np.float64) - m32.astype(np.float16).astype(np.float64)).astype(np.float16)
+    assert_close(_q2_kernel_decode(raw).astype(np.float64), ref.astype(np.float64), "dequant", "all",
+                 "moe_gluon Q2_K pair decode")
