@@ -187,16 +187,20 @@ if HAVE_GLUON:
         return sel_a, sel_b, _f16_pair(d * (0.5 + ((a1 >> 28) & 15).to(gl.float32)) * 0.25)
 
     @gluon.jit
+    def _q2_group(g, c, k0):
+        """(global 32-group, 16-weight sub-block within its block) of Q2_K records g (lane c) of step k0."""
+        gg = k0 // 32 + (g >> 2)
+        return gg, 8 * ((gg >> 2) & 1) + 2 * (gg & 3) + (c >> 1)
+
+    @gluon.jit
     def _q2_words(w32, g, c, k0):
         """Q2_K: the two code words of records g (c = g % 4) of step k0 and the word holding their 16-weight
         sub-block's scale byte, as loaded. A 32-group (index gg) is shift 2 (gg % 4) of half (gg // 4) % 2 of its
         block: lane c's 8 inputs are bits 2 (gg % 4) of bytes 8c..8c+7 of the half's 32 code bytes (two words),
         in sub-block 8 half + 2 (gg % 4) + c // 2."""
-        gg = k0 // 32 + (g >> 2)
+        gg, j = _q2_group(g, c, k0)
         blk = (gg >> 3) * _Q2K_WORDS
-        hh = (gg >> 2) & 1
-        cw = blk + 4 + 8 * hh + 2 * c
-        j = 8 * hh + 2 * (gg & 3) + (c >> 1)
+        cw = blk + 4 + 8 * ((gg >> 2) & 1) + 2 * c
         return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), gl.load(w32 + (blk + (j >> 2)))
 
     @gluon.jit
@@ -204,9 +208,8 @@ if HAVE_GLUON:
         """Stage 1 for Q2_K records: (the codes of the record's shift in the low bits of the bytes of two words, the
         fp16 scale pair d * (sc & 15), the negated fp16 min pair dmin * (sc >> 4)): moe_prefill's H2 decode, whose
         pair asm here is the Q4_K one (codes < 16 in bytes)."""
-        gg = k0 // 32 + (g >> 2)
+        gg, j = _q2_group(g, c, k0)
         sh = 2 * (gg & 3)
-        j = 8 * ((gg >> 2) & 1) + 2 * (gg & 3) + (c >> 1)
         sc = (sw >> (8 * (j & 3))) & 255
         d = blocks._f16_from_bits(hd)
         dmin = blocks._f16_from_bits(hd >> 16)
@@ -259,7 +262,7 @@ if HAVE_GLUON:
     @gluon.jit
     def _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D, FMT: gl.constexpr,
               R: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
-        """One K step of _gate_up_kernel: copy x of the next step, make A from stage 1's values (s0..s3) and issue
+        """One K step of _k_loop: copy x of the next step, make A from stage 1's values (s0..s3) and issue
         its MMA, stage 1 of the next step from its words (w0..w2) under the MMA, wait for the MMA and the copy.
         Returns (acc, the next step's stage-1 values)."""
         kn = gl.minimum((step + 1) * BK, D - BK)
@@ -273,6 +276,39 @@ if HAVE_GLUON:
         fence_async_shared()
         _barrier()  # x of step + 1 in place for every warp; both warpgroups past this step's MMA
         return acc, s0, s1, s2, s3
+
+    @gluon.jit
+    def _k_loop(xp, wrow, g, c, psel_ptr, KLEN, n_steps, FMT: gl.constexpr, R: gl.constexpr, BM: gl.constexpr,
+                BK: gl.constexpr, PF: gl.constexpr, MMA: gl.constexpr, SMEM: gl.constexpr):
+        """The K loop both kernels share: acc [R, BM] (MMA layout) = the decoded weight rows (wrow: their first words,
+        [R, 1]; records g, lanes c) times the activation rows xp ([BM, BK] pointers of the first step) over KLEN
+        inputs in n_steps steps of BK (see _gate_up_kernel's docstring for the stages, the buffers and PF)."""
+        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
+        acc = gl.zeros([R, BM], gl.float32, MMA)
+        _async_load(x_s.index(0), xp)
+        async_copy.commit_group()
+        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT)
+        if PF:
+            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, KLEN - BK), FMT)
+        async_copy.wait_group(0)
+        fence_async_shared()
+        _barrier()
+        if PF:  # two steps per iteration, the word sets alternating
+            for step in range(0, n_steps, 2):
+                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, KLEN - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
+                                            KLEN, FMT, R, BK, A_L)
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, KLEN - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, psel_ptr,
+                                            KLEN, FMT, R, BK, A_L)
+        else:
+            for step in range(0, n_steps):
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, KLEN - BK), FMT)
+                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
+                                            KLEN, FMT, R, BK, A_L)
+        return acc
 
     @gluon.jit
     def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
@@ -298,7 +334,6 @@ if HAVE_GLUON:
         R: gl.constexpr = 2 * _ROWS
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
                                                       instr_shape=[16, BM, 16])
-        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         G: gl.constexpr = BK // 8
         pid_n = gl.program_id(0)
@@ -322,30 +357,7 @@ if HAVE_GLUON:
             wrow = gw_ptr.to(gl.pointer_type(gl.int32)) + roff
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
-        acc = gl.zeros([R, BM], gl.float32, MMA)
-        _async_load(x_s.index(0), xp)
-        async_copy.commit_group()
-        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
-        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT)
-        if PF:
-            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, D - BK), FMT)
-        async_copy.wait_group(0)
-        fence_async_shared()
-        _barrier()
-        if PF:  # two steps per iteration, the word sets alternating (see the docstring)
-            for step in range(0, n_steps, 2):
-                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, D - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D,
-                                            FMT, R, BK, A_L)
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, D - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, psel_ptr,
-                                            D, FMT, R, BK, A_L)
-        else:
-            for step in range(0, n_steps):
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, D - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D,
-                                            FMT, R, BK, A_L)
+        acc = _k_loop(xp, wrow, g, c, psel_ptr, D, n_steps, FMT, R, BM, BK, PF, MMA, SMEM)
         # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
         gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
         gacc, uacc = gl.split(gu)
@@ -371,7 +383,6 @@ if HAVE_GLUON:
         R: gl.constexpr = 2 * _ROWS
         MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
                                                       instr_shape=[16, BM, 16])
-        A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
         SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         G: gl.constexpr = BK // 8
         pid_n = gl.program_id(0)
@@ -389,30 +400,7 @@ if HAVE_GLUON:
         wrow = dw_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims((e * D + rd) * stride_w, 1)
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
-        acc = gl.zeros([R, BM], gl.float32, MMA)
-        _async_load(x_s.index(0), xp)
-        async_copy.commit_group()
-        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
-        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, dw_ptr, FMT)
-        if PF:
-            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, F - BK), FMT)
-        async_copy.wait_group(0)
-        fence_async_shared()
-        _barrier()
-        if PF:  # as _gate_up_kernel's
-            for step in range(0, n_steps, 2):
-                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, F - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, dw_ptr, F,
-                                            FMT, R, BK, A_L)
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, F - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, dw_ptr,
-                                            F, FMT, R, BK, A_L)
-        else:
-            for step in range(0, n_steps):
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, F - BK), FMT)
-                acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, dw_ptr, F,
-                                            FMT, R, BK, A_L)
+        acc = _k_loop(xp, wrow, g, c, dw_ptr, F, n_steps, FMT, R, BM, BK, PF, MMA, SMEM)
         y = gl.convert_layout(acc, YL)
         rm = lo + gl.arange(0, BM, layout=gl.SliceLayout(0, YL))
         m_ok = rm < hi
@@ -420,6 +408,7 @@ if HAVE_GLUON:
         rs = pid_n * R + gl.arange(0, R, layout=gl.SliceLayout(1, YL))
         gl.store(y_ptr + gl.expand_dims(pair * stride_yp, 0) + gl.expand_dims(rs, 1), y,
                  mask=gl.expand_dims(m_ok, 0) & gl.expand_dims(rs < D, 1))
+
 
 @functools.lru_cache(maxsize=None)
 def iq2_pair_selectors(device):
@@ -470,15 +459,19 @@ class RegATile:
     maxnreg: int = 0  # PTX register cap (0: none)
 
 
+def _tile_ok(tile: RegATile, block_m: int, k: int) -> bool:
+    """The tile conditions of both kernels over k inputs (whole blocks; PF's loop takes two steps at a time)."""
+    return (k % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0 and 8 <= block_m <= 256
+            and (not tile.prefetch or (k // tile.block_k) % 2 == 0))
+
+
 def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_m: int) -> bool:
     """Whether the kernel takes these experts with expert tiles of block_m pairs."""
     from .moe_prefill import _up_delta
 
     _E, F, D = gate.shape
-    return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u)
-            and F % ROWS == 0 and D % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0
-            and (not tile.prefetch or (D // tile.block_k) % 2 == 0)
-            and 8 <= block_m <= 256 and _up_delta(gate, up) is not None)
+    return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u) and F % ROWS == 0
+            and _tile_ok(tile, block_m, D) and _up_delta(gate, up) is not None)
 
 
 def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, block_m: int,
@@ -507,8 +500,7 @@ def supports_down(h, down: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_
     """Whether _down_kernel takes these experts (h: the gate/up stage's output) with expert tiles of block_m pairs."""
     _E, D, F = down.shape
     return (HAVE_GLUON and down.fmt in DOWN_FORMATS and hopper_plus(dev, h) and D % (2 * ROWS) == 0
-            and F % 256 == 0 and tile.block_k in (64, 128, 256) and block_m % 8 == 0 and 8 <= block_m <= 256
-            and (not tile.prefetch or (F // tile.block_k) % 2 == 0))
+            and _tile_ok(tile, block_m, F))
 
 
 def down_stage(h, down: DeviceWeight, tiles, T: int, K: int, block_m: int, tile: RegATile):
