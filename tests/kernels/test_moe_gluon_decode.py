@@ -233,3 +233,31 @@ def test_q2_k_decode_matches_dequant():
     ref = (q * s32.astype(np.float16).astype(np.float64) - m32.astype(np.float16).astype(np.float64)).astype(np.float16)
     assert_close(_q2_kernel_decode(raw).astype(np.float64), ref.astype(np.float64), "dequant", "all",
                  "moe_gluon Q2_K pair decode")
+
+
+def test_down_tile_conditions(monkeypatch):
+    """supports_down's host-side decisions (the GPU check itself patched to pass): the down formats only, whole
+    Q2_K/Q4_K blocks along F, output rows in whole programs of 2 ROWS, the registered step widths and expert tile
+    heights, and an even step count for the prefetching (two-step) loop."""
+    from types import SimpleNamespace
+
+    if not moe_gluon.HAVE_GLUON:
+        import pytest
+
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(moe_gluon, "hopper_plus", lambda dev, x: True)
+    h = torch.empty(1)
+    flash = (256, 4096, 2048)  # experts, D (output rows), F (inputs)
+
+    def ok(tile, bm=64, shape=flash, fmt=QuantFormat.Q2_K):
+        return moe_gluon.supports_down(h, SimpleNamespace(fmt=fmt, shape=shape), None, tile, bm)
+
+    nopf = moe_gluon.RegATile(64, prefetch=False)
+    assert ok(nopf) and ok(moe_gluon.RegATile(128)) and ok(nopf, fmt=QuantFormat.Q4_K)
+    assert not ok(nopf, fmt=QuantFormat.IQ2_XXS) and not ok(nopf, fmt=QuantFormat.Q8_0)
+    assert ok(moe_gluon.RegATile(256, prefetch=False), shape=(256, 4096, 768))
+    assert not ok(moe_gluon.RegATile(256), shape=(256, 4096, 768))  # 3 steps: the PF loop takes two at a time
+    assert not ok(nopf, shape=(256, 4096, 2000))  # not whole 256-weight blocks
+    assert not ok(nopf, shape=(256, 4000, 2048))  # not whole 128-row programs
+    assert not ok(moe_gluon.RegATile(96, prefetch=False))
+    assert not ok(nopf, bm=12) and not ok(nopf, bm=512) and ok(nopf, bm=32)
