@@ -279,11 +279,14 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _k_loop(xp, wrow, g, c, psel_ptr, KLEN, n_steps, FMT: gl.constexpr, R: gl.constexpr, BM: gl.constexpr,
-                BK: gl.constexpr, PF: gl.constexpr, MMA: gl.constexpr, SMEM: gl.constexpr):
-        """The K loop both kernels share: acc [R, BM] (MMA layout) = the decoded weight rows (wrow: their first words,
-        [R, 1]; records g, lanes c) times the activation rows xp ([BM, BK] pointers of the first step) over KLEN
-        inputs in n_steps steps of BK (see _gate_up_kernel's docstring for the stages, the buffers and PF)."""
+                BK: gl.constexpr, PF: gl.constexpr):
+        """The K loop both kernels share: acc [R, BM] (wgmma layout) = the decoded weight rows (wrow: their first
+        words, [R, 1]; records g, lanes c) times the activation rows xp ([BM, BK] pointers of the first step) over
+        KLEN inputs in n_steps steps of BK (see _gate_up_kernel's docstring for the stages, the buffers and PF)."""
+        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
+                                                      instr_shape=[16, BM, 16])
         A_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2)
+        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         x_s = gl.allocate_shared_memory(gl.float16, [3, BM, BK], SMEM)
         acc = gl.zeros([R, BM], gl.float32, MMA)
         _async_load(x_s.index(0), xp)
@@ -311,6 +314,17 @@ if HAVE_GLUON:
         return acc
 
     @gluon.jit
+    def _tile(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, KLEN, BM: gl.constexpr, BK: gl.constexpr, XL: gl.constexpr):
+        """(expert, first and end sorted row, K steps: 0 for an empty tile, the tile's BM sorted rows in XL's row
+        slice: rows past its end repeat a valid row, their columns are never stored) of tile program_id(1)."""
+        tile = gl.program_id(1)
+        e = gl.load(tile_e_ptr + tile).to(gl.int64)
+        lo = gl.load(tile_lo_ptr + tile)
+        hi = gl.load(tile_hi_ptr + tile)
+        rm_x = gl.maximum(gl.minimum(lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)), hi - 1), 0)
+        return e, lo, hi, gl.where(hi > lo, KLEN // BK, 0), rm_x
+
+    @gluon.jit
     def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
                         F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, FMT: gl.constexpr,
                         BM: gl.constexpr, BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr,
@@ -332,18 +346,9 @@ if HAVE_GLUON:
         next instead is a register copy, which waits for the load: h200_prefill/14). PF needs an even number of
         steps (D / BK)."""
         R: gl.constexpr = 2 * _ROWS
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                      instr_shape=[16, BM, 16])
-        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         G: gl.constexpr = BK // 8
         pid_n = gl.program_id(0)
-        tile = gl.program_id(1)
-        e = gl.load(tile_e_ptr + tile).to(gl.int64)
-        lo = gl.load(tile_lo_ptr + tile)
-        hi = gl.load(tile_hi_ptr + tile)
-        n_steps = gl.where(hi > lo, D // BK, 0)
-        # activation rows of the tile (rows past its end repeat a valid row: their columns are never stored)
-        rm_x = gl.maximum(gl.minimum(lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)), hi - 1), 0)
+        e, lo, hi, n_steps, rm_x = _tile(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, D, BM, BK, XL)
         tok = (gl.load(order_ptr + rm_x) // KSEL).to(gl.int64)
         xp = (x_ptr + gl.expand_dims(tok * stride_xt, 1)
               + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
@@ -357,7 +362,7 @@ if HAVE_GLUON:
             wrow = gw_ptr.to(gl.pointer_type(gl.int32)) + roff
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        acc = _k_loop(xp, wrow, g, c, psel_ptr, D, n_steps, FMT, R, BM, BK, PF, MMA, SMEM)
+        acc = _k_loop(xp, wrow, g, c, psel_ptr, D, n_steps, FMT, R, BM, BK, PF)
         # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
         gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
         gacc, uacc = gl.split(gu)
@@ -381,18 +386,9 @@ if HAVE_GLUON:
         stages and buffers) with both warpgroups on their own output rows, Q2_K or Q4_K weights (int32 words,
         stride_w per row) and h's rows, in dot-position order (permuted_activations), as the activations."""
         R: gl.constexpr = 2 * _ROWS
-        MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[8, 1],
-                                                      instr_shape=[16, BM, 16])
-        SMEM: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         G: gl.constexpr = BK // 8
         pid_n = gl.program_id(0)
-        tile = gl.program_id(1)
-        e = gl.load(tile_e_ptr + tile).to(gl.int64)
-        lo = gl.load(tile_lo_ptr + tile)
-        hi = gl.load(tile_hi_ptr + tile)
-        n_steps = gl.where(hi > lo, F // BK, 0)
-        # h rows of the tile (rows past its end repeat a valid row: their columns are never stored)
-        rm_x = gl.maximum(gl.minimum(lo + gl.arange(0, BM, layout=gl.SliceLayout(1, XL)), hi - 1), 0)
+        e, lo, hi, n_steps, rm_x = _tile(tile_e_ptr, tile_lo_ptr, tile_hi_ptr, F, BM, BK, XL)
         xp = (h_ptr + gl.expand_dims(rm_x.to(gl.int64) * stride_ht, 1)
               + gl.expand_dims(gl.arange(0, BK, layout=gl.SliceLayout(0, XL)), 0))
         r2 = gl.arange(0, R, layout=gl.SliceLayout(1, GL))
@@ -400,7 +396,7 @@ if HAVE_GLUON:
         wrow = dw_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims((e * D + rd) * stride_w, 1)
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        acc = _k_loop(xp, wrow, g, c, dw_ptr, F, n_steps, FMT, R, BM, BK, PF, MMA, SMEM)
+        acc = _k_loop(xp, wrow, g, c, dw_ptr, F, n_steps, FMT, R, BM, BK, PF)
         y = gl.convert_layout(acc, YL)
         rm = lo + gl.arange(0, BM, layout=gl.SliceLayout(0, YL))
         m_ok = rm < hi

@@ -24,10 +24,9 @@ pytestmark = NVIDIA_SM90
 TILES = [(64, 128, True), (64, 128, False), (64, 64, True), (32, 64, False), (64, 256, False)]
 
 
-@pytest.mark.parametrize("recipe", ["q2", "q4"])
-@pytest.mark.parametrize("t", [37, 300])
-@pytest.mark.parametrize("bm,bk,pf", TILES, ids=[f"m{m}k{k}{'pf' if p else ''}" for m, k, p in TILES])
-def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
+def _check_gluon_stage(recipe, t, bm, tile, stage, monkeypatch):
+    """The whole MoE with the Gluon `stage` ("gate_up" or "down") of tile `tile` at expert tiles of bm pairs, the
+    Triton kernel of that stage patched to raise; against float64 and bitwise repeatable."""
     from dataclasses import replace
 
     from dsv4.kernels_triton import moe_gluon, moe_prefill
@@ -35,17 +34,29 @@ def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
 
     raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
     dev = detect_device("cuda")
-    tile = moe_gluon.RegATile(bk, prefetch=pf)
-    assert moe_gluon.supports(u, gate, up, dev, tile, bm)
-    cfg = replace(moe_prefill.TUNED[gate.fmt], block_m=bm, rega=tile)
+    if stage == "gate_up":
+        assert moe_gluon.supports(u, gate, up, dev, tile, bm)
+        cfg = replace(moe_prefill.TUNED[gate.fmt], block_m=bm, rega=tile)
+    else:
+        assert moe_gluon.supports_down(u, down, dev, tile, bm)
+        cfg = replace(moe_prefill.tuned_config(gate), block_m=bm, rega_down=tile)
 
-    def no_triton_gate_up(*args, **kwargs):
-        raise AssertionError("the Triton gate/up ran instead of the Gluon one")
+    def no_triton(*args, **kwargs):
+        raise AssertionError(f"the Triton {stage} ran instead of the Gluon one")
 
-    monkeypatch.setattr(moe_prefill, "gate_up_stage", no_triton_gate_up)
+    monkeypatch.setattr(moe_prefill, f"{stage}_stage", no_triton)
     y = moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
-    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} rega {tile} T={t}")
+    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} rega {stage} {tile} T={t}")
     assert torch.equal(y, moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)), "not reproducible"
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("t", [37, 300])
+@pytest.mark.parametrize("bm,bk,pf", TILES, ids=[f"m{m}k{k}{'pf' if p else ''}" for m, k, p in TILES])
+def test_rega_moe_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
+    from dsv4.kernels_triton import moe_gluon
+
+    _check_gluon_stage(recipe, t, bm, moe_gluon.RegATile(bk, prefetch=pf), "gate_up", monkeypatch)
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])
@@ -98,25 +109,9 @@ def test_rega_down_flash_shapes(recipe, t, bm, bk, pf, poison, monkeypatch):
     """The Gluon down (Q2_K or Q4_K experts) behind the tuned gate/up, the whole MoE against float64 (tolerance
     `grouped_v2`: the same fp16 weights as moe_prefill's down); y NaN-poisoned before the kernel writes it (the
     poison fixture); moe_prefill's Triton down must not run; the same bits on a second call."""
-    from dataclasses import replace
+    from dsv4.kernels_triton import moe_gluon
 
-    from dsv4.kernels_triton import moe_gluon, moe_prefill
-    from dsv4.kernels_triton.configs import detect_device
-
-    raws, (gate, up, down), u, sel, wts = _moe_problem(recipe, t)
-    dev = detect_device("cuda")
-    tile = moe_gluon.RegATile(bk, prefetch=pf)
-    h_probe = torch.empty((1, down.shape[2]), device="cuda", dtype=torch.float16)
-    assert moe_gluon.supports_down(h_probe, down, dev, tile, bm)
-    cfg = replace(moe_prefill.tuned_config(gate), block_m=bm, rega_down=tile)
-
-    def no_triton_down(*args, **kwargs):
-        raise AssertionError("the Triton down ran instead of the Gluon one")
-
-    monkeypatch.setattr(moe_prefill, "down_stage", no_triton_down)
-    y = moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)
-    _assert(y, _moe_reference(raws, u, sel, wts), "triton_moe", "grouped_v2", f"moe {recipe} rega down {tile} T={t}")
-    assert torch.equal(y, moe_prefill.grouped_v2(u, gate, up, down, sel, wts, CLAMP, dev, cfg)), "not reproducible"
+    _check_gluon_stage(recipe, t, bm, moe_gluon.RegATile(bk, prefetch=pf), "down", monkeypatch)
 
 
 @pytest.mark.parametrize("recipe", ["q2", "q4"])

@@ -19,7 +19,6 @@ from dsv4.kernels_triton import moe_gluon as m
 from tests.kernels.offline_compile import compile_gluon_sm90
 
 
-
 def facts(k):
     ptx = k.asm["ptx"]
     return {
@@ -31,29 +30,31 @@ def facts(k):
         "stmatrix": ptx.count("stmatrix"), "local": ptx.count(".local"), "cubin": len(k.asm["cubin"])}
 
 
+GATE_UP_SIG = dict(x_ptr="*fp16", order_ptr="*i32", wts_ptr="*fp32", h_ptr="*fp16", tile_e_ptr="*i32",
+                   tile_lo_ptr="*i32", tile_hi_ptr="*i32", gw_ptr="*i32", psel_ptr="*i64", F="i32", D="i32",
+                   KSEL="i32", clamp="fp32", stride_xt="i32", stride_ht="i32", stride_w="i32", up_delta="i64",
+                   FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr", XL="constexpr",
+                   HL="constexpr")
+DOWN_SIG = dict(h_ptr="*fp16", order_ptr="*i32", y_ptr="*fp32", tile_e_ptr="*i32", tile_lo_ptr="*i32",
+                tile_hi_ptr="*i32", dw_ptr="*i32", F="i32", D="i32", stride_ht="i32", stride_yp="i32", stride_w="i32",
+                FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr", XL="constexpr",
+                YL="constexpr")
+# (kernel, its signature, its last layout constexpr, the integers Triton specializes as multiples of 16 at Flash
+# shapes, (format, expert tile height, step, prefetch) cases); formats: 16 IQ2_XXS, 12 Q4_K, 10 Q2_K
+KERNELS = [
+    ("gate_up", m._gate_up_kernel, GATE_UP_SIG, dict(HL=m.pair_layout()),
+     ("F", "D", "stride_xt", "stride_ht", "stride_w"),
+     [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, False), (12, 64, 64, False), (12, 64, 128, True)]),
+    ("down", m._down_kernel, DOWN_SIG, dict(YL=m.y_layout()), ("F", "D", "stride_ht", "stride_yp", "stride_w"),
+     [(10, 64, 64, False), (10, 64, 128, True), (10, 32, 256, False), (12, 64, 128, False)]),
+]
 out = {}
-for fmt, bm, bk, pf in [(16, 64, 64, False), (16, 64, 128, True), (16, 32, 64, False), (12, 64, 64, False),
-                        (12, 64, 128, True)]:
-    sig = dict(x_ptr="*fp16", order_ptr="*i32", wts_ptr="*fp32", h_ptr="*fp16", tile_e_ptr="*i32",
-               tile_lo_ptr="*i32", tile_hi_ptr="*i32", gw_ptr="*i16" if fmt == 16 else "*i32", psel_ptr="*i64",
-               F="i32", D="i32", KSEL="i32", clamp="fp32", stride_xt="i32", stride_ht="i32", stride_w="i32",
-               up_delta="i64", FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr",
-               XL="constexpr", HL="constexpr")
-    # the launcher's pointers and these integers are multiples of 16 at Flash shapes (Triton specializes them so)
-    k = compile_gluon_sm90(m._gate_up_kernel, sig, dict(
-        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), HL=m.pair_layout()),
-        ("F", "D", "stride_xt", "stride_ht", "stride_w"), m.WARPS)
-    out[f"gate_up/{fmt}/{bm}/{bk}/{pf}"] = facts(k)
-# the down kernel: Q2_K (10) and Q4_K (12) experts, h as the activations
-for fmt, bm, bk, pf in [(10, 64, 64, False), (10, 64, 128, True), (10, 32, 256, False), (12, 64, 128, False)]:
-    sig = dict(h_ptr="*fp16", order_ptr="*i32", y_ptr="*fp32", tile_e_ptr="*i32", tile_lo_ptr="*i32",
-               tile_hi_ptr="*i32", dw_ptr="*i32", F="i32", D="i32", stride_ht="i32", stride_yp="i32",
-               stride_w="i32", FMT="constexpr", BM="constexpr", BK="constexpr", PF="constexpr", GL="constexpr",
-               XL="constexpr", YL="constexpr")
-    k = compile_gluon_sm90(m._down_kernel, sig, dict(
-        FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk), XL=m.x_layout(bm, bk), YL=m.y_layout()),
-        ("F", "D", "stride_ht", "stride_yp", "stride_w"), m.WARPS)
-    out[f"down/{fmt}/{bm}/{bk}/{pf}"] = facts(k)
+for name, fn, sig, last, divisible, cases in KERNELS:
+    for fmt, bm, bk, pf in cases:
+        s = dict(sig, gw_ptr="*i16") if fmt == 16 else sig  # IQ2_XXS rows are read as half-words
+        k = compile_gluon_sm90(fn, s, dict(FMT=fmt, BM=bm, BK=bk, PF=pf, GL=m.group_layout(bk),
+                                           XL=m.x_layout(bm, bk), **last), divisible, m.WARPS)
+        out[f"{name}/{fmt}/{bm}/{bk}/{pf}"] = facts(k)
 print("RESULT", json.dumps(out))
 """
 

@@ -129,6 +129,19 @@ def _random_q4_k(n_blocks: int, seed: int) -> np.ndarray:
     return raw
 
 
+def _code_pairs(codes: np.ndarray, s16: np.ndarray, nm16: np.ndarray) -> np.ndarray:
+    """The Q4_K pair asm (_Q4_LO_ASM, _Q4_HI_ASM) on a word of 4 codes (< 16, one per byte): per pair the byte
+    permute into fp16 1024 + q, minus 1024 (exact), one fp16 fma with the scale and the negated min; [n, 4] fp16."""
+    out = np.zeros((codes.shape[0], 4), np.float16)
+    for p, a in enumerate((moe_gluon._Q4_LO_ASM, moe_gluon._Q4_HI_ASM)):
+        sel = int(re.search(r"prmt\.b32 t, \$1, mg, (0x[0-9A-Fa-f]+);", a.value).group(1), 16)
+        pair = _prmt(codes, 0x64646464, sel)
+        for e in range(2):
+            t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
+            out[:, 2 * p + e] = ((t - 1024.0) * s16 + nm16).astype(np.float16)
+    return out
+
+
 def _q4_kernel_decode(raw: np.ndarray) -> np.ndarray:
     """Q4_K weights as _q4_words, _q4_head, _q4_sel and the Q4_K pair asm compute them, fp16 [n_blocks, 256]."""
     n = raw.shape[0]
@@ -136,8 +149,6 @@ def _q4_kernel_decode(raw: np.ndarray) -> np.ndarray:
     hd, hlo, hmid, hhi = words[:, 0], words[:, 1], words[:, 2], words[:, 3]
     d = (hd & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
     dmin = (hd >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
-    lo_sel, hi_sel = (int(re.search(r"prmt\.b32 t, \$1, mg, (0x[0-9A-Fa-f]+);", a.value).group(1), 16)
-                      for a in (moe_gluon._Q4_LO_ASM, moe_gluon._Q4_HI_ASM))
     out = np.zeros((n, 256), np.float16)
     for jj in range(8):
         jm = 8 * (jj & 3)
@@ -149,13 +160,8 @@ def _q4_kernel_decode(raw: np.ndarray) -> np.ndarray:
         for c in range(4):
             cw = 4 + 8 * (jj >> 1) + 2 * c
             for half, w in enumerate((words[:, cw], words[:, cw + 1])):
-                nib = (w >> (4 * (jj & 1))) & 0x0F0F0F0F
-                for p, sel in enumerate((lo_sel, hi_sel)):
-                    pair = _prmt(nib, 0x64646464, sel)
-                    for e in range(2):
-                        t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
-                        q = t - 1024.0  # exact
-                        out[:, 32 * jj + 8 * c + 4 * half + 2 * p + e] = (q * s16 + m16).astype(np.float16)
+                q4 = _code_pairs((w >> (4 * (jj & 1))) & 0x0F0F0F0F, s16, m16)
+                out[:, 32 * jj + 8 * c + 4 * half: 32 * jj + 8 * c + 4 * half + 4] = q4
     return out
 
 
@@ -194,8 +200,6 @@ def _q2_kernel_decode(raw: np.ndarray) -> np.ndarray:
     hd = words[:, 20]
     d = (hd & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float32)
     dmin = (hd >> 16).astype(np.uint16).view(np.float16).astype(np.float32)
-    lo_sel, hi_sel = (int(re.search(r"prmt\.b32 t, \$1, mg, (0x[0-9A-Fa-f]+);", a.value).group(1), 16)
-                      for a in (moe_gluon._Q4_LO_ASM, moe_gluon._Q4_HI_ASM))
     out = np.zeros((n, 256), np.float16)
     for gg in range(8):
         hh, sh = (gg >> 2) & 1, 2 * (gg & 3)
@@ -206,12 +210,8 @@ def _q2_kernel_decode(raw: np.ndarray) -> np.ndarray:
             s16 = (d * (sc & 15).astype(np.float32)).astype(np.float16).astype(np.float64)
             nm16 = (-(dmin * (sc >> 4).astype(np.float32))).astype(np.float16).astype(np.float64)
             for half, w in enumerate((words[:, cw], words[:, cw + 1])):
-                codes = (w >> sh) & 0x03030303
-                for p, sel in enumerate((lo_sel, hi_sel)):
-                    pair = _prmt(codes, 0x64646464, sel)
-                    for e in range(2):
-                        t = ((pair >> (16 * e)) & 0xFFFF).astype(np.uint16).view(np.float16).astype(np.float64)
-                        out[:, 32 * gg + 8 * c + 4 * half + 2 * p + e] = ((t - 1024.0) * s16 + nm16).astype(np.float16)
+                q4 = _code_pairs((w >> sh) & 0x03030303, s16, nm16)
+                out[:, 32 * gg + 8 * c + 4 * half: 32 * gg + 8 * c + 4 * half + 4] = q4
     return out
 
 
