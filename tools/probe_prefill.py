@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         for name in args.rega:
             bm, t = REGA[name]
             if moe_gluon.supports(u, gate, up, dev, t, bm):
-                tiles_r = moe.expert_tiles(sel, N_EXPERT, bm)
+                tiles_r = tiles if bm == BASE.block_m else moe.expert_tiles(sel, N_EXPERT, bm)  # sort once per height
                 runs.append((name, lambda bm=bm, t=t, tiles_r=tiles_r: moe_gluon.gate_up_stage(
                     x16, gate, up, wts, CLAMP, tiles_r, K_USED, bm, t), False))
         ref_h = None
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
         for name in args.rega_down:
             bm, t = REGA_DOWN[name]
             if moe_gluon.supports_down(h_in, down, dev, t, bm):
-                tiles_r = moe.expert_tiles(sel, N_EXPERT, bm)  # the same rows as `tiles` where bm is BASE's
+                tiles_r = tiles if bm == BASE.block_m else moe.expert_tiles(sel, N_EXPERT, bm)  # sort once per height
                 druns.append((name, lambda bm=bm, t=t, tiles_r=tiles_r: moe_gluon.down_stage(
                     h_in, down, tiles_r, T, K_USED, bm, t)))
         for name, fn in druns:

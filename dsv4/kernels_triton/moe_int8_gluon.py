@@ -390,6 +390,15 @@ if HAVE_GLUON:
         return r5
 
     @gluon.jit
+    def _down_slot(t, KSEL, step, NB: gl.constexpr, KSTEPS: gl.constexpr, FLAT: gl.constexpr):
+        """(h row, first super-block in it) that step `step` of token t reads its activations from: _down_rows'
+        step on the activation side; FLAT: the token's slot rows as one run of super-blocks."""
+        if FLAT:
+            return t.to(gl.int64) * KSEL, step * NB
+        else:
+            return t.to(gl.int64) * KSEL + step // KSTEPS, (step % KSTEPS) * NB
+
+    @gluon.jit
     def _down_kernel(hq_ptr, hd_ptr, hs_ptr, sel_ptr, out_ptr, w_ptr, F, D, KSEL, stride_w, stride_hq, stride_hd,
                      stride_hs, stride_ot, stride_hl, ROWS: gl.constexpr, WARPS_K: gl.constexpr,
                      WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr, KSTEPS: gl.constexpr,
@@ -433,12 +442,7 @@ if HAVE_GLUON:
                 if PF:
                     q = gl.load(w_ptr + r5 + wq)
                     hw = gl.load(w_ptr + r5 + wh)
-            if FLAT:  # the token's slot rows as one run of super-blocks
-                slot = t.to(gl.int64) * KSEL
-                kb = step * NB
-            else:
-                slot = t.to(gl.int64) * KSEL + step // KSTEPS
-                kb = (step % KSTEPS) * NB
+            slot, kb = _down_slot(t, KSEL, step, NB, KSTEPS, FLAT)
             if Q2:
                 acc, accm = _q2_step(cq, chw, hq_ptr + slot * stride_hq, hs_ptr + slot * stride_hs,
                                      hd_ptr + slot * stride_hd, kb, xo, so, bo, pe, i5, zero5, acc,
