@@ -50,6 +50,9 @@ median; % of the streaming read measured in this run). Two parts:
   * `gq2`: q2 whole calls with the Q2_K down stage on moe_int8_gluon's kernel (GQ2_DOWN tiles) beside the tuned
     config, one plane (TUNED) and three (TUNED_LIMB3), twice interleaved; then each down tile behind the h
     quantizer, twice;
+  * `gq2g`: q2 whole calls with the IQ2_XXS gate/up on moe_int8_gluon's kernel (GQ2G_GATE_UP tiles, three planes
+    GQ2G_L3) beside the tuned config (Triton gate/up), one plane and three, twice interleaved; then each gate/up
+    tile behind the u quantizer, twice;
 Prints a markdown table and writes it to --out.
 Usage: python tools/probe_decode.py [--out probe_decode.md] [--parts moe q8]
 """
@@ -377,6 +380,12 @@ GQ4L3_DOWN = [(4, 1, False, 2), (2, 1, False, 1), (2, 1, True, 1), (8, 1, False,
 GQ2_DOWN = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 1, False, 2), (16, 1, False, 4), (1, 1, True, 1),
             (8, 1, True, 2)]
 
+# `gq2g`: the q2 recipe's IQ2_XXS gate/up on moe_int8_gluon's kernel, one plane and three (rows per thread <= 4 there)
+GQ2G_GATE_UP = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (2, 1, False, 1), (8, 1, False, 1),
+                (8, 1, False, 2), (4, 2, False, 1), (4, 2, True, 1), (8, 2, False, 2), (1, 1, True, 1), (16, 1, True, 4)]
+GQ2G_L3 = [(2, 1, True, 1), (2, 1, False, 1), (4, 1, False, 1), (4, 1, True, 1), (1, 1, True, 1), (2, 2, False, 1),
+           (4, 2, False, 2), (8, 1, False, 2)]
+
 # `gflat`: flat down tiles (two warps along the token's slots: a step takes two slots, 3 steps at K = 6)
 GFLAT_DOWN = [(4, 2, True, 1), (4, 2, False, 1), (2, 2, True, 1), (2, 2, False, 1), (8, 2, False, 2), (8, 2, True, 2),
               (8, 2, False, 1)]
@@ -499,7 +508,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
                          "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
-                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, launches, qwarps, gflat")
+                         "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, gq2g, launches, qwarps, gflat")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
     ap.add_argument("--graph-cycles", type=int, default=bench_kernels.GRAPH_CYCLES,
@@ -717,6 +726,23 @@ def main(argv=None) -> int:
             for limbs, tuned in ((1, moe_int8.TUNED[gate.fmt]), (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt])):
                 time_whole_and_down(row, recipe, limbs, gq2_cases(tuned), (u, gate, up, down, sels, wts), dev,
                                     gu_bytes, dn_bytes)
+            del gate, up, down
+
+    if "gq2g" in args.parts:  # q2: the tuned (Triton) IQ2_XXS gate/up against moe_int8_gluon's tiles
+        for recipe, gate, up, down, sels, wts, u, gu_bytes, dn_bytes in moe_cases(device):
+            if recipe != "q2":
+                continue
+            for limbs, tuned, tiles in ((1, moe_int8.TUNED[gate.fmt], GQ2G_GATE_UP),
+                                        (moe_int8.LIMBS_FP32, moe_int8.TUNED_LIMB3[gate.fmt], GQ2G_L3)):
+                base = replace(tuned, gluon_gate_up=None)
+                cases = [("triton gate/up", base)] + [
+                    (f"gluon gate/up {gq4_label(t)}", replace(base, gluon_gate_up=moe_int8.Int8GluonTile(*t)))
+                    for t in tiles]
+                time_whole_cases(row, recipe, limbs, cases, (u, gate, up, down, sels, wts), dev, gu_bytes + dn_bytes)
+                for _ in range(2):
+                    for label, cfg in cases:
+                        row(f"moe_{recipe}", f"limbs={limbs} {label}", "quant u + gate_up",
+                            chain_gate_up_ms(u, gate, up, sels, wts, cfg, limbs), gu_bytes)
             del gate, up, down
 
     if "launches" in args.parts:  # the tuned calls with the Q8_K launches of u and/or h left out (given): what

@@ -16,8 +16,8 @@ sm_90+ every launch uses programmatic dependent launch: weight words (and the ex
 loaded before griddepcontrol.wait, activations after it. Activation words can be read by 16-byte loads
 (blocks.load4: Triton keeps four word loads of one thread apart, and each costs L1 wavefronts), per stage (x_vec_*).
 Tiles per gate/up format: TUNED (H200 sweeps). On sm_90+ the Q4_K stages and the Q2_K down stage run on
-moe_int8_gluon's Gluon kernels (Int8MoeConfig.gluon_gate_up / gluon_down: the same integer dots in hand-chosen
-register layouts).
+moe_int8_gluon's Gluon kernels, since h200_decode/85 the IQ2_XXS gate/up too (Int8MoeConfig.gluon_gate_up /
+gluon_down: the same integer dots in hand-chosen register layouts).
 fp32-grade activations (`limbs=3`, variant int8_limb3, the CUDA decode default of moe.moe_auto): u and h become a
 22-bit integer per value and one scale per 256 (2^-22 of the block's max|x|), stored as three signed byte planes
 (hi, mid, lo); every decoded weight word is dotted with each plane (three exact dp4a sums, combined in fp32 as
@@ -63,9 +63,10 @@ BLOCKS_PER_WARP = 8  # moe_int8_gluon: super-blocks side by side in one warp's K
 
 @dataclass(frozen=True)
 class Int8GluonTile:
-    """Tile of moe_int8_gluon's kernels (Q4_K gate/up; Q4_K and Q2_K down): `rows` rows per program (of gate and of
-    up), split over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks each per
-    step); `prefetch`: each step's weight words load before the previous step computes (the steps are unrolled)."""
+    """Tile of moe_int8_gluon's kernels (Q4_K and IQ2_XXS gate/up; Q4_K and Q2_K down): `rows` rows per program (of
+    gate and of up), split over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks
+    each per step; the IQ2_XXS gate/up: moe_int8_gluon.IQ2_PAIRS_PER_WARP block pairs); `prefetch`: each step's weight
+    words load before the previous step computes (the steps are unrolled)."""
 
     rows: int = 4
     warps_k: int = 1
@@ -113,8 +114,9 @@ class Int8MoeConfig:
     # h quantized inside the gate/up kernel by the last program of each 256-block (an arrival counter per block)
     # instead of by a quantizer launch between the stages; needs block_n_gate_up to divide 256 (else the launch)
     fuse_quant_h: bool = False
-    # stages on moe_int8_gluon's Gluon kernels (gate/up: Q4_K; down: Q4_K, Q2_K; one or three activation planes,
-    # NVIDIA sm_90+; elsewhere the Triton ones). Behind a Gluon gate/up h has its own launch, whatever fuse_quant_h says
+    # stages on moe_int8_gluon's Gluon kernels (gate/up: Q4_K, IQ2_XXS; down: Q4_K, Q2_K; one or three activation
+    # planes, NVIDIA sm_90+; elsewhere the Triton ones). Behind a Gluon gate/up h has its own launch, whatever
+    # fuse_quant_h says
     gluon_gate_up: Int8GluonTile | None = None
     gluon_down: Int8GluonTile | None = None
     cpu_widen: bool = True  # interpreter: cost is per program, so run fewer, wider programs
@@ -907,10 +909,13 @@ TUNED = {
     # the unrolled Q2_K down kernel capped at 128 registers: quant h + down 13.0 -> 12.1 us (h200_decode/41; caps
     # on every other tuned stage measured slower) where Gluon is not; on sm_90+ the Gluon Q2_K down (h200_decode/69:
     # quant h + down 11.8 -> 9.6 us, whole q2 call 30.2-31.0 -> 28.6 us), since 78-79 4 rows x 2 warps, each its own
-    # slots (FLAT), prefetched: quant h + down 9.5 -> 8.6-8.7 us, whole call 27.8-27.9 -> 27.3-27.4 us
+    # slots (FLAT), prefetched: quant h + down 9.5 -> 8.6-8.7 us, whole call 27.8-27.9 -> 27.3-27.4 us; since
+    # h200_decode/85 the IQ2_XXS gate/up on moe_int8_gluon's kernel too, 1 row x 1 warp prefetched: quant u + gate/up
+    # 18.6-18.7 -> 17.6-17.7 us, whole call 26.8-27.4 -> 26.3 us
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
-                                       maxnreg_down=128, gluon_down=Int8GluonTile(4, warps_k=2, prefetch=True)),
+                                       maxnreg_down=128, gluon_gate_up=Int8GluonTile(1, prefetch=True),
+                                       gluon_down=Int8GluonTile(4, warps_k=2, prefetch=True)),
     # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
     # h quantized by its own launch there (fuse_quant_h is the Triton fallback's). h200_decode/64: the whole q4 call
     # 33.4 -> 30.1 us against the previous tuned config in the same run, 31.3 with h quantized in that gate/up
@@ -929,11 +934,13 @@ TUNED_TRITON = {fmt: replace(cfg, gluon_gate_up=None, gluon_down=None) for fmt, 
 TUNED_LIMB3 = {
     # on sm_90+ the Gluon Q2_K down on three planes, 4 rows x 1 warp prefetched (h200_decode/69: quant h + down
     # 17.9-18.3 -> 12.7 us, whole q2 call 40.2 -> 34.6 us); since 82 8 rows x 2 warps, each its own slots (FLAT):
-    # quant h + down 12.3-12.4 -> 12.1 us, whole call 34.0-34.2 -> 33.5-33.7 us
+    # quant h + down 12.3-12.4 -> 12.1 us, whole call 34.0-34.2 -> 33.5-33.7 us; since h200_decode/85 the IQ2_XXS
+    # gate/up on moe_int8_gluon's kernel, 2 rows x 1 warp: quant u + gate/up 21.6-21.7 -> 19.3 us, whole call
+    # 33.4-33.6 -> 30.8-30.9 us
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=8, kstep_gate_up=1, warps_gate_up=1, prefetch_gate_up=True,
                                        x_vec_gate_up=True, block_n_down=4, kstep_down=8, warps_down=4,
                                        x_vec_down=True, unroll_down=True, maxnreg_gate_up=168,
-                                       gluon_down=Int8GluonTile(8, warps_k=2)),
+                                       gluon_gate_up=Int8GluonTile(2), gluon_down=Int8GluonTile(8, warps_k=2)),
     # on sm_90+ the Gluon Q4_K stages on three planes: gate/up 2 rows x 1 warp, down 4 rows x 1 warp (h launched)
     # (h200_decode/66: quant u + gate/up 28.0 -> 20.2 us, quant h + down 22.9 -> 12.8 us against the Triton
     # stages; whole call 50.3 -> 34.1 us with the next-best pair of tiles)
@@ -962,8 +969,9 @@ from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
-            "gate/up 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down on sm_90+ moe_int8_gluon's kernel, 4 rows x 1 "
-            "warp, elsewhere 4 rows, 1 warp, unrolled over the K slots, 16-byte activation loads, at most 128 "
+            "gate/up on sm_90+ moe_int8_gluon's kernel, 1 row x 1 warp, prefetched, elsewhere 4 rows x 2 pairs, 1 "
+            "warp, prefetch; Q2_K down on sm_90+ moe_int8_gluon's kernel, 4 rows x 2 warps (flat), prefetched, "
+            "elsewhere 4 rows, 1 warp, unrolled over the K slots, 16-byte activation loads, at most 128 "
             "registers; Q4_K on sm_90+ moe_int8_gluon's kernels (gate/up 4 rows x 1 warp, h by its own launch; down "
             "4 rows x 1 warp, prefetched), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
     "int8_triton": "int8 on the Triton kernels alone (Q4_K: the tuned config before the Gluon stages, h quantized in "

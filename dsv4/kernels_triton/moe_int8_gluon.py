@@ -1,5 +1,5 @@
-"""moe_int8's stages written in Gluon (Triton's layout-explicit dialect), NVIDIA sm_90+: the Q4_K gate/up and the
-down stage for Q4_K and Q2_K experts.
+"""moe_int8's stages written in Gluon (Triton's layout-explicit dialect), NVIDIA sm_90+: the Q4_K and IQ2_XXS gate/up
+and the down stage for Q4_K and Q2_K experts.
 
 Why: the Triton kernels (moe_int8._gate_up_int8_kernel, _down_int8_kernel) leave the register layout of their
 [rows, blocks, 4, 8] word tiles to the compiler; Nsight Compute puts the gate/up at 18 % of the warp slots with
@@ -25,6 +25,13 @@ after), the sub-blocks of shifts 0/1 and 2/3 pair up in one scale word (a byte p
 puts the pair's bytes side by side) and both their scales and their mins apply by dp2a
 (tools/results/h200_decode/69: quant h + down 11.8 -> 9.6 us on one plane, 18 -> 12.7 us on three).
 
+IQ2_XXS (66-byte blocks, read as 33-word pairs) has its own gate/up kernel (_iq2_gate_up_kernel), [rows, pairs,
+2 blocks, 8 groups, 4 words]: one lane per 32-weight group, its three words (block 0's groups start two bytes into a
+word: funnel-shifted) and its block's d by word loads, the 8 activation words of the group (quant_q8_k's iq2_order) by
+two 16-byte loads per step shared by all its rows; each record (8 weights) is moe_int8's selector decode (a 16-bit
+level selector gathered per grid index, the signs ORed in, two byte permutes) and two dp4a per plane
+(tools/results/h200_decode/85: quant u + gate/up 21.6 -> 19.3 us on three planes, 18.6 -> 17.6 us on one).
+
 Semantics are moe_int8's (TorchOps(act_quant=True).moe): the integer dots and the 6-bit scale and min products
 are exact (int32), then d * d_x * isum and dmin * d_x * msum in fp32 as the Triton kernel, summed in another
 order. Three activation planes (fp32-grade, quant_q8_k(limbs=3)): each plane's isum exact, combined in fp32 as
@@ -32,7 +39,8 @@ moe_int8._limb_sum, the min term from the fp32 code sums. h is quantized by its 
 gate/up kernel, by the last program of each 256-block, was slower here: tools/results/h200_decode/63-65).
 
 Gluon does not run under TRITON_INTERPRET: checked on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py) and compiled
-for sm_90 offline in the CPU suite (tests/kernels/test_moe_int8_gluon_compile.py).
+for sm_90 offline in the CPU suite (tests/kernels/test_moe_int8_gluon_compile.py; the IQ2_XXS lane layout and decode
+replayed in numpy: tests/kernels/test_moe_int8_gluon_decode.py).
 """
 from __future__ import annotations
 
@@ -43,7 +51,8 @@ import triton
 from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
-from .moe_int8 import BLOCKS_PER_WARP, QK, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUM_GROUP, SUMS_PER_BLOCK, Int8GluonTile
+from .moe_int8 import (BLOCKS_PER_WARP, IQ2_PAIR_WORDS, QK, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUM_GROUP, SUMS_PER_BLOCK,
+                       Int8GluonTile)
 from ..quant.formats import QuantFormat
 
 try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
@@ -55,10 +64,13 @@ except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
 
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
+IQ2_PAIRS_PER_WARP = 2  # IQ2_XXS: one lane per 32-weight group, so a warp's step is 2 block pairs (1024 inputs)
+GATE_UP_FORMATS = (QuantFormat.Q4_K, QuantFormat.IQ2_XXS)
 
 if HAVE_GLUON:
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
+    _IQ2_PPW: gl.constexpr = gl.constexpr(IQ2_PAIRS_PER_WARP)
 
     @gluon.jit
     def _prmt(a, b, sel):
@@ -90,6 +102,13 @@ if HAVE_GLUON:
         w0, w2 = gl.split(a)
         w1, w3 = gl.split(b)
         return w0, w1, w2, w3
+
+    @gluon.jit
+    def _words_sliced(t):
+        """_words' four tensors in the layout of t's slice along its last axis (the same registers)."""
+        w0, w1, w2, w3 = _words(t)
+        L: gl.constexpr = gl.SliceLayout(len(t.shape) - 1, t.type.layout)
+        return gl.convert_layout(w0, L), gl.convert_layout(w1, L), gl.convert_layout(w2, L), gl.convert_layout(w3, L)
 
     @gluon.jit
     def _dp4a_acc(a, b, c, ATYPE: gl.constexpr):
@@ -369,6 +388,156 @@ if HAVE_GLUON:
         _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr + slot.to(gl.int64) * stride_ht, rn, F)
 
     @gluon.jit
+    def _funnel(lo, hi, sh):
+        """The 32 bits of the 64-bit hi:lo from bit sh on (PTX shf.r.clamp; sh may differ per lane)."""
+        return gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.int32,
+                                         is_pure=True, pack=1)
+
+    @gluon.constexpr_function
+    def _iq2_layout(rows, warps_k, warps_rows):
+        """The register layout of an IQ2_XXS gate/up tile [rows, pairs, 2 blocks, 8 groups, 4 words] (_iq2_offsets):
+        lane (pair, block, group) of a warp, a warp's pairs side by side along K, the rows in registers."""
+        return gl.BlockedLayout([rows // warps_rows, 1, 1, 1, 4], [1, IQ2_PAIRS_PER_WARP, 2, 8, 1],
+                                [warps_rows, warps_k, 1, 1, 1], [4, 3, 2, 1, 0])
+
+    @gluon.jit
+    def _iq2_offsets(L5: gl.constexpr, NP: gl.constexpr):
+        """Word offsets of one K step (NP IQ2_XXS block pairs, 33 words each) in the tile [rows, NP, 2 blocks h,
+        8 groups g, 4 words]: lane (p, h, g) holds the three words its group's 8 bytes (4 grid indices, then the
+        sign and scale word) lie in, and the word of its block's d. Block 1's groups are word-aligned (words
+        17 + 2 g, 18 + 2 g; its third word repeats the second), block 0's start two bytes into word 2 g (read
+        across words 2 g .. 2 g + 2, funnel-shifted by 16); d of block 0 is the low half of word 0, of block 1
+        the high half of word 16. Returns the weight words wo [1, NP, 2, 8, 4], the funnel shift sh [1, 1, 2, 1]
+        (16 for block 0, 0 for block 1), the activation words xo [NP, 2, 8, 4] of the group's first 16 codes
+        (the next 16: 4 more) and the super-block index bo [NP, 2, 8]."""
+        h = _iota(2, 2, 5, L5)
+        i5 = _iota(4, 4, 5, L5)
+        aux = 2 * _iota(8, 3, 5, L5) + 17 * h + gl.minimum(i5, 2 - h)
+        wo = _iota(NP, 1, 5, L5) * IQ2_PAIR_WORDS + gl.where(i5 == 3, 16 * h, aux)
+        sh = 16 - 16 * _iota(2, 2, 4, gl.SliceLayout(4, L5))
+        LX: gl.constexpr = gl.SliceLayout(0, L5)
+        xo = ((2 * _iota(NP, 0, 4, LX) + _iota(2, 1, 4, LX)) * Q8K_WORDS + 8 * _iota(8, 2, 4, LX)
+              + _iota(4, 3, 4, LX))
+        LB: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(4, L5))
+        bo = 2 * _iota(NP, 0, 3, LB) + _iota(2, 1, 3, LB) + 0 * _iota(8, 2, 3, LB)
+        return wo, sh, xo, bo
+
+    @gluon.jit
+    def _iq2_record(aux0, aux1, K: gl.constexpr, sel16_ptr):
+        """Record K (coordinates 8 K .. 8 K + 7 of the group) as two words of signed int8 magnitudes in selector
+        order (moe_int8._iq2_half_sel: coordinates (0, 4, 1, 5) and (2, 6, 3, 7)): its grid index gathers the
+        16-bit level selector (blocks.iq2_sel16), spread to nibbles; its 7 sign bits go to bit 2 of their
+        nibbles (blocks.iq2_signs' spread), the 8th sign the parity of the 7 (popc); two byte permutes pick the
+        magnitudes from {8, 25, 43} and {-8, -25, -43}."""
+        gi = (aux0 >> (8 * K)) & 255
+        v = gl.load(sel16_ptr + gi).to(gl.int32) & 0xFFFF
+        sidx = (aux1 >> (7 * K)) & 127
+        par = gl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [sidx], dtype=gl.int32, is_pure=True, pack=1)
+        sel = (((v | (v << 14)) & 0x33333333) | (((sidx * blocks.SIGN_SPREAD) << 2) & 0x44444444)
+               | ((par & 1) << 30))
+        pos = gl.full(sel.shape, blocks.IQ2_POS_BYTES, gl.int32, layout=sel.type.layout)
+        neg = gl.full(sel.shape, blocks.IQ2_NEG_BYTES, gl.int32, layout=sel.type.layout)
+        return _prmt(pos, neg, sel), _prmt(pos, neg, sel >> 16)
+
+    @gluon.jit
+    def _iq2_plane(x_row, xo, zero5):
+        """One activation plane's 8 code words of each lane's group (two 16-byte loads, the tile's rows sharing
+        them) as eight tensors [1, NP, 2, 8]."""
+        a0, a1, a2, a3 = _words_sliced(gl.expand_dims(gl.load(x_row + xo), 0) + zero5)
+        a4, a5, a6, a7 = _words_sliced(gl.expand_dims(gl.load(x_row + 4 + xo), 0) + zero5)
+        return a0, a1, a2, a3, a4, a5, a6, a7
+
+    @gluon.jit
+    def _iq2_isum(lo, hi, K: gl.constexpr, x0, x1, x2, x3, x4, x5, x6, x7, acc):
+        """acc + record K's two decoded words dotted with their activation words (2 K, 2 K + 1): two dp4a."""
+        if K == 0:
+            xa, xb = x0, x1
+        elif K == 1:
+            xa, xb = x2, x3
+        elif K == 2:
+            xa, xb = x4, x5
+        else:
+            xa, xb = x6, x7
+        return _dp4a_acc(hi, xb, _dp4a_acc(lo, xa, acc, "s32"), "s32")
+
+    @gluon.jit
+    def _iq2_step(q, x_row, xo, dx, sh, zero5, sel16_ptr, acc, stride_l, LIMBS: gl.constexpr):
+        """One K step of one matrix: the group words q [R, NP, 2, 8, 4] (_iq2_offsets) against the activation
+        codes at x_row (quant_q8_k's iq2_order) and scales dx [1, NP, 2, 8]; adds d dx (2 ls + 1) isum to acc
+        [R, NP, 2, 8] (the 1/8 of quant.md 1.6 is the caller's). LIMBS = 3: each plane's isum exact, combined in
+        fp32 as moe_int8._limb_sum (each (limb sum) (2 ls + 1) < 2^23)."""
+        w0, w1, w2, wd = _words_sliced(q)
+        s = sh + gl.zeros_like(w0)
+        aux0 = _funnel(w0, w1, s)
+        aux1 = _funnel(w1, w2, s)
+        d = blocks._f16_from_bits(wd >> (16 - s))
+        x0, x1, x2, x3, x4, x5, x6, x7 = _iq2_plane(x_row, xo, zero5)
+        isum = gl.zeros_like(w0)
+        if LIMBS > 1:
+            m0, m1, m2, m3, m4, m5, m6, m7 = _iq2_plane(x_row + stride_l, xo, zero5)
+            o0, o1, o2, o3, o4, o5, o6, o7 = _iq2_plane(x_row + 2 * stride_l, xo, zero5)
+            isum_m = gl.zeros_like(w0)
+            isum_o = gl.zeros_like(w0)
+        for k in gl.static_range(4):
+            lo, hi = _iq2_record(aux0, aux1, k, sel16_ptr)
+            isum = _iq2_isum(lo, hi, k, x0, x1, x2, x3, x4, x5, x6, x7, isum)
+            if LIMBS > 1:
+                isum_m = _iq2_isum(lo, hi, k, m0, m1, m2, m3, m4, m5, m6, m7, isum_m)
+                isum_o = _iq2_isum(lo, hi, k, o0, o1, o2, o3, o4, o5, o6, o7, isum_o)
+        ls = 2 * ((aux1 >> 28) & 15) + 1
+        if LIMBS > 1:
+            term = ((isum * ls).to(gl.float32) + (isum_m * ls).to(gl.float32) * (1.0 / 256.0)
+                    + (isum_o * ls).to(gl.float32) * (1.0 / 65536.0))
+        else:
+            term = (isum * ls).to(gl.float32)
+        return acc + (d * dx) * term
+
+    @gluon.jit
+    def _iq2_gate_up_kernel(xq_ptr, xd_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, sel16_ptr, F, D, KSEL, clamp,
+                            stride_w, stride_xq, stride_xd, stride_ht, stride_xl, ROWS: gl.constexpr,
+                            WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr,
+                            STEPS: gl.constexpr, LIMBS: gl.constexpr = 1):
+        """_q4_gate_up_kernel for IQ2_XXS gate/up rows (int32 words, stride_w per row; 66-byte blocks in 33-word
+        pairs) against u as quant_q8_k(iq2_order=True)'s codes xq and scales xd: one lane per 32-weight group
+        (_iq2_offsets), its 8 activation words loaded once per step for all its rows; STEPS = D / (1024 WARPS_K)
+        K steps unrolled, PF as there. LIMBS = 3: u as three planes, stride_xl words apart."""
+        L5: gl.constexpr = _iq2_layout(ROWS, WARPS_K, WARPS_ROWS)
+        NP: gl.constexpr = _IQ2_PPW * WARPS_K
+        slot = gl.program_id(0)
+        pid_n = gl.program_id(1)
+        t = (slot // KSEL).to(gl.int64)
+        e = gl.load(sel_ptr + slot).to(gl.int64)
+        wt = gl.load(wts_ptr + slot).to(gl.float32)
+        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+        wo, sh, xo, bo = _iq2_offsets(L5, NP)
+        off = _rows5((e * F + gl.minimum(rn, F - 1)) * stride_w) + wo
+        zero5 = gl.full([ROWS, NP, 2, 8, 4], 0, gl.int32, layout=L5)
+        acc_g = gl.zeros([ROWS, NP, 2, 8], gl.float32, layout=gl.SliceLayout(4, L5))
+        acc_u = gl.zeros_like(acc_g)
+        gq = gl.load(gw_ptr + off)
+        uq = gl.load(uw_ptr + off)
+        if PDL:
+            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
+            gdc_launch_dependents()
+        for step in gl.static_range(STEPS):
+            cgq, cuq = gq, uq
+            nxt = (step + 1) * NP * IQ2_PAIR_WORDS
+            if PF and step + 1 < STEPS:
+                gq = gl.load(gw_ptr + off + nxt)
+                uq = gl.load(uw_ptr + off + nxt)
+            kb = step * 2 * NP  # the step's first super-block
+            x_row = xq_ptr + t * stride_xq + kb * Q8K_WORDS
+            dx = gl.expand_dims(gl.load(xd_ptr + t * stride_xd + kb + bo), 0)
+            acc_g = _iq2_step(cgq, x_row, xo, dx, sh, zero5, sel16_ptr, acc_g, stride_xl, LIMBS)
+            acc_u = _iq2_step(cuq, x_row, xo, dx, sh, zero5, sel16_ptr, acc_u, stride_xl, LIMBS)
+            if not PF and step + 1 < STEPS:
+                gq = gl.load(gw_ptr + off + nxt)
+                uq = gl.load(uw_ptr + off + nxt)
+        g = _to_rows(acc_g) * 0.125
+        u = _to_rows(acc_u) * 0.125
+        gl.store(h_ptr + slot.to(gl.int64) * stride_ht + rn, moe._swiglu_route(g, u, wt, clamp), mask=rn < F)
+
+    @gluon.jit
     def _rows5(roff):
         """[ROWS] word offsets of rows -> [ROWS, 1, 1, 1, 1]."""
         return gl.expand_dims(gl.expand_dims(gl.expand_dims(gl.expand_dims(roff, 1), 2), 3), 4)
@@ -459,9 +628,12 @@ if HAVE_GLUON:
         gl.store(out_ptr + t.to(gl.int64) * stride_ot + rn, _to_rows(acc) - _to_rows(accm), mask=rn < D)
 
 
-def _tile_ok(tile: Int8GluonTile, n_rows: int, k: int) -> bool:
+def _tile_ok(tile: Int8GluonTile, n_rows: int, k: int, block_k: int | None = None) -> bool:
+    """Whether the tile's rows and warps make a layout and its steps (block_k inputs: the tile's own unless given)
+    and row tiles cover k inputs and n_rows rows whole."""
     return (tile.rows % tile.warps_rows == 0 and (tile.rows // tile.warps_rows) & (tile.rows // tile.warps_rows - 1)
-            == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % tile.block_k == 0 and n_rows % tile.rows == 0)
+            == 0 and tile.warps_k & (tile.warps_k - 1) == 0 and k % (block_k or tile.block_k) == 0
+            and n_rows % tile.rows == 0)
 
 
 def _words_plan(key, owner: DeviceWeight, build):
@@ -471,16 +643,25 @@ def _words_plan(key, owner: DeviceWeight, build):
     return owner.plans[key]
 
 
+def iq2_block_k(tile: Int8GluonTile) -> int:
+    """Inputs per K step of the IQ2_XXS gate/up kernel: IQ2_PAIRS_PER_WARP block pairs per warp along K."""
+    return IQ2_PAIRS_PER_WARP * moe_int8.IQ2_PAIR * tile.warps_k
+
+
 def _gate_up_plan(gate: DeviceWeight, up: DeviceWeight, tile: Int8GluonTile):
-    """(gate words, up words, words per row) where the Gluon gate/up takes these weights and tile (Q4_K, K a whole
-    number of steps, F of row tiles, rows 16-byte aligned), else None; cached in gate's plans."""
+    """(gate words, up words, words per row) where the Gluon gate/up takes these weights and tile (Q4_K or IQ2_XXS, K
+    a whole number of steps, F of row tiles; Q4_K rows 16-byte aligned: its 16-byte code loads; IQ2_XXS reads words),
+    else None; cached in gate's plans."""
     def build():
         E, F, D = gate.shape
-        if gate.fmt != QuantFormat.Q4_K or up.fmt != gate.fmt:
+        if gate.fmt not in GATE_UP_FORMATS or up.fmt != gate.fmt:
             return None
         gw, stride_w = moe_int8._words(gate)
         uw, _ = moe_int8._words(up)
-        ok = _tile_ok(tile, F, D) and moe_int8._aligned16(gw, stride_w) and moe_int8._aligned16(uw, stride_w)
+        if gate.fmt == QuantFormat.IQ2_XXS:
+            ok = _tile_ok(tile, F, D, iq2_block_k(tile))
+        else:
+            ok = _tile_ok(tile, F, D) and moe_int8._aligned16(gw, stride_w) and moe_int8._aligned16(uw, stride_w)
         return (gw, uw, stride_w) if ok else None
     return _words_plan(("moe_int8_gluon", "gate_up", tile, up.buf.data_ptr()), gate, build)
 
@@ -532,11 +713,19 @@ def supports_down(down: DeviceWeight, dev: DeviceInfo, x, tile: Int8GluonTile) -
 
 
 def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float, tile: Int8GluonTile, pdl: bool):
-    """moe_int8.gate_up_int8 on the Gluon kernel (supports() must hold), u one plane or three: h [T*K, F] fp32."""
+    """moe_int8.gate_up_int8 on the Gluon kernel of the gate format (supports() must hold; IQ2_XXS: u in iq2_order),
+    u one plane or three: h [T*K, F] fp32."""
     xq, xd, xs = uq
     (T, K), (_, F, D) = sel.shape, gate.shape
     gw, uw, stride_w = _gate_up_plan(gate, up, tile)
     h = blocks.empty((T * K, F), xq.device)
+    if gate.fmt == QuantFormat.IQ2_XXS:
+        _iq2_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
+            xq, xd, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w, xq.stride(-2),
+            xd.stride(0), h.stride(0), moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
+            WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, STEPS=D // iq2_block_k(tile),
+            LIMBS=moe_int8._limbs(xq), num_warps=tile.warps, **pdl_launch(pdl))
+        return h
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
         xq, xd, xs, sel, weights, h, gw, uw, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
         xs.stride(0), h.stride(0), moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,

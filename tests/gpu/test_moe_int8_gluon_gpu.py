@@ -1,8 +1,8 @@
-"""moe_int8's Gluon stages (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K gate/up, Q4_K and Q2_K down) natively on an
-NVIDIA sm_90+ GPU.
+"""moe_int8's Gluon stages (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K and IQ2_XXS gate/up, Q4_K and Q2_K down)
+natively on an NVIDIA sm_90+ GPU.
 
 Gluon has no interpreter, so these run only on the GPU (tools/gpu_check.sh); the CPU suite compiles the kernel for sm_90
-offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, the q2 recipe for the Q2_K down; 256
+offline (tests/kernels/test_moe_int8_gluon_compile.py). At Flash shapes (q4 recipe, the q2 recipe for its own stages; 256
 experts, a repeated expert id in a token's selection, _moe_problem), T = 1 and 4, over several tiles, on one activation
 plane (Q8_K) and on three (fp32-grade): h against float64 on the same activations (tolerance `stage`), the down stage
 against float64 on the same h (`stage`), whole moe_int8 calls against TorchOps(act_quant=True) in float64 (`end_to_end`;
@@ -34,6 +34,12 @@ LIMB3_TILES = [(2, 1, False, 1), (2, 1, True, 1), (4, 1, False, 2), (8, 1, False
 LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, False, 1), (8, 1, False, 4),
                     (8, 2, False, 1)]
 GATE_UP_CASES = [(tile, 1) for tile in TILES] + [(tile, 3) for tile in LIMB3_TILES]
+# the IQ2_XXS gate/up (q2 recipe) on its own kernel: one lane per 32-weight group, 1024 inputs per warp and step
+IQ2_GATE_UP_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
+                     ((4, 2, False, 1), 1), ((1, 1, False, 1), 1), ((16, 1, True, 4), 1), ((2, 1, True, 1), 3),
+                     ((4, 1, False, 1), 3), ((4, 2, True, 2), 3), ((4, 4, False, 1), 3)]
+ALL_GATE_UP_CASES = ([(tile, limbs, "q4") for tile, limbs in GATE_UP_CASES]
+                     + [(tile, limbs, "q2") for tile, limbs in IQ2_GATE_UP_CASES])
 DOWN_CASES = [(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
 # the Q2_K down stage (q2 recipe) on the same kernel, its own layout
 Q2_DOWN_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
@@ -66,12 +72,13 @@ def _cfg(tile, fused: bool, down=None, recipe="q4"):
                    gluon_down=down and moe_int8.Int8GluonTile(*down), fuse_quant_h=fused)
 
 
-def _h_reference(raws, uq, sel, wts):
-    """float64 h [T*K, F] of the Q8_K activations uq (dequantized) through the selected experts' gate/up."""
+def _h_reference(raws, uq, sel, wts, iq2_order: bool = False):
+    """float64 h [T*K, F] of the Q8_K activations uq (dequantized; iq2_order: codes in that order) through the
+    selected experts' gate/up."""
     from dsv4.kernels_triton import moe_int8
 
     rg, ru, _, qg, _ = raws
-    x = moe_int8.dequant_q8_k(uq[0], uq[1]).double()
+    x = moe_int8.dequant_q8_k(uq[0], uq[1], iq2_order).double()
     T, K = sel.shape
     h = torch.empty((T * K, F_EXP), dtype=torch.float64, device="cuda")
     for t in range(T):
@@ -98,15 +105,18 @@ def _no_triton(monkeypatch, *names):
 
 
 @pytest.mark.parametrize("t", [1, 4])
-@pytest.mark.parametrize("tile,limbs", GATE_UP_CASES, ids=_case_ids(GATE_UP_CASES))
-def test_gluon_gate_up_h(t, tile, limbs, poison, poison_words, monkeypatch):
+@pytest.mark.parametrize("tile,limbs,recipe", ALL_GATE_UP_CASES,
+                         ids=[f"{recipe}-{_case_ids([(tile, limbs)])[0]}" for tile, limbs, recipe in ALL_GATE_UP_CASES])
+def test_gluon_gate_up_h(t, tile, limbs, recipe, poison, poison_words, monkeypatch):
     from dsv4.kernels_triton import moe_int8
 
-    raws, (gate, up, _), u, sel, wts = _moe_problem("q4", t)
-    uq = moe_int8.quant_q8_k(u, limbs=limbs)
+    raws, (gate, up, _), u, sel, wts = _moe_problem(recipe, t)
+    iq2 = moe_int8.uses_iq2_order(gate)
+    uq = moe_int8.quant_q8_k(u, iq2, limbs=limbs)
     _no_triton(monkeypatch, "_gate_up_int8_kernel")
-    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, fused=False), pdl=True)
-    _assert(h, _h_reference(raws, uq, sel, wts), "triton_moe_int8", "stage", f"gluon h q4 T={t} {tile} {limbs}")
+    h = moe_int8.gate_up_int8(uq, gate, up, sel, wts, CLAMP, True, _cfg(tile, False, recipe=recipe), pdl=True)
+    _assert(h, _h_reference(raws, uq, sel, wts, iq2), "triton_moe_int8", "stage",
+            f"gluon h {recipe} T={t} {tile} {limbs}")
 
 
 ALL_DOWN_CASES = [(tile, limbs, "q4") for tile, limbs in DOWN_CASES] + [(tile, limbs, "q2")
@@ -228,15 +238,33 @@ def test_gluon_down_q2_end_to_end(t, limbs, poison, poison_words, monkeypatch):
     assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs))
 
 
+@pytest.mark.parametrize("t", [1, 4])
 @pytest.mark.parametrize("limbs", [1, 3])
-def test_tuned_q2_runs_the_gluon_down(limbs, poison, poison_words, monkeypatch):
-    """moe_int8's default q2 calls on sm_90+ (TUNED one plane, TUNED_LIMB3 three): the Q2_K down stage on the Gluon
-    kernel, within `end_to_end` / `limb3` of the float64 reference."""
+def test_gluon_q2_both_stages_end_to_end(t, limbs, poison, poison_words, monkeypatch):
+    """The q2 recipe's whole moe_int8 call with the IQ2_XXS gate/up and the Q2_K down on the Gluon kernels (no Triton
+    stage runs): one plane within `end_to_end` of TorchOps(act_quant=True) in float64, three planes within `limb3`
+    of the float MoE; repeatable."""
+    from dsv4.kernels_triton import moe_int8
+    from dsv4.kernels_triton.configs import detect_device
+
+    raws, (gate, up, down_w), u, sel, wts = _moe_problem("q2", t)
+    _no_triton(monkeypatch, "_down_int8_kernel", "_gate_up_int8_kernel")
+    cfg, dev = _cfg((4, 1, True, 1), False, (4, 2, True, 1), "q2"), detect_device("cuda")
+    y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs)
+    _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
+            "end_to_end" if limbs == 1 else "limb3", f"gluon moe q2 T={t} limbs={limbs}")
+    assert torch.equal(y, moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, dev, cfg, limbs))
+
+
+@pytest.mark.parametrize("limbs", [1, 3])
+def test_tuned_q2_runs_the_gluon_stages(limbs, poison, poison_words, monkeypatch):
+    """moe_int8's default q2 calls on sm_90+ (TUNED one plane, TUNED_LIMB3 three): the IQ2_XXS gate/up and the Q2_K
+    down stage on the Gluon kernels, within `end_to_end` / `limb3` of the float64 reference."""
     from dsv4.kernels_triton import moe_int8
     from dsv4.kernels_triton.configs import detect_device
 
     raws, (gate, up, down_w), u, sel, wts = _moe_problem("q2", 1)
-    _no_triton(monkeypatch, "_down_int8_kernel")
+    _no_triton(monkeypatch, "_down_int8_kernel", "_gate_up_int8_kernel")
     y = moe_int8.fused_int8(u, gate, up, down_w, sel, wts, CLAMP, detect_device("cuda"), limbs=limbs)
     _assert(y, _moe_reference(raws, u, sel, wts, q8k=limbs == 1), "triton_moe_int8",
             "end_to_end" if limbs == 1 else "limb3", f"tuned gluon down moe q2 limbs={limbs}")

@@ -1,5 +1,5 @@
-"""moe_int8's Gluon kernels (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K gate/up, Q4_K and Q2_K down) compiled for
-sm_90 on the CPU.
+"""moe_int8's Gluon kernels (dsv4/kernels_triton/moe_int8_gluon.py: Q4_K and IQ2_XXS gate/up, Q4_K and Q2_K down)
+compiled for sm_90 on the CPU.
 
 Gluon has no interpreter: the kernels' numerics run on the GPU (tests/gpu/test_moe_int8_gluon_gpu.py). Here the code
 Triton emits for the tiles the GPU tests and the probe use is checked for what the layout exists for: each lane's Q4_K
@@ -25,7 +25,8 @@ DIV = ("F", "D", "stride_w", "stride_xq", "stride_xs", "stride_ht", "stride_hq",
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
 # (kind, rows, warps along K, prefetch, warps along rows, ks, steps, activation planes): gate/up steps = D / (2048
-# warps_k) at D = 4096; down ks = K steps per slot (F / 2048: 1 at Flash, 2 at F = 4096), steps = 6 ks
+# warps_k) at D = 4096 (IQ2_XXS, kind g2: D / (1024 warps_k)); down ks = K steps per slot (F / 2048: 1 at Flash, 2 at
+# F = 4096), steps = 6 ks
 for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu", 2, 1, True, 1, 0, 2, 1),
                                            ("gu", 4, 1, False, 1, 0, 2, 1), ("gu", 16, 1, False, 4, 0, 2, 1),
                                            ("gu", 2, 2, False, 1, 0, 1, 1), ("dn", 4, 1, True, 1, 1, 6, 1),
@@ -35,13 +36,16 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
                                            ("d2", 4, 1, False, 1, 1, 6, 3), ("d2", 8, 1, False, 2, 1, 6, 1),
                                            ("d2", 2, 1, True, 1, 2, 12, 3), ("dn", 4, 2, True, 1, 8, 3, 1),
                                            ("dn", 8, 2, False, 1, 8, 3, 3), ("d2", 4, 2, True, 1, 8, 3, 1),
-                                           ("d2", 4, 2, False, 1, 8, 3, 3)]:
-    fn = m._q4_gate_up_kernel if kind == "gu" else m._down_kernel
+                                           ("d2", 4, 2, False, 1, 8, 3, 3), ("g2", 1, 1, True, 1, 0, 4, 1),
+                                           ("g2", 2, 1, False, 1, 0, 4, 3), ("g2", 4, 1, True, 1, 0, 4, 1),
+                                           ("g2", 8, 2, False, 2, 0, 2, 1), ("g2", 4, 2, False, 2, 0, 2, 3)]:
+    fn = {"gu": m._q4_gate_up_kernel, "g2": m._iq2_gate_up_kernel}.get(kind, m._down_kernel)
     sig = {n: ("i32" if n in INTS else "*i32") for n in fn.arg_names}
     sig.update({n: "*fp32" for n in ("xd_ptr", "wts_ptr", "h_ptr", "hd_ptr", "out_ptr") if n in sig})
+    sig.update({n: "*i16" for n in ("sel16_ptr",) if n in sig})
     const = dict(ROWS=rows, WARPS_K=wk, WARPS_ROWS=wr, PF=pf, PDL=True, STEPS=st, LIMBS=lb,
-                 **({} if kind == "gu" else {"KSTEPS": ks, "Q2": kind == "d2", "FLAT": wk > 1}))
-    if kind == "gu":
+                 **({} if kind in ("gu", "g2") else {"KSTEPS": ks, "Q2": kind == "d2", "FLAT": wk > 1}))
+    if kind in ("gu", "g2"):
         sig["clamp"] = "fp32"
     sig.update({k: "constexpr" for k in const})
     # Q2_K rows are 168 words at Flash shapes: not a multiple of 16, so not specialized
@@ -58,6 +62,7 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
         "dp4a": len(re.findall(r"dp4a\.[su]32\.s32", ptx)), "dp2a": ptx.count("dp2a.lo.s32.s32"),
         "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)),
         "ld4": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.b32 ", ptx)), "prmt": ptx.count("prmt.b32"),
+        "ld2": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.[bsu]16 ", ptx)),
         "atom": len(re.findall(r"atom\.global", ptx)),
         "local": ptx.count(".local"), "stack": stack}
 print("RESULT", json.dumps(out))
@@ -69,13 +74,21 @@ MAX_STACK_BYTES = 8
 
 def test_gluon_kernels_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
-    assert len(res) == 19
+    assert len(res) == 24
     for key, r in res.items():
         kind, rows, wk, pf, wr, ks, st, lb = key.split("/")
-        rpt, mats, steps = int(rows) // int(wr), 2 if kind == "gu" else 1, int(st)  # rows per thread; steps unrolled
-        planes = int(lb)
+        rpt, mats, steps = int(rows) // int(wr), 2 if kind in ("gu", "g2") else 1, int(st)  # rows per thread; steps
+        planes = int(lb)  # (unrolled), activation planes
         # at most one register pair spilled (Triton 3.9's ptxas kept 8 bytes of stack in an earlier gate/up tile)
         assert r["local"] == 0 and (r["stack"] or 0) <= MAX_STACK_BYTES, (key, r)
+        assert r["atom"] == 0, (key, r)  # no counters, no atomics (h is quantized by its own launch)
+        if kind == "g2":  # IQ2_XXS: per row, matrix, step and record (8 weights) one 2-byte selector gather and two
+            # dp4a per plane (no redundant dots); the group's 3 words + d by word loads (66-byte blocks); the 8
+            # activation words of a lane's group by two 16-byte loads per step and plane, shared by all its rows
+            records = rpt * mats * steps * 4
+            assert r["dp4a"] == 2 * records * planes and r["ld2"] == records, (key, r)
+            assert r["ld16"] == 2 * steps * planes and r["ld4"] >= rpt * mats * steps * 4, (key, r)
+            continue
         # per row, matrix, step and plane: 2 pieces x 4 code words x 2 nibble halves, 2 pieces' scales; the mins by
         # dp2a on one plane (int sums), in fp32 on three
         assert r["dp4a"] == rpt * mats * 16 * steps * planes, (key, r)
@@ -86,7 +99,6 @@ def test_gluon_kernels_compile_for_sm90():
         else:  # Q4_K: 2 code pieces + the header per row, matrix and step; 4 activation loads per step and plane
             # (2 pieces x low/high) (Triton 3.6 loads the header once per piece: replicated along the piece axis)
             assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
-        assert r["atom"] == 0, (key, r)  # no counters, no atomics (h is quantized by its own launch)
 
 
 def _q4_weight(fmt, rows: int, k: int, offset: int = 0):
@@ -131,3 +143,30 @@ def test_q4_gluon_plans_check_once_and_reject():
     six = _q4_weight(QuantFormat.Q4_K, 4104, 2048)  # rows a multiple of 6
     assert m._down_plan(six, moe_int8.Int8GluonTile(6, warps_k=2)) is None  # 6 rows per thread: not a power of two
     assert not m.supports(gate, up, detect_device("cpu"), torch.zeros(1), tile)
+
+
+def test_iq2_gluon_plan_takes_word_aligned_rows_and_whole_steps():
+    """The IQ2_XXS gate/up plan: 66-byte blocks are read by word loads, so a row that is only word-aligned is taken
+    (a Q4_K row there is not); a step is IQ2_PAIRS_PER_WARP block pairs per warp along K, and K must be a whole
+    number of steps; gate and up must share the format."""
+    import torch
+
+    from dsv4.kernels_triton import moe_int8, moe_int8_gluon as m
+    from dsv4.kernels_triton.blocks import DeviceWeight
+    from dsv4.quant.formats import QuantFormat
+
+    def iq2(rows, k, offset=0):
+        row_bytes = k // 256 * 66
+        buf = torch.zeros(2 * rows * row_bytes + offset, dtype=torch.uint8)[offset:].view(2, rows, row_bytes)
+        return DeviceWeight(fmt=QuantFormat.IQ2_XXS, shape=(2, rows, k), buf=buf, w=None, s=None, g=None, sel16=None,
+                            stride_w=0, stride_s=0, off_s=0)
+
+    one, two = moe_int8.Int8GluonTile(1, prefetch=True), moe_int8.Int8GluonTile(4, warps_k=2)
+    assert m.iq2_block_k(one) == 1024 and m.iq2_block_k(two) == 2048
+    gate = iq2(2048, 4096, offset=4)
+    plan = m._gate_up_plan(gate, iq2(2048, 4096, offset=4), one)
+    assert plan is not None and plan[2] == 4096 // 256 * 66 // 4  # words per row
+    assert m._gate_up_plan(iq2(2048, 3072), iq2(2048, 3072), one) is not None  # 3 steps of 1024
+    assert m._gate_up_plan(iq2(2048, 3072), iq2(2048, 3072), two) is None  # 3072 is not whole 2048-input steps
+    assert m._gate_up_plan(iq2(2048, 4096), _q4_weight(QuantFormat.Q4_K, 2048, 4096), one) is None  # mixed formats
+    assert m._gate_up_plan(iq2(2046, 4096), iq2(2046, 4096), moe_int8.Int8GluonTile(4)) is None  # partial row tile
