@@ -332,6 +332,24 @@ if HAVE_GLUON:
         return acc, accm
 
     @gluon.jit
+    def _inputs_ready(PDL: gl.constexpr):
+        """Under programmatic dependent launch: wait for the previous kernel (whose outputs are this one's
+        activations; the weight words of the first step are already loading) and let the next kernel launch."""
+        if PDL:
+            gdc_wait()
+            gdc_launch_dependents()
+
+    @gluon.jit
+    def _slot_rows(sel_ptr, wts_ptr, KSEL, ROWS: gl.constexpr, L5: gl.constexpr):
+        """A gate/up program's (slot, token, expert, route weight, its ROWS rows f along axis 0 of L5) for program
+        (slot, row tile)."""
+        slot = gl.program_id(0)
+        t = (slot // KSEL).to(gl.int64)
+        e = gl.load(sel_ptr + slot).to(gl.int64)
+        wt = gl.load(wts_ptr + slot).to(gl.float32)
+        return slot, t, e, wt, gl.program_id(1) * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+
+    @gluon.jit
     def _q4_gate_up_kernel(xq_ptr, xd_ptr, xs_ptr, sel_ptr, wts_ptr, h_ptr, gw_ptr, uw_ptr, F, D, KSEL, clamp,
                            stride_w, stride_xq, stride_xd, stride_xs, stride_ht, stride_xl, ROWS: gl.constexpr,
                            WARPS_K: gl.constexpr, WARPS_ROWS: gl.constexpr, PF: gl.constexpr, PDL: gl.constexpr,
@@ -343,12 +361,7 @@ if HAVE_GLUON:
         wait in any case). LIMBS = 3: u as three planes, stride_xl words apart (quant_q8_k(limbs=3))."""
         L5: gl.constexpr = _tile_layout(ROWS, WARPS_K, WARPS_ROWS)
         NB: gl.constexpr = _BPW * WARPS_K
-        slot = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        t = (slot // KSEL).to(gl.int64)
-        e = gl.load(sel_ptr + slot).to(gl.int64)
-        wt = gl.load(wts_ptr + slot).to(gl.float32)
-        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+        slot, t, e, wt, rn = _slot_rows(sel_ptr, wts_ptr, KSEL, ROWS, L5)
         wq, wh, xo, so, bo, jm, pc, i5 = _lane_offsets(L5, NB)
         r5 = _rows5((e * F + gl.minimum(rn, F - 1)) * stride_w)
         qoff = r5 + wq
@@ -362,9 +375,7 @@ if HAVE_GLUON:
         gh = gl.load(gw_ptr + hoff)
         uq = gl.load(uw_ptr + qoff)
         uh = gl.load(uw_ptr + hoff)
-        if PDL:
-            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
-            gdc_launch_dependents()
+        _inputs_ready(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
         for step in gl.static_range(STEPS):
             cgq, cgh, cuq, cuh = gq, gh, uq, uh
             nxt = (step + 1) * NB * Q4K_WORDS
@@ -503,12 +514,7 @@ if HAVE_GLUON:
         K steps unrolled, PF as there. LIMBS = 3: u as three planes, stride_xl words apart."""
         L5: gl.constexpr = _iq2_layout(ROWS, WARPS_K, WARPS_ROWS)
         NP: gl.constexpr = _IQ2_PPW * WARPS_K
-        slot = gl.program_id(0)
-        pid_n = gl.program_id(1)
-        t = (slot // KSEL).to(gl.int64)
-        e = gl.load(sel_ptr + slot).to(gl.int64)
-        wt = gl.load(wts_ptr + slot).to(gl.float32)
-        rn = pid_n * ROWS + gl.arange(0, ROWS, layout=_axis_layout(L5, 5, 0))
+        slot, t, e, wt, rn = _slot_rows(sel_ptr, wts_ptr, KSEL, ROWS, L5)
         wo, sh, xo, bo = _iq2_offsets(L5, NP)
         off = _rows5((e * F + gl.minimum(rn, F - 1)) * stride_w) + wo
         zero5 = gl.full([ROWS, NP, 2, 8, 4], 0, gl.int32, layout=L5)
@@ -516,9 +522,7 @@ if HAVE_GLUON:
         acc_u = gl.zeros_like(acc_g)
         gq = gl.load(gw_ptr + off)
         uq = gl.load(uw_ptr + off)
-        if PDL:
-            gdc_wait()  # u's codes come from the previous kernel (sel and the route weights are older)
-            gdc_launch_dependents()
+        _inputs_ready(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
         for step in gl.static_range(STEPS):
             cgq, cuq = gq, uq
             nxt = (step + 1) * NP * IQ2_PAIR_WORDS
@@ -601,9 +605,7 @@ if HAVE_GLUON:
         r5 = _down_rows(sel_t, rc, D, stride_w, 0, L5, NB, WORDS, KSTEPS, FLAT)
         q = gl.load(w_ptr + r5 + wq)
         hw = gl.load(w_ptr + r5 + wh)
-        if PDL:
-            gdc_wait()  # h's codes come from the previous kernel
-            gdc_launch_dependents()
+        _inputs_ready(PDL)  # h's codes come from the previous kernel
         for step in gl.static_range(STEPS):
             cq, chw = q, hw
             if step + 1 < STEPS:
