@@ -39,14 +39,9 @@ from .configs import DeviceInfo, hopper_plus
 from ..quant.formats import QuantFormat
 from ..quant.tables import IQ2XXS_LEVELS
 
-try:  # Gluon ships with Triton >= 3.5
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
-                                                                 warpgroup_mma_wait)
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+# without Gluon (Triton < 3.5) moe_prefill keeps its Triton kernels
+from .gluon_compat import HAVE_GLUON, async_copy, fence_async_shared, gl, gluon, warpgroup_mma, warpgroup_mma_wait
+from .gluon_compat import async_load as _async_load, barrier as _barrier
 
 FORMATS = (QuantFormat.IQ2_XXS, QuantFormat.Q4_K)  # gate/up formats the kernel decodes
 ROWS = 64  # gate rows (and as many up rows) per program: one warpgroup's wgmma M each
@@ -96,9 +91,6 @@ def group_layout(bk: int):
 if HAVE_GLUON:
     _ROWS: gl.constexpr = gl.constexpr(ROWS)
     _HW: gl.constexpr = gl.constexpr(blocks.IQ2_HALFWORDS)
-    # renamed after Triton 3.6 (the old names raise from 3.9 on)
-    _barrier = getattr(gl, "barrier", None) or gl.thread_barrier
-    _async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
     # bit i (i < 4) of a sign index to bit 2 of nibble 2i + 1 (the high byte's selector of coordinate i):
     # 64 * (1 + 2^7 + 2^14 + 2^21), no carries; SIGN_BITS: those four bits
     _SIGN4: gl.constexpr = gl.constexpr(0x08102040)

@@ -55,13 +55,8 @@ from .moe_int8 import (BLOCKS_PER_WARP, IQ2_PAIR_WORDS, QK, Q2K_WORDS, Q4K_WORDS
                        Int8GluonTile)
 from ..quant.formats import QuantFormat
 
-try:  # Gluon ships with Triton >= 3.5; without it moe_int8 keeps its Triton gate/up
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+# without Gluon (Triton < 3.5) moe_int8 keeps its Triton stages
+from .gluon_compat import HAVE_GLUON, gdc_launch_dependents, gdc_wait, gl, gluon
 
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
 IQ2_PAIRS_PER_WARP = 2  # IQ2_XXS: one lane per 32-weight group, so a warp's step is 2 block pairs (1024 inputs)

@@ -26,13 +26,8 @@ from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch, use_pdl
 from .qmatmul_fast import F32_MAGIC_BITS, F32_MAGIC_OFFSET, Q8_BIAS
 
-try:  # Gluon ships with Triton >= 3.5; without it the variant falls back to gemv_rows
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - older Triton
-    HAVE_GLUON = False
+# without Gluon (Triton < 3.5) the variant falls back to gemv_rows
+from .gluon_compat import HAVE_GLUON, gdc_launch_dependents, gdc_wait, gl, gluon
 
 WORD_GROUPS = 2  # a lane holds 4 of a block's 8 code words: two lanes per 32-code block
 WORDS_PER_LANE = 8 // WORD_GROUPS  # one 16-byte load
