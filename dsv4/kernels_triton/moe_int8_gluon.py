@@ -237,12 +237,12 @@ if HAVE_GLUON:
         low = pc == 0  # piece 0: sub-blocks 0-3 (6 bits in place); piece 1: 4-7 (low 4 bits + 2 high ones)
         sc2 = gl.where(low, s0 & 0x3F3F, (s2 & 0x0F0F) | ((s0 >> 2) & 0x3030))
         m2 = gl.where(low, s1 & 0x3F3F, ((s2 >> 4) & 0x0F0F) | ((s1 >> 2) & 0x3030))
-        it = _plane_isum(q, xl0, xh0, sc2).to(gl.float32)
         if LIMBS > 1:
-            it = (it + _plane_isum(q, xl1, xh1, sc2).to(gl.float32) * (1.0 / 256.0)
-                  + _plane_isum(q, xl2, xh2, sc2).to(gl.float32) * (1.0 / 65536.0))
+            it = moe_int8._limb_sum(_plane_isum(q, xl0, xh0, sc2), _plane_isum(q, xl1, xh1, sc2),
+                                    _plane_isum(q, xl2, xh2, sc2))
             mn = gl.sum((m2 & 255).to(gl.float32) * s_a + (m2 >> 8).to(gl.float32) * s_b, axis=3)
         else:
+            it = _plane_isum(q, xl0, xh0, sc2).to(gl.float32)
             mn = gl.sum(_dp2a(s_a + gl.zeros_like(m2), m2), axis=3).to(gl.float32)
         acc += (blocks._f16_from_bits(dd) * dx) * it
         accm += (blocks._f16_from_bits(dd >> 16) * dx) * mn
@@ -306,19 +306,20 @@ if HAVE_GLUON:
         m01, m23 = (t01 >> 4) & 0x0F0F, (t23 >> 4) & 0x0F0F
         xr = x_row + kb * Q8K_WORDS
         sp = s_row + kb * SUMS_PER_BLOCK + so
-        it = _q2_plane_isum(q, xr, xo, zero5, sc01, sc23).to(gl.float32)
+        hi = _q2_plane_isum(q, xr, xo, zero5, sc01, sc23)
         s0 = gl.expand_dims(gl.load(sp), 0)
         s1 = gl.expand_dims(gl.load(sp + 2), 0)
         s2 = gl.expand_dims(gl.load(sp + 4), 0)
         s3 = gl.expand_dims(gl.load(sp + 6), 0)
         if LIMBS > 1:
-            it = (it + _q2_plane_isum(q, xr + stride_l, xo, zero5, sc01, sc23).to(gl.float32) * (1.0 / 256.0)
-                  + _q2_plane_isum(q, xr + 2 * stride_l, xo, zero5, sc01, sc23).to(gl.float32) * (1.0 / 65536.0))
+            it = moe_int8._limb_sum(hi, _q2_plane_isum(q, xr + stride_l, xo, zero5, sc01, sc23),
+                                    _q2_plane_isum(q, xr + 2 * stride_l, xo, zero5, sc01, sc23))
             mn = ((m01 & 255).to(gl.float32) * s0.to(gl.float32, bitcast=True)
                   + (m01 >> 8).to(gl.float32) * s1.to(gl.float32, bitcast=True)
                   + (m23 & 255).to(gl.float32) * s2.to(gl.float32, bitcast=True)
                   + (m23 >> 8).to(gl.float32) * s3.to(gl.float32, bitcast=True))
         else:
+            it = hi.to(gl.float32)
             mn = _dp2a_acc(_pack16(s2 + zero4, s3 + zero4), m23, _dp2a(_pack16(s0 + zero4, s1 + zero4), m01))
             mn = mn.to(gl.float32)
         dx = gl.expand_dims(gl.load(d_row + kb + bo), 0)
@@ -492,8 +493,7 @@ if HAVE_GLUON:
                 isum_o = _iq2_isum(lo, hi, k, o0, o1, o2, o3, o4, o5, o6, o7, isum_o)
         ls = 2 * ((aux1 >> 28) & 15) + 1
         if LIMBS > 1:
-            term = ((isum * ls).to(gl.float32) + (isum_m * ls).to(gl.float32) * (1.0 / 256.0)
-                    + (isum_o * ls).to(gl.float32) * (1.0 / 65536.0))
+            term = moe_int8._limb_sum(isum * ls, isum_m * ls, isum_o * ls)
         else:
             term = (isum * ls).to(gl.float32)
         return acc + (d * dx) * term
