@@ -78,6 +78,8 @@ from dsv4.kernels_triton import blocks, moe_int8, q8_gemv, q8_int8  # noqa: E402
 from probe_table import bandwidth_table, gb_s  # noqa: E402
 from dsv4.kernels_triton.configs import detect_device  # noqa: E402
 
+ALL = moe_int8.Prefetch.ALL  # tile tuples (rows, warps_k, prefetch, warps_rows): every step's words before the wait
+
 C = moe_int8.Int8MoeConfig
 MOE_CONFIGS = {
     "int8_base": C(),
@@ -236,7 +238,7 @@ def dreg_cases(tuned):
 
 def gq4_label(tile) -> str:
     rows, wk, pf, wr = tile
-    return f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf' if pf else ''}"
+    return f"r{rows} wk{wk}{f' wr{wr}' if wr > 1 else ''}{' pf all' if pf == ALL else ' pf' if pf else ''}"
 
 
 def gq4_cases(tuned, gate_up_tiles, down_tiles, cross):
@@ -382,9 +384,11 @@ GQ2_DOWN = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (8, 1, False, 2)
 
 # `gq2g`: the q2 recipe's IQ2_XXS gate/up on moe_int8_gluon's kernel, one plane and three (rows per thread <= 4 there)
 GQ2G_GATE_UP = [(4, 1, True, 1), (4, 1, False, 1), (2, 1, True, 1), (2, 1, False, 1), (8, 1, False, 1),
-                (8, 1, False, 2), (4, 2, False, 1), (4, 2, True, 1), (8, 2, False, 2), (1, 1, True, 1), (16, 1, True, 4)]
+                (8, 1, False, 2), (4, 2, False, 1), (4, 2, True, 1), (8, 2, False, 2), (1, 1, True, 1),
+                (16, 1, True, 4), (2, 1, ALL, 1), (1, 1, ALL, 1), (4, 1, ALL, 2)]  # ALL: every step's words before
+# the PDL wait
 GQ2G_L3 = [(2, 1, True, 1), (2, 1, False, 1), (4, 1, False, 1), (4, 1, True, 1), (1, 1, True, 1), (2, 2, False, 1),
-           (4, 2, False, 2), (8, 1, False, 2)]
+           (4, 2, False, 2), (8, 1, False, 2), (2, 1, ALL, 1)]
 
 # `gflat`: flat down tiles (two warps along the token's slots: a step takes two slots, 3 steps at K = 6)
 GFLAT_DOWN = [(4, 2, True, 1), (4, 2, False, 1), (2, 2, True, 1), (2, 2, False, 1), (8, 2, False, 2), (8, 2, True, 2),

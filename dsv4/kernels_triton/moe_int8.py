@@ -27,6 +27,7 @@ half the float kernel's time; tiles TUNED_LIMB3. Knows block layouts, not the mo
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from enum import IntEnum
 
 import torch
 import triton
@@ -61,16 +62,25 @@ DOWN_FORMATS = (QuantFormat.Q2_K, QuantFormat.Q4_K)
 BLOCKS_PER_WARP = 8  # moe_int8_gluon: super-blocks side by side in one warp's K step (4 lanes each)
 
 
+class Prefetch(IntEnum):
+    """When a moe_int8_gluon kernel loads a K step's weight words (Int8GluonTile.prefetch; False and True read as
+    NONE and NEXT)."""
+
+    NONE = 0  # after the previous step computed
+    NEXT = 1  # before the previous step computes (the first step's before the PDL wait in any case)
+    ALL = 2  # every step's before the PDL wait (the IQ2_XXS gate/up of at most 4 steps; elsewhere NEXT)
+
+
 @dataclass(frozen=True)
 class Int8GluonTile:
     """Tile of moe_int8_gluon's kernels (Q4_K and IQ2_XXS gate/up; Q4_K and Q2_K down): `rows` rows per program (of
     gate and of up), split over `warps_rows` warps; `warps_k` warps side by side along K (BLOCKS_PER_WARP super-blocks
-    each per step; the IQ2_XXS gate/up: moe_int8_gluon.IQ2_PAIRS_PER_WARP block pairs); `prefetch`: each step's weight
-    words load before the previous step computes (the steps are unrolled)."""
+    each per step; the IQ2_XXS gate/up: moe_int8_gluon.IQ2_PAIRS_PER_WARP block pairs); `prefetch` (a Prefetch): when
+    each step's weight words load (the steps are unrolled)."""
 
     rows: int = 4
     warps_k: int = 1
-    prefetch: bool = False
+    prefetch: bool | Prefetch = False
     warps_rows: int = 1
 
     @property
@@ -911,10 +921,11 @@ TUNED = {
     # quant h + down 11.8 -> 9.6 us, whole q2 call 30.2-31.0 -> 28.6 us), since 78-79 4 rows x 2 warps, each its own
     # slots (FLAT), prefetched: quant h + down 9.5 -> 8.6-8.7 us, whole call 27.8-27.9 -> 27.3-27.4 us; since
     # h200_decode/85 the IQ2_XXS gate/up on moe_int8_gluon's kernel too, 1 row x 1 warp prefetched: quant u + gate/up
-    # 18.6-18.7 -> 17.6-17.7 us, whole call 26.8-27.4 -> 26.3 us
+    # 18.6-18.7 -> 17.6-17.7 us, whole call 26.8-27.4 -> 26.3 us; since 92/93/95 2 rows with all 4 K steps' words
+    # before the PDL wait (Prefetch.ALL): quant u + gate/up 17.6-18.0 -> 17.1-17.2 us, whole call 25.8-26.5 -> 25.2-25.9
     QuantFormat.IQ2_XXS: Int8MoeConfig(block_n_gate_up=4, kstep_gate_up=2, warps_gate_up=1, prefetch_gate_up=True,
                                        block_n_down=4, kstep_down=8, warps_down=1, x_vec_down=True, unroll_down=True,
-                                       maxnreg_down=128, gluon_gate_up=Int8GluonTile(1, prefetch=True),
+                                       maxnreg_down=128, gluon_gate_up=Int8GluonTile(2, prefetch=Prefetch.ALL),
                                        gluon_down=Int8GluonTile(4, warps_k=2, prefetch=True)),
     # on sm_90+ the Gluon Q4_K stages (moe_int8_gluon): gate/up 4 rows x 1 warp, down 4 rows x 1 warp prefetched,
     # h quantized by its own launch there (fuse_quant_h is the Triton fallback's). h200_decode/64: the whole q4 call
@@ -969,11 +980,11 @@ from .registry import KernelOp, register  # noqa: E402
 
 _DOCS = {
     "int8": "Q8_K activations + dp4a int8 dots (ds4 CUDA decode), tiles tuned per format on the H200 (IQ2_XXS "
-            "gate/up on sm_90+ moe_int8_gluon's kernel, 1 row x 1 warp, prefetched, elsewhere 4 rows x 2 pairs, 1 "
-            "warp, prefetch; Q2_K down on sm_90+ moe_int8_gluon's kernel, 4 rows x 2 warps (flat), prefetched, "
-            "elsewhere 4 rows, 1 warp, unrolled over the K slots, 16-byte activation loads, at most 128 "
-            "registers; Q4_K on sm_90+ moe_int8_gluon's kernels (gate/up 4 rows x 1 warp, h by its own launch; down "
-            "4 rows x 1 warp, prefetched), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
+            "gate/up on sm_90+ moe_int8_gluon's kernel, 2 rows x 1 warp, every K step's words before the PDL wait, "
+            "elsewhere 4 rows x 2 pairs, 1 warp, prefetch; Q2_K down on sm_90+ moe_int8_gluon's kernel, 4 rows x 2 "
+            "warps (flat), prefetched, elsewhere 4 rows, 1 warp, unrolled over the K slots, 16-byte activation loads, "
+            "at most 128 registers; Q4_K on sm_90+ moe_int8_gluon's kernels (gate/up 4 rows x 1 warp, h by its own "
+            "launch; down 8 rows x 2 warps (flat)), elsewhere int8_triton's), programmatic dependent launch on sm_90+",
     "int8_triton": "int8 on the Triton kernels alone (Q4_K: the tuned config before the Gluon stages, h quantized in "
                    "the gate/up kernel; IQ2_XXS/Q2_K: int8's Triton tiles)",
     "int8_base": "int8 with one tile for every format: gate/up 16 rows x 2 pairs/blocks, 4 warps; down 8 rows x 8 "

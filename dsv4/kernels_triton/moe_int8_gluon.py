@@ -52,7 +52,7 @@ from . import blocks, moe, moe_int8
 from .blocks import DeviceWeight
 from .configs import DeviceInfo, hopper_plus, pdl_launch
 from .moe_int8 import (BLOCKS_PER_WARP, IQ2_PAIR_WORDS, QK, Q2K_WORDS, Q4K_WORDS, Q8K_WORDS, SUM_GROUP, SUMS_PER_BLOCK,
-                       Int8GluonTile)
+                       Int8GluonTile, Prefetch)
 from ..quant.formats import QuantFormat
 
 # without Gluon (Triton < 3.5) moe_int8 keeps its Triton stages
@@ -60,12 +60,16 @@ from .gluon_compat import HAVE_GLUON, gdc_launch_dependents, gdc_wait, gl, gluon
 
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
 IQ2_PAIRS_PER_WARP = 2  # IQ2_XXS: one lane per 32-weight group, so a warp's step is 2 block pairs (1024 inputs)
+ALL_STEPS_MAX = 4  # Prefetch.ALL holds every step's words in named registers (the IQ2_XXS gate/up's g1-g3, u1-u3)
 GATE_UP_FORMATS = (QuantFormat.Q4_K, QuantFormat.IQ2_XXS)
 
 if HAVE_GLUON:
     _BPW: gl.constexpr = gl.constexpr(BLOCKS_PER_WARP)
     _LPB: gl.constexpr = gl.constexpr(LANES_PER_BLOCK)
     _IQ2_PPW: gl.constexpr = gl.constexpr(IQ2_PAIRS_PER_WARP)
+    PF_NONE: gl.constexpr = gl.constexpr(int(Prefetch.NONE))
+    PF_NEXT: gl.constexpr = gl.constexpr(int(Prefetch.NEXT))
+    PF_ALL: gl.constexpr = gl.constexpr(int(Prefetch.ALL))
 
     @gluon.jit
     def _prmt(a, b, sel):
@@ -395,6 +399,27 @@ if HAVE_GLUON:
         _gate_up_out(acc_g, min_g, acc_u, min_u, wt, clamp, h_ptr + slot.to(gl.int64) * stride_ht, rn, F)
 
     @gluon.jit
+    def _step_words(gw_ptr, uw_ptr, off, g, u, LOAD: gl.constexpr):
+        """Gate's and up's words at off where LOAD, else g and u (a step past the last: never read)."""
+        if LOAD:
+            g = gl.load(gw_ptr + off)
+            u = gl.load(uw_ptr + off)
+        return g, u
+
+    @gluon.jit
+    def _pick4(i: gl.constexpr, a, b, c, d):
+        """The i-th of a, b, c, d (i a compile-time step index)."""
+        if i == 0:
+            r = a
+        elif i == 1:
+            r = b
+        elif i == 2:
+            r = c
+        else:
+            r = d
+        return r
+
+    @gluon.jit
     def _funnel(lo, hi, sh):
         """The 32 bits of the 64-bit hi:lo from bit sh on (PTX shf.r.clamp; sh may differ per lane)."""
         return gl.inline_asm_elementwise("shf.r.clamp.b32 $0, $1, $2, $3;", "=r,r,r,r", [lo, hi, sh], dtype=gl.int32,
@@ -506,7 +531,8 @@ if HAVE_GLUON:
         """_q4_gate_up_kernel for IQ2_XXS gate/up rows (int32 words, stride_w per row; 66-byte blocks in 33-word
         pairs) against u as quant_q8_k(iq2_order=True)'s codes xq and scales xd: one lane per 32-weight group
         (_iq2_offsets), its 8 activation words loaded once per step for all its rows; STEPS = D / (1024 WARPS_K)
-        K steps unrolled, PF as there. LIMBS = 3: u as three planes, stride_xl words apart."""
+        K steps unrolled, PF a Prefetch (ALL: every step's words before the wait, STEPS <= ALL_STEPS_MAX). LIMBS = 3: u
+        as three planes, stride_xl words apart."""
         L5: gl.constexpr = _iq2_layout(ROWS, WARPS_K, WARPS_ROWS)
         NP: gl.constexpr = _IQ2_PPW * WARPS_K
         slot, t, e, wt, rn = _slot_rows(sel_ptr, wts_ptr, KSEL, ROWS, L5)
@@ -517,11 +543,19 @@ if HAVE_GLUON:
         acc_u = gl.zeros_like(acc_g)
         gq = gl.load(gw_ptr + off)
         uq = gl.load(uw_ptr + off)
+        SW: gl.constexpr = NP * IQ2_PAIR_WORDS  # words per step
+        if PF == PF_ALL:  # steps 1-3 too, before the wait (named registers: at most 4 steps)
+            g1, u1 = _step_words(gw_ptr, uw_ptr, off + SW, gq, uq, 1 < STEPS)
+            g2, u2 = _step_words(gw_ptr, uw_ptr, off + 2 * SW, gq, uq, 2 < STEPS)
+            g3, u3 = _step_words(gw_ptr, uw_ptr, off + 3 * SW, gq, uq, 3 < STEPS)
         _inputs_ready(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
         for step in gl.static_range(STEPS):
-            cgq, cuq = gq, uq
-            nxt = (step + 1) * NP * IQ2_PAIR_WORDS
-            if PF and step + 1 < STEPS:
+            if PF == PF_ALL:
+                cgq, cuq = _pick4(step, gq, g1, g2, g3), _pick4(step, uq, u1, u2, u3)
+            else:
+                cgq, cuq = gq, uq
+            nxt = (step + 1) * SW
+            if PF == PF_NEXT and step + 1 < STEPS:
                 gq = gl.load(gw_ptr + off + nxt)
                 uq = gl.load(uw_ptr + off + nxt)
             kb = step * 2 * NP  # the step's first super-block
@@ -529,7 +563,7 @@ if HAVE_GLUON:
             dx = gl.expand_dims(gl.load(xd_ptr + t * stride_xd + kb + bo), 0)
             acc_g = _iq2_step(cgq, x_row, xo, dx, sh, zero5, sel16_ptr, acc_g, stride_xl, LIMBS)
             acc_u = _iq2_step(cuq, x_row, xo, dx, sh, zero5, sel16_ptr, acc_u, stride_xl, LIMBS)
-            if not PF and step + 1 < STEPS:
+            if PF == PF_NONE and step + 1 < STEPS:
                 gq = gl.load(gw_ptr + off + nxt)
                 uq = gl.load(uw_ptr + off + nxt)
         g = _to_rows(acc_g) * 0.125
@@ -640,6 +674,14 @@ def _words_plan(key, owner: DeviceWeight, build):
     return owner.plans[key]
 
 
+def _prefetch(tile: Int8GluonTile, steps: int = 0) -> int:
+    """The kernel's PF: tile.prefetch, Prefetch.ALL only where the kernel takes it (the IQ2_XXS gate/up, which passes
+    its steps: at most ALL_STEPS_MAX); elsewhere NEXT (h200_decode/95-96: slower on the Q4_K gate/up and the down
+    kernels, whose registers it raises to 239-255)."""
+    pf = Prefetch(int(tile.prefetch))
+    return int(Prefetch.NEXT if pf == Prefetch.ALL and not 0 < steps <= ALL_STEPS_MAX else pf)
+
+
 def iq2_block_k(tile: Int8GluonTile) -> int:
     """Inputs per K step of the IQ2_XXS gate/up kernel: IQ2_PAIRS_PER_WARP block pairs per warp along K."""
     return IQ2_PAIRS_PER_WARP * moe_int8.IQ2_PAIR * tile.warps_k
@@ -717,16 +759,17 @@ def gate_up(uq, gate: DeviceWeight, up: DeviceWeight, sel, weights, clamp: float
     gw, uw, stride_w = _gate_up_plan(gate, up, tile)
     h = blocks.empty((T * K, F), xq.device)
     if gate.fmt == QuantFormat.IQ2_XXS:
+        steps = D // iq2_block_k(tile)
         _iq2_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
             xq, xd, sel, weights, h, gw, uw, gate.sel16, F, D, K, float(clamp), stride_w, xq.stride(-2),
             xd.stride(0), h.stride(0), moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
-            WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, STEPS=D // iq2_block_k(tile),
+            WARPS_ROWS=tile.warps_rows, PF=_prefetch(tile, steps), PDL=pdl, STEPS=steps,
             LIMBS=moe_int8._limbs(xq), num_warps=tile.warps, **pdl_launch(pdl))
         return h
     _q4_gate_up_kernel[(T * K, triton.cdiv(F, tile.rows))](
         xq, xd, xs, sel, weights, h, gw, uw, F, D, K, float(clamp), stride_w, xq.stride(-2), xd.stride(0),
         xs.stride(0), h.stride(0), moe_int8._plane_stride(xq), ROWS=tile.rows, WARPS_K=tile.warps_k,
-        WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl, STEPS=D // tile.block_k, LIMBS=moe_int8._limbs(xq),
+        WARPS_ROWS=tile.warps_rows, PF=_prefetch(tile), PDL=pdl, STEPS=D // tile.block_k, LIMBS=moe_int8._limbs(xq),
         num_warps=tile.warps, **pdl_launch(pdl))
     return h
 
@@ -746,7 +789,7 @@ def down(hq3, down_w: DeviceWeight, sel, tile: Int8GluonTile, pdl: bool):
     _down_kernel[(T, triton.cdiv(D, tile.rows))](
         hq, hd, hs, sel, out, dw, F, D, K, stride_w, hq.stride(-2), hd.stride(0), hs.stride(0), out.stride(0),
         moe_int8._plane_stride(hq),
-        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=tile.prefetch, PDL=pdl,
+        ROWS=tile.rows, WARPS_K=tile.warps_k, WARPS_ROWS=tile.warps_rows, PF=_prefetch(tile), PDL=pdl,
         KSTEPS=F // QK if flat else F // tile.block_k, STEPS=K * F // tile.block_k, LIMBS=moe_int8._limbs(hq),
         Q2=down_w.fmt == QuantFormat.Q2_K, FLAT=flat, num_warps=tile.warps, **pdl_launch(pdl))
     return out

@@ -17,6 +17,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from dsv4.kernels_triton.moe_int8 import Prefetch
 from tests.gpu.test_triton_gpu import (CLAMP, D, F_EXP, NVIDIA_SM90, _assert, _dequant64, _moe_problem,  # noqa: F401
                                        _moe_reference, poison)
 from tests.kernels.test_triton_moe_int8 import capture_h  # noqa: F401  (a fixture)
@@ -35,20 +36,24 @@ LIMB3_DOWN_TILES = [(4, 1, False, 1), (4, 1, False, 2), (2, 1, True, 1), (1, 1, 
                     (8, 2, False, 1)]
 GATE_UP_CASES = [(tile, 1) for tile in TILES] + [(tile, 3) for tile in LIMB3_TILES]
 # the IQ2_XXS gate/up (q2 recipe) on its own kernel: one lane per 32-weight group, 1024 inputs per warp and step
+ALL = Prefetch.ALL  # every K step's weight words before the PDL wait (4 steps at 1 warp along K, 2 at 2)
 IQ2_GATE_UP_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
                      ((4, 2, False, 1), 1), ((1, 1, False, 1), 1), ((16, 1, True, 4), 1), ((2, 1, True, 1), 3),
-                     ((4, 1, False, 1), 3), ((4, 2, True, 2), 3), ((4, 4, False, 1), 3)]
+                     ((4, 1, False, 1), 3), ((4, 2, True, 2), 3), ((4, 4, False, 1), 3), ((2, 1, ALL, 1), 1),
+                     ((4, 1, ALL, 2), 1), ((2, 2, ALL, 1), 1), ((2, 1, ALL, 1), 3), ((1, 1, ALL, 1), 3)]
 ALL_GATE_UP_CASES = ([(tile, limbs, "q4") for tile, limbs in GATE_UP_CASES]
                      + [(tile, limbs, "q2") for tile, limbs in IQ2_GATE_UP_CASES])
-DOWN_CASES = [(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
+# ALL on a down tile reads as NEXT (moe_int8_gluon._prefetch)
+DOWN_CASES = ([(tile, 1) for tile in DOWN_TILES] + [(tile, 3) for tile in LIMB3_DOWN_TILES]
+              + [((4, 1, ALL, 1), 3)])
 # the Q2_K down stage (q2 recipe) on the same kernel, its own layout
 Q2_DOWN_CASES = [((4, 1, True, 1), 1), ((4, 1, False, 1), 1), ((2, 1, True, 1), 1), ((8, 1, False, 2), 1),
                  ((16, 1, False, 4), 1), ((4, 1, False, 1), 3), ((2, 1, True, 1), 3), ((8, 1, False, 4), 3),
-                 ((4, 2, True, 1), 1), ((4, 2, False, 1), 3)]
+                 ((4, 2, True, 1), 1), ((4, 2, False, 1), 3), ((4, 2, ALL, 1), 1)]
 
 
 def _ids(tiles):
-    return [f"r{r}k{k}{f'w{w}' if w > 1 else ''}{'pf' if p else ''}" for r, k, p, w in tiles]
+    return [f"r{r}k{k}{f'w{w}' if w > 1 else ''}{'pfall' if p == ALL else 'pf' if p else ''}" for r, k, p, w in tiles]
 
 
 def _case_ids(cases):

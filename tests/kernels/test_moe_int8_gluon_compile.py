@@ -24,9 +24,9 @@ DIV = ("F", "D", "stride_w", "stride_xq", "stride_xs", "stride_ht", "stride_hq",
        "stride_hl")
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 out = {}
-# (kind, rows, warps along K, prefetch, warps along rows, ks, steps, activation planes): gate/up steps = D / (2048
-# warps_k) at D = 4096 (IQ2_XXS, kind g2: D / (1024 warps_k)); down ks = K steps per slot (F / 2048: 1 at Flash, 2 at
-# F = 4096), steps = 6 ks
+# (kind, rows, warps along K, prefetch (2: Prefetch.ALL), warps along rows, ks, steps, activation planes): gate/up
+# steps = D / (2048 warps_k) at D = 4096 (IQ2_XXS, kind g2: D / (1024 warps_k)); down ks = K steps per slot (F / 2048:
+# 1 at Flash, 2 at F = 4096), steps = 6 ks
 for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu", 2, 1, True, 1, 0, 2, 1),
                                            ("gu", 4, 1, False, 1, 0, 2, 1), ("gu", 16, 1, False, 4, 0, 2, 1),
                                            ("gu", 2, 2, False, 1, 0, 1, 1), ("dn", 4, 1, True, 1, 1, 6, 1),
@@ -38,7 +38,8 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
                                            ("dn", 8, 2, False, 1, 8, 3, 3), ("d2", 4, 2, True, 1, 8, 3, 1),
                                            ("d2", 4, 2, False, 1, 8, 3, 3), ("g2", 1, 1, True, 1, 0, 4, 1),
                                            ("g2", 2, 1, False, 1, 0, 4, 3), ("g2", 4, 1, True, 1, 0, 4, 1),
-                                           ("g2", 8, 2, False, 2, 0, 2, 1), ("g2", 4, 2, False, 2, 0, 2, 3)]:
+                                           ("g2", 8, 2, False, 2, 0, 2, 1), ("g2", 4, 2, False, 2, 0, 2, 3),
+                                           ("g2", 2, 1, 2, 1, 0, 4, 1), ("g2", 4, 2, 2, 2, 0, 2, 3)]:
     fn = {"gu": m._q4_gate_up_kernel, "g2": m._iq2_gate_up_kernel}.get(kind, m._down_kernel)
     sig = {n: ("i32" if n in INTS else "*i32") for n in fn.arg_names}
     sig.update({n: "*fp32" for n in ("xd_ptr", "wts_ptr", "h_ptr", "hd_ptr", "out_ptr") if n in sig})
@@ -62,6 +63,7 @@ for kind, rows, wk, pf, wr, ks, st, lb in [("gu", 8, 1, False, 2, 0, 2, 1), ("gu
         "dp4a": len(re.findall(r"dp4a\.[su]32\.s32", ptx)), "dp2a": ptx.count("dp2a.lo.s32.s32"),
         "ld16": len(re.findall(r"ld\.global[^;]*\.v4\.b32", ptx)),
         "ld4": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.b32 ", ptx)), "prmt": ptx.count("prmt.b32"),
+        "ld4_pre": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.b32 ", ptx.split("griddepcontrol.wait")[0])),
         "ld2": len(re.findall(r"ld\.global(?:\.[a-z_:0-9]+)*\.[bsu]16 ", ptx)),
         "atom": len(re.findall(r"atom\.global", ptx)),
         "local": ptx.count(".local"), "stack": stack}
@@ -74,7 +76,7 @@ MAX_STACK_BYTES = 8
 
 def test_gluon_kernels_compile_for_sm90():
     res = run_gluon_compile_script(_COMPILE)
-    assert len(res) == 24
+    assert len(res) == 26
     for key, r in res.items():
         kind, rows, wk, pf, wr, ks, st, lb = key.split("/")
         rpt, mats, steps = int(rows) // int(wr), 2 if kind in ("gu", "g2") else 1, int(st)  # rows per thread; steps
@@ -88,6 +90,9 @@ def test_gluon_kernels_compile_for_sm90():
             records = rpt * mats * steps * 4
             assert r["dp4a"] == 2 * records * planes and r["ld2"] == records, (key, r)
             assert r["ld16"] == 2 * steps * planes and r["ld4"] >= rpt * mats * steps * 4, (key, r)
+            # the weight words before griddepcontrol.wait: every step's with Prefetch.ALL (2), else the first step's
+            before = rpt * mats * 4 * (steps if pf == "2" else 1)
+            assert before <= r["ld4_pre"] < before + rpt * mats * 4, (key, r)
             continue
         # per row, matrix, step and plane: 2 pieces x 4 code words x 2 nibble halves, 2 pieces' scales; the mins by
         # dp2a on one plane (int sums), in fp32 on three
@@ -96,6 +101,8 @@ def test_gluon_kernels_compile_for_sm90():
         if kind == "d2":  # Q2_K: 84-byte blocks, so code and header words by word loads (4 + 3 per row and step);
             # the activations by 16-byte loads, one per shift, step and plane
             assert r["ld16"] == 4 * steps * planes and r["ld4"] >= rpt * steps * 7, (key, r)
+            if pf == "True":  # before griddepcontrol.wait: the first step's words (and the expert ids), not more
+                assert rpt * 7 <= r["ld4_pre"] < 2 * rpt * 7, (key, r)
         else:  # Q4_K: 2 code pieces + the header per row, matrix and step; 4 activation loads per step and plane
             # (2 pieces x low/high) (Triton 3.6 loads the header once per piece: replicated along the piece axis)
             assert r["ld16"] >= rpt * mats * 3 * steps + 4 * steps * planes, (key, r)
@@ -170,3 +177,18 @@ def test_iq2_gluon_plan_takes_word_aligned_rows_and_whole_steps():
     assert m._gate_up_plan(iq2(2048, 3072), iq2(2048, 3072), two) is None  # 3072 is not whole 2048-input steps
     assert m._gate_up_plan(iq2(2048, 4096), _q4_weight(QuantFormat.Q4_K, 2048, 4096), one) is None  # mixed formats
     assert m._gate_up_plan(iq2(2046, 4096), iq2(2046, 4096), moe_int8.Int8GluonTile(4)) is None  # partial row tile
+
+
+def test_prefetch_all_only_where_the_kernel_holds_it():
+    """Prefetch.ALL reaches a kernel only as the IQ2_XXS gate/up's, with at most ALL_STEPS_MAX steps (its named
+    registers); elsewhere it reads as NEXT, and False / True as NONE / NEXT."""
+    from dsv4.kernels_triton import moe_int8_gluon as m
+    from dsv4.kernels_triton.moe_int8 import Int8GluonTile, Prefetch
+
+    def pf(prefetch, steps=0):
+        return m._prefetch(Int8GluonTile(2, prefetch=prefetch), steps)
+
+    assert pf(Prefetch.ALL, m.ALL_STEPS_MAX) == pf(Prefetch.ALL, 1) == Prefetch.ALL
+    assert pf(Prefetch.ALL, m.ALL_STEPS_MAX + 1) == Prefetch.NEXT  # more steps than named registers
+    assert pf(Prefetch.ALL) == Prefetch.NEXT  # the kernels without the mode (Q4_K gate/up, down)
+    assert pf(True, 4) == pf(Prefetch.NEXT) == Prefetch.NEXT and pf(False, 4) == Prefetch.NONE
