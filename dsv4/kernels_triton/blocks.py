@@ -340,19 +340,12 @@ def dequant_tile(w_ptr, s_ptr, g_ptr, row, k, mask, stride_w, stride_s, off_s, F
         j = i >> 5
         l = i & 31
         dw = tl.load(w_ptr + base, mask=mask, other=0)
-        d = _f16_from_bits(dw)
-        dmin = _f16_from_bits(dw >> 16)
-        jm = j & 3
-        # scale bytes x = jm, jm+4, jm+8 of the 12 (word 1 + x/4, byte x%4)
-        lo = (tl.load(w_ptr + base + 1, mask=mask, other=0) >> (8 * jm)) & 255
-        mid = (tl.load(w_ptr + base + 2, mask=mask, other=0) >> (8 * jm)) & 255
-        hi = (tl.load(w_ptr + base + 3, mask=mask, other=0) >> (8 * jm)) & 255
-        low_half = j < 4
-        sc = tl.where(low_half, lo & 63, (hi & 15) | ((lo >> 6) << 4))
-        m = tl.where(low_half, mid & 63, (hi >> 4) | ((mid >> 6) << 4))
+        dsc, dmm = q4_k_scale_min(tl.load(w_ptr + base + 1, mask=mask, other=0),
+                                  tl.load(w_ptr + base + 2, mask=mask, other=0),
+                                  tl.load(w_ptr + base + 3, mask=mask, other=0), dw, j)
         qw = tl.load(w_ptr + base + 4 + 8 * (j >> 1) + (l >> 2), mask=mask, other=0)
         q = (qw >> (8 * (l & 3) + 4 * (j & 1))) & 15
-        return (d * sc.to(tl.float32)) * q.to(tl.float32) - dmin * m.to(tl.float32)
+        return dsc * q.to(tl.float32) - dmm
     else:  # IQ2_XXS, int16 half-word view
         i = k & 255
         base = r * stride_w + (k >> 8) * 33

@@ -116,15 +116,9 @@ def _q4_k_dot_g32(w_ptr, rows, n_ok, j32, x8, xs, stride_w):
     base = r * stride_w + (jb >> 3) * 36
     m = n_ok[:, None]
     dw = tl.load(w_ptr + base, mask=m, other=0)
-    jm = j & 3
-    lo = (tl.load(w_ptr + base + 1, mask=m, other=0) >> (8 * jm)) & 255
-    mid = (tl.load(w_ptr + base + 2, mask=m, other=0) >> (8 * jm)) & 255
-    hi = (tl.load(w_ptr + base + 3, mask=m, other=0) >> (8 * jm)) & 255
-    low_half = j < 4
-    sc = tl.where(low_half, lo & 63, (hi & 15) | ((lo >> 6) << 4))
-    mn = tl.where(low_half, mid & 63, (hi >> 4) | ((mid >> 6) << 4))
-    dsc = _f16_from_bits(dw) * sc.to(tl.float32)
-    dmm = _f16_from_bits(dw >> 16) * mn.to(tl.float32)
+    dsc, dmm = blocks.q4_k_scale_min(tl.load(w_ptr + base + 1, mask=m, other=0),
+                                     tl.load(w_ptr + base + 2, mask=m, other=0),
+                                     tl.load(w_ptr + base + 3, mask=m, other=0), dw, j)
     wbase = base + 4 + 8 * (j >> 1)
     ww = tl.load(w_ptr + wbase[:, :, None] + tl.arange(0, 8)[None, None, :], mask=m[:, :, None], other=0)
     shift = 8 * tl.arange(0, 4)[None, None, None, :] + (4 * (j & 1))[:, :, None, None]
