@@ -258,6 +258,29 @@ def iq2_levels(sel16_ptr, gi):
 
 
 @triton.jit
+def iq2_ksigns(sidx):
+    """The 8 sign bits (bit j set: coordinate j negative) of grid records with 7-bit sign indices sidx (int32):
+    bit 7 is the parity of the 7 (ksigns: an even count of minus signs)."""
+    p = sidx ^ (sidx >> 4)
+    p = p ^ (p >> 2)
+    p = p ^ (p >> 1)
+    return sidx | ((p & 1) << 7)
+
+
+@triton.jit
+def iq2_grid_words(g32_ptr, gi, mask=None):
+    """The two int32 words (magnitudes of coordinates 0-3, 4-7, a byte each) of grid records gi from the 8-byte
+    grid table viewed as int32 pairs (masked-off records read 0)."""
+    if mask is None:
+        lo = tl.load(g32_ptr + gi * 2)
+        hi = tl.load(g32_ptr + gi * 2 + 1)
+    else:
+        lo = tl.load(g32_ptr + gi * 2, mask=mask, other=0)
+        hi = tl.load(g32_ptr + gi * 2 + 1, mask=mask, other=0)
+    return lo, hi
+
+
+@triton.jit
 def iq2_signs(sidx):
     """Bit 2 of nibble n(j) set where coordinate j is negative, from the 7-bit sign indices sidx (int32): the
     8th sign is the parity of the 7 (ksigns rule, an even count of minus signs). The nibble sum of
@@ -361,11 +384,7 @@ def dequant_tile(w_ptr, s_ptr, g_ptr, row, k, mask, stride_w, stride_s, off_s, F
         aux1 = a1lo | (a1hi << 16)
         sidx = (aux1 >> (7 * kk)) & 127
         ls = (a1hi >> 12) & 15
-        p = sidx ^ (sidx >> 4)
-        p = p ^ (p >> 2)
-        p = p ^ (p >> 1)
-        signs = sidx | ((p & 1) << 7)  # ksigns: 8th sign makes the count of minus signs even
-        neg = ((signs >> jj) & 1) != 0
+        neg = ((iq2_ksigns(sidx) >> jj) & 1) != 0
         gv = tl.load(g_ptr + gidx * 8 + jj, mask=mask, other=0).to(tl.float32)
         db = d * (0.5 + ls.to(tl.float32)) * 0.25
         val = db * gv

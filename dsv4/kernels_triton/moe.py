@@ -89,13 +89,9 @@ def _iq2_xxs_dot_g8(w_ptr, g32_ptr, rows, n_ok, kg, x3, stride_w):
     a1hi = tl.load(w_ptr + grp + 3, mask=m, other=0).to(tl.int32) & 0xFFFF
     sidx = ((a1lo | (a1hi << 16)) >> (7 * kk)) & 127
     ls = (a1hi >> 12) & 15
-    p = sidx ^ (sidx >> 4)
-    p = p ^ (p >> 2)
-    p = p ^ (p >> 1)
-    signs = sidx | ((p & 1) << 7)
+    signs = blocks.iq2_ksigns(sidx)
     db = d * (0.5 + ls.to(tl.float32)) * 0.25  # [BLOCK_N, G8]
-    lo = tl.load(g32_ptr + gidx * 2, mask=m, other=0)
-    hi = tl.load(g32_ptr + gidx * 2 + 1, mask=m, other=0)
+    lo, hi = blocks.iq2_grid_words(g32_ptr, gidx, m)
     jj = tl.arange(0, 8)[None, None, :]
     word = tl.where(jj < 4, lo[:, :, None], hi[:, :, None])
     gv = ((word >> (8 * (jj & 3))) & 255).to(tl.float32)

@@ -160,12 +160,8 @@ def _w_codes(w_ptr, g32_ptr, rows, n_ok, k0, stride_w, FMT: tl.constexpr, BLOCK_
         kq = tl.arange(0, 4)[None, None, :]
         gi = (gw[:, :, None] >> (8 * kq)) & 255  # [BN, 16, 4] grid indices
         sidx = (aux[:, :, None] >> (7 * kq)) & 127
-        p = sidx ^ (sidx >> 4)
-        p = p ^ (p >> 2)
-        p = p ^ (p >> 1)
-        signs = sidx | ((p & 1) << 7)  # ksigns: even count of minus signs
-        lo = tl.load(g32_ptr + gi * 2)
-        hi = tl.load(g32_ptr + gi * 2 + 1)
+        signs = blocks.iq2_ksigns(sidx)
+        lo, hi = blocks.iq2_grid_words(g32_ptr, gi)
         jj = tl.arange(0, 8)[None, None, None, :]
         word = tl.where(jj < 4, lo[:, :, :, None], hi[:, :, :, None])
         v = (word >> (8 * (jj & 3))) & 255
