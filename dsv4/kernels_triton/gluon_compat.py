@@ -10,11 +10,10 @@ try:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (async_copy, fence_async_shared, warpgroup_mma,
                                                                  warpgroup_mma_wait)
-    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
     HAVE_GLUON = True
     barrier = getattr(gl, "barrier", None) or gl.thread_barrier  # a CTA-wide barrier
     async_load = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared  # cp.async
 except ImportError:  # pragma: no cover - older Triton
     HAVE_GLUON = False
     gluon = gl = async_copy = fence_async_shared = warpgroup_mma = warpgroup_mma_wait = None
-    gdc_launch_dependents = gdc_wait = barrier = async_load = None
+    barrier = async_load = None

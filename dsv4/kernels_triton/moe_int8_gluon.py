@@ -56,7 +56,7 @@ from .moe_int8 import (BLOCKS_PER_WARP, IQ2_PAIR_WORDS, QK, Q2K_WORDS, Q4K_WORDS
 from ..quant.formats import QuantFormat
 
 # without Gluon (Triton < 3.5) moe_int8 keeps its Triton stages
-from .gluon_compat import HAVE_GLUON, gdc_launch_dependents, gdc_wait, gl, gluon
+from .gluon_compat import HAVE_GLUON, gl, gluon
 
 LANES_PER_BLOCK = 32 // BLOCKS_PER_WARP  # a super-block's 32 code words as 4 lanes x 2 pieces x 4 words
 IQ2_PAIRS_PER_WARP = 2  # IQ2_XXS: one lane per 32-weight group, so a warp's step is 2 block pairs (1024 inputs)
@@ -332,14 +332,6 @@ if HAVE_GLUON:
         return acc, accm
 
     @gluon.jit
-    def _inputs_ready(PDL: gl.constexpr):
-        """Under programmatic dependent launch: wait for the previous kernel (whose outputs are this one's
-        activations; the weight words of the first step are already loading) and let the next kernel launch."""
-        if PDL:
-            gdc_wait()
-            gdc_launch_dependents()
-
-    @gluon.jit
     def _slot_rows(sel_ptr, wts_ptr, KSEL, ROWS: gl.constexpr, L5: gl.constexpr):
         """A gate/up program's (slot, token, expert, route weight, its ROWS rows f along axis 0 of L5) for program
         (slot, row tile)."""
@@ -375,7 +367,7 @@ if HAVE_GLUON:
         gh = gl.load(gw_ptr + hoff)
         uq = gl.load(uw_ptr + qoff)
         uh = gl.load(uw_ptr + hoff)
-        _inputs_ready(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
+        blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
         for step in gl.static_range(STEPS):
             cgq, cgh, cuq, cuh = gq, gh, uq, uh
             nxt = (step + 1) * NB * Q4K_WORDS
@@ -548,7 +540,7 @@ if HAVE_GLUON:
             g1, u1 = _step_words(gw_ptr, uw_ptr, off + SW, gq, uq, 1 < STEPS)
             g2, u2 = _step_words(gw_ptr, uw_ptr, off + 2 * SW, gq, uq, 2 < STEPS)
             g3, u3 = _step_words(gw_ptr, uw_ptr, off + 3 * SW, gq, uq, 3 < STEPS)
-        _inputs_ready(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
+        blocks.pdl_wait(PDL)  # u's codes come from the previous kernel (sel and the route weights are older)
         for step in gl.static_range(STEPS):
             if PF == PF_ALL:
                 cgq, cuq = _pick4(step, gq, g1, g2, g3), _pick4(step, uq, u1, u2, u3)
@@ -634,7 +626,7 @@ if HAVE_GLUON:
         r5 = _down_rows(sel_t, rc, D, stride_w, 0, L5, NB, WORDS, KSTEPS, FLAT)
         q = gl.load(w_ptr + r5 + wq)
         hw = gl.load(w_ptr + r5 + wh)
-        _inputs_ready(PDL)  # h's codes come from the previous kernel
+        blocks.pdl_wait(PDL)  # h's codes come from the previous kernel
         for step in gl.static_range(STEPS):
             cq, chw = q, hw
             if step + 1 < STEPS:

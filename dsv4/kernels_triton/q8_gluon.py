@@ -27,7 +27,7 @@ from .configs import DeviceInfo, hopper_plus, pdl_launch, use_pdl
 from .qmatmul_fast import F32_MAGIC_BITS, F32_MAGIC_OFFSET, Q8_BIAS
 
 # without Gluon (Triton < 3.5) the variant falls back to gemv_rows
-from .gluon_compat import HAVE_GLUON, gdc_launch_dependents, gdc_wait, gl, gluon
+from .gluon_compat import HAVE_GLUON, gl, gluon
 
 WORD_GROUPS = 2  # a lane holds 4 of a block's 8 code words: two lanes per 32-code block
 WORDS_PER_LANE = 8 // WORD_GROUPS  # one 16-byte load
@@ -85,9 +85,7 @@ if HAVE_GLUON:
         if PF:  # the first step's weights are in flight before the previous kernel has finished
             u_next = gl.load(wp)
             d_next = gl.load(sp)
-        if PDL:
-            gdc_wait()  # x (and the exchange slots) only after the previous kernel is done
-            gdc_launch_dependents()
+        blocks.pdl_wait(PDL)  # x (and the exchange slots) only after the previous kernel is done
         for k0 in range(0, k_split, BK):
             if PF:
                 u = u_next
