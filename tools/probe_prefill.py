@@ -58,12 +58,16 @@ REGA = {  # name: (expert tile height, tile)
     "rega k64": (64, moe_gluon.RegATile(64)),
     "rega k64 nopf": (64, moe_gluon.RegATile(64, prefetch=False)),
     "rega k64 nopf r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
+    "rega k64 nopf tab": (64, moe_gluon.RegATile(64, prefetch=False, smem_table=True)),
+    "rega k64 tab": (64, moe_gluon.RegATile(64, smem_table=True)),
+    "rega m32 k128 nopf tab": (32, moe_gluon.RegATile(128, prefetch=False, smem_table=True)),
     "rega m32 k64": (32, moe_gluon.RegATile(64)),
 }
 # the Gluon down with the decoded weights as wgmma's register A operand (Q2_K, Q4_K)
 REGA_DOWN = {  # name: (expert tile height, tile)
     "rega down k128": (64, moe_gluon.RegATile(128, prefetch=False)),
     "rega down k64": (64, moe_gluon.RegATile(64, prefetch=False)),
+    "rega down k64 r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
     "rega down k128 pf": (64, moe_gluon.RegATile(128)),
     "rega down k256": (64, moe_gluon.RegATile(256, prefetch=False)),
 }

@@ -90,6 +90,7 @@ def group_layout(bk: int):
 
 if HAVE_GLUON:
     _ROWS: gl.constexpr = gl.constexpr(ROWS)
+    _WARPS: gl.constexpr = gl.constexpr(WARPS)
     _HW: gl.constexpr = gl.constexpr(blocks.IQ2_HALFWORDS)
     # bit i (i < 4) of a sign index to bit 2 of nibble 2i + 1 (the high byte's selector of coordinate i):
     # 64 * (1 + 2^7 + 2^14 + 2^21), no carries; SIGN_BITS: those four bits
@@ -166,11 +167,32 @@ if HAVE_GLUON:
         return gl.load(w8 + (2 * hw + c)), gl.load(w16 + (hw + 2)), gl.load(w16 + (hw + 3))
 
     @gluon.jit
-    def _iq2_sel(gi, lo, hi, d, c, psel_ptr):
+    def _psel_fill(psel_ptr):
+        """Copy iq2_pair_selectors into this program's static shared table (declared here, once: one element per
+        thread), then a barrier: the K loop's first gathers come before its own first barrier."""
+        i = gl.arange(0, 256, layout=gl.BlockedLayout([1], [32], [_WARPS], [0]))
+        v = gl.load(psel_ptr + i)
+        gl.inline_asm_elementwise(".shared .align 8 .b64 dsv4_psel[256];\n"
+                                  "{ .reg .u32 a; mov.u32 a, dsv4_psel; mad.lo.u32 a, $1, 8, a; st.shared.b64 [a], $2;"
+                                  " mov.u32 $0, 0; }", "=r,r,l", [i, v], dtype=gl.int32, is_pure=False, pack=1)
+        _barrier()
+
+    @gluon.jit
+    def _psel_gather(gi):
+        """iq2_pair_selectors[gi] from the shared table (_psel_fill)."""
+        return gl.inline_asm_elementwise("{ .reg .u32 a; mov.u32 a, dsv4_psel; mad.lo.u32 a, $1, 8, a;"
+                                         " ld.shared.b64 $0, [a]; }", "=l,r", [gi], dtype=gl.int64, is_pure=True,
+                                         pack=1)
+
+    @gluon.jit
+    def _iq2_sel(gi, lo, hi, d, c, psel_ptr, TAB: gl.constexpr):
         """Stage 1 of the decode, per record: (pair selectors of coordinates 0-3 and 4-7 with the signs ORed
         in, the fp16 scale pair) from the loaded words: one 8-byte gather (iq2_pair_selectors), the signs of
-        the 7-bit index and its parity."""
-        lv = gl.load(psel_ptr + gi.to(gl.int32))
+        the 7-bit index and its parity. TAB: the gather from the shared copy of the table (_psel_fill)."""
+        if TAB:
+            lv = _psel_gather(gi.to(gl.int32))
+        else:
+            lv = gl.load(psel_ptr + gi.to(gl.int32))
         a1 = lo.to(gl.int32) | (hi.to(gl.int32) << 16)
         sidx = (a1 >> (7 * c)) & 127
         par = _asm1("popc.b32 $0, $1;", sidx) & 1  # the 8th sign: an even count of minus signs
@@ -239,11 +261,11 @@ if HAVE_GLUON:
             return q0, q1, q0
 
     @gluon.jit
-    def _stage1(w0, w1, w2, wrow, g, c, k0, psel_ptr, FMT: gl.constexpr):
+    def _stage1(w0, w1, w2, wrow, g, c, k0, psel_ptr, FMT: gl.constexpr, TAB: gl.constexpr):
         """Stage 1 of step k0's decode from its words (four values per record; IQ2_XXS repeats its scale)."""
         if FMT == _IQ2:
             d = gl.load(wrow + (k0 // 256) * _HW).to(gl.float16, bitcast=True).to(gl.float32)
-            sa, sb, s2 = _iq2_sel(w0, w1, w2, d, c, psel_ptr)
+            sa, sb, s2 = _iq2_sel(w0, w1, w2, d, c, psel_ptr, TAB)
             return sa, sb, s2, s2
         elif FMT == _Q2K:
             return _q2_sel(w0, w1, w2, gl.load(wrow + ((k0 // 256) * _Q2K_WORDS + _Q2K_HEAD)), g, c, k0)
@@ -253,7 +275,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr, D, FMT: gl.constexpr,
-              R: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr):
+              R: gl.constexpr, BK: gl.constexpr, A_L: gl.constexpr, TAB: gl.constexpr):
         """One K step of _k_loop: copy x of the next step, make A from stage 1's values (s0..s3) and issue
         its MMA, stage 1 of the next step from its words (w0..w2) under the MMA, wait for the MMA and the copy.
         Returns (acc, the next step's stage-1 values)."""
@@ -262,7 +284,7 @@ if HAVE_GLUON:
         async_copy.commit_group()
         a = _stage2(s0, s1, s2, s3, FMT, R, BK, A_L)
         acc = warpgroup_mma(a, x_s.index(step % 3).permute((1, 0)), acc, is_async=True)
-        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, kn, psel_ptr, FMT)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, kn, psel_ptr, FMT, TAB)
         acc, a = warpgroup_mma_wait(0, deps=[acc, a])
         async_copy.wait_group(0)
         fence_async_shared()
@@ -271,7 +293,7 @@ if HAVE_GLUON:
 
     @gluon.jit
     def _k_loop(xp, wrow, g, c, psel_ptr, KLEN, n_steps, FMT: gl.constexpr, R: gl.constexpr, BM: gl.constexpr,
-                BK: gl.constexpr, PF: gl.constexpr):
+                BK: gl.constexpr, PF: gl.constexpr, TAB: gl.constexpr):
         """The K loop both kernels share: acc [R, BM] (wgmma layout) = the decoded weight rows (wrow: their first
         words, [R, 1]; records g, lanes c) times the activation rows xp ([BM, BK] pointers of the first step) over
         KLEN inputs in n_steps steps of BK (see _gate_up_kernel's docstring for the stages, the buffers and PF)."""
@@ -284,7 +306,7 @@ if HAVE_GLUON:
         _async_load(x_s.index(0), xp)
         async_copy.commit_group()
         w0, w1, w2 = _words(wrow, g, c, 0, FMT)
-        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT)
+        s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT, TAB)
         if PF:
             w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, KLEN - BK), FMT)
         async_copy.wait_group(0)
@@ -294,15 +316,15 @@ if HAVE_GLUON:
             for step in range(0, n_steps, 2):
                 n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, KLEN - BK), FMT)
                 acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
-                                            KLEN, FMT, R, BK, A_L)
+                                            KLEN, FMT, R, BK, A_L, TAB)
                 w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, KLEN - BK), FMT)
                 acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, psel_ptr,
-                                            KLEN, FMT, R, BK, A_L)
+                                            KLEN, FMT, R, BK, A_L, TAB)
         else:
             for step in range(0, n_steps):
                 w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, KLEN - BK), FMT)
                 acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
-                                            KLEN, FMT, R, BK, A_L)
+                                            KLEN, FMT, R, BK, A_L, TAB)
         return acc
 
     @gluon.jit
@@ -320,7 +342,7 @@ if HAVE_GLUON:
     def _gate_up_kernel(x_ptr, order_ptr, wts_ptr, h_ptr, tile_e_ptr, tile_lo_ptr, tile_hi_ptr, gw_ptr, psel_ptr,
                         F, D, KSEL, clamp, stride_xt, stride_ht, stride_w, up_delta, FMT: gl.constexpr,
                         BM: gl.constexpr, BK: gl.constexpr, PF: gl.constexpr, GL: gl.constexpr, XL: gl.constexpr,
-                        HL: gl.constexpr):
+                        HL: gl.constexpr, TAB: gl.constexpr):
         """h[r, f] = swiglu(gate[e] @ x[t], up[e] @ x[t])[f] * wts[p] for the sorted rows r of tile program_id(1)
         (expert e, pair p = order[r], token t = p // KSEL) and the ROWS rows f of program_id(0). x: the
         activations in dot-position order (permuted_activations); stride_w and up_delta in the weight view's words
@@ -336,7 +358,9 @@ if HAVE_GLUON:
         (which runs one step before their MMA); PF: two steps before, the loop unrolled by two so that each load
         writes the registers of the word set consumed just before it (a word set carried from one step to the
         next instead is a register copy, which waits for the load: h200_prefill/14). PF needs an even number of
-        steps (D / BK)."""
+        steps (D / BK). TAB (IQ2_XXS): the pair selectors gathered from a shared copy of the table (_psel_fill)
+        instead of the global one, whose 8-byte gathers touch most of its 16 lines per warp: 2.29 -> 2.09 ms at
+        T=2048, and 80 registers (h200_prefill/19b)."""
         R: gl.constexpr = 2 * _ROWS
         G: gl.constexpr = BK // 8
         pid_n = gl.program_id(0)
@@ -354,7 +378,9 @@ if HAVE_GLUON:
             wrow = gw_ptr.to(gl.pointer_type(gl.int32)) + roff
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        acc = _k_loop(xp, wrow, g, c, psel_ptr, D, n_steps, FMT, R, BM, BK, PF)
+        if TAB:
+            _psel_fill(psel_ptr)
+        acc = _k_loop(xp, wrow, g, c, psel_ptr, D, n_steps, FMT, R, BM, BK, PF, TAB)
         # gate rows (warpgroup 0) beside the up rows (warpgroup 1): one register pair per element
         gu = gl.convert_layout(gl.permute(gl.reshape(acc, [2, _ROWS, BM]), [1, 2, 0]), HL)
         gacc, uacc = gl.split(gu)
@@ -388,7 +414,7 @@ if HAVE_GLUON:
         wrow = dw_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims((e * D + rd) * stride_w, 1)
         g = gl.expand_dims(gl.arange(0, G, layout=gl.SliceLayout(0, GL)), 0)
         c = g & 3
-        acc = _k_loop(xp, wrow, g, c, dw_ptr, F, n_steps, FMT, R, BM, BK, PF)
+        acc = _k_loop(xp, wrow, g, c, dw_ptr, F, n_steps, FMT, R, BM, BK, PF, False)
         y = gl.convert_layout(acc, YL)
         rm = lo + gl.arange(0, BM, layout=gl.SliceLayout(0, YL))
         m_ok = rm < hi
@@ -445,6 +471,11 @@ class RegATile:
     block_k: int = 128  # inputs per step
     prefetch: bool = True  # weight words two steps ahead instead of one
     maxnreg: int = 0  # PTX register cap (0: none)
+    smem_table: bool = False  # IQ2_XXS gate/up: the pair-selector gathers from a shared copy of the table
+
+
+PSEL_TABLE_BYTES = 256 * 8  # the shared copy of iq2_pair_selectors (static shared memory)
+SMEM_DEFAULT = 48 * 1024  # shared memory a program gets without the opt-in Triton asks for above it
 
 
 def _tile_ok(tile: RegATile, block_m: int, k: int) -> bool:
@@ -453,13 +484,20 @@ def _tile_ok(tile: RegATile, block_m: int, k: int) -> bool:
             and (not tile.prefetch or (k // tile.block_k) % 2 == 0))
 
 
+def _table_fits(tile: RegATile, block_m: int) -> bool:
+    """Whether the gate/up launches with the shared selector table: Triton opts in to more than SMEM_DEFAULT only
+    for a dynamic part above it and does not count the static table, so the three activation buffers and the
+    table must fit in SMEM_DEFAULT together (64 x 128 tiles failed to launch with it: h200_prefill/19)."""
+    return not tile.smem_table or 3 * block_m * tile.block_k * 2 + PSEL_TABLE_BYTES <= SMEM_DEFAULT
+
+
 def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_m: int) -> bool:
     """Whether the kernel takes these experts with expert tiles of block_m pairs."""
     from .moe_prefill import _up_delta
 
     _E, F, D = gate.shape
     return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u) and F % ROWS == 0
-            and _tile_ok(tile, block_m, D) and _up_delta(gate, up) is not None)
+            and _tile_ok(tile, block_m, D) and _table_fits(tile, block_m) and _up_delta(gate, up) is not None)
 
 
 def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, block_m: int,
@@ -476,7 +514,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
         xp, order, weights.reshape(-1), h, te, lo, hi, gate.w, iq2_pair_selectors(x16.device), F, D, K,
         float(clamp), xp.stride(0), h.stride(0), gate.stride_w, _up_delta(gate, up), FMT=int(gate.fmt), BM=block_m,
         BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k), XL=x_layout(block_m, tile.block_k),
-        HL=pair_layout(), num_warps=WARPS,
+        HL=pair_layout(), TAB=tile.smem_table and gate.fmt == QuantFormat.IQ2_XXS, num_warps=WARPS,
         **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
     return h
 

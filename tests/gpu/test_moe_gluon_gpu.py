@@ -99,6 +99,35 @@ def test_rega_h_equals_triton_weights(recipe):
     _assert(h, ref.double(), "triton_moe", "rega_h", f"rega h vs moe_prefill h, {recipe} T=96")
 
 
+@pytest.mark.parametrize("t", [37, 300])
+@pytest.mark.parametrize("bk,pf", [(64, False), (64, True)])
+def test_rega_smem_table(t, bk, pf, poison, monkeypatch):
+    """The IQ2_XXS gate/up with its pair selectors gathered from the shared copy of the table (smem_table): the
+    whole MoE against float64 (as above), and h bit for bit the global-table kernel's (the same selectors, the same
+    summation order)."""
+    from dsv4.kernels_triton import moe, moe_gluon, moe_prefill
+
+    tile = moe_gluon.RegATile(bk, prefetch=pf, smem_table=True)
+    _check_gluon_stage("q2", t, 64, tile, "gate_up", monkeypatch)
+    _, (gate, up, _down), u, sel, wts = _moe_problem("q2", t)
+    x16 = u.to(torch.float16)
+    tiles = moe.expert_tiles(sel, gate.shape[0], 64)
+    h_tab = moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], 64, tile)
+    h_glob = moe_gluon.gate_up_stage(x16, gate, up, wts, CLAMP, tiles, sel.shape[1], 64,
+                                     moe_gluon.RegATile(bk, prefetch=pf))
+    assert torch.isfinite(h_tab).all() and torch.equal(h_tab, h_glob)
+
+
+@pytest.mark.parametrize("recipe", ["q2", "q4"])
+@pytest.mark.parametrize("stage", ["gate_up", "down"])
+def test_rega_register_cap(recipe, stage, poison, monkeypatch):
+    """Both Gluon stages under an 80-register cap (three programs per SM; the tuned q2 down runs so), the whole MoE
+    against float64 at T = 300."""
+    from dsv4.kernels_triton import moe_gluon
+
+    _check_gluon_stage(recipe, 300, 64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80), stage, monkeypatch)
+
+
 DOWN_TILES = [(64, 128, False), (64, 128, True), (64, 64, False), (32, 256, False)]
 
 

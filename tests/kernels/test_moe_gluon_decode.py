@@ -261,3 +261,26 @@ def test_down_tile_conditions(monkeypatch):
     assert not ok(nopf, shape=(256, 4000, 2048))  # not whole 128-row programs
     assert not ok(moe_gluon.RegATile(96, prefetch=False))
     assert not ok(nopf, bm=12) and not ok(nopf, bm=512) and ok(nopf, bm=32)
+
+def test_gate_up_table_fits(monkeypatch):
+    """supports' shared-memory condition for the gate/up's shared selector table (the GPU check patched to pass):
+    the table beside 48 KiB of activation buffers (64 x 128 tiles) does not launch (h200_prefill/19); without the
+    table those tiles stay taken."""
+    from types import SimpleNamespace
+
+    if not moe_gluon.HAVE_GLUON:
+        import pytest
+
+        pytest.skip("this Triton has no Gluon")
+    monkeypatch.setattr(moe_gluon, "hopper_plus", lambda dev, x: True)
+    monkeypatch.setattr("dsv4.kernels_triton.moe_prefill._up_delta", lambda gate, up: 0)
+    u = torch.empty(1)
+    gate = SimpleNamespace(fmt=QuantFormat.IQ2_XXS, shape=(256, 2048, 4096))
+
+    def ok(tile, bm=64):
+        return moe_gluon.supports(u, gate, gate, None, tile, bm)
+
+    assert ok(moe_gluon.RegATile(64, smem_table=True)) and ok(moe_gluon.RegATile(64, prefetch=False, smem_table=True))
+    assert ok(moe_gluon.RegATile(128, smem_table=True), bm=32)
+    assert not ok(moe_gluon.RegATile(128, smem_table=True)) and not ok(moe_gluon.RegATile(256, smem_table=True))
+    assert ok(moe_gluon.RegATile(128)) and ok(moe_gluon.RegATile(256, prefetch=False))
