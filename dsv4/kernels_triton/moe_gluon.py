@@ -207,15 +207,21 @@ if HAVE_GLUON:
         return gg, 8 * ((gg >> 2) & 1) + 2 * (gg & 3) + (c >> 1)
 
     @gluon.jit
-    def _q2_words(w32, g, c, k0):
+    def _q2_words(w32, g, c, k0, BK: gl.constexpr):
         """Q2_K: the two code words of records g (c = g % 4) of step k0 and the word holding their 16-weight
         sub-block's scale byte, as loaded. A 32-group (index gg) is shift 2 (gg % 4) of half (gg // 4) % 2 of its
         block: lane c's 8 inputs are bits 2 (gg % 4) of bytes 8c..8c+7 of the half's 32 code bytes (two words),
-        in sub-block 8 half + 2 (gg % 4) + c // 2."""
+        in sub-block 8 half + 2 (gg % 4) + c // 2. With 64-input steps (groups 2i, 2i + 1: sub-blocks
+        8 half + 4 (i % 2) .. + 3) every record of a row has the same scale word: one load per row ([R, 1])."""
         gg, j = _q2_group(g, c, k0)
         blk = (gg >> 3) * _Q2K_WORDS
         cw = blk + 4 + 8 * ((gg >> 2) & 1) + 2 * c
-        return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), gl.load(w32 + (blk + (j >> 2)))
+        if BK == 64:
+            g0 = k0 // 32
+            sw = gl.load(w32 + ((g0 >> 3) * _Q2K_WORDS + 2 * ((g0 >> 2) & 1) + ((g0 & 3) >> 1)))
+        else:
+            sw = gl.load(w32 + (blk + (j >> 2)))
+        return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), sw
 
     @gluon.jit
     def _q2_sel(q0, q1, sw, hd, g, c, k0):
@@ -250,12 +256,12 @@ if HAVE_GLUON:
         return gl.convert_layout(gl.reshape(zz, [R, BK]), A_LAYOUT)
 
     @gluon.jit
-    def _words(wrow, g, c, k0, FMT: gl.constexpr):
+    def _words(wrow, g, c, k0, FMT: gl.constexpr, BK: gl.constexpr):
         """The per-record words of step k0 as loaded (three; Q4_K repeats its first)."""
         if FMT == _IQ2:
             return _iq2_words(wrow, wrow.to(gl.pointer_type(gl.uint8)), g, c, k0)
         elif FMT == _Q2K:
-            return _q2_words(wrow, g, c, k0)
+            return _q2_words(wrow, g, c, k0, BK)
         else:
             q0, q1 = _q4_words(wrow, g, c, k0)
             return q0, q1, q0
@@ -305,24 +311,24 @@ if HAVE_GLUON:
         acc = gl.zeros([R, BM], gl.float32, MMA)
         _async_load(x_s.index(0), xp)
         async_copy.commit_group()
-        w0, w1, w2 = _words(wrow, g, c, 0, FMT)
+        w0, w1, w2 = _words(wrow, g, c, 0, FMT, BK)
         s0, s1, s2, s3 = _stage1(w0, w1, w2, wrow, g, c, 0, psel_ptr, FMT, TAB)
         if PF:
-            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, KLEN - BK), FMT)
+            w0, w1, w2 = _words(wrow, g, c, gl.minimum(BK, KLEN - BK), FMT, BK)
         async_copy.wait_group(0)
         fence_async_shared()
         _barrier()
         if PF:  # two steps per iteration, the word sets alternating
             for step in range(0, n_steps, 2):
-                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, KLEN - BK), FMT)
+                n0, n1, n2 = _words(wrow, g, c, gl.minimum((step + 2) * BK, KLEN - BK), FMT, BK)
                 acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
                                             KLEN, FMT, R, BK, A_L, TAB)
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, KLEN - BK), FMT)
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 3) * BK, KLEN - BK), FMT, BK)
                 acc, s0, s1, s2, s3 = _step(step + 1, acc, s0, s1, s2, s3, n0, n1, n2, x_s, xp, wrow, g, c, psel_ptr,
                                             KLEN, FMT, R, BK, A_L, TAB)
         else:
             for step in range(0, n_steps):
-                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, KLEN - BK), FMT)
+                w0, w1, w2 = _words(wrow, g, c, gl.minimum((step + 1) * BK, KLEN - BK), FMT, BK)
                 acc, s0, s1, s2, s3 = _step(step, acc, s0, s1, s2, s3, w0, w1, w2, x_s, xp, wrow, g, c, psel_ptr,
                                             KLEN, FMT, R, BK, A_L, TAB)
         return acc
