@@ -60,6 +60,7 @@ REGA = {  # name: (expert tile height, tile)
     "rega k64 nopf r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
     "rega k64 nopf tab": (64, moe_gluon.RegATile(64, prefetch=False, smem_table=True)),
     "rega k64 tab": (64, moe_gluon.RegATile(64, smem_table=True)),
+    "rega k64 nopf tab r80": (64, moe_gluon.RegATile(64, prefetch=False, smem_table=True, maxnreg=80)),
     "rega m32 k128 nopf tab": (32, moe_gluon.RegATile(128, prefetch=False, smem_table=True)),
     "rega m32 k64": (32, moe_gluon.RegATile(64)),
 }
