@@ -170,6 +170,8 @@ if HAVE_GLUON:
     def _psel_fill(psel_ptr):
         """Copy iq2_pair_selectors into this program's static shared table (declared here, once: one element per
         thread), then a barrier: the K loop's first gathers come before its own first barrier."""
+        # one table entry per thread: the declaring asm must be emitted once (a second copy does not assemble)
+        gl.static_assert(_WARPS * 32 == 256, "the table fill takes one entry per thread")
         i = gl.arange(0, 256, layout=gl.BlockedLayout([1], [32], [_WARPS], [0]))
         v = gl.load(psel_ptr + i)
         gl.inline_asm_elementwise(".shared .align 8 .b64 dsv4_psel[256];\n"
