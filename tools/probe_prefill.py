@@ -69,6 +69,7 @@ REGA_DOWN = {  # name: (expert tile height, tile)
     "rega down k128": (64, moe_gluon.RegATile(128, prefetch=False)),
     "rega down k64": (64, moe_gluon.RegATile(64, prefetch=False)),
     "rega down k64 r80": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
+    "rega down k64 r64": (64, moe_gluon.RegATile(64, prefetch=False, maxnreg=64)),
     "rega down k128 pf": (64, moe_gluon.RegATile(128)),
     "rega down k256": (64, moe_gluon.RegATile(256, prefetch=False)),
 }
