@@ -707,7 +707,7 @@ TUNED = {
     # TRITON_TUNED_IQ2's Triton tiles elsewhere. The gate/up gathers its pair selectors from a shared copy of the
     # table (2.29 -> 2.09 ms, at 80 registers: three programs per SM) and the down runs capped at 80 registers
     # (three programs per SM: 1.27 -> 1.17 ms), h200_prefill/19-20; its code and scale words loaded once per row
-    # and step: 1.17 -> 1.07 ms, whole call 3.29 ms (22, 25)
+    # and step: 1.16 -> 1.07 ms, whole call 3.29 ms (22, 25)
     QuantFormat.IQ2_XXS: replace(TRITON_TUNED_IQ2, rega=moe_gluon.RegATile(64, prefetch=False, smem_table=True),
                                  rega_down=moe_gluon.RegATile(64, prefetch=False, maxnreg=80)),
     QuantFormat.Q4_K: PrefillConfig(block_n=64, num_warps=4, num_stages=2, swap_down=True,
