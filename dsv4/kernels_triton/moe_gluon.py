@@ -216,14 +216,15 @@ if HAVE_GLUON:
         in sub-block 8 half + 2 (gg % 4) + c // 2. With 64-input steps (groups 2i, 2i + 1: shifts of the same code
         bytes, sub-blocks 8 half + 4 (i % 2) .. + 3) a lane's records of a row read the same two code words and
         every record of a row the same scale word: each loaded once (h200_prefill/22, 25)."""
-        gg, j = _q2_group(g, c, k0)
-        blk = (gg >> 3) * _Q2K_WORDS
-        cw = blk + 4 + 8 * ((gg >> 2) & 1) + 2 * c
-        if BK == 64:
+        if BK == 64:  # the step's first group stands for both
             g0 = k0 // 32
-            sw = gl.load(w32 + ((g0 >> 3) * _Q2K_WORDS + 2 * ((g0 >> 2) & 1) + ((g0 & 3) >> 1)))
-            cw = (g0 >> 3) * _Q2K_WORDS + 4 + 8 * ((g0 >> 2) & 1) + 2 * c
+            blk = (g0 >> 3) * _Q2K_WORDS
+            cw = blk + 4 + 8 * ((g0 >> 2) & 1) + 2 * c
+            sw = gl.load(w32 + (blk + 2 * ((g0 >> 2) & 1) + ((g0 & 3) >> 1)))
         else:
+            gg, j = _q2_group(g, c, k0)
+            blk = (gg >> 3) * _Q2K_WORDS
+            cw = blk + 4 + 8 * ((gg >> 2) & 1) + 2 * c
             sw = gl.load(w32 + (blk + (j >> 2)))
         return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), sw
 
