@@ -495,11 +495,16 @@ def _tile_ok(tile: RegATile, block_m: int, k: int) -> bool:
             and (not tile.prefetch or (k // tile.block_k) % 2 == 0))
 
 
-def _table_fits(tile: RegATile, block_m: int) -> bool:
-    """Whether the gate/up launches with the shared selector table: Triton opts in to more than SMEM_DEFAULT only
-    for a dynamic part above it and does not count the static table, so the three activation buffers and the
+def _uses_table(tile: RegATile, fmt: QuantFormat) -> bool:
+    """Whether the gate/up reads the shared selector table (tile.smem_table: IQ2_XXS only; Q4_K has no table)."""
+    return tile.smem_table and fmt == QuantFormat.IQ2_XXS
+
+
+def _table_fits(tile: RegATile, block_m: int, fmt: QuantFormat) -> bool:
+    """Whether the gate/up's shared memory fits where it uses the table: Triton opts in to more than SMEM_DEFAULT
+    only for a dynamic part above it and does not count the static table, so the three activation buffers and the
     table must fit in SMEM_DEFAULT together (64 x 128 tiles failed to launch with it: h200_prefill/19)."""
-    return not tile.smem_table or 3 * block_m * tile.block_k * 2 + PSEL_TABLE_BYTES <= SMEM_DEFAULT
+    return not _uses_table(tile, fmt) or 3 * block_m * tile.block_k * 2 + PSEL_TABLE_BYTES <= SMEM_DEFAULT
 
 
 def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: RegATile, block_m: int) -> bool:
@@ -508,7 +513,7 @@ def supports(u, gate: DeviceWeight, up: DeviceWeight, dev: DeviceInfo, tile: Reg
 
     _E, F, D = gate.shape
     return (HAVE_GLUON and gate.fmt in FORMATS and up.fmt == gate.fmt and hopper_plus(dev, u) and F % ROWS == 0
-            and _tile_ok(tile, block_m, D) and _table_fits(tile, block_m) and _up_delta(gate, up) is not None)
+            and _tile_ok(tile, block_m, D) and _table_fits(tile, block_m, gate.fmt) and _up_delta(gate, up) is not None)
 
 
 def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: float, tiles, K: int, block_m: int,
@@ -525,7 +530,7 @@ def gate_up_stage(x16, gate: DeviceWeight, up: DeviceWeight, weights, clamp: flo
         xp, order, weights.reshape(-1), h, te, lo, hi, gate.w, iq2_pair_selectors(x16.device), F, D, K,
         float(clamp), xp.stride(0), h.stride(0), gate.stride_w, _up_delta(gate, up), FMT=int(gate.fmt), BM=block_m,
         BK=tile.block_k, PF=tile.prefetch, GL=group_layout(tile.block_k), XL=x_layout(block_m, tile.block_k),
-        HL=pair_layout(), TAB=tile.smem_table and gate.fmt == QuantFormat.IQ2_XXS, num_warps=WARPS,
+        HL=pair_layout(), TAB=_uses_table(tile, gate.fmt), num_warps=WARPS,
         **({"maxnreg": tile.maxnreg} if tile.maxnreg else {}))
     return h
 

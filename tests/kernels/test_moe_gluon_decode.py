@@ -265,7 +265,7 @@ def test_down_tile_conditions(monkeypatch):
 def test_gate_up_table_fits(monkeypatch):
     """supports' shared-memory condition for the gate/up's shared selector table (the GPU check patched to pass):
     the table beside 48 KiB of activation buffers (64 x 128 tiles) does not launch (h200_prefill/19); without the
-    table those tiles stay taken."""
+    table (or for Q4_K, which never reads it) those tiles stay taken."""
     from types import SimpleNamespace
 
     if not moe_gluon.HAVE_GLUON:
@@ -284,3 +284,6 @@ def test_gate_up_table_fits(monkeypatch):
     assert ok(moe_gluon.RegATile(128, smem_table=True), bm=32)
     assert not ok(moe_gluon.RegATile(128, smem_table=True)) and not ok(moe_gluon.RegATile(256, smem_table=True))
     assert ok(moe_gluon.RegATile(128)) and ok(moe_gluon.RegATile(256, prefetch=False))
+    # Q4_K has no table: its tiles launch without it, so smem_table does not hold them to the table's budget
+    q4 = SimpleNamespace(fmt=QuantFormat.Q4_K, shape=(256, 2048, 4096))
+    assert moe_gluon.supports(u, q4, q4, None, moe_gluon.RegATile(128, smem_table=True), 64)
