@@ -11,6 +11,8 @@ import enum
 from dataclasses import dataclass, replace
 from typing import Optional
 
+import triton
+
 from ..quant.formats import QuantFormat
 
 
@@ -103,6 +105,9 @@ TUNED_MOE: dict[tuple, MoeConfig] = {}  # key (gate/up fmt, down fmt, F, D, T)
 PROGRAMS_PER_SM = 4
 MAX_SPLIT_K = 8
 CPU_BLOCK_N = 2048  # interpreter tile width (no register limits; wide tiles mean fewer Python-level programs)
+
+
+TRITON_VERSION = tuple(int(v) for v in triton.__version__.split(".")[:2])  # (major, minor): codegen differs by it
 
 
 def detect_device(device) -> DeviceInfo:

@@ -37,7 +37,7 @@ import triton.language as tl
 
 from . import blocks, moe, moe_gluon
 from .blocks import FMT_IQ2_XXS, FMT_Q2_K, DeviceWeight
-from .configs import DeviceInfo, Vendor
+from .configs import TRITON_VERSION, DeviceInfo, Vendor
 from ..quant.formats import QuantFormat
 from .qmatmul_fast import _q8_word_codes
 
@@ -68,7 +68,7 @@ SUPPORTED_DOWN = ("Q2_K", "Q4_K")
 MAX_GRID_Y = 65535  # CUDA limit of the tile axis (program axis 1); ~700k tokens at K=6, BLOCK_M=64
 # Group-major word tensors (see _row_groups): what gives 16-byte stores of the tile under Triton 3.6;
 # 3.9 wants row-major. Checked on sm_90a compiles with 3.6.0 and 3.9.0 only; either way compiles.
-GROUPS_FIRST = tuple(int(v) for v in triton.__version__.split(".")[:2]) < (3, 7)
+GROUPS_FIRST = TRITON_VERSION < (3, 7)
 
 
 @dataclass(frozen=True)

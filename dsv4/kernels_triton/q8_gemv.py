@@ -25,7 +25,7 @@ import triton.language as tl
 
 from . import blocks
 from .blocks import DeviceWeight
-from .configs import DeviceInfo, Vendor, hopper_plus, pdl_launch, pow2_divisor, use_pdl
+from .configs import TRITON_VERSION, DeviceInfo, Vendor, hopper_plus, pdl_launch, pow2_divisor, use_pdl
 from .qmatmul import DECODE_MAX_T, _check, _plan, _reduce_split, gemv
 from .qmatmul_fast import Q8_BIAS, F32_MAGIC_BITS, _q8_accumulate, _q8_words4, dequant_q8_rows, q8_tiles
 
@@ -453,11 +453,30 @@ ROWS_T1 = {
 }
 
 
+# Triton 3.8 on: the same source compiles to other code (sm_90a registers of the same tiles differ from 3.6's and
+# 3.7's, and 3.8's follow 3.9's), and other tiles win. Measured natively on Triton 3.9 (H200, CUDA-graph replay,
+# rotation held 8 times, h200_decode/103, 103b, with ROWS_T1's tile and policy beside them); 3.8 takes the same
+# table by that resemblance, not measured. attn_q_b 10.3-10.4 -> 10.0 us (auto with the default policy against
+# 8 rows, codes evict_first); attn_output_a 11.4 -> 10.0 us (8 rows x 256 codes, split 2 from 8 programs per SM:
+# 14.6 us on Triton 3.6, h200_decode/52d); attn_output_b 12.3 -> 10.5 us (16 rows, split 8: 12.4 on 3.6)
+ROWS_T1_TRITON38 = {
+    **ROWS_T1,
+    (32768, 1024, 1): dict(_ONE_WARP, block_n=8, **_EF),  # attn_q_b
+    (4096, 8192, 1): dict(_ONE_WARP, block_n=16, **_EF),  # attn_output_b: split-K 8
+    (8192, 4096, 8): dict(block_n=8, block_k=256, num_warps=1, prefetch=True, **_EF),  # attn_output_a: split-K 2
+}
+
+
+def rows_t1_table() -> dict:
+    """The one-token tiles for the Triton this runs on (ROWS_T1 tuned on 3.6, ROWS_T1_TRITON38 on 3.9)."""
+    return ROWS_T1_TRITON38 if TRITON_VERSION >= (3, 8) else ROWS_T1
+
+
 def rows_config(t: int, n_rows: int, k: int, groups: int) -> dict:
     """gemv_rows keyword arguments for a T-token GEMV of this shape (CUDA)."""
     if t > 1:
         return DEFAULT_ROWS_WIDE if n_rows <= ROWS_TN_FEW_ROWS else ROWS_TN
-    return ROWS_T1.get((n_rows, k, groups), ROWS_T1_WIDE_K if k >= 4096 else DEFAULT_ROWS)
+    return rows_t1_table().get((n_rows, k, groups), ROWS_T1_WIDE_K if k >= 4096 else DEFAULT_ROWS)
 
 
 def gemv_rows_default(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1):
