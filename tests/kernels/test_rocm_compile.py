@@ -93,7 +93,7 @@ def _record_amd_launches(dev: DeviceInfo, monkeypatch) -> list:
                 auto.fn(make_x(t, k), dw, dev, 1)
         dw, _ = make_weight(Q.Q8_0, (48, 256), seed=3)
         auto.fn(make_x(1, 256, 2), dw, dev, 2)  # grouped (attn_output_a's form)
-        # CDNA3: e4m3fnuz dots, which Triton 3.7's interpreter cannot run (nothing here reads the result)
+        # CDNA3: e4m3fnuz dots, which the interpreters of Triton 3.6 and 3.7 cannot run (nothing here reads the result)
         record_only.append(True)
         registry.get(KernelOp.QMATMUL, "gemm_fp8").fn(make_x(TOKENS[-1], 256), dw, dev, 1)
         record_only.clear()

@@ -244,8 +244,8 @@ def test_rows_config_table():
     """The CUDA decode tiles: the Flash Q8_0 shapes take their measured tile at T=1, wide-K matrices split K with
     2-warp tiles; T > 1 the one-warp 32x128 tile, except the few-row matrices (4-warp default)."""
     rc = q8_gemv.rows_config
-    t1, t1_38 = q8_gemv.ROWS_T1, q8_gemv.ROWS_T1_TRITON38
-    assert q8_gemv.rows_t1_table() is (t1_38 if q8_gemv.TRITON_VERSION >= (3, 8) else t1)
+    t1, t1_37 = q8_gemv.ROWS_T1, q8_gemv.ROWS_T1_TRITON37
+    assert q8_gemv.rows_t1_table() is (t1_37 if q8_gemv.TRITON_VERSION >= (3, 7) else t1)
     for shape, kw in q8_gemv.rows_t1_table().items():
         assert rc(1, *shape) is kw
     assert t1[(32768, 1024, 1)] == dict(block_k=128, num_warps=1, prefetch=True, block_n=16)
@@ -254,16 +254,16 @@ def test_rows_config_table():
     assert rc(1, 1024, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K and rc(1, 512, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K
     assert rc(1, 64, 1024, 1) is q8_gemv.DEFAULT_ROWS
     # the code-word loads evict_first on attn_output_a/b and ffn_gate_shexp only (h200_decode/52, 52b, 52c); from
-    # Triton 3.8 on attn_q_b too, and other tiles for it and attn_output_a/b (h200_decode/103, 103b); the rest alike
+    # Triton 3.7 on attn_q_b too, and other tiles for it and attn_output_a/b (h200_decode/103, 103b); the rest alike
     ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
     assert [s for s, kw in t1.items() if kw.get("w_cache") == ef] == [(4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
-    assert [s for s, kw in t1_38.items() if kw.get("w_cache") == ef] == [
+    assert [s for s, kw in t1_37.items() if kw.get("w_cache") == ef] == [
         (32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
-    changed = {s for s in t1 if t1_38[s] != t1[s]}
-    assert changed == {(32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8)} and t1_38.keys() == t1.keys()
-    assert t1_38[(8192, 4096, 8)] == dict(block_n=8, block_k=256, num_warps=1, prefetch=True, w_cache=ef)
-    assert t1_38[(4096, 8192, 1)] == dict(block_n=16, block_k=128, num_warps=1, prefetch=True, w_cache=ef)
-    assert t1_38[(32768, 1024, 1)] == dict(block_n=8, block_k=128, num_warps=1, prefetch=True, w_cache=ef)
+    changed = {s for s in t1 if t1_37[s] != t1[s]}
+    assert changed == {(32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8)} and t1_37.keys() == t1.keys()
+    assert t1_37[(8192, 4096, 8)] == dict(block_n=8, block_k=256, num_warps=1, prefetch=True, w_cache=ef)
+    assert t1_37[(4096, 8192, 1)] == dict(block_n=16, block_k=128, num_warps=1, prefetch=True, w_cache=ef)
+    assert t1_37[(32768, 1024, 1)] == dict(block_n=8, block_k=128, num_warps=1, prefetch=True, w_cache=ef)
     assert rc(4, 32768, 1024, 1) is q8_gemv.ROWS_TN and rc(8, 8192, 4096, 8) is q8_gemv.ROWS_TN
     assert rc(4, 129280, 4096, 1) is q8_gemv.ROWS_TN and rc(2, 4096, 8192, 1) is q8_gemv.ROWS_TN
     assert rc(4, 1024, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE and rc(8, 512, 4096, 1) is q8_gemv.DEFAULT_ROWS_WIDE
