@@ -217,15 +217,14 @@ if HAVE_GLUON:
         bytes, sub-blocks 8 half + 4 (i % 2) .. + 3) a lane's records of a row read the same two code words and
         every record of a row the same scale word: each loaded once (h200_prefill/22, 25)."""
         if BK == 64:  # the step's first group stands for both
-            g0 = k0 // 32
-            blk = (g0 >> 3) * _Q2K_WORDS
-            cw = blk + 4 + 8 * ((g0 >> 2) & 1) + 2 * c
-            sw = gl.load(w32 + (blk + 2 * ((g0 >> 2) & 1) + ((g0 & 3) >> 1)))
+            gg = k0 // 32
         else:
-            gg, j = _q2_group(g, c, k0)
-            blk = (gg >> 3) * _Q2K_WORDS
-            cw = blk + 4 + 8 * ((gg >> 2) & 1) + 2 * c
-            sw = gl.load(w32 + (blk + (j >> 2)))
+            gg, _j = _q2_group(g, c, k0)
+        blk = (gg >> 3) * _Q2K_WORDS
+        half = (gg >> 2) & 1
+        cw = blk + 4 + 8 * half + 2 * c
+        # the scale byte's word: sub-block 8 half + 2 (gg % 4) + c // 2, 4 bytes a word (c // 2 stays in the word)
+        sw = gl.load(w32 + (blk + 2 * half + ((gg & 3) >> 1)))
         return gl.load(w32 + cw), gl.load(w32 + (cw + 1)), sw
 
     @gluon.jit
