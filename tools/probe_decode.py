@@ -339,6 +339,12 @@ Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0
               "attn_output_b": [(32, 128, 1, 8), (16, 128, 1, 8), (32, 256, 2, 8), (16, 512, 4, 8), (32, 512, 4, 8)],
               "attn_q_b": [(16, 128, 1, 0), (16, 512, 4, 0)], "output": [(32, 128, 1, 0)]}
 
+# `q8kf`: gemv_rows' code words through [rows, codes] pointers (k_flat: a warp's lanes along K on every Triton)
+# against [rows, blocks, words] pointers (lanes over rows on Triton 3.6, along K from 3.7): both one-token tables' tiles
+# with and without it, q8cyc's tiles with it (codes evict_first), then T=4 on every Q8_0 shape (auto, without and with)
+Q8KF_T = 4
+
+
 # `q8wc`: the L1 policy of gemv_rows' weight loads (q8_gemv.WeightCache: default, .cg = L2 only, evict_first, evict_first
 # on the codes only) on the tuned tile of every Q8_0 shape and on the next-best tiles of attn_output_a/b
 Q8WC_TILES = {"attn_output_a": [(16, 128, 1, 8)], "attn_output_b": [(16, 128, 1, 8)]}
@@ -511,7 +517,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="probe_decode.md")
     ap.add_argument("--parts", nargs="+", default=["moe", "q8"],
                     help="moe, moe_sweep, sv, unroll, q8, pdl, q8x, q8o, q8w, q8s, q8xs, q8r, q8i, q8seg, q8t, q8st, "
-                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
+                         "q8l2, q8cyc, q8xm, q8wc, q8wcs, q8kf, q8pfe, ceil, qh (qh_tuned: without its tile sweep), qh_reg, dreg, "
                          "xv, xv_sweep, limb, reg, gq4, gq4l3, gq2, gq2g, launches, qwarps, gflat")
     ap.add_argument("--wcs-policy", type=int, default=int(q8_gemv.WeightCache.EVICT_FIRST),
                     help="q8wcs: the q8_gemv.WeightCache value the tiles are timed with")
@@ -986,6 +992,23 @@ def main(argv=None) -> int:
             q8_part(row, d, dev, device, [(f"auto {default.name}", dict(auto, w_cache=default)),
                                           (f"auto {wc.name}", dict(auto, w_cache=wc))] + [
                 (f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc)) for tile in Q8CYC_TILES[d.name]])
+        if "q8kf" in args.parts and d.fmt == moe_int8.QuantFormat.Q8_0:
+            ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
+            key = (d.n, d.k, d.groups)
+            if d.name in Q8CYC_TILES:
+                kf_cases = [(f"{name} {flat}", dict(table[key], k_flat=flat))
+                            for name, table in (("ROWS_T1", q8_gemv.ROWS_T1), ("ROWS_T1_TRITON37", q8_gemv.ROWS_T1_TRITON37))
+                            for flat in (False, True)]
+                q8_part(row, d, dev, device, kf_cases + [
+                    (f"{split_label(d, dev, *tile)} {ef.name} k_flat", tile_kw(*tile, w_cache=ef, k_flat=True))
+                    for tile in Q8CYC_TILES[d.name]])
+            ws, x = q8_problem(d, device)
+            x = torch.randn((Q8KF_T, *x.shape[1:]), device=device)
+            tn = q8_gemv.rows_config(Q8KF_T, d.n, d.k, d.groups)
+            time_q8_cases(row, d, ws, x, dev, [(f"T={Q8KF_T} auto k_flat {flat}", dict(tn, k_flat=flat))
+                                                for flat in (False, True)])
+            del ws
+            torch.cuda.empty_cache()
         if "q8pfe" in args.parts and d.name in Q8PFE_TILES:
             ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
             q8_part(row, d, dev, device, [("auto", auto)] + [

@@ -86,6 +86,32 @@ def _wload(p, mask, other, WCACHE: tl.constexpr):
 
 
 @triton.jit
+def _step_ok(k_next, k_hi, NB: tl.constexpr, KFLAT: tl.constexpr):
+    """The load mask of a K step that starts at k_next: a splat (so the loads stay vectorized), shaped as the
+    code-word pointers (KFLAT: [1, NB * 8], else [1, NB, 1])."""
+    if KFLAT:
+        return (tl.full([1, NB * 8], 0, tl.int32) + k_next) < k_hi
+    else:
+        return (tl.full([1, NB, 1], 0, tl.int32) + k_next) < k_hi
+
+
+@triton.jit
+def _codes(wp, mask, WCACHE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, KFLAT: tl.constexpr):
+    """One K step's code words as [BLOCK_N, NB, 8] (zero where masked off). KFLAT: loaded through [BLOCK_N, NB * 8]
+    pointers, then reshaped. Why: Triton orders a load's lanes by its pointers' contiguity and breaks ties by axis,
+    ascending up to 3.6 and descending from 3.7; the [BLOCK_N, NB, 8] pointers tie rows with blocks, so 3.6 lays
+    the lanes of a warp over rows (one 32-byte block of each of 8-16 rows per load) where 3.7+ lays them along K (up
+    to 512 contiguous bytes of one or two rows). The flat pointers give the K-first order on every version."""
+    if mask is None:
+        u = _wload(wp, None, None, WCACHE)
+    else:
+        u = _wload(wp, mask, 0, WCACHE)
+    if KFLAT:
+        u = tl.reshape(u, (BLOCK_N, NB, 8))
+    return u
+
+
+@triton.jit
 def _row_tile(w_ptr, N, R, BLOCK_N: tl.constexpr, GROUPED: tl.constexpr):
     """The row tile of a (rows, K slice) GEMV program: (pid_n, pid_k, w_ptr as int32 words, rows [BLOCK_N],
     the same clamped to N-1 as int64 (for addressing), group g of the tile's rows (R rows per group))."""
@@ -106,7 +132,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
                     GROUPED: tl.constexpr, PRMT: tl.constexpr, XPERM: tl.constexpr = 0,
                     PREFETCH: tl.constexpr = False, SPLIT: tl.constexpr = 1, PDL: tl.constexpr = False,
                     XPF: tl.constexpr = False, SPLIT_SUM: tl.constexpr = 4, L2PF: tl.constexpr = 0,
-                    WCACHE: tl.constexpr = 0):
+                    WCACHE: tl.constexpr = 0, KFLAT: tl.constexpr = False):
     """out[split, t, n] = sum_{k in split} x[t, g(n), k] * d[n, k//32] * q[n, k], g(n) = n // R; with
     SPLIT > 1 also y[t, n] = the SPLIT partials summed in a fixed order inside the kernel (SPLIT_SUM).
     Code words [BLOCK_N, NB, 8] (4 codes each), one scale per 32-code block, fp32 FMA; rows past N
@@ -128,15 +154,18 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
     acc = tl.zeros([BLOCK_N, NB, 8], dtype=tl.float32)
     acc_t = tl.zeros([BLOCK_T, BLOCK_N], dtype=tl.float32)
     k_lo = pid_k * k_split
-    wp = w32 + r[:, None, None] * stride_w_words + (k_lo >> 2) + b3 * 8 + i3
+    if KFLAT:  # code words as [BLOCK_N, NB * 8]: lanes run along K first on every Triton (see _codes)
+        wp = w32 + r[:, None] * stride_w_words + (k_lo >> 2) + tl.arange(0, NB * 8)[None, :]
+    else:
+        wp = w32 + r[:, None, None] * stride_w_words + (k_lo >> 2) + b3 * 8 + i3
     sp = s_ptr + r[:, None] * stride_s + off_s + (k_lo >> 5) + tl.arange(0, NB)[None, :]
     k_hi = k_lo + k_split
     if PREFETCH:  # register double buffer: step s+1's codes and scales are in flight while step s computes
-        u_next = _wload(wp, None, None, WCACHE)
+        u_next = _codes(wp, None, WCACHE, BLOCK_N, NB, KFLAT)
         d_next = _wload(sp, None, None, SCACHE)
         if PREFETCH == 2:
-            more2 = (tl.full([1, NB, 1], 0, tl.int32) + k_lo + BLOCK_K) < k_hi
-            u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
+            u_next2 = _codes(wp + (BLOCK_K >> 2), _step_ok(k_lo + BLOCK_K, k_hi, NB, KFLAT), WCACHE, BLOCK_N, NB,
+                             KFLAT)
             d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi, 0.0,
                              SCACHE)
     if L2PF > 1:  # the lines of steps 2 .. L2PF - 1 (step 1 is the register prefetch's); weights only
@@ -159,21 +188,20 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             d_next = d_next2
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
-            more2 = (tl.full([1, NB, 1], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi
-            u_next2 = _wload(wp + (BLOCK_K >> 2), more2, 0, WCACHE)
+            u_next2 = _codes(wp + (BLOCK_K >> 2), _step_ok(k0 + 2 * BLOCK_K, k_hi, NB, KFLAT), WCACHE, BLOCK_N, NB,
+                             KFLAT)
             d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi, 0.0,
                              SCACHE)
         elif PREFETCH:
             u = u_next ^ Q8_BIAS
             d = d_next.to(tl.float32)
-            more = (tl.full([1, NB, 1], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split  # splat mask: vectorized
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
-            u_next = _wload(wp, more, 0, WCACHE)
+            u_next = _codes(wp, _step_ok(k0 + BLOCK_K, k_lo + k_split, NB, KFLAT), WCACHE, BLOCK_N, NB, KFLAT)
             more_d = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split
             d_next = _wload(sp, more_d, 0.0, SCACHE)
         else:
-            u = _wload(wp, None, None, WCACHE) ^ Q8_BIAS
+            u = _codes(wp, None, WCACHE, BLOCK_N, NB, KFLAT) ^ Q8_BIAS
             d = _wload(sp, None, None, SCACHE).to(tl.float32)
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
@@ -326,7 +354,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
               block_k: int = ROWS_BLOCK_K, num_warps: int = ROWS_WARPS, stages: int = 1, allow_split: bool = True,
               prefetch: bool | int = False, x_mode: int = 0, min_programs_per_sm: int = ROWS_MIN_PROGRAMS_PER_SM,
               max_split: int = ROWS_MAX_SPLIT, pdl: bool | None = None, x_prefetch: bool = False,
-              split_sum: int = 4, l2_prefetch: int = 0, w_cache: int = WeightCache.DEFAULT):
+              split_sum: int = 4, l2_prefetch: int = 0, w_cache: int = WeightCache.DEFAULT, k_flat: bool = False):
     """Q8_0 decode GEMV (exact fp32 products of exactly decoded codes): x [T, K] (or [T, G, K]) float
     -> [T, N] fp32, T <= DECODE_MAX_T. One launch; narrow matrices split K over programs whose partials are
     summed in a fixed order inside the kernel (deterministic, no second launch).
@@ -339,6 +367,8 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
     tile tried (h200_decode/42).
     l2_prefetch: L2 prefetch distance in K steps (_q8_rows_kernel's L2PF; NVIDIA sm_90+ only, else ignored).
     w_cache: the L1 policy of the weight loads (WeightCache).
+    k_flat: the code words through [rows, codes] pointers, so that a warp's lanes run along K on every Triton
+    (_codes; the default [rows, blocks, words] pointers put them over rows on Triton 3.6).
     Other formats, or K not a multiple of 32, go to qmatmul.gemv."""
     if dw.fmt.name != "Q8_0" or dw.k % 32 or dw.stride_w % 4:
         return gemv(x, dw, dev, groups)
@@ -373,7 +403,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
                 BLOCK_T=block_t, BLOCK_N=bn, BLOCK_K=bk, STAGES=stages, GROUPED=groups > 1, PRMT=prmt,
                 PREFETCH=int(prefetch) if dw.k // split > bk else 0, XPERM=x_mode, SPLIT=split, PDL=use,
                 XPF=x_prefetch and block_t == 1 and x_mode == 0, SPLIT_SUM=split_sum, L2PF=l2pf,
-                WCACHE=int(w_cache), num_warps=num_warps,
+                WCACHE=int(w_cache), KFLAT=bool(k_flat), num_warps=num_warps,
                 num_stages=1, **pdl_launch(use))
             if split > 1 and split_sum == 2:
                 _sum_splits_kernel[(triton.cdiv(T * N, SUM_SPLITS_BLOCK),)](
@@ -388,7 +418,7 @@ def gemv_rows(x, dw: DeviceWeight, dev: DeviceInfo, groups: int = 1, block_n: in
 
     x = x if x.dtype.is_floating_point and x.stride(-1) == 1 else x.contiguous()
     key = ("gemv_rows", allow_split, block_n, block_k, num_warps, stages, prefetch, x_mode, min_programs_per_sm,
-           max_split, pdl, x_prefetch, split_sum, l2_prefetch, int(w_cache))
+           max_split, pdl, x_prefetch, split_sum, l2_prefetch, int(w_cache), bool(k_flat))
     return _plan("gemv_rows", x, dw, groups, key, build)(x)
 
 

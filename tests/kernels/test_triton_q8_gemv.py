@@ -279,3 +279,19 @@ def test_gemv_rows_weight_cache_policy(w_cache, poison):
         y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, w_cache=w_cache, **kw)
         assert_matches(y, reference(x, w_ref), "triton_gemv", "fp32", f"w_cache {w_cache.name} {kw}")
         assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, 1, **kw).cpu())
+
+
+@pytest.mark.parametrize("t,groups,prefetch,kw", [
+    (1, 1, 1, dict(block_n=8, block_k=128)),           # split-K on the small 'GPU', next step prefetched
+    (1, 2, 1, dict(block_n=8, block_k=64)),            # grouped
+    (5, 1, 2, dict(block_n=4, block_k=64)),            # T=5, two steps ahead (the last two prefetches masked)
+    (1, 1, 0, dict(block_n=16, block_k=256, allow_split=False)),  # no prefetch, rows past N in the last tile
+])
+def test_gemv_rows_k_flat(t, groups, prefetch, kw, poison):
+    """k_flat only changes the shape of the code-word pointers ([rows, codes] then reshaped, so that Triton 3.6 lays
+    a warp's lanes along K as 3.7+ does): the reference within fp32 tolerance, and bit for bit the default form."""
+    dw, w_ref = make_weight(Q8, (40, 1024), seed=17)
+    x = make_x(t, 1024, groups)
+    y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, k_flat=True, **kw)
+    assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"k_flat T={t} G={groups} {kw}")
+    assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, **kw).cpu())
