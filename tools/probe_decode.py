@@ -341,7 +341,8 @@ Q8XM_TILES = {"attn_output_a": [(16, 512, 4, 0), (32, 512, 4, 0), (16, 256, 2, 0
 
 # `q8kf`: gemv_rows' code words through [rows, codes] pointers (k_flat: a warp's lanes along K on every Triton)
 # against [rows, blocks, words] pointers (lanes over rows on Triton 3.6, along K from 3.7): both one-token tables' tiles
-# with and without it, q8cyc's tiles with it (codes evict_first), then T=4 on every Q8_0 shape (auto, without and with)
+# with and without it, q8cyc's tiles with it (codes evict_first; the smaller matrices: the auto tile without and with),
+# then T=4 on every Q8_0 shape (auto, without and with)
 Q8KF_T = 4
 
 
@@ -1002,6 +1003,8 @@ def main(argv=None) -> int:
                 q8_part(row, d, dev, device, kf_cases + [
                     (f"{split_label(d, dev, *tile)} {ef.name} k_flat", tile_kw(*tile, w_cache=ef, k_flat=True))
                     for tile in Q8CYC_TILES[d.name]])
+            else:  # the smaller matrices: their one-token auto tile without and with
+                q8_part(row, d, dev, device, [(f"auto k_flat {flat}", dict(auto, k_flat=flat)) for flat in (False, True)])
             ws, x = q8_problem(d, device)
             x = torch.randn((Q8KF_T, *x.shape[1:]), device=device)
             tn = q8_gemv.rows_config(Q8KF_T, d.n, d.k, d.groups)

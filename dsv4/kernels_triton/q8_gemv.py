@@ -471,10 +471,16 @@ _ONE_WARP = dict(block_k=128, num_warps=1, prefetch=True)
 # scales too gains half as much; slower on attn_q_b and the LM head (tools/results/h200_decode/52, 52b, 52c)
 _EF = dict(w_cache=WeightCache.EVICT_FIRST_CODES)
 ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
+# Triton 3.6: the three 35.7 MB matrices load their code words through [rows, codes] pointers (k_flat), so that a warp's
+# lanes run along K as they do from Triton 3.7 on (h200_decode/109, H200, CUDA-graph replay, two interleaved passes,
+# each tile against itself without k_flat): attn_q_b 10.7 -> 9.7 us (77.3 -> 85.3 %; 16 rows, codes evict_first),
+# attn_output_a 11.9-12.0 -> 10.1 us (69.4-69.5 -> 81.7-81.9 %; the same tile), attn_output_b 11.7 -> 10.4 us (71.0 ->
+# 79.8 %; 16 rows split 8, ROWS_T1_TRITON37's tile, where the previous 32-row tile gains nothing: 11.7 -> 12.3 us)
 ROWS_T1 = {
-    (32768, 1024, 1): dict(_ONE_WARP, block_n=16),  # attn_q_b: 2048 one-warp programs
-    (4096, 8192, 1): dict(_ONE_WARP, block_n=32, **_EF),  # attn_output_b: split-K 8
-    (8192, 4096, 8): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False, **_EF),  # out_a
+    (32768, 1024, 1): dict(_ONE_WARP, block_n=16, **_EF, k_flat=True),  # attn_q_b: 2048 one-warp programs
+    (4096, 8192, 1): dict(_ONE_WARP, block_n=16, **_EF, k_flat=True),  # attn_output_b: split-K 8
+    (8192, 4096, 8): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False, **_EF,
+                          k_flat=True),  # attn_output_a
     # LM head: also an L2 prefetch two steps ahead (85.3-85.4 % against 82.3-82.5 % without, h200_decode/26b; it
     # slows the 35.7 MB matrices, whose split tiles are latency-bound, not issue-bound)
     (129280, 4096, 1): dict(_ONE_WARP, block_n=32, allow_split=False, l2_prefetch=2),

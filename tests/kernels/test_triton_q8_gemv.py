@@ -22,6 +22,7 @@ from dsv4.quant.formats import QuantFormat  # noqa: E402
 from tests.kernels.offline_compile import require_ptxas, run_compile_script  # noqa: E402
 
 Q8 = QuantFormat.Q8_0
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 SMALL_GPU = DeviceInfo(Vendor.NVIDIA, "sm_90", n_sm=2)  # only sizes the grid: few SMs -> split-K
 
 
@@ -176,20 +177,31 @@ def test_pdl_selection(monkeypatch):
 
 
 _SM90_PDL = r"""
-import json, triton
+import json, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from dsv4.kernels_triton import q8_gemv as m
 names = m._q8_rows_kernel.arg_names
 types = dict(x_ptr="*fp32", w_ptr="*u8", s_ptr="*fp16", out_ptr="*fp32", y_ptr="*fp32", cnt_ptr="*i32")
 const = dict(BLOCK_T=1, BLOCK_N=16, BLOCK_K=128, STAGES=1, GROUPED=False, PRMT=True, XPERM=0, PREFETCH=True, SPLIT=8,
-             PDL=True, XPF=True, L2PF=0, SPLIT_SUM=0, WCACHE=0)  # the counter sum (the tree's variant below)
+             PDL=True, XPF=True, L2PF=0, SPLIT_SUM=0, WCACHE=0, KFLAT=False)  # the counter sum (the tree's below)
 
-def ptx_of(fn, const, types, warps=1):
+def ptx_of(fn, const, types, warps=1, ir="ptx", aligned=()):
     names = fn.arg_names
     sig = {n: "constexpr" if n in const else types.get(n, "i32") for n in names}
-    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["ptx"]
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()},
+                    attrs={(names.index(n),): [["tt.divisibility", 16]] for n in aligned})
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm[ir]
+
+def code_lanes(kflat):
+    # the layout of the code-word load (the only evict_first load at WCACHE=4): lanes per axis, axis order; with the
+    # 16-byte alignment that launches on Flash shapes specialize on (pointers, row stride, K slice)
+    ttgir = ptx_of(m._q8_rows_kernel, dict(const, WCACHE=4, KFLAT=kflat), types, ir="ttgir",
+                   aligned=("x_ptr", "w_ptr", "s_ptr", "stride_w_words", "k_split"))
+    load = next(l for l in ttgir.splitlines() if "tt.load" in l and "evict_first" in l)
+    name = re.search(r"x!tt\.ptr<i32>, (#blocked\d*)>", load).group(1)
+    attrs = re.search("^" + name + r" = #ttg\.blocked<\{(.*)\}>", ttgir, re.M).group(1)
+    return {k: json.loads(v) for k, v in re.findall(r"(\w+) = (\[[\d, ]*\])", attrs)}
 
 ptx = ptx_of(m._q8_rows_kernel, const, types)
 body = ptx.split("griddepcontrol.wait")
@@ -210,7 +222,9 @@ print("RESULT" + json.dumps({"wait": len(body) - 1, "dependents": ptx.count("gri
                              "xchg_ordering": sum(xchg[1].count(op) for op in (".acq_rel", ".release", ".acquire",
                                                                                "fence.", "membar.")),
                              "wc": {k: {"ef": v.count("ld.global.L1::evict_first"), "cg": v.count("ld.global.cg"),
-                                        "ld": v.count("ld.global")} for k, v in wc.items()}}))
+                                        "ld": v.count("ld.global")} for k, v in wc.items()},
+                             "lanes": {str(f): code_lanes(f) for f in (False, True)},
+                             "triton": triton.__version__}))
 """
 
 
@@ -238,6 +252,15 @@ def test_pdl_kernel_orders_loads_for_sm90():
     assert wc["EVICT_FIRST"]["ld"] == wc["L2_ONLY"]["ld"] == wc["DEFAULT"]["ld"], wc
     # the codes only: fewer evict_first loads (the scales' are default)
     assert 0 < wc["EVICT_FIRST_CODES"]["ef"] < wc["EVICT_FIRST"]["ef"], wc
+    # k_flat: the code words of a 16-row x 128-code step come by 16-byte loads whose lanes run along K (8 lanes x 4
+    # words = a row's 32 words, 4 rows per warp load) on every Triton; without it Triton 3.6 puts 16 lanes over rows
+    # (one 32-byte block of each row per load pair) and 3.7+ runs them along K too (h200_decode/109)
+    flat, rows_first = res["lanes"]["True"], res["lanes"]["False"]
+    assert flat == dict(sizePerThread=[1, 4], threadsPerWarp=[4, 8], warpsPerCTA=[1, 1], order=[1, 0]), res
+    assert rows_first["sizePerThread"] == [1, 1, 4], res
+    v37 = tuple(int(p) for p in res["triton"].split(".")[:2]) >= (3, 7)
+    assert rows_first["threadsPerWarp"] == ([4, 4, 2] if v37 else [16, 1, 2]), res
+    assert rows_first["order"] == ([2, 1, 0] if v37 else [2, 0, 1]), res
 
 
 def test_rows_config_table():
@@ -248,15 +271,20 @@ def test_rows_config_table():
     assert q8_gemv.rows_t1_table() is (t1_37 if q8_gemv.TRITON_VERSION >= (3, 7) else t1)
     for shape, kw in q8_gemv.rows_t1_table().items():
         assert rc(1, *shape) is kw
-    assert t1[(32768, 1024, 1)] == dict(block_k=128, num_warps=1, prefetch=True, block_n=16)
+    ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
+    # Triton 3.6: the three 35.7 MB matrices with their code words through [rows, codes] pointers (h200_decode/109)
+    assert t1[(32768, 1024, 1)] == dict(block_k=128, num_warps=1, prefetch=True, block_n=16, w_cache=ef, k_flat=True)
+    assert t1[(4096, 8192, 1)] == dict(block_k=128, num_warps=1, prefetch=True, block_n=16, w_cache=ef, k_flat=True)
     assert t1[(8192, 4096, 8)]["num_warps"] == 4 and t1[(8192, 4096, 8)]["allow_split"] is False
+    assert [s for s, kw in t1.items() if kw.get("k_flat")] == [(32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8)]
+    assert not any(kw.get("k_flat") for kw in t1_37.values())
     assert rc(1, 129280, 4096, 1)["allow_split"] is False and rc(1, 129280, 4096, 1)["block_n"] == 32
     assert rc(1, 1024, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K and rc(1, 512, 4096, 1) is q8_gemv.ROWS_T1_WIDE_K
     assert rc(1, 64, 1024, 1) is q8_gemv.DEFAULT_ROWS
-    # the code-word loads evict_first on attn_output_a/b and ffn_gate_shexp only (h200_decode/52, 52b, 52c); from
-    # Triton 3.7 on attn_q_b too, and other tiles for it and attn_output_a/b (h200_decode/103, 103b); the rest alike
-    ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
-    assert [s for s, kw in t1.items() if kw.get("w_cache") == ef] == [(4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
+    # the code-word loads evict_first on attn_q_b, attn_output_a/b and ffn_gate_shexp (h200_decode/52, 52b, 52c, 109;
+    # attn_q_b only with k_flat on 3.6); from Triton 3.7 on other tiles for the three large ones (103, 103b)
+    assert [s for s, kw in t1.items() if kw.get("w_cache") == ef] == [
+        (32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
     assert [s for s, kw in t1_37.items() if kw.get("w_cache") == ef] == [
         (32768, 1024, 1), (4096, 8192, 1), (8192, 4096, 8), (2048, 4096, 1)]
     changed = {s for s in t1 if t1_37[s] != t1[s]}
@@ -289,9 +317,11 @@ def test_gemv_rows_weight_cache_policy(w_cache, poison):
 ])
 def test_gemv_rows_k_flat(t, groups, prefetch, kw, poison):
     """k_flat only changes the shape of the code-word pointers ([rows, codes] then reshaped, so that Triton 3.6 lays
-    a warp's lanes along K as 3.7+ does): the reference within fp32 tolerance, and bit for bit the default form."""
+    a warp's lanes along K as 3.7+ does): the reference within fp32 tolerance; in the interpreter (no layouts) bit for
+    bit the default form, natively the same on a repeated call (the layout changes the order of the final row sums)."""
     dw, w_ref = make_weight(Q8, (40, 1024), seed=17)
     x = make_x(t, 1024, groups)
-    y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, k_flat=True, **kw)
+    y = q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, k_flat=True, **kw).clone()
     assert_matches(y, reference(x, w_ref, groups), "triton_gemv", "fp32", f"k_flat T={t} G={groups} {kw}")
-    assert torch.equal(y.cpu(), q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, **kw).cpu())
+    again = q8_gemv.gemv_rows(x, dw, SMALL_GPU, groups, prefetch=prefetch, k_flat=not INTERPRET, **kw)
+    assert torch.equal(y.cpu(), again.cpu())
