@@ -471,11 +471,12 @@ _ONE_WARP = dict(block_k=128, num_warps=1, prefetch=True)
 # scales too gains half as much; slower on attn_q_b and the LM head (tools/results/h200_decode/52, 52b, 52c)
 _EF = dict(w_cache=WeightCache.EVICT_FIRST_CODES)
 ROWS_T1_WIDE_K = dict(block_n=16, block_k=256, num_warps=2, prefetch=True)  # K >= 4096, few rows: split-K 8
-# Triton 3.6: the three 35.7 MB matrices load their code words through [rows, codes] pointers (k_flat), so that a warp's
-# lanes run along K as they do from Triton 3.7 on (h200_decode/109, H200, CUDA-graph replay, two interleaved passes,
-# each tile against itself without k_flat): attn_q_b 10.7 -> 9.7 us (77.3 -> 85.3 %; 16 rows, codes evict_first),
-# attn_output_a 11.9-12.0 -> 10.1 us (69.4-69.5 -> 81.7-81.9 %; the same tile), attn_output_b 11.7 -> 10.4 us (71.0 ->
-# 79.8 %; 16 rows split 8, ROWS_T1_TRITON37's tile, where the previous 32-row tile gains nothing: 11.7 -> 12.3 us)
+# Triton 3.6: the code words through [rows, codes] pointers (k_flat), so that a warp's lanes run along K as they do from
+# Triton 3.7 on (h200_decode/109, 110: H200, CUDA-graph replay, two interleaved passes each, every tile against itself
+# without k_flat): attn_q_b 10.7-10.9 -> 9.7 us (75.8-77.3 -> 85.3-85.6 %; 16 rows, codes evict_first), attn_output_a
+# 11.9-12.0 -> 10.1-10.2 us (69.4-69.7 -> 81.6-81.9 %; the same tile), attn_output_b 11.7-12.3 -> 10.4 us (67.3-71.0 ->
+# 79.8-80.0 %; 16 rows split 8, ROWS_T1_TRITON37's tile; the previous 32-row tile gains nothing), ffn_gate_shexp 4.9 ->
+# 4.3 us, attn_kv 2.7 -> 2.6 us. Not at T > 1: ROWS_TN with it is 1-7 % slower at T=4 on 7 of the 8 shapes (109)
 ROWS_T1 = {
     (32768, 1024, 1): dict(_ONE_WARP, block_n=16, **_EF, k_flat=True),  # attn_q_b: 2048 one-warp programs
     (4096, 8192, 1): dict(_ONE_WARP, block_n=16, **_EF, k_flat=True),  # attn_output_b: split-K 8
@@ -485,22 +486,23 @@ ROWS_T1 = {
     # slows the 35.7 MB matrices, whose split tiles are latency-bound, not issue-bound)
     (129280, 4096, 1): dict(_ONE_WARP, block_n=32, allow_split=False, l2_prefetch=2),
     (4096, 2048, 1): dict(block_n=16, block_k=512, num_warps=4, prefetch=True, allow_split=False),  # ffn_down_shexp
-    (2048, 4096, 1): dict(ROWS_T1_WIDE_K, **_EF),  # ffn_gate_shexp: the wide-K tile, evict_first
+    (2048, 4096, 1): dict(ROWS_T1_WIDE_K, **_EF, k_flat=True),  # ffn_gate_shexp: the wide-K tile, evict_first
+    (512, 4096, 1): dict(ROWS_T1_WIDE_K, k_flat=True),  # attn_kv
 }
 
 
 # Triton 3.7 on: the same source compiles to other code for these tiles (sm_90a, offline: attn_output_a's ROWS_T1 tile
-# 768 SASS instructions at 120 registers on 3.6, 1184-1224 at 164-166 on 3.7-3.9; h200_decode/107), and other tiles
-# win. Measured natively on Triton 3.9 (H200, CUDA-graph replay, rotation held 8 times, h200_decode/103, 103b, with
+# 768 SASS instructions at 120 registers on 3.6, 1184-1224 at 164-166 on 3.7-3.9; h200_decode/107; the code-word
+# loads' lanes run along K there without k_flat, see _codes), and other tiles win. k_flat is not taken here (measured on
+# 3.6 only; from 3.7 it gives the loads the layout they already have). Measured natively on Triton 3.9 (H200, CUDA-graph replay, rotation held 8 times, h200_decode/103, 103b, with
 # ROWS_T1's tile and policy beside them) and checked on 3.7 (108: 9.8 / 9.8 / 10.5 us, ROWS_T1's attn_output_b tile
 # 12.4); 3.8 takes it by its code's resemblance to 3.7's and 3.9's, not measured. On 3.9: attn_q_b 10.3-10.4 -> 10.0
 # us (auto with the default policy against 8 rows, codes evict_first); attn_output_a 11.4 -> 10.0 us (8 rows x 256
 # codes, split 2 from 8 programs per SM: 14.6 us on Triton 3.6, h200_decode/52d); attn_output_b 12.3 -> 10.5 us (16
 # rows, split 8: 12.4 on 3.6)
 ROWS_T1_TRITON37 = {
-    **ROWS_T1,
+    **{shape: {k: v for k, v in kw.items() if k != "k_flat"} for shape, kw in ROWS_T1.items()},  # attn_output_b too
     (32768, 1024, 1): dict(_ONE_WARP, block_n=8, **_EF),  # attn_q_b
-    (4096, 8192, 1): dict(_ONE_WARP, block_n=16, **_EF),  # attn_output_b: split-K 8
     (8192, 4096, 8): dict(block_n=8, block_k=256, num_warps=1, prefetch=True, **_EF),  # attn_output_a: split-K 2
 }
 
