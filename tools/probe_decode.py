@@ -995,21 +995,19 @@ def main(argv=None) -> int:
                 (f"{split_label(d, dev, *tile)} {wc.name}", tile_kw(*tile, w_cache=wc)) for tile in Q8CYC_TILES[d.name]])
         if "q8kf" in args.parts and d.fmt == moe_int8.QuantFormat.Q8_0:
             ef = q8_gemv.WeightCache.EVICT_FIRST_CODES
-            key = (d.n, d.k, d.groups)
+            tables = (("ROWS_T1", q8_gemv.ROWS_T1), ("ROWS_T1_TRITON37", q8_gemv.ROWS_T1_TRITON37))
             if d.name in Q8CYC_TILES:
-                kf_cases = [(f"{name} {flat}", dict(table[key], k_flat=flat))
-                            for name, table in (("ROWS_T1", q8_gemv.ROWS_T1), ("ROWS_T1_TRITON37", q8_gemv.ROWS_T1_TRITON37))
-                            for flat in (False, True)]
-                q8_part(row, d, dev, device, kf_cases + [
-                    (f"{split_label(d, dev, *tile)} {ef.name} k_flat", tile_kw(*tile, w_cache=ef, k_flat=True))
-                    for tile in Q8CYC_TILES[d.name]])
+                kf_cases = [(f"{name} {flat}", dict(table[(d.n, d.k, d.groups)], k_flat=flat))
+                            for name, table in tables for flat in (False, True)]
+                kf_cases += [(f"{split_label(d, dev, *tile)} {ef.name} k_flat", tile_kw(*tile, w_cache=ef, k_flat=True))
+                             for tile in Q8CYC_TILES[d.name]]
             else:  # the smaller matrices: their one-token auto tile without and with
-                q8_part(row, d, dev, device, [(f"auto k_flat {flat}", dict(auto, k_flat=flat)) for flat in (False, True)])
-            ws, x = q8_problem(d, device)
-            x = torch.randn((Q8KF_T, *x.shape[1:]), device=device)
+                kf_cases = [(f"auto k_flat {flat}", dict(auto, k_flat=flat)) for flat in (False, True)]
+            ws, x = q8_problem(d, device)  # one set of weight copies for both token counts
+            time_q8_cases(row, d, ws, x, dev, kf_cases)
             tn = q8_gemv.rows_config(Q8KF_T, d.n, d.k, d.groups)
-            time_q8_cases(row, d, ws, x, dev, [(f"T={Q8KF_T} auto k_flat {flat}", dict(tn, k_flat=flat))
-                                                for flat in (False, True)])
+            time_q8_cases(row, d, ws, torch.randn((Q8KF_T, *x.shape[1:]), device=device), dev,
+                          [(f"T={Q8KF_T} auto k_flat {flat}", dict(tn, k_flat=flat)) for flat in (False, True)])
             del ws
             torch.cuda.empty_cache()
         if "q8pfe" in args.parts and d.name in Q8PFE_TILES:

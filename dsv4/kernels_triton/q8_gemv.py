@@ -493,13 +493,14 @@ ROWS_T1 = {
 
 # Triton 3.7 on: the same source compiles to other code for these tiles (sm_90a, offline: attn_output_a's ROWS_T1 tile
 # 768 SASS instructions at 120 registers on 3.6, 1184-1224 at 164-166 on 3.7-3.9; h200_decode/107; the code-word
-# loads' lanes run along K there without k_flat, see _codes), and other tiles win. k_flat is not taken here (measured on
-# 3.6 only; from 3.7 it gives the loads the layout they already have). Measured natively on Triton 3.9 (H200, CUDA-graph replay, rotation held 8 times, h200_decode/103, 103b, with
-# ROWS_T1's tile and policy beside them) and checked on 3.7 (108: 9.8 / 9.8 / 10.5 us, ROWS_T1's attn_output_b tile
-# 12.4); 3.8 takes it by its code's resemblance to 3.7's and 3.9's, not measured. On 3.9: attn_q_b 10.3-10.4 -> 10.0
-# us (auto with the default policy against 8 rows, codes evict_first); attn_output_a 11.4 -> 10.0 us (8 rows x 256
-# codes, split 2 from 8 programs per SM: 14.6 us on Triton 3.6, h200_decode/52d); attn_output_b 12.3 -> 10.5 us (16
-# rows, split 8: 12.4 on 3.6)
+# loads' lanes run along K there without k_flat, see _codes), and other tiles win. k_flat is not taken here (measured
+# on 3.6 only; from 3.7 it gives the loads the layout they already have). Measured natively on Triton 3.9 (H200,
+# CUDA-graph replay, rotation held 8 times, h200_decode/103, 103b, with ROWS_T1's tile and policy of then beside them)
+# and checked on 3.7 (108: 9.8 / 9.8 / 10.5 us, ROWS_T1's attn_output_b tile of then 12.4); 3.8 takes it by its code's
+# resemblance to 3.7's and 3.9's, not measured. On 3.9: attn_q_b 10.3-10.4 -> 10.0 us (auto with the default policy
+# against 8 rows, codes evict_first); attn_output_a 11.4 -> 10.0 us (8 rows x 256 codes, split 2 from 8 programs per
+# SM: 14.6 us on Triton 3.6 without k_flat, h200_decode/52d); attn_output_b 12.3 -> 10.5 us (16 rows, split 8: 12.4 on
+# 3.6 without k_flat)
 ROWS_T1_TRITON37 = {
     **{shape: {k: v for k, v in kw.items() if k != "k_flat"} for shape, kw in ROWS_T1.items()},  # attn_output_b too
     (32768, 1024, 1): dict(_ONE_WARP, block_n=8, **_EF),  # attn_q_b
