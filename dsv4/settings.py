@@ -2,7 +2,7 @@
 
 Each setting has a name, a type, a default and one line of doc. Other modules call
 `settings.get()` (or a named accessor) instead of touching os.environ, so the knobs that
-change behaviour are all visible in one place and listed by `dsv4 inspect settings`.
+change behaviour are all visible in one place. Also here: the Triton variables dsv4 pins (TRITON_PINNED).
 """
 from __future__ import annotations
 
@@ -35,6 +35,21 @@ SETTINGS: dict[str, Setting] = {
                 "(their weight loads start while the previous kernel finishes)."),
     )
 }
+
+
+# Triton's own environment knobs that dsv4 pins where the user has not set them (pin_triton_knobs, called when
+# dsv4.kernels_triton is imported): the values the kernels were tuned and tested with.
+TRITON_PINNED: dict[str, str] = {
+    # FP contraction (a * b + c as one FMA) on: Triton's default through 3.9, which warns once per process that 3.10
+    # turns it off; every kernel time and tolerance figure of tools/results/ was measured with it on
+    "TRITON_DEFAULT_FP_FUSION": "1",
+}
+
+
+def pin_triton_knobs() -> None:
+    """Set TRITON_PINNED's variables that the environment does not already have (a user's value wins)."""
+    for name, value in TRITON_PINNED.items():
+        os.environ.setdefault(name, value)
 
 
 def _parse(s: Setting, raw: str):

@@ -9,7 +9,11 @@ blocks.py (in-kernel block decoders and device layouts), configs.py (tile tables
 `use(...)` overrides).
 ROCm tables are in dsv4.kernels_hip. On CPU the kernels run under TRITON_INTERPRET=1 (tests only).
 """
-from . import moe, qmatmul  # noqa: F401 - registers the kernel variants
+from dsv4 import settings
+
+settings.pin_triton_knobs()  # before any kernel compiles (Triton reads its knobs at compile time)
+
+from . import moe, qmatmul  # noqa: F401,E402 - registers the kernel variants
 from . import moe_fast  # noqa: F401,E402 - fused_dot* MoE decode variants
 from . import moe_prefill  # noqa: F401,E402 - grouped_v2* MoE prefill variants
 from . import moe_int8  # noqa: F401,E402 - int8* MoE decode variants (dp4a, Q8_K activations)
