@@ -23,11 +23,13 @@ def require_ptxas() -> None:
         pytest.skip("no ptxas to compile the NVIDIA path")
 
 
-def run_compile_script(script: str, stdin: str | None = None, env_extra: dict | None = None, timeout: int = 300):
-    """The JSON value `script` prints after "RESULT" (run from the repository root, TRITON_INTERPRET unset)."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+def run_compile_script(script: str, stdin: str | None = None, env_extra: dict | None = None, timeout: int = 300,
+                       argv: tuple = (), env_unset: tuple = ()):
+    """The JSON value `script` prints after "RESULT" (run from the repository root with arguments argv,
+    TRITON_INTERPRET and the names in env_unset unset, env_extra set)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET" and k not in env_unset}
     env.update(env_extra or {})
-    r = subprocess.run([sys.executable, "-c", script], input=stdin, env=env, capture_output=True, text=True,
+    r = subprocess.run([sys.executable, "-c", script, *argv], input=stdin, env=env, capture_output=True, text=True,
                        timeout=timeout, cwd=REPO)
     assert r.returncode == 0, r.stderr[-3000:]
     return json.loads(r.stdout.split("RESULT", 1)[1])

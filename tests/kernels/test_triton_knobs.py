@@ -3,15 +3,10 @@ backend unless the user set them, and with them Triton 3.9 compiles our kernels 
 warning (3.10 turns FP fusion off by default). Subprocesses: the pin acts on os.environ at import."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 
 from dsv4 import settings
-from tests.kernels.offline_compile import REPO, require_ptxas
+from tests.kernels.offline_compile import require_ptxas, run_compile_script
 
 _SCRIPT = r"""
 import json, os, sys, warnings
@@ -35,13 +30,10 @@ print("RESULT" + json.dumps({"knob": os.environ.get("TRITON_DEFAULT_FP_FUSION"),
 
 
 def _run(env_value, mode="import"):
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_DEFAULT_FP_FUSION", "TRITON_INTERPRET")}
-    if env_value is not None:
-        env["TRITON_DEFAULT_FP_FUSION"] = env_value
-    out = subprocess.run([sys.executable, "-c", _SCRIPT, mode], capture_output=True, text=True, env=env, timeout=300,
-                         cwd=REPO)
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.split("RESULT", 1)[1])
+    """The script's result with TRITON_DEFAULT_FP_FUSION unset, or set to env_value by the 'user'."""
+    knob = "TRITON_DEFAULT_FP_FUSION"
+    return run_compile_script(_SCRIPT, argv=(mode,), env_unset=(knob,),
+                              env_extra=None if env_value is None else {knob: env_value})
 
 
 def test_pinned_values():
