@@ -96,6 +96,12 @@ def _step_ok(k_next, k_hi, NB: tl.constexpr, KFLAT: tl.constexpr):
 
 
 @triton.jit
+def _scales_ok(k_next, k_hi, NB: tl.constexpr):
+    """_step_ok for the step's scales ([1, NB], as their pointers)."""
+    return (tl.full([1, NB], 0, tl.int32) + k_next) < k_hi
+
+
+@triton.jit
 def _codes(wp, mask, WCACHE: tl.constexpr, BLOCK_N: tl.constexpr, NB: tl.constexpr, KFLAT: tl.constexpr):
     """One K step's code words as [BLOCK_N, NB, 8] (zero where masked off). KFLAT: loaded through [BLOCK_N, NB * 8]
     pointers, then reshaped. Why: Triton orders a load's lanes by its pointers' contiguity and breaks ties by axis,
@@ -166,8 +172,7 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
         if PREFETCH == 2:
             u_next2 = _codes(wp + (BLOCK_K >> 2), _step_ok(k_lo + BLOCK_K, k_hi, NB, KFLAT), WCACHE, BLOCK_N, NB,
                              KFLAT)
-            d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k_lo + BLOCK_K) < k_hi, 0.0,
-                             SCACHE)
+            d_next2 = _wload(sp + (BLOCK_K >> 5), _scales_ok(k_lo + BLOCK_K, k_hi, NB), 0.0, SCACHE)
     if L2PF > 1:  # the lines of steps 2 .. L2PF - 1 (step 1 is the register prefetch's); weights only
         lines = tl.arange(0, BLOCK_K // 128)[None, :] * 128
         codes_row = (w32 + r * stride_w_words).to(tl.pointer_type(tl.int8))[:, None] + lines
@@ -190,16 +195,14 @@ def _q8_rows_kernel(x_ptr, w_ptr, s_ptr, out_ptr, y_ptr, cnt_ptr, T, N, R, k_spl
             sp += BLOCK_K >> 5
             u_next2 = _codes(wp + (BLOCK_K >> 2), _step_ok(k0 + 2 * BLOCK_K, k_hi, NB, KFLAT), WCACHE, BLOCK_N, NB,
                              KFLAT)
-            d_next2 = _wload(sp + (BLOCK_K >> 5), (tl.full([1, NB], 0, tl.int32) + k0 + 2 * BLOCK_K) < k_hi, 0.0,
-                             SCACHE)
+            d_next2 = _wload(sp + (BLOCK_K >> 5), _scales_ok(k0 + 2 * BLOCK_K, k_hi, NB), 0.0, SCACHE)
         elif PREFETCH:
             u = u_next ^ Q8_BIAS
             d = d_next.to(tl.float32)
             wp += BLOCK_K >> 2
             sp += BLOCK_K >> 5
-            u_next = _codes(wp, _step_ok(k0 + BLOCK_K, k_lo + k_split, NB, KFLAT), WCACHE, BLOCK_N, NB, KFLAT)
-            more_d = (tl.full([1, NB], 0, tl.int32) + k0 + BLOCK_K) < k_lo + k_split
-            d_next = _wload(sp, more_d, 0.0, SCACHE)
+            u_next = _codes(wp, _step_ok(k0 + BLOCK_K, k_hi, NB, KFLAT), WCACHE, BLOCK_N, NB, KFLAT)
+            d_next = _wload(sp, _scales_ok(k0 + BLOCK_K, k_hi, NB), 0.0, SCACHE)
         else:
             u = _codes(wp, None, WCACHE, BLOCK_N, NB, KFLAT) ^ Q8_BIAS
             d = _wload(sp, None, None, SCACHE).to(tl.float32)
